@@ -1,0 +1,228 @@
+"""YAML recipes mapped onto typed dataclasses, with dotted ``key=value`` overrides.
+
+A recipe is one YAML file whose top-level sections (``data``, ``mining``, ``train``, ``eval``, ``export``)
+each map onto the dataclass that the stage owning it defines. Every key is checked: an unknown key or a value of
+the wrong type is a :class:`ConfigError` that names the dotted key, the file and the line.
+
+Example::
+
+    cfg = load_config("configs/scifact_supervised.yaml", ["train.learning_rate=3e-5"])
+    cfg.train.learning_rate  # 3e-05
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe that does not match its schema; the message names the key, file and line."""
+
+
+def _line_map(text: str) -> dict[str, int]:
+    """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                path = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+                lines[path] = key_node.start_mark.line + 1
+                walk(value_node, path)
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _where(key: str, source: str, lines: dict[str, int]) -> str:
+    line = lines.get(key)
+    return f"{source}:{line}" if line else source
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it, converted where lossless."""
+    origin = get_origin(tp)
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(
+            f"{_where(key, source, lines)}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source, lines)
+            except ConfigError as err:
+                errors.append(err)
+        raise fail(" or ".join(_type_name(a) for a in args))
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise fail(f"one of {_type_name(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail(f"a mapping of {tp.__name__} keys")
+        return _build(tp, value, key, source, lines)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise fail(f"a list of {_type_name(get_args(tp)[0]) if get_args(tp) else 'values'}")
+        (item_tp,) = get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source, lines) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail("a mapping")
+        _, val_tp = get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", source, lines) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML reads "3e-5" (no dot) as a string; accept it when it parses as a number.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise fail("a string")
+        return value
+    raise fail(_type_name(tp))  # pragma: no cover - schema uses only the types above
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, source: str, lines: dict[str, int]) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{_where(key, source, lines)}: unknown key '{key}' (known keys here: {known})")
+        kwargs[name] = _coerce(value, hints[name], key, source, lines)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{source}: section '{prefix or '<root>'}': {err}") from None
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as err:
+            raise ConfigError(f"{source}: {prefix or '<root>'}: {err}") from None
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into (["a", "b", "c"], value), the value read as YAML (``3e-5`` stays a number)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each dotted override set (intermediate mappings are created)."""
+    data = json.loads(json.dumps(data))  # deep copy of plain YAML data
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{text}': '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None) -> Any:
+    """Build dataclass ``cls`` from plain data, checking every key and type."""
+    return _build(cls, data or {}, "", source, lines or {})
+
+
+def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data, _line_map(text)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> "Config":
+    """Load a recipe file (or only defaults when ``path`` is None) and apply dotted overrides."""
+    from embtune.schema import Config
+
+    data, lines = load_yaml(path) if path else ({}, {})
+    source = str(path) if path else "<defaults>"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        # An override's key has no line in the file; say where it came from instead.
+        for text in overrides:
+            lines.pop(text.split("=", 1)[0], None)
+        source = f"{source} (with overrides {' '.join(overrides)})"
+    cfg = build(Config, data, source, lines)
+    cfg.source = str(path) if path else None
+    return cfg
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """Plain-data view of a config (what manifests and wandb record)."""
+    return dataclasses.asdict(obj)
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable hash of a config section, for manifests."""
+    import hashlib
+
+    payload = json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+if typing.TYPE_CHECKING:  # pragma: no cover
+    from embtune.schema import Config

@@ -1,0 +1,175 @@
+"""Stage manifests: what a stage read (by content hash), with which config, and what it wrote.
+
+Each stage writes ``<run_dir>/<stage>/manifest.json``. A stage whose fingerprint (its config section plus the
+hashes of its inputs) equals the one in its manifest is skipped on rerun. Upstream outputs are identified by the
+hash recorded in their own manifest, so a changed upstream stage changes every downstream fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def hash_path(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's relative file names and contents (sorted walk)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    if path.is_file():
+        files = [path]
+        base = path.parent
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
+        base = path
+    else:
+        raise FileNotFoundError(f"cannot hash missing input: {path}")
+    for file in files:
+        digest.update(str(file.relative_to(base)).encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on (for manifests and benchmark files)."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("embtune", "torch", "sentence-transformers", "transformers", "accelerate", "datasets",
+                 "faiss-cpu", "rank-bm25", "bm25s", "pytrec-eval-terrier", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def machine() -> dict[str, Any]:
+    import psutil
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+    }
+
+
+@dataclass
+class Stage:
+    """One stage's bookkeeping in a run directory.
+
+    Usage::
+
+        stage = Stage("train", run_dir, config=cfg.train, inputs={"table": table_dir})
+        if stage.up_to_date():
+            return stage.outputs()
+        ...  # do the work, write files under stage.dir
+        stage.finish(outputs={"model": model_dir})
+    """
+
+    name: str
+    run_dir: str | Path
+    config: Any
+    inputs: dict[str, str | Path] = field(default_factory=dict)
+    _started: float = field(default_factory=time.time, init=False)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.dir / MANIFEST
+
+    def input_hashes(self) -> dict[str, str]:
+        hashes = {}
+        for key, path in self.inputs.items():
+            path = Path(path)
+            upstream = _owning_manifest(path)
+            # An upstream stage's output is identified by the hash its manifest recorded: no rehashing of models.
+            if upstream is not None and str(path.resolve()) in upstream["output_hashes_by_path"]:
+                hashes[key] = upstream["output_hashes_by_path"][str(path.resolve())]
+            else:
+                hashes[key] = hash_path(path)
+        return hashes
+
+    def fingerprint(self) -> str:
+        from embtune.config import fingerprint
+
+        payload = {"config": fingerprint(self.config), "inputs": self.input_hashes()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def read(self) -> dict[str, Any] | None:
+        if not self.manifest_path.is_file():
+            return None
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError:
+            logger.warning("%s is not valid JSON; the stage will rerun", self.manifest_path)
+            return None
+
+    def up_to_date(self) -> bool:
+        """True when a previous run of this stage had the same config and inputs and its outputs still exist."""
+        old = self.read()
+        if not old or old.get("fingerprint") != self.fingerprint():
+            return False
+        missing = [p for p in old.get("outputs", {}).values() if not Path(p).exists()]
+        if missing:
+            logger.info("stage %s: outputs missing (%s); rerunning", self.name, ", ".join(missing))
+            return False
+        logger.info("stage %s is up to date (manifest %s); skipping", self.name, self.manifest_path)
+        return True
+
+    def outputs(self) -> dict[str, str]:
+        old = self.read() or {}
+        return old.get("outputs", {})
+
+    def finish(self, outputs: dict[str, str | Path], extra: dict[str, Any] | None = None) -> dict[str, str]:
+        from embtune.config import to_dict
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        outputs = {k: str(Path(v).resolve()) for k, v in outputs.items()}
+        output_hashes = {k: hash_path(v) for k, v in outputs.items()}
+        manifest = {
+            "stage": self.name,
+            "fingerprint": self.fingerprint(),
+            "config": to_dict(self.config) if hasattr(self.config, "__dataclass_fields__") else self.config,
+            "inputs": {k: str(Path(v).resolve()) for k, v in self.inputs.items()},
+            "input_hashes": self.input_hashes(),
+            "outputs": outputs,
+            "output_hashes": output_hashes,
+            "output_hashes_by_path": {outputs[k]: h for k, h in output_hashes.items()},
+            "wall_seconds": round(time.time() - self._started, 2),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": versions(),
+            **(extra or {}),
+        }
+        tmp = self.manifest_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, self.manifest_path)  # atomic: a crash never leaves half a manifest
+        return outputs
+
+
+def _owning_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of the stage folder that contains ``path``, if any (one or two levels up)."""
+    for parent in [path.parent, path.parent.parent, path]:
+        candidate = parent / MANIFEST
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except json.JSONDecodeError:
+                return None
+    return None

@@ -1,0 +1,24 @@
+"""The recipe schema: one section per stage, each defined by the stage that owns it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
+from eval.config import EvalConfig
+from serve.config import ExportConfig
+from train.config import TrainConfig
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    mining: MiningConfig = field(default_factory=MiningConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    # Set by load_config: the recipe file this came from (not a YAML key).
+    source: str | None = field(default=None, init=False, compare=False)

@@ -1,0 +1,22 @@
+"""Config section owned by the eval stage: ``eval``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EvalConfig:
+    """Retrieval evaluation, computed the way MTEB/BEIR do (pytrec_eval)."""
+
+    split: str = "test"
+    # Truncate-and-renormalize dims to evaluate (empty = the full dim only).
+    dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
+    batch_size: int = 64
+    max_seq_length: int = 0  # 0 = the model's own
+    top_k: int = 1000
+    compare_base: bool = True
+    compare_bm25: bool = True
+    # BEIR/MTEB drop a retrieved document whose id equals the query id.
+    ignore_identical_ids: bool = True
+    max_queries: int = 0  # 0 = all; a cap for quick looks, never for reported numbers

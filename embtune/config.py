@@ -135,16 +135,23 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, lines: dic
             raise ConfigError(f"{_where(key, source, lines)}: unknown key '{key}' (known keys here: {known})")
         kwargs[name] = _coerce(value, hints[name], key, source, lines)
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except TypeError as err:  # a required field is missing
         raise ConfigError(f"{source}: section '{prefix or '<root>'}': {err}") from None
+
+
+def _validate_tree(obj: Any, prefix: str, source: str, lines: dict[str, int]) -> None:
+    """Call each section's ``validate()`` (defaulted sections included), naming the section on failure."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            _validate_tree(value, f"{prefix}.{f.name}" if prefix else f.name, source, lines)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except ValueError as err:
-            raise ConfigError(f"{source}: {prefix or '<root>'}: {err}") from None
-    return obj
+            raise ConfigError(f"{_where(prefix, source, lines)}: {err}") from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -176,8 +183,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None) -> Any:
-    """Build dataclass ``cls`` from plain data, checking every key and type."""
-    return _build(cls, data or {}, "", source, lines or {})
+    """Build dataclass ``cls`` from plain data, checking every key, type and section constraint."""
+    obj = _build(cls, data or {}, "", source, lines or {})
+    _validate_tree(obj, "", source, lines or {})
+    return obj
 
 
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
@@ -211,16 +220,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    """Plain-data view of a config (what manifests and wandb record)."""
-    return dataclasses.asdict(obj)
+def to_dict(obj: Any) -> Any:
+    """Plain-data view of a config, or of a dict/list holding config sections (what manifests and wandb record)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
 
 
 def fingerprint(obj: Any) -> str:
     """Stable hash of a config section, for manifests."""
     import hashlib
 
-    payload = json.dumps(to_dict(obj) if dataclasses.is_dataclass(obj) else obj, sort_keys=True, default=str)
+    payload = json.dumps(to_dict(obj), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -146,7 +146,7 @@ class Stage:
         manifest = {
             "stage": self.name,
             "fingerprint": self.fingerprint(),
-            "config": to_dict(self.config) if hasattr(self.config, "__dataclass_fields__") else self.config,
+            "config": to_dict(self.config),
             "inputs": {k: str(Path(v).resolve()) for k, v in self.inputs.items()},
             "input_hashes": self.input_hashes(),
             "outputs": outputs,

@@ -20,3 +20,5 @@ class EvalConfig:
     # BEIR/MTEB drop a retrieved document whose id equals the query id.
     ignore_identical_ids: bool = True
     max_queries: int = 0  # 0 = all; a cap for quick looks, never for reported numbers
+    # More models to put in the table, name -> hub name or folder (e.g. {bge: BAAI/bge-small-en-v1.5}).
+    extra_models: dict[str, str] = field(default_factory=dict)

@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 2e-5
     warmup_ratio: float = 0.1
+    lr_scheduler: str = "linear"
     weight_decay: float = 0.01
     max_seq_length: int = 256
     seed: int = 42
@@ -36,6 +37,7 @@ class TrainConfig:
     fp16: bool = False
     no_duplicates: bool = True
     dataloader_num_workers: int = 0
+    use_cpu: bool = False  # force CPU even when a GPU is visible (accelerate's --cpu)
 
     def validate(self) -> None:
         if self.batch_size < 1:

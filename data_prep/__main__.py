@@ -1,0 +1,14 @@
+"""python -m data_prep CONFIG [key=value ...]: load, validate, chunk and mine a training table."""
+
+import sys
+
+from data_prep.run import run
+from embtune.cli import stage_main
+
+
+def main(argv=None) -> int:
+    return stage_main("data_prep", run, ["data", "chunking", "mining"], argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

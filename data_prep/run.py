@@ -1,0 +1,168 @@
+"""data_prep stage: dataset in, training table out.
+
+    load (BEIR / JSONL pairs / datasets on disk / the pydoc demo) -> validate -> carve a dev split
+    -> chunk (optional) -> mine hard negatives -> <run_dir>/data_prep/train_table (a ``datasets`` table)
+
+Outputs, each named in ``<run_dir>/data_prep/manifest.json``:
+- ``train_table``: columns ``query_id, query, positive_id, positive, negative_1..k, negative_1_id..negative_k_id``;
+- ``eval_dataset``: the BEIR folder eval reads (the input folder itself for BEIR data);
+- ``dev_qrels``: the dev split's qrels (queries carved from the train split), when ``data.dev_fraction > 0``;
+- ``report.json``: what the loader skipped and what mining dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+from data_prep.loaders import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
+from data_prep.mining import mine_negatives
+from embtune.manifest import Stage
+
+logger = logging.getLogger(__name__)
+
+
+def stage_config(cfg) -> dict[str, Any]:
+    """The config this stage depends on (its fingerprint)."""
+    from embtune.config import to_dict
+
+    section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining)}
+    if cfg.chunking.max_tokens:
+        section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
+    return section
+
+
+def input_files(cfg) -> dict[str, str]:
+    data = cfg.data
+    if data.format == "beir":
+        folder = Path(data.path)
+        return {
+            "corpus": str(folder / "corpus.jsonl"),
+            "queries": str(folder / "queries.jsonl"),
+            "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv"),
+        }
+    if data.format in ("jsonl", "hf_disk"):
+        return {"pairs": data.pairs_file}
+    return {}
+
+
+def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
+    """Load the configured data; returns the train-split dataset and the BEIR folder eval should read."""
+    data = cfg.data
+    if data.format == "beir":
+        return load_beir(data.path, data.train_split, data.on_error), Path(data.path)
+    if data.format == "pydoc":
+        from data_prep.pydoc_corpus import build_pydoc_beir
+
+        folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=data.seed)
+        return load_beir(folder, "train", data.on_error), folder
+    dataset = (load_pairs_jsonl if data.format == "jsonl" else load_pairs_hf)(data.pairs_file, data.on_error)
+    folder = write_beir(dataset, stage_dir / "dataset", split="train")
+    return dataset, folder
+
+
+def write_beir(dataset: Dataset, folder: Path, split: str) -> Path:
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    with open(folder / "corpus.jsonl", "w") as handle:
+        for doc_id, doc in dataset.corpus.items():
+            handle.write(json.dumps({"_id": doc_id, **doc}) + "\n")
+    with open(folder / "queries.jsonl", "w") as handle:
+        for query_id, text in dataset.queries.items():
+            handle.write(json.dumps({"_id": query_id, "text": text}) + "\n")
+    write_qrels(dataset.qrels, folder / "qrels" / f"{split}.tsv")
+    return folder
+
+
+def write_qrels(qrels: dict[str, dict[str, int]], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write("query-id\tcorpus-id\tscore\n")
+        for query_id, docs in qrels.items():
+            for doc_id, score in docs.items():
+                handle.write(f"{query_id}\t{doc_id}\t{score}\n")
+
+
+def split_dev(qrels: dict[str, dict[str, int]], fraction: float, seed: int):
+    """Seeded split of train queries into (train, dev) qrels; dev is for choosing settings, never test."""
+    query_ids = sorted(qrels)
+    random.Random(seed).shuffle(query_ids)
+    n_dev = int(round(len(query_ids) * fraction))
+    dev = set(query_ids[:n_dev])
+    return ({q: r for q, r in qrels.items() if q not in dev}, {q: r for q, r in qrels.items() if q in dev})
+
+
+def run(cfg, force: bool = False) -> dict[str, str]:
+    """Run the stage (or skip it when its manifest matches); returns the output paths."""
+    stage = Stage("data_prep", cfg.run_dir, config=stage_config(cfg), inputs=input_files(cfg))
+    if not force and stage.up_to_date():
+        return stage.outputs()
+    stage.dir.mkdir(parents=True, exist_ok=True)
+
+    dataset, eval_folder = load_dataset(cfg, stage.dir)
+    logger.info("loaded %d documents, %d queries, %d judged queries (%s)", len(dataset.corpus),
+                len(dataset.queries), len(dataset.qrels), dataset.report.summary())
+    train_qrels, dev_qrels = dataset.qrels, {}
+    outputs: dict[str, str | Path] = {"eval_dataset": eval_folder}
+    if cfg.data.dev_fraction > 0:
+        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
+        outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
+        logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(dataset.qrels))
+
+    corpus = dataset.corpus
+    include_title = cfg.mining.include_title
+    exclude = None
+    if cfg.chunking.max_tokens:
+        corpus, train_qrels, exclude = chunk_for_training(cfg, corpus, train_qrels, dataset.queries)
+    doc_texts = {doc_id: document_text(doc, include_title) for doc_id, doc in corpus.items()}
+    rows, mining_report = mine_negatives(
+        corpus, dataset.queries, train_qrels, doc_texts,
+        method=cfg.mining.method, num_negatives=cfg.mining.num_negatives if cfg.mining.method != "none" else 0,
+        rank_start=cfg.mining.rank_start, rank_end=cfg.mining.rank_end,
+        sampling=cfg.mining.sampling, seed=cfg.mining.seed, exclude=exclude,
+    )
+    if not rows:
+        raise RuntimeError("data_prep produced no training rows; see the mining report")
+    from datasets import Dataset as HFDataset
+
+    table_dir = stage.dir / "train_table"
+    HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    report = {"load": dataset.report.to_dict(), "mining": mining_report.to_dict(),
+              "train_queries": len(train_qrels), "dev_queries": len(dev_qrels), "rows": len(rows)}
+    (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
+    logger.info("training table: %d rows, %d negatives each -> %s; mining: %s", len(rows),
+                cfg.mining.num_negatives, table_dir, json.dumps(mining_report.to_dict()))
+    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json"})
+    return stage.finish(outputs)
+
+
+def chunk_for_training(cfg, corpus, qrels, queries):
+    """Chunk the corpus; a positive becomes its best-matching chunk under BM25 (the others are not negatives)."""
+    from transformers import AutoTokenizer
+
+    from data_prep.chunking import chunk_corpus
+    from data_prep.mining import simple_tokenize
+    from embtune.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+    chunks, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
+    children: dict[str, list[str]] = {}
+    for chunk_id, doc_id in parent.items():
+        children.setdefault(doc_id, []).append(chunk_id)
+    new_qrels: dict[str, dict[str, int]] = {}
+    exclude: dict[str, set[str]] = {}
+    for query_id, docs in qrels.items():
+        query_terms = set(simple_tokenize(queries[query_id]))
+        judged = {}
+        for doc_id, relevance in docs.items():
+            best = max(children[doc_id], key=lambda c: len(query_terms & set(simple_tokenize(chunks[c]["text"]))))
+            judged[best] = relevance
+            # The other chunks of a positive document are neither positives nor safe negatives.
+            exclude.setdefault(query_id, set()).update(children[doc_id])
+        new_qrels[query_id] = judged
+    logger.info("chunking: %d documents -> %d chunks (max %d tokens, overlap %d)", len(corpus), len(chunks),
+                cfg.chunking.max_tokens, cfg.chunking.overlap)
+    return chunks, new_qrels, exclude

@@ -1,0 +1,5 @@
+import sys
+
+from embtune.cli import main
+
+sys.exit(main())

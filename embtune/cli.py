@@ -1,0 +1,85 @@
+"""Shared command line for the stages, and the ``embtune`` console script that dispatches to them.
+
+Every stage is ``python -m <stage> CONFIG.yaml [section.key=value ...] [--force]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from typing import Callable, get_type_hints
+
+from embtune.config import ConfigError, load_config
+
+STAGES = {
+    "data_prep": "load, validate, (synthesize,) chunk and mine hard negatives into a training table",
+    "train": "fine-tune with sentence-transformers' trainer (run under `accelerate launch -m train`)",
+    "eval": "FAISS retrieval eval with BEIR/MTEB metrics: base vs fine-tuned vs BM25",
+    "serve": "export the fine-tuned model as a bundle (and serve it)",
+    "pipeline": "run data_prep -> train -> eval -> export, skipping stages whose manifest matches",
+}
+
+
+def describe_sections(sections: list[str]) -> str:
+    """Help text listing each config key of the given sections with its type and default."""
+    from embtune.schema import Config
+
+    lines = []
+    hints = get_type_hints(Config)
+    for name in sections:
+        cls = hints[name]
+        lines.append(f"\n[{name}]  {(cls.__doc__ or '').strip().splitlines()[0]}")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tp = get_type_hints(cls)[f.name]
+            tp_name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+            lines.append(f"  {name}.{f.name} ({tp_name}) = {default!r}")
+    return "\n".join(lines)
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] | None = None) -> int:
+    """Parse ``CONFIG [key=value ...]`` and call ``run(cfg, force=...)``; config errors exit 2 with the message."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m {stage}",
+        description=f"embtune {stage}: {STAGES[stage]}.",
+        epilog="Config keys (override any with section.key=value):" + describe_sections(sections)
+        + "\n\nTop-level keys: run_dir (str), seed (int).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-5")
+    parser.add_argument("--force", action="store_true", help="rerun even if the stage's manifest matches")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)  # no recipe file: defaults plus overrides
+        args.config = None
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    run(cfg, force=args.force)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``embtune <stage> ...``: a thin dispatcher to ``python -m <stage>``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        print("usage: embtune {" + ",".join(STAGES) + "} CONFIG [key=value ...]\n")
+        for name, text in STAGES.items():
+            print(f"  {name:10s} {text}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    import importlib
+
+    module = importlib.import_module(f"{argv[0]}.__main__" if argv[0] != "pipeline" else "embtune.pipeline")
+    return module.main(argv[1:])

@@ -1,0 +1,156 @@
+"""eval stage: base model vs fine-tuned model vs BM25 on a held-out split, at every Matryoshka dim.
+
+Reads the BEIR folder named by data_prep's manifest (or ``data.path`` for BEIR data when data_prep has not run),
+encodes the corpus once per model (cached on disk by weights and text hash), searches a FAISS exact
+inner-product index, and scores with pytrec_eval as BEIR/MTEB do (see ``eval/metrics.py``).
+
+Writes ``<run_dir>/eval/results.json``::
+
+    {"split", "num_queries", "num_documents",
+     "results": {"base"|"finetuned"|"bm25"|<extra>: {"ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
+                                                    "dims": {"256": {...same metrics...}, ...}}},
+     "per_query": {<model>: {<query id>: {"ndcg@10": ...}}}, "wall_seconds": {<model>: s}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+from embtune.manifest import Stage, hash_path
+from embtune.models import resolve_model
+from eval.metrics import evaluate
+from eval.retrieval import bm25_run, encode, exact_search, to_run, truncate
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+
+
+def upstream(cfg, name: str) -> dict[str, str]:
+    manifest = Path(cfg.run_dir) / name / "manifest.json"
+    return json.loads(manifest.read_text())["outputs"] if manifest.is_file() else {}
+
+
+def eval_inputs(cfg) -> dict[str, str]:
+    """The BEIR folder files and qrels this evaluation reads."""
+    data_out = upstream(cfg, "data_prep")
+    split = cfg.eval.split
+    folder = data_out.get("eval_dataset") or (cfg.data.path if cfg.data.format == "beir" else None)
+    if not folder:
+        raise FileNotFoundError(f"no eval dataset: run data_prep first (no {cfg.run_dir}/data_prep/manifest.json)")
+    folder = Path(folder)
+    if split == "dev":
+        if "dev_qrels" not in data_out:
+            raise FileNotFoundError("eval.split=dev needs data.dev_fraction > 0 and a data_prep run")
+        qrels = Path(data_out["dev_qrels"])
+    else:
+        qrels = folder / "qrels" / f"{split}.tsv"
+    return {"corpus": str(folder / "corpus.jsonl"), "queries": str(folder / "queries.jsonl"), "qrels": str(qrels)}
+
+
+def models_to_evaluate(cfg) -> dict[str, str]:
+    models: dict[str, str] = {}
+    if cfg.eval.compare_base:
+        models["base"] = resolve_model(cfg.train.base_model)
+    trained = upstream(cfg, "train").get("model")
+    if trained:
+        models["finetuned"] = trained
+    for name, path in cfg.eval.extra_models.items():
+        models[name] = resolve_model(path)
+    return models
+
+
+def score_run(qrels, run, cfg) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    return evaluate(qrels, run, ndcg_k=(10,), mrr_k=(10,), recall_k=(10, 100), map_k=(100,),
+                    ignore_identical_ids=cfg.eval.ignore_identical_ids)
+
+
+def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg) -> dict[str, Any]:
+    """Metrics at the full dim and at each configured Matryoshka dim; per-query nDCG@10 at the full dim."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device=None)
+    if cfg.eval.max_seq_length:
+        model.max_seq_length = cfg.eval.max_seq_length
+    key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
+    key = f"{key}_{model.max_seq_length}"
+    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
+    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query")  # (n_queries, dim)
+    full_dim = doc_emb.shape[1]
+    cosine = model.similarity_fn_name in (None, "cosine")
+    result: dict[str, Any] = {}
+    per_query: dict[str, dict[str, float]] = {}
+    for dim in [full_dim] + [d for d in cfg.eval.dims if d < full_dim]:
+        docs = truncate(doc_emb, dim, cosine) if dim < full_dim else doc_emb
+        queries = truncate(query_emb, dim, cosine) if dim < full_dim else query_emb
+        scores, indices = exact_search(docs, queries, cfg.eval.top_k)
+        mean, pq = score_run(qrels, to_run(query_ids, doc_ids, scores, indices), cfg)
+        if dim == full_dim:
+            result.update(mean)
+            per_query = pq
+        result.setdefault("dims", {})[str(dim)] = mean
+    result["dim"] = full_dim
+    return {"metrics": result, "per_query": per_query}
+
+
+def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
+    header = f"{'model':<14}" + "".join(f"{m:>12}" for m in METRICS)
+    lines = [f"SciFact-style retrieval eval on split '{split}' (percent)", header, "-" * len(header)]
+    for name, metrics in results.items():
+        lines.append(f"{name:<14}" + "".join(f"{100 * metrics[m]:>12.2f}" for m in METRICS))
+        for dim, dm in sorted(metrics.get("dims", {}).items(), key=lambda kv: -int(kv[0])):
+            if int(dim) != metrics.get("dim"):
+                lines.append(f"{'  @' + dim:<14}" + "".join(f"{100 * dm[m]:>12.2f}" for m in METRICS))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def run(cfg, force: bool = False) -> dict[str, str]:
+    inputs = eval_inputs(cfg)
+    models = models_to_evaluate(cfg)
+    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models)},
+                  inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()}})
+    if not force and stage.up_to_date():
+        print((stage.dir / "table.txt").read_text())
+        return stage.outputs()
+
+    corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
+    queries = load_queries(inputs["queries"], cfg.data.on_error)
+    qrels = load_qrels(inputs["qrels"], corpus, queries, cfg.data.on_error)
+    query_ids = sorted(qrels)
+    if cfg.eval.max_queries:
+        query_ids = query_ids[: cfg.eval.max_queries]
+        logger.warning("eval.max_queries=%d: a quick look only, not a reportable number", cfg.eval.max_queries)
+    qrels = {q: qrels[q] for q in query_ids}
+    doc_ids = list(corpus)
+    doc_texts = [document_text(corpus[d]) for d in doc_ids]
+    query_texts = [queries[q] for q in query_ids]
+    logger.info("eval on split '%s': %d queries, %d documents", cfg.eval.split, len(query_ids), len(doc_ids))
+
+    results: dict[str, Any] = {}
+    per_query: dict[str, Any] = {}
+    wall: dict[str, float] = {}
+    for name, path in models.items():
+        start = time.time()
+        out = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg)
+        results[name], per_query[name] = out["metrics"], out["per_query"]
+        wall[name] = round(time.time() - start, 1)
+    if cfg.eval.compare_bm25:
+        start = time.time()
+        mean, pq = score_run(qrels, bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k), cfg)
+        results["bm25"], per_query["bm25"] = mean, pq
+        wall["bm25"] = round(time.time() - start, 1)
+
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    table = print_table(results, cfg.eval.split)
+    (stage.dir / "table.txt").write_text(table + "\n")
+    payload = {"split": cfg.eval.split, "num_queries": len(query_ids), "num_documents": len(doc_ids),
+               "models": models, "results": results, "per_query": per_query, "wall_seconds": wall}
+    (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
+    return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})

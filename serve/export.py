@@ -1,0 +1,99 @@
+"""Export stage: the fine-tuned model as a bundle a search service can ship.
+
+    <out_dir>/
+      model/          SentenceTransformer(path) loads it
+      model/README.md the model card: metrics table, Matryoshka dims, training config
+      metrics.json    eval/results.json without per-query rows
+      manifest.json   dims, metric, versions, and the hashes of what it was built from
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from embtune.config import to_dict
+from embtune.manifest import Stage, versions
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+
+
+def upstream(cfg, name: str) -> dict[str, str]:
+    manifest = Path(cfg.run_dir) / name / "manifest.json"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"export needs the {name} stage's output: {manifest} is missing")
+    return json.loads(manifest.read_text())["outputs"]
+
+
+def metrics_table(results: dict[str, Any]) -> str:
+    lines = ["| model | dim | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for name, metrics in results.items():
+        dims = metrics.get("dims") or {str(metrics.get("dim", "")): metrics}
+        for dim, values in sorted(dims.items(), key=lambda kv: -int(kv[0] or 0)):
+            lines.append(f"| {name} | {dim} | " + " | ".join(f"{100 * values[m]:.2f}" for m in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def model_card(cfg, metrics: dict[str, Any], dims: list[int]) -> str:
+    train_yaml = yaml.safe_dump({"train": to_dict(cfg.train), "mining": to_dict(cfg.mining)}, sort_keys=False)
+    return f"""---
+library_name: sentence-transformers
+pipeline_tag: sentence-similarity
+tags: [sentence-transformers, embtune, matryoshka]
+base_model: {cfg.train.base_model}
+---
+
+# {cfg.export.model_name}
+
+Fine-tuned from `{cfg.train.base_model}` with [embtune](https://pypi.org/project/embtune/) using
+`{cfg.train.loss}`{' inside MatryoshkaLoss' if cfg.train.matryoshka_dims else ''}.
+
+```python
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer("path/to/this/folder", truncate_dim={dims[-1] if dims else 'None'})  # or no truncate_dim
+```
+
+## Matryoshka dims
+Embeddings can be truncated to any of {dims} and renormalized (cosine similarity).
+
+## Retrieval metrics
+Split `{metrics.get('split')}`, {metrics.get('num_queries')} queries over {metrics.get('num_documents')} documents,
+computed with pytrec_eval as BEIR/MTEB do (percent).
+
+{metrics_table(metrics.get('results', {}))}
+
+## Training config
+```yaml
+{train_yaml}```
+"""
+
+
+def run(cfg, force: bool = False) -> dict[str, str]:
+    model_dir = upstream(cfg, "train")["model"]
+    results_file = upstream(cfg, "eval")["results"]
+    out_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "export")
+    stage = Stage("export", cfg.run_dir, config={"export": cfg.export}, inputs={"model": model_dir, "metrics": results_file})
+    if not force and stage.up_to_date():
+        return stage.outputs()
+
+    results = json.loads(Path(results_file).read_text())
+    metrics = {k: v for k, v in results.items() if k != "per_query"}
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(model_dir, out_dir / "model")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    full_dim = results["results"].get("finetuned", {}).get("dim")
+    dims = sorted({int(d) for d in results["results"].get("finetuned", {}).get("dims", {})}, reverse=True)
+    (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
+    manifest = {"dims": dims, "dim": full_dim, "metric": "cosine", "base_model": cfg.train.base_model,
+                "metrics_split": results.get("split"), "versions": versions()}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    logger.info("exported %s", out_dir)
+    return stage.finish({"bundle": out_dir})

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from data_prep.loaders import DataError, load_beir, load_pairs_jsonl
+
+
+def write_beir(folder, corpus_lines, query_lines, qrels_lines):
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.jsonl").write_text("\n".join(corpus_lines) + "\n")
+    (folder / "queries.jsonl").write_text("\n".join(query_lines) + "\n")
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(qrels_lines) + "\n")
+    return folder
+
+
+GOOD_DOCS = [json.dumps({"_id": "d1", "title": "t", "text": "alpha"}), json.dumps({"_id": "d2", "text": "beta"})]
+GOOD_QUERIES = [json.dumps({"_id": "q1", "text": "alpha?"}), json.dumps({"_id": "q2", "text": "beta?"})]
+GOOD_QRELS = ["q1\td1\t1", "q2\td2\t1"]
+
+
+def test_good_folder_loads(tmp_path):
+    data = load_beir(write_beir(tmp_path, GOOD_DOCS, GOOD_QUERIES, GOOD_QRELS), "train")
+    assert data.qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    assert data.corpus["d1"] == {"title": "t", "text": "alpha"}
+    assert data.report.total == 0
+
+
+CASES = {
+    "malformed JSON": (GOOD_DOCS + ['{"_id": "d3", "text": '], GOOD_QUERIES, GOOD_QRELS, "corpus.jsonl:3", "malformed JSON"),
+    "missing _id": (GOOD_DOCS + [json.dumps({"text": "gamma"})], GOOD_QUERIES, GOOD_QRELS, "corpus.jsonl:3", "missing '_id'"),
+    "duplicate id": (GOOD_DOCS + [json.dumps({"_id": "d1", "text": "again"})], GOOD_QUERIES, GOOD_QRELS,
+                     "corpus.jsonl:3", "duplicate document id 'd1' \\(first at line 1\\)"),
+    "empty document": (GOOD_DOCS + [json.dumps({"_id": "d3", "title": "", "text": "  "})], GOOD_QUERIES, GOOD_QRELS,
+                       "corpus.jsonl:3", "empty title and text"),
+    "empty query": (GOOD_DOCS, GOOD_QUERIES + [json.dumps({"_id": "q3", "text": ""})], GOOD_QRELS,
+                    "queries.jsonl:3", "query 'q3' has empty text"),
+    "unknown query": (GOOD_DOCS, GOOD_QUERIES, GOOD_QRELS + ["q9\td1\t1"], "train.tsv:4", "unknown query 'q9'"),
+    "unknown document": (GOOD_DOCS, GOOD_QUERIES, GOOD_QRELS + ["q1\td9\t1"], "train.tsv:4", "unknown document 'd9'"),
+    "bad qrels row": (GOOD_DOCS, GOOD_QUERIES, GOOD_QRELS + ["q1 d2 1"], "train.tsv:4", "3 tab-separated columns"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_raises_with_file_and_line(tmp_path, case):
+    docs, queries, qrels, where, message = CASES[case]
+    folder = write_beir(tmp_path, docs, queries, qrels)
+    with pytest.raises(DataError, match=rf"{where}: .*{message}"):
+        load_beir(folder, "train")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_skip_policy_counts_what_it_skipped(tmp_path, case):
+    docs, queries, qrels, where, _ = CASES[case]
+    data = load_beir(write_beir(tmp_path, docs, queries, qrels), "train", on_error="skip")
+    assert data.report.total == 1
+    (reason,) = data.report.skipped
+    assert any(where in example for example in data.report.examples[reason])
+    # the good rows are all kept
+    assert set(data.qrels) == {"q1", "q2"} and {"d1", "d2"} <= set(data.corpus)
+
+
+def test_missing_file_is_named(tmp_path):
+    folder = write_beir(tmp_path, GOOD_DOCS, GOOD_QUERIES, GOOD_QRELS)
+    with pytest.raises(DataError, match="qrels/test.tsv: file not found"):
+        load_beir(folder, "test")
+
+
+def test_jsonl_pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    rows = [{"query": "what is alpha", "positive": "alpha is a letter"},
+            {"query": "what is beta", "positive": "beta is a letter"},
+            {"query": "alpha again", "positive": "alpha is a letter"},
+            {"query": "", "positive": "x"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataError, match="pairs.jsonl:4: field 'query' is missing or empty"):
+        load_pairs_jsonl(path)
+    data = load_pairs_jsonl(path, on_error="skip")
+    assert len(data.corpus) == 2  # the shared passage is one document
+    assert len(data.qrels) == 3 and data.report.skipped["empty query"] == 1

@@ -67,6 +67,8 @@ def build_pydoc_beir(out_dir: str | Path, max_documents: int = 3000, test_querie
         # Keep informative pairs only: a real one-line description and a body that explains it.
         if len(summary.split()) < 4 or len(body.split()) < 15:
             continue
+        if summary.lower() in body.lower():  # a body that repeats its summary would make the pair trivial
+            continue
         key = summary.lower()
         if key in seen_summaries or body in seen_bodies:  # copies (e.g. overridden methods) would be ambiguous
             continue

@@ -244,7 +244,7 @@ class FastBM25:
                 row_scores = batch_scores.data[lo:hi]
                 row_docs = batch_scores.indices[lo:hi]
                 top = rank_order(row_scores, row_docs, k)
-                if top.shape[0] == k and row_scores[top[-1]] > 0:
+                if top.shape[0] == k and np.round(row_scores[top[-1]], TIE_DECIMALS) > 0:
                     out_indices[start + row] = row_docs[top]
                     out_scores[start + row] = row_scores[top]
                 else:  # fewer than k positive scores: zero (and negative) scores take part in the ranking

@@ -26,6 +26,9 @@ class TrainConfig:
     lr_scheduler: str = "linear"
     weight_decay: float = 0.01
     max_seq_length: int = 256
+    # Attention-probability dropout (None = the model's own). 0 lets PyTorch's SDPA use its fused kernel instead of
+    # materializing the attention matrix for the dropout mask: ~2x faster and ~half the memory on CPU (measured).
+    attention_dropout: float | None = None
     seed: int = 42
     save_steps: int = 0  # 0 = one checkpoint per epoch
     save_total_limit: int = 2

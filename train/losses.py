@@ -30,7 +30,7 @@ def build_loss(model, tcfg) -> Any:
     else:  # the config schema already restricts the names; kept for direct callers
         raise ValueError(f"unknown train.loss {tcfg.loss!r}")
     if tcfg.matryoshka_dims:
-        dim = model.get_sentence_embedding_dimension()
+        dim = model.get_embedding_dimension()
         dims = [d for d in tcfg.matryoshka_dims if d <= dim]
         if dims[0] != dim:
             dims = [dim, *dims]

@@ -71,7 +71,11 @@ class Recipe:
 
         t = self.tcfg
         set_seed(t.seed)
-        model = SentenceTransformer(resolve_model(t.base_model), device="cpu" if t.use_cpu else None)
+        config_kwargs = {}
+        if t.attention_dropout is not None:
+            config_kwargs["attention_probs_dropout_prob"] = t.attention_dropout
+        model = SentenceTransformer(resolve_model(t.base_model), device="cpu" if t.use_cpu else None,
+                                    config_kwargs=config_kwargs)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
         columns = training_columns(t, table.column_names)

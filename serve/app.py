@@ -108,7 +108,8 @@ def _texts_from_input(value: Any, max_inputs: int) -> list[str]:
     elif isinstance(value, list):
         if not value:
             raise RequestError(400, "'input' must not be an empty list", param="input")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value) or any(isinstance(v, list) for v in value):
+        token_ids = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if token_ids or any(isinstance(v, list) for v in value):
             raise RequestError(400, "'input' as token ids is not supported by this server; send strings", param="input")
         texts = value
     else:
@@ -184,7 +185,7 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
     cfg = cfg or ServeConfig()
     cfg.validate()
     bundle = load_bundle(bundle_dir, backend=cfg.backend, onnx_file=cfg.onnx_file, device=cfg.device or None,
-                         batch_size=cfg.max_batch_size)
+                         batch_size=cfg.max_batch_size, threads=cfg.threads)
     model_name = cfg.model_name or Path(bundle_dir).resolve().name
     max_tokens = cfg.max_input_tokens or bundle.max_seq_length
     api_key = cfg.api_key or os.environ.get("EMBTUNE_API_KEY", "")
@@ -390,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.backend)
     parser.add_argument("--onnx-file", default=defaults.onnx_file, help="ONNX file under <bundle>/model")
     parser.add_argument("--device", default=defaults.device, help="torch device (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads per forward pass; 0 = library default (all cores)")
     parser.add_argument("--no-microbatch", action="store_true", help="one request per forward pass")
     parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
     parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
@@ -407,10 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     cfg = ServeConfig(
         bundle_dir=args.bundle, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-        backend=args.backend, onnx_file=args.onnx_file, device=args.device, microbatch=not args.no_microbatch,
-        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, cache_size=args.cache_size,
-        max_inputs=args.max_inputs, max_input_chars=args.max_input_chars, max_input_tokens=args.max_input_tokens,
-        max_k=args.max_k, cross_encoder=args.cross_encoder, log_level=args.log_level,
+        backend=args.backend, onnx_file=args.onnx_file, device=args.device, threads=args.threads,
+        microbatch=not args.no_microbatch, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+        cache_size=args.cache_size, max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
+        max_input_tokens=args.max_input_tokens, max_k=args.max_k, cross_encoder=args.cross_encoder,
+        log_level=args.log_level,
     )
     cfg.validate()
     return cfg

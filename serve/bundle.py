@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import numpy as np
+import torch
 
 from embtune.manifest import hash_path, versions
 
@@ -122,8 +123,10 @@ class Bundle:
 
 
 def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "onnx/model.onnx",
-                device: str | None = None, batch_size: int = 64) -> Bundle:
+                device: str | None = None, batch_size: int = 64, threads: int = 0) -> Bundle:
     """Load ``<bundle>/model`` (torch or ONNX), and the index and docs when the bundle has them.
+
+    ``threads`` > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
 
     Raises:
         FileNotFoundError: the bundle or its model folder is missing.
@@ -141,7 +144,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     if backend == "onnx":
         from serve.onnx_export import OnnxEncoder
 
-        model = OnnxEncoder(model_dir, onnx_file)
+        model = OnnxEncoder(model_dir, onnx_file, threads=threads)
     elif backend == "torch":
         from sentence_transformers import SentenceTransformer
 
@@ -152,6 +155,9 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     dim = model.get_embedding_dimension()
 
     def encode(texts: list[str]) -> np.ndarray:
+        # torch's thread count is per calling thread (OpenMP), so it is set where the forward pass runs.
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
         if backend == "onnx":
             return _normalized(model.encode(texts, batch_size=batch_size))
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
@@ -174,6 +180,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
             if len(docs) != index.ntotal:
                 raise ValueError(f"{bundle_dir}: {DOCS_FILE} has {len(docs)} rows but {INDEX_FILE} has {index.ntotal}")
         else:
-            logger.warning("bundle %s has an index but no %s: /search returns row numbers as ids", bundle_dir, DOCS_FILE)
+            logger.warning("bundle %s has an index but no %s: /search returns row numbers as ids",
+                           bundle_dir, DOCS_FILE)
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
                   max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode)

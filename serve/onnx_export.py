@@ -50,7 +50,8 @@ def _require_onnxruntime() -> None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise ImportError("ONNX export needs the PyPI packages onnx and onnxruntime: pip install onnx onnxruntime") from None
+        raise ImportError("ONNX export needs the PyPI packages onnx and onnxruntime: "
+                          "pip install onnx onnxruntime") from None
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path | None = None, quantize: bool = False,

@@ -28,6 +28,9 @@ class ServeConfig:
     backend: Literal["torch", "onnx"] = "torch"
     onnx_file: str = "onnx/model.onnx"  # relative to <bundle>/model, used when backend is "onnx"
     device: str = ""  # "" = cuda when available, else cpu
+    # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
+    # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.
+    threads: int = 0
     # Micro-batching: concurrent requests wait up to max_wait_ms to share one forward pass of up to
     # max_batch_size texts. Off = one request per forward pass (the benchmark baseline).
     microbatch: bool = True
@@ -50,6 +53,8 @@ class ServeConfig:
             raise ValueError(f"serve.port must be in [0, 65535], got {self.port}")
         if not self.host:
             raise ValueError("serve.host must not be empty (127.0.0.1 for loopback only)")
+        if self.threads < 0:
+            raise ValueError(f"serve.threads must be >= 0 (0 = library default), got {self.threads}")
         if self.max_batch_size < 1:
             raise ValueError(f"serve.max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.max_wait_ms < 0:
@@ -61,7 +66,8 @@ class ServeConfig:
         if self.max_input_chars < 1:
             raise ValueError(f"serve.max_input_chars must be >= 1, got {self.max_input_chars}")
         if self.max_input_tokens < 0:
-            raise ValueError(f"serve.max_input_tokens must be >= 0 (0 = the model's limit), got {self.max_input_tokens}")
+            raise ValueError(f"serve.max_input_tokens must be >= 0 (0 = the model's limit), "
+                             f"got {self.max_input_tokens}")
         if self.max_k < 1:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
         if self.rerank_candidates < 1:

@@ -198,7 +198,7 @@ def test_microbatched_vectors_equal_unbatched(live_server, reference_model):
 
 
 def test_microbatch_off_is_one_request_per_pass(bundle_dir, reference_model):
-    with TestClient(create_app(bundle_dir, ServeConfig(microbatch=False, cache_size=0))) as client:
+    with TestClient(create_app(bundle_dir, ServeConfig(microbatch=False, cache_size=0, threads=1))) as client:
         for text in TEXTS:
             response = client.post("/v1/embeddings", json={"input": text, "encoding_format": "float"})
             np.testing.assert_allclose(response.json()["data"][0]["embedding"],

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -84,13 +85,20 @@ async def wait_healthy(base_url: str, server: subprocess.Popen, timeout: float =
     raise TimeoutError(f"server at {base_url} not healthy after {timeout}s")
 
 
-async def load(base_url: str, texts: list[str], concurrency: int, max_seconds: float, encoding_format: str) -> dict:
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+async def load(base_url: str, texts: list[str], concurrency: int, max_seconds: float, encoding_format: str,
+               server_pid: int) -> dict:
     """Send one request per text from ``concurrency`` workers; stop at the end of ``texts`` or at the deadline."""
     latencies: list[float] = []
     errors: list[str] = []
     next_index = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
+        cpu_before = cpu_seconds(server_pid)
         started = time.perf_counter()
         deadline = started + max_seconds
 
@@ -114,6 +122,7 @@ async def load(base_url: str, texts: list[str], concurrency: int, max_seconds: f
 
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         wall = time.perf_counter() - started
+        server_cpu = cpu_seconds(server_pid) - cpu_before
         health = (await http.get("/health")).json()
     lat_ms = np.array(latencies) * 1000
     return {
@@ -127,6 +136,9 @@ async def load(base_url: str, texts: list[str], concurrency: int, max_seconds: f
         "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1) if latencies else None,
                        "p99": round(float(np.percentile(lat_ms, 99)), 1) if latencies else None,
                        "max": round(float(lat_ms.max()), 1) if latencies else None},
+        # CPU the server process spent per answered request (all its threads): what batching saves, whether or
+        # not the load generator on the same cores is what limits requests/s.
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / max(len(latencies), 1), 2),
         "server_batcher": health["batcher"],
         "server_cache": health["cache"],
     }
@@ -140,8 +152,8 @@ async def run_mode(bundle: Path, microbatch: bool, texts: list[str], args: argpa
         await wait_healthy(base_url, server)
         # Warm-up (not measured): first forward passes allocate; distinct texts so the cache stays cold.
         await load(base_url, [f"warm-up {i}" for i in range(args.warmup)], min(args.concurrency, args.warmup),
-                   60, args.encoding_format)
-        result = await load(base_url, texts, args.concurrency, args.max_seconds, args.encoding_format)
+                   60, args.encoding_format, server.pid)
+        result = await load(base_url, texts, args.concurrency, args.max_seconds, args.encoding_format, server.pid)
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -151,7 +163,8 @@ async def run_mode(bundle: Path, microbatch: bool, texts: list[str], args: argpa
             server.wait()
     print(f"microbatch={'on' if microbatch else 'off'}: {result['requests_per_s']} req/s, "
           f"p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms, errors {result['errors']}, "
-          f"texts/pass {result['server_batcher']['mean_texts_per_pass']}", flush=True)
+          f"texts/pass {result['server_batcher']['mean_texts_per_pass']}, "
+          f"server CPU {result['server_cpu_ms_per_request']} ms/request", flush=True)
     return result
 
 
@@ -181,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     on, off = modes["microbatch_on"]["requests_per_s"], modes["microbatch_off"]["requests_per_s"]
     ratio = round(on / off, 2) if off else None
     errors = modes["microbatch_on"]["errors"] + modes["microbatch_off"]["errors"]
+    cpu_on = modes["microbatch_on"]["server_cpu_ms_per_request"]
+    cpu_off = modes["microbatch_off"]["server_cpu_ms_per_request"]
     import fastapi
     import uvicorn
 
@@ -196,6 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "server": "uvicorn subprocess on 127.0.0.1, one worker; client: httpx.AsyncClient in this process"},
         "modes": modes,
         "ratio": ratio,
+        "server_cpu_ratio": round(cpu_off / cpu_on, 2) if cpu_on else None,  # off ÷ on CPU per request
         "errors": errors,
         "bar": {"errors": 0, "ratio_min": 3.0},
         "passed": errors == 0 and ratio is not None and ratio >= 3.0,

@@ -1,6 +1,6 @@
 """ONNX export: the exported model embeds like the torch model (fp32 exactly, int8 within a measured tolerance).
 
-Reference numbers (2026-05, onnxruntime 1.32.0, CPU): all-MiniLM-L6-v2 fp32 max |diff| 2.3e-7; int8 (dynamic,
+Reference numbers (2026-11, onnxruntime 1.32.0, CPU): all-MiniLM-L6-v2 fp32 max |diff| 2.3e-7; int8 (dynamic,
 per-channel weights) worst cosine 0.981 over the texts below. Thresholds leave room for other CPUs' kernels.
 """
 

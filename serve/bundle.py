@@ -1,0 +1,186 @@
+"""Export bundles: the folder the serve stage loads (and the export stage writes).
+
+Layout::
+
+    <bundle>/
+      model/               # SentenceTransformer(path) loads it
+      index/corpus.faiss   # optional: IndexFlatIP over normalized embeddings (inner product = cosine)
+      index/docs.jsonl     # optional: one {"_id", "title", "text", ...metadata} per index row, same order
+      manifest.json        # {"dims": [...], "metric": "cosine", "corpus_hash": ..., "versions": {...}}
+
+Example::
+
+    build_bundle("runs/x/train/model", docs, "runs/x/export")
+    bundle = load_bundle("runs/x/export")
+    bundle.encode(["a query"])  # (1, dim) float32, L2-normalized
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+
+from embtune.manifest import hash_path, versions
+
+logger = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+INDEX_FILE = "index/corpus.faiss"
+DOCS_FILE = "index/docs.jsonl"
+MANIFEST_FILE = "manifest.json"
+
+
+def doc_text(doc: dict[str, Any]) -> str:
+    """The text a document is embedded (and BM25-indexed) as: title and body, as BEIR evaluations join them."""
+    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+
+
+def _normalized(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)  # (n, 1)
+    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
+                 batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
+                 copy_model: bool = True) -> Path:
+    """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
+
+    Args:
+        model_dir: a SentenceTransformer folder.
+        docs: dicts with ``_id`` and ``text`` (``title`` and any other keys optional; the others are metadata that
+            ``/search`` filters on). None = a bundle without an index (embeddings only).
+        out_dir: the bundle folder (created; an existing ``model/`` or ``index/`` is replaced).
+        batch_size: encoding batch size.
+        dims: Matryoshka dimensions the model was trained for, recorded in the manifest; default [full dim].
+        device: encoding device (None = sentence-transformers' choice).
+        copy_model: False when ``model_dir`` already is ``<out_dir>/model``.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    import faiss
+    from sentence_transformers import SentenceTransformer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target_model = out_dir / MODEL_DIR
+    if copy_model and Path(model_dir).resolve() != target_model.resolve():
+        if target_model.exists():
+            shutil.rmtree(target_model)
+        shutil.copytree(model_dir, target_model)
+    model = SentenceTransformer(str(target_model), device=device)
+    dim = model.get_embedding_dimension()
+
+    manifest: dict[str, Any] = {"dims": dims or [dim], "metric": "cosine", "corpus_hash": None, "num_docs": 0}
+    index_dir = out_dir / "index"
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    if docs is not None:
+        docs = list(docs)
+        for line, doc in enumerate(docs, 1):
+            if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not isinstance(doc.get("text"), str):
+                raise ValueError(f"docs[{line - 1}]: expected a dict with string '_id' and 'text', got {doc!r:.200}")
+        index_dir.mkdir(parents=True)
+        with open(out_dir / DOCS_FILE, "w") as handle:
+            for doc in docs:
+                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
+        embeddings = model.encode([doc_text(d) for d in docs], batch_size=batch_size, convert_to_numpy=True,
+                                  normalize_embeddings=True, show_progress_bar=False)  # (n, dim)
+        index = faiss.IndexFlatIP(dim)
+        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+        faiss.write_index(index, str(out_dir / INDEX_FILE))
+        manifest["corpus_hash"] = hash_path(out_dir / DOCS_FILE)
+        manifest["num_docs"] = len(docs)
+    manifest["versions"] = versions()
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    logger.info("wrote bundle %s (%d docs, dim %d)", out_dir, manifest["num_docs"], dim)
+    return out_dir
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle. ``encode`` returns L2-normalized float32 embeddings, shape (len(texts), dim)."""
+
+    path: Path
+    model: Any  # SentenceTransformer, or OnnxEncoder for the onnx backend
+    manifest: dict[str, Any]
+    dim: int
+    max_seq_length: int
+    index: Any = None  # faiss index or None
+    docs: list[dict[str, Any]] = field(default_factory=list)
+    encode: Callable[[list[str]], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens each text has as the model sees it (special tokens included, before truncation)."""
+        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
+def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "onnx/model.onnx",
+                device: str | None = None, batch_size: int = 64, threads: int = 0) -> Bundle:
+    """Load ``<bundle>/model`` (torch or ONNX), and the index and docs when the bundle has them.
+
+    ``threads`` > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
+
+    Raises:
+        FileNotFoundError: the bundle or its model folder is missing.
+        ValueError: the index and docs disagree (row counts, dimension).
+    """
+    import faiss
+
+    bundle_dir = Path(bundle_dir)
+    model_dir = bundle_dir / MODEL_DIR
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"bundle {bundle_dir}: no model folder at {model_dir}")
+    manifest_path = bundle_dir / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+
+    if backend == "onnx":
+        from serve.onnx_export import OnnxEncoder
+
+        model = OnnxEncoder(model_dir, onnx_file, threads=threads)
+    elif backend == "torch":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(model_dir), device=device or None)
+        model.eval()
+    else:
+        raise ValueError(f"unknown backend {backend!r} (expected 'torch' or 'onnx')")
+    dim = model.get_embedding_dimension()
+
+    def encode(texts: list[str]) -> np.ndarray:
+        # torch's thread count is per calling thread (OpenMP), so it is set where the forward pass runs.
+        if threads and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if backend == "onnx":
+            return _normalized(model.encode(texts, batch_size=batch_size))
+        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                            show_progress_bar=False).astype(np.float32, copy=False)
+
+    index, docs = None, []
+    if (bundle_dir / INDEX_FILE).is_file():
+        index = faiss.read_index(str(bundle_dir / INDEX_FILE))
+        if index.d != dim:
+            raise ValueError(f"{bundle_dir / INDEX_FILE}: index dimension {index.d} != model dimension {dim}")
+        if (bundle_dir / DOCS_FILE).is_file():
+            with open(bundle_dir / DOCS_FILE) as handle:
+                for line, text in enumerate(handle, 1):
+                    if not text.strip():
+                        continue
+                    try:
+                        docs.append(json.loads(text))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{bundle_dir / DOCS_FILE}:{line}: invalid JSON: {err}") from None
+            if len(docs) != index.ntotal:
+                raise ValueError(f"{bundle_dir}: {DOCS_FILE} has {len(docs)} rows but {INDEX_FILE} has {index.ntotal}")
+        else:
+            logger.warning("bundle %s has an index but no %s: /search returns row numbers as ids",
+                           bundle_dir, DOCS_FILE)
+    return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
+                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode)

@@ -1,0 +1,78 @@
+"""Config section for the HTTP server: ``serve`` (the lead hooks it into the recipe schema).
+
+Example (YAML)::
+
+    serve:
+      bundle_dir: runs/scifact/export
+      port: 8000
+      api_key: ""          # or set EMBTUNE_API_KEY; empty = no auth
+      microbatch: true
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass
+class ServeConfig:
+    """How ``serve.app`` loads an export bundle and answers requests."""
+
+    bundle_dir: str = ""  # default: the export stage's out_dir
+    host: str = "127.0.0.1"  # loopback unless asked: the server has no TLS
+    port: int = 8000
+    # Bearer token required on every route except /health; empty = none. EMBTUNE_API_KEY overrides an empty value.
+    api_key: str = ""
+    model_name: str = ""  # the `model` reported in responses; default: the bundle folder's name
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_file: str = "onnx/model.onnx"  # relative to <bundle>/model, used when backend is "onnx"
+    device: str = ""  # "" = cuda when available, else cpu
+    # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
+    # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.
+    threads: int = 0
+    # Micro-batching: concurrent requests wait up to max_wait_ms to share one forward pass of up to
+    # max_batch_size texts. Off = one request per forward pass (the benchmark baseline).
+    microbatch: bool = True
+    max_batch_size: int = 64
+    max_wait_ms: float = 5.0
+    cache_size: int = 4096  # LRU of full-dimension embeddings keyed by text; 0 = off
+    # Request limits, answered with a 400 that names the limit.
+    max_inputs: int = 256
+    max_input_chars: int = 20000
+    max_input_tokens: int = 0  # 0 = the model's max_seq_length; longer inputs are refused, never truncated
+    max_k: int = 100
+    # /search
+    cross_encoder: str = ""  # path of a CrossEncoder for `rerank: true`; empty = rerank unavailable
+    rerank_candidates: int = 50  # first-stage hits the cross-encoder rescores
+    rrf_k: int = 60  # reciprocal rank fusion constant for `hybrid: true`
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def validate(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"serve.port must be in [0, 65535], got {self.port}")
+        if not self.host:
+            raise ValueError("serve.host must not be empty (127.0.0.1 for loopback only)")
+        if self.threads < 0:
+            raise ValueError(f"serve.threads must be >= 0 (0 = library default), got {self.threads}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"serve.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"serve.max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.cache_size < 0:
+            raise ValueError(f"serve.cache_size must be >= 0 (0 = off), got {self.cache_size}")
+        if self.max_inputs < 1:
+            raise ValueError(f"serve.max_inputs must be >= 1, got {self.max_inputs}")
+        if self.max_input_chars < 1:
+            raise ValueError(f"serve.max_input_chars must be >= 1, got {self.max_input_chars}")
+        if self.max_input_tokens < 0:
+            raise ValueError(f"serve.max_input_tokens must be >= 0 (0 = the model's limit), "
+                             f"got {self.max_input_tokens}")
+        if self.max_k < 1:
+            raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
+        if self.rerank_candidates < 1:
+            raise ValueError(f"serve.rerank_candidates must be >= 1, got {self.rerank_candidates}")
+        if self.rrf_k < 1:
+            raise ValueError(f"serve.rrf_k must be >= 1, got {self.rrf_k}")
+        if self.backend == "onnx" and not self.onnx_file:
+            raise ValueError("serve.onnx_file must name the ONNX file when serve.backend is 'onnx'")

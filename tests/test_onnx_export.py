@@ -1,0 +1,112 @@
+"""ONNX export: the exported model embeds like the torch model (fp32 exactly, int8 within a measured tolerance).
+
+Reference numbers (2026-11, onnxruntime 1.32.0, CPU): all-MiniLM-L6-v2 fp32 max |diff| 2.3e-7; int8 (dynamic,
+per-channel weights) worst cosine 0.981 over the texts below. Thresholds leave room for other CPUs' kernels.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime and onnx: pip install onnx onnxruntime")
+pytest.importorskip("onnx", reason="ONNX export needs onnxruntime and onnx: pip install onnx onnxruntime")
+
+from serve.app import create_app  # noqa: E402
+from serve.bundle import build_bundle  # noqa: E402
+from serve.onnx_export import OnnxEncoder, export_onnx  # noqa: E402
+from serve.serve_config import ServeConfig  # noqa: E402
+
+WORDS = "the a of and to in is for on with cat dog fish river city train music model search index query".split()
+# Different lengths on purpose: a batch of them is padded, which is what the exported attention mask must handle.
+TEXTS = [
+    "the cat",
+    "a dog in the river and the city on the train with music",
+    "x",
+    "search the index for the query",
+    "How do I fine-tune an embedding model for retrieval on my own corpus of support tickets?",
+    "faiss inner product index over normalized vectors",
+    "Berlin is the capital of Germany.",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden 32, ~90-token WordPiece vocabulary) with mean pooling and normalization."""
+    root = tmp_path_factory.mktemp("tiny_onnx")
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + ["##" + c for c in chars]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}).save_pretrained(root / "hf")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(root / "hf")
+    model = SentenceTransformer(modules=[Transformer(str(root / "hf")), Pooling(32, "mean"), Normalize()],
+                                device="cpu")
+    model.max_seq_length = 64
+    model.save(str(root / "st"))
+    return root / "st"
+
+
+def _compare(model_dir, onnx_path):
+    """(worst cosine, max |diff|) of ONNX vs torch embeddings, batched and one text at a time."""
+    expected = SentenceTransformer(str(model_dir), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    encoder = OnnxEncoder(model_dir, onnx_path)
+    batched = encoder.encode(TEXTS)  # (n, dim)
+    single = np.concatenate([encoder.encode([text]) for text in TEXTS])  # (n, dim), no padding
+    worst_cos, max_diff = 1.0, 0.0
+    for got in (batched, single):
+        got = got / np.linalg.norm(got, axis=1, keepdims=True)
+        worst_cos = min(worst_cos, float((got * expected).sum(1).min()))
+        max_diff = max(max_diff, float(np.abs(got - expected).max()))
+    return worst_cos, max_diff
+
+
+def test_tiny_fp32_and_int8_match_torch(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    paths = export_onnx(model_dir, quantize=True)
+    assert paths["fp32"] == model_dir / "onnx" / "model.onnx" and paths["int8"].is_file()
+
+    cos, diff = _compare(model_dir, paths["fp32"])
+    assert cos > 0.9999 and diff < 1e-4, (cos, diff)
+    cos, diff = _compare(model_dir, paths["int8"])
+    assert cos > 0.98, cos
+
+
+@pytest.mark.slow
+def test_minilm_fp32_and_int8_match_torch(tmp_path):
+    from embtune.models import resolve_model
+
+    model_dir = tmp_path / "minilm"
+    shutil.copytree(resolve_model("minilm"), model_dir)
+    paths = export_onnx(model_dir, quantize=True)
+    cos, diff = _compare(model_dir, paths["fp32"])
+    assert cos > 0.9999 and diff < 1e-4, (cos, diff)
+    cos, diff = _compare(model_dir, paths["int8"])
+    assert cos > 0.97, cos  # measured 0.981
+
+
+def test_server_with_onnx_backend_matches_torch(tiny_model_dir, tmp_path):
+    bundle = build_bundle(tiny_model_dir, [{"_id": "a", "text": "the cat"}, {"_id": "b", "text": "a dog"}],
+                          tmp_path / "bundle", device="cpu")
+    export_onnx(bundle / "model")
+    expected = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(TEXTS[:3], normalize_embeddings=True)
+    with TestClient(create_app(bundle, ServeConfig(backend="onnx"))) as client:
+        response = client.post("/v1/embeddings", json={"input": TEXTS[:3]})
+        assert response.status_code == 200, response.text
+        got = np.array([d["embedding"] for d in response.json()["data"]])
+        np.testing.assert_allclose(got, expected, atol=1e-4)
+        assert client.post("/search", json={"query": "a dog", "k": 1}).json()["hits"][0]["id"] == "b"
+        assert client.get("/health").json()["backend"] == "onnx"
+
+
+def test_missing_onnx_file_names_the_path(tiny_model_dir):
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        OnnxEncoder(tiny_model_dir, "onnx/nope.onnx")

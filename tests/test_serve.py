@@ -1,0 +1,370 @@
+"""serve: OpenAI-compatible embeddings, search, micro-batching, limits and auth, on a tiny offline model.
+
+The embeddings are checked against ``SentenceTransformer.encode`` through the real ``openai`` client talking to a
+real uvicorn server on 127.0.0.1; the rest goes through FastAPI's TestClient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+import uvicorn
+from fastapi.testclient import TestClient
+from sentence_transformers import CrossEncoder, SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
+
+from serve.app import create_app, main
+from serve.bundle import build_bundle, doc_text
+from serve.serve_config import ServeConfig
+
+API_KEY = "test-key"
+WORDS = ("the a of and to in is for on with cat dog fish bird tree river mountain city house car train music "
+         "paper retrieval embedding model search index query").split()
+DOCS = [
+    {"_id": "d1", "title": "Cats", "text": "the cat sat in the house", "lang": "en", "year": 2020},
+    {"_id": "d2", "title": "Dogs", "text": "a dog ran to the river", "lang": "en", "year": 2021},
+    {"_id": "d3", "title": "Fish", "text": "fish in the river and the mountain", "lang": "de", "year": 2021},
+    {"_id": "d4", "title": "Trains", "text": "the train to the city", "lang": "de", "year": 2022},
+    {"_id": "d5", "title": "Music", "text": "music for the car and the train", "lang": "fr", "year": 2020},
+    {"_id": "d6", "title": "Search", "text": "an embedding model for retrieval and search", "lang": "en", "year": 2023},
+    {"_id": "d7", "title": "Trees", "text": "a bird in the tree on the mountain", "lang": "fr", "year": 2022},
+    {"_id": "d8", "title": "Paper", "text": "the paper on the index of the query", "lang": "de", "year": 2023},
+]
+TEXTS = ["the cat", "a dog in the river", "music for the train", "an embedding model", "bird"]
+
+
+def _write_tiny_bert(folder, seed: int = 0, num_labels: int | None = None) -> None:
+    """A 2-layer BERT with hidden size 32 and a 100-entry WordPiece vocabulary, randomly initialized (seeded)."""
+    folder.mkdir(parents=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + chars + ["##" + c for c in chars]
+    BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, **({"num_labels": num_labels}
+                                                                               if num_labels else {}))
+    model = BertForSequenceClassification(config) if num_labels else BertModel(config)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    _write_tiny_bert(root / "hf")
+    model = SentenceTransformer(modules=[Transformer(str(root / "hf")), Pooling(32, "mean"), Normalize()],
+                                device="cpu")
+    model.max_seq_length = 64
+    model.save(str(root / "st"))
+    return root / "st"
+
+
+@pytest.fixture(scope="session")
+def reference_model(tiny_model_dir):
+    return SentenceTransformer(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ce") / "model"
+    _write_tiny_bert(folder, seed=1, num_labels=1)
+    CrossEncoder(str(folder), device="cpu").save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(tiny_model_dir, tmp_path_factory):
+    return build_bundle(tiny_model_dir, DOCS, tmp_path_factory.mktemp("bundle") / "export", device="cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(bundle_dir):
+    """A real uvicorn server on 127.0.0.1 with an API key; yields (base_url, app)."""
+    app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", app
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(bundle_dir, cross_encoder_dir):
+    cfg = ServeConfig(max_inputs=4, max_input_chars=200, max_input_tokens=16, max_k=5,
+                      cross_encoder=str(cross_encoder_dir), rerank_candidates=4)
+    with TestClient(create_app(bundle_dir, cfg)) as test_client:
+        yield test_client
+
+
+def _expected(reference_model, texts, dims=None):
+    rows = reference_model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)  # (n, dim)
+    if dims:
+        rows = rows[:, :dims] / np.linalg.norm(rows[:, :dims], axis=1, keepdims=True)
+    return rows
+
+
+# --- OpenAI compatibility, through the real client and a real server -------------------------------------------
+
+def test_openai_client_float_and_base64_match_encode(live_server, reference_model):
+    base_url, _ = live_server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+    expected = _expected(reference_model, TEXTS)
+
+    as_float = client.embeddings.create(input=TEXTS, model="tiny", encoding_format="float")
+    got = np.array([d.embedding for d in sorted(as_float.data, key=lambda d: d.index)])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert as_float.model == "tiny"
+    assert as_float.usage.prompt_tokens == as_float.usage.total_tokens > len(TEXTS)
+
+    # Without encoding_format the openai client asks for base64 and decodes it itself.
+    as_default = client.embeddings.create(input=TEXTS, model="tiny")
+    np.testing.assert_allclose(np.array([d.embedding for d in as_default.data]), expected, atol=1e-5)
+
+    single = client.embeddings.create(input=TEXTS[0], model="tiny", encoding_format="float")
+    assert len(single.data) == 1
+    np.testing.assert_allclose(single.data[0].embedding, expected[0], atol=1e-5)
+
+
+def test_base64_is_little_endian_float32(client, reference_model):
+    response = client.post("/v1/embeddings", json={"input": TEXTS[:2], "encoding_format": "base64"})
+    assert response.status_code == 200, response.text
+    rows = [np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in response.json()["data"]]
+    np.testing.assert_allclose(np.stack(rows), _expected(reference_model, TEXTS[:2]), atol=1e-6)
+
+
+def test_dimensions_truncates_and_renormalizes(live_server, reference_model):
+    base_url, _ = live_server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
+    response = client.embeddings.create(input=TEXTS, model="tiny", dimensions=8, encoding_format="float")
+    got = np.array([d.embedding for d in response.data])  # (n, 8)
+    assert got.shape == (len(TEXTS), 8)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, _expected(reference_model, TEXTS, dims=8), atol=1e-5)
+
+
+def test_wrong_api_key_is_refused_by_openai_client(live_server):
+    base_url, _ = live_server
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        client.embeddings.create(input="the cat", model="tiny")
+
+
+# --- micro-batching ------------------------------------------------------------------------------------------
+
+def test_microbatched_vectors_equal_unbatched(live_server, reference_model):
+    """Concurrent single-text requests share forward passes and get exactly what one-at-a-time encoding gives."""
+    base_url, app = live_server
+    texts = [f"{a} {b} {c}" for a in WORDS[10:16] for b in WORDS[16:20] for c in ("house", "car")]  # 48 distinct
+    batcher = app.state.batcher
+    passes_before, requests_before = batcher.forward_passes, batcher.requests
+
+    async def fire():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as http:
+            responses = await asyncio.gather(*[
+                http.post("/v1/embeddings", json={"input": t, "encoding_format": "float"}) for t in texts])
+        return responses
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    got = np.array([r.json()["data"][0]["embedding"] for r in responses])
+    unbatched = np.stack([_expected(reference_model, [t])[0] for t in texts])  # one forward pass per text
+    np.testing.assert_allclose(got, unbatched, atol=1e-5)
+    passes = batcher.forward_passes - passes_before
+    assert batcher.requests - requests_before == len(texts)
+    assert passes < len(texts) / 2, f"{len(texts)} concurrent requests took {passes} forward passes"
+
+
+def test_microbatch_off_is_one_request_per_pass(bundle_dir, reference_model):
+    with TestClient(create_app(bundle_dir, ServeConfig(microbatch=False, cache_size=0, threads=1))) as client:
+        for text in TEXTS:
+            response = client.post("/v1/embeddings", json={"input": text, "encoding_format": "float"})
+            np.testing.assert_allclose(response.json()["data"][0]["embedding"],
+                                       _expected(reference_model, [text])[0], atol=1e-5)
+        stats = client.get("/health").json()["batcher"]
+    assert stats["forward_passes"] == stats["requests"] == len(TEXTS)
+
+
+def test_cache_answers_repeated_text(bundle_dir):
+    with TestClient(create_app(bundle_dir, ServeConfig(cache_size=8))) as client:
+        first = client.post("/v1/embeddings", json={"input": ["the cat", "the cat"]}).json()
+        second = client.post("/v1/embeddings", json={"input": "the cat"}).json()
+        health = client.get("/health").json()
+    assert first["data"][0]["embedding"] == first["data"][1]["embedding"] == second["data"][0]["embedding"]
+    assert health["batcher"]["texts"] == 1  # encoded once: deduplicated in the request, cached for the next
+    assert health["cache"]["hits"] == 1
+
+
+# --- bad input: 4xx with a message that names the problem --------------------------------------------------------
+
+@pytest.mark.parametrize("body, message", [
+    ({"input": []}, "must not be an empty list"),
+    ({"input": ""}, "empty"),
+    ({"input": ["the cat", "  "]}, "input[1] is empty"),
+    ({"input": 123}, "must be a string or a list of strings, got int"),
+    ({"input": {"text": "x"}}, "got dict"),
+    ({"input": [1, 2, 3]}, "token ids is not supported"),
+    ({"input": [[1, 2], [3]]}, "token ids is not supported"),
+    ({"input": ["the cat", 5]}, "input[1] must be a string, got int"),
+    ({"input": ["a", "b", "c", "d", "e"]}, "at most 4 per request (serve.max_inputs)"),
+    ({"input": "x" * 201}, "201 characters; at most 200"),
+    ({"input": "the cat " * 20}, "the model reads at most 16"),
+    ({"model": "tiny"}, "'input' is required"),
+    ({"input": "the cat", "dimensions": 0}, "'dimensions' must be between 1 and 32"),
+    ({"input": "the cat", "dimensions": 33}, "'dimensions' must be between 1 and 32"),
+    ({"input": "the cat", "dimensions": "8"}, "'dimensions' must be an integer, got str"),
+    ({"input": "the cat", "dimensions": True}, "'dimensions' must be an integer, got bool"),
+    ({"input": "the cat", "encoding_format": "int8"}, "'float' or 'base64'"),
+    ({"input": "the cat", "model": 7}, "'model' must be a string"),
+    ({"input": "the cat", "temperature": 1}, "unknown field(s) 'temperature'"),
+])
+def test_bad_embedding_requests_are_400_with_message(client, body, message):
+    response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object, got list"),
+])
+def test_malformed_body_is_400(client, content, message):
+    response = client.post("/v1/embeddings", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"query": "the cat", "k": 0}, "'k' must be between 1 and 5"),
+    ({"query": "the cat", "k": 6}, "'k' must be between 1 and 5"),
+    ({"query": "the cat", "k": "3"}, "'k' must be an integer"),
+    ({"query": ""}, "query is empty"),
+    ({"k": 3}, "'query' must be a string, got null"),
+    ({"query": "the cat", "filter": ["lang"]}, "'filter' must be an object"),
+    ({"query": "the cat", "filter": {"color": "red"}}, "filter key 'color' is not a metadata field"),
+    ({"query": "the cat", "filter": {"lang": ["en"]}}, "must be a string, number, boolean or null"),
+    ({"query": "the cat", "hybrid": "yes"}, "'hybrid' must be true or false"),
+    ({"query": "the cat", "top_k": 3}, "unknown field(s) 'top_k'"),
+])
+def test_bad_search_requests_are_400_with_message(client, body, message):
+    response = client.post("/search", json=body)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_rerank_without_cross_encoder_names_the_setting(bundle_dir):
+    with TestClient(create_app(bundle_dir, ServeConfig())) as client:
+        response = client.post("/search", json={"query": "the cat", "rerank": True})
+    assert response.status_code == 400
+    assert "serve.cross_encoder" in response.json()["error"]["message"]
+
+
+# --- auth ----------------------------------------------------------------------------------------------------
+
+def test_api_key_is_enforced(bundle_dir):
+    with TestClient(create_app(bundle_dir, ServeConfig(api_key="s3cret"))) as client:
+        assert client.post("/v1/embeddings", json={"input": "the cat"}).status_code == 401
+        wrong = client.post("/search", json={"query": "the cat"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert "API key" in wrong.json()["error"]["message"]
+        ok = client.post("/v1/embeddings", json={"input": "the cat"}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert client.get("/health").status_code == 200  # liveness probes need no key
+
+
+# --- search --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [{}, {"hybrid": True}])
+def test_search_exact_text_returns_that_doc(client, mode):
+    for doc in DOCS:
+        response = client.post("/search", json={"query": doc_text(doc), "k": 3, **mode})
+        assert response.status_code == 200, response.text
+        hits = response.json()["hits"]
+        assert hits[0]["id"] == doc["_id"], (doc, hits)
+        assert hits[0]["title"] == doc["title"] and hits[0]["text"] == doc["text"]
+    top = client.post("/search", json={"query": doc_text(DOCS[0]), "k": 1}).json()["hits"][0]
+    assert top["score"] == pytest.approx(1.0, abs=1e-4)  # cosine of a text with itself
+    assert top["metadata"] == {"lang": "en", "year": 2020}
+
+
+def test_search_filter_keeps_only_matching_docs(client):
+    exact_en = doc_text(DOCS[0])  # d1 is lang "en": with a "de" filter it must not come back
+    response = client.post("/search", json={"query": exact_en, "k": 5, "filter": {"lang": "de"}})
+    hits = response.json()["hits"]
+    assert {h["id"] for h in hits} == {d["_id"] for d in DOCS if d["lang"] == "de"}
+    both = client.post("/search", json={"query": exact_en, "k": 5, "filter": {"lang": "en", "year": 2021}})
+    assert [h["id"] for h in both.json()["hits"]] == ["d2"]
+    none = client.post("/search", json={"query": exact_en, "k": 5, "filter": {"lang": "xx"}})
+    assert none.status_code == 200 and none.json()["hits"] == []
+    hybrid = client.post("/search", json={"query": exact_en, "k": 5, "filter": {"lang": "fr"}, "hybrid": True})
+    assert {h["id"] for h in hybrid.json()["hits"]} == {"d5", "d7"}
+
+
+def test_search_rerank_reorders_by_cross_encoder(client, cross_encoder_dir):
+    query = "the train to the city"
+    response = client.post("/search", json={"query": query, "k": 3, "rerank": True})
+    assert response.status_code == 200, response.text
+    hits = response.json()["hits"]
+    ce = CrossEncoder(str(cross_encoder_dir), device="cpu")
+    expected = [float(s) for s in ce.predict([(query, f"{h['title']} {h['text']}") for h in hits])]
+    assert [h["score"] for h in hits] == pytest.approx(expected, abs=1e-5)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+
+
+def test_search_without_index_is_404(tiny_model_dir, tmp_path):
+    bundle = build_bundle(tiny_model_dir, None, tmp_path / "bundle", device="cpu")
+    with TestClient(create_app(bundle, ServeConfig())) as client:
+        response = client.post("/search", json={"query": "the cat"})
+        assert response.status_code == 404
+        assert "no index" in response.json()["error"]["message"]
+        assert client.post("/v1/embeddings", json={"input": "the cat"}).status_code == 200
+
+
+# --- config and command line -----------------------------------------------------------------------------------
+
+def test_health_reports_model(client):
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["dim"] == 32 and health["index_size"] == len(DOCS)
+
+
+@pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("port", 70000), ("max_k", 0), ("cache_size", -1),
+                                          ("max_input_tokens", -1)])
+def test_config_validate_names_the_key(field, value):
+    with pytest.raises(ValueError, match=f"serve.{field}"):
+        ServeConfig(**{field: value}).validate()
+
+
+def test_main_help_and_bad_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    assert "--no-microbatch" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["--bundle", "x", "--max-batch-size", "0"])
+    assert done.value.code == 2
+    assert "serve.max_batch_size" in capsys.readouterr().err
+

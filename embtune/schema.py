@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
+from serve.serve_config import ServeConfig
 from train.config import TrainConfig
 
 
@@ -20,5 +21,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     # Set by load_config: the recipe file this came from (not a YAML key).
     source: str | None = field(default=None, init=False, compare=False)

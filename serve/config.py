@@ -11,3 +11,6 @@ class ExportConfig:
 
     out_dir: str = ""  # default: <run_dir>/export
     model_name: str = "embtune-model"
+    index: bool = True  # embed the eval corpus into a FAISS index inside the bundle
+    onnx: bool = False  # also write model/onnx/model.onnx (needs onnx + onnxruntime)
+    onnx_int8: bool = False  # and a dynamic int8-quantized model_qint8.onnx

@@ -1,10 +1,13 @@
-"""Export stage: the fine-tuned model as a bundle a search service can ship.
+"""Export stage: the fine-tuned model as a bundle a search service can ship (``serve.app`` serves it).
 
     <out_dir>/
-      model/          SentenceTransformer(path) loads it
-      model/README.md the model card: metrics table, Matryoshka dims, training config
-      metrics.json    eval/results.json without per-query rows
-      manifest.json   dims, metric, versions, and the hashes of what it was built from
+      model/              SentenceTransformer(path) loads it
+      model/README.md     the model card: metrics table, Matryoshka dims, training config
+      model/onnx/         model.onnx (+ model_qint8.onnx) when export.onnx is true
+      index/corpus.faiss  exact inner-product index of the eval corpus (export.index: true)
+      index/docs.jsonl    one {"_id", "title", "text"} per index row
+      metrics.json        eval/results.json without per-query rows
+      manifest.json       dims, metric, corpus hash, versions
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from data_prep.loaders import load_corpus
 from embtune.config import to_dict
 from embtune.manifest import Stage, versions
 
@@ -83,17 +87,26 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if not force and stage.up_to_date():
         return stage.outputs()
 
+    from serve.bundle import MANIFEST_FILE, build_bundle
+
     results = json.loads(Path(results_file).read_text())
     metrics = {k: v for k, v in results.items() if k != "per_query"}
+    dims = sorted({int(d) for d in results["results"].get("finetuned", {}).get("dims", {})}, reverse=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    shutil.copytree(model_dir, out_dir / "model")
+    docs = None
+    if cfg.export.index:
+        corpus_file = Path(upstream(cfg, "data_prep").get("eval_dataset") or cfg.data.path) / "corpus.jsonl"
+        docs = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(corpus_file, cfg.data.on_error).items()]
+    build_bundle(model_dir, docs, out_dir, dims=dims or None)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    full_dim = results["results"].get("finetuned", {}).get("dim")
-    dims = sorted({int(d) for d in results["results"].get("finetuned", {}).get("dims", {})}, reverse=True)
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
-    manifest = {"dims": dims, "dim": full_dim, "metric": "cosine", "base_model": cfg.train.base_model,
-                "metrics_split": results.get("split"), "versions": versions()}
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    logger.info("exported %s", out_dir)
+    if cfg.export.onnx:
+        from serve.onnx_export import export_onnx
+
+        export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
+    manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions()})
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    logger.info("exported %s (serve it: python -m serve.app --bundle %s)", out_dir, out_dir)
     return stage.finish({"bundle": out_dir})

@@ -100,7 +100,7 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
 
 def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
     header = f"{'model':<14}" + "".join(f"{m:>12}" for m in METRICS)
-    lines = [f"SciFact-style retrieval eval on split '{split}' (percent)", header, "-" * len(header)]
+    lines = [f"retrieval eval on split '{split}' (percent)", header, "-" * len(header)]
     for name, metrics in results.items():
         lines.append(f"{name:<14}" + "".join(f"{100 * metrics[m]:>12.2f}" for m in METRICS))
         for dim, dm in sorted(metrics.get("dims", {}).items(), key=lambda kv: -int(kv[0])):

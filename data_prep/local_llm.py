@@ -104,6 +104,19 @@ def export_hf_folder(cache_dir: str | Path | None = None) -> Path:
     return folder
 
 
+def _die_with_parent() -> None:
+    """Runs in the server's process before exec: on Linux, have the kernel SIGKILL it when its parent dies, so a
+    ``kill -9`` of the pipeline (which skips ``__exit__``) does not leave a model server running. The server keeps
+    no state worth a graceful stop. Note: "parent" is the thread that started it."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: __exit__ still stops the server on a normal exit or an exception
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -153,7 +166,7 @@ class LocalLLMServer:
         logger.info("starting %s (log: %s)", " ".join(command), self._log.name)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads)}
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
+                                        env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready()
         return self
 

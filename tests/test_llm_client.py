@@ -68,7 +68,7 @@ def test_transient_fault_is_retried_until_it_succeeds(fault, tmp_path):
     assert all(result.text and result.error is None for result in run.results)
 
 
-def test_non_retryable_status_fails_at_once(tmp_path, monkeypatch):
+def test_non_retryable_status_fails_at_once(tmp_path):
     with FakeOpenAIServer() as server:
         cfg = fast_cfg(server, endpoint=server.base_url.replace("/v1", "/nope"))  # 404
         run = generate_all(make_requests(2), cfg, tmp_path / "cache.jsonl")

@@ -161,7 +161,7 @@ def stub_retriever(rankings: dict[str, list[int]]):
 
 
 PAIRS = [(0, "q-both"), (1, "q-bm25-only"), (2, "q-dense-only"), (3, "q-neither")]
-BM25 = stub_retriever({"q-both": [0, 5], "q-bm25-only": [9, 1], "q-dense-only": [7, 8, 2], "q-neither": [3 + 1]})
+BM25 = stub_retriever({"q-both": [0, 5], "q-bm25-only": [9, 1], "q-dense-only": [7, 8, 2], "q-neither": [4]})
 DENSE = stub_retriever({"q-both": [4, 0], "q-bm25-only": [5, 6, 7], "q-dense-only": [2], "q-neither": [0, 1, 2]})
 
 

@@ -184,12 +184,12 @@ _CHILD = textwrap.dedent(
 
 
 def test_kill_9_mid_run_then_rerun_loses_nothing_and_repeats_nothing(tmp_path):
-    n = 40
+    n = 60  # 30 waves of 0.1 s: the kill lands well before the child could finish
     cache_path = tmp_path / "cache.jsonl"
     script = tmp_path / "child.py"
     script.write_text(_CHILD)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with FakeOpenAIServer(latency_s=0.05) as server:
+    with FakeOpenAIServer(latency_s=0.1) as server:
         child = subprocess.Popen([sys.executable, str(script), server.base_url, str(cache_path), str(n)], cwd=ROOT,
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60

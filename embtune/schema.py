@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
+from data_prep.llm_config import LLMConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
@@ -17,6 +18,7 @@ class Config:
     seed: int = 42
     data: DataConfig = field(default_factory=DataConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

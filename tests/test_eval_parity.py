@@ -18,14 +18,23 @@ def hand_ndcg10(qrels: dict[str, int], ranked: list[str]) -> float:
     return dcg / idcg if idcg else 0.0
 
 
-@pytest.mark.parametrize("dim", [None, 64])
-def test_faiss_and_pytrec_match_brute_force(tiny_beir, minilm_dir, dim):
+@pytest.fixture(scope="module")
+def encoded(tiny_beir):
+    """MiniLM embeddings of the tiny BEIR test split, computed once for the module."""
+    from embtune.models import resolve_model
+
     data = load_beir(tiny_beir, "test")
-    model = SentenceTransformer(str(minilm_dir), device="cpu")
+    model = SentenceTransformer(resolve_model("minilm"), device="cpu")
     doc_ids = list(data.corpus)
     query_ids = sorted(data.qrels)
     docs = encode(model, [document_text(data.corpus[d]) for d in doc_ids])
     queries = encode(model, [data.queries[q] for q in query_ids])
+    return data, doc_ids, query_ids, docs, queries
+
+
+@pytest.mark.parametrize("dim", [None, 64])
+def test_faiss_and_pytrec_match_brute_force(encoded, dim):
+    data, doc_ids, query_ids, docs, queries = encoded
     if dim:
         docs, queries = truncate(docs, dim), truncate(queries, dim)
         assert np.allclose(np.linalg.norm(docs, axis=1), 1.0, atol=1e-5)
@@ -45,6 +54,7 @@ def test_faiss_and_pytrec_match_brute_force(tiny_beir, minilm_dir, dim):
 def test_minilm_ranks_the_matching_passage_first(minilm_dir):
     """The PyPI-shipped all-MiniLM-L6-v2 loads offline and retrieves sensibly on a hand-made case."""
     model = SentenceTransformer(str(minilm_dir), device="cpu")
+    model.max_seq_length = 64
     docs = ["The mitochondria produce ATP for the cell.", "Paris is the capital of France.",
             "Python lists are mutable sequences."]
     queries = ["What is the powerhouse of the cell?", "Which city is France's capital?", "Can a Python list change?"]

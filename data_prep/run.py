@@ -1,13 +1,20 @@
 """data_prep stage: dataset in, training table out.
 
     load (BEIR / JSONL pairs / datasets on disk / the pydoc demo) -> validate -> carve a dev split
-    -> chunk (optional) -> mine hard negatives -> <run_dir>/data_prep/train_table (a ``datasets`` table)
+    -> chunk (optional) -> [synthesize queries, when data.queries is 'synthetic']
+    -> mine hard negatives -> <run_dir>/data_prep/train_table (a ``datasets`` table)
+
+With ``data.queries: synthetic`` the training queries are written by an LLM for the corpus' passages
+(``data_prep/synthetic.py``); the dataset's own labelled queries are then never trained on: they serve only as
+the dev split (``data.dev_fraction``) and for eval.
 
 Outputs, each named in ``<run_dir>/data_prep/manifest.json``:
 - ``train_table``: columns ``query_id, query, positive_id, positive, negative_1..k, negative_1_id..negative_k_id``;
 - ``eval_dataset``: the BEIR folder eval reads (the input folder itself for BEIR data);
 - ``dev_qrels``: the dev split's qrels (queries carved from the train split), when ``data.dev_fraction > 0``;
-- ``report.json``: what the loader skipped and what mining dropped.
+- ``report.json``: what the loader skipped and what mining dropped;
+- ``synthetic_queries``, ``synthetic_qrels``, ``synthesis_report`` (synthetic queries only): ``synthetic/queries.jsonl``,
+  ``synthetic/qrels/train.tsv`` and the synthesis counts; the LLM answer cache is ``llm_cache.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ def stage_config(cfg) -> dict[str, Any]:
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining)}
     if cfg.chunking.max_tokens:
         section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
+    if cfg.data.queries == "synthetic":
+        # The answers depend on every llm key; the round trip's dense retriever is the base model.
+        section["llm"] = to_dict(cfg.llm)
+        section["round_trip_model"] = cfg.train.base_model
     return section
 
 
@@ -113,13 +124,19 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(dataset.qrels))
 
     corpus = dataset.corpus
+    queries = dataset.queries
     include_title = cfg.mining.include_title
     exclude = None
-    if cfg.chunking.max_tokens:
+    synthesis_report = None
+    if cfg.data.queries == "synthetic":
+        corpus, queries, train_qrels, exclude, synthetic = synthesize_for_training(cfg, corpus, stage.dir)
+        outputs.update(synthetic.files)
+        synthesis_report = synthetic.report
+    elif cfg.chunking.max_tokens:
         corpus, train_qrels, exclude = chunk_for_training(cfg, corpus, train_qrels, dataset.queries)
     doc_texts = {doc_id: document_text(doc, include_title) for doc_id, doc in corpus.items()}
     rows, mining_report = mine_negatives(
-        corpus, dataset.queries, train_qrels, doc_texts,
+        corpus, queries, train_qrels, doc_texts,
         method=cfg.mining.method, num_negatives=cfg.mining.num_negatives if cfg.mining.method != "none" else 0,
         rank_start=cfg.mining.rank_start, rank_end=cfg.mining.rank_end,
         sampling=cfg.mining.sampling, seed=cfg.mining.seed, exclude=exclude,
@@ -132,11 +149,44 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     HFDataset.from_list(rows).save_to_disk(str(table_dir))
     report = {"load": dataset.report.to_dict(), "mining": mining_report.to_dict(),
               "train_queries": len(train_qrels), "dev_queries": len(dev_qrels), "rows": len(rows)}
+    if synthesis_report is not None:
+        report["synthesis"] = synthesis_report
     (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
     logger.info("training table: %d rows, %d negatives each -> %s; mining: %s", len(rows),
                 cfg.mining.num_negatives, table_dir, json.dumps(mining_report.to_dict()))
     outputs.update({"train_table": table_dir, "report": stage.dir / "report.json"})
     return stage.finish(outputs)
+
+
+def synthesize_for_training(cfg, corpus, stage_dir: Path):
+    """Synthetic queries as the training set: (corpus, queries, qrels, exclude, SyntheticQueries).
+
+    Documents longer than ``chunking.max_tokens`` are chunked first, so the LLM sees (and each query is judged
+    against) one chunk; the other chunks of the same document are kept out of that query's negatives.
+    """
+    from data_prep.synthetic import synthesize_corpus
+
+    parent = {doc_id: doc_id for doc_id in corpus}
+    if cfg.chunking.max_tokens:
+        from transformers import AutoTokenizer
+
+        from data_prep.chunking import chunk_corpus
+        from embtune.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+        n_documents = len(corpus)
+        corpus, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
+        logger.info("chunking: %d documents -> %d chunks (max %d tokens, overlap %d)", n_documents, len(corpus),
+                    cfg.chunking.max_tokens, cfg.chunking.overlap)
+    synthetic = synthesize_corpus(cfg, corpus, stage_dir)
+    exclude = None
+    if cfg.chunking.max_tokens:
+        children: dict[str, set[str]] = {}
+        for chunk_id, doc_id in parent.items():
+            children.setdefault(doc_id, set()).add(chunk_id)
+        exclude = {query_id: set().union(*(children[parent[p]] for p in judged))
+                   for query_id, judged in synthetic.qrels.items()}
+    return corpus, synthetic.queries, synthetic.qrels, exclude, synthetic
 
 
 def chunk_for_training(cfg, corpus, qrels, queries):

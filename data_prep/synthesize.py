@@ -334,6 +334,9 @@ def synthesize(doc_ids: list[str], documents: list[str], cfg: LLMConfig, cache_p
     pairs, cleaning = clean_queries(documents, outputs, cfg, cut_off)
     kept, round_trip = round_trip_filter(pairs, cfg.round_trip, cfg.round_trip_k, bm25=bm25, dense=dense)
     rows = [{"query": query, "positive": documents[index], "doc_id": doc_ids[index]} for index, query in kept]
-    report = {"llm": run.stats.to_dict(), "cleaning": cleaning, "round_trip": round_trip}
+    # run.stats counts this call's work; the answers' own token counts (cached ones included) are what the corpus cost.
+    answers = {"prompt_tokens": sum(r.prompt_tokens for r in run.results),
+               "completion_tokens": sum(r.completion_tokens for r in run.results)}
+    report = {"llm": run.stats.to_dict(), "answers": answers, "cleaning": cleaning, "round_trip": round_trip}
     logger.info("synthesis: %s", {**cleaning, "after_round_trip": round_trip["kept"]})
     return SynthesisResult(rows=rows, report=report, failures=failures)

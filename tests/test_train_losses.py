@@ -32,7 +32,7 @@ def loss_and_grads(model, cfg):
     value = loss(features, None)
     value.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return float(value), grads
+    return float(value.detach()), grads
 
 
 @pytest.mark.parametrize("dims", [[], [32, 16]])

@@ -122,6 +122,7 @@ def main() -> None:
         "kill_delay_s": round(delay, 3),
         "checkpoints_on_disk_after_kill": checkpoints,
         "resumed_from": Path(resumed_from.group(1)).name if resumed_from else None,
+        "skipped_checkpoints": re.findall(r"checkpoint (\S+) is not usable: ([^\n]*)", rerun.stderr),
         "max_abs_diff": max_abs_diff,
         "bar": "<= 1e-6",
         "passed": max_abs_diff <= 1e-6,

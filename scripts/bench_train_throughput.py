@@ -106,7 +106,7 @@ def token_lengths(table, seq: int) -> dict[str, np.ndarray]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    return {c: np.minimum(seq, [len(ids) for ids in tokenizer(table[c])["input_ids"]]) for c in COLUMNS}
+    return {c: np.minimum(seq, [len(ids) for ids in tokenizer(list(table[c]))["input_ids"]]) for c in COLUMNS}
 
 
 def batch_tokens(batch: list[int], lengths: dict[str, np.ndarray]) -> tuple[int, int]:

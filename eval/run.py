@@ -153,4 +153,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     payload = {"split": cfg.eval.split, "num_queries": len(query_ids), "num_documents": len(doc_ids),
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
+    from train.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
+
+    log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})

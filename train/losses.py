@@ -20,11 +20,24 @@ def training_columns(tcfg, available: list[str]) -> list[str]:
 
 
 def build_loss(model, tcfg) -> Any:
-    """MNRL (in-batch + mined negatives) or TripletLoss, wrapped in MatryoshkaLoss when dims are set."""
+    """MNRL (in-batch + mined negatives), its GradCache form, or TripletLoss; in MatryoshkaLoss when dims are set.
+
+    ``gather_across_devices`` makes MNRL score each process's queries against the documents of every process
+    (an all-gather with gradients), so the in-batch negatives are the global batch under DDP.
+    MatryoshkaLoss supports the cached losses upstream: it truncates the cached embeddings instead of re-running
+    the model per dim.
+    """
+    from accelerate import PartialState
     from sentence_transformers.sentence_transformer import losses
 
+    gather = tcfg.gather_across_devices and PartialState().num_processes > 1  # one process: nothing to gather
     if tcfg.loss == "mnrl":
-        loss = losses.MultipleNegativesRankingLoss(model, scale=tcfg.mnrl_scale)
+        loss = losses.MultipleNegativesRankingLoss(model, scale=tcfg.mnrl_scale,
+                                                   gather_across_devices=gather)
+    elif tcfg.loss == "cached_mnrl":
+        loss = losses.CachedMultipleNegativesRankingLoss(model, scale=tcfg.mnrl_scale,
+                                                         mini_batch_size=tcfg.mini_batch_size,
+                                                         gather_across_devices=gather)
     elif tcfg.loss == "triplet":
         loss = losses.TripletLoss(model, triplet_margin=tcfg.triplet_margin)
     else:  # the config schema already restricts the names; kept for direct callers

@@ -1,49 +1,42 @@
 """The training recipe: sentence-transformers' trainer on data_prep's table, made distributed by accelerate.
 
-    accelerate launch -m train configs/scifact_supervised.yaml      # CPU, one GPU, many GPUs
+    accelerate launch -m train configs/scifact_supervised.yaml      # CPU, one GPU, many GPUs, many nodes
     python -m train configs/scifact_supervised.yaml                 # same, one process
 
-setup() builds the model, the loss and the trainer from plain config values; train() runs it, resuming from the
-last checkpoint in ``<run_dir>/train/checkpoints`` if one is there; cleanup() saves the final model on the main
-process and writes the stage manifest.
+setup() builds the model, the loss, the batch sampler and the trainer from plain config values; train() runs it,
+resuming from the newest complete checkpoint in ``<run_dir>/train/checkpoints-<fingerprint>`` if there is one;
+cleanup() saves the final model on the main process, logs it to wandb, and writes the stage manifest.
+
+Under N processes each takes ``train.batch_size`` rows per step (the global batch is N x batch_size); with
+``train.gather_across_devices`` the loss scores every query against all N x batch_size documents. Checkpoints,
+the final model and the dev evaluator run on the main process only (the evaluator's encoding is shared
+across processes by sentence-transformers).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from embtune.config import to_dict
 from embtune.manifest import Stage
 from embtune.models import resolve_model
+from train.batching import SeededBatchSampler
+from train.checkpoints import SealCheckpoints, last_checkpoint
 from train.losses import build_loss, training_columns
-from train.tracking import configure_reporting
+from train.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
 
 
 def upstream_table(cfg) -> str:
-    import json
-
     manifest = Path(cfg.run_dir) / "data_prep" / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"no training table: run data_prep first ({manifest} is missing)")
     return json.loads(manifest.read_text())["outputs"]["train_table"]
-
-
-def last_checkpoint(folder: Path) -> str | None:
-    """The newest ``checkpoint-N`` folder that holds a complete trainer state, else None."""
-    if not folder.is_dir():
-        return None
-    checkpoints = sorted(
-        (p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for checkpoint in reversed(checkpoints):
-        if (checkpoint / "trainer_state.json").is_file():
-            return str(checkpoint)
-        logger.warning("checkpoint %s is incomplete (no trainer_state.json); trying an older one", checkpoint)
-    return None
 
 
 class Recipe:
@@ -56,6 +49,7 @@ class Recipe:
         self.table_dir = upstream_table(cfg)
         self.stage = Stage("train", cfg.run_dir, config={"train": cfg.train}, inputs={"train_table": self.table_dir})
         self.trainer = None
+        self.wandb_run = None
         # Checkpoints are keyed by the stage fingerprint, so a changed config never resumes a stale run.
         self.checkpoint_dir = self.stage.dir / f"checkpoints-{self.stage.fingerprint()}"
 
@@ -82,6 +76,12 @@ class Recipe:
         train_dataset = table.select_columns(columns)
         logger.info("training on %d rows, columns %s", len(train_dataset), columns)
 
+        if t.group_by_length:
+            batch_sampler = partial(SeededBatchSampler, group_by_length=True, avoid_duplicates=t.no_duplicates)
+        else:
+            batch_sampler = BatchSamplers.NO_DUPLICATES if t.no_duplicates else BatchSamplers.BATCH_SAMPLER
+        evaluator = self.dev_evaluator() if t.eval_steps else None
+
         report_to = configure_reporting(t, self.stage.dir)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(self.checkpoint_dir),
@@ -97,7 +97,10 @@ class Recipe:
             bf16=t.bf16,
             fp16=t.fp16,
             use_cpu=t.use_cpu,
-            batch_sampler=BatchSamplers.NO_DUPLICATES if t.no_duplicates else BatchSamplers.BATCH_SAMPLER,
+            batch_sampler=batch_sampler,
+            torch_compile=t.torch_compile,
+            eval_strategy="steps" if evaluator else "no",
+            eval_steps=t.eval_steps or None,
             save_strategy="steps" if t.save_steps else "epoch",
             save_steps=t.save_steps or 500,
             save_total_limit=t.save_total_limit,
@@ -109,9 +112,34 @@ class Recipe:
             dataloader_drop_last=False,
             disable_tqdm=False,
         )
+        if args.process_index == 0 and "wandb" in report_to:
+            # Started before the trainer so its WandbCallback logs the curves into this run, which also holds
+            # the whole resolved config and the data lineage. The id follows the fingerprint: a resumed run
+            # continues the same wandb run.
+            self.wandb_run = start_run(self.cfg, self.stage.dir, "train", run_id=f"train-{self.stage.fingerprint()}",
+                                       config=to_dict(self.cfg))
+            log_data_lineage(self.wandb_run, Path(self.cfg.run_dir) / "data_prep" / "manifest.json")
         self.trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=train_dataset, loss=build_loss(model, t)
+            model=model, args=args, train_dataset=train_dataset, loss=build_loss(model, t), evaluator=evaluator,
+            callbacks=[SealCheckpoints()],
         )
+
+    def dev_evaluator(self):
+        """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""
+        from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+        from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        if "dev_qrels" not in outputs:
+            raise ValueError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep")
+        folder = Path(outputs["eval_dataset"])
+        corpus = load_corpus(folder / "corpus.jsonl", self.cfg.data.on_error)
+        queries = load_queries(folder / "queries.jsonl", self.cfg.data.on_error)
+        qrels = load_qrels(outputs["dev_qrels"], corpus, queries, self.cfg.data.on_error)
+        return InformationRetrievalEvaluator(
+            queries={q: queries[q] for q in qrels}, corpus={d: document_text(doc) for d, doc in corpus.items()},
+            relevant_docs={q: set(docs) for q, docs in qrels.items()}, name="dev", show_progress_bar=False,
+            mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[10, 100], map_at_k=[100])
 
     def train(self) -> None:
         resume = last_checkpoint(self.checkpoint_dir)
@@ -124,8 +152,20 @@ class Recipe:
         if not self.trainer.is_world_process_zero():
             return {}
         self.trainer.model.save(str(model_dir))
-        history = [row for row in self.trainer.state.log_history]
-        return self.stage.finish({"model": model_dir}, extra={"log_history": history})
+        args = self.trainer.args
+        extra = {"log_history": list(self.trainer.state.log_history), "world_size": args.world_size,
+                 "global_batch_size": args.per_device_train_batch_size * args.world_size
+                 * args.gradient_accumulation_steps}
+        if self.wandb_run is not None:
+            artifact = None
+            if self.tcfg.wandb_log_model:
+                artifact = log_model_artifact(self.wandb_run, model_dir, f"model-{Path(self.cfg.run_dir).resolve().name}",
+                                              {"fingerprint": self.stage.fingerprint(), "base_model": self.tcfg.base_model})
+            extra["wandb"] = {"id": self.wandb_run.id, "project": self.wandb_run.project,
+                              "group": self.wandb_run.group, "dir": str(Path(self.wandb_run.dir).parent),
+                              "model_artifact": artifact}
+            self.wandb_run.finish()
+        return self.stage.finish({"model": model_dir}, extra=extra)
 
 
 def run(cfg, force: bool = False) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
-from train.config import TrainConfig
+from train.config import CrossEncoderConfig, TrainConfig
 
 
 @dataclass
@@ -19,6 +19,7 @@ class Config:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -16,7 +16,7 @@ from typing import Any
 
 from embtune.manifest import Stage
 from embtune.models import resolve_model
-from train.losses import build_loss, training_columns
+from train.losses import build_loss, training_dataset
 from train.tracking import configure_reporting
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,8 @@ class Recipe:
                                     config_kwargs=config_kwargs)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
-        columns = training_columns(t, table.column_names)
-        train_dataset = table.select_columns(columns)
-        logger.info("training on %d rows, columns %s", len(train_dataset), columns)
+        train_dataset = training_dataset(table, t)
+        logger.info("training on %d rows, columns %s", len(train_dataset), train_dataset.column_names)
 
         report_to = configure_reporting(t, self.stage.dir)
         args = SentenceTransformerTrainingArguments(

@@ -32,7 +32,7 @@ def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[s
     model = SentenceTransformer(path, device=None)
     if max_seq_length:
         model.max_seq_length = max_seq_length
-    if not getattr(model, "similarity_fn_name", "cosine") in (None, "cosine"):
+    if getattr(model, "similarity_fn_name", "cosine") not in (None, "cosine"):
         logger.warning("mining model %s scores by %s; guard scores are its raw similarities, not cosine",
                        model_name, model.similarity_fn_name)
     # Same key as eval/run.py: the evaluation of the same model reuses this corpus encoding.

@@ -311,7 +311,9 @@ def mine_negatives(
         positive_ids = set(positives) | (exclude or {}).get(query_id, set())
         positive_hashes = {normalized_hash(doc_texts[d]) for d in positives}
         passed: list[int] = []
-        window = [] if ranking is None or num_negatives == 0 else [int(i) for i in ranking.indices[qi][rank_start:rank_end] if i >= 0]
+        window = []
+        if ranking is not None and num_negatives > 0:
+            window = [int(i) for i in ranking.indices[qi][rank_start:rank_end] if i >= 0]
         window_sizes.append(len(window))
         if window:
             scores = ranking.scores[qi][rank_start:rank_start + len(window)]

@@ -145,7 +145,8 @@ def test_margin_and_max_score_guards_drop_and_count():
             pos = doc_ids.index(f"d{qi}")
             pos_score = float(doc_emb[pos] @ query_emb[qi])
             for index, score in zip(ranking.indices[qi], ranking.scores[qi]):
-                if doc_ids[index] == f"d{qi}" or normalized_hash(texts[doc_ids[index]]) == normalized_hash(texts[f"d{qi}"]):
+                same_text = normalized_hash(texts[doc_ids[index]]) == normalized_hash(texts[f"d{qi}"])
+                if doc_ids[index] == f"d{qi}" or same_text:
                     continue
                 bad = score >= pos_score * 0.9 if name == "margin" else score > 0.3
                 expected += bad
@@ -213,7 +214,8 @@ def test_stage_with_bad_input_finishes_and_reports(tmp_path):
     qrels["qx"] = {"d9": 1}
     write_beir(tmp_path / "beir", corpus, queries, qrels)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'beir'}", "mining.num_negatives=2",
-                             "mining.rank_end=5", "mining.margin=0.0", "mining.on_short=drop", "mining.include_title=false"])
+                             "mining.rank_end=5", "mining.margin=0.0", "mining.on_short=drop",
+                             "mining.include_title=false"])
     outputs = run(cfg)
     report = json.loads(open(outputs["mining_report"]).read())
     # qx matches no document: every candidate scores 0 >= its positive's 0, so the margin guard empties its window

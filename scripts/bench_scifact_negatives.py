@@ -148,6 +148,7 @@ def main() -> int:
                         help="run data_prep only, per method of --cells, and record the mining reports")
     parser.add_argument("--audit-all", action="store_true", help="set mining.teacher in MNRL cells too (for the audit)")
     parser.add_argument("--teacher-overrides", default="", help="space-separated overrides for the teacher recipe")
+    parser.add_argument("--note", default="", help="free text stored with this invocation's command (e.g. why a subset)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell")
     args = parser.parse_args()
     args.teacher_overrides = shlex.split(args.teacher_overrides)
@@ -164,7 +165,7 @@ def main() -> int:
                 "machine": machine(), "versions": versions()})
     out.setdefault("cells", {})
     out.setdefault("commands", [])
-    out["commands"].append(command)
+    out["commands"].append({"command": command, "note": args.note} if args.note else command)
 
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",") if c]
     if args.mining_only:

@@ -56,9 +56,14 @@ class ChunkingConfig:
 
 @dataclass
 class MiningConfig:
-    """Hard-negative mining (rank-bm25 is the reference implementation)."""
+    """Hard-negative mining: retrieve candidates, apply false-negative guards, pick negatives (see docs/mining.md).
 
-    method: Literal["bm25", "random", "none"] = "bm25"
+    Guard scores are the retriever's own: BM25 scores for ``bm25``, cosine similarity for ``dense`` and for
+    ``hybrid`` (a fused RRF score is rank-based and a min-max normalized one depends on the candidate list, so
+    neither can be compared with a positive's score). ``random`` draws guarded documents uniformly.
+    """
+
+    method: Literal["bm25", "dense", "hybrid", "random", "none"] = "bm25"
     num_negatives: int = 1
     # 0-based rank window [rank_start, rank_end) over the retriever's ranking that negatives are drawn from.
     rank_start: int = 0
@@ -67,9 +72,63 @@ class MiningConfig:
     # Title + text is what is indexed for BM25 and what the model sees as a document.
     include_title: bool = True
     seed: int = 42
+    # A query whose window runs short: fill with random guarded documents (counted), or drop the query (counted).
+    on_short: Literal["random", "drop"] = "random"
+
+    # BM25: "fast" is data_prep.fast_bm25 (exact rank-bm25 scores); "rank_bm25" is the reference implementation.
+    bm25_backend: Literal["fast", "rank_bm25"] = "fast"
+    bm25_lowercase: bool = True
+    bm25_token_pattern: str = r"\w+"  # "" splits on whitespace
+    bm25_stopwords: str = ""  # "" or "english"
+    bm25_stemmer: str = ""  # "" or a PyStemmer language, e.g. "english"
+
+    # Dense: the encoder ("" = train.base_model), embeddings cached on disk by model and corpus hash.
+    model: str = ""
+    batch_size: int = 64
+    max_seq_length: int = 0  # 0 = the model's own
+    faiss_index: Literal["flat", "ivf"] = "flat"
+    ivf_nlist: int = 0  # 0 = 4 * sqrt(documents)
+    ivf_nprobe: int = 16
+
+    # Hybrid: each retriever returns candidate_depth documents (0 = rank_end), fused by RRF or normalized scores.
+    fusion: Literal["rrf", "weighted"] = "rrf"
+    rrf_k: int = 60
+    bm25_weight: float = 0.5
+    dense_weight: float = 0.5
+    candidate_depth: int = 0
+
+    # False-negative guards (None = off). A candidate is dropped when score >= positive score * (1 - margin),
+    # or when score > max_score.
+    margin: float | None = None
+    max_score: float | None = None
+
+    # Teacher: a CrossEncoder (folder or hub name) scoring (query, positive) and (query, negative_i); adds the
+    # columns score_positive, score_negative_1..k. Its guards drop a candidate whose teacher score is
+    # > teacher score of the positive - teacher_margin, or > teacher_max_score.
+    teacher: str = ""
+    teacher_batch_size: int = 32
+    teacher_max_length: int = 512
+    teacher_margin: float | None = None
+    teacher_max_score: float | None = None
+    # Audit: this many kept negatives (seeded sample) are compared with their positive under the teacher.
+    audit_size: int = 200
+    audit_threshold: float | None = None  # also count audited negatives whose teacher score is >= this
 
     def validate(self) -> None:
         if self.num_negatives < 0:
             raise ValueError("mining.num_negatives must be >= 0")
         if not 0 <= self.rank_start < self.rank_end:
             raise ValueError("mining.rank_start must be >= 0 and < mining.rank_end")
+        if self.bm25_stopwords not in ("", "english"):
+            raise ValueError(f"mining.bm25_stopwords must be '' or 'english', got {self.bm25_stopwords!r}")
+        if self.margin is not None and not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"mining.margin must be in [0, 1) (or null to turn it off), got {self.margin}")
+        if self.method == "hybrid" and (self.bm25_weight < 0 or self.dense_weight < 0
+                                        or self.bm25_weight + self.dense_weight <= 0):
+            raise ValueError("mining.bm25_weight and mining.dense_weight must be >= 0 and not both 0")
+        if self.candidate_depth and self.candidate_depth < self.rank_end:
+            raise ValueError("mining.candidate_depth must be 0 or >= mining.rank_end")
+        if (self.teacher_margin is not None or self.teacher_max_score is not None) and not self.teacher:
+            raise ValueError("mining.teacher_margin / mining.teacher_max_score need mining.teacher to be set")
+        if self.ivf_nprobe < 1 or self.ivf_nlist < 0:
+            raise ValueError("mining.ivf_nprobe must be >= 1 and mining.ivf_nlist >= 0")

@@ -1,7 +1,21 @@
-"""Hard-negative mining: rank the corpus for each training query, then pick negatives inside a rank window.
+"""Hard-negative mining: rank the corpus for each training query, guard against false negatives, pick negatives.
 
-Guards that always apply: a positive is never a negative, nor is any document whose normalized text equals a
-positive's (a duplicate passage under another id is a false negative). What was excluded is counted.
+    retrieve (BM25 | dense | hybrid = both fused) -> rank window -> guards -> sample (top | random)
+    -> fill or drop queries left short -> teacher scores (optional) -> rows + report
+
+Guards, in the order they apply to each candidate in the window (each drop is counted under its name):
+
+- ``empty_document``: a document with no text is never a negative;
+- ``positive``: a judged positive (or a document ``exclude`` names, e.g. a positive's sibling chunk);
+- ``duplicate_of_positive``: the same normalized text as a positive (a duplicate passage under another id);
+- ``duplicate_negative``: the same normalized text as a negative already kept for the query;
+- ``max_score``: retriever score above ``Guards.max_score``;
+- ``margin``: retriever score >= (lowest positive score) * (1 - ``Guards.margin``);
+- ``teacher_max_score`` / ``teacher_margin``: the same, with the cross-encoder teacher's logits (additive margin).
+
+Guard scores are the retriever's own: BM25 scores for BM25, cosine for dense, and cosine for hybrid too (an RRF
+score is rank-based and a min-max normalized score depends on the candidate list, so neither can be compared with
+a positive's score across lists). With several positives, a candidate is compared with the lowest-scoring one.
 """
 
 from __future__ import annotations
@@ -12,10 +26,12 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +39,7 @@ _TOKEN = re.compile(r"\w+", re.UNICODE)
 
 
 def simple_tokenize(text: str) -> list[str]:
-    """Lowercased word tokens: the tokenization rank-bm25 is run with here."""
+    """Lowercased word tokens: the default BM25 tokenization (``BM25Tokenizer(token_pattern=r"\\w+")``)."""
     return _TOKEN.findall(text.lower())
 
 
@@ -35,18 +51,125 @@ def normalized_hash(text: str) -> str:
 def bm25_rankings(doc_texts: list[str], query_texts: list[str], depth: int) -> np.ndarray:
     """Top-``depth`` document indices per query under rank-bm25's BM25Okapi (the reference implementation).
 
-    Ties are broken by document index so the ranking is deterministic.
+    Ties are broken by document index (``fast_bm25.rank_order``), so the ranking is deterministic and equal to
+    ``FastBM25.search`` with the same tokens.
     """
     from rank_bm25 import BM25Okapi
 
     bm25 = BM25Okapi([simple_tokenize(t) for t in doc_texts])
-    depth = min(depth, len(doc_texts))
-    order = np.arange(len(doc_texts))
-    out = np.empty((len(query_texts), depth), dtype=np.int64)
-    for i, query in enumerate(tqdm(query_texts, desc="BM25 (rank-bm25)", unit="q", mininterval=2)):
-        scores = bm25.get_scores(simple_tokenize(query))
-        out[i] = np.lexsort((order, -scores))[:depth]  # score desc, then index asc
-    return out
+    indices, _ = top_k_rank_bm25(bm25, [simple_tokenize(q) for q in query_texts], depth)
+    return indices
+
+
+@dataclass
+class Ranking:
+    """Candidates per query from a retriever (or a fusion of two), with the scores the guards compare.
+
+    ``indices``/``scores`` are (n_queries, depth), best first (index -1 = no document, e.g. a short IVF list);
+    ``score_docs(query_row, doc_indices)`` gives the guard score of any document, e.g. of a positive that the
+    retriever did not rank.
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+    score_docs: Callable[[int, np.ndarray], np.ndarray]
+    score_name: str
+
+
+def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backend: str = "fast",
+                 tokenizer: BM25Tokenizer | None = None) -> Ranking:
+    """BM25Okapi candidates: ``fast`` (FastBM25, exact) or ``rank_bm25`` (the reference, a Python loop per query)."""
+    tokenizer = tokenizer or BM25Tokenizer(token_pattern=r"\w+")
+    query_tokens = list(tokenizer.tokenize_many(query_texts))
+    if backend == "fast":
+        index = FastBM25(tokenizer.tokenize_many(doc_texts))
+        indices, scores = index.search(query_tokens, k=depth)
+        weights = index.weights  # (vocab, docs) CSR with sorted column indices per term
+
+        def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
+            # Sum of each query term's weight in each document (rank-bm25's get_batch_scores, without a full row).
+            out = np.zeros(len(docs))
+            for token in query_tokens[row]:
+                term = index.vocab.get(token)
+                if term is None:
+                    continue
+                lo, hi = weights.indptr[term], weights.indptr[term + 1]
+                cols = weights.indices[lo:hi]
+                pos = np.searchsorted(cols, docs)
+                hit = (pos < len(cols)) & (cols[np.minimum(pos, len(cols) - 1)] == docs)
+                out[hit] += weights.data[lo:hi][pos[hit]]
+            return out
+    elif backend == "rank_bm25":
+        from rank_bm25 import BM25Okapi
+
+        bm25 = BM25Okapi(list(tokenizer.tokenize_many(doc_texts)))
+        indices, scores = top_k_rank_bm25(bm25, query_tokens, depth)
+
+        def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
+            return np.asarray(bm25.get_batch_scores(query_tokens[row], [int(d) for d in docs]), dtype=np.float64)
+    else:
+        raise ValueError(f"mining.bm25_backend must be 'fast' or 'rank_bm25', got {backend!r}")
+    return Ranking(indices, scores, score_docs, "bm25")
+
+
+def dense_ranking(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int, index: str = "flat", nlist: int = 0,
+                  nprobe: int = 16) -> Ranking:
+    """Dense candidates from FAISS (``data_prep.dense.search``); guard score = inner product (cosine if normalized)."""
+    from data_prep.dense import search
+
+    indices, scores = search(doc_emb, query_emb, depth, index=index, nlist=nlist, nprobe=nprobe)
+
+    def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
+        return (doc_emb[docs] @ query_emb[row]).astype(np.float64)  # (len(docs),)
+
+    return Ranking(indices, scores, score_docs, "cosine")
+
+
+def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: int = 60,
+         bm25_weight: float = 0.5, dense_weight: float = 0.5) -> Ranking:
+    """Hybrid candidates: the union of both lists, ordered by a fused score; guard scores are the dense ones.
+
+    - ``rrf``: sum over retrievers of ``weight / (rrf_k + rank)`` (rank 1-based; absent from a list adds 0);
+    - ``weighted``: each retriever's scores over the union, min-max normalized per query, then the weighted sum
+      (a document outside one retriever's list is scored exactly by that retriever, not set to 0).
+    Ties are broken by document index.
+    """
+    n_queries = bm25.indices.shape[0]
+    out_indices = np.full((n_queries, depth), -1, dtype=np.int64)
+    out_scores = np.full((n_queries, depth), -np.inf)
+    for row in range(n_queries):
+        lists = [(bm25, bm25_weight), (dense, dense_weight)]
+        union = np.unique(np.concatenate([r.indices[row][r.indices[row] >= 0] for r, _ in lists]))
+        fused = np.zeros(len(union))
+        for ranking, weight in lists:
+            if fusion == "rrf":
+                ranked = ranking.indices[row][ranking.indices[row] >= 0]
+                rank_of = {int(d): r for r, d in enumerate(ranked, start=1)}
+                fused += np.array([weight / (rrf_k + rank_of[int(d)]) if int(d) in rank_of else 0.0 for d in union])
+            elif fusion == "weighted":
+                scores = ranking.score_docs(row, union)
+                span = scores.max() - scores.min() if len(scores) else 0.0
+                fused += weight * ((scores - scores.min()) / span if span > 0 else np.zeros_like(scores))
+            else:
+                raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
+        top = rank_order(fused, union, depth)
+        out_indices[row, :len(top)] = union[top]
+        out_scores[row, :len(top)] = dense.score_docs(row, union[top])
+    return Ranking(out_indices, out_scores, dense.score_docs, f"cosine ({fusion} fusion order)")
+
+
+@dataclass
+class Guards:
+    """False-negative guards beyond the always-on ones (None = off); see the module docstring."""
+
+    margin: float | None = None
+    max_score: float | None = None
+    teacher_margin: float | None = None
+    teacher_max_score: float | None = None
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.teacher_margin is not None or self.teacher_max_score is not None
 
 
 @dataclass
@@ -57,59 +180,73 @@ class MiningReport:
     dropped: Counter = field(default_factory=Counter)
     filled_random: int = 0
     short_queries: int = 0
+    dropped_queries: int = 0
+    empty_documents: int = 0
+    duplicate_documents: int = 0
+    score_name: str = ""
+    per_query: list[dict[str, Any]] = field(default_factory=list)
+    audit: dict[str, Any] | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
+    def candidate_stats(self) -> dict[str, float]:
+        """Summary over queries of how many window candidates passed the guards."""
+        passed = np.array([q["passed"] for q in self.per_query] or [0])
+        return {"min": int(passed.min()), "p10": float(np.percentile(passed, 10)),
+                "median": float(np.median(passed)), "mean": round(float(passed.mean()), 2), "max": int(passed.max())}
+
+    def to_dict(self, per_query: bool = False) -> dict[str, Any]:
+        out = {
             "queries": self.queries,
             "pairs": self.pairs,
             "candidates": self.candidates,
             "dropped": dict(self.dropped),
             "pairs_filled_with_random": self.filled_random,
             "queries_short_of_negatives": self.short_queries,
+            "queries_dropped": self.dropped_queries,
+            "empty_documents": self.empty_documents,
+            "duplicate_documents": self.duplicate_documents,
+            "guard_score": self.score_name,
+            "candidates_passing_guards": self.candidate_stats(),
+            "audit": self.audit,
         }
+        if per_query:
+            out["per_query"] = self.per_query
+        return out
 
-
-def select_negatives(
-    ranking: np.ndarray,
-    doc_ids: list[str],
-    positive_ids: set[str],
-    positive_hashes: set[str],
-    doc_hashes: list[str],
-    num_negatives: int,
-    rank_start: int,
-    rank_end: int,
-    sampling: str,
-    rng: random.Random,
-    report: MiningReport,
-) -> list[int]:
-    """Pick ``num_negatives`` document indices from ``ranking[rank_start:rank_end]`` that pass the guards."""
-    candidates = []
-    for index in ranking[rank_start:rank_end]:
-        report.candidates += 1
-        if doc_ids[index] in positive_ids:
-            report.dropped["positive"] += 1
-        elif doc_hashes[index] in positive_hashes:
-            report.dropped["duplicate_of_positive"] += 1
-        else:
-            candidates.append(int(index))
-    if sampling == "random":
-        return rng.sample(candidates, min(num_negatives, len(candidates)))
-    return candidates[:num_negatives]
+    def table(self) -> str:
+        """A small on-screen summary."""
+        stats = self.candidate_stats()
+        lines = [f"mining: {self.queries} queries, {self.pairs} rows, {self.candidates} window candidates "
+                 f"(guard score: {self.score_name or 'n/a'})",
+                 f"  {'guard':<24}{'dropped':>10}"]
+        lines += [f"  {name:<24}{count:>10}" for name, count in sorted(self.dropped.items())]
+        lines.append(f"  candidates passing guards per query: min {stats['min']}, median {stats['median']:g}, "
+                     f"mean {stats['mean']:g}, max {stats['max']}")
+        lines.append(f"  short queries: {self.short_queries} (filled with {self.filled_random} random negatives, "
+                     f"{self.dropped_queries} queries dropped); empty documents: {self.empty_documents}; "
+                     f"duplicate documents: {self.duplicate_documents}")
+        if self.audit:
+            a = self.audit
+            lines.append(f"  teacher audit: {a['sampled']} kept negatives, {a['at_or_above_positive']} score >= their "
+                         f"positive -> estimated false-negative rate {100 * a['estimated_false_negative_rate']:.1f}%")
+        return "\n".join(lines)
 
 
 def _random_negatives(
     count: int, doc_ids: list[str], doc_hashes: list[str], positive_ids: set[str], positive_hashes: set[str],
-    taken: set[int], rng: random.Random,
+    taken: set[int], rng: random.Random, empty: set[int] | None = None,
 ) -> list[int]:
     """Up to ``count`` random document indices that pass the same guards (rejection sampling, bounded tries)."""
     out: list[int] = []
+    taken_hashes = {doc_hashes[i] for i in taken}
     for _ in range(count * 50):
         if len(out) == count:
             break
         index = rng.randrange(len(doc_ids))
-        if (index in taken or doc_ids[index] in positive_ids or doc_hashes[index] in positive_hashes):
+        if (index in taken or doc_ids[index] in positive_ids or doc_hashes[index] in positive_hashes
+                or doc_hashes[index] in taken_hashes or (empty and index in empty)):
             continue
         taken.add(index)
+        taken_hashes.add(doc_hashes[index])
         out.append(index)
     return out
 
@@ -126,47 +263,136 @@ def mine_negatives(
     sampling: str = "top",
     seed: int = 42,
     exclude: dict[str, set[str]] | None = None,
+    ranking: Ranking | None = None,
+    bm25_backend: str = "fast",
+    tokenizer: BM25Tokenizer | None = None,
+    guards: Guards | None = None,
+    teacher=None,
+    on_short: str = "random",
+    audit_size: int = 200,
+    audit_threshold: float | None = None,
 ) -> tuple[list[dict[str, Any]], MiningReport]:
     """One row per (query, positive) with ``num_negatives`` mined negatives.
 
-    Returns rows with keys ``query_id, query, positive_id, positive, negative_i, negative_i_id`` and a report.
-    Queries whose window runs short are filled with random non-positive documents (counted). ``exclude`` names
-    further documents per query that must never be negatives (e.g. the sibling chunks of a positive).
+    Returns rows with keys ``query_id, query, positive_id, positive, negative_i, negative_i_id`` (plus
+    ``score_positive, score_negative_i`` with a ``teacher``, a ``data_prep.teacher.TeacherScorer``) and a report.
+
+    ``ranking`` holds the candidates for the judged queries in qrels order (``candidate_query_ids``); for
+    ``method="bm25"`` without one, BM25 is run here (``bm25_backend``, ``tokenizer``). Queries whose window runs
+    short are filled with random guarded documents (``on_short="random"``, counted) or dropped (``"drop"``,
+    counted). ``exclude`` names further documents per query that must never be negatives.
     """
     rng = random.Random(seed)
+    guards = guards or Guards()
+    if guards.uses_teacher and teacher is None:
+        raise ValueError("teacher guards (mining.teacher_margin / teacher_max_score) need mining.teacher")
     doc_ids = list(corpus)
     texts = [doc_texts[d] for d in doc_ids]
     doc_hashes = [normalized_hash(t) for t in texts]
-    query_ids = [q for q in qrels if any(r > 0 for r in qrels[q].values())]
-    report = MiningReport(queries=len(query_ids))
+    empty = {i for i, t in enumerate(texts) if not t.strip()}
+    index_of = {d: i for i, d in enumerate(doc_ids)}
+    query_ids = candidate_query_ids(qrels)
+    distinct = {h for i, h in enumerate(doc_hashes) if i not in empty}
+    report = MiningReport(queries=len(query_ids), empty_documents=len(empty),
+                          duplicate_documents=len(doc_hashes) - len(empty) - len(distinct))
+    if empty:
+        logger.warning("mining: %d empty documents are never negatives", len(empty))
 
-    rankings = None
-    if method == "bm25" and num_negatives > 0:
-        rankings = bm25_rankings(texts, [queries[q] for q in query_ids], depth=rank_end)
+    if ranking is None and method == "bm25" and num_negatives > 0:
+        ranking = bm25_ranking(texts, [queries[q] for q in query_ids], rank_end, bm25_backend, tokenizer)
+    if ranking is not None:
+        report.score_name = ranking.score_name
 
+    # 1. Window candidates through the retriever-score guards.
+    passed_per_query: list[list[int]] = []
+    window_sizes: list[int] = []
+    for qi, query_id in enumerate(query_ids):
+        positives = [d for d, r in qrels[query_id].items() if r > 0]
+        positive_ids = set(positives) | (exclude or {}).get(query_id, set())
+        positive_hashes = {normalized_hash(doc_texts[d]) for d in positives}
+        passed: list[int] = []
+        window = []
+        if ranking is not None and num_negatives > 0:
+            window = [int(i) for i in ranking.indices[qi][rank_start:rank_end] if i >= 0]
+        window_sizes.append(len(window))
+        if window:
+            scores = ranking.scores[qi][rank_start:rank_start + len(window)]
+            positive_score = None
+            if guards.margin is not None:
+                positive_score = float(ranking.score_docs(qi, np.array([index_of[d] for d in positives])).min())
+            kept_hashes: set[str] = set()
+            for index, score in zip(window, scores):
+                report.candidates += 1
+                if index in empty:
+                    report.dropped["empty_document"] += 1
+                elif doc_ids[index] in positive_ids:
+                    report.dropped["positive"] += 1
+                elif doc_hashes[index] in positive_hashes:
+                    report.dropped["duplicate_of_positive"] += 1
+                elif doc_hashes[index] in kept_hashes:
+                    report.dropped["duplicate_negative"] += 1
+                elif guards.max_score is not None and score > guards.max_score:
+                    report.dropped["max_score"] += 1
+                elif positive_score is not None and score >= positive_score * (1 - guards.margin):
+                    report.dropped["margin"] += 1
+                else:
+                    kept_hashes.add(doc_hashes[index])
+                    passed.append(index)
+        passed_per_query.append(passed)
+
+    # 2. Teacher guards: one batched scoring pass over every surviving candidate and every positive.
+    if guards.uses_teacher:
+        pairs = []
+        for qi, query_id in enumerate(query_ids):
+            positives = [d for d, r in qrels[query_id].items() if r > 0]
+            pairs += [(queries[query_id], doc_texts[d]) for d in positives]
+            pairs += [(queries[query_id], texts[i]) for i in passed_per_query[qi]]
+        scores = iter(teacher.score(pairs))
+        for qi, query_id in enumerate(query_ids):
+            n_pos = sum(1 for r in qrels[query_id].values() if r > 0)
+            positive_score = min(next(scores) for _ in range(n_pos))
+            kept = []
+            for index in passed_per_query[qi]:
+                score = next(scores)
+                if guards.teacher_max_score is not None and score > guards.teacher_max_score:
+                    report.dropped["teacher_max_score"] += 1
+                elif guards.teacher_margin is not None and score > positive_score - guards.teacher_margin:
+                    report.dropped["teacher_margin"] += 1
+                else:
+                    kept.append(index)
+            passed_per_query[qi] = kept
+
+    # 3. Sample, fill or drop short queries, build rows.
     rows = []
     for qi, query_id in enumerate(query_ids):
         positives = [d for d, r in qrels[query_id].items() if r > 0]
         positive_ids = set(positives) | (exclude or {}).get(query_id, set())
         positive_hashes = {normalized_hash(doc_texts[d]) for d in positives}
-        if rankings is not None:
-            chosen = select_negatives(
-                rankings[qi], doc_ids, positive_ids, positive_hashes, doc_hashes,
-                num_negatives, rank_start, rank_end, sampling, rng, report,
-            )
+        passed = passed_per_query[qi]
+        if sampling == "random":
+            chosen = rng.sample(passed, min(num_negatives, len(passed)))
         else:
-            chosen = []
+            chosen = passed[:num_negatives]
+        entry = {"query_id": query_id, "window": window_sizes[qi], "passed": len(passed), "chosen": len(chosen),
+                 "random_fill": 0, "dropped": False}
         if len(chosen) < num_negatives:
-            if method == "bm25":
+            retrieved = ranking is not None
+            if retrieved:
                 report.short_queries += 1
-            extra = _random_negatives(num_negatives - len(chosen), doc_ids, doc_hashes, positive_ids,
-                                      positive_hashes, set(chosen), rng)
-            if extra and method == "bm25":
-                report.filled_random += len(extra)
-            chosen += extra
+            if on_short == "random" or not retrieved:
+                extra = _random_negatives(num_negatives - len(chosen), doc_ids, doc_hashes, positive_ids,
+                                          positive_hashes, set(chosen), rng, empty)
+                if retrieved:
+                    report.filled_random += len(extra)
+                    entry["random_fill"] = len(extra)
+                chosen += extra
         if len(chosen) < num_negatives:
+            report.dropped_queries += 1
             report.dropped["query_without_enough_negatives"] += 1
+            entry["dropped"] = True
+            report.per_query.append(entry)
             continue
+        report.per_query.append(entry)
         for positive_id in positives:
             row = {"query_id": query_id, "query": queries[query_id],
                    "positive_id": positive_id, "positive": doc_texts[positive_id]}
@@ -175,4 +401,45 @@ def mine_negatives(
                 row[f"negative_{n}_id"] = doc_ids[index]
             rows.append(row)
     report.pairs = len(rows)
+
+    if teacher is not None and rows:
+        add_teacher_scores(rows, teacher, num_negatives)
+        report.audit = audit(rows, num_negatives, audit_size, audit_threshold, seed,
+                             teacher_guard=guards.uses_teacher)
     return rows, report
+
+
+def candidate_query_ids(qrels: dict[str, dict[str, int]]) -> list[str]:
+    """The queries that get rows (those with a positive judgement), in qrels order: the rows of a ``Ranking``."""
+    return [q for q in qrels if any(r > 0 for r in qrels[q].values())]
+
+
+def add_teacher_scores(rows: list[dict[str, Any]], teacher, num_negatives: int) -> None:
+    """Add ``score_positive`` and ``score_negative_1..k`` (teacher logits) to each row, in one batched pass."""
+    pairs = []
+    for row in rows:
+        pairs.append((row["query"], row["positive"]))
+        pairs += [(row["query"], row[f"negative_{n}"]) for n in range(1, num_negatives + 1)]
+    scores = teacher.score(pairs).reshape(len(rows), num_negatives + 1)  # (rows, 1 + k)
+    for row, row_scores in zip(rows, scores):
+        row["score_positive"] = float(row_scores[0])
+        for n in range(1, num_negatives + 1):
+            row[f"score_negative_{n}"] = float(row_scores[n])
+
+
+def audit(rows: list[dict[str, Any]], num_negatives: int, size: int, threshold: float | None, seed: int,
+          teacher_guard: bool) -> dict[str, Any]:
+    """Estimate the false-negative rate of the kept negatives: a seeded sample of (row, negative), each compared
+    with its row's positive under the teacher. A negative the teacher scores >= the positive is counted as a likely
+    false negative (an unjudged relevant document)."""
+    everything = [(r, n) for r in range(len(rows)) for n in range(1, num_negatives + 1)]
+    sample = random.Random(seed).sample(everything, min(size, len(everything)))
+    above_positive = sum(rows[r][f"score_negative_{n}"] >= rows[r]["score_positive"] for r, n in sample)
+    out = {"sampled": len(sample), "at_or_above_positive": int(above_positive),
+           "estimated_false_negative_rate": round(above_positive / len(sample), 4) if sample else 0.0,
+           "threshold": threshold, "teacher_guard_applied": teacher_guard}
+    if threshold is not None:
+        out["at_or_above_threshold"] = int(sum(rows[r][f"score_negative_{n}"] >= threshold for r, n in sample))
+    if teacher_guard:
+        out["note"] = "teacher guards were on, so kept negatives already pass the teacher margin/ceiling"
+    return out

@@ -12,7 +12,8 @@ Outputs, each named in ``<run_dir>/data_prep/manifest.json``:
 - ``train_table``: columns ``query_id, query, positive_id, positive, negative_1..k, negative_1_id..negative_k_id``;
 - ``eval_dataset``: the BEIR folder eval reads (the input folder itself for BEIR data);
 - ``dev_qrels``: the dev split's qrels (queries carved from the train split), when ``data.dev_fraction > 0``;
-- ``report.json``: what the loader skipped and what mining dropped;
+- ``report.json``: what the loader skipped and what mining dropped (summary);
+- ``mining_report.json``: the mining report with per-query candidate counts and the teacher audit;
 - ``synthetic_queries``, ``synthetic_qrels``, ``synthesis_report`` (synthetic queries only): ``synthetic/queries.jsonl``,
   ``synthetic/qrels/train.tsv`` and the synthesis counts; the LLM answer cache is ``llm_cache.jsonl``.
 """
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.loaders import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
-from data_prep.mining import mine_negatives
+from data_prep.fast_bm25 import BM25Tokenizer
+from data_prep.mining import (Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse,
+                              mine_negatives)
 from embtune.manifest import Stage
 
 logger = logging.getLogger(__name__)
@@ -37,6 +40,8 @@ def stage_config(cfg) -> dict[str, Any]:
     from embtune.config import to_dict
 
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining)}
+    if cfg.mining.method in ("dense", "hybrid"):
+        section["mining_model"] = cfg.mining.model or cfg.train.base_model
     if cfg.chunking.max_tokens:
         section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
     if cfg.data.queries == "synthetic":
@@ -47,6 +52,16 @@ def stage_config(cfg) -> dict[str, Any]:
 
 
 def input_files(cfg) -> dict[str, str]:
+    files = data_files(cfg)
+    # A local teacher or mining model is an input too: retraining it in place must rerun mining.
+    if cfg.mining.teacher and Path(cfg.mining.teacher).exists():
+        files["teacher"] = cfg.mining.teacher
+    if cfg.mining.method in ("dense", "hybrid") and cfg.mining.model and Path(cfg.mining.model).exists():
+        files["mining_model"] = cfg.mining.model
+    return files
+
+
+def data_files(cfg) -> dict[str, str]:
     data = cfg.data
     if data.format == "beir":
         folder = Path(data.path)
@@ -135,14 +150,26 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     elif cfg.chunking.max_tokens:
         corpus, train_qrels, exclude = chunk_for_training(cfg, corpus, train_qrels, dataset.queries)
     doc_texts = {doc_id: document_text(doc, include_title) for doc_id, doc in corpus.items()}
+    m = cfg.mining
+    num_negatives = m.num_negatives if m.method != "none" else 0
+    ranking = build_ranking(cfg, corpus, doc_texts, queries, train_qrels) if num_negatives else None
+    teacher = None
+    if m.teacher:
+        from data_prep.teacher import TeacherScorer
+
+        teacher = TeacherScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
     rows, mining_report = mine_negatives(
         corpus, queries, train_qrels, doc_texts,
-        method=cfg.mining.method, num_negatives=cfg.mining.num_negatives if cfg.mining.method != "none" else 0,
-        rank_start=cfg.mining.rank_start, rank_end=cfg.mining.rank_end,
-        sampling=cfg.mining.sampling, seed=cfg.mining.seed, exclude=exclude,
+        method=m.method, num_negatives=num_negatives, rank_start=m.rank_start, rank_end=m.rank_end,
+        sampling=m.sampling, seed=m.seed, exclude=exclude, ranking=ranking,
+        guards=Guards(margin=m.margin, max_score=m.max_score, teacher_margin=m.teacher_margin,
+                      teacher_max_score=m.teacher_max_score),
+        teacher=teacher, on_short=m.on_short, audit_size=m.audit_size, audit_threshold=m.audit_threshold,
     )
+    (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
+    print(mining_report.table())
     if not rows:
-        raise RuntimeError("data_prep produced no training rows; see the mining report")
+        raise RuntimeError(f"data_prep produced no training rows; see {stage.dir / 'mining_report.json'}")
     from datasets import Dataset as HFDataset
 
     table_dir = stage.dir / "train_table"
@@ -152,9 +179,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if synthesis_report is not None:
         report["synthesis"] = synthesis_report
     (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
-    logger.info("training table: %d rows, %d negatives each -> %s; mining: %s", len(rows),
-                cfg.mining.num_negatives, table_dir, json.dumps(mining_report.to_dict()))
-    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json"})
+    logger.info("training table: %d rows, %d negatives each -> %s", len(rows), num_negatives, table_dir)
+    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
+                    "mining_report": stage.dir / "mining_report.json"})
     return stage.finish(outputs)
 
 
@@ -187,6 +214,34 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
         exclude = {query_id: set().union(*(children[parent[p]] for p in judged))
                    for query_id, judged in synthetic.qrels.items()}
     return corpus, synthetic.queries, synthetic.qrels, exclude, synthetic
+
+
+def bm25_tokenizer(mining) -> BM25Tokenizer:
+    """The BM25 tokenizer the mining section describes (also used by eval's BM25 baseline)."""
+    return BM25Tokenizer(lowercase=mining.bm25_lowercase, token_pattern=mining.bm25_token_pattern or None,
+                         stopwords=mining.bm25_stopwords or None, stemmer=mining.bm25_stemmer or None)
+
+
+def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
+    """Candidates for the judged queries under ``mining.method`` (None for ``random``/``none``)."""
+    m = cfg.mining
+    if m.method not in ("bm25", "dense", "hybrid"):
+        return None
+    texts = [doc_texts[d] for d in corpus]
+    query_texts = [queries[q] for q in candidate_query_ids(qrels)]
+    depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
+    bm25 = dense = None
+    if m.method in ("bm25", "hybrid"):
+        bm25 = bm25_ranking(texts, query_texts, depth, m.bm25_backend, bm25_tokenizer(m))
+    if m.method in ("dense", "hybrid"):
+        from data_prep.dense import encode_for_mining
+
+        doc_emb, query_emb = encode_for_mining(m.model or cfg.train.base_model, texts, query_texts,
+                                               m.batch_size, m.max_seq_length)
+        dense = dense_ranking(doc_emb, query_emb, depth, m.faiss_index, m.ivf_nlist, m.ivf_nprobe)
+    if m.method == "hybrid":
+        return fuse(bm25, dense, m.rank_end, m.fusion, m.rrf_k, m.bm25_weight, m.dense_weight)
+    return bm25 if m.method == "bm25" else dense
 
 
 def chunk_for_training(cfg, corpus, qrels, queries):

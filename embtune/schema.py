@@ -9,7 +9,7 @@ from data_prep.llm_config import LLMConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
-from train.config import TrainConfig
+from train.config import CrossEncoderConfig, TrainConfig
 
 
 @dataclass
@@ -21,6 +21,7 @@ class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)

@@ -74,17 +74,10 @@ def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, indices
 
 
 def bm25_run(doc_ids: list[str], doc_texts: list[str], query_ids: list[str], query_texts: list[str],
-             k: int = 1000) -> dict[str, dict[str, float]]:
-    """BM25 baseline with rank-bm25 (BM25Okapi, lowercase word tokens)."""
-    from rank_bm25 import BM25Okapi
-    from tqdm.auto import tqdm
+             k: int = 1000, backend: str = "fast", tokenizer=None) -> dict[str, dict[str, float]]:
+    """BM25 baseline (BM25Okapi): ``fast`` = data_prep.fast_bm25 (exact rank-bm25 scores), ``rank_bm25`` = the
+    reference. ``tokenizer`` is a ``BM25Tokenizer`` (default: lowercase ``\\w+`` word tokens)."""
+    from data_prep.mining import bm25_ranking
 
-    from data_prep.mining import simple_tokenize
-
-    bm25 = BM25Okapi([simple_tokenize(t) for t in doc_texts])
-    run = {}
-    for qid, text in tqdm(list(zip(query_ids, query_texts)), desc="BM25 eval", unit="q", mininterval=2):
-        scores = bm25.get_scores(simple_tokenize(text))
-        top = np.argsort(-scores, kind="stable")[:k]
-        run[qid] = {doc_ids[j]: float(scores[j]) for j in top}
-    return run
+    ranking = bm25_ranking(doc_texts, query_texts, k, backend=backend, tokenizer=tokenizer)
+    return to_run(query_ids, doc_ids, ranking.scores, ranking.indices)

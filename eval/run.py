@@ -114,7 +114,9 @@ def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
-    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models)},
+    # The BM25 baseline uses mining's BM25 settings (backend, tokenizer), so they are part of this fingerprint.
+    bm25_settings = {k: v for k, v in vars(cfg.mining).items() if k.startswith("bm25_") and k != "bm25_weight"}
+    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": bm25_settings},
                   inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()}})
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
@@ -143,7 +145,11 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         wall[name] = round(time.time() - start, 1)
     if cfg.eval.compare_bm25:
         start = time.time()
-        mean, pq = score_run(qrels, bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k), cfg)
+        from data_prep.run import bm25_tokenizer
+
+        bm25 = bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k,
+                        backend=cfg.mining.bm25_backend, tokenizer=bm25_tokenizer(cfg.mining))
+        mean, pq = score_run(qrels, bm25, cfg)
         results["bm25"], per_query["bm25"] = mean, pq
         wall["bm25"] = round(time.time() - start, 1)
 

@@ -14,8 +14,17 @@ class TrainConfig:
     base_model: str = "minilm"
     # "cached_mnrl" is MNRL through GradCache: the same loss and gradients, computed in chunks of
     # ``mini_batch_size`` rows, so ``batch_size`` (the number of in-batch negatives) no longer sets the memory.
-    loss: Literal["mnrl", "cached_mnrl", "triplet"] = "mnrl"
+    # Distillation losses read the teacher columns data_prep writes with mining.teacher set (score_positive,
+    # score_negative_1..k); "mnrl+margin_mse" / "mnrl+distill_kl" add distill_weight x the distillation loss to MNRL.
+    loss: Literal["mnrl", "cached_mnrl", "triplet", "margin_mse", "distill_kl", "mnrl+margin_mse",
+                  "mnrl+distill_kl"] = "mnrl"
     mini_batch_size: int = 32
+    distill_weight: float = 1.0
+    # MarginMSE label = margin_mse_scale * (teacher(q, pos) - teacher(q, neg_i)): the student's margin is a cosine
+    # difference in [-2, 2], a cross-encoder's logit margin is ~10x larger.
+    margin_mse_scale: float = 0.1
+    # DistillKL: softmax(teacher logits / distill_teacher_temperature) vs softmax(student cosine * mnrl_scale).
+    distill_teacher_temperature: float = 1.0
     # MatryoshkaLoss dims (empty = plain loss). The first must be the model's full dimension.
     matryoshka_dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     triplet_margin: float = 5.0
@@ -65,5 +74,43 @@ class TrainConfig:
             raise ValueError("train.mini_batch_size must be >= 1")
         if self.eval_steps < 0:
             raise ValueError("train.eval_steps must be >= 0")
+        if self.loss.endswith(("margin_mse", "distill_kl")) and self.distill_weight <= 0:
+            raise ValueError("train.distill_weight must be > 0")
+        if self.loss.endswith("distill_kl") and self.num_negatives < 1:
+            raise ValueError("train.loss distill_kl needs train.num_negatives >= 1")
         if self.matryoshka_dims and sorted(self.matryoshka_dims, reverse=True) != self.matryoshka_dims:
             raise ValueError("train.matryoshka_dims must be in decreasing order")
+
+
+@dataclass
+class CrossEncoderConfig:
+    """Training a cross-encoder teacher (``python -m train.cross_encoder CONFIG``) on data_prep's table.
+
+    The model starts from ``base_model`` with a fresh one-logit classification head (a sentence-transformer folder
+    such as ``minilm`` works: its BERT weights are kept). Output: ``<run_dir>/cross_encoder/model``, loadable with
+    ``CrossEncoder(path)`` and usable as ``mining.teacher``.
+    """
+
+    base_model: str = "minilm"
+    # "bce": (query, document) pairs labelled 1/0 from positives and mined negatives (BinaryCrossEntropyLoss);
+    # "mnrl": (query, positive, negative_1..k) with in-batch negatives (cross-encoder MultipleNegativesRankingLoss).
+    loss: Literal["bce", "mnrl"] = "bce"
+    num_negatives: int = 1  # mined negative columns used per row
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 16
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_length: int = 256
+    seed: int = 42
+    logging_steps: int = 10
+    report_to: str = "none"
+    bf16: bool = False
+    use_cpu: bool = False
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError("cross_encoder.batch_size must be >= 1")
+        if self.num_negatives < 1 and self.loss == "bce":
+            raise ValueError("cross_encoder.num_negatives must be >= 1 with loss bce (it needs negative pairs)")

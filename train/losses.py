@@ -1,8 +1,24 @@
-"""Loss construction from config: sentence-transformers' losses, nothing re-implemented."""
+"""Loss construction from config: sentence-transformers' losses, nothing re-implemented.
+
+Distillation (``margin_mse``, ``distill_kl``, and ``mnrl+`` either) reads the teacher columns that data_prep
+writes when ``mining.teacher`` is set; :func:`training_dataset` turns them into the one ``label`` column the
+sentence-transformers collator passes to the loss.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
+
+DISTILL_LOSSES = ("margin_mse", "distill_kl")
+
+
+def distillation_part(loss_name: str) -> str | None:
+    """``"margin_mse"`` for ``"mnrl+margin_mse"`` or ``"margin_mse"``; None for losses without a teacher."""
+    part = loss_name.split("+")[-1]
+    return part if part in DISTILL_LOSSES else None
 
 
 def training_columns(tcfg, available: list[str]) -> list[str]:
@@ -19,8 +35,66 @@ def training_columns(tcfg, available: list[str]) -> list[str]:
     return ["query", "positive", *negatives]
 
 
+def training_dataset(table, tcfg):
+    """The columns the loss reads (:func:`training_columns`), plus a ``label`` column for distillation losses.
+
+    - ``margin_mse``: label = ``margin_mse_scale * (score_positive - score_negative_i)`` for i in 1..k, (k,) per row;
+    - ``distill_kl``: label = ``[score_positive, score_negative_1, ..., score_negative_k]``, (k + 1,) per row.
+    """
+    columns = training_columns(tcfg, table.column_names)
+    part = distillation_part(tcfg.loss)
+    if part is None:
+        return table.select_columns(columns)
+    negatives = columns[2:]
+    score_columns = ["score_positive", *(f"score_{c}" for c in negatives)]
+    missing = [c for c in score_columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"train.loss={tcfg.loss} needs teacher score columns {missing}; the table has none: set "
+                         "mining.teacher (a CrossEncoder folder or hub name) and rerun data_prep")
+
+    def add_label(batch: dict[str, list]) -> dict[str, list]:
+        positive = batch["score_positive"]
+        if part == "margin_mse":
+            labels = [[tcfg.margin_mse_scale * (positive[i] - batch[f"score_{c}"][i]) for c in negatives]
+                      for i in range(len(positive))]
+        else:
+            labels = [[positive[i], *(batch[f"score_{c}"][i] for c in negatives)] for i in range(len(positive))]
+        return {"label": labels}
+
+    dataset = table.select_columns(columns + score_columns)
+    return dataset.map(add_label, batched=True, remove_columns=score_columns, desc="teacher labels")
+
+
+class WeightedLossSum(nn.Module):
+    """``sum_i weight_i * loss_i`` on one batch, with the columns embedded once.
+
+    sentence-transformers trains several losses only as one loss per dataset (a dict of losses keyed by dataset
+    name); it has no sum of losses over the same rows. Each part must implement
+    ``compute_loss_from_embeddings(embeddings, labels)`` (MNRL ignores the labels; MarginMSE/DistillKL read them).
+    Returns a tensor, not a dict of components, so that MatryoshkaLoss can wrap it.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        parts: (loss, weight) pairs.
+    """
+
+    def __init__(self, model, parts: list[tuple[nn.Module, float]]) -> None:
+        super().__init__()
+        self.model = model
+        self.parts = nn.ModuleList(loss for loss, _ in parts)
+        self.weights = [weight for _, weight in parts]
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        embeddings = embed_columns(self.model, sentence_features)  # [query, positive, negative_1..k], each (batch, dim)
+        return sum(weight * loss.compute_loss_from_embeddings(embeddings, labels)
+                   for loss, weight in zip(self.parts, self.weights))
+
+
 def build_loss(model, tcfg) -> Any:
-    """MNRL (in-batch + mined negatives), its GradCache form, or TripletLoss; in MatryoshkaLoss when dims are set.
+    """MNRL (in-batch + mined negatives), its GradCache form, TripletLoss, MarginMSE, DistillKL or MNRL + a
+    distillation loss; in MatryoshkaLoss when dims are set.
 
     ``gather_across_devices`` makes MNRL score each process's queries against the documents of every process
     (an all-gather with gradients), so the in-batch negatives are the global batch under DDP.
@@ -31,6 +105,13 @@ def build_loss(model, tcfg) -> Any:
     from sentence_transformers.sentence_transformer import losses
 
     gather = tcfg.gather_across_devices and PartialState().num_processes > 1  # one process: nothing to gather
+    distill = None
+    if distillation_part(tcfg.loss) == "margin_mse":
+        distill = losses.MarginMSELoss(model)  # dot product = cosine on a normalized model
+    elif distillation_part(tcfg.loss) == "distill_kl":
+        # Student scores on MNRL's scale (cosine * mnrl_scale), teacher logits at their own temperature.
+        distill = losses.DistillKLDivLoss(model, student_temperature=1 / tcfg.mnrl_scale,
+                                          teacher_temperature=tcfg.distill_teacher_temperature)
     if tcfg.loss == "mnrl":
         loss = losses.MultipleNegativesRankingLoss(model, scale=tcfg.mnrl_scale,
                                                    gather_across_devices=gather)
@@ -40,6 +121,12 @@ def build_loss(model, tcfg) -> Any:
                                                          gather_across_devices=gather)
     elif tcfg.loss == "triplet":
         loss = losses.TripletLoss(model, triplet_margin=tcfg.triplet_margin)
+    elif tcfg.loss in DISTILL_LOSSES:
+        loss = distill
+    elif tcfg.loss.startswith("mnrl+") and distill is not None:
+        mnrl = losses.MultipleNegativesRankingLoss(model, scale=tcfg.mnrl_scale, gather_across_devices=gather)
+        loss = WeightedLossSum(model, [(mnrl, 1.0),
+                                       (distill, tcfg.distill_weight)])
     else:  # the config schema already restricts the names; kept for direct callers
         raise ValueError(f"unknown train.loss {tcfg.loss!r}")
     if tcfg.matryoshka_dims:

@@ -26,7 +26,7 @@ from embtune.manifest import Stage
 from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
 from train.checkpoints import SealCheckpoints, last_checkpoint
-from train.losses import build_loss, training_columns
+from train.losses import build_loss, training_dataset
 from train.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
@@ -72,9 +72,8 @@ class Recipe:
                                     config_kwargs=config_kwargs)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
-        columns = training_columns(t, table.column_names)
-        train_dataset = table.select_columns(columns)
-        logger.info("training on %d rows, columns %s", len(train_dataset), columns)
+        train_dataset = training_dataset(table, t)
+        logger.info("training on %d rows, columns %s", len(train_dataset), train_dataset.column_names)
 
         if t.group_by_length:
             batch_sampler = partial(SeededBatchSampler, group_by_length=True, avoid_duplicates=t.no_duplicates)

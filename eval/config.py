@@ -18,7 +18,7 @@ class RAGConfig:
     max_passage_chars: int = 600  # each passage is cut to this many characters in the prompt
     temperature: float = 0.0  # for answers and judgements (the llm section's sampling is for synthesis)
     answer_max_tokens: int = 128
-    judge_max_tokens: int = 24
+    judge_max_tokens: int = 8  # the judge replies with one digit
     cache_file: str = ""  # LLM answer cache (JSONL); "" = <run_dir>/eval/rag_llm_cache.jsonl
     resamples: int = 10000  # for the paired randomization test
 

@@ -49,14 +49,25 @@ logger = logging.getLogger(__name__)
 ANSWER_SYSTEM = ("You answer using only the numbered passages you are given. Cite the passages that support each "
                  "statement by their number in square brackets, like [1] or [2]. If the passages do not contain "
                  "the answer, say so.")
-ANSWER_USER = ("Passages:\n{passages}\n\nQuery: {query}\n\nAnswer the query in two or three sentences using only "
-               "the passages above (if the query is a claim, say whether the passages support or refute it). "
-               "Cite passage numbers like [1].")
+ANSWER_USER = ("Passages:\n{passages}\n\nQuery: {query}\n\nStart with the number of the passage that answers the "
+               "query, in brackets, then answer in one or two sentences using only the passages (if the query is "
+               "a claim, say whether the passages support or refute it).")
 JUDGE_SYSTEM = ("You check whether an answer is supported by the passages it is based on. Reply with one integer "
                 "from 1 to 5 and nothing else. 5: every statement in the answer is supported by the passages. "
                 "3: some statements are supported, some are not. 1: the answer is not supported by the passages "
                 "or contradicts them.")
 JUDGE_USER = "Passages:\n{passages}\n\nAnswer:\n{answer}\n\nScore (1-5):"
+# One worked example each: small models (SmolLM2-135M) otherwise echo the query without citing, and number
+# their judgements like list items ("1. The answer is correct.").
+EXAMPLE_PASSAGES = ["Vitamin D supplementation did not reduce the incidence of fractures in a trial of 25,871 adults.",
+                    "Regular aerobic exercise lowered resting blood pressure by 4 to 9 mmHg in adults with "
+                    "hypertension."]
+EXAMPLE_QUERY = "Aerobic exercise reduces blood pressure in hypertensive adults."
+EXAMPLE_ANSWER = ("[2] Supported: regular aerobic exercise lowered resting blood pressure by 4 to 9 mmHg in adults "
+                  "with hypertension [2].")
+# (answer, passage numbers it is judged against, score): one supported, one not, so the score is not just copied.
+EXAMPLE_JUDGEMENTS = [("[1] Vitamin D prevents fractures in adults.", [1], "1"),
+                      ("[2] Aerobic exercise lowered blood pressure in adults with hypertension.", [2], "5")]
 
 _BRACKET = re.compile(r"\[([^\[\]]{1,60})\]")
 _NUMBER_OR_RANGE = re.compile(r"(\d+)\s*(?:[-\u2013]\s*(\d+))?")
@@ -111,14 +122,23 @@ def format_passages(passages: list[tuple[int, str]], max_chars: int) -> str:
 
 
 def answer_messages(query: str, passages: list[str], max_chars: int) -> list[dict[str, str]]:
+    """System prompt, one worked example, then the query with its numbered passages."""
+    example = format_passages(list(enumerate(EXAMPLE_PASSAGES, start=1)), max_chars)
     numbered = format_passages(list(enumerate(passages, start=1)), max_chars)
     return [{"role": "system", "content": ANSWER_SYSTEM},
+            {"role": "user", "content": ANSWER_USER.format(passages=example, query=EXAMPLE_QUERY)},
+            {"role": "assistant", "content": EXAMPLE_ANSWER},
             {"role": "user", "content": ANSWER_USER.format(passages=numbered, query=query)}]
 
 
 def judge_messages(answer: str, passages: list[tuple[int, str]], max_chars: int) -> list[dict[str, str]]:
-    return [{"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": JUDGE_USER.format(passages=format_passages(passages, max_chars),
+    """System prompt, two worked examples (unsupported: 1, supported: 5), then the answer and its passages."""
+    messages = [{"role": "system", "content": JUDGE_SYSTEM}]
+    for example_answer, numbers, score in EXAMPLE_JUDGEMENTS:
+        example = format_passages([(n, EXAMPLE_PASSAGES[n - 1]) for n in numbers], max_chars)
+        messages += [{"role": "user", "content": JUDGE_USER.format(passages=example, answer=example_answer)},
+                     {"role": "assistant", "content": score}]
+    return messages + [{"role": "user", "content": JUDGE_USER.format(passages=format_passages(passages, max_chars),
                                                           answer=answer.strip())}]
 
 

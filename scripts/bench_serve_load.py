@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, default=200, help="concurrent clients")
     parser.add_argument("--max-seconds", type=float, default=300, help="per-mode time limit")
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests before each mode")
-    parser.add_argument("--docs", type=int, default=200, help="documents in the bundle's index")
+    parser.add_argument("--docs", type=int, default=200, help="documents in the bundle's index (0 = no index)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1,
@@ -223,13 +223,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="query: 10-16 tokens per text; passage: 60-120 tokens")
     parser.add_argument("--device", default="cpu", help="server torch device (cpu, cuda)")
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (it needs little CPU)")
+    parser.add_argument("--model", default="minilm", help="SentenceTransformer folder or alias to serve")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args(argv)
     wrk_binary()  # fail before building anything when wrk is missing
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="embtune-bench-") as tmp:
-        bundle = build_bundle(resolve_model("minilm"), make_docs(args.docs), Path(tmp) / "bundle", device="cpu")
+        bundle = build_bundle(resolve_model(args.model), make_docs(args.docs) if args.docs else None,
+                              Path(tmp) / "bundle", device="cpu")
         modes = {}
         for name, microbatch in (("microbatch_on", True), ("microbatch_off", False)):
             # distinct within and across modes (and from the warm-up): no cache hits
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join(["python", "scripts/bench_serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
         "niceness": os.nice(0),
-        "model": f"all-MiniLM-L6-v2 (resolve_model('minilm')), torch {args.device}",
+        "model": f"{'all-MiniLM-L6-v2 (minilm)' if args.model == 'minilm' else args.model}, torch {args.device}",
         "setup": {"requests_per_mode": args.requests, "concurrency": args.concurrency, "index_docs": args.docs,
                   "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
                   "encoding_format": args.encoding_format, "device": args.device,

@@ -102,3 +102,33 @@ def test_sample_is_seeded_and_judged_only():
     assert first == sample_queries(qrels, 5, seed=42) != sample_queries(qrels, 5, seed=7)
     assert all(int(q[1:]) % 3 for q in first)  # only queries with a relevant document
     assert len(sample_queries(qrels, 0, seed=42)) == 20
+
+
+def test_rerank_orders_first_stage_candidates_by_cross_encoder(tmp_path, tiny_beir, tiny_model_dir, monkeypatch):
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from data_prep.loaders import document_text, load_corpus
+    from eval.rag import retrieve
+
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "cross"
+    tokenizer = BertTokenizerFast.from_pretrained(str(tiny_model_dir))
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(3)
+    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=1,
+                                             max_position_embeddings=128)).save_pretrained(folder)
+    corpus = load_corpus(tiny_beir / "corpus.jsonl")
+    doc_ids = list(corpus)
+    doc_texts = [document_text(corpus[d]) for d in doc_ids]
+    queries = ["star planet orbit", "flour butter sugar"]
+    first_stage = retrieve(str(tiny_model_dir), doc_ids, doc_texts, queries, k=6)
+    reranked = retrieve(str(tiny_model_dir), doc_ids, doc_texts, queries, k=2, rerank=str(folder), candidates=6)
+    cross = CrossEncoder(str(folder), device="cpu")
+    text_of = dict(zip(doc_ids, doc_texts))
+    for query, candidates, top in zip(queries, first_stage, reranked):
+        scores = cross.predict([(query, text_of[d]) for d in candidates])
+        expected = [candidates[i] for i in np.argsort(-scores, kind="stable")[:2]]
+        assert top == expected

@@ -23,6 +23,7 @@ from typing import Any
 from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
 from embtune.manifest import Stage, hash_path
 from embtune.models import resolve_model
+from eval.endpoint import EndpointEncoder, is_endpoint_spec
 from eval.metrics import evaluate
 from eval.retrieval import bm25_run, encode, exact_search, to_run, truncate
 
@@ -61,8 +62,21 @@ def models_to_evaluate(cfg) -> dict[str, str]:
     if trained:
         models["finetuned"] = trained
     for name, path in cfg.eval.extra_models.items():
-        models[name] = resolve_model(path)
+        models[name] = path if is_endpoint_spec(path) else resolve_model(path)
     return models
+
+
+def load_encoder(model_path: str, cfg):
+    """A SentenceTransformer, or an :class:`EndpointEncoder` for ``openai:<model>[@<base_url>]`` specs."""
+    if is_endpoint_spec(model_path):
+        return EndpointEncoder.from_spec(model_path, api_key_env=cfg.eval.endpoint_api_key_env,
+                                         batch_size=cfg.eval.endpoint_batch_size, retry=cfg.llm)
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(model_path, device=None)
+    if cfg.eval.max_seq_length:
+        model.max_seq_length = cfg.eval.max_seq_length
+    return model
 
 
 def score_run(qrels, run, cfg) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -72,13 +86,12 @@ def score_run(qrels, run, cfg) -> tuple[dict[str, float], dict[str, dict[str, fl
 
 def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg) -> dict[str, Any]:
     """Metrics at the full dim and at each configured Matryoshka dim; per-query nDCG@10 at the full dim."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_path, device=None)
-    if cfg.eval.max_seq_length:
-        model.max_seq_length = cfg.eval.max_seq_length
-    key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
-    key = f"{key}_{model.max_seq_length}"
+    model = load_encoder(model_path, cfg)
+    if isinstance(model, EndpointEncoder):
+        key = None  # the endpoint encoder caches per batch itself
+    else:
+        key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
+        key = f"{key}_{model.max_seq_length}"
     doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
     query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query")  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
@@ -95,6 +108,9 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
             per_query = pq
         result.setdefault("dims", {})[str(dim)] = mean
     result["dim"] = full_dim
+    if isinstance(model, EndpointEncoder):
+        result["endpoint"] = vars(model.stats)
+        model.close()
     return {"metrics": result, "per_query": per_query}
 
 

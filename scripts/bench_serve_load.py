@@ -1,13 +1,17 @@
 """Load benchmark of ``serve``: requests/s and latency with micro-batching on and off, in one run.
 
 Builds a bundle from all-MiniLM-L6-v2 (``resolve_model("minilm")``) with a small index, then for each mode starts
-the server in a subprocess on 127.0.0.1 and sends a fixed number of ``/v1/embeddings`` requests (one short,
-distinct text each, so the LRU cache never answers) from ``--concurrency`` asyncio clients. Each mode stops after
-``--requests`` requests or ``--max-seconds``, whichever comes first. Writes one JSON file.
+the server in a subprocess on 127.0.0.1 and sends a fixed number of ``/v1/embeddings`` requests, each with one
+distinct text (so the LRU cache never answers), from ``--concurrency`` keep-alive connections of ``wrk``, a C load
+generator (a Python client on the same cores cost more CPU than the server and capped both modes alike). Each mode
+stops after ``--requests`` answers or ``--max-seconds``, whichever comes first. Writes one JSON file.
 
+    apt-get install wrk    # Debian/Ubuntu; macOS: brew install wrk
     nice -n 10 python scripts/bench_serve_load.py --out benchmarks/results/serve_load.json
 
-Bar: 0 errors in both modes and ratio (on ÷ off requests/s) >= 3.
+``--input query`` (default) sends search-query-length texts (10-16 tokens), the traffic an embedding server behind
+search sees; ``--input passage`` sends 60-120-token passages (indexing traffic), where a CPU forward pass is
+compute-bound and batching saves little. Bar: 0 errors in both modes and ratio (on ÷ off requests/s) >= 3.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +31,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,10 +44,28 @@ TOPICS = ["python", "faiss", "retrieval", "tokenizer", "gpu", "embedding", "dock
 VERBS = ["install", "debug", "speed up", "configure", "test", "deploy", "monitor", "profile"]
 
 
-def make_texts(n: int, tag: str) -> list[str]:
-    """``n`` distinct short queries (about 10-14 tokens each)."""
-    return [f"{tag} {i}: how do I {VERBS[i % len(VERBS)]} the {TOPICS[(i // 8) % len(TOPICS)]} setup on server {i % 97}"
-            for i in range(n)]
+WORDS = ("index shard replica query vector cosine latency batch cache token model encoder layer pooling "
+         "throughput memory disk network cluster node request response server client thread queue").split()
+
+
+def make_texts(n: int, tag: str, kind: str = "query") -> list[str]:
+    """``n`` distinct texts: short queries (10-16 tokens) or passages (60-120 tokens)."""
+    if kind == "query":
+        return [f"{tag} {i}: how do I {VERBS[i % len(VERBS)]} the {TOPICS[(i // 8) % len(TOPICS)]} setup on "
+                f"server {i % 97}" for i in range(n)]
+    texts = []
+    for i in range(n):
+        words = [WORDS[(i * 7 + j * (3 + i % 5)) % len(WORDS)] for j in range(50 + i % 40)]
+        texts.append(f"{tag} passage {i}. " + " ".join(words) + ".")
+    return texts
+
+
+def write_bodies(path: Path, texts: list[str], encoding_format: str) -> Path:
+    """One JSON request body per line, for the wrk script."""
+    with open(path, "w") as handle:
+        for text in texts:
+            handle.write(json.dumps({"input": text, "model": "minilm", "encoding_format": encoding_format}) + "\n")
+    return path
 
 
 def make_docs(n: int) -> list[dict]:
@@ -62,7 +84,7 @@ def start_server(bundle: Path, port: int, microbatch: bool, args: argparse.Names
     command = [sys.executable, "-c", "import sys; from serve.app import main; main(sys.argv[1:])",
                "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
                "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-               "--max-inputs", "8", "--model-name", "minilm", "--device", "cpu", "--threads", str(args.threads)]
+               "--max-inputs", "8", "--model-name", "minilm", "--device", args.device, "--threads", str(args.threads)]
     if not microbatch:
         command.append("--no-microbatch")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
@@ -90,70 +112,81 @@ def cpu_seconds(pid: int) -> float:
     return times.user + times.system
 
 
-async def load(base_url: str, texts: list[str], concurrency: int, max_seconds: float, encoding_format: str,
-               server_pid: int) -> dict:
-    """Send one request per text from ``concurrency`` workers; stop at the end of ``texts`` or at the deadline."""
-    latencies: list[float] = []
-    errors: list[str] = []
-    next_index = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as http:
-        cpu_before = cpu_seconds(server_pid)
-        started = time.perf_counter()
-        deadline = started + max_seconds
+def wrk_binary() -> str:
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("this benchmark needs wrk (a C HTTP load generator): `apt-get install wrk` on Debian/Ubuntu, "
+                         "`brew install wrk` on macOS")
+    return path
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < len(texts) and time.perf_counter() < deadline:
-                text = texts[next_index]
-                next_index += 1
-                sent = time.perf_counter()
-                try:
-                    response = await http.post("/v1/embeddings", json={"input": text, "model": "minilm",
-                                                                       "encoding_format": encoding_format})
-                    ok = response.status_code == 200 and len(response.json()["data"]) == 1
-                    if not ok:
-                        errors.append(f"HTTP {response.status_code}: {response.text[:200]}")
-                except (httpx.HTTPError, ValueError, KeyError) as err:
-                    errors.append(f"{type(err).__name__}: {err}")
-                    continue
-                if ok:
-                    latencies.append(time.perf_counter() - sent)
 
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
-        wall = time.perf_counter() - started
+def load(base_url: str, bodies: Path, requests: int, concurrency: int, threads: int, max_seconds: float,
+         server_pid: int) -> dict:
+    """Send ``requests`` requests (one body each) with wrk over ``concurrency`` connections; stop at the deadline."""
+    per_thread = -(-requests // threads)  # ceil
+    command = [wrk_binary(), f"-t{threads}", f"-c{concurrency}", f"-d{int(max_seconds)}s", "--timeout", "60s",
+               "-s", str(REPO / "scripts" / "serve_load.lua"), base_url, "--", str(bodies), str(per_thread),
+               str(threads)]
+    cpu_before = cpu_seconds(server_pid)
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Each wrk thread prints WRK_THREAD_DONE after its share; wrk itself would idle until -d, so SIGINT it then
+    # (wrk stops on SIGINT and still prints its summary). The run's time is the moment the last thread finished.
+    done_threads, finished, result_line = 0, None, ""
+    for line in proc.stdout:
+        if line.startswith("WRK_THREAD_DONE"):
+            done_threads += 1
+            if done_threads == threads:
+                finished = time.perf_counter()
+                server_cpu = cpu_seconds(server_pid) - cpu_before
+                proc.send_signal(signal.SIGINT)
+        elif line.startswith("WRK_RESULT "):
+            result_line = line
+    stderr = proc.stderr.read()
+    proc.wait(timeout=60)
+    if finished is None:  # stopped by -d before every thread had its share
+        finished = time.perf_counter()
         server_cpu = cpu_seconds(server_pid) - cpu_before
-        health = (await http.get("/health")).json()
-    lat_ms = np.array(latencies) * 1000
+    wall = finished - started
+    if not result_line:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr[-2000:]}")
+    result = json.loads(result_line[len("WRK_RESULT "):])
+    errors = result["errors"]
+    error_count = sum(errors.values())
+    ok = result["requests"] - errors["status"]
+    seconds = wall
+    lat = result["latency_us"]
+    health = httpx.get(f"{base_url}/health", timeout=30).json()
     return {
-        "requests_sent": next_index,
-        "ok": len(latencies),
-        "errors": len(errors),
-        "error_examples": errors[:5],
-        "stopped_by_deadline": next_index < len(texts),
-        "wall_s": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 1),
-        "latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 1) if latencies else None,
-                       "p99": round(float(np.percentile(lat_ms, 99)), 1) if latencies else None,
-                       "max": round(float(lat_ms.max()), 1) if latencies else None},
-        # CPU the server process spent per answered request (all its threads): what batching saves, whether or
-        # not the load generator on the same cores is what limits requests/s.
-        "server_cpu_ms_per_request": round(server_cpu * 1000 / max(len(latencies), 1), 2),
+        "requests_target": per_thread * threads,
+        "ok": ok,
+        "errors": error_count,
+        "error_kinds": errors,
+        "stopped_by_deadline": result["requests"] < per_thread * threads,
+        "wall_s": round(seconds, 2),
+        "requests_per_s": round(ok / seconds, 1),
+        "latency_ms": {"p50": round(lat["p50"] / 1000, 1), "p90": round(lat["p90"] / 1000, 1),
+                       "p99": round(lat["p99"] / 1000, 1), "max": round(lat["max"] / 1000, 1)},
+        # CPU the server process spent per answered request (all its threads).
+        "server_cpu_ms_per_request": round(server_cpu * 1000 / max(ok, 1), 2),
+        "wrk_duration_s": round(result["duration_us"] / 1e6, 2),  # until SIGINT reached it
         "server_batcher": health["batcher"],
         "server_cache": health["cache"],
     }
 
 
-async def run_mode(bundle: Path, microbatch: bool, texts: list[str], args: argparse.Namespace) -> dict:
+def run_mode(bundle: Path, microbatch: bool, bodies: Path, warmup: Path, args: argparse.Namespace) -> dict:
     port = free_port()
     base_url = f"http://127.0.0.1:{port}"
     server = start_server(bundle, port, microbatch, args)
     try:
-        await wait_healthy(base_url, server)
+        asyncio.run(wait_healthy(base_url, server))
         # Warm-up (not measured): first forward passes allocate; distinct texts so the cache stays cold.
-        await load(base_url, [f"warm-up {i}" for i in range(args.warmup)], min(args.concurrency, args.warmup),
-                   60, args.encoding_format, server.pid)
-        result = await load(base_url, texts, args.concurrency, args.max_seconds, args.encoding_format, server.pid)
+        load(base_url, warmup, args.warmup, min(args.concurrency, args.warmup), args.wrk_threads, 60, server.pid)
+        load_average = os.getloadavg()
+        result = load(base_url, bodies, args.requests, args.concurrency, args.wrk_threads, args.max_seconds,
+                      server.pid)
+        result["load_average_before"] = [round(x, 2) for x in load_average]
     finally:
         server.send_signal(signal.SIGINT)
         try:
@@ -168,28 +201,45 @@ async def run_mode(bundle: Path, microbatch: bool, texts: list[str], args: argpa
     return result
 
 
+def wrk_version() -> str:
+    out = subprocess.run([wrk_binary(), "--version"], capture_output=True, text=True)
+    return (out.stdout + out.stderr).split("[")[0].replace("wrk", "").strip()
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per mode")
     parser.add_argument("--concurrency", type=int, default=200, help="concurrent clients")
     parser.add_argument("--max-seconds", type=float, default=300, help="per-mode time limit")
     parser.add_argument("--warmup", type=int, default=50, help="unmeasured requests before each mode")
-    parser.add_argument("--docs", type=int, default=200, help="documents in the bundle's index")
+    parser.add_argument("--docs", type=int, default=200, help="documents in the bundle's index (0 = no index)")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=1,
                         help="server CPU threads per forward pass (0 = torch default); both modes use the same")
-    parser.add_argument("--encoding-format", choices=["float", "base64"], default="float")
+    parser.add_argument("--encoding-format", choices=["float", "base64"], default="base64",
+                        help="base64 is what the openai client asks for by default")
+    parser.add_argument("--input", choices=["query", "passage"], default="query",
+                        help="query: 10-16 tokens per text; passage: 60-120 tokens")
+    parser.add_argument("--device", default="cpu", help="server torch device (cpu, cuda)")
+    parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (it needs little CPU)")
+    parser.add_argument("--model", default="minilm", help="SentenceTransformer folder or alias to serve")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args(argv)
+    wrk_binary()  # fail before building anything when wrk is missing
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="embtune-bench-") as tmp:
-        bundle = build_bundle(resolve_model("minilm"), make_docs(args.docs), Path(tmp) / "bundle", device="cpu")
+        bundle = build_bundle(resolve_model(args.model), make_docs(args.docs) if args.docs else None,
+                              Path(tmp) / "bundle", device="cpu")
         modes = {}
         for name, microbatch in (("microbatch_on", True), ("microbatch_off", False)):
-            texts = make_texts(args.requests, tag=name)  # distinct within and across modes: no cache hits
-            modes[name] = asyncio.run(run_mode(bundle, microbatch, texts, args))
+            # distinct within and across modes (and from the warm-up): no cache hits
+            bodies = write_bodies(Path(tmp) / f"{name}.jsonl", make_texts(args.requests, name, args.input),
+                                  args.encoding_format)
+            warmup = write_bodies(Path(tmp) / f"{name}-warmup.jsonl", make_texts(args.warmup, f"warm {name}",
+                                                                                 args.input), args.encoding_format)
+            modes[name] = run_mode(bundle, microbatch, bodies, warmup, args)
 
     on, off = modes["microbatch_on"]["requests_per_s"], modes["microbatch_off"]["requests_per_s"]
     ratio = round(on / off, 2) if off else None
@@ -204,11 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
         "date": time.strftime("%Y-%m-%d"),
         "command": shlex.join(["python", "scripts/bench_serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
         "niceness": os.nice(0),
-        "model": "all-MiniLM-L6-v2 (resolve_model('minilm')), torch CPU",
+        "model": f"{'all-MiniLM-L6-v2 (minilm)' if args.model == 'minilm' else args.model}, torch {args.device}",
         "setup": {"requests_per_mode": args.requests, "concurrency": args.concurrency, "index_docs": args.docs,
                   "max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads,
-                  "encoding_format": args.encoding_format, "input": "one short distinct string per request",
-                  "server": "uvicorn subprocess on 127.0.0.1, one worker; client: httpx.AsyncClient in this process"},
+                  "encoding_format": args.encoding_format, "device": args.device,
+                  "input": f"one distinct {args.input} per request ({'10-16' if args.input == 'query' else '60-120'}"
+                           " tokens)",
+                  "server": "uvicorn subprocess on 127.0.0.1, one worker",
+                  "client": f"wrk {wrk_version()}, {args.wrk_threads} threads, keep-alive, scripts/serve_load.lua"},
         "modes": modes,
         "ratio": ratio,
         "server_cpu_ratio": round(cpu_off / cpu_on, 2) if cpu_on else None,  # off ÷ on CPU per request
@@ -217,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
         "passed": errors == 0 and ratio is not None and ratio >= 3.0,
         "machine": machine(),
         "versions": {**versions(), "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
-                     "httpx": httpx.__version__},
+                     "wrk": wrk_version()},
     }
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

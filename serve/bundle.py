@@ -65,7 +65,6 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
     Returns:
         ``out_dir`` as a Path.
     """
-    import faiss
     from sentence_transformers import SentenceTransformer
 
     out_dir = Path(out_dir)
@@ -83,6 +82,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
     if index_dir.exists():
         shutil.rmtree(index_dir)
     if docs is not None:
+        import faiss  # only bundles with an index need it
+
         docs = list(docs)
         for line, doc in enumerate(docs, 1):
             if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not isinstance(doc.get("text"), str):
@@ -132,8 +133,6 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         FileNotFoundError: the bundle or its model folder is missing.
         ValueError: the index and docs disagree (row counts, dimension).
     """
-    import faiss
-
     bundle_dir = Path(bundle_dir)
     model_dir = bundle_dir / MODEL_DIR
     if not model_dir.is_dir():
@@ -165,6 +164,8 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
 
     index, docs = None, []
     if (bundle_dir / INDEX_FILE).is_file():
+        import faiss  # only bundles with an index need it
+
         index = faiss.read_index(str(bundle_dir / INDEX_FILE))
         if index.d != dim:
             raise ValueError(f"{bundle_dir / INDEX_FILE}: index dimension {index.d} != model dimension {dim}")

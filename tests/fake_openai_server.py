@@ -1,5 +1,8 @@
 """A tiny OpenAI-compatible server on 127.0.0.1 for tests and benchmarks: ``/v1/chat/completions`` with faults.
 
+``/v1/embeddings`` answers deterministic unit vectors (``EMBEDDING_DIM`` values from each text's sha256), with the
+same faults, so endpoint evaluation can be tested for retries without a model.
+
 It can answer 429, 500, a malformed JSON body, empty ``choices``, or hang past the client's timeout, for the first
 N requests or always, and add a fixed latency to every request. It counts what it received and what it answered.
 
@@ -26,6 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 FAULTS = ("429", "500", "malformed", "empty_choices", "hang")
+EMBEDDING_DIM = 8
+
+
+def fake_embedding(text: str) -> list[float]:
+    """A deterministic unit vector for ``text``."""
+    digest = hashlib.sha256(text.encode()).digest()
+    values = [b - 127.5 for b in digest[:EMBEDDING_DIM]]
+    norm = sum(v * v for v in values) ** 0.5
+    return [v / norm for v in values]
 
 
 def default_reply(messages: list[dict]) -> str:
@@ -59,6 +71,8 @@ class FakeOpenAIServer:
         self.requests = 0  # every POST to /v1/chat/completions
         self.received: Counter[str] = Counter()  # last user message -> requests received
         self.answered: Counter[str] = Counter()  # last user message -> 200 answers with content sent
+        self.embedding_requests = 0  # every POST to /v1/embeddings
+        self.embedded_texts = 0  # texts in embeddings requests answered 200
         self.in_flight = 0
         self.max_in_flight = 0  # most chat requests being handled at the same moment
         self._stopping = threading.Event()
@@ -115,6 +129,9 @@ class FakeOpenAIServer:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.path.rstrip("/") == "/v1/embeddings":
+                    self._embeddings(json.loads(body))
+                    return
                 if self.path.rstrip("/") != "/v1/chat/completions":
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
@@ -131,6 +148,26 @@ class FakeOpenAIServer:
                 finally:
                     with server.lock:
                         server.in_flight -= 1
+
+            def _embeddings(self, request: dict) -> None:
+                with server.lock:
+                    server.embedding_requests += 1
+                fault = server._take_fault()
+                if fault == "429":
+                    self._send(429, b'{"error": {"message": "Rate limit reached"}}', {"Retry-After": "0"})
+                    return
+                if fault == "500":
+                    self._send(500, b'{"error": {"message": "internal error", "type": "server_error"}}')
+                    return
+                texts = request.get("input")
+                texts = [texts] if isinstance(texts, str) else texts
+                data = [{"object": "embedding", "index": i, "embedding": fake_embedding(t)}
+                        for i, t in enumerate(texts)]
+                tokens = sum(len(t.split()) for t in texts)
+                self._send(200, json.dumps({"object": "list", "data": data, "model": request.get("model"),
+                                            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}).encode())
+                with server.lock:
+                    server.embedded_texts += len(texts)
 
             def _chat(self, request: dict, messages: list[dict], prompt: str) -> None:
                 fault = server._take_fault()

@@ -43,14 +43,14 @@ def fast_cfg(server: FakeOpenAIServer, **overrides) -> LLMConfig:
         ("500", "500 Internal Server Error"),
         ("malformed", "malformed response"),
         ("empty_choices", "empty choices"),
-        ("hang", "request timed out (0.3s)"),
+        ("hang", "request timed out (1s)"),
     ],
 )
 def test_each_fault_is_retried_then_reported_by_name(fault, reason, tmp_path):
     with FakeOpenAIServer(fault=fault, hang_s=3) as server:
         # Only the hang case needs a short timeout; elsewhere a generous one keeps a loaded machine from turning
         # a 429 into a client-side timeout before the request is even sent.
-        timeout = 0.3 if fault == "hang" else 10.0
+        timeout = 1.0 if fault == "hang" else 10.0
         run = generate_all(make_requests(3), fast_cfg(server, timeout_s=timeout), tmp_path / "cache.jsonl")
     assert server.requests == 3 * 3  # every item tried max_attempts times
     assert run.stats.failed == 3 and run.stats.done == 0 and run.stats.http_requests == 9
@@ -65,7 +65,7 @@ def test_each_fault_is_retried_then_reported_by_name(fault, reason, tmp_path):
 @pytest.mark.parametrize("fault", ["429", "500", "malformed", "empty_choices", "hang"])
 def test_transient_fault_is_retried_until_it_succeeds(fault, tmp_path):
     with FakeOpenAIServer(fault=fault, fault_times=2, hang_s=3) as server:
-        run = generate_all(make_requests(4), fast_cfg(server, timeout_s=0.3 if fault == "hang" else 10.0),
+        run = generate_all(make_requests(4), fast_cfg(server, timeout_s=1.0 if fault == "hang" else 10.0),
                            tmp_path / "cache.jsonl")
     assert run.stats.failed == 0 and run.stats.done == 4
     assert server.requests == 4 + 2  # two faulted attempts were retried

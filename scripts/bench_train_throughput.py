@@ -78,7 +78,8 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
 
 
-def scifact_table(folder: Path, seed: int):
+def beir_table(folder: Path, seed: int):
+    """(query, positive, random negative) triplets from a BEIR folder's train split."""
     from datasets import Dataset
 
     from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
@@ -190,6 +191,9 @@ def train_flops(trainer, padded_tokens: int, seq_tokens_sq: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="/work/shared/data/beir/scifact")
+    parser.add_argument("--dataset", choices=["scifact", "pydoc"], default="scifact",
+                        help="pydoc: the demo's stdlib docstrings, whose lengths vary widely (where length grouping "
+                             "applies); scifact: abstracts, nearly all truncated at seq")
     parser.add_argument("--seqs", default="128,256")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=4)
@@ -205,7 +209,11 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
     seqs = [int(s) for s in args.seqs.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="bench_train_"))
-    table = scifact_table(Path(args.data), args.seed)
+    if args.dataset == "pydoc":
+        from data_prep.pydoc_corpus import build_pydoc_beir
+
+        args.data = str(build_pydoc_beir(scratch / "pydoc", seed=args.seed))
+    table = beir_table(Path(args.data), args.seed)
     table_dir = scratch / "table"
     table.save_to_disk(str(table_dir))
 
@@ -262,7 +270,7 @@ def main() -> None:
         "gpu": "none lent to this run" if args.device == "cpu" else __import__("torch").cuda.get_device_name(),
         "settings": {"model": "minilm (all-MiniLM-L6-v2)", "batch_size": args.batch_size, "steps": args.steps,
                      "timed_steps": args.steps - 1, "rounds": args.rounds, "bf16": args.bf16, "loss": "MNRL",
-                     "rows": f"SciFact train: {len(table)} (query, positive, random negative) triplets"},
+                     "rows": f"{args.dataset} train: {len(table)} (query, positive, random negative) triplets"},
         "differences": {"plain": "sentence-transformers defaults (BATCH_SAMPLER, model dropout incl. attention 0.1)",
                         "plain_same": "plain, but attention dropout 0 like embtune (ratio_same_settings divides by it)",
                         "embtune": "recipe: attention_dropout=0, NO_DUPLICATES, sealed checkpoints",

@@ -111,5 +111,5 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     from train.tracking import log_export_artifact  # the bundle as a wandb artifact, when train.report_to has it
 
     log_export_artifact(cfg, out_dir)
-    logger.info("exported %s (serve it: python -m serve.app --bundle %s)", out_dir, out_dir)
+    logger.info("exported %s (serve it: python -m serve up --bundle %s)", out_dir, out_dir)
     return stage.finish({"bundle": out_dir})

@@ -23,9 +23,10 @@ class SweepConfig:
     hnsw_ef_search: list[int] = field(default_factory=lambda: [16, 64, 256])
     pq_bytes: list[int] = field(default_factory=lambda: [8, 16])  # IVF-PQ code bytes per vector (8-bit subquantizers)
     pq_nprobe: int = 16
-    # Binary (Hamming) search rescored with the float query: k * rescore_multiplier candidates, against these docs.
-    rescore_multiplier: int = 4
-    rescore_docs: list[str] = field(default_factory=lambda: ["int8", "fp32"])
+    # Binary (Hamming) search rescored with the float query: k * rescore_multiplier candidates, against the docs'
+    # own sign bits as +-1 ("bits": no extra bytes), their int8 codes, or their fp32 vectors (both stored extra).
+    rescore_multiplier: list[int] = field(default_factory=lambda: [4, 10])
+    rescore_docs: list[str] = field(default_factory=lambda: ["bits", "int8", "fp32"])
     threads: int = 1  # FAISS threads while timing (1 = stable queries/s on a shared CPU)
     plot: bool = True
 
@@ -33,10 +34,12 @@ class SweepConfig:
         unknown = [name for name in self.indexes if name not in SWEEP_INDEXES]
         if unknown:
             raise ValueError(f"eval.sweep.indexes: unknown {unknown}; expected some of {list(SWEEP_INDEXES)}")
-        bad = [name for name in self.rescore_docs if name not in ("int8", "fp32")]
+        bad = [name for name in self.rescore_docs if name not in ("bits", "int8", "fp32")]
         if bad:
-            raise ValueError(f"eval.sweep.rescore_docs: unknown {bad}; expected some of ['int8', 'fp32']")
-        for key in ("k", "ivf_nlist", "hnsw_m", "pq_nprobe", "rescore_multiplier", "threads"):
+            raise ValueError(f"eval.sweep.rescore_docs: unknown {bad}; expected some of ['bits', 'int8', 'fp32']")
+        if any(m < 1 for m in self.rescore_multiplier):
+            raise ValueError(f"eval.sweep.rescore_multiplier values must be >= 1, got {self.rescore_multiplier}")
+        for key in ("k", "ivf_nlist", "hnsw_m", "pq_nprobe", "threads"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.sweep.{key} must be >= 1, got {getattr(self, key)}")
         if any(d < 1 for d in self.dims) or any(p < 1 for p in self.ivf_nprobe + self.hnsw_ef_search + self.pq_bytes):

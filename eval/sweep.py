@@ -6,9 +6,10 @@ For every dim in ``eval.sweep.dims`` the corpus and query embeddings are truncat
 ==========  ===========================================================================================
 ``flat``    ``IndexFlatIP``, fp32, exact: the ground truth for "recall@10 vs exact" at that dim
 ``int8``    ``IndexScalarQuantizer(QT_8bit)``: per-dimension trained int8 codes, float query (asymmetric)
-``binary``  ``IndexBinaryFlat`` over sign bits, Hamming distance; and ``binary+rescore_int8`` /
-            ``binary+rescore_fp32``: the top ``k * rescore_multiplier`` Hamming candidates rescored by the
-            float query's inner product with the int8-decoded (or fp32) document vectors
+``binary``  ``IndexBinaryFlat`` over sign bits, Hamming distance; and ``binary+rescore_<docs>``: the top
+            ``k * rescore_multiplier`` Hamming candidates rescored by the float query's inner product with
+            ``bits``: the documents' own sign bits as +-1 (sentence-transformers' binary rescoring; no extra
+            bytes), ``int8``: their int8 codes (decoded), or ``fp32``: their float vectors
 ``ivf``     ``IndexIVFFlat`` (nlist) at each ``nprobe``
 ``hnsw``    ``IndexHNSWFlat`` (M) at each ``efSearch``
 ``ivfpq``   ``IndexIVFPQ`` (nlist, ``pq_bytes`` 8-bit subquantizers) at ``pq_nprobe``
@@ -117,16 +118,21 @@ def build_configurations(docs: np.ndarray, cfg) -> list[dict[str, Any]]:
             build = time.perf_counter() - start
             bytes_binary = _index_bytes(binary)
             add("flat", "binary", {}, _binary_searcher(binary), bytes_binary, build)
-            m = cfg.rescore_multiplier
-            if "int8" in cfg.rescore_docs and sq is not None:
-                codes = sq.sa_encode(docs)  # (n, dim) uint8: what a deployment stores (on disk or in RAM)
-                add("flat", "binary+rescore_int8", {"rescore_multiplier": m},
-                    _rescoring_searcher(binary, lambda ids: sq.sa_decode(codes[ids]), m),
-                    bytes_binary, build + sq_build, rescore_bytes=int(codes.nbytes))
-            if "fp32" in cfg.rescore_docs:
-                add("flat", "binary+rescore_fp32", {"rescore_multiplier": m},
-                    _rescoring_searcher(binary, lambda ids: docs[ids], m), bytes_binary, build,
-                    rescore_bytes=int(docs.nbytes))
+            bits = _binary_codes(docs)
+            codes = sq.sa_encode(docs) if sq is not None else None  # (n, dim) uint8, stored beside the index
+            for m in cfg.rescore_multiplier:
+                if "bits" in cfg.rescore_docs:
+                    add("flat", "binary+rescore_bits", {"rescore_multiplier": m},
+                        _rescoring_searcher(binary, lambda ids: np.unpackbits(bits[ids], axis=1, count=dim)
+                                            .astype(np.float32) * 2 - 1, m), bytes_binary, build)
+                if "int8" in cfg.rescore_docs and codes is not None:
+                    add("flat", "binary+rescore_int8", {"rescore_multiplier": m},
+                        _rescoring_searcher(binary, lambda ids: sq.sa_decode(codes[ids]), m),
+                        bytes_binary, build + sq_build, rescore_bytes=int(codes.nbytes))
+                if "fp32" in cfg.rescore_docs:
+                    add("flat", "binary+rescore_fp32", {"rescore_multiplier": m},
+                        _rescoring_searcher(binary, lambda ids: docs[ids], m), bytes_binary, build,
+                        rescore_bytes=int(docs.nbytes))
 
     # k-means wants ~39 training points per centroid; a small corpus gets fewer lists rather than a bad fit.
     nlist = max(1, min(cfg.ivf_nlist, n // 39))
@@ -259,40 +265,55 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-MARKERS = {"flat/fp32": "o", "flat/int8": "s", "flat/binary": "x", "flat/binary+rescore_int8": "^",
-           "flat/binary+rescore_fp32": "v", "ivf/fp32": "D", "hnsw/fp32": "P"}
+MARKERS = {"flat/fp32": "o", "flat/int8": "s", "flat/binary": "x", "flat/binary+rescore_bits": "<",
+           "flat/binary+rescore_int8": "^", "flat/binary+rescore_fp32": "v", "ivf/fp32": "D", "hnsw/fp32": "P"}
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows that no other row beats on both bytes per vector (fewer) and nDCG@10 (higher), by bytes ascending."""
+    front, best = [], -math.inf
+    for r in sorted(rows, key=lambda r: (r["bytes_per_vector"], -r["ndcg@10"])):
+        if r["ndcg@10"] > best:
+            front.append(r)
+            best = r["ndcg@10"]
+    return front
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """nDCG@10 against bytes per vector (log scale): one colour per model, one marker per index/precision."""
+    """nDCG@10 against bytes per vector (log x): one colour per model (its Pareto front drawn as a line), one marker
+    per index/precision; dashed: 97% of the model's full-dim fp32 Flat nDCG@10; dotted: 1/8 of its bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=90)
+    fig, ax = plt.subplots(figsize=(9.5, 5), dpi=90)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    seen_markers = set()
+    families = list(dict.fromkeys(f"{r['index']}/{r['precision']}" for r in rows))
+    spare = iter(["*", "h", "p", "8", "d", "H", "1", "2"] * 4)  # for families without a fixed marker (ivfpq/pqMxB)
+    markers = {family: MARKERS.get(family) or next(spare) for family in families}
     for i, model in enumerate(dict.fromkeys(r["model"] for r in rows)):
         model_rows = [r for r in rows if r["model"] == model]
         colour = colours[i % len(colours)]
-        ax.scatter([r["bytes_per_vector"] for r in model_rows], [100 * r["ndcg@10"] for r in model_rows],
-                   s=12, color=colour, alpha=0.25)  # the series as a cloud, markers below say which family
-        for r in model_rows:
-            family = f"{r['index']}/{r['precision']}"
-            marker = MARKERS.get(family, "*")
-            ax.scatter(r["bytes_per_vector"], 100 * r["ndcg@10"], color=colour, marker=marker, s=22,
-                       label=family if family not in seen_markers and i == 0 else None)
-            seen_markers.add(family)
-        ax.scatter([], [], color=colour, marker="o", label=f"model: {model}")
+        for family in families:
+            fam = [r for r in model_rows if f"{r['index']}/{r['precision']}" == family]
+            ax.scatter([r["bytes_per_vector"] for r in fam], [100 * r["ndcg@10"] for r in fam], color=colour,
+                       marker=markers[family], s=22, alpha=0.8)
+        front = pareto_front(model_rows)
+        ax.step([r["bytes_per_vector"] for r in front], [100 * r["ndcg@10"] for r in front], where="post",
+                color=colour, lw=1.2, label=f"{model} (Pareto front)")
         top = next(r for r in model_rows if r["index"] == "flat" and r["precision"] == "fp32")
         ax.axhline(97 * top["ndcg@10"], color=colour, lw=0.8, ls="--")
+        ax.axvline(top["bytes_per_vector"] / 8, color="grey", lw=0.8, ls=":")
+    for family in families:  # marker legend, in grey so it does not suggest a model
+        ax.scatter([], [], color="grey", marker=markers[family], s=22, label=family)
     ax.set_xscale("log")
     ax.set_xlabel("bytes per vector (index + rescoring vectors), log scale")
     ax.set_ylabel("nDCG@10 (%)")
-    ax.set_title(title or "Deployment sweep (dashed: 97% of the model's fp32 Flat at full dim)", fontsize=9)
+    ax.set_title(title or "Deployment sweep (dashed: 97% of fp32 Flat at full dim; dotted: 1/8 of its bytes)",
+                 fontsize=9)
     ax.grid(True, which="both", lw=0.3)
-    ax.legend(fontsize=6.5, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -28,7 +28,8 @@ def row(rows, dim, index, precision, **params):
 
 def test_every_family_at_every_dim(sweep_rows):
     families = {(r["index"], r["precision"]) for r in sweep_rows if r["dim"] == 32}
-    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "binary"), ("flat", "binary+rescore_int8"),
+    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "binary"), ("flat", "binary+rescore_bits"),
+                        ("flat", "binary+rescore_int8"),
                         ("flat", "binary+rescore_fp32"), ("ivf", "fp32"), ("hnsw", "fp32"), ("ivfpq", "pq8x8")}
 
 
@@ -43,8 +44,12 @@ def test_exact_and_exhaustive_indexes_match_flat(sweep_rows):
 def test_fewer_probes_and_binary_lose_recall_and_rescoring_wins_it_back(sweep_rows):
     assert row(sweep_rows, 64, "ivf", "fp32", nprobe=1)["recall@10_vs_exact"] < 0.99
     binary = row(sweep_rows, 64, "flat", "binary")["recall@10_vs_exact"]
-    rescored = row(sweep_rows, 64, "flat", "binary+rescore_fp32")["recall@10_vs_exact"]
-    assert binary < 0.9 and rescored > binary + 0.05
+    rescored = {docs: row(sweep_rows, 64, "flat", f"binary+rescore_{docs}", rescore_multiplier=10)["recall@10_vs_exact"]
+                for docs in ("bits", "int8", "fp32")}
+    assert binary < 0.9 and rescored["bits"] > binary + 0.05
+    assert rescored["fp32"] >= rescored["int8"] - 0.02 and rescored["int8"] > rescored["bits"]
+    more = row(sweep_rows, 64, "flat", "binary+rescore_fp32", rescore_multiplier=4)["recall@10_vs_exact"]
+    assert rescored["fp32"] > more  # more candidates, more of the exact top 10 found
 
 
 def test_bytes_per_vector_follow_precision(sweep_rows):
@@ -55,6 +60,7 @@ def test_bytes_per_vector_follow_precision(sweep_rows):
     assert row(sweep_rows, dim, "flat", "binary")["index_bytes"] == pytest.approx(n * dim / 8, rel=0.02)
     rescore = row(sweep_rows, dim, "flat", "binary+rescore_int8")
     assert rescore["bytes_per_vector"] == pytest.approx(dim / 8 + dim, rel=0.02)  # the int8 vectors count too
+    assert row(sweep_rows, dim, "flat", "binary+rescore_bits")["bytes_per_vector"] == pytest.approx(dim / 8, rel=0.02)
     assert row(sweep_rows, 32, "flat", "fp32")["bytes_vs_fp32_flat"] == pytest.approx(0.5, rel=0.01)
     best = best_compact(sweep_rows, "m", 1 / 8)
     assert best["bytes_vs_fp32_flat"] <= 1 / 8
@@ -65,3 +71,11 @@ def test_table_and_plot(sweep_rows, tmp_path):
     assert "hnsw/fp32(M=32,efSearch=256)" in text and text.count("\n") > len(sweep_rows)
     path = plot_sweep(sweep_rows + [{**r, "model": "other"} for r in sweep_rows], tmp_path / "sweep.png")
     assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size < 300_000
+
+
+def test_pareto_front_keeps_only_undominated_rows():
+    from eval.sweep import pareto_front
+
+    rows = [{"bytes_per_vector": b, "ndcg@10": n, "id": i}
+            for i, (b, n) in enumerate([(10, 0.5), (20, 0.4), (30, 0.6), (30, 0.55), (40, 0.6), (50, 0.7)])]
+    assert [r["id"] for r in pareto_front(rows)] == [0, 2, 5]

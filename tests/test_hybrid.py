@@ -96,7 +96,8 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
                              "eval.hybrid=[rrf,weighted]",
                              f"eval.reranker={tiny_cross_encoder_dir}", "eval.rerank_on=[base,bm25]",
                              "eval.rerank_top_k=5", "eval.significance_resamples=500", "eval.sweep.enabled=true",
-                             "eval.sweep.hnsw_ef_search=[64]", "eval.sweep.ivf_nprobe=[1]"])
+                             "eval.sweep.indexes=[flat,binary]", "eval.sweep.rescore_docs=[bits]",
+                             "eval.sweep.rescore_multiplier=[4]"])
     outputs = run(cfg)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     rows = results["results"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 HYBRID_METHODS = ("rrf", "weighted")
-SWEEP_INDEXES = ("flat", "int8", "binary", "ivf", "hnsw", "ivfpq")
+SWEEP_INDEXES = ("flat", "int8", "int4", "binary", "ivf", "hnsw", "ivfpq")
 
 
 @dataclass

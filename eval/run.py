@@ -131,6 +131,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
         return stage.outputs()
+    check_rerank_on(cfg, models)
 
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     queries = load_queries(inputs["queries"], cfg.data.on_error)
@@ -210,15 +211,21 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     return stage.finish(outputs)
 
 
+def check_rerank_on(cfg, models: dict[str, str]) -> None:
+    """Fail before any encoding when ``eval.rerank_on`` names a row this run will not compute."""
+    rows = {*models, *(["bm25"] if cfg.eval.compare_bm25 else []),
+            *(f"{m}+bm25_{method}" for m in models for method in cfg.eval.hybrid)}
+    missing = [name for name in cfg.eval.rerank_on if name not in rows]
+    if cfg.eval.reranker and missing:
+        raise ValueError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})")
+
+
 def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: dict[str, str],
                 doc_texts: dict[str, str]) -> dict[str, Any]:
     """``<row>>rerank`` for each row in ``eval.rerank_on`` (default: finetuned, else the first dense model)."""
     from sentence_transformers import CrossEncoder
 
-    targets = cfg.eval.rerank_on or [next((m for m in ("finetuned", *models, "bm25") if m in runs), "")]
-    missing = [t for t in targets if t not in runs]
-    if missing:
-        raise ValueError(f"eval.rerank_on names rows that were not computed: {missing} (have {sorted(runs)})")
+    targets = cfg.eval.rerank_on or [next(m for m in ("finetuned", *models, "bm25") if m in runs)]
     scorer = CrossEncoder(resolve_model(cfg.eval.reranker), device=None)
     if cfg.eval.max_seq_length:
         scorer.max_length = cfg.eval.max_seq_length

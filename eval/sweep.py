@@ -6,6 +6,7 @@ For every dim in ``eval.sweep.dims`` the corpus and query embeddings are truncat
 ==========  ===========================================================================================
 ``flat``    ``IndexFlatIP``, fp32, exact: the ground truth for "recall@10 vs exact" at that dim
 ``int8``    ``IndexScalarQuantizer(QT_8bit)``: per-dimension trained int8 codes, float query (asymmetric)
+``int4``    ``IndexScalarQuantizer(QT_4bit)``: the same with 4-bit codes (two dimensions per byte)
 ``binary``  ``IndexBinaryFlat`` over sign bits, Hamming distance; and ``binary+rescore_<docs>``: the top
             ``k * rescore_multiplier`` Hamming candidates rescored by the float query's inner product with
             ``bits``: the documents' own sign bits as +-1 (sentence-transformers' binary rescoring; no extra
@@ -107,6 +108,13 @@ def build_configurations(docs: np.ndarray, cfg) -> list[dict[str, Any]]:
         sq_build = time.perf_counter() - start
         if "int8" in cfg.indexes:
             add("flat", "int8", {}, _faiss_searcher(sq), _index_bytes(sq), sq_build)
+
+    if "int4" in cfg.indexes:
+        start = time.perf_counter()
+        sq4 = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_4bit, faiss.METRIC_INNER_PRODUCT)
+        sq4.train(docs)
+        sq4.add(docs)
+        add("flat", "int4", {}, _faiss_searcher(sq4), _index_bytes(sq4), time.perf_counter() - start)
 
     if "binary" in cfg.indexes:
         if dim % 8:
@@ -265,7 +273,7 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-MARKERS = {"flat/fp32": "o", "flat/int8": "s", "flat/binary": "x", "flat/binary+rescore_bits": "<",
+MARKERS = {"flat/fp32": "o", "flat/int8": "s", "flat/int4": "d", "flat/binary": "x", "flat/binary+rescore_bits": "<",
            "flat/binary+rescore_int8": "^", "flat/binary+rescore_fp32": "v", "ivf/fp32": "D", "hnsw/fp32": "P"}
 
 

@@ -122,6 +122,17 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
     assert "sweep_plot" in outputs and math.isfinite(flat["qps"])
 
 
+def test_rerank_on_an_unknown_row_fails_before_encoding(tiny_beir, tmp_path):
+    from embtune.config import load_config
+    from eval.run import run
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", "data.format=beir", f"data.path={tiny_beir}",
+                             "train.base_model=/nonexistent/model", "eval.reranker=some/cross-encoder",
+                             "eval.rerank_on=[finetuned]"])
+    with pytest.raises(ValueError, match="eval.rerank_on.*finetuned"):
+        run(cfg)
+
+
 def test_hybrid_needs_bm25():
     from embtune.config import ConfigError, load_config
 

@@ -28,7 +28,7 @@ def row(rows, dim, index, precision, **params):
 
 def test_every_family_at_every_dim(sweep_rows):
     families = {(r["index"], r["precision"]) for r in sweep_rows if r["dim"] == 32}
-    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "binary"), ("flat", "binary+rescore_bits"),
+    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "int4"), ("flat", "binary"), ("flat", "binary+rescore_bits"),
                         ("flat", "binary+rescore_int8"),
                         ("flat", "binary+rescore_fp32"), ("ivf", "fp32"), ("hnsw", "fp32"), ("ivfpq", "pq8x8")}
 
@@ -39,6 +39,8 @@ def test_exact_and_exhaustive_indexes_match_flat(sweep_rows):
         assert row(sweep_rows, dim, "ivf", "fp32", nprobe=32)["recall@10_vs_exact"] >= 0.99  # nprobe = nlist
         assert row(sweep_rows, dim, "hnsw", "fp32", efSearch=256)["recall@10_vs_exact"] >= 0.95
         assert row(sweep_rows, dim, "flat", "int8")["recall@10_vs_exact"] >= 0.9
+        int4 = row(sweep_rows, dim, "flat", "int4")["recall@10_vs_exact"]
+        assert 0.6 <= int4 <= row(sweep_rows, dim, "flat", "int8")["recall@10_vs_exact"]
 
 
 def test_fewer_probes_and_binary_lose_recall_and_rescoring_wins_it_back(sweep_rows):
@@ -57,6 +59,7 @@ def test_bytes_per_vector_follow_precision(sweep_rows):
     fp32 = row(sweep_rows, dim, "flat", "fp32")
     assert fp32["index_bytes"] == pytest.approx(n * dim * 4, rel=0.01)
     assert row(sweep_rows, dim, "flat", "int8")["index_bytes"] == pytest.approx(n * dim, rel=0.02)
+    assert row(sweep_rows, dim, "flat", "int4")["index_bytes"] == pytest.approx(n * dim / 2, rel=0.02)
     assert row(sweep_rows, dim, "flat", "binary")["index_bytes"] == pytest.approx(n * dim / 8, rel=0.02)
     rescore = row(sweep_rows, dim, "flat", "binary+rescore_int8")
     assert rescore["bytes_per_vector"] == pytest.approx(dim / 8 + dim, rel=0.02)  # the int8 vectors count too

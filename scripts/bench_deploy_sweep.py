@@ -34,6 +34,20 @@ RESULTS = ROOT / "benchmarks" / "results"
 BAR_FRACTION, BAR_KEEP = 1 / 8, 0.97
 
 
+def training_record(model: Path) -> dict:
+    """What the fine-tuned model was trained on, from its train (and data_prep) manifests when they exist."""
+    record: dict = {}
+    train_manifest = model.parent / "manifest.json"
+    if train_manifest.is_file():
+        manifest = json.loads(train_manifest.read_text())
+        record.update(train_config=manifest.get("config"), train_fingerprint=manifest.get("fingerprint"))
+    report = model.parent.parent / "data_prep" / "report.json"
+    if report.is_file():
+        data = json.loads(report.read_text())
+        record.update({k: data[k] for k in ("train_queries", "dev_queries", "rows") if k in data})
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--finetuned", required=True, help="fine-tuned sentence-transformers folder")
@@ -75,6 +89,7 @@ def main() -> int:
         "dataset": args.data, "split": "test",
         "num_queries": results["num_queries"], "num_documents": results["num_documents"],
         "models": results["models"],
+        "finetuned_training": training_record(Path(args.finetuned)),
         "bar": {"rule": f"some configuration at <= 1/8 of fp32 Flat bytes/vector keeps >= {BAR_KEEP:.0%} of the "
                         "fine-tuned fp32 Flat nDCG@10 (full dim)", **bar},
         "eval_percent": {name: {m: round(100 * v[m], 2) for m in METRICS} for name, v in results["results"].items()},

@@ -9,7 +9,12 @@ Writes ``<run_dir>/eval/results.json``::
     {"split", "num_queries", "num_documents",
      "results": {"base"|"finetuned"|"bm25"|<extra>: {"ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
                                                     "dims": {"256": {...same metrics...}, ...}}},
-     "per_query": {<model>: {<query id>: {"ndcg@10": ...}}}, "wall_seconds": {<model>: s}}
+     "per_query": {<model>: {<query id>: {"ndcg@10": ...}}}, "wall_seconds": {<model>: s},
+     "significance": {"finetuned vs base": {"diff", "ci95", "p_value", "wins", "ties", "losses", ...}, ...}}
+
+Optional rows, same metrics: ``<model>+bm25_rrf`` / ``<model>+bm25_weighted`` (``eval.hybrid``, see
+``eval/hybrid.py``) and ``<row>>rerank`` (``eval.reranker``). With ``eval.sweep.enabled`` it also writes
+``sweep.json``, ``sweep.txt`` and ``sweep.png`` (``eval/sweep.py``). Significance: ``eval/significance.py``.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from data_prep.loaders import document_text, load_corpus, load_qrels, load_queri
 from embtune.manifest import Stage, hash_path
 from embtune.models import resolve_model
 from eval.endpoint import EndpointEncoder, is_endpoint_spec
+from eval.hybrid import fuse, rerank
 from eval.metrics import evaluate
 from eval.retrieval import bm25_run, encode, exact_search, to_run, truncate
+from eval.significance import default_pairs, format_significance, significance_table
 
 logger = logging.getLogger(__name__)
 
@@ -102,26 +109,30 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
         docs = truncate(doc_emb, dim, cosine) if dim < full_dim else doc_emb
         queries = truncate(query_emb, dim, cosine) if dim < full_dim else query_emb
         scores, indices = exact_search(docs, queries, cfg.eval.top_k)
-        mean, pq = score_run(qrels, to_run(query_ids, doc_ids, scores, indices), cfg)
+        dim_run = to_run(query_ids, doc_ids, scores, indices)
+        mean, pq = score_run(qrels, dim_run, cfg)
         if dim == full_dim:
             result.update(mean)
-            per_query = pq
+            per_query, full_run = pq, dim_run
         result.setdefault("dims", {})[str(dim)] = mean
     result["dim"] = full_dim
     if isinstance(model, EndpointEncoder):
         result["endpoint"] = vars(model.stats)
         model.close()
-    return {"metrics": result, "per_query": per_query}
+    # The full-dim run feeds hybrid/rerank rows; the embeddings feed the deployment sweep.
+    return {"metrics": result, "per_query": per_query, "run": full_run, "doc_emb": doc_emb, "query_emb": query_emb,
+            "cosine": cosine}
 
 
 def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
-    header = f"{'model':<14}" + "".join(f"{m:>12}" for m in METRICS)
+    width = max([14, *(len(name) + 2 for name in results)])
+    header = f"{'model':<{width}}" + "".join(f"{m:>12}" for m in METRICS)
     lines = [f"retrieval eval on split '{split}' (percent)", header, "-" * len(header)]
     for name, metrics in results.items():
-        lines.append(f"{name:<14}" + "".join(f"{100 * metrics[m]:>12.2f}" for m in METRICS))
+        lines.append(f"{name:<{width}}" + "".join(f"{100 * metrics[m]:>12.2f}" for m in METRICS))
         for dim, dm in sorted(metrics.get("dims", {}).items(), key=lambda kv: -int(kv[0])):
             if int(dim) != metrics.get("dim"):
-                lines.append(f"{'  @' + dim:<14}" + "".join(f"{100 * dm[m]:>12.2f}" for m in METRICS))
+                lines.append(f"{'  @' + dim:<{width}}" + "".join(f"{100 * dm[m]:>12.2f}" for m in METRICS))
     text = "\n".join(lines)
     print(text)
     return text
@@ -133,10 +144,12 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     # The BM25 baseline uses mining's BM25 settings (backend, tokenizer), so they are part of this fingerprint.
     bm25_settings = {k: v for k, v in vars(cfg.mining).items() if k.startswith("bm25_") and k != "bm25_weight"}
     stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": bm25_settings},
-                  inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()}})
+                  inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
+                          **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
         return stage.outputs()
+    check_rerank_on(cfg, models)
 
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     queries = load_queries(inputs["queries"], cfg.data.on_error)
@@ -154,28 +167,92 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     results: dict[str, Any] = {}
     per_query: dict[str, Any] = {}
     wall: dict[str, float] = {}
+    runs: dict[str, dict[str, dict[str, float]]] = {}
+    sweep_rows: list[dict[str, Any]] = []
     for name, path in models.items():
         start = time.time()
         out = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg)
-        results[name], per_query[name] = out["metrics"], out["per_query"]
+        results[name], per_query[name], runs[name] = out["metrics"], out["per_query"], out["run"]
         wall[name] = round(time.time() - start, 1)
+        if cfg.eval.sweep.enabled:
+            from eval.sweep import sweep_model
+
+            start = time.time()
+            sweep_rows += sweep_model(name, out["doc_emb"], out["query_emb"], doc_ids, query_ids, qrels,
+                                      cfg.eval.sweep, out["cosine"], cfg.eval.ignore_identical_ids)
+            wall[f"sweep_{name}"] = round(time.time() - start, 1)
     if cfg.eval.compare_bm25:
         start = time.time()
         from data_prep.run import bm25_tokenizer
 
-        bm25 = bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k,
-                        backend=cfg.mining.bm25_backend, tokenizer=bm25_tokenizer(cfg.mining))
-        mean, pq = score_run(qrels, bm25, cfg)
-        results["bm25"], per_query["bm25"] = mean, pq
+        runs["bm25"] = bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k,
+                                backend=cfg.mining.bm25_backend, tokenizer=bm25_tokenizer(cfg.mining))
+        results["bm25"], per_query["bm25"] = score_run(qrels, runs["bm25"], cfg)
         wall["bm25"] = round(time.time() - start, 1)
+    for name in list(models) if cfg.eval.hybrid else []:
+        for method in cfg.eval.hybrid:
+            row = f"{name}+bm25_{method}"
+            runs[row] = fuse(method, runs[name], runs["bm25"], rrf_k=cfg.eval.rrf_k,
+                             dense_weight=cfg.eval.hybrid_weight, depth=cfg.eval.hybrid_depth)
+            results[row], per_query[row] = score_run(qrels, runs[row], cfg)
+    if cfg.eval.reranker:
+        start = time.time()
+        for row, run_ in rerank_rows(cfg, runs, models, dict(zip(query_ids, query_texts)),
+                                     dict(zip(doc_ids, doc_texts))).items():
+            runs[row] = run_
+            results[row], per_query[row] = score_run(qrels, run_, cfg)
+        wall["rerank"] = round(time.time() - start, 1)
 
     stage.dir.mkdir(parents=True, exist_ok=True)
     table = print_table(results, cfg.eval.split)
+    significance = {}
+    if cfg.eval.significance_resamples:
+        significance = significance_table(per_query, default_pairs(list(results)), "ndcg@10",
+                                          cfg.eval.significance_resamples, seed=cfg.seed)
+        if significance:
+            text = "paired significance of per-query nDCG@10:\n" + format_significance(significance)
+            print(text)
+            table += "\n\n" + text
+    outputs = {"results": stage.dir / "results.json", "table": stage.dir / "table.txt"}
+    if sweep_rows:
+        from eval.sweep import format_sweep, plot_sweep
+
+        sweep_text = format_sweep(sweep_rows)
+        print(sweep_text)
+        (stage.dir / "sweep.txt").write_text(sweep_text + "\n")
+        (stage.dir / "sweep.json").write_text(json.dumps({"rows": sweep_rows}, indent=1))
+        outputs.update(sweep=stage.dir / "sweep.json", sweep_table=stage.dir / "sweep.txt")
+        if cfg.eval.sweep.plot:
+            outputs["sweep_plot"] = plot_sweep(sweep_rows, stage.dir / "sweep.png")
     (stage.dir / "table.txt").write_text(table + "\n")
     payload = {"split": cfg.eval.split, "num_queries": len(query_ids), "num_documents": len(doc_ids),
-               "models": models, "results": results, "per_query": per_query, "wall_seconds": wall}
+               "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
+               "significance": significance}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
     from train.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
-    return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})
+    return stage.finish(outputs)
+
+
+def check_rerank_on(cfg, models: dict[str, str]) -> None:
+    """Fail before any encoding when ``eval.rerank_on`` names a row this run will not compute."""
+    rows = {*models, *(["bm25"] if cfg.eval.compare_bm25 else []),
+            *(f"{m}+bm25_{method}" for m in models for method in cfg.eval.hybrid)}
+    missing = [name for name in cfg.eval.rerank_on if name not in rows]
+    if cfg.eval.reranker and missing:
+        raise ValueError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})")
+
+
+def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: dict[str, str],
+                doc_texts: dict[str, str]) -> dict[str, Any]:
+    """``<row>>rerank`` for each row in ``eval.rerank_on`` (default: finetuned, else the first dense model)."""
+    from sentence_transformers import CrossEncoder
+
+    targets = cfg.eval.rerank_on or [next(m for m in ("finetuned", *models, "bm25") if m in runs)]
+    scorer = CrossEncoder(resolve_model(cfg.eval.reranker), device=None)
+    if cfg.eval.max_seq_length:
+        scorer.max_length = cfg.eval.max_seq_length
+    logger.info("reranking the top %d of %s with %s", cfg.eval.rerank_top_k, targets, cfg.eval.reranker)
+    return {f"{t}>rerank": rerank(scorer, runs[t], query_texts, doc_texts, cfg.eval.rerank_top_k,
+                                  cfg.eval.rerank_batch_size) for t in targets}

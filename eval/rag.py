@@ -268,7 +268,8 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
         name, qid = request.id.split("/", 1)
         ids = retrieved[name][query_ids.index(qid)]
         gold = {d for d, rel in qrels[qid].items() if rel > 0}
-        record: dict[str, Any] = {"query_id": qid, "query": queries[qid], "retrieved": ids, "gold": sorted(gold),
+        # Ids only, no dataset text: reports get committed, and the dataset's text must not be copied into them.
+        record: dict[str, Any] = {"query_id": qid, "retrieved": ids, "gold": sorted(gold),
                                   "gold_in_context": any(d in gold for d in ids), "answer": result.text,
                                   "answer_error": result.error}
         if result.text is not None:

@@ -52,7 +52,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--finetuned", required=True, help="fine-tuned sentence-transformers folder")
     parser.add_argument("--base", default="minilm", help="base model (alias, folder or hub name)")
-    parser.add_argument("--data", default="/work/shared/data/beir/scifact", help="BEIR folder")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"), help="BEIR folder")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_deploy_sweep"))
     parser.add_argument("--name", default="deploy_sweep_scifact", help="result file stem")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides, e.g. eval.sweep.threads=2")

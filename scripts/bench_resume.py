@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from embtune.manifest import Stage, machine, versions  # noqa: E402
-from bench_train_throughput import scifact_table  # noqa: E402
+from bench_train_throughput import beir_table as scifact_table  # noqa: E402
 
 
 def train_cmd(run_dir: Path, args) -> list[str]:
@@ -57,7 +57,7 @@ def weights(run_dir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/beir/scifact")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"))
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)

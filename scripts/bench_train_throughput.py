@@ -4,7 +4,7 @@
     python scripts/bench_train_throughput.py --device cuda --bf16 --seqs 256 --batch-size 64 --steps 30 \
         --out benchmarks/results/train_throughput_gpu.json                    # a GPU (adds MFU)
 
-Rows: SciFact (``/work/shared/data/beir/scifact``) train queries with their relevant abstract as positive and a
+Rows: SciFact (``../shared/data/beir/scifact`` beside the repo) train queries with their relevant abstract as positive and a
 seeded random other abstract as negative (real text, no mining needed), shuffled with ``--seed``.
 
 Both sides train MiniLM (``resolve_model("minilm")``) with MultipleNegativesRankingLoss (scale 20) on
@@ -190,7 +190,7 @@ def train_flops(trainer, padded_tokens: int, seq_tokens_sq: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/beir/scifact")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"))
     parser.add_argument("--dataset", choices=["scifact", "pydoc"], default="scifact",
                         help="pydoc: the demo's stdlib docstrings, whose lengths vary widely (where length grouping "
                              "applies); scifact: abstracts, nearly all truncated at seq")

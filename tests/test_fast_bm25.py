@@ -12,7 +12,7 @@ from rank_bm25 import BM25Okapi
 from data_prep import fast_bm25
 from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, top_k_rank_bm25
 
-SCIFACT = Path("/work/shared/data/beir/scifact")
+SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"
 
 
 def seeded_corpus(seed: int, n_docs: int = 80, vocab_size: int = 40) -> list[list[str]]:

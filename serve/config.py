@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class ExportConfig:
     """Bundle the fine-tuned model with its metrics and a model card."""
 
-    out_dir: str = ""  # default: <run_dir>/export
+    out_dir: str = ""  # default: <run_dir>/bundle (the export stage keeps its manifest in <run_dir>/export)
     model_name: str = "embtune-model"
     index: bool = True  # embed the eval corpus into a FAISS index inside the bundle
     onnx: bool = False  # also write model/onnx/model.onnx (needs onnx + onnxruntime)

@@ -82,7 +82,8 @@ computed with pytrec_eval as BEIR/MTEB do (percent).
 def run(cfg, force: bool = False) -> dict[str, str]:
     model_dir = upstream(cfg, "train")["model"]
     results_file = upstream(cfg, "eval")["results"]
-    out_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "export")
+    # Not the stage folder itself: the stage manifest and the bundle manifest would both be manifest.json.
+    out_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "bundle")
     stage = Stage("export", cfg.run_dir, config={"export": cfg.export}, inputs={"model": model_dir, "metrics": results_file})
     if not force and stage.up_to_date():
         return stage.outputs()

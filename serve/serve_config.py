@@ -3,7 +3,7 @@
 Example (YAML)::
 
     serve:
-      bundle_dir: runs/scifact/export
+      bundle_dir: runs/scifact/bundle
       port: 8000
       api_key: ""          # or set EMBTUNE_API_KEY; empty = no auth
       microbatch: true

@@ -34,7 +34,10 @@ def test_pipeline_runs_skips_and_reruns_downstream(tmp_path, tiny_beir, tiny_mod
     assert set(results["results"]["finetuned"]["dims"]) == {"32", "16"}
     assert results["num_queries"] == 18  # every 4th of 72 queries is test
 
-    bundle = tmp_path / "run" / "export"
+    bundle = tmp_path / "run" / "bundle"
+    bundle_manifest = json.loads((bundle / "manifest.json").read_text())
+    assert bundle_manifest["dims"] == [32, 16] and bundle_manifest["num_docs"] == 72  # not the stage manifest
+    assert (bundle / "index" / "corpus.faiss").is_file()
     model = SentenceTransformer(str(bundle / "model"), device="cpu")
     assert model.encode(["star planet"]).shape == (1, 32)
     card = (bundle / "model" / "README.md").read_text()

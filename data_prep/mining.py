@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
 

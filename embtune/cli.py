@@ -57,18 +57,29 @@ def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] |
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=3e-5")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage's manifest matches")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)  # no recipe file: defaults plus overrides
-        args.config = None
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    args, cfg = parse_config_args(parser, argv)
+    if cfg is None:
         return 2
     run(cfg, force=args.force)
     return 0
+
+
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+    """Parse ``CONFIG [key=value ...]`` (positionals ``config`` and ``overrides``) and load the recipe.
+
+    A first positional that is an override rather than a YAML file means "defaults plus overrides". Returns
+    ``(args, cfg)``, with ``cfg`` None after printing the config error (callers exit 2).
+    """
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        args.overrides.insert(0, args.config)
+        args.config = None
+    setup_logging()
+    try:
+        return args, load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return args, None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,7 @@ import subprocess
 import sys
 import time
 
-from embtune.cli import setup_logging
-from embtune.config import ConfigError, load_config
+from embtune.cli import parse_config_args
 
 logger = logging.getLogger("embtune.pipeline")
 
@@ -52,17 +51,13 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m embtune.pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", help="YAML recipe (see configs/)")
+    parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
     parser.add_argument("--launch", default="", help='launcher for the train stage, e.g. "accelerate launch"')
     parser.add_argument("--stages", default=",".join(STAGE_ORDER), help="comma-separated subset to run, in order")
     parser.add_argument("--force", action="store_true", help="rerun every selected stage")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    args, cfg = parse_config_args(parser, argv)
+    if cfg is None:
         return 2
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     unknown = set(stages) - set(STAGE_ORDER)

@@ -379,8 +379,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
-    from embtune.cli import setup_logging
-    from embtune.config import ConfigError, load_config
+    from embtune.cli import parse_config_args
     from eval.run import upstream
 
     parser = argparse.ArgumentParser(prog="python -m eval.rag", description=__doc__.split("\n\n")[0])
@@ -389,15 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="base model (default: train.base_model)")
     parser.add_argument("--finetuned", help="fine-tuned model folder (default: the train stage's model)")
     parser.add_argument("--out", help="report path (default: <run_dir>/eval/rag.json)")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)
-        args.config = None
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    args, cfg = parse_config_args(parser, argv)
+    if cfg is None:
         return 2
     retrievers = {"base": resolve_model(args.base or cfg.train.base_model)}
     finetuned = args.finetuned or upstream(cfg, "train").get("model")

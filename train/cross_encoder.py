@@ -139,23 +139,15 @@ def run(cfg, force: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embtune.cli import setup_logging
-    from embtune.config import ConfigError, load_config
+    from embtune.cli import parse_config_args
 
     parser = argparse.ArgumentParser(prog="python -m train.cross_encoder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/scifact_teacher.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cross_encoder.epochs=2")
     parser.add_argument("--force", action="store_true", help="rerun even if the stage's manifest matches")
-    args = parser.parse_args(argv)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.overrides.insert(0, args.config)
-        args.config = None
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    args, cfg = parse_config_args(parser, argv)
+    if cfg is None:
         return 2
     run(cfg, force=args.force)
     return 0

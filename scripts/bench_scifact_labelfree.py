@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.config import load_config, to_dict  # noqa: E402
+from embtune.config import to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
-from embtune.pipeline import run as run_pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+from benchlib import percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
 
 # Dotted overrides on configs/scifact_labelfree.yaml; "round_trip_bm25" is the config as shipped.
 VARIANTS = {
@@ -42,21 +41,6 @@ VARIANTS = {
     "no_round_trip": ["llm.round_trip=none"],
     "round_trip_either": ["llm.round_trip=either"],
 }
-
-
-def percent(metrics: dict) -> dict:
-    out = {k: round(100 * metrics[k], 2) for k in REPORTED if k in metrics}
-    if "dims" in metrics:
-        out["dims"] = {d: {k: round(100 * v[k], 2) for k in REPORTED} for d, v in metrics["dims"].items()}
-    return out
-
-
-def run_one(config: str, overrides: list[str], stages=("data_prep", "train", "eval")) -> tuple:
-    cfg = load_config(config, overrides)
-    wall = run_pipeline(cfg, config, overrides, stages=stages)
-    results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
-    report = json.loads((Path(cfg.run_dir) / "data_prep" / "report.json").read_text())
-    return cfg, results, report, wall
 
 
 def synthesis_summary(report: dict, llm_wall: float) -> dict:
@@ -93,7 +77,7 @@ def main() -> int:
         for name in args.variants.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}", cache, "eval.split=dev", "eval.compare_bm25=false",
                          "train.report_to=none", *VARIANTS[name], *args.overrides]
-            _, results, report, wall = run_one(args.config, overrides)
+            _, results, report, wall = run_recipe(args.config, overrides)
             llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
             out["variants"][name] = {"overrides": VARIANTS[name],
                                      "results": {k: percent(v) for k, v in results["results"].items()},
@@ -111,7 +95,7 @@ def main() -> int:
     runs = {}
     for name in dict.fromkeys([choice, "no_round_trip" if choice != "no_round_trip" else "round_trip_bm25"]):
         overrides = [f"run_dir={args.run_root}/test_{name}", cache, "eval.split=test", *VARIANTS[name], *args.overrides]
-        cfg, results, report, wall = run_one(args.config, overrides)
+        cfg, results, report, wall = run_recipe(args.config, overrides)
         llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
         runs[name] = (cfg, overrides, results, report, wall)
     cfg, overrides, results, report, wall = runs[choice]

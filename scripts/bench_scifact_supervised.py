@@ -24,12 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.config import load_config, to_dict  # noqa: E402
+from embtune.config import to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
-from embtune.pipeline import run as run_pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+from benchlib import percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
 
 # Candidate settings tried on dev; each is a list of dotted overrides on configs/scifact_supervised.yaml.
 GRID = {
@@ -37,23 +36,6 @@ GRID = {
     "lr5e-5_ep2_bm25top30": ["train.learning_rate=5e-5", "train.epochs=2", "mining.rank_start=0", "mining.rank_end=30"],
     "lr3e-5_ep3_bm25_10-50": ["train.learning_rate=3e-5", "train.epochs=3", "mining.rank_start=10", "mining.rank_end=50"],
 }
-
-
-def percent(metrics: dict) -> dict:
-    out = {k: round(100 * metrics[k], 2) for k in REPORTED if k in metrics}
-    if "dims" in metrics:
-        out["dims"] = {d: {k: round(100 * v[k], 2) for k in REPORTED} for d, v in metrics["dims"].items()}
-    return out
-
-
-def run_one(config: str, overrides: list[str], stages=("data_prep", "train", "eval")) -> tuple[dict, dict, dict]:
-    cfg = load_config(config, overrides)
-    run_pipeline(cfg, config, overrides, stages=stages)
-    # Each stage's own manifest holds the time its work took (a rerun that skips an up-to-date stage costs ~0 s).
-    wall = {s: json.loads((Path(cfg.run_dir) / s / "manifest.json").read_text())["wall_seconds"] for s in stages}
-    results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
-    report = json.loads((Path(cfg.run_dir) / "data_prep" / "report.json").read_text())
-    return cfg, results, {"wall": wall, "mining": report["mining"], "rows": report["rows"]}
 
 
 def main() -> int:
@@ -77,9 +59,9 @@ def main() -> int:
         for name in args.candidates.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}", "data.dev_fraction=0.2", "eval.split=dev",
                          "eval.compare_bm25=false", "train.report_to=none", *GRID[name], *args.overrides]
-            _, results, info = run_one(args.config, overrides)
+            _, results, report, wall = run_recipe(args.config, overrides)
             out["candidates"][name] = {"overrides": GRID[name], "results": {k: percent(v) for k, v in results["results"].items()},
-                                       "num_queries": results["num_queries"], "wall_seconds": info["wall"]}
+                                       "num_queries": results["num_queries"], "wall_seconds": wall}
             print(f"dev {name}: finetuned nDCG@10 = {100 * results['results']['finetuned']['ndcg@10']:.2f} "
                   f"(base {100 * results['results']['base']['ndcg@10']:.2f})", flush=True)
         best = max(out["candidates"], key=lambda n: out["candidates"][n]["results"]["finetuned"]["ndcg@10"])
@@ -94,7 +76,7 @@ def main() -> int:
         dev = json.loads((RESULTS / "scifact_supervised_dev.json").read_text())
         choice = dev["best"]
     overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", *GRID[choice], *args.overrides]
-    cfg, results, info = run_one(args.config, overrides, stages=("data_prep", "train", "eval", "export"))
+    cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval", "export"))
     res = results["results"]
     out = {
         "benchmark": "scifact_supervised",
@@ -109,9 +91,9 @@ def main() -> int:
         "config": to_dict(cfg),
         "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]), "finetuned": percent(res["finetuned"])},
         "published": {"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9, "bge-small-en-v1.5": 71.3},
-        "training_rows": info["rows"],
-        "mining_report": info["mining"],
-        "wall_seconds": {**info["wall"], "total": round(time.time() - start, 1)},
+        "training_rows": report["rows"],
+        "mining_report": report["mining"],
+        "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
         "command": command,
         "machine": machine(),
         "versions": versions(),

@@ -1,0 +1,37 @@
+"""What the SciFact benchmark scripts share: run a recipe through the pipeline, read back what it wrote."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from embtune.config import load_config  # noqa: E402
+from embtune.pipeline import run as run_pipeline  # noqa: E402
+
+REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+
+
+def percent(metrics: dict) -> dict:
+    """An eval results row (fractions) as percent, rounded, with its per-dim figures."""
+    out = {k: round(100 * metrics[k], 2) for k in REPORTED if k in metrics}
+    if "dims" in metrics:
+        out["dims"] = {d: {k: round(100 * v[k], 2) for k in REPORTED} for d, v in metrics["dims"].items()}
+    return out
+
+
+def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", "eval")):
+    """Run ``stages`` of a recipe; return (cfg, eval results, data_prep report, wall seconds per stage).
+
+    Wall seconds come from each stage's manifest: the time its work took, also when a rerun skipped it.
+    """
+    cfg = load_config(config, overrides)
+    run_pipeline(cfg, config, overrides, stages=stages)
+    run_dir = Path(cfg.run_dir)
+    wall = {s: json.loads((run_dir / s / "manifest.json").read_text())["wall_seconds"] for s in stages}
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    report = json.loads((run_dir / "data_prep" / "report.json").read_text())
+    return cfg, results, report, wall

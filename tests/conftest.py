@@ -5,6 +5,7 @@ The model is built once per session; tests that train copy its folder first.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -100,3 +101,27 @@ def minilm_dir() -> Path:
     from embtune.models import resolve_model
 
     return Path(resolve_model("minilm"))
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app):
+    """Serve a FastAPI app on 127.0.0.1 (a free port) in a thread; yields ``http://127.0.0.1:<port>``."""
+    import threading
+    import time
+
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

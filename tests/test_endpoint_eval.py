@@ -4,12 +4,9 @@ the same model scores in-process; batches are cached on disk; 429/5xx are retrie
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
-import uvicorn
 
 from data_prep.llm_config import LLMConfig
 from embtune.config import ConfigError, load_config
@@ -18,6 +15,7 @@ from eval.run import run as run_eval
 from serve.app import create_app
 from serve.bundle import build_bundle
 from serve.serve_config import ServeConfig
+from tests.conftest import uvicorn_in_thread
 from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 
 
@@ -31,18 +29,8 @@ def embtune_server(tiny_model_dir, tmp_path_factory):
     """serve.app on 127.0.0.1 over the tiny model; yields (base_url, app)."""
     bundle = build_bundle(tiny_model_dir, None, tmp_path_factory.mktemp("bundle") / "export", device="cpu")
     app = create_app(bundle, ServeConfig(model_name="tiny", max_wait_ms=2, cache_size=0, max_inputs=512))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}/v1", app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(app) as url:
+        yield f"{url}/v1", app
 
 
 def test_served_model_scores_like_the_local_model_and_is_cached(tmp_path, tiny_beir, tiny_model_dir, embtune_server):

@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
@@ -26,6 +22,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, B
 from serve.app import create_app, main
 from serve.bundle import build_bundle, doc_text
 from serve.serve_config import ServeConfig
+from tests.conftest import uvicorn_in_thread
 
 API_KEY = "test-key"
 WORDS = ("the a of and to in is for on with cat dog fish bird tree river mountain city house car train music "
@@ -86,28 +83,12 @@ def bundle_dir(tiny_model_dir, tmp_path_factory):
     return build_bundle(tiny_model_dir, DOCS, tmp_path_factory.mktemp("bundle") / "export", device="cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_server(bundle_dir):
     """A real uvicorn server on 127.0.0.1 with an API key; yields (base_url, app)."""
     app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny"))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started:
-        if time.time() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    yield f"http://127.0.0.1:{port}", app
-    server.should_exit = True
-    thread.join(timeout=10)
+    with uvicorn_in_thread(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ STAGES = {
     "eval": "FAISS retrieval eval with BEIR/MTEB metrics: base vs fine-tuned vs BM25",
     "serve": "export the fine-tuned model as a bundle (and serve it)",
     "pipeline": "run data_prep -> train -> eval -> export, skipping stages whose manifest matches",
+    "train.cross_encoder": "train a cross-encoder teacher on data_prep's table (CrossEncoderTrainer)",
 }
 
 
@@ -92,5 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     import importlib
 
-    module = importlib.import_module(f"{argv[0]}.__main__" if argv[0] != "pipeline" else "embtune.pipeline")
+    name = argv[0]
+    module = importlib.import_module("embtune.pipeline" if name == "pipeline" else name if "." in name
+                                     else f"{name}.__main__")
     return module.main(argv[1:])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from embtune.config import to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
 
 # Dotted overrides on configs/scifact_labelfree.yaml; "round_trip_bm25" is the config as shipped.
 VARIANTS = {
@@ -63,8 +62,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
-    command = "python " + shlex.join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).is_absolute()
-                                      else sys.argv[0], *sys.argv[1:]])
+    command = bench_command(sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.time()
     cache = f"llm.cache_file={Path(args.run_root).resolve() / 'llm_cache.jsonl'}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -13,6 +14,12 @@ from embtune.config import load_config  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 
 REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+
+
+def bench_command(argv: list[str]) -> str:
+    """The command line that ran this benchmark, script path relative to the repo root."""
+    script = Path(argv[0])
+    return "python " + shlex.join([str(script.relative_to(ROOT)) if script.is_absolute() else argv[0], *argv[1:]])
 
 
 def percent(metrics: dict) -> dict:

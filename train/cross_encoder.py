@@ -15,7 +15,6 @@ cleanup() saves the model on the main process and writes the stage manifest.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from typing import Any
@@ -139,18 +138,9 @@ def run(cfg, force: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embtune.cli import parse_config_args
+    from embtune.cli import stage_main
 
-    parser = argparse.ArgumentParser(prog="python -m train.cross_encoder", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", help="YAML recipe (see configs/scifact_teacher.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. cross_encoder.epochs=2")
-    parser.add_argument("--force", action="store_true", help="rerun even if the stage's manifest matches")
-    args, cfg = parse_config_args(parser, argv)
-    if cfg is None:
-        return 2
-    run(cfg, force=args.force)
-    return 0
+    return stage_main("train.cross_encoder", run, ["cross_encoder"], argv)
 
 
 if __name__ == "__main__":

@@ -105,7 +105,10 @@ class MiningConfig:
     # Teacher: a CrossEncoder (folder or hub name) scoring (query, positive) and (query, negative_i); adds the
     # columns score_positive, score_negative_1..k. Its guards drop a candidate whose teacher score is
     # > teacher score of the positive - teacher_margin, or > teacher_max_score.
+    # "hybrid" instead selects the label-free teacher data_prep.teacher.HybridTeacher: cosine of the dense mining
+    # model (mining.model or train.base_model) + teacher_bm25_weight x BM25 normalized by the query's top score.
     teacher: str = ""
+    teacher_bm25_weight: float = 1.0
     teacher_batch_size: int = 32
     teacher_max_length: int = 512
     teacher_margin: float | None = None
@@ -130,5 +133,7 @@ class MiningConfig:
             raise ValueError("mining.candidate_depth must be 0 or >= mining.rank_end")
         if (self.teacher_margin is not None or self.teacher_max_score is not None) and not self.teacher:
             raise ValueError("mining.teacher_margin / mining.teacher_max_score need mining.teacher to be set")
+        if self.teacher_bm25_weight < 0:
+            raise ValueError(f"mining.teacher_bm25_weight must be >= 0, got {self.teacher_bm25_weight}")
         if self.ivf_nprobe < 1 or self.ivf_nlist < 0:
             raise ValueError("mining.ivf_nprobe must be >= 1 and mining.ivf_nlist >= 0")

@@ -54,7 +54,7 @@ def stage_config(cfg) -> dict[str, Any]:
 def input_files(cfg) -> dict[str, str]:
     files = data_files(cfg)
     # A local teacher or mining model is an input too: retraining it in place must rerun mining.
-    if cfg.mining.teacher and Path(cfg.mining.teacher).exists():
+    if cfg.mining.teacher and cfg.mining.teacher != "hybrid" and Path(cfg.mining.teacher).exists():
         files["teacher"] = cfg.mining.teacher
     if cfg.mining.method in ("dense", "hybrid") and cfg.mining.model and Path(cfg.mining.model).exists():
         files["mining_model"] = cfg.mining.model
@@ -155,9 +155,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     ranking = build_ranking(cfg, corpus, doc_texts, queries, train_qrels) if num_negatives else None
     teacher = None
     if m.teacher:
-        from data_prep.teacher import TeacherScorer
-
-        teacher = TeacherScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
+        teacher = build_teacher(cfg, [doc_texts[d] for d in corpus])
     rows, mining_report = mine_negatives(
         corpus, queries, train_qrels, doc_texts,
         method=m.method, num_negatives=num_negatives, rank_start=m.rank_start, rank_end=m.rank_end,
@@ -220,6 +218,17 @@ def bm25_tokenizer(mining) -> BM25Tokenizer:
     """The BM25 tokenizer the mining section describes (also used by eval's BM25 baseline)."""
     return BM25Tokenizer(lowercase=mining.bm25_lowercase, token_pattern=mining.bm25_token_pattern or None,
                          stopwords=mining.bm25_stopwords or None, stemmer=mining.bm25_stemmer or None)
+
+
+def build_teacher(cfg, corpus_texts: list[str]):
+    """``mining.teacher``: the label-free hybrid teacher, or a cross-encoder (folder or hub name)."""
+    from data_prep.teacher import HYBRID_TEACHER, HybridTeacher, TeacherScorer
+
+    m = cfg.mining
+    if m.teacher == HYBRID_TEACHER:
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, bm25_tokenizer(m), m.teacher_bm25_weight,
+                             batch_size=m.batch_size, max_seq_length=m.max_seq_length)
+    return TeacherScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 
 
 def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:

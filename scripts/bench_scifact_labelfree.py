@@ -2,6 +2,8 @@
 query is trained on. Settings are chosen on dev (SciFact *train* queries, which this recipe never trains on), then
 the chosen one and the round-trip ablation are evaluated on test.
 
+    # 0. teacher: the label-free hybrid teacher's BM25 weight, chosen by its own rerank nDCG@10 on dev (no training)
+    python scripts/bench_scifact_labelfree.py --phase teacher
     # 1. dev: every variant, evaluated on half of the labelled train queries (seeded); test is never read
     python scripts/bench_scifact_labelfree.py --phase dev
     # 2. test: the variant best on dev, plus the ablation without the round-trip filter
@@ -40,6 +42,16 @@ VARIANTS = {
     "no_round_trip": ["llm.round_trip=none"],
     "round_trip_either": ["llm.round_trip=either"],
 }
+# GPL with a label-free teacher: MarginMSE towards the hybrid teacher (base cosine + w x normalized BM25, w chosen by
+# --phase teacher) on each synthetic query's source passage and 3 negatives drawn from the hybrid top-50.
+GPL = ["mining.teacher=hybrid", "mining.method=hybrid", "mining.num_negatives=3", "mining.rank_start=0",
+       "mining.rank_end=50", "mining.sampling=random", "train.num_negatives=3", "train.margin_mse_scale=1",
+       "train.learning_rate=2e-5"]
+VARIANTS.update({
+    "gpl_hybrid_teacher": [*GPL, "train.loss=margin_mse"],
+    "gpl_hybrid_teacher_mnrl": [*GPL, "train.loss=mnrl+margin_mse"],
+    "gpl_hybrid_teacher_no_round_trip": [*GPL, "train.loss=margin_mse", "llm.round_trip=none"],
+})
 
 
 def synthesis_summary(report: dict, llm_wall: float) -> dict:
@@ -52,13 +64,56 @@ def synthesis_summary(report: dict, llm_wall: float) -> dict:
             "round_trip": synthesis["round_trip"]}
 
 
+def choose_teacher_weight(config: str, overrides: list[str], weights: list[float], depth: int) -> dict:
+    """The hybrid teacher (``mining.teacher: hybrid``) as a reranker of the base model's top-``depth`` on dev, per
+    BM25 weight; nothing is trained, test is never read."""
+    from data_prep.loaders import document_text, load_beir
+    from data_prep.run import bm25_tokenizer, split_dev
+    from data_prep.teacher import HybridTeacher, rerank
+    from embtune.config import load_config
+    from eval.metrics import evaluate
+    from eval.retrieval import encode, exact_search, to_run
+
+    cfg = load_config(config, overrides)
+    data = load_beir(cfg.data.path, cfg.data.train_split)
+    _, dev = split_dev(data.qrels, cfg.data.dev_fraction, cfg.data.seed)
+    doc_ids = list(data.corpus)
+    doc_texts = [document_text(data.corpus[d], cfg.mining.include_title) for d in doc_ids]
+    query_ids = sorted(dev)
+    queries = {q: data.queries[q] for q in query_ids}
+    start = time.time()
+    teachers = {w: HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining), w,
+                                 max_seq_length=cfg.mining.max_seq_length) for w in weights}
+    first = teachers[weights[0]]
+    first._encoder()
+    query_emb = encode(first._model, [queries[q] for q in query_ids])
+    scores, indices = exact_search(first._doc_emb, query_emb, depth)
+    base_run = to_run(query_ids, doc_ids, scores, indices)
+    texts = dict(zip(doc_ids, doc_texts))
+    out = {"dev_queries": len(query_ids), "depth": depth, "candidates": "the base model's top-depth",
+           "base_ndcg@10": round(100 * evaluate(dev, base_run)[0]["ndcg@10"], 2), "weights": {}}
+    for w, teacher in teachers.items():
+        teacher._model, teacher._doc_emb = first._model, first._doc_emb  # one encoder for every weight
+        reranked = rerank(teacher, base_run, queries, texts, depth)
+        out["weights"][str(w)] = round(100 * evaluate(dev, reranked)[0]["ndcg@10"], 2)
+        print(f"teacher bm25_weight {w}: dev rerank nDCG@10 {out['weights'][str(w)]}", flush=True)
+    out["best"] = float(max(out["weights"], key=out["weights"].get))
+    out["wall_seconds"] = round(time.time() - start, 1)
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["dev", "final"], required=True)
+    parser.add_argument("--phase", choices=["teacher", "dev", "final"], required=True)
+    parser.add_argument("--teacher-weights", default="0,0.1,0.2,0.3,0.5,0.75,1,1.5,2",
+                        help="teacher phase: the BM25 weights to compare")
+    parser.add_argument("--teacher-depth", type=int, default=100)
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_labelfree.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_labelfree"))
     parser.add_argument("--variants", default=",".join(VARIANTS), help="dev: which VARIANTS to try")
     parser.add_argument("--choice", default="", help="final: the variant to report (default: best on dev)")
+    parser.add_argument("--ablations", default="", help="final: more VARIANTS to run on test beside the choice and "
+                                                         "its ablation without the round-trip filter")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
@@ -68,30 +123,50 @@ def main() -> int:
     cache = f"llm.cache_file={Path(args.run_root).resolve() / 'llm_cache.jsonl'}"
     llm_wall = 0.0  # the LLM's time is spent by whichever run asks first; the others read the cache
 
+    dev_path = RESULTS / "scifact_labelfree_dev.json"
+    if args.phase == "teacher":
+        out = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
+        out["teacher_weight"] = choose_teacher_weight(args.config, ["data.dev_fraction=0.5", *args.overrides],
+                                                      [float(w) for w in args.teacher_weights.split(",")],
+                                                      args.teacher_depth)
+        out["teacher_weight"].update({"command": command, "machine": machine(), "versions": versions()})
+        dev_path.write_text(json.dumps(out, indent=2))
+        print(f"best teacher bm25 weight on dev: {out['teacher_weight']['best']}")
+        return 0
+
     if args.phase == "dev":
-        out = {"command": command, "machine": machine(), "versions": versions(), "split": "dev",
+        # Variants accumulate across invocations (each records the overrides it ran with).
+        previous = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
+        out = {"commands": [*previous.get("commands", []), command], "machine": machine(), "versions": versions(),
+               "split": "dev",
                "dev": "SciFact qrels/train.tsv, half its queries (data.dev_fraction=0.5, seeded); never trained on",
-               "variants": {}}
+               "variants": previous.get("variants", {})}
         for name in args.variants.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}", cache, "eval.split=dev", "eval.compare_bm25=false",
                          "train.report_to=none", *VARIANTS[name], *args.overrides]
             _, results, report, wall = run_recipe(args.config, overrides)
             llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
-            out["variants"][name] = {"overrides": VARIANTS[name],
+            out["variants"][name] = {"overrides": [*VARIANTS[name], *args.overrides],
                                      "results": {k: percent(v) for k, v in results["results"].items()},
                                      "num_queries": results["num_queries"], "training_rows": report["rows"],
                                      "synthesis": synthesis_summary(report, llm_wall), "wall_seconds": wall}
             print(f"dev {name}: finetuned nDCG@10 = {100 * results['results']['finetuned']['ndcg@10']:.2f} "
                   f"(base {100 * results['results']['base']['ndcg@10']:.2f})", flush=True)
         out["best"] = max(out["variants"], key=lambda n: out["variants"][n]["results"]["finetuned"]["ndcg@10"])
+        if dev_path.is_file() and "teacher_weight" in json.loads(dev_path.read_text()):
+            out["teacher_weight"] = json.loads(dev_path.read_text())["teacher_weight"]
         out["wall_seconds_total"] = round(time.time() - start, 1)
         (RESULTS / "scifact_labelfree_dev.json").write_text(json.dumps(out, indent=2))
         print(f"best on dev: {out['best']}")
         return 0
 
     choice = args.choice or json.loads((RESULTS / "scifact_labelfree_dev.json").read_text())["best"]
+    # The ablation without the round-trip filter: the chosen variant with llm.round_trip=none (unless it is that).
+    VARIANTS[f"{choice}_no_round_trip"] = [*VARIANTS[choice], "llm.round_trip=none"]
+    names = [choice] + ([] if "llm.round_trip=none" in VARIANTS[choice] else [f"{choice}_no_round_trip"])
+    names += [a for a in args.ablations.split(",") if a]
     runs = {}
-    for name in dict.fromkeys([choice, "no_round_trip" if choice != "no_round_trip" else "round_trip_bm25"]):
+    for name in dict.fromkeys(names):
         overrides = [f"run_dir={args.run_root}/test_{name}", cache, "eval.split=test", *VARIANTS[name], *args.overrides]
         cfg, results, report, wall = run_recipe(args.config, overrides)
         llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])

@@ -182,3 +182,52 @@ def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_
     # the trained teacher is a valid mining.teacher
     teacher = TeacherScorer(outputs["model"], max_length=64)
     assert teacher.score([("star planet", "star planet orbit")]).shape == (1,)
+
+
+def test_hybrid_teacher_scores_are_cosine_plus_normalized_bm25(tiny_beir, tiny_model_dir, cache):
+    """The label-free teacher, recomputed independently: the model's cosine + w * BM25 / the query's top BM25."""
+    from sentence_transformers import SentenceTransformer
+
+    from data_prep.fast_bm25 import BM25Tokenizer, FastBM25
+    from data_prep.teacher import HybridTeacher
+
+    corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
+    doc_texts = [texts[d] for d in corpus]
+    tokenizer = BM25Tokenizer()
+    pairs = [(queries[q], texts[d]) for q in list(qrels)[:3] for d in list(corpus)[:5]]
+    model = SentenceTransformer(str(tiny_model_dir))
+    q_emb = model.encode([q for q, _ in pairs], normalize_embeddings=True)
+    d_emb = model.encode([d for _, d in pairs], normalize_embeddings=True)
+    cosine = (q_emb * d_emb).sum(axis=1)
+    index = FastBM25(tokenizer.tokenize_many(doc_texts))
+    lexical = []
+    for query, doc in pairs:
+        scores = index.get_scores(tokenizer(query))
+        lexical.append(scores[doc_texts.index(doc)] / scores.max())
+
+    dense_only = HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer, bm25_weight=0.0).score(pairs)
+    np.testing.assert_allclose(dense_only, cosine, atol=1e-5)
+    hybrid = HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer, bm25_weight=0.7).score(pairs)
+    np.testing.assert_allclose(hybrid, cosine + 0.7 * np.array(lexical), atol=1e-5)
+    assert np.ptp(np.array(lexical)) > 0  # the lexical part is not constant on these pairs
+    with pytest.raises(ValueError, match="not in the corpus"):
+        HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer).score([("q", "a document nobody indexed")])
+
+
+def test_hybrid_teacher_feeds_margin_mse_through_the_stage(tmp_path, tiny_beir, tiny_model_dir, cache):
+    from datasets import load_from_disk
+
+    from train.losses import training_dataset
+
+    overrides, outputs = run_data_prep(tmp_path, tiny_beir, "hybrid", extra=[f"train.base_model={tiny_model_dir}",
+                                                                            "mining.teacher_bm25_weight=0.5"])
+    table = load_from_disk(outputs["train_table"])
+    assert {"score_positive", "score_negative_1", "score_negative_2"} <= set(table.column_names)
+    # cosine in [-1, 1] plus 0.5 x a normalized BM25 in [0, 1]
+    assert all(-1.0 - 1e-6 <= s <= 1.5 + 1e-6 for s in [*table["score_positive"], *table["score_negative_1"]])
+    margin = training_dataset(table, load_config(None, [*overrides, "train.loss=margin_mse",
+                                                        "train.num_negatives=2", "train.margin_mse_scale=1"]).train)
+    row = table[0]
+    np.testing.assert_allclose(margin[0]["label"][0], row["score_positive"] - row["score_negative_1"], rtol=1e-6)
+    report = json.loads(Path(outputs["mining_report"]).read_text())
+    assert report["audit"]["sampled"] > 0

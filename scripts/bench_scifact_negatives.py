@@ -7,6 +7,10 @@
     python scripts/bench_scifact_negatives.py --cells hybrid:mnrl,hybrid:mnrl+margin_mse train.max_seq_length=128
     # choose settings on a dev split carved from train (test never read): add --split dev
     # only the mining stage per method (guard drop counts, candidates per query): add --mining-only
+    # the MarginMSE column with the label-free hybrid teacher instead of a trained cross-encoder (nothing trained)
+    python scripts/bench_scifact_negatives.py --teacher hybrid --cells bm25:mnrl+margin_mse
+    # only the cross-encoder teacher's rerank nDCG@10 (trains it first unless its manifest is up to date)
+    python scripts/bench_scifact_negatives.py --cells ""
 
 Steps (each skips itself when its stage manifests match, so an interrupted run resumes):
 1. teacher: data_prep + ``python -m train.cross_encoder`` with configs/scifact_teacher.yaml (embtune-trained
@@ -103,7 +107,14 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     query_emb = encode(model, [queries[q] for q in query_ids], cfg.eval.batch_size)
     scores, indices = exact_search(doc_emb, query_emb, args.rerank_depth)
     base_run = to_run(query_ids, doc_ids, scores, indices)
-    scorer = TeacherScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
+    if teacher_path == "hybrid":
+        from data_prep.run import bm25_tokenizer
+        from data_prep.teacher import HybridTeacher
+
+        scorer = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining), args.teacher_weight,
+                               max_seq_length=cfg.mining.max_seq_length)
+    else:
+        scorer = TeacherScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
     reranked = rerank(scorer, base_run, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
     base_mean, _ = evaluate(qrels, base_run, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
     rerank_mean, _ = evaluate(qrels, reranked, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
@@ -120,6 +131,8 @@ def run_cell(args, method: str, loss: str, teacher_path: str, split_overrides: l
                  f"train.loss={loss}", *split_overrides, *args.overrides]
     if teacher_path and (loss != "mnrl" or args.audit_all):
         overrides.append(f"mining.teacher={teacher_path}")
+        if teacher_path == "hybrid":  # cosine-scale scores: no logit rescaling
+            overrides += [f"mining.teacher_bm25_weight={args.teacher_weight}", "train.margin_mse_scale=1"]
     cfg = load_config(args.config, overrides)
     wall = run_pipeline(cfg, args.config, overrides, stages=("data_prep", "train", "eval"))
     results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
@@ -147,6 +160,12 @@ def main() -> int:
     parser.add_argument("--mining-only", action="store_true",
                         help="run data_prep only, per method of --cells, and record the mining reports")
     parser.add_argument("--audit-all", action="store_true", help="set mining.teacher in MNRL cells too (for the audit)")
+    parser.add_argument("--teacher", choices=["cross_encoder", "hybrid"], default="cross_encoder",
+                        help="cross_encoder: train one with configs/scifact_teacher.yaml; hybrid: the label-free "
+                             "teacher (base cosine + --teacher-weight x per-query-normalized BM25), nothing trained")
+    parser.add_argument("--teacher-weight", type=float, default=0.3,
+                        help="hybrid teacher's BM25 weight (0.3: best rerank nDCG@10 on a dev half of SciFact train, "
+                             "benchmarks/results/scifact_labelfree_dev.json)")
     parser.add_argument("--teacher-overrides", default="", help="space-separated overrides for the teacher recipe")
     parser.add_argument("--note", default="", help="free text stored with this invocation's command (e.g. why a subset)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell")
@@ -185,15 +204,21 @@ def main() -> int:
         return 0
     needs_teacher = any(loss != "mnrl" for _, loss in cells) or args.audit_all or not args.skip_rerank
     teacher_path = ""
-    if needs_teacher:
-        teacher_path, out["teacher"] = train_teacher(args, split_overrides)
+    teacher_key = "teacher" if args.teacher == "cross_encoder" else "hybrid_teacher"
+    if needs_teacher and args.teacher == "hybrid":
+        teacher_path = "hybrid"
+        out[teacher_key] = {"kind": "data_prep.teacher.HybridTeacher (label-free)", "bm25_weight": args.teacher_weight,
+                            "formula": "cosine(all-MiniLM-L6-v2) + bm25_weight * BM25 / the query's top BM25 score"}
+    elif needs_teacher:
+        teacher_path, out[teacher_key] = train_teacher(args, split_overrides)
         save(path, out)
     for method, loss in cells:
-        out["cells"][f"{method}:{loss}"] = run_cell(args, method, loss, teacher_path, split_overrides)
+        name = f"{method}:{loss}" + ("" if loss == "mnrl" or args.teacher == "cross_encoder" else " (hybrid teacher)")
+        out["cells"][name] = run_cell(args, method, loss, teacher_path, split_overrides)
         save(path, out)
     if teacher_path and not args.skip_rerank:
-        out["teacher"]["rerank"] = teacher_rerank(args, teacher_path, split_overrides)
-        print(f"teacher rerank: {out['teacher']['rerank']}", flush=True)
+        out[teacher_key]["rerank"] = teacher_rerank(args, teacher_path, split_overrides)
+        print(f"teacher rerank: {out[teacher_key]['rerank']}", flush=True)
         save(path, out)
     done = {k: v["finetuned_ndcg@10"] for k, v in out["cells"].items()}
     out["best"] = max(done, key=done.get) if done else None

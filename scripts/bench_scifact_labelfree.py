@@ -42,11 +42,11 @@ VARIANTS = {
     "no_round_trip": ["llm.round_trip=none"],
     "round_trip_either": ["llm.round_trip=either"],
 }
-# GPL with a label-free teacher: MarginMSE towards the hybrid teacher (base cosine + w x normalized BM25, w chosen by
-# --phase teacher) on each synthetic query's source passage and 3 negatives drawn from the hybrid top-50.
-GPL = ["mining.teacher=hybrid", "mining.method=hybrid", "mining.num_negatives=3", "mining.rank_start=0",
-       "mining.rank_end=50", "mining.sampling=random", "train.num_negatives=3", "train.margin_mse_scale=1",
-       "train.learning_rate=2e-5"]
+# GPL with a label-free teacher: MarginMSE towards the hybrid teacher (base cosine + w x normalized BM25, w = 0.3
+# chosen by --phase teacher) on each synthetic query's source passage and 3 negatives drawn from the hybrid top-50.
+GPL = ["mining.teacher=hybrid", "mining.teacher_bm25_weight=0.3", "mining.method=hybrid", "mining.num_negatives=3",
+       "mining.rank_start=0", "mining.rank_end=50", "mining.sampling=random", "train.num_negatives=3",
+       "train.margin_mse_scale=1", "train.learning_rate=2e-5", "train.epochs=2"]
 VARIANTS.update({
     "gpl_hybrid_teacher": [*GPL, "train.loss=margin_mse"],
     "gpl_hybrid_teacher_mnrl": [*GPL, "train.loss=mnrl+margin_mse"],
@@ -64,7 +64,11 @@ def synthesis_summary(report: dict, llm_wall: float) -> dict:
             "queries_after_cleaning": synthesis["cleaning"]["kept"], "queries_kept": synthesis["queries"],
             "tokens": {"prompt": synthesis["answers"]["prompt_tokens"],
                        "completion": synthesis["answers"]["completion_tokens"]},
-            "wall_seconds": round(llm_wall, 1), "cleaning": synthesis["cleaning"],
+            # None when every answer came from the cache (filled by earlier runs or scripts/fill_llm_cache_hf.py):
+            # then this run spent no LLM time, and the time it took is not known here.
+            "wall_seconds": round(llm_wall, 1) if synthesis["llm"]["done"] else None,
+            "answers_cached": synthesis["llm"]["cached"],
+            "cleaning": synthesis["cleaning"],
             "round_trip": synthesis["round_trip"]}
 
 

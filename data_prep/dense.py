@@ -19,25 +19,31 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[str], batch_size: int = 64,
-                      max_seq_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(doc embeddings (n_docs, dim), query embeddings (n_queries, dim)), float32, normalized for cosine models."""
+def load_encoder(model_name: str, max_seq_length: int = 0):
+    """(SentenceTransformer, embedding cache key). The key is eval/run.py's (model content hash or hub name, then
+    max sequence length), so mining, the hybrid teacher and the evaluation of one model encode the corpus once."""
     from sentence_transformers import SentenceTransformer
 
     from embtune.manifest import hash_path
     from embtune.models import resolve_model
-    from eval.retrieval import encode
 
     path = resolve_model(model_name)
     model = SentenceTransformer(path, device=None)
     if max_seq_length:
         model.max_seq_length = max_seq_length
+    key = hash_path(path) if Path(path).exists() else path.replace("/", "__")
+    return model, f"{key}_{model.max_seq_length}"
+
+
+def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[str], batch_size: int = 64,
+                      max_seq_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(doc embeddings (n_docs, dim), query embeddings (n_queries, dim)), float32, normalized for cosine models."""
+    from eval.retrieval import encode
+
+    model, key = load_encoder(model_name, max_seq_length)
     if getattr(model, "similarity_fn_name", "cosine") not in (None, "cosine"):
         logger.warning("mining model %s scores by %s; guard scores are its raw similarities, not cosine",
                        model_name, model.similarity_fn_name)
-    # Same key as eval/run.py: the evaluation of the same model reuses this corpus encoding.
-    key = hash_path(path) if Path(path).exists() else path.replace("/", "__")
-    key = f"{key}_{model.max_seq_length}"
     doc_emb = encode(model, doc_texts, batch_size, cache_key=key, desc="mining corpus")  # (n_docs, dim)
     query_emb = encode(model, query_texts, batch_size, cache_key=key, desc="mining query")  # (n_queries, dim)
     return doc_emb, query_emb

@@ -163,20 +163,12 @@ class HybridTeacher:
 
     def _encoder(self):
         if self._model is None:
-            from sentence_transformers import SentenceTransformer
-
-            from embtune.manifest import hash_path
-            from embtune.models import resolve_model
+            from data_prep.dense import load_encoder
             from eval.retrieval import encode
 
-            path = resolve_model(self.model_name)
-            self._model = SentenceTransformer(path)
-            if self.max_seq_length:
-                self._model.max_seq_length = self.max_seq_length
-            # The cache key of data_prep.dense.encode_for_mining and eval: the corpus is encoded once per model.
-            key = hash_path(path) if Path(path).exists() else path.replace("/", "__")
-            self._doc_emb = encode(self._model, self.doc_texts, self.batch_size,
-                                   cache_key=f"{key}_{self._model.max_seq_length}", desc="teacher corpus")
+            self._model, key = load_encoder(self.model_name, self.max_seq_length)
+            self._doc_emb = encode(self._model, self.doc_texts, self.batch_size, cache_key=key,
+                                   desc="teacher corpus")  # (n_docs, dim), from the shared embedding cache
         return self._model
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:

@@ -90,18 +90,17 @@ def choose_teacher_weight(config: str, overrides: list[str], weights: list[float
     query_ids = sorted(dev)
     queries = {q: data.queries[q] for q in query_ids}
     start = time.time()
-    teachers = {w: HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining), w,
-                                 max_seq_length=cfg.mining.max_seq_length) for w in weights}
-    first = teachers[weights[0]]
-    first._encoder()
-    query_emb = encode(first._model, [queries[q] for q in query_ids])
-    scores, indices = exact_search(first._doc_emb, query_emb, depth)
+    teacher = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining),
+                            max_seq_length=cfg.mining.max_seq_length)
+    model = teacher._encoder()
+    query_emb = encode(model, [queries[q] for q in query_ids])
+    scores, indices = exact_search(teacher._doc_emb, query_emb, depth)
     base_run = to_run(query_ids, doc_ids, scores, indices)
     texts = dict(zip(doc_ids, doc_texts))
     out = {"dev_queries": len(query_ids), "depth": depth, "candidates": "the base model's top-depth",
            "base_ndcg@10": round(100 * evaluate(dev, base_run)[0]["ndcg@10"], 2), "weights": {}}
-    for w, teacher in teachers.items():
-        teacher._model, teacher._doc_emb = first._model, first._doc_emb  # one encoder for every weight
+    for w in weights:
+        teacher.bm25_weight = w  # one teacher (one corpus encoding, one BM25 index) for every weight
         reranked = rerank(teacher, base_run, queries, texts, depth)
         out["weights"][str(w)] = round(100 * evaluate(dev, reranked)[0]["ndcg@10"], 2)
         print(f"teacher bm25_weight {w}: dev rerank nDCG@10 {out['weights'][str(w)]}", flush=True)

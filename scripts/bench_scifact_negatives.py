@@ -78,13 +78,10 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
 
 def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
-    from sentence_transformers import SentenceTransformer
-
+    from data_prep.dense import load_encoder
     from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
     from data_prep.run import run as data_prep_run
     from data_prep.teacher import TeacherScorer, rerank
-    from embtune.manifest import hash_path
-    from embtune.models import resolve_model
     from eval.metrics import evaluate
     from eval.retrieval import encode, exact_search, to_run
     from eval.run import eval_inputs
@@ -99,10 +96,7 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     doc_ids, query_ids = list(corpus), sorted(qrels)
     doc_texts = [document_text(corpus[d]) for d in doc_ids]
     start = time.time()
-    base_path = resolve_model(cfg.train.base_model)
-    model = SentenceTransformer(base_path)
-    model.max_seq_length = cfg.eval.max_seq_length or model.max_seq_length
-    key = f"{hash_path(base_path)}_{model.max_seq_length}"
+    model, key = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
     doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key)
     query_emb = encode(model, [queries[q] for q in query_ids], cfg.eval.batch_size)
     scores, indices = exact_search(doc_emb, query_emb, args.rerank_depth)

@@ -30,11 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.config import to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
 
 # Dotted overrides on configs/scifact_labelfree.yaml; "round_trip_bm25" is the config as shipped.
 VARIANTS = {
@@ -121,6 +120,8 @@ def main() -> int:
     parser.add_argument("--choice", default="", help="final: the variant to report (default: best on dev)")
     parser.add_argument("--ablations", default="", help="final: more VARIANTS to run on test beside the choice and "
                                                          "its ablation without the round-trip filter")
+    parser.add_argument("--tag", default="", help="dev: suffix for the recorded variant names (e.g. @docs1000), so "
+                                                   "a rerun with other overrides keeps the earlier entries")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
@@ -149,11 +150,11 @@ def main() -> int:
                "dev": "SciFact qrels/train.tsv, half its queries (data.dev_fraction=0.5, seeded); never trained on",
                "variants": previous.get("variants", {})}
         for name in args.variants.split(","):
-            overrides = [f"run_dir={args.run_root}/dev_{name}", cache, "eval.split=dev", "eval.compare_bm25=false",
+            overrides = [f"run_dir={args.run_root}/dev_{name}{args.tag}", cache, "eval.split=dev", "eval.compare_bm25=false",
                          "train.report_to=none", *VARIANTS[name], *args.overrides]
             _, results, report, wall = run_recipe(args.config, overrides)
             llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
-            out["variants"][name] = {"overrides": [*VARIANTS[name], *args.overrides],
+            out["variants"][name + args.tag] = {"overrides": [*VARIANTS[name], *args.overrides],
                                      "results": {k: percent(v) for k, v in results["results"].items()},
                                      "num_queries": results["num_queries"], "training_rows": report["rows"],
                                      "synthesis": synthesis_summary(report, llm_wall), "wall_seconds": wall}
@@ -179,32 +180,17 @@ def main() -> int:
         llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
         runs[name] = (cfg, overrides, results, report, wall)
     cfg, overrides, results, report, wall = runs[choice]
-    res = results["results"]
-    out = {
-        "benchmark": "scifact_labelfree",
-        "description": "all-MiniLM-L6-v2 fine-tuned on claims the embedded SmolLM2-135M-Instruct wrote for a seeded "
-                       "sample of SciFact corpus passages (no SciFact query trained on; settings chosen on SciFact "
-                       "train queries as dev), evaluated on qrels/test.tsv; metrics in percent",
-        "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
-        "split": "test",
-        "num_queries": results["num_queries"],
-        "num_documents": results["num_documents"],
-        "choice": choice,
-        "overrides": overrides,
-        "config": to_dict(cfg),
-        "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]), "finetuned": percent(res["finetuned"])},
-        "synthesis": synthesis_summary(report, llm_wall),
-        "ablations": {name: {"overrides": VARIANTS[name], "finetuned": percent(r[2]["results"]["finetuned"]),
-                             "training_rows": r[3]["rows"], "queries_kept": r[3]["synthesis"]["queries"]}
-                      for name, r in runs.items()},
-        "published": {"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9},
-        "training_rows": report["rows"],
-        "mining_report": report["mining"],
-        "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
-        "command": command,
-        "machine": machine(),
-        "versions": versions(),
-    }
+    out = test_result(
+        "scifact_labelfree",
+        "all-MiniLM-L6-v2 fine-tuned on claims the embedded SmolLM2-135M-Instruct wrote for a seeded sample of "
+        "SciFact corpus passages (no SciFact query trained on; settings chosen on SciFact train queries as dev), "
+        "evaluated on qrels/test.tsv; metrics in percent",
+        choice, cfg, overrides, results, report, wall, start, command,
+        published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9},
+        synthesis=synthesis_summary(report, llm_wall),
+        ablations={name: {"overrides": VARIANTS[name], "finetuned": percent(r[2]["results"]["finetuned"]),
+                          "training_rows": r[3]["rows"], "queries_kept": r[3]["synthesis"]["queries"]}
+                   for name, r in runs.items()})
     (RESULTS / "scifact_labelfree.json").write_text(json.dumps(out, indent=2))
     print(json.dumps({"results": out["results"], "ablations": out["ablations"]}, indent=1))
     return 0

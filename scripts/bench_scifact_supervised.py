@@ -23,11 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.config import to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
 
 # Candidate settings tried on dev; each is a list of dotted overrides on configs/scifact_supervised.yaml.
 GRID = {
@@ -75,27 +74,12 @@ def main() -> int:
         choice = dev["best"]
     overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", *GRID[choice], *args.overrides]
     cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval", "export"))
-    res = results["results"]
-    out = {
-        "benchmark": "scifact_supervised",
-        "description": "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv (settings chosen on a dev split "
-                       "carved from train), evaluated on qrels/test.tsv; metrics in percent",
-        "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
-        "split": "test",
-        "num_queries": results["num_queries"],
-        "num_documents": results["num_documents"],
-        "choice": choice,
-        "overrides": overrides,
-        "config": to_dict(cfg),
-        "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]), "finetuned": percent(res["finetuned"])},
-        "published": {"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9, "bge-small-en-v1.5": 71.3},
-        "training_rows": report["rows"],
-        "mining_report": report["mining"],
-        "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
-        "command": command,
-        "machine": machine(),
-        "versions": versions(),
-    }
+    out = test_result("scifact_supervised",
+                      "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv (settings chosen on a dev split carved "
+                      "from train), evaluated on qrels/test.tsv; metrics in percent",
+                      choice, cfg, overrides, results, report, wall, start, command,
+                      published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9,
+                                 "bge-small-en-v1.5": 71.3})
     (RESULTS / "scifact_supervised.json").write_text(json.dumps(out, indent=2))
     print(json.dumps(out["results"], indent=1))
     return 0

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embtune.config import load_config  # noqa: E402
+from embtune.config import load_config, to_dict  # noqa: E402
+from embtune.manifest import machine, versions  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 
 REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
@@ -42,3 +44,31 @@ def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", 
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     report = json.loads((run_dir / "data_prep" / "report.json").read_text())
     return cfg, results, report, wall
+
+
+def test_result(benchmark: str, description: str, choice: str, cfg, overrides: list[str], results: dict,
+                report: dict, wall: dict, start: float, command: str, published: dict, **extra) -> dict:
+    """The record a SciFact benchmark writes for its test run: what ran (choice, overrides, resolved config), the
+    base / BM25 / fine-tuned rows in percent, ``extra`` (e.g. synthesis, ablations), the mining report, the time per
+    stage and in total, and the command, machine and versions."""
+    res = results["results"]
+    return {
+        "benchmark": benchmark,
+        "description": description,
+        "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
+        "split": "test",
+        "num_queries": results["num_queries"],
+        "num_documents": results["num_documents"],
+        "choice": choice,
+        "overrides": overrides,
+        "config": to_dict(cfg),
+        "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]), "finetuned": percent(res["finetuned"])},
+        **extra,
+        "published": published,
+        "training_rows": report["rows"],
+        "mining_report": report["mining"],
+        "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
+        "command": command,
+        "machine": machine(),
+        "versions": versions(),
+    }

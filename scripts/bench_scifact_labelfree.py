@@ -33,7 +33,7 @@ from embtune.cli import setup_logging  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
+from benchlib import base_run, bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
 
 # Dotted overrides on configs/scifact_labelfree.yaml. Each variant names its round trip, so an entry means the same
 # whatever the config's default; the config ships the variant chosen on dev (round_trip_either at 1,365 passages).
@@ -101,7 +101,6 @@ def choose_teacher_weight(config: str, overrides: list[str], weights: list[float
     from data_prep.teacher import HybridTeacher, rerank
     from embtune.config import load_config
     from eval.metrics import evaluate
-    from eval.retrieval import encode, exact_search, to_run
 
     cfg = load_config(config, overrides)
     data = load_beir(cfg.data.path, cfg.data.train_split)
@@ -111,18 +110,16 @@ def choose_teacher_weight(config: str, overrides: list[str], weights: list[float
     query_ids = sorted(dev)
     queries = {q: data.queries[q] for q in query_ids}
     start = time.time()
+    base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids], depth,
+                    cfg.mining.max_seq_length)
     teacher = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining),
                             max_seq_length=cfg.mining.max_seq_length)
-    model = teacher._encoder()
-    query_emb = encode(model, [queries[q] for q in query_ids])
-    scores, indices = exact_search(teacher._doc_emb, query_emb, depth)
-    base_run = to_run(query_ids, doc_ids, scores, indices)
     texts = dict(zip(doc_ids, doc_texts))
     out = {"dev_queries": len(query_ids), "depth": depth, "candidates": "the base model's top-depth",
-           "base_ndcg@10": round(100 * evaluate(dev, base_run)[0]["ndcg@10"], 2), "weights": {}}
+           "base_ndcg@10": round(100 * evaluate(dev, base)[0]["ndcg@10"], 2), "weights": {}}
     for w in weights:
         teacher.bm25_weight = w  # one teacher (one corpus encoding, one BM25 index) for every weight
-        reranked = rerank(teacher, base_run, queries, texts, depth)
+        reranked = rerank(teacher, base, queries, texts, depth)
         out["weights"][str(w)] = round(100 * evaluate(dev, reranked)[0]["ndcg@10"], 2)
         print(f"teacher bm25_weight {w}: dev rerank nDCG@10 {out['weights'][str(w)]}", flush=True)
     out["best"] = float(max(out["weights"], key=out["weights"].get))
@@ -184,8 +181,8 @@ def main() -> int:
                   f"(base {100 * results['results']['base']['ndcg@10']:.2f})", flush=True)
         out["best_by_tag"] = best_by_tag(out["variants"])
         out["best"] = out["best_by_tag"][args.tag]
-        if dev_path.is_file() and "teacher_weight" in json.loads(dev_path.read_text()):
-            out["teacher_weight"] = json.loads(dev_path.read_text())["teacher_weight"]
+        if "teacher_weight" in previous:
+            out["teacher_weight"] = previous["teacher_weight"]
         out["wall_seconds_total"] = round(time.time() - start, 1)
         (RESULTS / "scifact_labelfree_dev.json").write_text(json.dumps(out, indent=2))
         print(f"best on dev: {out['best']}")

@@ -41,6 +41,7 @@ from embtune.config import load_config, to_dict  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+from benchlib import base_run, bench_command  # noqa: E402  (scripts/benchlib.py)
 METHODS = ("random", "bm25", "dense", "hybrid")
 LOSSES = ("mnrl", "mnrl+margin_mse")
 
@@ -78,12 +79,10 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
 
 def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
-    from data_prep.dense import load_encoder
     from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
     from data_prep.run import run as data_prep_run
     from data_prep.teacher import TeacherScorer, rerank
     from eval.metrics import evaluate
-    from eval.retrieval import encode, exact_search, to_run
     from eval.run import eval_inputs
 
     cfg = load_config(args.config, [f"run_dir={args.run_root}/rerank", *split_overrides, *args.overrides,
@@ -96,11 +95,8 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     doc_ids, query_ids = list(corpus), sorted(qrels)
     doc_texts = [document_text(corpus[d]) for d in doc_ids]
     start = time.time()
-    model, key = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key)
-    query_emb = encode(model, [queries[q] for q in query_ids], cfg.eval.batch_size)
-    scores, indices = exact_search(doc_emb, query_emb, args.rerank_depth)
-    base_run = to_run(query_ids, doc_ids, scores, indices)
+    base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids],
+                    args.rerank_depth, cfg.eval.max_seq_length, cfg.eval.batch_size)
     if teacher_path == "hybrid":
         from data_prep.run import bm25_tokenizer
         from data_prep.teacher import HybridTeacher
@@ -109,8 +105,8 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
                                max_seq_length=cfg.mining.max_seq_length)
     else:
         scorer = TeacherScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
-    reranked = rerank(scorer, base_run, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
-    base_mean, _ = evaluate(qrels, base_run, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
+    reranked = rerank(scorer, base, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
+    base_mean, _ = evaluate(qrels, base, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
     rerank_mean, _ = evaluate(qrels, reranked, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
     return {"depth": args.rerank_depth, "num_queries": len(query_ids),
             "base_ndcg@10": pct(base_mean["ndcg@10"]), "teacher_rerank_ndcg@10": pct(rerank_mean["ndcg@10"]),
@@ -166,7 +162,7 @@ def main() -> int:
     args = parser.parse_args()
     args.teacher_overrides = shlex.split(args.teacher_overrides)
     setup_logging()
-    command = "python " + shlex.join(["scripts/bench_scifact_negatives.py", *sys.argv[1:]])
+    command = bench_command(sys.argv)
     split_overrides = ["data.dev_fraction=0.2", "eval.split=dev"] if args.split == "dev" else ["eval.split=test"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("scifact_negatives.json" if args.split == "test" else "scifact_negatives_dev.json")

@@ -75,12 +75,7 @@ class MiningConfig:
     # A query whose window runs short: fill with random guarded documents (counted), or drop the query (counted).
     on_short: Literal["random", "drop"] = "random"
 
-    # BM25: "fast" is data_prep.fast_bm25 (exact rank-bm25 scores); "rank_bm25" is the reference implementation.
-    bm25_backend: Literal["fast", "rank_bm25"] = "fast"
-    bm25_lowercase: bool = True
-    bm25_token_pattern: str = r"\w+"  # "" splits on whitespace
-    bm25_stopwords: str = ""  # "" or "english"
-    bm25_stemmer: str = ""  # "" or a PyStemmer language, e.g. "english"
+    # BM25 (method bm25 or hybrid) is the top-level ``bm25`` section, shared with eval and serve.
 
     # Dense: the encoder ("" = train.base_model), embeddings cached on disk by model and corpus hash.
     model: str = ""
@@ -122,8 +117,6 @@ class MiningConfig:
             raise ValueError("mining.num_negatives must be >= 0")
         if not 0 <= self.rank_start < self.rank_end:
             raise ValueError("mining.rank_start must be >= 0 and < mining.rank_end")
-        if self.bm25_stopwords not in ("", "english"):
-            raise ValueError(f"mining.bm25_stopwords must be '' or 'english', got {self.bm25_stopwords!r}")
         if self.margin is not None and not 0.0 <= self.margin < 1.0:
             raise ValueError(f"mining.margin must be in [0, 1) (or null to turn it off), got {self.margin}")
         if self.method == "hybrid" and (self.bm25_weight < 0 or self.dense_weight < 0

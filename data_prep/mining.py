@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
+from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def bm25_rankings(doc_texts: list[str], query_texts: list[str], depth: int) -> n
     from rank_bm25 import BM25Okapi
 
     bm25 = BM25Okapi([simple_tokenize(t) for t in doc_texts])
-    indices, _ = top_k_rank_bm25(bm25, [simple_tokenize(q) for q in query_texts], depth)
+    _, indices = top_k_rank_bm25(bm25, [simple_tokenize(q) for q in query_texts], depth)
     return indices
 
 
@@ -82,7 +82,7 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
     query_tokens = list(tokenizer.tokenize_many(query_texts))
     if backend == "fast":
         index = FastBM25(tokenizer.tokenize_many(doc_texts))
-        indices, scores = index.search(query_tokens, k=depth)
+        scores, indices = index.search(query_tokens, k=depth)
         weights = index.weights  # (vocab, docs) CSR with sorted column indices per term
 
         def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
@@ -102,7 +102,7 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
         from rank_bm25 import BM25Okapi
 
         bm25 = BM25Okapi(list(tokenizer.tokenize_many(doc_texts)))
-        indices, scores = top_k_rank_bm25(bm25, query_tokens, depth)
+        scores, indices = top_k_rank_bm25(bm25, query_tokens, depth)
 
         def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
             return np.asarray(bm25.get_batch_scores(query_tokens[row], [int(d) for d in docs]), dtype=np.float64)
@@ -111,12 +111,31 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
     return Ranking(indices, scores, score_docs, "bm25")
 
 
+def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[str], batch_size: int = 64,
+                      max_seq_length: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(doc embeddings (n_docs, dim), query embeddings (n_queries, dim)), float32, normalized for cosine models.
+
+    Document embeddings come from the shared cache (``embtune.retrieval.encoder``), so mining and evaluating the
+    same base model encode the corpus once.
+    """
+    from embtune.retrieval.encoder import encode, load_encoder
+
+    model, key = load_encoder(model_name, max_seq_length)
+    if getattr(model, "similarity_fn_name", "cosine") not in (None, "cosine"):
+        logger.warning("mining model %s scores by %s; guard scores are its raw similarities, not cosine",
+                       model_name, model.similarity_fn_name)
+    doc_emb = encode(model, doc_texts, batch_size, cache_key=key, desc="mining corpus")  # (n_docs, dim)
+    query_emb = encode(model, query_texts, batch_size, cache_key=key, desc="mining query")  # (n_queries, dim)
+    return doc_emb, query_emb
+
+
 def dense_ranking(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int, index: str = "flat", nlist: int = 0,
                   nprobe: int = 16) -> Ranking:
-    """Dense candidates from FAISS (``data_prep.dense.search``); guard score = inner product (cosine if normalized)."""
-    from data_prep.dense import search
+    """Dense candidates from FAISS (``embtune.retrieval.index.search``); guard score = inner product (cosine if
+    normalized)."""
+    from embtune.retrieval.index import search
 
-    indices, scores = search(doc_emb, query_emb, depth, index=index, nlist=nlist, nprobe=nprobe)
+    scores, indices = search(doc_emb, query_emb, depth, index=index, nlist=nlist, nprobe=nprobe)
 
     def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
         return (doc_emb[docs] @ query_emb[row]).astype(np.float64)  # (len(docs),)
@@ -274,7 +293,7 @@ def mine_negatives(
     """One row per (query, positive) with ``num_negatives`` mined negatives.
 
     Returns rows with keys ``query_id, query, positive_id, positive, negative_i, negative_i_id`` (plus
-    ``score_positive, score_negative_i`` with a ``teacher``, a ``data_prep.teacher.TeacherScorer``) and a report.
+    ``score_positive, score_negative_i`` with a ``teacher``, a ``embtune.retrieval.rerank.CrossEncoderScorer``) and a report.
 
     ``ranking`` holds the candidates for the judged queries in qrels order (``candidate_query_ids``); for
     ``method="bm25"`` without one, BM25 is run here (``bm25_backend``, ``tokenizer``). Queries whose window runs

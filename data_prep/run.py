@@ -26,8 +26,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-from data_prep.loaders import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
-from data_prep.fast_bm25 import BM25Tokenizer
+from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
+from embtune.retrieval.bm25 import build_tokenizer
 from data_prep.mining import (Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse,
                               mine_negatives)
 from embtune.manifest import Stage
@@ -39,7 +39,8 @@ def stage_config(cfg) -> dict[str, Any]:
     """The config this stage depends on (its fingerprint)."""
     from embtune.config import to_dict
 
-    section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining)}
+    section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining),
+               "bm25": to_dict(cfg.bm25)}
     if cfg.mining.method in ("dense", "hybrid"):
         section["mining_model"] = cfg.mining.model or cfg.train.base_model
     if cfg.chunking.max_tokens:
@@ -214,21 +215,16 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
     return corpus, synthetic.queries, synthetic.qrels, exclude, synthetic
 
 
-def bm25_tokenizer(mining) -> BM25Tokenizer:
-    """The BM25 tokenizer the mining section describes (also used by eval's BM25 baseline)."""
-    return BM25Tokenizer(lowercase=mining.bm25_lowercase, token_pattern=mining.bm25_token_pattern or None,
-                         stopwords=mining.bm25_stopwords or None, stemmer=mining.bm25_stemmer or None)
-
-
 def build_teacher(cfg, corpus_texts: list[str]):
     """``mining.teacher``: the label-free hybrid teacher, or a cross-encoder (folder or hub name)."""
-    from data_prep.teacher import HYBRID_TEACHER, HybridTeacher, TeacherScorer
+    from data_prep.teacher import HYBRID_TEACHER, HybridTeacher
+    from embtune.retrieval.rerank import CrossEncoderScorer
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, bm25_tokenizer(m), m.teacher_bm25_weight,
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25), m.teacher_bm25_weight,
                              batch_size=m.batch_size, max_seq_length=m.max_seq_length)
-    return TeacherScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
+    return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 
 
 def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
@@ -241,9 +237,9 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
     if m.method in ("bm25", "hybrid"):
-        bm25 = bm25_ranking(texts, query_texts, depth, m.bm25_backend, bm25_tokenizer(m))
+        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25))
     if m.method in ("dense", "hybrid"):
-        from data_prep.dense import encode_for_mining
+        from data_prep.mining import encode_for_mining
 
         doc_emb, query_emb = encode_for_mining(m.model or cfg.train.base_model, texts, query_texts,
                                                m.batch_size, m.max_seq_length)

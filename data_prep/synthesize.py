@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from data_prep.llm import ChatRequest, generate_all
-from data_prep.llm_config import FewShotExample, LLMConfig
+from embtune.llm.client import ChatRequest, generate_all
+from embtune.llm.config import FewShotExample, LLMConfig
 
 logger = logging.getLogger(__name__)
 

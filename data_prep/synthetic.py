@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.loaders import document_text
+from embtune.dataio import document_text
 from data_prep.synthesize import Retriever, synthesize
 
 logger = logging.getLogger(__name__)
@@ -51,13 +51,13 @@ def select_passages(passage_ids: list[str], n: int, seed: int) -> list[str]:
 
 def bm25_retriever(passage_texts: list[str], k: int) -> Retriever:
     """FastBM25 over every passage: (queries) -> top-k passage indices per query."""
-    from data_prep.fast_bm25 import BM25Tokenizer, FastBM25
+    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
 
     tokenizer = BM25Tokenizer()
     index = FastBM25(tokenizer.tokenize_many(passage_texts))
 
     def search(queries: list[str]) -> list[list[int]]:
-        indices, _ = index.search(list(tokenizer.tokenize_many(queries)), k=k)
+        _, indices = index.search(list(tokenizer.tokenize_many(queries)), k=k)
         return indices.tolist()
 
     return search
@@ -66,17 +66,11 @@ def bm25_retriever(passage_texts: list[str], k: int) -> Retriever:
 def dense_retriever(model_path: str, passage_texts: list[str], k: int, max_seq_length: int = 0,
                     batch_size: int = 64) -> Retriever:
     """The base model with eval's encoder (embeddings cached on disk) and exact FAISS search."""
-    from sentence_transformers import SentenceTransformer
+    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.retrieval.index import exact_search
 
-    from embtune.manifest import hash_path
-    from eval.retrieval import encode, exact_search
-
-    model = SentenceTransformer(model_path, device=None)
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
-    key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
-    doc_emb = encode(model, passage_texts, batch_size, cache_key=f"{key}_{model.max_seq_length}",
-                     desc="round-trip passages")  # (n_passages, dim)
+    model, key = load_encoder(model_path, max_seq_length)
+    doc_emb = encode(model, passage_texts, batch_size, cache_key=key, desc="round-trip passages")  # (n_passages, dim)
 
     def search(queries: list[str]) -> list[list[int]]:
         query_emb = encode(model, queries, batch_size, desc="round-trip queries")  # (n_queries, dim)

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
-from data_prep.llm_config import LLMConfig
+from embtune.llm.config import LLMConfig
+from embtune.retrieval.bm25 import BM25Config
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
@@ -20,6 +21,7 @@ class Config:
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
+    bm25: BM25Config = field(default_factory=BM25Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     cross_encoder: CrossEncoderConfig = field(default_factory=CrossEncoderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

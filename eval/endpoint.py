@@ -6,7 +6,7 @@ A model spec ``openai:<model>`` uses api.openai.com (or ``OPENAI_BASE_URL``) wit
 module adds:
 
 - batching (``eval.endpoint_batch_size`` texts per request, under the API's 2,048-input limit);
-- retries that reuse the LLM client's policy (``data_prep/llm.py``: 408/409/429/5xx, timeouts and connection
+- retries that reuse the LLM client's policy (``embtune/llm/client.py``: 408/409/429/5xx, timeouts and connection
   errors, exponential backoff with jitter, Retry-After honoured; attempts and backoff from the ``llm`` section);
 - a disk cache per batch (model, base URL, texts): a rerun, or a run that died half way through the corpus, sends
   only the batches it does not have. Paid calls are never made twice for the same text.
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.llm import RETRYABLE_STATUS, _retry_after, _status_reason, backoff_delay
-from data_prep.llm_config import LLMConfig
-from eval.retrieval import cache_dir, normalize
+from embtune.llm.client import RETRYABLE_STATUS, backoff_delay, retry_after_seconds, status_reason
+from embtune.llm.config import LLMConfig
+from embtune.retrieval.encoder import cache_dir, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +128,11 @@ class EndpointEncoder:
             except (openai.APITimeoutError, openai.APIConnectionError) as err:
                 reason = f"{type(err).__name__}: {err}"
             except openai.APIStatusError as err:
-                reason = _status_reason(err.status_code)
+                reason = status_reason(err.status_code)
                 if not (err.status_code in RETRYABLE_STATUS or err.status_code >= 500):
                     raise EndpointFailed(f"{self.base_url or 'api.openai.com'} model '{self.model}': {reason}: "
                                          f"{err.message}") from None
-                retry_after = _retry_after(err)
+                retry_after = retry_after_seconds(err)
             else:
                 rows = sorted(response.data, key=lambda d: d.index)
                 if len(rows) != len(texts):

@@ -13,7 +13,7 @@ passages it cites. Per query and retriever:
   (all k when the answer cites none); None when the judge's reply has no score.
 
 Base vs fine-tuned is a paired comparison on the same queries (sign-flip randomization test on the per-query
-outcome; exact McNemar for the binary ones). Answers and judgements go through ``data_prep.llm.generate_all``
+outcome; exact McNemar for the binary ones). Answers and judgements go through ``embtune.llm.client.generate_all``
 and its JSONL cache, so a rerun sends no request it already made; identical prompts are sent once.
 
     python -m eval.rag configs/scifact_rag.yaml --finetuned runs/x/train/model --out rag.json
@@ -38,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.llm import ChatRequest, generate_all
-from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+from embtune.llm.client import ChatRequest, generate_all
+from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.manifest import hash_path, machine, versions
 from embtune.models import resolve_model
-from eval.retrieval import encode, exact_search
+from embtune.retrieval.encoder import encode
+from embtune.retrieval.index import exact_search
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ Writes ``<run_dir>/eval/results.json``::
      "significance": {"finetuned vs base": {"diff", "ci95", "p_value", "wins", "ties", "losses", ...}, ...}}
 
 Optional rows, same metrics: ``<model>+bm25_rrf`` / ``<model>+bm25_weighted`` (``eval.hybrid``, see
-``eval/hybrid.py``) and ``<row>>rerank`` (``eval.reranker``). With ``eval.sweep.enabled`` it also writes
+``embtune/retrieval/fusion.py``) and ``<row>>rerank`` (``eval.reranker``). With ``eval.sweep.enabled`` it also writes
 ``sweep.json``, ``sweep.txt`` and ``sweep.png`` (``eval/sweep.py``). Significance: ``eval/significance.py``.
 """
 
@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.manifest import Stage, hash_path
 from embtune.models import resolve_model
 from eval.endpoint import EndpointEncoder, is_endpoint_spec
-from eval.hybrid import fuse, rerank
+from embtune.retrieval.fusion import fuse
+from embtune.retrieval.rerank import rerank
 from eval.metrics import evaluate
-from eval.retrieval import bm25_run, encode, exact_search, to_run, truncate
+from embtune.retrieval.bm25 import bm25_search
+from embtune.retrieval.encoder import cache_key, encode, truncate
+from embtune.retrieval.index import exact_search, to_run
 from eval.significance import default_pairs, format_significance, significance_table
 
 logger = logging.getLogger(__name__)
@@ -97,8 +100,7 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:
-        key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
-        key = f"{key}_{model.max_seq_length}"
+        key = cache_key(model_path, model.max_seq_length)
     doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
     query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query")  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
@@ -141,9 +143,7 @@ def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
-    # The BM25 baseline uses mining's BM25 settings (backend, tokenizer), so they are part of this fingerprint.
-    bm25_settings = {k: v for k, v in vars(cfg.mining).items() if k.startswith("bm25_") and k != "bm25_weight"}
-    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": bm25_settings},
+    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": cfg.bm25},
                   inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():
@@ -183,10 +183,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             wall[f"sweep_{name}"] = round(time.time() - start, 1)
     if cfg.eval.compare_bm25:
         start = time.time()
-        from data_prep.run import bm25_tokenizer
-
-        runs["bm25"] = bm25_run(doc_ids, doc_texts, query_ids, query_texts, cfg.eval.top_k,
-                                backend=cfg.mining.bm25_backend, tokenizer=bm25_tokenizer(cfg.mining))
+        scores, indices = bm25_search(doc_texts, query_texts, cfg.eval.top_k, cfg.bm25)
+        runs["bm25"] = to_run(query_ids, doc_ids, scores, indices)
         results["bm25"], per_query["bm25"] = score_run(qrels, runs["bm25"], cfg)
         wall["bm25"] = round(time.time() - start, 1)
     for name in list(models) if cfg.eval.hybrid else []:
@@ -229,7 +227,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
                "significance": significance}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
-    from train.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
+    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)

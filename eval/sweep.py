@@ -1,7 +1,7 @@
 """Deployment sweep: what each FAISS index, Matryoshka dim and precision costs and keeps.
 
 For every dim in ``eval.sweep.dims`` the corpus and query embeddings are truncated and renormalized
-(``eval.retrieval.truncate``), then searched with:
+(``embtune.retrieval.encoder.truncate``), then searched with:
 
 ==========  ===========================================================================================
 ``flat``    ``IndexFlatIP``, fp32, exact: the ground truth for "recall@10 vs exact" at that dim
@@ -38,7 +38,8 @@ import faiss
 import numpy as np
 
 from eval.metrics import evaluate
-from eval.retrieval import exact_search, to_run, truncate
+from embtune.retrieval.encoder import truncate
+from embtune.retrieval.index import exact_search, to_run
 
 logger = logging.getLogger(__name__)
 

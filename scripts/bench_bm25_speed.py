@@ -1,4 +1,4 @@
-"""Speed and exactness of data_prep.fast_bm25.FastBM25 against rank_bm25.BM25Okapi; writes a JSON result file.
+"""Speed and exactness of embtune.retrieval.bm25.FastBM25 against rank_bm25.BM25Okapi; writes a JSON result file.
 
 Full run (the one in benchmarks/results/bm25_speed.json; ~10 minutes on 2 cores):
 
@@ -50,7 +50,7 @@ from rank_bm25 import BM25Okapi
 
 # Run as a file from a checkout (embtune need not be installed): the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, rank_order
+from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order
 from embtune.manifest import machine, versions
 
 DOCSTRING_PACKAGES = ("numpy", "scipy", "sklearn", "sympy", "pandas")
@@ -194,7 +194,7 @@ def compare(corpus: str, docs: list[str], queries: list[str], tokenizer_name: st
         max_diff_all_docs = max(max_diff_all_docs, float(np.abs(fast.get_scores(query) - ref_scores).max()))
 
     started = time.perf_counter()
-    fast_top, fast_top_scores = fast.search(subset, k=10, batch_size=batch_size)
+    fast_top_scores, fast_top = fast.search(subset, k=10, batch_size=batch_size)
     fast_subset_s = time.perf_counter() - started
     started = time.perf_counter()
     fast.search(query_tokens, k=10, batch_size=batch_size)
@@ -253,7 +253,7 @@ def mine(pool: list[str], scifact_queries: list[str], n_docs: int, n_queries: in
         build_s = time.perf_counter() - started
         started = time.perf_counter()
         query_tokens = [tokenizer(query) for query in queries]
-        indices, scores = index.search(query_tokens, k=k, batch_size=batch_size)
+        scores, indices = index.search(query_tokens, k=k, batch_size=batch_size)
         search_s = time.perf_counter() - started
     result = {
         "corpus": f"{n_docs} documents of 2-6 pool sentences (seed {seed}); pool of {len(pool)} distinct sentences",

@@ -6,7 +6,7 @@ Runs the eval stage (``eval/run.py``) on ``qrels/test.tsv`` with ``eval.sweep.en
 ``eval.hybrid=[rrf, weighted]`` and the default significance test, then writes
 ``benchmarks/results/deploy_sweep_scifact.json`` (sweep rows per model, eval table in percent, significance of
 finetuned vs base and vs BM25, the 1/8-bytes bar check, ``command``, ``machine``, ``versions``) and
-``benchmarks/results/deploy_sweep_scifact.png``. Corpus embeddings are cached on disk (``eval/retrieval.py``),
+``benchmarks/results/deploy_sweep_scifact.png``. Corpus embeddings are cached on disk (``embtune/retrieval/encoder.py``),
 so a rerun only re-searches.
 """
 

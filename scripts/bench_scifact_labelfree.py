@@ -96,9 +96,10 @@ def synthesis_summary(report: dict, llm_wall: float) -> dict:
 def choose_teacher_weight(config: str, overrides: list[str], weights: list[float], depth: int) -> dict:
     """The hybrid teacher (``mining.teacher: hybrid``) as a reranker of the base model's top-``depth`` on dev, per
     BM25 weight; nothing is trained, test is never read."""
-    from data_prep.loaders import document_text, load_beir
+    from embtune.dataio import document_text, load_beir
     from data_prep.run import bm25_tokenizer, split_dev
-    from data_prep.teacher import HybridTeacher, rerank
+    from data_prep.teacher import HybridTeacher
+    from embtune.retrieval.rerank import rerank
     from embtune.config import load_config
     from eval.metrics import evaluate
 

@@ -79,9 +79,9 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
 
 def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
-    from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+    from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
     from data_prep.run import run as data_prep_run
-    from data_prep.teacher import TeacherScorer, rerank
+    from embtune.retrieval.rerank import CrossEncoderScorer, rerank
     from eval.metrics import evaluate
     from eval.run import eval_inputs
 
@@ -104,7 +104,7 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
         scorer = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining), args.teacher_weight,
                                max_seq_length=cfg.mining.max_seq_length)
     else:
-        scorer = TeacherScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
+        scorer = CrossEncoderScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
     reranked = rerank(scorer, base, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
     base_mean, _ = evaluate(qrels, base, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
     rerank_mean, _ = evaluate(qrels, reranked, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))

@@ -22,8 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_prep.llm import ChatRequest, generate_all  # noqa: E402
-from data_prep.llm_config import LLMConfig  # noqa: E402
+from embtune.llm.client import ChatRequest, generate_all  # noqa: E402
+from embtune.llm.config import LLMConfig  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 BAR = 10.0

@@ -82,7 +82,7 @@ def beir_table(folder: Path, seed: int):
     """(query, positive, random negative) triplets from a BEIR folder's train split."""
     from datasets import Dataset
 
-    from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+    from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 
     corpus = load_corpus(folder / "corpus.jsonl")
     queries = load_queries(folder / "queries.jsonl")

@@ -49,9 +49,10 @@ def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", 
 def base_run(model_name: str, doc_ids: list[str], doc_texts: list[str], query_ids: list[str], query_texts: list[str],
              depth: int, max_seq_length: int = 0, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """The base model's exact top-``depth`` per query as a pytrec_eval run: the candidates a teacher reranks. The
-    corpus embeddings come from the shared cache (``data_prep.dense.load_encoder``'s key)."""
-    from data_prep.dense import load_encoder
-    from eval.retrieval import encode, exact_search, to_run
+    corpus embeddings come from the shared cache (``embtune.retrieval.encoder.load_encoder``'s key)."""
+    from embtune.retrieval.encoder import load_encoder
+    from embtune.retrieval.encoder import encode
+    from embtune.retrieval.index import exact_search, to_run
 
     model, key = load_encoder(model_name, max_seq_length)
     doc_emb = encode(model, doc_texts, batch_size, cache_key=key)  # (n_docs, dim)

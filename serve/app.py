@@ -35,7 +35,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from serve.batcher import LRUCache, MicroBatcher
-from serve.bundle import Bundle, doc_text, load_bundle
+from embtune.dataio import document_text
+from serve.bundle import Bundle, load_bundle
 from serve.serve_config import ServeConfig
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
             if state["bm25"] is None:
                 from rank_bm25 import BM25Okapi
 
-                corpus = [_bm25_tokens(doc_text(d)) for d in bundle.docs]
+                corpus = [_bm25_tokens(document_text(d)) for d in bundle.docs]
                 state["bm25"] = await asyncio.to_thread(BM25Okapi, corpus)
                 logger.info("built BM25 over %d docs for hybrid search", len(corpus))
         return state["bm25"]
@@ -365,7 +366,7 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
             if rerank:
                 candidates = hits[:cfg.rerank_candidates]
                 model = await cross_encoder()
-                pairs = [(query, doc_text(bundle.docs[row])) for row, _ in candidates]
+                pairs = [(query, document_text(bundle.docs[row])) for row, _ in candidates]
                 ce_scores = await asyncio.to_thread(model.predict, pairs, show_progress_bar=False)
                 hits = sorted(((row, float(s)) for (row, _), s in zip(candidates, ce_scores)), key=lambda h: -h[1])
         out = []

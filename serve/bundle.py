@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
+from embtune.retrieval.encoder import cache_key, encode, normalize
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +37,6 @@ MODEL_DIR = "model"
 INDEX_FILE = "index/corpus.faiss"
 DOCS_FILE = "index/docs.jsonl"
 MANIFEST_FILE = "manifest.json"
-
-
-def doc_text(doc: dict[str, Any]) -> str:
-    """The text a document is embedded (and BM25-indexed) as: title and body, as BEIR evaluations join them."""
-    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
-
-
-def _normalized(embeddings: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)  # (n, 1)
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
@@ -92,8 +84,10 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         with open(out_dir / DOCS_FILE, "w") as handle:
             for doc in docs:
                 handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        embeddings = model.encode([doc_text(d) for d in docs], batch_size=batch_size, convert_to_numpy=True,
-                                  normalize_embeddings=True, show_progress_bar=False)  # (n, dim)
+        # The source model's cache key: eval encoded this corpus with the same weights minutes before.
+        key = cache_key(str(model_dir), model.max_seq_length)
+        embeddings = normalize(encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+                                      desc="bundle corpus"))  # (n, dim)
         index = faiss.IndexFlatIP(dim)
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
         faiss.write_index(index, str(out_dir / INDEX_FILE))
@@ -141,7 +135,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 
     if backend == "onnx":
-        from serve.onnx_export import OnnxEncoder
+        from embtune.retrieval.onnx import OnnxEncoder
 
         model = OnnxEncoder(model_dir, onnx_file, threads=threads)
     elif backend == "torch":
@@ -158,7 +152,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if backend == "onnx":
-            return _normalized(model.encode(texts, batch_size=batch_size))
+            return normalize(model.encode(texts, batch_size=batch_size))
         return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
                             show_progress_bar=False).astype(np.float32, copy=False)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from data_prep.loaders import load_corpus
+from embtune.dataio import load_corpus
 from embtune.config import to_dict
 from embtune.manifest import Stage, versions
 
@@ -103,13 +103,13 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
     if cfg.export.onnx:
-        from serve.onnx_export import export_onnx
+        from embtune.retrieval.onnx import export_onnx
 
         export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions()})
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    from train.tracking import log_export_artifact  # the bundle as a wandb artifact, when train.report_to has it
+    from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when train.report_to has it
 
     log_export_artifact(cfg, out_dir)
     logger.info("exported %s (serve it: python -m serve up --bundle %s)", out_dir, out_dir)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.llm_config import LLMConfig
+from embtune.llm.config import LLMConfig
 from embtune.config import ConfigError, load_config
 from eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
 from eval.run import run as run_eval

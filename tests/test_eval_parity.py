@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from data_prep.loaders import document_text, load_beir
+from embtune.dataio import document_text, load_beir
 from eval.metrics import evaluate
-from eval.retrieval import encode, exact_search, to_run, truncate
+from embtune.retrieval.encoder import encode, truncate
+from embtune.retrieval.index import exact_search, to_run
 
 
 def hand_ndcg10(qrels: dict[str, int], ranked: list[str]) -> float:

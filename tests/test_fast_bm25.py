@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from rank_bm25 import BM25Okapi
 
-from data_prep import fast_bm25
-from data_prep.fast_bm25 import BM25Tokenizer, FastBM25, top_k_rank_bm25
+from embtune.retrieval import bm25 as fast_bm25
+from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, top_k_rank_bm25
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"
 
@@ -39,8 +39,8 @@ def seeded_queries(seed: int, n_queries: int = 60) -> list[list[str]]:
 
 
 def assert_same_ranking(reference: BM25Okapi, fast: FastBM25, queries, k: int, **search_kwargs) -> None:
-    ref_indices, ref_scores = top_k_rank_bm25(reference, queries, k)
-    fast_indices, fast_scores = fast.search(queries, k, **search_kwargs)
+    ref_scores, ref_indices = top_k_rank_bm25(reference, queries, k)
+    fast_scores, fast_indices = fast.search(queries, k, **search_kwargs)
     np.testing.assert_array_equal(fast_indices, ref_indices)
     np.testing.assert_allclose(fast_scores, ref_scores, rtol=0, atol=1e-5)
 
@@ -72,14 +72,14 @@ def test_non_default_parameters(params):
 
 def test_empty_and_unknown_queries_score_zero_and_rank_by_index():
     docs = seeded_corpus(0)
-    indices, scores = FastBM25(docs).search([[], ["unknown_term", "another"]], k=4)
+    scores, indices = FastBM25(docs).search([[], ["unknown_term", "another"]], k=4)
     np.testing.assert_array_equal(indices, [[0, 1, 2, 3], [0, 1, 2, 3]])
     np.testing.assert_array_equal(scores, np.zeros((2, 4)))
 
 
 def test_ties_are_broken_by_doc_index():
     docs = [["b"], ["a", "x"], ["c"], ["a", "x"], ["a", "x"]]
-    indices, scores = FastBM25(docs).search([["a"]], k=5)
+    scores, indices = FastBM25(docs).search([["a"]], k=5)
     # Documents 1, 3 and 4 tie; the non-matching ones follow with score 0, in corpus order.
     np.testing.assert_array_equal(indices[0], [1, 3, 4, 0, 2])
     assert scores[0, 0] == scores[0, 1] == scores[0, 2] > 0 == scores[0, 3]
@@ -103,7 +103,7 @@ def test_zero_idf_term_ties_with_non_matching_documents():
     docs = [["x"], ["y"], ["z", "y"], ["z", "x"]]
     reference, fast = BM25Okapi(docs), FastBM25(docs)
     assert reference.idf["z"] == 0
-    indices, _ = fast.search([["z"]], k=1)
+    _, indices = fast.search([["z"]], k=1)
     assert indices[0, 0] == 0
     assert_same_ranking(reference, fast, [["z"], ["z", "x"]], k=2)
 
@@ -159,10 +159,10 @@ def test_stemming_lets_inflected_queries_match():
     tokenizer = BM25Tokenizer(token_pattern=r"\w+", stopwords="english", stemmer="english")
     texts = ["a dog sleeps", "the runner is running", "cells divide"]
     fast = FastBM25(tokenizer.tokenize_many(texts))
-    indices, scores = fast.search([tokenizer("runs")], k=1)
+    scores, indices = fast.search([tokenizer("runs")], k=1)
     assert indices[0, 0] == 1 and scores[0, 0] > 0
     plain = FastBM25(BM25Tokenizer().tokenize_many(texts))
-    assert plain.search([BM25Tokenizer()("runs")], k=1)[1][0, 0] == 0
+    assert plain.search([BM25Tokenizer()("runs")], k=1)[0][0, 0] == 0
 
 
 @pytest.mark.skipif(not SCIFACT.exists(), reason="BEIR SciFact not available")

@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from eval.hybrid import rerank, rrf_fuse, weighted_fuse
+from embtune.retrieval.fusion import rrf_fuse, weighted_fuse
+from embtune.retrieval.rerank import rerank
 
 
 def build_tiny_cross_encoder(folder):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.llm import AnswerCache, ChatRequest, backoff_delay, cache_key, generate_all, resolve_endpoint
-from data_prep.llm_config import LLMConfig
+from embtune.llm.client import AnswerCache, ChatRequest, backoff_delay, cache_key, generate_all, resolve_endpoint
+from embtune.llm.config import LLMConfig
 from embtune.config import ConfigError, build
 from tests.fake_openai_server import FakeOpenAIServer
 
@@ -176,8 +176,8 @@ def test_one_run_at_a_time_per_cache_file(tmp_path):
 _CHILD = textwrap.dedent(
     """
     import sys
-    from data_prep.llm import ChatRequest, generate_all
-    from data_prep.llm_config import LLMConfig
+    from embtune.llm.client import ChatRequest, generate_all
+    from embtune.llm.config import LLMConfig
     url, cache, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
     requests = [ChatRequest(id=f"doc{i}", messages=[{"role": "user", "content": f"passage doc{i}"}],
                             document_hash=f"hash-doc{i}") for i in range(n)]

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from data_prep.loaders import DataError, load_beir, load_pairs_jsonl
+from embtune.dataio import DataError, load_beir, load_pairs_jsonl
 
 
 def write_beir(folder, corpus_lines, query_lines, qrels_lines):

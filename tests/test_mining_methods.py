@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from data_prep.fast_bm25 import BM25Tokenizer
+from embtune.retrieval.bm25 import BM25Tokenizer
 from data_prep.mining import Guards, bm25_ranking, dense_ranking, fuse, mine_negatives, normalized_hash
 
 
@@ -115,18 +115,18 @@ def test_rrf_and_weighted_fusion_orders():
 
 
 def test_ivf_recall_against_exact():
-    from data_prep.dense import search
+    from embtune.retrieval.index import search
 
     rng = np.random.default_rng(0)
     centers = rng.standard_normal((50, 32)).astype(np.float32)  # clustered, as real embeddings are
     docs = centers[rng.integers(0, 50, 4000)] + 0.5 * rng.standard_normal((4000, 32)).astype(np.float32)
     docs /= np.linalg.norm(docs, axis=1, keepdims=True)
     queries = docs[:100] + 0.3 * rng.standard_normal((100, 32)).astype(np.float32)
-    exact, _ = search(docs, queries, 10, "flat")
-    approx, _ = search(docs, queries, 10, "ivf", nlist=64, nprobe=16)
+    _, exact = search(docs, queries, 10, "flat")
+    _, approx = search(docs, queries, 10, "ivf", nlist=64, nprobe=16)
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
     assert recall >= 0.9, recall
-    one_probe, _ = search(docs, queries, 10, "ivf", nlist=64, nprobe=1)
+    _, one_probe = search(docs, queries, 10, "ivf", nlist=64, nprobe=1)
     assert np.mean([len(set(a) & set(e)) / 10 for a, e in zip(one_probe, exact)]) < recall
 
 
@@ -233,7 +233,7 @@ def test_stage_with_bad_input_finishes_and_reports(tmp_path):
 def test_config_rejects_bad_mining_values():
     from embtune.config import ConfigError, load_config
 
-    for bad in ["mining.method=faiss", "mining.margin=1.5", "mining.bm25_stopwords=french",
+    for bad in ["mining.method=faiss", "mining.margin=1.5", "bm25.stopwords=french",
                 "mining.teacher_margin=1.0", "mining.fusion=max", "mining.candidate_depth=5"]:
         with pytest.raises((ConfigError, ValueError)):
             load_config(None, [bad])

@@ -1,6 +1,6 @@
 import json
 
-from data_prep.loaders import load_beir
+from embtune.dataio import load_beir
 from data_prep.pydoc_corpus import build_pydoc_beir
 
 

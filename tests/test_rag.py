@@ -109,7 +109,7 @@ def test_rerank_orders_first_stage_candidates_by_cross_encoder(tmp_path, tiny_be
     from sentence_transformers import CrossEncoder
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    from data_prep.loaders import document_text, load_corpus
+    from embtune.dataio import document_text, load_corpus
     from eval.rag import retrieve
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))

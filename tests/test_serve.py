@@ -20,7 +20,8 @@ from sentence_transformers.sentence_transformer.modules import Normalize, Poolin
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
 from serve.app import create_app, main
-from serve.bundle import build_bundle, doc_text
+from embtune.dataio import document_text
+from serve.bundle import build_bundle
 from serve.serve_config import ServeConfig
 from tests.conftest import uvicorn_in_thread
 
@@ -282,18 +283,18 @@ def test_api_key_is_enforced(bundle_dir):
 @pytest.mark.parametrize("mode", [{}, {"hybrid": True}])
 def test_search_exact_text_returns_that_doc(client, mode):
     for doc in DOCS:
-        response = client.post("/search", json={"query": doc_text(doc), "k": 3, **mode})
+        response = client.post("/search", json={"query": document_text(doc), "k": 3, **mode})
         assert response.status_code == 200, response.text
         hits = response.json()["hits"]
         assert hits[0]["id"] == doc["_id"], (doc, hits)
         assert hits[0]["title"] == doc["title"] and hits[0]["text"] == doc["text"]
-    top = client.post("/search", json={"query": doc_text(DOCS[0]), "k": 1}).json()["hits"][0]
+    top = client.post("/search", json={"query": document_text(DOCS[0]), "k": 1}).json()["hits"][0]
     assert top["score"] == pytest.approx(1.0, abs=1e-4)  # cosine of a text with itself
     assert top["metadata"] == {"lang": "en", "year": 2020}
 
 
 def test_search_filter_keeps_only_matching_docs(client):
-    exact_en = doc_text(DOCS[0])  # d1 is lang "en": with a "de" filter it must not come back
+    exact_en = document_text(DOCS[0])  # d1 is lang "en": with a "de" filter it must not come back
     response = client.post("/search", json={"query": exact_en, "k": 5, "filter": {"lang": "de"}})
     hits = response.json()["hits"]
     assert {h["id"] for h in hits} == {d["_id"] for d in DOCS if d["lang"] == "de"}

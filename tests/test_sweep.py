@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from eval.config import SweepConfig
-from eval.retrieval import normalize
+from embtune.retrieval.encoder import normalize
 from eval.sweep import best_compact, format_sweep, plot_sweep, sweep_model
 
 

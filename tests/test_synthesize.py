@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.llm_config import FewShotExample, LLMConfig
+from embtune.llm.config import FewShotExample, LLMConfig
 from data_prep.synthesize import (
     STYLES,
     build_messages,
@@ -266,7 +266,7 @@ def test_local_smollm2_writes_queries_end_to_end(tmp_path):
 
 _SERVER_CHILD = """
 import time
-from data_prep.local_llm import LocalLLMServer
+from embtune.llm.local import LocalLLMServer
 server = LocalLLMServer().start()
 print(server.process.pid, flush=True)
 time.sleep(600)

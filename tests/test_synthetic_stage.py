@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from data_prep.loaders import load_queries
+from embtune.dataio import load_queries
 from data_prep.run import run as run_data_prep
 from data_prep.synthetic import select_passages
 from embtune.config import load_config

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data_prep.mining import Guards, mine_negatives
-from data_prep.teacher import TeacherScorer
+from embtune.retrieval.rerank import CrossEncoderScorer
 from embtune.config import load_config
 
 
@@ -45,7 +45,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def tiny_corpus(tiny_beir):
-    from data_prep.loaders import document_text, load_beir
+    from embtune.dataio import document_text, load_beir
 
     data = load_beir(tiny_beir, "train")
     texts = {d: document_text(doc) for d, doc in data.corpus.items()}
@@ -54,7 +54,7 @@ def tiny_corpus(tiny_beir):
 
 def test_teacher_columns_are_added_and_cached(tiny_beir, tiny_cross_encoder_dir, cache):
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
-    teacher = TeacherScorer(str(tiny_cross_encoder_dir), batch_size=8, max_length=64)
+    teacher = CrossEncoderScorer(str(tiny_cross_encoder_dir), batch_size=8, max_length=64)
     rows, report = mine_negatives(corpus, queries, qrels, texts, num_negatives=2, rank_end=10, teacher=teacher,
                                   audit_size=20)
     assert teacher.model_calls > 0
@@ -67,7 +67,7 @@ def test_teacher_columns_are_added_and_cached(tiny_beir, tiny_cross_encoder_dir,
     assert audit["sampled"] == 20 and 0 <= sampled_above <= 20
     assert audit["estimated_false_negative_rate"] == pytest.approx(sampled_above / 20)
 
-    again = TeacherScorer(str(tiny_cross_encoder_dir), batch_size=8, max_length=64)  # a new process, same cache
+    again = CrossEncoderScorer(str(tiny_cross_encoder_dir), batch_size=8, max_length=64)  # a new process, same cache
     rows_again, _ = mine_negatives(corpus, queries, qrels, texts, num_negatives=2, rank_end=10, teacher=again)
     assert again.model_calls == 0 and again._model is None  # the model was never even loaded
     assert rows_again == rows
@@ -75,7 +75,7 @@ def test_teacher_columns_are_added_and_cached(tiny_beir, tiny_cross_encoder_dir,
 
 def test_teacher_guards_drop_and_count(tiny_beir, tiny_cross_encoder_dir, cache):
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
-    teacher = TeacherScorer(str(tiny_cross_encoder_dir), batch_size=16, max_length=64)
+    teacher = CrossEncoderScorer(str(tiny_cross_encoder_dir), batch_size=16, max_length=64)
     # Independently: every window candidate that passes the always-on guards, with its and its positive's score.
     from data_prep.mining import bm25_ranking, candidate_query_ids, normalized_hash
 
@@ -180,7 +180,7 @@ def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_
     manifest = json.loads((tmp_path / "run" / "cross_encoder" / "manifest.json").read_text())
     assert max(r["step"] for r in manifest["log_history"]) == 2
     # the trained teacher is a valid mining.teacher
-    teacher = TeacherScorer(outputs["model"], max_length=64)
+    teacher = CrossEncoderScorer(outputs["model"], max_length=64)
     assert teacher.score([("star planet", "star planet orbit")]).shape == (1,)
 
 
@@ -188,7 +188,7 @@ def test_hybrid_teacher_scores_are_cosine_plus_normalized_bm25(tiny_beir, tiny_m
     """The label-free teacher, recomputed independently: the model's cosine + w * BM25 / the query's top BM25."""
     from sentence_transformers import SentenceTransformer
 
-    from data_prep.fast_bm25 import BM25Tokenizer, FastBM25
+    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
     from data_prep.teacher import HybridTeacher
 
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)

@@ -11,7 +11,7 @@ from data_prep.run import run as data_prep_run
 from embtune.config import load_config
 from eval.run import run as eval_run
 from train.recipe import run as train_run
-from train.tracking import offline_records
+from embtune.tracking import offline_records
 
 
 def read_run(stage_dir):

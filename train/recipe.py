@@ -27,7 +27,7 @@ from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
 from train.checkpoints import SealCheckpoints, last_checkpoint
 from train.losses import build_loss, training_dataset
-from train.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
+from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Recipe:
 
     def dev_evaluator(self):
         """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""
-        from data_prep.loaders import document_text, load_corpus, load_qrels, load_queries
+        from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
         from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
         outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]

@@ -1,10 +1,9 @@
-"""BM25 + dense fusion and cross-encoder reranking of pytrec_eval runs (``{query id: {doc id: score}}``).
+"""Fusion of retriever runs (pytrec_eval format, ``{query id: {doc id: score}}``): one copy for eval, mining and serve.
 
 - ``rrf_fuse``: reciprocal rank fusion (Cormack et al. 2009), ``score(d) = sum_r 1 / (k + rank_r(d))`` with
   1-based ranks over each run's top ``depth``; a document missing from a run adds nothing for it.
 - ``weighted_fuse``: ``w * dense + (1 - w) * sparse`` of per-query min-max normalized scores over each run's top
   ``depth``; a document missing from a run gets 0 (that run's minimum) for it.
-- ``rerank``: score each query's top ``top_k`` with a ``sentence_transformers.CrossEncoder`` and order them by it.
 
 sentence-transformers and faiss have no run-level fusion; these are the few lines that are missing.
 """
@@ -12,8 +11,6 @@ sentence-transformers and faiss have no run-level fusion; these are the few line
 from __future__ import annotations
 
 import logging
-from typing import Protocol
-
 import numpy as np
 
 logger = logging.getLogger(__name__)
@@ -64,34 +61,3 @@ def fuse(method: str, dense: Run, sparse: Run, rrf_k: int = 60, dense_weight: fl
     if method == "weighted":
         return weighted_fuse(dense, sparse, dense_weight=dense_weight, depth=depth)
     raise ValueError(f"unknown fusion method {method!r}; expected 'rrf' or 'weighted'")
-
-
-class PairScorer(Protocol):
-    def predict(self, sentences: list[tuple[str, str]], batch_size: int = ..., **kwargs) -> np.ndarray: ...
-
-
-def rerank(scorer: PairScorer, run: Run, query_texts: dict[str, str], doc_texts: dict[str, str],
-           top_k: int = 100, batch_size: int = 32) -> Run:
-    """Rescore each query's top ``top_k`` documents with ``scorer.predict([(query, doc), ...])``.
-
-    Documents below ``top_k`` are kept, ranked after the reranked ones in their first-stage order, so that deeper
-    metrics (recall@100, map@100) stay comparable with the first stage instead of being cut at ``top_k``.
-    """
-    qids = sorted(run)
-    candidates = {qid: ranked(run[qid]) for qid in qids}
-    pairs = [(query_texts[qid], doc_texts[d]) for qid in qids for d in candidates[qid][:top_k]]
-    logger.info("reranking %d (query, document) pairs", len(pairs))
-    scores = np.asarray(scorer.predict(pairs, batch_size=batch_size, show_progress_bar=len(pairs) > 5000),
-                        dtype=np.float64).reshape(-1)  # (n_pairs,)
-    out: Run = {}
-    offset = 0
-    for qid in qids:
-        head, tail = candidates[qid][:top_k], candidates[qid][top_k:]
-        head_scores = scores[offset: offset + len(head)]
-        offset += len(head)
-        docs = {d: float(s) for d, s in zip(head, head_scores)}
-        floor = float(head_scores.min()) if len(head) else 0.0
-        # The tail keeps its first-stage order, strictly below every reranked document.
-        docs.update({d: floor - 1.0 - i for i, d in enumerate(tail)})
-        out[qid] = docs
-    return out

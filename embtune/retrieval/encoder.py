@@ -1,4 +1,9 @@
-"""Dense retrieval for evaluation: encode, then search a FAISS exact inner-product index."""
+"""Encoding: one place that turns texts into embeddings, cached on disk by model and text.
+
+Every stage encodes through :func:`encode` with the key from :func:`cache_key`, so mining, the teacher, eval and
+export of one model encode a corpus once. The key is the model's content hash (a local folder) or hub name,
+then the max sequence length; the text hash completes the file name.
+"""
 
 from __future__ import annotations
 
@@ -58,26 +63,22 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     return embeddings
 
 
-def exact_search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k by inner product with ``faiss.IndexFlatIP`` (exact); returns (scores, indices), each (n_queries, k)."""
-    index = faiss.IndexFlatIP(doc_emb.shape[1])
-    index.add(np.ascontiguousarray(doc_emb, dtype=np.float32))
-    return index.search(np.ascontiguousarray(query_emb, dtype=np.float32), min(k, doc_emb.shape[0]))
+def cache_key(model_path: str, max_seq_length: int) -> str:
+    """Embedding-cache key of a model: content hash of a local folder (retraining changes it) or the hub name."""
+    from embtune.manifest import hash_path
+
+    key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
+    return f"{key}_{max_seq_length}"
 
 
-def to_run(query_ids: list[str], doc_ids: list[str], scores: np.ndarray, indices: np.ndarray) -> dict[str, dict[str, float]]:
-    """pytrec_eval run format: {query id: {doc id: score}}."""
-    return {
-        qid: {doc_ids[j]: float(s) for s, j in zip(scores[i], indices[i]) if j >= 0}
-        for i, qid in enumerate(query_ids)
-    }
+def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = None):
+    """(SentenceTransformer, embedding cache key) for a folder, hub name or ``embtune.models`` alias."""
+    from sentence_transformers import SentenceTransformer
 
+    from embtune.models import resolve_model
 
-def bm25_run(doc_ids: list[str], doc_texts: list[str], query_ids: list[str], query_texts: list[str],
-             k: int = 1000, backend: str = "fast", tokenizer=None) -> dict[str, dict[str, float]]:
-    """BM25 baseline (BM25Okapi): ``fast`` = data_prep.fast_bm25 (exact rank-bm25 scores), ``rank_bm25`` = the
-    reference. ``tokenizer`` is a ``BM25Tokenizer`` (default: lowercase ``\\w+`` word tokens)."""
-    from data_prep.mining import bm25_ranking
-
-    ranking = bm25_ranking(doc_texts, query_texts, k, backend=backend, tokenizer=tokenizer)
-    return to_run(query_ids, doc_ids, ranking.scores, ranking.indices)
+    path = resolve_model(model_name)
+    model = SentenceTransformer(path, device=device)
+    if max_seq_length:
+        model.max_seq_length = max_seq_length
+    return model, cache_key(path, model.max_seq_length)

@@ -59,9 +59,10 @@ class Dataset:
 
 def document_text(doc: dict[str, str], include_title: bool = True) -> str:
     """The text a model or BM25 sees for a document: ``title + " " + text``, as MTEB/BEIR build it."""
+    text = doc.get("text") or ""
     if include_title and doc.get("title"):
-        return f"{doc['title']} {doc['text']}".strip()
-    return doc["text"].strip()
+        return f"{doc['title']} {text}".strip()
+    return text.strip()
 
 
 class _Problems:

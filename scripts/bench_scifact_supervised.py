@@ -72,7 +72,9 @@ def main() -> int:
     if not choice:
         dev = json.loads((RESULTS / "scifact_supervised_dev.json").read_text())
         choice = dev["best"]
-    overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", *GRID[choice], *args.overrides]
+    # The hybrid row fuses with BM25 weight 0.3 (dense 0.7), the weight the label-free dev phase chose on train queries.
+    overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", "eval.hybrid=[weighted]",
+                 "eval.hybrid_weight=0.7", *GRID[choice], *args.overrides]
     cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval", "export"))
     out = test_result("scifact_supervised",
                       "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv (settings chosen on a dev split carved "

@@ -11,7 +11,8 @@ import logging
 import sys
 from typing import Callable, get_type_hints
 
-from embtune.config import ConfigError, load_config
+from embtune.config import ConfigError
+from embtune.schema import load_config
 
 STAGES = {
     "data_prep": "load, validate, (synthesize,) chunk and mine hard negatives into a training table",

@@ -100,7 +100,7 @@ def choose_teacher_weight(config: str, overrides: list[str], weights: list[float
     from data_prep.run import bm25_tokenizer, split_dev
     from data_prep.teacher import HybridTeacher
     from embtune.retrieval.rerank import rerank
-    from embtune.config import load_config
+    from embtune.schema import load_config
     from eval.metrics import evaluate
 
     cfg = load_config(config, overrides)

@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from embtune.config import load_config  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import Stage, machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 

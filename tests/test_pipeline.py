@@ -6,7 +6,7 @@ import shutil
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from embtune.config import load_config
+from embtune.schema import load_config
 from embtune.pipeline import run as run_pipeline
 
 

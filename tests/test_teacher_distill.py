@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.mining import Guards, mine_negatives
 from embtune.retrieval.rerank import CrossEncoderScorer
-from embtune.config import load_config
+from embtune.schema import load_config
 
 
 @pytest.fixture(scope="session")

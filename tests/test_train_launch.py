@@ -12,7 +12,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 from train.checkpoints import checkpoint_problem, last_checkpoint
 from train.recipe import run as train_run
 

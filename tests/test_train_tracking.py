@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 from eval.run import run as eval_run
 from train.recipe import run as train_run
 from embtune.tracking import offline_records

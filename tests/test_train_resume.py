@@ -128,3 +128,26 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted(reference, tiny_beir):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
     assert max_abs_diff(weights(run_dir), expected) <= 1e-6
+
+
+@pytest.mark.slow
+def test_force_retrains_from_scratch_not_from_the_last_checkpoint(reference, tiny_beir, caplog):
+    """`python -m train CONFIG --force` on a finished run trains every step again from the base model."""
+    from safetensors.numpy import save_file
+
+    from train.checkpoints import seal
+
+    root, model, expected = reference
+    run_dir, args = fresh_run(root, "forced", tiny_beir, model)
+    cfg = load_config(None, args)
+    train_run(cfg)
+    # Mark every checkpoint (resealed, so each still counts as complete): a run that resumes from one ends with
+    # these weights, a run from scratch ends with the reference's.
+    for checkpoint in checkpoints(run_dir):
+        tensors = load_file(str(checkpoint / "model.safetensors"))
+        save_file({k: v + 1.0 for k, v in tensors.items()}, str(checkpoint / "model.safetensors"))
+        seal(checkpoint)
+    with caplog.at_level(logging.INFO, logger="train.recipe"):
+        train_run(cfg, force=True)
+    assert not any("resuming from" in r.message for r in caplog.records)
+    assert max_abs_diff(weights(run_dir), expected) <= 1e-6

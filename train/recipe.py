@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,15 @@ class Recipe:
             mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[10, 100], map_at_k=[100])
 
     def train(self) -> None:
-        resume = last_checkpoint(self.checkpoint_dir)
+        resume = None
+        if self.force:
+            # --force means "train again": a finished run's newest checkpoint is its last step, so resuming from it
+            # would train 0 steps. The old checkpoints go, so the new run's saves never mix with them.
+            if self.trainer.is_world_process_zero() and self.checkpoint_dir.is_dir():
+                shutil.rmtree(self.checkpoint_dir)
+            logger.info("--force: training from step 0 (checkpoints in %s removed)", self.checkpoint_dir)
+        else:
+            resume = last_checkpoint(self.checkpoint_dir)
         if resume:
             logger.info("resuming from %s", resume)
         self.trainer.train(resume_from_checkpoint=resume)

@@ -157,6 +157,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: _Origin) -> Any:
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
+            moved = getattr(cls, "moved_keys", {}).get(name)
+            if moved:
+                raise ConfigError(f"key '{key}' has moved to '{moved}'", key, where(key))
             known = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key '{key}' (known keys here: {known})", key, where(key))
         kwargs[name] = _coerce(value, hints[name], key, where)

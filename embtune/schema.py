@@ -13,6 +13,7 @@ from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
 from embtune.llm.config import LLMConfig
 from embtune.config import load
 from embtune.retrieval.bm25 import BM25Config
+from embtune.tracking import TrackingConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
@@ -33,6 +34,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Set by load_config: the recipe file this came from (not a YAML key).
     source: str | None = field(default=None, init=False, compare=False)
 

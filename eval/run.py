@@ -227,7 +227,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
                "significance": significance}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
-    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
+    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when tracking.report_to has it
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)

@@ -109,7 +109,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions()})
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when train.report_to has it
+    from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when tracking.report_to has it
 
     log_export_artifact(cfg, out_dir)
     logger.info("exported %s (serve it: python -m serve up --bundle %s)", out_dir, out_dir)

@@ -35,7 +35,7 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
     # BATCH_SAMPLER shuffles rows once; process r takes batch 2k+r of 4, so the global batch of step k is rows
     # 8k..8k+7 of the shuffle: what one process with batch 8 takes.
     common = [f"data.path={tiny_beir}", "data.dev_fraction=0.25", f"train.base_model={model}", "train.max_steps=3",
-              "train.use_cpu=true", "train.save_steps=1", "train.report_to=none", "train.matryoshka_dims=[32,16]",
+              "train.use_cpu=true", "train.save_steps=1", "tracking.report_to=none", "train.matryoshka_dims=[32,16]",
               "train.no_duplicates=false", "train.learning_rate=1e-3", "train.eval_steps=2", "train.logging_steps=1",
               "train.warmup_ratio=0.0", "train.gather_across_devices=true"]
     two, one = tmp_path / "two", tmp_path / "one"

@@ -28,7 +28,7 @@ def overrides(run_dir, beir, model, *extra):
     # 0.1), and the NO_DUPLICATES sampler is the default: both must replay exactly.
     return [f"run_dir={run_dir}", f"data.path={beir}", f"train.base_model={model}", "train.max_steps=7",
             "train.batch_size=8", "train.use_cpu=true", "train.save_steps=1", "train.save_total_limit=10",
-            "train.report_to=none", "train.matryoshka_dims=[32,16]", "train.learning_rate=1e-3", *extra]
+            "tracking.report_to=none", "train.matryoshka_dims=[32,16]", "train.learning_rate=1e-3", *extra]
 
 
 def weights(run_dir):

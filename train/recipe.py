@@ -82,7 +82,7 @@ class Recipe:
             batch_sampler = BatchSamplers.NO_DUPLICATES if t.no_duplicates else BatchSamplers.BATCH_SAMPLER
         evaluator = self.dev_evaluator() if t.eval_steps else None
 
-        report_to = configure_reporting(t, self.stage.dir)
+        report_to = configure_reporting(self.cfg.tracking, self.stage.dir)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(self.checkpoint_dir),
             num_train_epochs=t.epochs,
@@ -166,7 +166,7 @@ class Recipe:
                  * args.gradient_accumulation_steps}
         if self.wandb_run is not None:
             artifact = None
-            if self.tcfg.wandb_log_model:
+            if self.cfg.tracking.wandb_log_model:
                 artifact = log_model_artifact(self.wandb_run, model_dir, f"model-{Path(self.cfg.run_dir).resolve().name}",
                                               {"fingerprint": self.stage.fingerprint(), "base_model": self.tcfg.base_model})
             extra["wandb"] = {"id": self.wandb_run.id, "project": self.wandb_run.project,

@@ -131,6 +131,8 @@ def log_model_artifact(run, model_dir: Path, name: str, metadata: dict[str, Any]
 
 def log_eval_results(cfg, results: dict[str, Any], per_query: dict[str, Any], split: str) -> None:
     """The eval stage's hook: metric tables of every model (and dim) and per-query nDCG@10, as wandb Tables."""
+    if "wandb" not in report_targets(cfg.tracking):
+        return
     stage_dir = Path(cfg.run_dir) / "eval"
     train = _train_manifest(cfg)
     run = start_run(cfg, stage_dir, "eval", config={"eval": _plain(cfg.eval), "split": split,
@@ -157,6 +159,8 @@ def log_eval_results(cfg, results: dict[str, Any], per_query: dict[str, Any], sp
 
 def log_export_artifact(cfg, bundle_dir: Path) -> None:
     """The export stage's hook: the bundle as a ``model`` artifact of an ``export`` run in the pipeline's group."""
+    if "wandb" not in report_targets(cfg.tracking):
+        return
     train = _train_manifest(cfg)
     run = start_run(cfg, Path(cfg.run_dir) / "export", "export",
                     config={"export": _plain(cfg.export), "train_wandb": train.get("wandb", {})})

@@ -140,10 +140,25 @@ def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
     return text
 
 
+def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
+    """The config eval's results depend on (its fingerprint).
+
+    The models by name and hub name or endpoint spec (a local folder is named by its content hash, an input, not
+    its path); the seed of the significance resamples; how bad input lines are handled. Not ``eval.rag``: only
+    ``python -m eval.rag`` reads it.
+    """
+    from embtune.config import to_dict
+
+    section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
+    names = {name: None if Path(path).exists() else path for name, path in models.items()}
+    return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
+            "on_error": cfg.data.on_error}
+
+
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
-    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": cfg.bm25},
+    stage = Stage("eval", cfg.run_dir, config=stage_config(cfg, models),
                   inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():

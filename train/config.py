@@ -61,6 +61,9 @@ class TrainConfig:
     dataloader_num_workers: int = 0
     use_cpu: bool = False  # force CPU even when a GPU is visible (accelerate's --cpu)
 
+    # Keys that change what is logged or kept on disk, never the trained weights: left out of the stage fingerprints
+    # (train's, and export's, whose model card records the train section), so changing one reruns nothing.
+    bookkeeping_keys: ClassVar[tuple[str, ...]] = ("logging_steps", "save_steps", "save_total_limit")
     # Keys that moved to another section: an old recipe's error says where they went.
     moved_keys: ClassVar[dict[str, str]] = {"report_to": "tracking.report_to", "wandb_project": "tracking.wandb_project",
                                             "wandb_log_model": "tracking.wandb_log_model"}

@@ -33,6 +33,13 @@ from embtune.tracking import configure_reporting, log_data_lineage, log_model_ar
 logger = logging.getLogger(__name__)
 
 
+def stage_config(cfg) -> dict[str, Any]:
+    """The config the trained model depends on (the stage fingerprint): the train section less its bookkeeping
+    keys (logging, checkpoint cadence), so changing those reruns nothing and a run resumes from the same checkpoint
+    folder. Tracking is its own section, never in it."""
+    return {"train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
+
+
 def upstream_table(cfg) -> str:
     manifest = Path(cfg.run_dir) / "data_prep" / "manifest.json"
     if not manifest.is_file():
@@ -48,7 +55,7 @@ class Recipe:
         self.tcfg = cfg.train
         self.force = force
         self.table_dir = upstream_table(cfg)
-        self.stage = Stage("train", cfg.run_dir, config={"train": cfg.train}, inputs={"train_table": self.table_dir})
+        self.stage = Stage("train", cfg.run_dir, config=stage_config(cfg), inputs={"train_table": self.table_dir})
         self.trainer = None
         self.wandb_run = None
         # Checkpoints are keyed by the stage fingerprint, so a changed config never resumes a stale run.

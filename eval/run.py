@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.manifest import Stage, hash_path
 from embtune.models import resolve_model
@@ -254,7 +255,8 @@ def check_rerank_on(cfg, models: dict[str, str]) -> None:
             *(f"{m}+bm25_{method}" for m in models for method in cfg.eval.hybrid)}
     missing = [name for name in cfg.eval.rerank_on if name not in rows]
     if cfg.eval.reranker and missing:
-        raise ValueError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})")
+        raise ConfigError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})",
+                          "eval.rerank_on", cfg.source)
 
 
 def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: dict[str, str],

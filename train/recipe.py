@@ -22,7 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from embtune.config import to_dict
+from embtune.config import ConfigError, to_dict
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
@@ -138,7 +138,8 @@ class Recipe:
 
         outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
         if "dev_qrels" not in outputs:
-            raise ValueError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep")
+            raise ConfigError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep",
+                              "train.eval_steps", self.cfg.source)
         folder = Path(outputs["eval_dataset"])
         corpus = load_corpus(folder / "corpus.jsonl", self.cfg.data.on_error)
         queries = load_queries(folder / "queries.jsonl", self.cfg.data.on_error)

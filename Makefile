@@ -24,10 +24,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(PY) -m embtune.pipeline configs/demo.yaml
 
+# lint-imports checks the layering contracts in pyproject.toml ([tool.importlinter]) before any test runs.
 test: install
+	$(VENV)/bin/lint-imports
 	WANDB_MODE=offline $(PY) -m pytest -q -ra
 
 test-fast: install
+	$(VENV)/bin/lint-imports
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 bench-supervised: install

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 
 
 def stage_config(cfg) -> dict[str, Any]:
-    """The config this stage depends on (its fingerprint)."""
+    """The config this stage reads (its fingerprint): a key outside it never reruns data_prep, a key inside does.
+
+    tests/test_fingerprints.py runs the stage and checks every key it reads is here."""
     from embtune.config import to_dict
 
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining),
@@ -46,9 +48,11 @@ def stage_config(cfg) -> dict[str, Any]:
     if cfg.chunking.max_tokens:
         section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
     if cfg.data.queries == "synthetic":
-        # The answers depend on every llm key; the round trip's dense retriever is the base model.
+        # The answers depend on every llm key; the round trip's dense retriever is the base model, encoding at
+        # eval's sequence length (the length the filtered queries are later scored at).
         section["llm"] = to_dict(cfg.llm)
         section["round_trip_model"] = cfg.train.base_model
+        section["round_trip_max_seq_length"] = cfg.eval.max_seq_length
     return section
 
 

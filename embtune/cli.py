@@ -11,7 +11,9 @@ import logging
 import sys
 from typing import Callable, get_type_hints
 
-from embtune.config import ConfigError, load_config
+from embtune.config import ConfigError
+from embtune.dataio import DataError
+from embtune.schema import load_config
 
 STAGES = {
     "data_prep": "load, validate, (synthesize,) chunk and mine hard negatives into a training table",
@@ -61,7 +63,28 @@ def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] |
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    run(cfg, force=args.force)
+    return exit_code(lambda: run(cfg, force=args.force))
+
+
+def exit_code(work: Callable[[], object]) -> int:
+    """Run an entry point's work; an input problem is one line on stderr and exit code 2, not a traceback.
+
+    Input problems are a recipe that does not fit its schema or its stage (:class:`ConfigError`), bad data
+    (:class:`DataError`, whose message starts with ``file:line``) and a missing input file or upstream output
+    (``FileNotFoundError``, whose message names the path). Anything else is a bug and keeps its traceback.
+    """
+    try:
+        work()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"data error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        detail = f"{err.strerror}: {err.filename}" if err.filename and err.strerror else str(err)
+        print(f"missing input: {detail}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,9 +2,13 @@
 
 A recipe is one YAML file whose top-level sections (``data``, ``mining``, ``train``, ``eval``, ``export``)
 each map onto the dataclass that the stage owning it defines. Every key is checked: an unknown key or a value of
-the wrong type is a :class:`ConfigError` that names the dotted key, the file and the line.
+the wrong type is a :class:`ConfigError` that names the dotted key, the file and the line (or the override that
+set it).
 
-Example::
+This module is the core's generic machinery and knows no section; the recipe schema (``embtune.schema``, which
+imports every stage's sections) builds on it::
+
+    from embtune.schema import load_config
 
     cfg = load_config("configs/scifact_supervised.yaml", ["train.learning_rate=3e-5"])
     cfg.train.learning_rate  # 3e-05
@@ -14,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
-import typing
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
@@ -23,7 +27,16 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A recipe that does not match its schema; the message names the key, file and line."""
+    """A recipe that does not match its schema.
+
+    ``key`` is the dotted key at fault (None for a file-level problem), ``reason`` what is wrong with it, and
+    ``where`` the file and line, or the one override, that set it; ``str(err)`` is ``"<where>: <reason>"``.
+    Tests assert ``key`` and ``reason``: the text of unrelated overrides never appears in the message.
+    """
+
+    def __init__(self, reason: str, key: str | None = None, where: str | None = None):
+        self.reason, self.key, self.where = reason, key, where
+        super().__init__(f"{where}: {reason}" if where else reason)
 
 
 def _line_map(text: str) -> dict[str, int]:
@@ -52,19 +65,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _where(key: str, source: str, lines: dict[str, int]) -> str:
-    line = lines.get(key)
-    return f"{source}:{line}" if line else source
+class _Origin:
+    """Where each key of a recipe came from: a line of the file, or an override (which wins)."""
+
+    def __init__(self, source: str, lines: dict[str, int] | None = None, overrides: list[str] | None = None):
+        self.source, self.lines = source, dict(lines or {})
+        self.overrides = {text.split("=", 1)[0]: text for text in overrides or []}
+
+    def __call__(self, key: str) -> str:
+        # The key itself, else the nearest enclosing section (a defaulted key has no line of its own).
+        parts = re.sub(r"\[\d+\]", "", key).split(".") if key else []
+        for end in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:end])
+            if prefix in self.overrides:
+                return f"{self.source} (override '{self.overrides[prefix]}')"
+            if prefix in self.lines:
+                return f"{self.source}:{self.lines[prefix]}"
+        return self.source
 
 
-def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -> Any:
+def _coerce(value: Any, tp: Any, key: str, where: _Origin) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it, converted where lossless."""
     origin = get_origin(tp)
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(
-            f"{_where(key, source, lines)}: key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
-        )
+        return ConfigError(f"key '{key}' expects {expected}, got {value!r} ({type(value).__name__})", key,
+                           where(key))
 
     if tp is Any:
         return value
@@ -77,7 +103,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key, source, lines)
+                return _coerce(value, arg, key, where)
             except ConfigError as err:
                 errors.append(err)
         raise fail(" or ".join(_type_name(a) for a in args))
@@ -88,17 +114,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise fail(f"a mapping of {tp.__name__} keys")
-        return _build(tp, value, key, source, lines)
+        return _build(tp, value, key, where)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise fail(f"a list of {_type_name(get_args(tp)[0]) if get_args(tp) else 'values'}")
         (item_tp,) = get_args(tp)[:1] or (Any,)
-        return [_coerce(v, item_tp, f"{key}[{i}]", source, lines) for i, v in enumerate(value)]
+        return [_coerce(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise fail("a mapping")
         _, val_tp = get_args(tp) or (str, Any)
-        return {str(k): _coerce(v, val_tp, f"{key}.{k}", source, lines) for k, v in value.items()}
+        return {str(k): _coerce(v, val_tp, f"{key}.{k}", where) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise fail("true or false")
@@ -124,34 +150,44 @@ def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -
     raise fail(_type_name(tp))  # pragma: no cover - schema uses only the types above
 
 
-def _build(cls: type, data: dict[str, Any], prefix: str, source: str, lines: dict[str, int]) -> Any:
+def _build(cls: type, data: dict[str, Any], prefix: str, where: _Origin) -> Any:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in fields:
+            moved = getattr(cls, "moved_keys", {}).get(name)
+            if moved:
+                raise ConfigError(f"key '{key}' has moved to '{moved}'", key, where(key))
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"{_where(key, source, lines)}: unknown key '{key}' (known keys here: {known})")
-        kwargs[name] = _coerce(value, hints[name], key, source, lines)
+            raise ConfigError(f"unknown key '{key}' (known keys here: {known})", key, where(key))
+        kwargs[name] = _coerce(value, hints[name], key, where)
     try:
         return cls(**kwargs)
     except TypeError as err:  # a required field is missing
-        raise ConfigError(f"{source}: section '{prefix or '<root>'}': {err}") from None
+        raise ConfigError(f"section '{prefix or '<root>'}': {err}", prefix or None, where(prefix)) from None
 
 
-def _validate_tree(obj: Any, prefix: str, source: str, lines: dict[str, int]) -> None:
-    """Call each section's ``validate()`` (defaulted sections included), naming the section on failure."""
+def _validate_tree(obj: Any, prefix: str, where: _Origin) -> None:
+    """Call each section's ``validate()`` (defaulted sections included), naming the key at fault.
+
+    A ``validate()`` raises ValueError with a message that starts from the dotted key it rejects
+    (``"train.batch_size must be >= 1"``); that key (else the section) is the error's ``key``.
+    """
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            _validate_tree(value, f"{prefix}.{f.name}" if prefix else f.name, source, lines)
+            _validate_tree(value, f"{prefix}.{f.name}" if prefix else f.name, where)
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except ValueError as err:
-            raise ConfigError(f"{_where(prefix, source, lines)}: {err}") from None
+            reason = str(err)
+            named = re.search(rf"(?<![\w.]){re.escape(prefix)}(?:\.\w+)+", reason) if prefix else None
+            key = named.group(0) if named else (prefix or None)
+            raise ConfigError(reason, key, where(key or "")) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -182,10 +218,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None) -> Any:
-    """Build dataclass ``cls`` from plain data, checking every key, type and section constraint."""
-    obj = _build(cls, data or {}, "", source, lines or {})
-    _validate_tree(obj, "", source, lines or {})
+def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None,
+          overrides: list[str] | None = None) -> Any:
+    """Build dataclass ``cls`` from plain data, checking every key, type and section constraint.
+
+    ``lines`` maps dotted keys to their line in ``source``; ``overrides`` are the ``key=value`` texts applied to
+    ``data``, named in an error about the key they set.
+    """
+    where = _Origin(source, lines, overrides)
+    obj = _build(cls, data or {}, "", where)
+    _validate_tree(obj, "", where)
     return obj
 
 
@@ -197,27 +239,18 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(f"invalid YAML: {err}", None, str(path)) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError("the top level must be a mapping of sections", None, str(path))
     return data, _line_map(text)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> "Config":
-    """Load a recipe file (or only defaults when ``path`` is None) and apply dotted overrides."""
-    from embtune.schema import Config
-
+def load(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Build schema ``cls`` from a recipe file (or only defaults when ``path`` is None) and dotted overrides."""
     data, lines = load_yaml(path) if path else ({}, {})
-    source = str(path) if path else "<defaults>"
     if overrides:
         data = apply_overrides(data, overrides)
-        # An override's key has no line in the file; say where it came from instead.
-        for text in overrides:
-            lines.pop(text.split("=", 1)[0], None)
-        source = f"{source} (with overrides {' '.join(overrides)})"
-    cfg = build(Config, data, source, lines)
-    cfg.source = str(path) if path else None
-    return cfg
+    return build(cls, data, str(path) if path else "<defaults>", lines, overrides)
 
 
 def to_dict(obj: Any) -> Any:
@@ -237,7 +270,3 @@ def fingerprint(obj: Any) -> str:
 
     payload = json.dumps(to_dict(obj), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-if typing.TYPE_CHECKING:  # pragma: no cover
-    from embtune.schema import Config

@@ -33,7 +33,7 @@ def hash_path(path: str | Path) -> str:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST)
         base = path
     else:
-        raise FileNotFoundError(f"cannot hash missing input: {path}")
+        raise FileNotFoundError(f"{path}: input not found")
     for file in files:
         digest.update(str(file.relative_to(base)).encode())
         with open(file, "rb") as handle:

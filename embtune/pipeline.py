@@ -16,11 +16,19 @@ import subprocess
 import sys
 import time
 
-from embtune.cli import parse_config_args
+from embtune.cli import exit_code, parse_config_args
 
 logger = logging.getLogger("embtune.pipeline")
 
 STAGE_ORDER = ("data_prep", "train", "eval", "export")
+
+
+class StageFailed(RuntimeError):
+    """A stage launched in its own processes exited non-zero."""
+
+    def __init__(self, message: str, returncode: int):
+        super().__init__(message)
+        self.returncode = returncode
 
 
 def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", force: bool = False,
@@ -40,7 +48,9 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
             cmd = [*shlex.split(launch), "-m", "train", *([config_path] if config_path else []), *overrides]
             cmd += ["--force"] if force else []
             logger.info("launching: %s", shlex.join(cmd))
-            subprocess.run(cmd, check=True)
+            done = subprocess.run(cmd)
+            if done.returncode:  # the launched stage has said why on stderr
+                raise StageFailed(f"stage train: `{shlex.join(cmd)}` exited with {done.returncode}", done.returncode)
         else:
             runners[name](cfg, force=force)
         wall[name] = round(time.time() - start, 1)
@@ -63,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(stages) - set(STAGE_ORDER)
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_ORDER)}")
-    run(cfg, args.config, args.overrides, launch=args.launch, force=args.force, stages=stages)
-    return 0
+    try:
+        return exit_code(lambda: run(cfg, args.config, args.overrides, launch=args.launch, force=args.force,
+                                     stages=stages))
+    except StageFailed as err:
+        print(str(err), file=sys.stderr)
+        return err.returncode
 
 
 if __name__ == "__main__":

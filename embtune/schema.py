@@ -1,12 +1,19 @@
-"""The recipe schema: one section per stage, each defined by the stage that owns it."""
+"""The recipe schema: one section per stage, each defined by the stage that owns it, and ``load_config``.
+
+The schema names every stage's sections, so it sits above the stages (it is the one module that imports them
+all); the generic parsing lives in the core, ``embtune.config``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
 from embtune.llm.config import LLMConfig
+from embtune.config import load
 from embtune.retrieval.bm25 import BM25Config
+from embtune.tracking import TrackingConfig
 from eval.config import EvalConfig
 from serve.config import ExportConfig
 from serve.serve_config import ServeConfig
@@ -27,5 +34,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Set by load_config: the recipe file this came from (not a YAML key).
     source: str | None = field(default=None, init=False, compare=False)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe file (or only defaults when ``path`` is None) and apply dotted ``key=value`` overrides.
+
+    Raises :class:`embtune.config.ConfigError` naming the key, and the file and line or the override that set it.
+    """
+    cfg = load(Config, path, overrides)
+    cfg.source = str(path) if path else None
+    return cfg

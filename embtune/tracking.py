@@ -1,6 +1,10 @@
 """Experiment tracking: wandb (online with a key, offline without one) or any tracker the trainer's ``report_to``
 knows (tensorboard, ...), plus the lineage the trainer does not record.
 
+Configured by the recipe's own ``tracking`` section (:class:`TrackingConfig`), read by train, eval and export; no
+stage's section switches another stage's logging, and no tracking key is part of a stage's fingerprint (logging
+never changes what a stage writes, so changing it reruns nothing).
+
 One pipeline run is one wandb *group* (the run directory's name) with a run per stage:
 
 - ``train`` (job_type train): the full resolved config, the data-prep manifest (which corpus, queries and mined
@@ -25,10 +29,31 @@ import json
 import logging
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking for train, eval and export (wandb runs of one group, or the trainer's other trackers)."""
+
+    # "wandb" logs online with a key, offline without one (said once, in a log line); "none" turns logging off;
+    # "tensorboard", "wandb,tensorboard" or any other tracker transformers' ``report_to`` knows also work. Only
+    # wandb gets eval and export runs (tables, the bundle artifact); other trackers get the training curves.
+    report_to: str = "wandb"
+    wandb_project: str = "embtune"
+    # Log the trained model folder as a wandb artifact (lineage: data-prep manifest -> run -> model).
+    wandb_log_model: bool = True
+
+    def validate(self) -> None:
+        targets = [t.strip() for t in self.report_to.split(",") if t.strip()]
+        if not targets:
+            raise ValueError("tracking.report_to must name a tracker or be 'none'")
+        if "none" in targets and len(targets) > 1:
+            raise ValueError(f"tracking.report_to: 'none' cannot be combined with other trackers ({self.report_to!r})")
 
 
 def wandb_has_key() -> bool:
@@ -38,18 +63,18 @@ def wandb_has_key() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def report_targets(tcfg) -> list[str]:
-    targets = [t.strip() for t in tcfg.report_to.split(",") if t.strip()]
+def report_targets(tracking: TrackingConfig) -> list[str]:
+    targets = [t.strip() for t in tracking.report_to.split(",") if t.strip()]
     return [] if targets == ["none"] else targets
 
 
-def configure_reporting(tcfg, stage_dir: Path) -> list[str] | str:
+def configure_reporting(tracking: TrackingConfig, stage_dir: Path) -> list[str] | str:
     """Return the trainer's ``report_to`` value, setting wandb's environment so it never prompts or blocks."""
-    targets = report_targets(tcfg)
+    targets = report_targets(tracking)
     if not targets:
         return "none"
     if "wandb" in targets:
-        os.environ.setdefault("WANDB_PROJECT", tcfg.wandb_project)
+        os.environ.setdefault("WANDB_PROJECT", tracking.wandb_project)
         os.environ["WANDB_DIR"] = str(stage_dir)  # each stage's runs beside its other outputs
         Path(stage_dir).mkdir(parents=True, exist_ok=True)
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -61,14 +86,14 @@ def configure_reporting(tcfg, stage_dir: Path) -> list[str] | str:
 
 
 def start_run(cfg, stage_dir: Path, job_type: str, run_id: str | None = None, config: dict | None = None):
-    """A wandb run of this pipeline's group, or None when wandb is not among ``train.report_to``."""
-    if "wandb" not in report_targets(cfg.train):
+    """A wandb run of this pipeline's group, or None when wandb is not among ``tracking.report_to``."""
+    if "wandb" not in report_targets(cfg.tracking):
         return None
-    configure_reporting(cfg.train, stage_dir)
+    configure_reporting(cfg.tracking, stage_dir)
     import wandb
 
     group = Path(cfg.run_dir).resolve().name
-    return wandb.init(project=cfg.train.wandb_project, group=group, job_type=job_type, name=f"{group}-{job_type}",
+    return wandb.init(project=cfg.tracking.wandb_project, group=group, job_type=job_type, name=f"{group}-{job_type}",
                       id=run_id, resume="allow" if run_id else None, dir=str(stage_dir), config=config or {},
                       reinit="finish_previous")
 
@@ -106,6 +131,8 @@ def log_model_artifact(run, model_dir: Path, name: str, metadata: dict[str, Any]
 
 def log_eval_results(cfg, results: dict[str, Any], per_query: dict[str, Any], split: str) -> None:
     """The eval stage's hook: metric tables of every model (and dim) and per-query nDCG@10, as wandb Tables."""
+    if "wandb" not in report_targets(cfg.tracking):
+        return
     stage_dir = Path(cfg.run_dir) / "eval"
     train = _train_manifest(cfg)
     run = start_run(cfg, stage_dir, "eval", config={"eval": _plain(cfg.eval), "split": split,
@@ -132,6 +159,8 @@ def log_eval_results(cfg, results: dict[str, Any], per_query: dict[str, Any], sp
 
 def log_export_artifact(cfg, bundle_dir: Path) -> None:
     """The export stage's hook: the bundle as a ``model`` artifact of an ``export`` run in the pipeline's group."""
+    if "wandb" not in report_targets(cfg.tracking):
+        return
     train = _train_manifest(cfg)
     run = start_run(cfg, Path(cfg.run_dir) / "export", "export",
                     config={"export": _plain(cfg.export), "train_wandb": train.get("wandb", {})})

@@ -7,7 +7,7 @@ from eval.run import run
 
 
 def main(argv=None) -> int:
-    return stage_main("eval", run, ["eval"], argv)
+    return stage_main("eval", run, ["eval", "tracking"], argv)
 
 
 if __name__ == "__main__":

@@ -380,7 +380,7 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
-    from embtune.cli import parse_config_args
+    from embtune.cli import exit_code, parse_config_args
     from eval.run import upstream
 
     parser = argparse.ArgumentParser(prog="python -m eval.rag", description=__doc__.split("\n\n")[0])
@@ -403,8 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model only",
                        cfg.run_dir)
     command = shlex.join(["python", "-m", "eval.rag", *(argv if argv is not None else sys.argv[1:])])
-    run_rag(cfg, retrievers, args.out, command=command)
-    return 0
+    return exit_code(lambda: run_rag(cfg, retrievers, args.out, command=command))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.manifest import Stage, hash_path
 from embtune.models import resolve_model
@@ -140,10 +141,25 @@ def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
     return text
 
 
+def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
+    """The config eval's results depend on (its fingerprint).
+
+    The models by name and hub name or endpoint spec (a local folder is named by its content hash, an input, not
+    its path); the seed of the significance resamples; how bad input lines are handled. Not ``eval.rag``: only
+    ``python -m eval.rag`` reads it.
+    """
+    from embtune.config import to_dict
+
+    section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
+    names = {name: None if Path(path).exists() else path for name, path in models.items()}
+    return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
+            "on_error": cfg.data.on_error}
+
+
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
-    stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": cfg.bm25},
+    stage = Stage("eval", cfg.run_dir, config=stage_config(cfg, models),
                   inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():
@@ -227,7 +243,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
                "significance": significance}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
-    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when train.report_to has it
+    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when tracking.report_to has it
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)
@@ -239,7 +255,8 @@ def check_rerank_on(cfg, models: dict[str, str]) -> None:
             *(f"{m}+bm25_{method}" for m in models for method in cfg.eval.hybrid)}
     missing = [name for name in cfg.eval.rerank_on if name not in rows]
     if cfg.eval.reranker and missing:
-        raise ValueError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})")
+        raise ConfigError(f"eval.rerank_on names rows this run does not compute: {missing} (rows: {sorted(rows)})",
+                          "eval.rerank_on", cfg.source)
 
 
 def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: dict[str, str],

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.config import load_config, to_dict  # noqa: E402
+from embtune.config import to_dict  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from eval.run import METRICS  # noqa: E402
 from eval.run import run as run_eval  # noqa: E402

@@ -42,7 +42,7 @@ def train_cmd(run_dir: Path, args) -> list[str]:
     return [sys.executable, "-m", "train", f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl",
             "train.matryoshka_dims=[384,128]", f"train.max_seq_length={args.seq}", f"train.batch_size={args.batch_size}",
             f"train.max_steps={args.steps}", f"train.save_steps={args.save_steps}", "train.save_total_limit=2",
-            "train.report_to=none", "train.use_cpu=true", "train.learning_rate=5e-5", "train.logging_steps=1"]
+            "tracking.report_to=none", "train.use_cpu=true", "train.learning_rate=5e-5", "train.logging_steps=1"]
 
 
 def prepare(run_dir: Path, table_dir: Path) -> None:

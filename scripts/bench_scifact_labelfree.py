@@ -100,7 +100,7 @@ def choose_teacher_weight(config: str, overrides: list[str], weights: list[float
     from data_prep.run import bm25_tokenizer, split_dev
     from data_prep.teacher import HybridTeacher
     from embtune.retrieval.rerank import rerank
-    from embtune.config import load_config
+    from embtune.schema import load_config
     from eval.metrics import evaluate
 
     cfg = load_config(config, overrides)
@@ -171,7 +171,7 @@ def main() -> int:
                "variants": previous.get("variants", {})}
         for name in args.variants.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}{args.tag}", cache, "eval.split=dev", "eval.compare_bm25=false",
-                         "train.report_to=none", *VARIANTS[name], *args.overrides]
+                         "tracking.report_to=none", *VARIANTS[name], *args.overrides]
             _, results, report, wall = run_recipe(args.config, overrides)
             llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
             out["variants"][name + args.tag] = {"overrides": [*VARIANTS[name], *args.overrides],

@@ -55,7 +55,7 @@ def main() -> int:
                "dev_fraction": 0.2, "grid": GRID, "candidates": {}}
         for name in args.candidates.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}", "data.dev_fraction=0.2", "eval.split=dev",
-                         "eval.compare_bm25=false", "train.report_to=none", *GRID[name], *args.overrides]
+                         "eval.compare_bm25=false", "tracking.report_to=none", *GRID[name], *args.overrides]
             _, results, report, wall = run_recipe(args.config, overrides)
             out["candidates"][name] = {"overrides": GRID[name], "results": {k: percent(v) for k, v in results["results"].items()},
                                        "num_queries": results["num_queries"], "wall_seconds": wall}

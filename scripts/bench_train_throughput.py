@@ -47,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from embtune.config import load_config  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import Stage, machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 
@@ -139,7 +139,7 @@ def run_embtune(table_dir, seq, args, run_dir, timer, grouped):
 
     overrides = [f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl", "train.matryoshka_dims=[]", f"train.max_seq_length={seq}",
                  f"train.batch_size={args.batch_size}", "train.learning_rate=3e-5", f"train.max_steps={args.steps}",
-                 "train.report_to=none", "train.attention_dropout=0.0", f"train.bf16={str(args.bf16).lower()}",
+                 "tracking.report_to=none", "train.attention_dropout=0.0", f"train.bf16={str(args.bf16).lower()}",
                  f"train.use_cpu={str(args.device == 'cpu').lower()}", f"train.group_by_length={str(grouped).lower()}",
                  f"train.save_steps={args.steps * 10}", "train.logging_steps=1000", f"train.seed={args.seed}"]
     cfg = load_config(None, overrides)

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embtune.config import load_config, to_dict  # noqa: E402
+from embtune.config import to_dict  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 

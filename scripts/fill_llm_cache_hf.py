@@ -28,7 +28,7 @@ from embtune.dataio import document_text  # noqa: E402
 from embtune.llm.local import GGUF_FILE  # noqa: E402
 from data_prep.synthesize import build_requests  # noqa: E402
 from data_prep.synthetic import select_passages  # noqa: E402
-from embtune.config import load_config  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 
 
 def main() -> int:

@@ -46,7 +46,8 @@ def metrics_table(results: dict[str, Any]) -> str:
 
 
 def model_card(cfg, metrics: dict[str, Any], dims: list[int]) -> str:
-    train_yaml = yaml.safe_dump({"train": to_dict(cfg.train), "mining": to_dict(cfg.mining)}, sort_keys=False)
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}
+    train_yaml = yaml.safe_dump({"train": train, "mining": to_dict(cfg.mining)}, sort_keys=False)
     return f"""---
 library_name: sentence-transformers
 pipeline_tag: sentence-similarity
@@ -79,12 +80,19 @@ computed with pytrec_eval as BEIR/MTEB do (percent).
 """
 
 
+def stage_config(cfg) -> dict[str, Any]:
+    """The config the bundle depends on (its fingerprint): the export section, and the training and mining
+    config the model card records (less train's bookkeeping keys, which change no weights)."""
+    return {"export": to_dict(cfg.export), "mining": to_dict(cfg.mining), "on_error": cfg.data.on_error,
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
+
+
 def run(cfg, force: bool = False) -> dict[str, str]:
     model_dir = upstream(cfg, "train")["model"]
     results_file = upstream(cfg, "eval")["results"]
     # Not the stage folder itself: the stage manifest and the bundle manifest would both be manifest.json.
     out_dir = Path(cfg.export.out_dir or Path(cfg.run_dir) / "bundle")
-    stage = Stage("export", cfg.run_dir, config={"export": cfg.export}, inputs={"model": model_dir, "metrics": results_file})
+    stage = Stage("export", cfg.run_dir, config=stage_config(cfg), inputs={"model": model_dir, "metrics": results_file})
     if not force and stage.up_to_date():
         return stage.outputs()
 
@@ -109,7 +117,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions()})
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-    from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when train.report_to has it
+    from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when tracking.report_to has it
 
     log_export_artifact(cfg, out_dir)
     logger.info("exported %s (serve it: python -m serve up --bundle %s)", out_dir, out_dir)

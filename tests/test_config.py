@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from embtune.config import ConfigError, load_config
+from embtune.config import ConfigError
+from embtune.schema import load_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
@@ -62,10 +63,32 @@ def test_unknown_override_key_fails():
 
 
 def test_semantic_validation_names_key():
-    with pytest.raises(ConfigError, match="data.path"):
+    with pytest.raises(ConfigError) as err:
         load_config(None, [])  # BEIR format without a path
-    with pytest.raises(ConfigError, match="matryoshka_dims"):
+    assert err.value.key == "data.path" and "must name a BEIR folder" in err.value.reason
+    with pytest.raises(ConfigError) as err:
         load_config(None, ["data.path=/x", "train.matryoshka_dims=[64,128]"])
+    assert err.value.key == "train.matryoshka_dims" and "decreasing order" in err.value.reason
+    assert str(err.value) == ("<defaults> (override 'train.matryoshka_dims=[64,128]'): "
+                              "train.matryoshka_dims must be in decreasing order")
+
+
+def test_error_does_not_echo_unrelated_overrides():
+    """An error names the one override that set the key at fault, never the others: a ``match=`` on the message
+    cannot pass on the text of an override that had nothing to do with the error."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["eval.hybrid=[rrf]", "eval.compare_bm25=false"])  # data.path is missing first
+    assert err.value.key == "data.path"
+    assert "compare_bm25" not in str(err.value) and "hybrid" not in str(err.value)
+
+
+def test_error_in_file_names_its_line_and_section_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  path: /x\nmining:\n  rank_start: 0\n  margin: 1.5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["train.epochs=2"])
+    assert (err.value.key, err.value.where) == ("mining.margin", f"{path}:5")
+    assert "train.epochs" not in str(err.value)
 
 
 def test_stage_help_lists_keys(capsys):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from embtune.llm.config import LLMConfig
-from embtune.config import ConfigError, load_config
+from embtune.config import ConfigError
+from embtune.schema import load_config
 from eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
 from eval.run import run as run_eval
 from serve.app import create_app

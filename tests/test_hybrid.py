@@ -88,7 +88,7 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
                                                               tmp_path, monkeypatch):
     # MiniLM rather than the untrained tiny BERT: the tiny model scores every document the same, and a ranking of
     # ties says nothing about parity between the sweep and the eval table.
-    from embtune.config import load_config
+    from embtune.schema import load_config
     from eval.run import run
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
@@ -124,7 +124,7 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
 
 
 def test_rerank_on_an_unknown_row_fails_before_encoding(tiny_beir, tmp_path):
-    from embtune.config import load_config
+    from embtune.schema import load_config
     from eval.run import run
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "data.format=beir", f"data.path={tiny_beir}",
@@ -135,9 +135,14 @@ def test_rerank_on_an_unknown_row_fails_before_encoding(tiny_beir, tmp_path):
 
 
 def test_hybrid_needs_bm25():
-    from embtune.config import ConfigError, load_config
+    from embtune.config import ConfigError
+    from embtune.schema import load_config
 
-    with pytest.raises(ConfigError, match="eval.compare_bm25"):
-        load_config(None, ["eval.hybrid=[rrf]", "eval.compare_bm25=false"])
-    with pytest.raises(ConfigError, match="eval.sweep.indexes"):
-        load_config(None, ["eval.sweep.indexes=[flat,lsh]"])
+    # data.path is set: without it the first error is data.path's, whatever else is wrong.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=/x", "eval.hybrid=[rrf]", "eval.compare_bm25=false"])
+    assert err.value.key == "eval.hybrid" and "set eval.compare_bm25=true" in err.value.reason
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=/x", "eval.sweep.indexes=[flat,lsh]"])
+    assert err.value.key == "eval.sweep.indexes" and "unknown ['lsh']" in err.value.reason
+    load_config(None, ["data.path=/x", "eval.hybrid=[rrf]", "eval.compare_bm25=true"])  # the valid neighbour

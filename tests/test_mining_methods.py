@@ -205,7 +205,7 @@ def write_beir(folder, corpus, queries, qrels):
 
 def test_stage_with_bad_input_finishes_and_reports(tmp_path):
     from data_prep.run import run
-    from embtune.config import load_config
+    from embtune.schema import load_config
 
     corpus = make_corpus(n=30)
     corpus["empty"] = {"title": "a title only", "text": ""}  # empty once titles are left out
@@ -230,10 +230,20 @@ def test_stage_with_bad_input_finishes_and_reports(tmp_path):
     assert "qx" not in table["query_id"] and len(table) == 9 - report["queries_dropped"]
 
 
-def test_config_rejects_bad_mining_values():
-    from embtune.config import ConfigError, load_config
+@pytest.mark.parametrize("override, key, reason", [
+    ("mining.method=faiss", "mining.method", "expects one of"),
+    ("mining.margin=1.5", "mining.margin", "must be in [0, 1)"),
+    ("bm25.stopwords=french", "bm25.stopwords", "must be '' or 'english'"),
+    ("mining.teacher_margin=1.0", "mining.teacher_margin", "need mining.teacher to be set"),
+    ("mining.fusion=max", "mining.fusion", "expects one of"),
+    ("mining.candidate_depth=5", "mining.candidate_depth", "must be 0 or >= mining.rank_end"),
+])
+def test_config_rejects_bad_mining_values(override, key, reason):
+    from embtune.config import ConfigError
+    from embtune.schema import load_config
 
-    for bad in ["mining.method=faiss", "mining.margin=1.5", "bm25.stopwords=french",
-                "mining.teacher_margin=1.0", "mining.fusion=max", "mining.candidate_depth=5"]:
-        with pytest.raises((ConfigError, ValueError)):
-            load_config(None, [bad])
+    # data.path is set, so the error is the override's own and not the missing BEIR folder's.
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=/x", override])
+    assert err.value.key == key and reason in err.value.reason
+    assert f"override '{override}'" in str(err.value)  # where the bad value came from

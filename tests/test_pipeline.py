@@ -6,7 +6,7 @@ import shutil
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from embtune.config import load_config
+from embtune.schema import load_config
 from embtune.pipeline import run as run_pipeline
 
 
@@ -15,7 +15,7 @@ def recipe(tmp_path, tiny_beir, tiny_model_dir, *extra):
     if not model_dir.exists():
         shutil.copytree(tiny_model_dir, model_dir)
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "data.dev_fraction=0.25",
-                 f"train.base_model={model_dir}", "train.epochs=1", "train.batch_size=8", "train.report_to=none",
+                 f"train.base_model={model_dir}", "train.epochs=1", "train.batch_size=8", "tracking.report_to=none",
                  "train.matryoshka_dims=[32,16]", "train.max_seq_length=64", "train.use_cpu=true",
                  "mining.num_negatives=2", "mining.rank_end=20", "eval.dims=[32,16]", *extra]
     return load_config(None, overrides), overrides

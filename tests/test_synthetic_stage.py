@@ -14,7 +14,7 @@ from datasets import load_from_disk
 from embtune.dataio import load_queries
 from data_prep.run import run as run_data_prep
 from data_prep.synthetic import select_passages
-from embtune.config import load_config
+from embtune.schema import load_config
 from tests.conftest import TOPICS
 from tests.fake_openai_server import FakeOpenAIServer
 

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.mining import Guards, mine_negatives
 from embtune.retrieval.rerank import CrossEncoderScorer
-from embtune.config import load_config
+from embtune.schema import load_config
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +126,7 @@ def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_mod
     overrides, _ = run_data_prep(tmp_path, tiny_beir, tiny_cross_encoder_dir)
     cfg = load_config(None, [*overrides, f"train.base_model={base}", f"train.loss={loss}", "train.max_steps=2",
                              "train.batch_size=4", "train.learning_rate=1e-3", "train.num_negatives=2",
-                             "train.matryoshka_dims=[32,16]", "train.report_to=none", "train.use_cpu=true"])
+                             "train.matryoshka_dims=[32,16]", "tracking.report_to=none", "train.use_cpu=true"])
     outputs = train_run(cfg)
     manifest = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
     losses = [row["loss"] for row in manifest["log_history"] if "loss" in row]

@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 from train.recipe import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
     # Plain BM25 tokens for mining: with stemmed negatives the 3 steps move the weights less, and Adam's m/sqrt(v)
     # turns all-reduce rounding on near-zero gradients into ~1.5% of that movement, over the bound below.
     common = [f"data.path={tiny_beir}", "data.dev_fraction=0.25", f"train.base_model={model}", "train.max_steps=3",
-              "train.use_cpu=true", "train.save_steps=1", "train.report_to=none", "train.matryoshka_dims=[32,16]",
+              "train.use_cpu=true", "train.save_steps=1", "tracking.report_to=none", "train.matryoshka_dims=[32,16]",
               "train.no_duplicates=false", "train.learning_rate=1e-3", "train.eval_steps=2", "train.logging_steps=1",
               "train.warmup_ratio=0.0", "train.gather_across_devices=true", "bm25.stemmer=", "bm25.stopwords="]
     two, one = tmp_path / "two", tmp_path / "one"

@@ -12,7 +12,7 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def test_accelerate_launch_trains_two_steps(tmp_path, tiny_beir, tiny_model_dir)
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", f"train.base_model={base}",
-                 "train.max_steps=2", "train.batch_size=4", "train.learning_rate=1e-3", "train.report_to=wandb",
+                 "train.max_steps=2", "train.batch_size=4", "train.learning_rate=1e-3", "tracking.report_to=wandb",
                  "train.matryoshka_dims=[32,16]", "train.use_cpu=true", "train.save_steps=1"]
     data_prep_run(load_config(None, overrides))
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}

@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 from train.checkpoints import checkpoint_problem, last_checkpoint
 from train.recipe import run as train_run
 
@@ -28,7 +28,7 @@ def overrides(run_dir, beir, model, *extra):
     # 0.1), and the NO_DUPLICATES sampler is the default: both must replay exactly.
     return [f"run_dir={run_dir}", f"data.path={beir}", f"train.base_model={model}", "train.max_steps=7",
             "train.batch_size=8", "train.use_cpu=true", "train.save_steps=1", "train.save_total_limit=10",
-            "train.report_to=none", "train.matryoshka_dims=[32,16]", "train.learning_rate=1e-3", *extra]
+            "tracking.report_to=none", "train.matryoshka_dims=[32,16]", "train.learning_rate=1e-3", *extra]
 
 
 def weights(run_dir):
@@ -127,4 +127,27 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted(reference, tiny_beir):
     done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming from" in done.stderr
+    assert max_abs_diff(weights(run_dir), expected) <= 1e-6
+
+
+@pytest.mark.slow
+def test_force_retrains_from_scratch_not_from_the_last_checkpoint(reference, tiny_beir, caplog):
+    """`python -m train CONFIG --force` on a finished run trains every step again from the base model."""
+    from safetensors.numpy import save_file
+
+    from train.checkpoints import seal
+
+    root, model, expected = reference
+    run_dir, args = fresh_run(root, "forced", tiny_beir, model)
+    cfg = load_config(None, args)
+    train_run(cfg)
+    # Mark every checkpoint (resealed, so each still counts as complete): a run that resumes from one ends with
+    # these weights, a run from scratch ends with the reference's.
+    for checkpoint in checkpoints(run_dir):
+        tensors = load_file(str(checkpoint / "model.safetensors"))
+        save_file({k: v + 1.0 for k, v in tensors.items()}, str(checkpoint / "model.safetensors"))
+        seal(checkpoint)
+    with caplog.at_level(logging.INFO, logger="train.recipe"):
+        train_run(cfg, force=True)
+    assert not any("resuming from" in r.message for r in caplog.records)
     assert max_abs_diff(weights(run_dir), expected) <= 1e-6

@@ -1,5 +1,5 @@
 """wandb offline lineage read back from the run files: config, data manifest, curves, model artifact, eval tables;
-and tensorboard through the same train.report_to."""
+and tensorboard through the same tracking.report_to."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.run import run as data_prep_run
-from embtune.config import load_config
+from embtune.schema import load_config
 from eval.run import run as eval_run
 from train.recipe import run as train_run
 from embtune.tracking import offline_records
@@ -44,7 +44,7 @@ def test_offline_wandb_lineage_and_tensorboard(tmp_path, tiny_beir, tiny_model_d
     shutil.copytree(tiny_model_dir, model)
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", f"train.base_model={model}",
                              "train.max_steps=3", "train.batch_size=8", "train.use_cpu=true", "train.logging_steps=1",
-                             "train.report_to=wandb,tensorboard", "train.matryoshka_dims=[32,16]",
+                             "tracking.report_to=wandb,tensorboard", "train.matryoshka_dims=[32,16]",
                              "eval.dims=[32,16]"])
     data_prep_run(cfg)
     train_run(cfg)

@@ -7,7 +7,7 @@ from train.recipe import run
 
 
 def main(argv=None) -> int:
-    return stage_main("train", run, ["train"], argv)
+    return stage_main("train", run, ["train", "tracking"], argv)
 
 
 if __name__ == "__main__":

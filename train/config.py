@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -48,9 +48,7 @@ class TrainConfig:
     save_steps: int = 0  # 0 = one checkpoint per epoch
     save_total_limit: int = 2
     logging_steps: int = 10
-    # "wandb" logs online with a key, offline without one; "none" turns logging off; "tensorboard" also works.
-    report_to: str = "wandb"
-    wandb_project: str = "embtune"
+    # Where the curves go (report_to, wandb_project, wandb_log_model) is the top-level ``tracking`` section.
     bf16: bool = False
     fp16: bool = False
     no_duplicates: bool = True
@@ -60,10 +58,15 @@ class TrainConfig:
     # Every N steps, score the dev queries (data.dev_fraction > 0) with sentence-transformers' IR evaluator on
     # the main process; 0 = no evaluation during training.
     eval_steps: int = 0
-    # Log the trained model folder as a wandb artifact (lineage: data-prep manifest -> run -> model).
-    wandb_log_model: bool = True
     dataloader_num_workers: int = 0
     use_cpu: bool = False  # force CPU even when a GPU is visible (accelerate's --cpu)
+
+    # Keys that change what is logged or kept on disk, never the trained weights: left out of the stage fingerprints
+    # (train's, and export's, whose model card records the train section), so changing one reruns nothing.
+    bookkeeping_keys: ClassVar[tuple[str, ...]] = ("logging_steps", "save_steps", "save_total_limit")
+    # Keys that moved to another section: an old recipe's error says where they went.
+    moved_keys: ClassVar[dict[str, str]] = {"report_to": "tracking.report_to", "wandb_project": "tracking.wandb_project",
+                                            "wandb_log_model": "tracking.wandb_log_model"}
 
     def validate(self) -> None:
         if self.batch_size < 1:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from embtune.config import to_dict
+from embtune.config import ConfigError, to_dict
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
@@ -30,6 +31,13 @@ from train.losses import build_loss, training_dataset
 from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
+
+
+def stage_config(cfg) -> dict[str, Any]:
+    """The config the trained model depends on (the stage fingerprint): the train section less its bookkeeping
+    keys (logging, checkpoint cadence), so changing those reruns nothing and a run resumes from the same checkpoint
+    folder. Tracking is its own section, never in it."""
+    return {"train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
 
 
 def upstream_table(cfg) -> str:
@@ -47,7 +55,7 @@ class Recipe:
         self.tcfg = cfg.train
         self.force = force
         self.table_dir = upstream_table(cfg)
-        self.stage = Stage("train", cfg.run_dir, config={"train": cfg.train}, inputs={"train_table": self.table_dir})
+        self.stage = Stage("train", cfg.run_dir, config=stage_config(cfg), inputs={"train_table": self.table_dir})
         self.trainer = None
         self.wandb_run = None
         # Checkpoints are keyed by the stage fingerprint, so a changed config never resumes a stale run.
@@ -81,7 +89,7 @@ class Recipe:
             batch_sampler = BatchSamplers.NO_DUPLICATES if t.no_duplicates else BatchSamplers.BATCH_SAMPLER
         evaluator = self.dev_evaluator() if t.eval_steps else None
 
-        report_to = configure_reporting(t, self.stage.dir)
+        report_to = configure_reporting(self.cfg.tracking, self.stage.dir)
         args = SentenceTransformerTrainingArguments(
             output_dir=str(self.checkpoint_dir),
             num_train_epochs=t.epochs,
@@ -130,7 +138,8 @@ class Recipe:
 
         outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
         if "dev_qrels" not in outputs:
-            raise ValueError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep")
+            raise ConfigError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep",
+                              "train.eval_steps", self.cfg.source)
         folder = Path(outputs["eval_dataset"])
         corpus = load_corpus(folder / "corpus.jsonl", self.cfg.data.on_error)
         queries = load_queries(folder / "queries.jsonl", self.cfg.data.on_error)
@@ -141,7 +150,15 @@ class Recipe:
             mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[10, 100], map_at_k=[100])
 
     def train(self) -> None:
-        resume = last_checkpoint(self.checkpoint_dir)
+        resume = None
+        if self.force:
+            # --force means "train again": a finished run's newest checkpoint is its last step, so resuming from it
+            # would train 0 steps. The old checkpoints go, so the new run's saves never mix with them.
+            if self.trainer.is_world_process_zero() and self.checkpoint_dir.is_dir():
+                shutil.rmtree(self.checkpoint_dir)
+            logger.info("--force: training from step 0 (checkpoints in %s removed)", self.checkpoint_dir)
+        else:
+            resume = last_checkpoint(self.checkpoint_dir)
         if resume:
             logger.info("resuming from %s", resume)
         self.trainer.train(resume_from_checkpoint=resume)
@@ -157,7 +174,7 @@ class Recipe:
                  * args.gradient_accumulation_steps}
         if self.wandb_run is not None:
             artifact = None
-            if self.tcfg.wandb_log_model:
+            if self.cfg.tracking.wandb_log_model:
                 artifact = log_model_artifact(self.wandb_run, model_dir, f"model-{Path(self.cfg.run_dir).resolve().name}",
                                               {"fingerprint": self.stage.fingerprint(), "base_model": self.tcfg.base_model})
             extra["wandb"] = {"id": self.wandb_run.id, "project": self.wandb_run.project,

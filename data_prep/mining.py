@@ -76,12 +76,12 @@ class Ranking:
 
 
 def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backend: str = "fast",
-                 tokenizer: BM25Tokenizer | None = None) -> Ranking:
+                 tokenizer: BM25Tokenizer | None = None, k1: float = 1.5, b: float = 0.75) -> Ranking:
     """BM25Okapi candidates: ``fast`` (FastBM25, exact) or ``rank_bm25`` (the reference, a Python loop per query)."""
     tokenizer = tokenizer or BM25Tokenizer(token_pattern=r"\w+")
     query_tokens = list(tokenizer.tokenize_many(query_texts))
     if backend == "fast":
-        index = FastBM25(tokenizer.tokenize_many(doc_texts))
+        index = FastBM25(tokenizer.tokenize_many(doc_texts), k1=k1, b=b)
         scores, indices = index.search(query_tokens, k=depth)
         weights = index.weights  # (vocab, docs) CSR with sorted column indices per term
 
@@ -101,7 +101,7 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
     elif backend == "rank_bm25":
         from rank_bm25 import BM25Okapi
 
-        bm25 = BM25Okapi(list(tokenizer.tokenize_many(doc_texts)))
+        bm25 = BM25Okapi(list(tokenizer.tokenize_many(doc_texts)), k1=k1, b=b)
         scores, indices = top_k_rank_bm25(bm25, query_tokens, depth)
 
         def score_docs(row: int, docs: np.ndarray) -> np.ndarray:

@@ -241,7 +241,7 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
     if m.method in ("bm25", "hybrid"):
-        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25))
+        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25), cfg.bm25.k1, cfg.bm25.b)
     if m.method in ("dense", "hybrid"):
         from data_prep.mining import encode_for_mining
 

@@ -57,7 +57,8 @@ def run_dir(tmp_path) -> Path:
     log_history.append({"eval_dev_cosine_ndcg@10": 0.61, "step": 10})
     log_history.append({"train_loss": 1.55, "train_runtime": 12.0, "epoch": 1.0, "step": 10})
     _manifest(run, "train", {"model": run / "train" / "model"}, log_history=log_history, world_size=1,
-              global_batch_size=8, config={"base_model": "minilm", "loss": "mnrl", "matryoshka_dims": [32, 16]})
+              global_batch_size=8, config={"train": {"base_model": "minilm", "loss": "mnrl", "matryoshka_dims": [32, 16],
+                                                                  "epochs": 1, "learning_rate": 2e-5}})
     dims = {"32": _metrics(0.55), "16": _metrics(0.45)}
     results = {"split": "test", "num_queries": len(QUERIES), "num_documents": 50,
                "results": {"base": {**_metrics(0.5), "dims": dims, "dim": 32},
@@ -124,6 +125,7 @@ def test_report_has_every_section_and_every_reference_resolves(run_dir):
     assert "../bundle/manifest.json" in refs.links and "../eval/sweep.json" in refs.links
     text = page.read_text()
     assert "finetuned+bm25_rrf" in text and "6 / 4 / 2" in text  # hybrid row and wins/ties/losses
+    assert "<td>minilm</td><td>mnrl</td><td>[32, 16]</td>" in text  # the train section of its manifest
     assert "did not run" not in text and "class=\"missing\"" not in text
 
 

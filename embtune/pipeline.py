@@ -34,7 +34,7 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
 
     runners = {"data_prep": data_prep_run, "train": train_run, "eval": eval_run, "export": export_run}
     wall = {}
-    write_config(cfg, cfg.run_dir)
+    write_config(cfg, cfg.run_dir, overrides)
     for name in stages:
         start = time.time()
         logger.info("=== stage %s ===", name)

@@ -42,6 +42,7 @@ METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 REPORT_DIR = "report"
 CONFIG_FILE = "config.yaml"
 DPI = 90
+CLEANING_TOTALS = ("documents", "lines", "kept")  # synthesis cleaning counts that are not drops
 
 
 @dataclass
@@ -195,9 +196,13 @@ def plot_differences(per_query: dict[str, Any], pairs: list[tuple[str, str]], pa
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 0.6, 3.4), dpi=DPI, squeeze=False)
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.4 * ncols, 3.4 * nrows), dpi=DPI, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
     bins = np.linspace(-100, 100, 41)  # nDCG@10 differences lie in [-100, 100] points; 5-point bins
-    for ax, (a, b, diffs) in zip(axes[0], panels):
+    for ax, (a, b, diffs) in zip(axes.flat, panels):
         diffs = 100 * np.asarray(diffs)
         wins, losses = diffs[diffs > 1e-7], diffs[diffs < -1e-7]
         ties = len(diffs) - len(wins) - len(losses)
@@ -237,20 +242,25 @@ def data_counts(report: dict[str, Any], manifest: dict[str, Any] | None) -> tupl
     drops += [("mining", guard, n) for guard, n in (mining.get("dropped") or {}).items()]
     synthesis = report.get("synthesis")
     if synthesis:
-        counts += [("synthesis: passages", synthesis.get("passages")),
-                   ("synthesis: queries kept", synthesis.get("queries"))]
         cleaning = synthesis.get("cleaning") or {}
-        drops += [("synthesis", reason, n) for reason, n in cleaning.items()
-                  if reason != "kept" and isinstance(n, int)]
         round_trip = synthesis.get("round_trip") or {}
-        if round_trip.get("dropped"):
+        counts += [("synthesis: passages to choose from", synthesis.get("passages")),
+                   ("synthesis: passages sent to the LLM", cleaning.get("documents", synthesis.get("documents"))),
+                   ("synthesis: answer lines", cleaning.get("lines")),
+                   ("synthesis: queries after cleaning", cleaning.get("kept")),
+                   ("synthesis: queries after the round trip", synthesis.get("queries"))]
+        # The other cleaning counts are totals, not drops (see data_prep/synthesize.py: clean_queries).
+        drops += [("synthesis", reason, n) for reason, n in cleaning.items()
+                  if reason not in CLEANING_TOTALS and isinstance(n, int)]
+        if "dropped" in round_trip:
             drops.append(("round trip", f"not in {round_trip.get('mode')} top {round_trip.get('k')}",
                           round_trip["dropped"]))
     return [(k, v) for k, v in counts if v is not None], drops
 
 
 def plot_drops(drops: list[tuple[str, str, int]], path: Path) -> str | None:
-    """One horizontal bar per (step, guard): what the loader, synthesis and mining guards dropped."""
+    """One horizontal bar per (step, guard) that dropped something: the loader, synthesis and mining guards."""
+    drops = [d for d in drops if d[2]]
     if not drops:
         return None
     plt = _pyplot()
@@ -377,15 +387,18 @@ def build_report(run_dir: str | Path) -> Path:
     return page
 
 
-def write_config(cfg, run_dir: str | Path) -> Path:
+def write_config(cfg, run_dir: str | Path, overrides: list[str] | None = None) -> Path:
     """The resolved recipe as ``<run_dir>/config.yaml`` (what the report links as the run's config)."""
+    import shlex
+
     import yaml
 
     from embtune.config import to_dict
 
     path = Path(run_dir) / CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = f"# resolved from {cfg.source or '<defaults>'} with its overrides\n"
+    header = f"# resolved from {cfg.source or '<defaults>'}"
+    header += f" with overrides: {shlex.join(overrides)}\n" if overrides else " (no overrides)\n"
     path.write_text(header + yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 

@@ -4,7 +4,8 @@
     embtune pipeline configs/demo.yaml --launch "accelerate launch --num_processes 2"
 
 Each stage skips itself when its manifest matches (same config section, same input hashes); a change reruns that
-stage, and the stages after it see new input hashes and rerun too.
+stage, and the stages after it see new input hashes and rerun too. The run directory also gets the resolved recipe
+(``config.yaml``) and, at the end, the run report ``report/index.html`` (``embtune/report.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 
 from embtune.cli import exit_code, parse_config_args
+from embtune.report import build_report, write_config
 
 logger = logging.getLogger("embtune.pipeline")
 
@@ -40,6 +42,7 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
 
     runners = {"data_prep": data_prep_run, "train": train_run, "eval": eval_run, "export": export_run}
     wall = {}
+    write_config(cfg, cfg.run_dir, overrides)
     for name in stages:
         start = time.time()
         logger.info("=== stage %s ===", name)
@@ -55,6 +58,7 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
             runners[name](cfg, force=force)
         wall[name] = round(time.time() - start, 1)
     logger.info("pipeline done in %.0f s: %s", sum(wall.values()), wall)
+    logger.info("run report: %s", build_report(cfg.run_dir))
     return wall
 
 

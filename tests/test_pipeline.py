@@ -34,6 +34,12 @@ def test_pipeline_runs_skips_and_reruns_downstream(tmp_path, tiny_beir, tiny_mod
     assert set(results["results"]["finetuned"]["dims"]) == {"32", "16"}
     assert results["num_queries"] == 18  # every 4th of 72 queries is test
 
+    from embtune.report import check_report
+
+    report = tmp_path / "run" / "report" / "index.html"  # every pipeline run ends with its report
+    assert check_report(report) == [] and "finetuned vs base" in report.read_text()
+    assert "train:" in (tmp_path / "run" / "config.yaml").read_text()
+
     bundle = tmp_path / "run" / "bundle"
     bundle_manifest = json.loads((bundle / "manifest.json").read_text())
     assert bundle_manifest["dims"] == [32, 16] and bundle_manifest["num_docs"] == 72  # not the stage manifest

@@ -7,8 +7,9 @@ Builds a bundle of the SciFact corpus (5,183 documents) the way the export stage
 model, ``serve.vectordb.export_vectordb`` for Chroma and LanceDB; the corpus embeddings come from the shared cache),
 embeds the 300 test queries with the bundle's query encoder, and compares each target's top-10 with FAISS's exact
 top-10 over the same stored vectors. A query is mismatched when its ten ids or their order differ. nDCG@10 scores
-the order each target returned (rank-based scores, so pytrec_eval cannot reorder ties). Chroma runs twice: with
-export's HNSW settings and with Chroma's own defaults (ef_construction 100, ef_search 100, max_neighbors 16).
+the order each target returned (rank-based scores, so pytrec_eval cannot reorder ties). Chroma is then rebuilt
+``--chroma-builds`` times with the export's HNSW settings, with ef_search 200 and with Chroma's own defaults
+(ef_construction 100, ef_search 100, max_neighbors 16), counting the mismatched queries of each build.
 Writes benchmarks/results/export_parity.json.
 """
 
@@ -65,6 +66,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--model", default="minilm", help="a model folder or embtune alias (default: minilm)")
     parser.add_argument("--dim", type=int, default=0, help="export.vectordb.dim (0 = the model's full dimension)")
     parser.add_argument("--precision", default="float32", choices=["float32", "float16"])
+    parser.add_argument("--chroma-builds", type=int, default=5, help="Chroma rebuilds per HNSW setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_parity.json"))
     args = parser.parse_args(argv[1:])
 
@@ -111,18 +113,21 @@ def main(argv: list[str]) -> None:
             targets[target] = compare(target, found_ids, expected, query_ids, data.qrels,
                                       time.perf_counter() - start, {**write, **extra})
 
-        # Chroma's own HNSW defaults, to show what the export's settings buy.
-        defaults_dir = work / "chroma_defaults"
-        shutil.copytree(bundle, defaults_dir, ignore=shutil.ignore_patterns("vectordb"))
-        default_settings = export_vectordb(defaults_dir, model_dir, docs, ["chroma"], replace(cfg, **CHROMA_DEFAULTS),
-                                           name="scifact")
-        start = time.perf_counter()
-        found_ids = chroma_top_ids(open_chroma(defaults_dir), query_vectors, K)
-        chroma_defaults = compare("chroma (HNSW defaults)", found_ids, expected, query_ids, data.qrels,
-                                  time.perf_counter() - start,
-                                  {"write_seconds": default_settings["chroma"]["write_seconds"],
-                                   "bytes_on_disk": default_settings["chroma"]["bytes"],
-                                   "hnsw": default_settings["chroma"]["hnsw"]})
+        # HNSW builds differ run to run (threads insert in parallel): rebuild Chroma and count misses per build, with
+        # the export's settings, a lower ef_search and Chroma's own defaults.
+        chroma_builds = []
+        for hnsw in [{}, {"chroma_ef_search": 200}, CHROMA_DEFAULTS]:
+            hnsw_cfg = replace(cfg, **hnsw)
+            row = {"hnsw": {"ef_construction": hnsw_cfg.chroma_ef_construction,
+                            "ef_search": hnsw_cfg.chroma_ef_search, "max_neighbors": hnsw_cfg.chroma_max_neighbors},
+                   "mismatched_queries_per_build": [], "write_seconds_per_build": []}
+            for _ in range(args.chroma_builds):
+                rebuilt = export_vectordb(bundle, model_dir, docs, ["chroma"], hnsw_cfg, name="scifact")
+                found_ids = chroma_top_ids(open_chroma(bundle), query_vectors, K)
+                row["mismatched_queries_per_build"].append(sum(got != want for got, want in zip(found_ids, expected)))
+                row["write_seconds_per_build"].append(rebuilt["chroma"]["write_seconds"])
+            print(f"chroma HNSW {row['hnsw']}: mismatched per build {row['mismatched_queries_per_build']}", flush=True)
+            chroma_builds.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -130,7 +135,8 @@ def main(argv: list[str]) -> None:
         "benchmark": "export_parity",
         "description": "Top-10 of each export target vs FAISS exact top-10 over the same stored vectors; "
                        "mismatched_queries = ids or order differ, mismatched_sets = the ten ids differ. nDCG@10 "
-                       "scores each target's returned order. bytes_on_disk: faiss = index/ (corpus.faiss + "
+                       "scores each target's returned order. chroma_rebuilds: the same collection built again "
+                       "(HNSW builds are not deterministic), mismatched queries per build, per HNSW setting. bytes_on_disk: faiss = index/ (corpus.faiss + "
                        "docs.jsonl), chroma and lancedb = their folder (documents and metadata included).",
         "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
         "split": args.split,
@@ -140,7 +146,7 @@ def main(argv: list[str]) -> None:
         "precision": args.precision,
         "k": K,
         "targets": targets,
-        "chroma_with_default_hnsw": chroma_defaults,
+        "chroma_rebuilds": chroma_builds,
         "command": bench_command(argv),
         "machine": machine(),
         "versions": {**versions(), **{name: metadata.version(name) for name in ("chromadb", "lancedb", "pyarrow")}},

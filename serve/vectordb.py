@@ -190,6 +190,22 @@ def metadata_columns(docs: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return columns
 
 
+def forget_chroma(path: str | Path) -> None:
+    """Drop this process's cached Chroma system for ``path``.
+
+    Chroma keeps one system per persist directory for the life of the process (``SharedSystemClient``); after the
+    folder is deleted and written again, a cached one answers from the deleted database ("no such table"). Chroma
+    has no public call that forgets one path, so its cache is edited here.
+    """
+    from chromadb.api.shared_system_client import SharedSystemClient
+
+    key = str(Path(path).resolve())
+    system = SharedSystemClient._identifier_to_system.pop(key, None)
+    SharedSystemClient._identifier_to_refcount.pop(key, None)
+    if system is not None:
+        system.stop()
+
+
 def dir_bytes(path: str | Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -198,7 +214,7 @@ def write_chroma(path: str | Path, name: str, ids: list[str], texts: list[str], 
                  vectors: np.ndarray, embedding_function: EmbeddingFunction, ef_construction: int = 200,
                  ef_search: int = 200, max_neighbors: int = 32) -> None:
     """(Re)create collection ``name`` in a persistent Chroma at ``path``: cosine space, the given HNSW settings."""
-    client = chromadb.PersistentClient(path=str(path), settings=chroma_settings())
+    client = chromadb.PersistentClient(path=str(Path(path).resolve()), settings=chroma_settings())
     if name in {c.name for c in client.list_collections()}:
         client.delete_collection(name)
     collection = client.create_collection(
@@ -212,6 +228,7 @@ def write_chroma(path: str | Path, name: str, ids: list[str], texts: list[str], 
         end = start + batch
         collection.add(ids=ids[start:end], embeddings=vectors[start:end], documents=texts[start:end],
                        metadatas=rows[start:end])
+    client.close()
 
 
 def write_lancedb(path: str | Path, name: str, ids: list[str], texts: list[str], metadata: dict[str, list[Any]],
@@ -267,6 +284,8 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     manifest_path.write_text(json.dumps(manifest, indent=2))
     for target in targets:
         folder = bundle_dir / (CHROMA_DIR if target == "chroma" else LANCEDB_DIR)
+        if target == "chroma":
+            forget_chroma(folder)
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
@@ -295,7 +314,7 @@ def open_chroma(bundle_dir: str | Path, device: str | None = None):
     settings = read_settings(bundle_dir)
     if "chroma" not in settings:
         raise ValueError(f"bundle {bundle_dir} has no Chroma collection (export.targets did not include chroma)")
-    client = chromadb.PersistentClient(path=str(Path(bundle_dir) / settings["chroma"]["path"]),
+    client = chromadb.PersistentClient(path=str((Path(bundle_dir) / settings["chroma"]["path"]).resolve()),
                                        settings=chroma_settings())
     return client.get_collection(settings["name"], embedding_function=ChromaEmbeddingFunction(str(bundle_dir), device))
 

@@ -182,3 +182,12 @@ def test_bad_names_and_dims_are_refused(tiny_model_dir, tiny_beir, tmp_path):
         export_vectordb(tmp_path / "bundle", tiny_model_dir, docs, ["chroma"], VectorDBConfig(), "x")
     with pytest.raises(ValueError, match="export.vectordb.dim 64 is larger than the model's dimension 32"):
         export_vectordb(tmp_path / "bundle", tiny_model_dir, docs, ["lancedb"], VectorDBConfig(dim=64), "tiny")
+
+
+def test_exporting_again_in_one_process_replaces_the_stores(tiny_model_dir, tiny_beir, tmp_path):
+    docs = _docs(tiny_beir)
+    bundle = _export(tiny_model_dir, docs, tmp_path / "bundle")
+    first = open_chroma(bundle)  # a client of the first export stays open in this process
+    assert first.count() == 72
+    export_vectordb(bundle, tiny_model_dir, docs[:10], ["chroma", "lancedb"], VectorDBConfig(), "tiny-corpus")
+    assert open_chroma(bundle).count() == 10 and open_lancedb(bundle).count_rows() == 10

@@ -4,8 +4,10 @@
       model/              SentenceTransformer(path) loads it
       model/README.md     the model card: metrics table, Matryoshka dims, training config
       model/onnx/         model.onnx (+ model_qint8.onnx) when export.onnx is true
-      index/corpus.faiss  exact inner-product index of the eval corpus (export.index: true)
+      index/corpus.faiss  exact inner-product index of the eval corpus ("faiss" in export.targets)
       index/docs.jsonl    one {"_id", "title", "text"} per index row
+      vectordb/chroma/    a persistent Chroma collection of the eval corpus ("chroma" in export.targets)
+      vectordb/lancedb/   a LanceDB table of the eval corpus ("lancedb" in export.targets)
       metrics.json        eval/results.json without per-query rows
       manifest.json       dims, metric, corpus hash, versions
 """
@@ -103,11 +105,19 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     dims = sorted({int(d) for d in results["results"].get("finetuned", {}).get("dims", {})}, reverse=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
+    targets = cfg.export.targets
     docs = None
-    if cfg.export.index:
+    if targets:
         corpus_file = Path(upstream(cfg, "data_prep").get("eval_dataset") or cfg.data.path) / "corpus.jsonl"
         docs = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(corpus_file, cfg.data.on_error).items()]
-    build_bundle(model_dir, docs, out_dir, dims=dims or None)
+    build_bundle(model_dir, docs if "faiss" in targets else None, out_dir, dims=dims or None)
+    vector_targets = [t for t in targets if t != "faiss"]
+    if vector_targets:
+        from serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
+
+        # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
+        export_vectordb(out_dir, model_dir, docs, vector_targets, cfg.export.vectordb,
+                        name=cfg.export.vectordb.name or cfg.export.model_name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
     if cfg.export.onnx:

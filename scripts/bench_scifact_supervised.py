@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_supervised"))
     parser.add_argument("--candidates", default=",".join(GRID), help="tune: which GRID entries to try")
     parser.add_argument("--choice", default="", help="final: GRID entry to use (default: best on dev)")
+    parser.add_argument("--stages", default="data_prep,train,eval,export", help="final: the pipeline stages to run")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
@@ -75,7 +76,7 @@ def main() -> int:
     # The hybrid row fuses with BM25 weight 0.3 (dense 0.7), the weight the label-free dev phase chose on train queries.
     overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", "eval.hybrid=[weighted]",
                  "eval.hybrid_weight=0.7", *GRID[choice], *args.overrides]
-    cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval", "export"))
+    cfg, results, report, wall = run_recipe(args.config, overrides, stages=tuple(args.stages.split(",")))
     out = test_result("scifact_supervised",
                       "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv (settings chosen on a dev split carved "
                       "from train), evaluated on qrels/test.tsv; metrics in percent",

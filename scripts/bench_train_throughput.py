@@ -8,7 +8,7 @@ Rows: SciFact (``../shared/data/beir/scifact`` beside the repo) train queries wi
 seeded random other abstract as negative (real text, no mining needed), shuffled with ``--seed``.
 
 Both sides train MiniLM (``resolve_model("minilm")``) with MultipleNegativesRankingLoss (scale 20) on
-(query, positive, negative) triplets, batch ``--batch-size``, lr 3e-5, max_seq_length ``seq``, no Matryoshka,
+(query, positive, negative) triplets, batch ``--batch-size``, lr 3e-5, max_seq_length ``seq``, no Matryoshka (``--matryoshka 384,256,128,64`` wraps both in MatryoshkaLoss),
 no logging, no checkpoint before the last step. What differs, and nothing else:
 
 - ``plain``: sentence-transformers' defaults: ``BatchSamplers.BATCH_SAMPLER``, the model's own dropout
@@ -102,11 +102,11 @@ def beir_table(folder: Path, seed: int):
 COLUMNS = ("query", "positive", "negative_1")
 
 
-def token_lengths(table, seq: int) -> dict[str, np.ndarray]:
+def token_lengths(table, seq: int, model: str) -> dict[str, np.ndarray]:
     """Tokens per row and column after truncation to ``seq`` (MiniLM's tokenizer, special tokens included)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     return {c: np.minimum(seq, [len(ids) for ids in tokenizer(list(table[c]))["input_ids"]]) for c in COLUMNS}
 
 
@@ -119,25 +119,31 @@ def batch_tokens(batch: list[int], lengths: dict[str, np.ndarray]) -> tuple[int,
 
 def run_plain(table, seq, args, out_dir, timer, attention_dropout=None):
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
     config_kwargs = {} if attention_dropout is None else {"attention_probs_dropout_prob": attention_dropout}
-    model = SentenceTransformer(resolve_model("minilm"), device=args.device, config_kwargs=config_kwargs)
+    model = SentenceTransformer(resolve_model(args.model), device=args.device, config_kwargs=config_kwargs)
     model.max_seq_length = seq
     training_args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=args.batch_size, learning_rate=3e-5,
         max_steps=args.steps, bf16=args.bf16, use_cpu=args.device == "cpu", report_to="none", seed=args.seed,
         save_strategy="no", logging_strategy="no", disable_tqdm=True)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=table,
-                                         loss=MultipleNegativesRankingLoss(model), callbacks=[timer])
+                                         loss=plain_loss(model, args), callbacks=[timer])
     trainer.train()
     return trainer
+
+
+def plain_loss(model, args):
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+
+    loss = MultipleNegativesRankingLoss(model)
+    return MatryoshkaLoss(model, loss, matryoshka_dims=args.matryoshka) if args.matryoshka else loss
 
 
 def run_embtune(table_dir, seq, args, run_dir, timer, grouped):
     from train.recipe import Recipe
 
-    overrides = [f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl", "train.matryoshka_dims=[]", f"train.max_seq_length={seq}",
+    overrides = [f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl", f"train.base_model={args.model}",
+                 f"train.matryoshka_dims=[{','.join(map(str, args.matryoshka))}]", f"train.max_seq_length={seq}",
                  f"train.batch_size={args.batch_size}", "train.learning_rate=3e-5", f"train.max_steps={args.steps}",
                  "tracking.report_to=none", "train.attention_dropout=0.0", f"train.bf16={str(args.bf16).lower()}",
                  f"train.use_cpu={str(args.device == 'cpu').lower()}", f"train.group_by_length={str(grouped).lower()}",
@@ -201,8 +207,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--model", default="minilm", help="the MiniLM to train: a folder or an embtune.models alias")
+    parser.add_argument("--matryoshka", default="", help="e.g. 384,256,128,64: MNRL inside MatryoshkaLoss on both sides")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
+    args.matryoshka = [int(d) for d in args.matryoshka.split(",") if d]
     if args.device == "cpu":
         import torch
 
@@ -218,7 +227,7 @@ def main() -> None:
     table.save_to_disk(str(table_dir))
 
     samples: dict[int, dict[str, list[dict]]] = {s: {v: [] for v in VARIANTS} for s in seqs}
-    lengths = {seq: token_lengths(table, seq) for seq in seqs}
+    lengths = {seq: token_lengths(table, seq, args.model) for seq in seqs}
     for round_index in range(args.rounds):
         for seq in seqs:
             shift = round_index % len(VARIANTS)
@@ -269,7 +278,8 @@ def main() -> None:
         "device": args.device,
         "gpu": "none lent to this run" if args.device == "cpu" else __import__("torch").cuda.get_device_name(),
         "settings": {"model": "minilm (all-MiniLM-L6-v2)", "batch_size": args.batch_size, "steps": args.steps,
-                     "timed_steps": args.steps - 1, "rounds": args.rounds, "bf16": args.bf16, "loss": "MNRL",
+                     "timed_steps": args.steps - 1, "rounds": args.rounds, "bf16": args.bf16,
+                     "loss": f"MNRL in MatryoshkaLoss {args.matryoshka}" if args.matryoshka else "MNRL",
                      "rows": f"{args.dataset} train: {len(table)} (query, positive, random negative) triplets"},
         "differences": {"plain": "sentence-transformers defaults (BATCH_SAMPLER, model dropout incl. attention 0.1)",
                         "plain_same": "plain, but attention dropout 0 like embtune (ratio_same_settings divides by it)",

@@ -247,3 +247,18 @@ def test_config_rejects_bad_mining_values(override, key, reason):
         load_config(None, ["data.path=/x", override])
     assert err.value.key == key and reason in err.value.reason
     assert f"override '{override}'" in str(err.value)  # where the bad value came from
+
+
+def test_exact_search_without_faiss_matches_faiss(monkeypatch):
+    from embtune.retrieval import index
+
+    rng = np.random.default_rng(1)
+    docs = rng.standard_normal((500, 16)).astype(np.float32)
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    scores, indices = index.search(docs, queries, 10)
+    monkeypatch.setattr(index, "faiss", None)
+    fallback_scores, fallback_indices = index.search(docs, queries, 10)
+    np.testing.assert_array_equal(fallback_indices, indices)
+    np.testing.assert_allclose(fallback_scores, scores, rtol=1e-5)
+    with pytest.raises(ImportError, match="needs faiss"):
+        index.search(docs, queries, 10, index="ivf")

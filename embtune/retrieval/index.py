@@ -3,6 +3,9 @@
 ``flat`` is exact inner product (cosine on normalized embeddings) and the ground truth for the approximate ones;
 ``ivf`` (``IndexIVFFlat``) searches ``nprobe`` of ``nlist`` coarse clusters. An approximate index can return fewer
 than ``k`` documents for a query: FAISS pads with index -1, and :func:`to_run` skips those.
+
+Without faiss installed (a slim environment, e.g. a GPU box with only the training stack), ``flat`` falls back to
+an exact numpy search with the same ordering, and says so once; the other index types need faiss.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from __future__ import annotations
 import logging
 import math
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # pragma: no cover - faiss-cpu is a dependency; see the module docstring
+    faiss = None
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +32,10 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, index: str = "fla
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
     n_docs, dim = doc_emb.shape
     k = min(k, n_docs)
+    if faiss is None and index == "flat":
+        return _numpy_exact(doc_emb, query_emb, k)
+    if faiss is None:
+        raise ImportError(f"index {index!r} needs faiss: pip install faiss-cpu")
     if index == "flat":
         faiss_index = faiss.IndexFlatIP(dim)
     elif index == "ivf":
@@ -39,6 +50,14 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, index: str = "fla
     faiss_index.add(doc_emb)
     scores, indices = faiss_index.search(query_emb, k)
     return scores, indices.astype(np.int64)
+
+
+def _numpy_exact(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product, best first (ties by lower index, as IndexFlatIP returns them)."""
+    logger.warning("faiss is not installed: exact search with numpy")
+    scores = query_emb @ doc_emb.T  # (n_queries, n_docs)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (n_queries, k)
+    return np.take_along_axis(scores, order, axis=1), order.astype(np.int64)
 
 
 def exact_search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

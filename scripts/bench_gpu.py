@@ -45,7 +45,7 @@ def main() -> int:
     python = sys.executable
 
     throughput_cmd = [python, "scripts/bench_train_throughput.py", "--device", "cuda", "--bf16", "--seqs", "256",
-                      "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rounds", "2",
+                      "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rounds", "3",
                       "--model", args.model, "--matryoshka", "384,256,128,64",
                       "--out", str(out / "train_throughput_gpu.json")]
     throughput_wall = timed(throughput_cmd)

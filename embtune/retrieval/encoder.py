@@ -12,7 +12,6 @@ import logging
 import os
 from pathlib import Path
 
-import faiss
 import numpy as np
 
 logger = logging.getLogger(__name__)

@@ -73,7 +73,7 @@ def main() -> int:
     if not choice:
         dev = json.loads((RESULTS / "scifact_supervised_dev.json").read_text())
         choice = dev["best"]
-    # The hybrid row fuses with BM25 weight 0.3 (dense 0.7), the weight the label-free dev phase chose on train queries.
+    # The hybrid rows fuse with a dense share of 0.7 (min-max per query); this share was not tuned on dev.
     overrides = [f"run_dir={args.run_root}/final", "data.dev_fraction=0", "eval.split=test", "eval.hybrid=[weighted]",
                  "eval.hybrid_weight=0.7", *GRID[choice], *args.overrides]
     cfg, results, report, wall = run_recipe(args.config, overrides, stages=tuple(args.stages.split(",")))

@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str, lines: dict[str, int]) -
                 return _coerce(value, arg, key, source, lines)
             except ConfigError as err:
                 errors.append(err)
+        if len(errors) == 1:  # `X | None`: X's own error names the nested key that is wrong
+            raise errors[0]
         raise fail(" or ".join(_type_name(a) for a in args))
     if origin is Literal:
         if value not in get_args(tp):
@@ -140,9 +142,16 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str, lines: dic
         raise ConfigError(f"{source}: section '{prefix or '<root>'}': {err}") from None
 
 
-def _validate_tree(obj: Any, prefix: str, source: str, lines: dict[str, int]) -> None:
-    """Call each section's ``validate()`` (defaulted sections included), naming the section on failure."""
+def _validate_tree(obj: Any, prefix: str, source: str, lines: dict[str, int],
+                   sections: list[str] | None = None) -> None:
+    """Call each section's ``validate()`` (defaulted sections included), naming the section on failure.
+
+    ``sections`` limits the top-level sections checked to those an entry point reads (``serve up`` needs no
+    ``data.path``); unknown keys and wrong types are still errors everywhere.
+    """
     for f in dataclasses.fields(obj):
+        if sections is not None and not prefix and f.name not in sections:
+            continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _validate_tree(value, f"{prefix}.{f.name}" if prefix else f.name, source, lines)
@@ -182,10 +191,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None) -> Any:
+def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None,
+          sections: list[str] | None = None) -> Any:
     """Build dataclass ``cls`` from plain data, checking every key, type and section constraint."""
     obj = _build(cls, data or {}, "", source, lines or {})
-    _validate_tree(obj, "", source, lines or {})
+    _validate_tree(obj, "", source, lines or {}, sections)
     return obj
 
 
@@ -203,8 +213,12 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, _line_map(text)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> "Config":
-    """Load a recipe file (or only defaults when ``path`` is None) and apply dotted overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                sections: list[str] | None = None) -> "Config":
+    """Load a recipe file (or only defaults when ``path`` is None) and apply dotted overrides.
+
+    ``sections``: validate only these top-level sections (default all); every key is type-checked regardless.
+    """
     from embtune.schema import Config
 
     data, lines = load_yaml(path) if path else ({}, {})
@@ -215,7 +229,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         for text in overrides:
             lines.pop(text.split("=", 1)[0], None)
         source = f"{source} (with overrides {' '.join(overrides)})"
-    cfg = build(Config, data, source, lines)
+    cfg = build(Config, data, source, lines, sections)
     cfg.source = str(path) if path else None
     return cfg
 

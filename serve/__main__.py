@@ -4,6 +4,7 @@ python -m serve up [CONFIG] [serve.key=value ...] [--bundle DIR]
 """
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -34,8 +35,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def hint_old_flags(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--port 8080`` was a flag before the serve section was the one source: say what to write instead."""
+    fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
+        if name.startswith("no_") and name[3:] in fields:
+            parser.error(f"{arg}: settings are config keys now; write serve.{name[3:]}=false")
+        if name in fields:
+            parser.error(f"{arg}: settings are config keys now; write serve.{name}=VALUE")
+
+
 def config_from_args(argv: list[str] | None) -> ServeConfig | None:
     """The ``serve`` section the command line describes, or None after printing a config error (exit 2)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    hint_old_flags(build_parser(), argv)
     # Only the sections serving reads are checked: a bundle needs no data.path.
     args, cfg = parse_config_args(build_parser(), argv, sections=["run_dir", "export", "serve"])
     if cfg is None:

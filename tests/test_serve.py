@@ -349,6 +349,10 @@ def test_main_help_and_bad_key(capsys):
     assert "serve.microbatch (bool) = True" in help_text and "serve.port=8080" in help_text
     assert main(["up", "--bundle", "x", "serve.max_batch_size=0"]) == 2
     assert "serve.max_batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # a flag of the old command line says what to write instead
+        main(["up", "--bundle", "x", "--no-microbatch"])
+    assert done.value.code == 2
+    assert "write serve.microbatch=false" in capsys.readouterr().err
 
 
 def test_unknown_serve_key_exits_2_naming_it(tmp_path, capsys):

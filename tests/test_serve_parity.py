@@ -93,3 +93,27 @@ def test_eval_records_specs_and_recommends_the_best_row(measured):
     single = max(("base", "bm25"), key=lambda r: rows[r]["ndcg@10"])
     assert recommended["best_single"] == {"row": single, "ndcg@10": rows[single]["ndcg@10"]}
     assert best in recommended["why"] and single in recommended["why"]
+
+
+def test_export_serves_the_recommended_spec_of_the_exported_model(caplog):
+    from serve.export import bundle_spec
+
+    dense = {"dense": {"model": "runs/x/train/model", "dim": 384}}
+    base = {"dense": {"model": "minilm-path", "dim": 384}}
+    fused = {"bm25": {}, "fusion": {"method": "weighted", "dense_weight": 0.7}}
+    specs = {"base": base, "finetuned": dense, "bm25": {"dense": None, "bm25": {}},
+             "base+bm25_weighted": {**base, **fused}, "finetuned+bm25_weighted": {**dense, **fused},
+             "finetuned>rerank": {**dense, "rerank": {"model": "ce", "top_k": 10}}}
+    ndcg = {"base": 0.64, "finetuned": 0.70, "bm25": 0.68, "base+bm25_weighted": 0.73,
+            "finetuned+bm25_weighted": 0.72, "finetuned>rerank": 0.80}
+    results = {"split": "dev", "results": {row: {"ndcg@10": v} for row, v in ndcg.items()}, "specs": specs,
+               "recommended": {"row": "finetuned+bm25_weighted", "ndcg@10": 0.72}}
+    spec, source = bundle_spec(results, "runs/x/train/model")
+    assert source["row"] == "finetuned+bm25_weighted" and spec.fusion.dense_weight == 0.7
+    # eval recommends a row of the base model: the bundle (the fine-tuned model) serves its own best row, and says so
+    results["recommended"] = {"row": "base+bm25_weighted", "ndcg@10": 0.73}
+    spec, source = bundle_spec(results, "runs/x/train/model")
+    assert source == {"row": "finetuned+bm25_weighted", "ndcg@10": 0.72, "split": "dev",
+                      "eval_recommended": "base+bm25_weighted"}
+    assert "another model than the exported one" in caplog.text
+    assert bundle_spec({"results": {}}, "runs/x/train/model") == (None, {})  # a results.json from before specs

@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse
 
 from embtune.dataio import document_text
 from embtune.retrieval.bm25 import BM25Config
+from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
 from serve.batcher import LRUCache, MicroBatcher
@@ -142,9 +143,7 @@ def _truncate(rows: np.ndarray, dimensions: int | None) -> np.ndarray:
     """Matryoshka truncation: keep the first ``dimensions`` values and renormalize, as text-embedding-3 does."""
     if dimensions is None or dimensions == rows.shape[1]:
         return rows
-    rows = rows[:, :dimensions]  # (n, dimensions)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (n, 1)
-    return (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+    return truncate(rows, dimensions)  # (n, dimensions)
 
 
 def _encode_row(row: np.ndarray, encoding_format: str) -> list[float] | str:

@@ -83,11 +83,12 @@ def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qi
     return top10, latency, startup
 
 
-def served_ndcg(top10: dict[str, list[str]], qrels_file: Path) -> float:
+def served_ndcg(top10: dict[str, list[str]], qrels_file: Path, corpus: dict, queries: dict[str, str]) -> float:
+    """nDCG@10 of the served top 10s, with eval's metric code (pytrec_eval) and the same qrels reader."""
     from embtune.dataio import load_qrels
     from eval.metrics import evaluate
 
-    qrels = {q: docs for q, docs in load_qrels(qrels_file).items() if q in top10}
+    qrels = {q: docs for q, docs in load_qrels(qrels_file, corpus, queries).items() if q in top10}
     run = {q: {d: float(10 - rank) for rank, d in enumerate(ids)} for q, ids in top10.items()}
     mean, _ = evaluate(qrels, run, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(10,))
     return mean["ndcg@10"]
@@ -178,7 +179,7 @@ def main() -> None:
         record[name] = {"eval_row": row, "spec": spec.to_dict(), "describe": spec.describe(),
                         "mismatched_queries": len(mismatched), "mismatched_examples": mismatched[:5],
                         "eval_ndcg@10": round(100 * results["results"][row]["ndcg@10"], 2),
-                        "served_ndcg@10": round(100 * served_ndcg(top10, SCIFACT / "qrels" / "test.tsv"), 2),
+                        "served_ndcg@10": round(100 * served_ndcg(top10, SCIFACT / "qrels" / "test.tsv", corpus, queries), 2),
                         "latency_5k": {**percentiles(latency), "app_start_seconds": round(startup, 1)}}
         print(name, {k: v for k, v in record[name].items() if k not in ("spec",)}, flush=True)
     record["mismatched_queries"] = mismatched_total

@@ -145,7 +145,8 @@ def encode_queries(model, query_texts: list[str], cfg):
 
     A batch pads its texts to the longest one, and the padded forward pass rounds differently in the last bits,
     enough to swap two near-tied documents: encoded alone, the eval's query vector is the one ``/search``
-    computes for that query, so the measured ranking is the served one (scripts/bench_serve_parity.py).
+    computes for that query at the same torch thread count, so the measured ranking is the served one
+    (scripts/bench_serve_parity.py, which also measures what another thread count moves).
     """
     if isinstance(model, EndpointEncoder):  # a remote model: its batches are its own business
         return encode(model, query_texts, cfg.eval.batch_size, desc="query")

@@ -4,16 +4,17 @@
 
 1. eval (``eval.run``) on SciFact test (300 queries, 5,183 documents) with the base model ``minilm``: the dense row
    and the hybrid row ``base+bm25_weighted`` (stemmed BM25, per-query min-max, dense weight 0.7 = BM25 weight 0.3,
-   depth 100: the weight chosen on the train queries (dev) in the label-free work, not on test). eval writes each
-   row's top 10 per query (``eval.save_runs``) and its spec.
+   depth 100). The 0.3 is the BM25 weight the label-free dev phase chose for its hybrid teacher (cosine +
+   0.3 * BM25 / the query's top BM25 score, on dev queries), carried over to min-max fusion as issue 11 asks; nothing
+   here is tuned on test. eval writes each row's top 10 per query (``eval.save_runs``) and its spec.
 2. A bundle of the same model and corpus; for each spec (dense, hybrid), the spec is the bundle's
    ``retriever.json`` and every test query goes through ``POST /search {"query", "k": 10}`` (FastAPI TestClient,
-   one request at a time). ``mismatched_queries``: queries whose served top 10 (ids, in order) differ from eval's.
-   The served nDCG@10 is computed from the served top 10 with eval's own metric code.
+   one request at a time, ``serve.threads=1``). ``mismatched_queries``: queries whose served top 10 (ids, in order)
+   differ from eval's. The served nDCG@10 is computed from the served top 10 with eval's own metric code.
 3. Hybrid ``/search`` latency: the 300 requests of step 2 at 5,183 documents, and the same 300 queries against a
-   synthetic 100,000-document bundle (see ``synthetic_bundle``), each after 20 warm-up requests.
-4. A diagnostic: how many top-10 rankings would differ had eval encoded its queries in batches of 64 instead of
-   one at a time as the server does.
+   synthetic 100,000-document bundle (see ``synthetic_bundle``) after 20 warm-up requests.
+4. Diagnostics: the served query vectors against eval's at two server thread counts; and how many top-10 rankings
+   would differ had eval encoded its queries in batches of 64 instead of one at a time as the server does.
 """
 
 from __future__ import annotations
@@ -58,8 +59,9 @@ def run_eval(run_dir: Path) -> tuple[dict, dict[str, dict[str, list[str]]], list
 
 
 def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qids: list[str],
-                  warmup: int = 0) -> tuple[dict[str, list[str]], list[float], float]:
-    """Serve ``spec`` from ``bundle``; (top-10 ids per query, seconds per request, app start seconds)."""
+                  warmup: int = 0, scores: dict | None = None) -> tuple[dict[str, list[str]], list[float], float]:
+    """Serve ``spec`` from ``bundle``; (top-10 ids per query, seconds per request, app start seconds).
+    ``scores``, when given, receives each query's ``{doc id: served score}``."""
     from fastapi.testclient import TestClient
 
     from serve.app import create_app
@@ -80,7 +82,18 @@ def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qi
             if response.status_code != 200:
                 raise RuntimeError(f"/search {qid}: {response.status_code} {response.text}")
             top10[qid] = [hit["id"] for hit in response.json()["hits"]]
+            if scores is not None:
+                scores[qid] = {hit["id"]: hit["score"] for hit in response.json()["hits"]}
     return top10, latency, startup
+
+
+def run_scores(path: Path) -> dict[str, dict[str, float]]:
+    """``{qid: {doc id: score}}`` of an eval TREC run file (scores written with repr: exact)."""
+    out: dict[str, dict[str, float]] = {}
+    for line in open(path):
+        qid, _, doc_id, _, score, _ = line.split()
+        out.setdefault(qid, {})[doc_id] = float(score)
+    return out
 
 
 def served_ndcg(top10: dict[str, list[str]], qrels_file: Path, corpus: dict, queries: dict[str, str]) -> float:
@@ -144,6 +157,32 @@ def batched_encoding_diagnostic(results: dict, rankings: dict, corpus: dict, que
     return out
 
 
+def thread_diagnostic(bundle: Path, queries: dict[str, str], qids: list[str]) -> dict:
+    """Served query vectors (``Bundle.encode``, one query per call) vs eval's (``encode(model, texts, 1)`` at torch's
+    default thread count), with the server at 1 thread (as in this benchmark) and at the default."""
+    import threading
+
+    import torch
+
+    from serve.bundle import load_bundle
+
+    texts = [queries[q] for q in qids]
+    model, _ = load_encoder("minilm")
+    reference = encode(model, texts, 1)  # (n_queries, dim), what eval computed
+    out = {"eval_torch_threads": torch.get_num_threads()}
+    for threads in (0, 1):  # 0 first: torch.set_num_threads(1) in a worker leaves state behind for later threads
+        bundle_ = load_bundle(bundle, threads=threads)
+        rows: list = []
+        # A thread of its own, as the server's encoder thread: torch's thread count is per calling thread.
+        worker = threading.Thread(target=lambda: rows.append(np.concatenate([bundle_.encode([t]) for t in texts])))
+        worker.start()
+        worker.join()
+        diff = np.abs(rows[0] - reference).max(axis=1)  # (n_queries,)
+        out[f"serve_threads_{threads}"] = {"vectors_not_bitwise_equal": int((diff > 0).sum()),
+                                           "max_abs_diff": float(diff.max())}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_parity.json"))
@@ -173,11 +212,18 @@ def main() -> None:
     mismatched_total = 0
     for name, row in ROWS.items():
         spec = RetrieverSpec.from_dict(results["specs"][row])
-        top10, latency, startup = serve_queries(bundle, spec, queries, qids)
+        served_scores: dict = {}
+        top10, latency, startup = serve_queries(bundle, spec, queries, qids, scores=served_scores)
         mismatched = [q for q in qids if top10[q] != rankings[row][q]]
+        from eval.run import run_file_name
+
+        eval_scores = run_scores(run_dir / "eval" / "runs" / run_file_name(row))
+        score_diff = max(abs(served_scores[q][d] - eval_scores[q][d]) for q in qids for d in served_scores[q]
+                         if d in eval_scores[q])
         mismatched_total += len(mismatched)
         record[name] = {"eval_row": row, "spec": spec.to_dict(), "describe": spec.describe(),
                         "mismatched_queries": len(mismatched), "mismatched_examples": mismatched[:5],
+                        "max_abs_score_diff_top10": score_diff,
                         "eval_ndcg@10": round(100 * results["results"][row]["ndcg@10"], 2),
                         "served_ndcg@10": round(100 * served_ndcg(top10, SCIFACT / "qrels" / "test.tsv", corpus, queries), 2),
                         "latency_5k": {**percentiles(latency), "app_start_seconds": round(startup, 1)}}
@@ -199,6 +245,12 @@ def main() -> None:
                "FastBM25 once",
     }
     shutil.rmtree(big)
+    record["query_vectors"] = {
+        **thread_diagnostic(bundle, queries, qids),
+        "note": "the served query vector (encoded alone in a worker thread, as the server's encoder thread does) "
+                "against eval's (encoded alone in the main thread at torch's default thread count): torch's CPU "
+                "kernels can reduce in another order in another thread configuration, which moves a few vectors' "
+                "last bits; serve_threads_0 = the server's default (torch's own thread count)"}
     if not args.skip_diagnostic:
         record["batched_query_encoding"] = {
             **batched_encoding_diagnostic(results, rankings, corpus, queries, qids),

@@ -88,11 +88,12 @@ def exit_code(work: Callable[[], object]) -> int:
     return 0
 
 
-def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None):
+def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None, sections: list[str] | None = None):
     """Parse ``CONFIG [key=value ...]`` (positionals ``config`` and ``overrides``) and load the recipe.
 
-    A first positional that is an override rather than a YAML file means "defaults plus overrides". Returns
-    ``(args, cfg)``, with ``cfg`` None after printing the config error (callers exit 2).
+    A first positional that is an override rather than a YAML file means "defaults plus overrides". ``sections``:
+    the only sections whose constraints are checked (see ``load_config``). Returns ``(args, cfg)``, with ``cfg``
+    None after printing the config error (callers exit 2).
     """
     args = parser.parse_args(argv)
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
@@ -100,7 +101,7 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None):
         args.config = None
     setup_logging()
     try:
-        return args, load_config(args.config, args.overrides)
+        return args, load_config(args.config, args.overrides, sections)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return args, None

@@ -106,6 +106,8 @@ def _coerce(value: Any, tp: Any, key: str, where: _Origin) -> Any:
                 return _coerce(value, arg, key, where)
             except ConfigError as err:
                 errors.append(err)
+        if len(errors) == 1:  # `X | None`: X's own error names the nested key that is wrong
+            raise errors[0]
         raise fail(" or ".join(_type_name(a) for a in args))
     if origin is Literal:
         if value not in get_args(tp):
@@ -169,13 +171,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: _Origin) -> Any:
         raise ConfigError(f"section '{prefix or '<root>'}': {err}", prefix or None, where(prefix)) from None
 
 
-def _validate_tree(obj: Any, prefix: str, where: _Origin) -> None:
+def _validate_tree(obj: Any, prefix: str, where: _Origin, sections: list[str] | None = None) -> None:
     """Call each section's ``validate()`` (defaulted sections included), naming the key at fault.
 
     A ``validate()`` raises ValueError with a message that starts from the dotted key it rejects
-    (``"train.batch_size must be >= 1"``); that key (else the section) is the error's ``key``.
+    (``"train.batch_size must be >= 1"``); that key (else the section) is the error's ``key``. ``sections`` limits
+    the top-level sections checked to those an entry point reads (``serve up`` needs no ``data.path``); unknown
+    keys and wrong types are still errors everywhere.
     """
     for f in dataclasses.fields(obj):
+        if sections is not None and not prefix and f.name not in sections:
+            continue
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             _validate_tree(value, f"{prefix}.{f.name}" if prefix else f.name, where)
@@ -219,15 +225,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines: dict[str, int] | None = None,
-          overrides: list[str] | None = None) -> Any:
+          overrides: list[str] | None = None, sections: list[str] | None = None) -> Any:
     """Build dataclass ``cls`` from plain data, checking every key, type and section constraint.
 
     ``lines`` maps dotted keys to their line in ``source``; ``overrides`` are the ``key=value`` texts applied to
-    ``data``, named in an error about the key they set.
+    ``data``, named in an error about the key they set; ``sections`` limits ``validate()`` to those top-level ones.
     """
     where = _Origin(source, lines, overrides)
     obj = _build(cls, data or {}, "", where)
-    _validate_tree(obj, "", where)
+    _validate_tree(obj, "", where, sections)
     return obj
 
 
@@ -245,12 +251,16 @@ def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     return data, _line_map(text)
 
 
-def load(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
-    """Build schema ``cls`` from a recipe file (or only defaults when ``path`` is None) and dotted overrides."""
+def load(cls: type, path: str | Path | None, overrides: list[str] | None = None,
+         sections: list[str] | None = None) -> Any:
+    """Build schema ``cls`` from a recipe file (or only defaults when ``path`` is None) and dotted overrides.
+
+    ``sections``: validate only these top-level sections (default all); every key is type-checked regardless.
+    """
     data, lines = load_yaml(path) if path else ({}, {})
     if overrides:
         data = apply_overrides(data, overrides)
-    return build(cls, data, str(path) if path else "<defaults>", lines, overrides)
+    return build(cls, data, str(path) if path else "<defaults>", lines, overrides, sections)
 
 
 def to_dict(obj: Any) -> Any:

@@ -39,11 +39,14 @@ class Config:
     source: str | None = field(default=None, init=False, compare=False)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] | None = None,
+                sections: list[str] | None = None) -> Config:
     """Load a recipe file (or only defaults when ``path`` is None) and apply dotted ``key=value`` overrides.
 
-    Raises :class:`embtune.config.ConfigError` naming the key, and the file and line or the override that set it.
+    ``sections``: validate only these top-level sections (``serve up`` needs no ``data.path``); every key is
+    type-checked regardless. Raises :class:`embtune.config.ConfigError` naming the key, and the file and line or
+    the override that set it.
     """
-    cfg = load(Config, path, overrides)
+    cfg = load(Config, path, overrides, sections)
     cfg.source = str(path) if path else None
     return cfg

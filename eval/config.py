@@ -116,6 +116,9 @@ class EvalConfig:
     rerank_top_k: int = 100
     rerank_batch_size: int = 32
     rerank_on: list[str] = field(default_factory=list)  # rows to rerank (e.g. [finetuned, bm25]); empty = finetuned
+    # Write each row's top N documents per query to <run_dir>/eval/runs/<row>.trec (TREC run format: qid Q0 doc
+    # rank score row), e.g. to check that a server returns what eval measured; 0 = off.
+    save_runs: int = 0
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -132,6 +135,8 @@ class EvalConfig:
             raise ValueError("eval.hybrid fuses with BM25: set eval.compare_bm25=true or eval.hybrid=[]")
         if not 0.0 <= self.hybrid_weight <= 1.0:
             raise ValueError(f"eval.hybrid_weight must be in [0, 1], got {self.hybrid_weight}")
+        if self.save_runs < 0:
+            raise ValueError(f"eval.save_runs must be >= 0 (0 = off), got {self.save_runs}")
         for key in ("rrf_k", "hybrid_depth", "rerank_top_k", "rerank_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"eval.{key} must be >= 1, got {getattr(self, key)}")

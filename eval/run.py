@@ -1,8 +1,9 @@
 """eval stage: base model vs fine-tuned model vs BM25 on a held-out split, at every Matryoshka dim.
 
 Reads the BEIR folder named by data_prep's manifest (or ``data.path`` for BEIR data when data_prep has not run),
-encodes the corpus once per model (cached on disk by weights and text hash), searches a FAISS exact
-inner-product index, and scores with pytrec_eval as BEIR/MTEB do (see ``eval/metrics.py``).
+encodes the corpus once per model (cached on disk by weights and text hash), searches every row through the
+``Retriever`` the server runs (``embtune/retrieval/spec.py``: a FAISS exact inner-product index, FastBM25, fusion),
+and scores with pytrec_eval as BEIR/MTEB do (see ``eval/metrics.py``).
 
 Writes ``<run_dir>/eval/results.json``::
 
@@ -10,7 +11,12 @@ Writes ``<run_dir>/eval/results.json``::
      "results": {"base"|"finetuned"|"bm25"|<extra>: {"ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100",
                                                     "dims": {"256": {...same metrics...}, ...}}},
      "per_query": {<model>: {<query id>: {"ndcg@10": ...}}}, "wall_seconds": {<model>: s},
-     "significance": {"finetuned vs base": {"diff", "ci95", "p_value", "wins", "ties", "losses", ...}, ...}}
+     "significance": {"finetuned vs base": {"diff", "ci95", "p_value", "wins", "ties", "losses", ...}, ...},
+     "specs": {<row>: <RetrieverSpec as JSON>},  # the retrieval system each row measured
+     "recommended": {"row", "ndcg@10", "spec", "split", "best_single": {"row", "ndcg@10"}, "why"}}
+
+``recommended`` is the best dense, BM25 or hybrid row by nDCG@10 (see :func:`recommend`); export writes its spec
+into the bundle (``retriever.json``) and ``/search`` serves it.
 
 Optional rows, same metrics: ``<model>+bm25_rrf`` / ``<model>+bm25_weighted`` (``eval.hybrid``, see
 ``embtune/retrieval/fusion.py``) and ``<row>>rerank`` (``eval.reranker``). With ``eval.sweep.enabled`` it also writes
@@ -27,15 +33,15 @@ from typing import Any
 
 from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
-from embtune.manifest import Stage, hash_path
+from embtune.manifest import Stage
 from embtune.models import resolve_model
-from eval.endpoint import EndpointEncoder, is_endpoint_spec
-from embtune.retrieval.fusion import fuse
-from embtune.retrieval.rerank import rerank
-from eval.metrics import evaluate
 from embtune.retrieval.bm25 import bm25_search
-from embtune.retrieval.encoder import cache_key, encode, truncate
-from embtune.retrieval.index import exact_search, to_run
+from embtune.retrieval.encoder import cache_key, encode
+from embtune.retrieval.index import to_run
+from embtune.retrieval.rerank import rerank
+from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, RerankSpec, Retriever, RetrieverSpec
+from eval.endpoint import EndpointEncoder, is_endpoint_spec
+from eval.metrics import evaluate
 from eval.significance import default_pairs, format_significance, significance_table
 
 logger = logging.getLogger(__name__)
@@ -95,24 +101,32 @@ def score_run(qrels, run, cfg) -> tuple[dict[str, float], dict[str, dict[str, fl
                     ignore_identical_ids=cfg.eval.ignore_identical_ids)
 
 
-def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg) -> dict[str, Any]:
-    """Metrics at the full dim and at each configured Matryoshka dim; per-query nDCG@10 at the full dim."""
+def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg,
+                   bm25: BM25Index | None = None) -> dict[str, Any]:
+    """Metrics at the full dim and at each configured Matryoshka dim; per-query nDCG@10 at the full dim.
+
+    Every dim is searched through one :class:`Retriever` (the one the server runs), which is returned for the
+    hybrid rows of this model.
+    """
     model = load_encoder(model_path, cfg)
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:
         key = cache_key(model_path, model.max_seq_length)
     doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
-    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query")  # (n_queries, dim)
+    query_emb = encode_queries(model, query_texts, cfg)  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
     cosine = model.similarity_fn_name in (None, "cosine")
+    if not cosine:
+        logger.warning("%s scores by %s, not cosine: Matryoshka dims are renormalized as for cosine", name,
+                       model.similarity_fn_name)
+    spec = RetrieverSpec(dense=DenseSpec(model=model_path, dim=full_dim))
+    retriever = Retriever(spec, doc_ids, doc_texts, doc_emb, bm25=bm25)
     result: dict[str, Any] = {}
     per_query: dict[str, dict[str, float]] = {}
     for dim in [full_dim] + [d for d in cfg.eval.dims if d < full_dim]:
-        docs = truncate(doc_emb, dim, cosine) if dim < full_dim else doc_emb
-        queries = truncate(query_emb, dim, cosine) if dim < full_dim else query_emb
-        scores, indices = exact_search(docs, queries, cfg.eval.top_k)
-        dim_run = to_run(query_ids, doc_ids, scores, indices)
+        dim_spec = spec.replace(dense=DenseSpec(model=model_path, dim=dim))
+        dim_run = retriever.search(query_texts, query_emb, cfg.eval.top_k, query_ids, spec=dim_spec)
         mean, pq = score_run(qrels, dim_run, cfg)
         if dim == full_dim:
             result.update(mean)
@@ -122,9 +136,22 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     if isinstance(model, EndpointEncoder):
         result["endpoint"] = vars(model.stats)
         model.close()
-    # The full-dim run feeds hybrid/rerank rows; the embeddings feed the deployment sweep.
+    # The full-dim run feeds rerank rows; the retriever the hybrid rows; the embeddings the deployment sweep.
     return {"metrics": result, "per_query": per_query, "run": full_run, "doc_emb": doc_emb, "query_emb": query_emb,
-            "cosine": cosine}
+            "cosine": cosine, "spec": spec, "retriever": retriever}
+
+
+def encode_queries(model, query_texts: list[str], cfg):
+    """Query embeddings, (n_queries, dim), each query in a batch of its own, as the server encodes a request.
+
+    A batch pads its texts to the longest one, and the padded forward pass rounds differently in the last bits,
+    enough to swap two near-tied documents: encoded alone, the eval's query vector is the one ``/search``
+    computes for that query at the same torch thread count, so the measured ranking is the served one
+    (scripts/bench_serve_parity.py, which also measures what another thread count moves).
+    """
+    if isinstance(model, EndpointEncoder):  # a remote model: its batches are its own business
+        return encode(model, query_texts, cfg.eval.batch_size, desc="query")
+    return encode(model, query_texts, 1, desc="query (one per batch)")
 
 
 def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
@@ -184,11 +211,17 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     per_query: dict[str, Any] = {}
     wall: dict[str, float] = {}
     runs: dict[str, dict[str, dict[str, float]]] = {}
+    specs: dict[str, RetrieverSpec] = {}
+    retrievers: dict[str, Retriever] = {}
+    query_embs: dict[str, Any] = {}
     sweep_rows: list[dict[str, Any]] = []
+    # One BM25 index for the BM25 row and every model's hybrid rows.
+    bm25 = BM25Index(doc_texts, cfg.bm25) if cfg.eval.compare_bm25 else None
     for name, path in models.items():
         start = time.time()
-        out = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg)
+        out = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg, bm25=bm25)
         results[name], per_query[name], runs[name] = out["metrics"], out["per_query"], out["run"]
+        specs[name], retrievers[name], query_embs[name] = out["spec"], out["retriever"], out["query_emb"]
         wall[name] = round(time.time() - start, 1)
         if cfg.eval.sweep.enabled:
             from eval.sweep import sweep_model
@@ -199,15 +232,21 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             wall[f"sweep_{name}"] = round(time.time() - start, 1)
     if cfg.eval.compare_bm25:
         start = time.time()
-        scores, indices = bm25_search(doc_texts, query_texts, cfg.eval.top_k, cfg.bm25)
-        runs["bm25"] = to_run(query_ids, doc_ids, scores, indices)
+        specs["bm25"] = RetrieverSpec(dense=None, bm25=cfg.bm25)
+        if cfg.bm25.backend == "rank_bm25":  # the reference implementation, for checking FastBM25 on new data
+            scores, indices = bm25_search(doc_texts, query_texts, cfg.eval.top_k, cfg.bm25)
+            runs["bm25"] = to_run(query_ids, doc_ids, scores, indices)
+        else:
+            runs["bm25"] = Retriever(specs["bm25"], doc_ids, doc_texts, bm25=bm25).search(
+                query_texts, None, cfg.eval.top_k, query_ids)
         results["bm25"], per_query["bm25"] = score_run(qrels, runs["bm25"], cfg)
         wall["bm25"] = round(time.time() - start, 1)
     for name in list(models) if cfg.eval.hybrid else []:
         for method in cfg.eval.hybrid:
             row = f"{name}+bm25_{method}"
-            runs[row] = fuse(method, runs[name], runs["bm25"], rrf_k=cfg.eval.rrf_k,
-                             dense_weight=cfg.eval.hybrid_weight, depth=cfg.eval.hybrid_depth)
+            specs[row] = hybrid_spec(specs[name], cfg, method)
+            runs[row] = retrievers[name].search(query_texts, query_embs[name], cfg.eval.top_k, query_ids,
+                                                spec=specs[row])
             results[row], per_query[row] = score_run(qrels, runs[row], cfg)
     if cfg.eval.reranker:
         start = time.time()
@@ -215,10 +254,17 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                                      dict(zip(doc_ids, doc_texts))).items():
             runs[row] = run_
             results[row], per_query[row] = score_run(qrels, run_, cfg)
+            target = row[: -len(">rerank")]
+            specs[row] = specs[target].replace(rerank=RerankSpec(model=cfg.eval.reranker,
+                                                                 top_k=cfg.eval.rerank_top_k))
         wall["rerank"] = round(time.time() - start, 1)
+    recommended = recommend(results, specs, cfg.eval.split)
 
     stage.dir.mkdir(parents=True, exist_ok=True)
     table = print_table(results, cfg.eval.split)
+    if recommended:
+        print(recommended["why"])
+        table += "\n\n" + recommended["why"]
     significance = {}
     if cfg.eval.significance_resamples:
         significance = significance_table(per_query, default_pairs(list(results)), "ndcg@10",
@@ -228,6 +274,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             print(text)
             table += "\n\n" + text
     outputs = {"results": stage.dir / "results.json", "table": stage.dir / "table.txt"}
+    if cfg.eval.save_runs:
+        outputs["runs"] = write_runs(runs, stage.dir / "runs", cfg.eval.save_runs)
     if sweep_rows:
         from eval.sweep import format_sweep, plot_sweep
 
@@ -241,12 +289,69 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     (stage.dir / "table.txt").write_text(table + "\n")
     payload = {"split": cfg.eval.split, "num_queries": len(query_ids), "num_documents": len(doc_ids),
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
-               "significance": significance}
+               "significance": significance, "specs": {row: spec.to_dict() for row, spec in specs.items()},
+               "recommended": recommended}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
     from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when tracking.report_to has it
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)
+
+
+def run_file_name(row: str) -> str:
+    return row.replace(">", "+") + ".trec"
+
+
+def write_runs(runs: dict[str, Any], folder: Path, depth: int) -> Path:
+    """Each row's top ``depth`` per query as a TREC run file (``qid Q0 doc rank score row``), in eval's order."""
+    import shutil
+
+    from embtune.retrieval.fusion import ranked
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for row, run_ in runs.items():
+        with open(folder / run_file_name(row), "w") as handle:
+            for qid in sorted(run_):
+                for rank, doc_id in enumerate(ranked(run_[qid], depth), start=1):
+                    handle.write(f"{qid} Q0 {doc_id} {rank} {float(run_[qid][doc_id])!r} {row}\n")
+    return folder
+
+
+def read_run(path: str | Path) -> dict[str, list[str]]:
+    """A TREC run file as ``{qid: [doc ids in rank order]}``."""
+    out: dict[str, list[tuple[int, str]]] = {}
+    with open(path) as handle:
+        for line in handle:
+            qid, _, doc_id, rank, *_ = line.split()
+            out.setdefault(qid, []).append((int(rank), doc_id))
+    return {qid: [d for _, d in sorted(rows)] for qid, rows in out.items()}
+
+
+def hybrid_spec(dense: RetrieverSpec, cfg, method: str) -> RetrieverSpec:
+    """A model's dense spec fused with the ``bm25`` section by ``method``, with eval's fusion settings."""
+    return dense.replace(bm25=cfg.bm25, fusion=FusionSpec(method=method, dense_weight=cfg.eval.hybrid_weight,
+                                                          rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+
+
+def recommend(results: dict[str, Any], specs: dict[str, RetrieverSpec], split: str) -> dict[str, Any]:
+    """The row to deploy: the best nDCG@10 among the dense, BM25 and hybrid rows (reranked rows are a cost
+    choice, not a retriever), first in table order on a tie, so a single retriever wins a tie with a fusion.
+
+    Returns ``{"row", "ndcg@10", "spec", "split", "best_single": {"row", "ndcg@10"}, "why"}``; ``{}`` when no such
+    row ran. Chosen on ``split``: choose on a dev split to report the test split's number honestly.
+    """
+    rows = [row for row in results if row in specs and specs[row].rerank is None]
+    if not rows:
+        return {}
+    best = max(rows, key=lambda row: results[row]["ndcg@10"])
+    single = max((row for row in rows if not specs[row].hybrid), key=lambda row: results[row]["ndcg@10"])
+    why = (f"recommended retriever: {best} ({specs[best].describe()}), nDCG@10 {100 * results[best]['ndcg@10']:.2f}"
+           f": the best of the dense, BM25 and hybrid rows on split '{split}'; best single retriever: {single} "
+           f"({100 * results[single]['ndcg@10']:.2f})")
+    return {"row": best, "ndcg@10": results[best]["ndcg@10"], "spec": specs[best].to_dict(), "split": split,
+            "best_single": {"row": single, "ndcg@10": results[single]["ndcg@10"]}, "why": why}
 
 
 def check_rerank_on(cfg, models: dict[str, str]) -> None:

@@ -81,12 +81,10 @@ def free_port() -> int:
 
 
 def start_server(bundle: Path, port: int, microbatch: bool, args: argparse.Namespace) -> subprocess.Popen:
-    command = [sys.executable, "-c", "import sys; from serve.app import main; main(sys.argv[1:])",
-               "--bundle", str(bundle), "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-               "--max-batch-size", str(args.max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
-               "--max-inputs", "8", "--model-name", "minilm", "--device", args.device, "--threads", str(args.threads)]
-    if not microbatch:
-        command.append("--no-microbatch")
+    command = [sys.executable, "-m", "serve", "up", "--bundle", str(bundle), "serve.host=127.0.0.1",
+               f"serve.port={port}", "serve.log_level=warning", f"serve.max_batch_size={args.max_batch_size}",
+               f"serve.max_wait_ms={args.max_wait_ms}", "serve.max_inputs=8", "serve.model_name=minilm",
+               f"serve.device={args.device}", f"serve.threads={args.threads}", f"serve.microbatch={str(microbatch).lower()}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command, cwd=REPO, env=env)
 

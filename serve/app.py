@@ -3,27 +3,29 @@
 Routes:
   - ``POST /v1/embeddings``: the OpenAI embeddings API (``input``, ``model``, ``dimensions``, ``encoding_format``),
     so the ``openai`` client works against it unchanged.
-  - ``POST /search``: ``{query, k, filter, hybrid, rerank}`` → ranked hits from ``index/corpus.faiss``.
+  - ``POST /search``: ``{query, k, filter, hybrid, rerank}`` → ranked hits. It runs the bundle's ``retriever.json``
+    (the retrieval system eval measured and recommended) through the core ``Retriever``, the one eval ran, so the
+    served ranking is eval's; ``hybrid`` and ``rerank`` override the spec per request.
   - ``GET /v1/models``, ``GET /health`` (the only route that needs no API key, for liveness probes).
 
 Bad input is a 4xx whose body is OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and the
 message names the field and the limit; the openai client raises it as ``BadRequestError`` with that message.
 
+Handlers validate the request, then call the core (``embtune.retrieval``); they do not rank themselves.
+
 Example::
 
-    python -c "from serve.app import main; main()" --bundle runs/x/export --port 8000
+    python -m serve up --bundle runs/x/bundle serve.port=8000
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hmac
 import json
 import logging
 import os
-import re
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -34,8 +36,12 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from serve.batcher import LRUCache, MicroBatcher
 from embtune.dataio import document_text
+from embtune.retrieval.bm25 import BM25Config
+from embtune.retrieval.encoder import truncate
+from embtune.retrieval.fusion import ranked
+from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
+from serve.batcher import LRUCache, MicroBatcher
 from serve.bundle import Bundle, load_bundle
 from serve.serve_config import ServeConfig
 
@@ -91,15 +97,6 @@ def _int_field(body: dict[str, Any], name: str, default: int | None, low: int, h
     return value
 
 
-def _bool_field(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(400, f"'{name}' must be true or false, got {_type_name(value)}", param=name)
-    return value
-
-
 def _texts_from_input(value: Any, max_inputs: int) -> list[str]:
     """The ``input`` field as a list of strings; token arrays and other types are refused by name."""
     if value is None:
@@ -146,9 +143,7 @@ def _truncate(rows: np.ndarray, dimensions: int | None) -> np.ndarray:
     """Matryoshka truncation: keep the first ``dimensions`` values and renormalize, as text-embedding-3 does."""
     if dimensions is None or dimensions == rows.shape[1]:
         return rows
-    rows = rows[:, :dimensions]  # (n, dimensions)
-    norms = np.linalg.norm(rows, axis=1, keepdims=True)  # (n, 1)
-    return (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+    return truncate(rows, dimensions)  # (n, dimensions)
 
 
 def _encode_row(row: np.ndarray, encoding_format: str) -> list[float] | str:
@@ -158,11 +153,45 @@ def _encode_row(row: np.ndarray, encoding_format: str) -> list[float] | str:
     return row.tolist()
 
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+def _optional_bool(body: dict[str, Any], name: str) -> bool | None:
+    """A true/false request field; absent or null = None (the bundle's spec decides)."""
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise RequestError(400, f"'{name}' must be true or false, got {_type_name(value)}", param=name)
+    return value
 
 
-def _bm25_tokens(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+def request_spec(spec: RetrieverSpec, hybrid: bool | None, rerank: bool | None, cfg: ServeConfig,
+                 has_docs: bool) -> RetrieverSpec:
+    """The bundle's spec with a request's overrides; None leaves that part as the bundle serves it.
+
+    ``hybrid``: false = the dense member alone; true = the spec's fusion, or (for a dense-only bundle) BM25 with
+    the bundle's settings or the defaults, fused by RRF, which needs no tuned weight. ``rerank``: false = none;
+    true = the spec's rerank, else ``serve.cross_encoder`` on the top ``serve.rerank_candidates``.
+    """
+    if hybrid and not has_docs:
+        raise RequestError(400, "hybrid search needs index/docs.jsonl in the bundle", param="hybrid")
+    if hybrid is False and spec.hybrid:
+        spec = spec.replace(bm25=None, fusion=FusionSpec(method="none"))
+    elif hybrid is False and spec.dense is None:
+        raise RequestError(400, "'hybrid': false asks for dense search, but this bundle serves BM25 only",
+                           param="hybrid")
+    elif hybrid and not spec.hybrid:
+        if spec.dense is None:
+            raise RequestError(400, "hybrid search fuses dense with BM25, but this bundle serves BM25 only",
+                               param="hybrid")
+        spec = spec.replace(bm25=spec.bm25 or BM25Config(), fusion=FusionSpec(
+            method="rrf", dense_weight=spec.fusion.dense_weight, rrf_k=spec.fusion.rrf_k, depth=spec.fusion.depth))
+    if rerank is False:
+        spec = spec.replace(rerank=None)
+    elif rerank and spec.rerank is None:
+        if not cfg.cross_encoder:
+            raise RequestError(400, "rerank needs a cross-encoder: set serve.cross_encoder (serve.cross_encoder=PATH)",
+                               param="rerank")
+        if not has_docs:
+            raise RequestError(400, "rerank needs index/docs.jsonl in the bundle", param="rerank")
+        spec = spec.replace(rerank=RerankSpec(model=cfg.cross_encoder, top_k=cfg.rerank_candidates))
+    return spec
 
 
 def _metadata_rows(docs: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray]]:
@@ -194,8 +223,15 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
     batcher = MicroBatcher(bundle.encode, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
                            enabled=cfg.microbatch)
     metadata = _metadata_rows(bundle.docs)
-    state: dict[str, Any] = {"bm25": None, "cross_encoder": None}
-    lazy_lock = asyncio.Lock()
+    retriever = None
+    if bundle.index is not None:
+        # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
+        doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
+            str(row) for row in range(bundle.index.ntotal)]
+        doc_texts = [document_text(d) for d in bundle.docs] or [""] * len(doc_ids)
+        retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
+        logger.info("/search serves %s", bundle.spec.describe())
+    row_of = {doc_id: row for row, doc_id in enumerate(retriever.doc_ids)} if retriever else {}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -249,6 +285,7 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
             "dim": bundle.dim,
             "dims": bundle.manifest.get("dims", [bundle.dim]),
             "index_size": int(bundle.index.ntotal) if bundle.index is not None else 0,
+            "retriever": bundle.spec.to_dict(),
             "microbatch": cfg.microbatch,
             "batcher": batcher.stats(),
             "cache": {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses},
@@ -279,25 +316,6 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
         return JSONResponse({"object": "list", "data": data, "model": model_name,
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
-    async def bm25():
-        async with lazy_lock:
-            if state["bm25"] is None:
-                from rank_bm25 import BM25Okapi
-
-                corpus = [_bm25_tokens(document_text(d)) for d in bundle.docs]
-                state["bm25"] = await asyncio.to_thread(BM25Okapi, corpus)
-                logger.info("built BM25 over %d docs for hybrid search", len(corpus))
-        return state["bm25"]
-
-    async def cross_encoder():
-        async with lazy_lock:
-            if state["cross_encoder"] is None:
-                from sentence_transformers import CrossEncoder
-
-                state["cross_encoder"] = await asyncio.to_thread(CrossEncoder, cfg.cross_encoder,
-                                                                 device=cfg.device or None)
-        return state["cross_encoder"]
-
     def allowed_rows(filters: dict[str, Any]) -> np.ndarray | None:
         """Row ids matching every equality filter (None = no filter)."""
         if not filters:
@@ -317,8 +335,6 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
 
     @app.post("/search", dependencies=[Depends(require_key)])
     async def search(request: Request) -> dict[str, Any]:
-        import faiss
-
         body = await _json_object(request)
         _reject_unknown(body, SEARCH_FIELDS)
         if bundle.index is None:
@@ -332,118 +348,36 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
         if not isinstance(filters, dict):
             raise RequestError(400, f"'filter' must be an object of field: value, got {_type_name(filters)}",
                                param="filter")
-        hybrid, rerank = _bool_field(body, "hybrid"), _bool_field(body, "rerank")
-        if hybrid and not bundle.docs:
-            raise RequestError(400, "hybrid search needs index/docs.jsonl in the bundle", param="hybrid")
-        if rerank and not cfg.cross_encoder:
-            raise RequestError(400, "rerank needs a cross-encoder: set serve.cross_encoder (--cross-encoder)",
-                               param="rerank")
         if filters and not bundle.docs:
             raise RequestError(400, "filters need index/docs.jsonl in the bundle", param="filter")
+        spec = request_spec(bundle.spec, _optional_bool(body, "hybrid"), _optional_bool(body, "rerank"), cfg,
+                            has_docs=bool(bundle.docs))
 
         allowed = allowed_rows(filters)
-        hits: list[tuple[int, float]] = []  # (row, score)
+        docs: dict[str, float] = {}
         if allowed is None or allowed.size:
-            depth = max(k, cfg.rerank_candidates if rerank else 0, 100 if hybrid else 0)
-            depth = min(depth, bundle.index.ntotal if allowed is None else int(allowed.size))
-            query_row = await embed([query])  # (1, dim)
-            params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
-            scores, rows = bundle.index.search(query_row, depth, params=params)  # (1, depth) each
-            hits = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]
-            if hybrid:
-                bm25_scores = (await bm25()).get_scores(_bm25_tokens(query))  # (num_docs,)
-                if allowed is not None:
-                    mask = np.full(bm25_scores.shape, -np.inf)
-                    mask[allowed] = 0.0
-                    bm25_scores = bm25_scores + mask
-                top = np.argsort(-bm25_scores)[:depth]
-                lexical = [int(r) for r in top if bm25_scores[r] > 0]  # no shared term: not a BM25 hit
-                fused: dict[int, float] = {}
-                for ranking in ([r for r, _ in hits], lexical):
-                    for rank, row in enumerate(ranking):
-                        fused[row] = fused.get(row, 0.0) + 1.0 / (cfg.rrf_k + rank + 1)
-                hits = sorted(fused.items(), key=lambda item: -item[1])
-            if rerank:
-                candidates = hits[:cfg.rerank_candidates]
-                model = await cross_encoder()
-                pairs = [(query, document_text(bundle.docs[row])) for row, _ in candidates]
-                ce_scores = await asyncio.to_thread(model.predict, pairs, show_progress_bar=False)
-                hits = sorted(((row, float(s)) for (row, _), s in zip(candidates, ce_scores)), key=lambda h: -h[1])
+            query_emb = await embed([query]) if spec.dense is not None else None  # (1, dim)
+            run = await asyncio.to_thread(retriever.search, [query], query_emb, k, spec=spec, allowed=allowed)
+            docs = run["0"]
         out = []
-        for row, score in hits[:k]:
-            doc = bundle.docs[row] if bundle.docs else {"_id": str(row)}
-            out.append({"id": doc.get("_id", str(row)), "score": score, "title": doc.get("title", ""),
-                        "text": doc.get("text", ""),
+        for doc_id in ranked(docs):
+            score = docs[doc_id]
+            doc = bundle.docs[row_of[doc_id]] if bundle.docs else {"_id": doc_id}
+            out.append({"id": doc_id, "score": score, "title": doc.get("title", ""), "text": doc.get("text", ""),
                         "metadata": {key: v for key, v in doc.items() if key not in TEXT_FIELDS | {"_id"}}})
-        return {"object": "list", "model": model_name, "query": query, "hits": out}
+        return {"object": "list", "model": model_name, "query": query, "retriever": spec.describe(), "hits": out}
 
     return app
 
 
-def build_parser() -> argparse.ArgumentParser:
-    defaults = ServeConfig()
-    parser = argparse.ArgumentParser(prog="python -m serve", description="Serve an embtune export bundle over HTTP.")
-    parser.add_argument("--bundle", required=True, help="the export bundle folder (model/, index/, manifest.json)")
-    parser.add_argument("--host", default=defaults.host, help="bind address (default loopback: %(default)s)")
-    parser.add_argument("--port", type=int, default=defaults.port)
-    parser.add_argument("--api-key", default=defaults.api_key,
-                        help="require 'Authorization: Bearer KEY' (prefer the EMBTUNE_API_KEY environment variable)")
-    parser.add_argument("--model-name", default=defaults.model_name, help="the model name reported in responses")
-    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.backend)
-    parser.add_argument("--onnx-file", default=defaults.onnx_file, help="ONNX file under <bundle>/model")
-    parser.add_argument("--device", default=defaults.device, help="torch device (default: cuda if available)")
-    parser.add_argument("--threads", type=int, default=defaults.threads,
-                        help="CPU threads per forward pass; 0 = library default (all cores)")
-    parser.add_argument("--no-microbatch", action="store_true", help="one request per forward pass")
-    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size)
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms)
-    parser.add_argument("--cache-size", type=int, default=defaults.cache_size, help="LRU entries; 0 = off")
-    parser.add_argument("--max-inputs", type=int, default=defaults.max_inputs)
-    parser.add_argument("--max-input-chars", type=int, default=defaults.max_input_chars)
-    parser.add_argument("--max-input-tokens", type=int, default=defaults.max_input_tokens)
-    parser.add_argument("--max-k", type=int, default=defaults.max_k)
-    parser.add_argument("--cross-encoder", default=defaults.cross_encoder, help="CrossEncoder path for rerank")
-    parser.add_argument("--log-level", default=defaults.log_level, choices=["debug", "info", "warning", "error"])
-    parser.add_argument("--access-log", action="store_true", help="log every request (costs throughput)")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> ServeConfig:
-    cfg = ServeConfig(
-        bundle_dir=args.bundle, host=args.host, port=args.port, api_key=args.api_key, model_name=args.model_name,
-        backend=args.backend, onnx_file=args.onnx_file, device=args.device, threads=args.threads,
-        microbatch=not args.no_microbatch, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-        cache_size=args.cache_size, max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
-        max_input_tokens=args.max_input_tokens, max_k=args.max_k, cross_encoder=args.cross_encoder,
-        log_level=args.log_level,
-    )
-    cfg.validate()
-    return cfg
-
-
-def run_server(cfg: ServeConfig, access_log: bool = False) -> None:
-    """Serve ``cfg.bundle_dir`` with uvicorn until interrupted (what the lead's ``python -m serve`` calls)."""
+def run_server(cfg: ServeConfig) -> None:
+    """Serve ``cfg.bundle_dir`` with uvicorn until interrupted (``python -m serve up``)."""
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not cfg.bundle_dir:
-        raise ValueError("serve.bundle_dir must name an export bundle folder")
+    logging.getLogger().setLevel(cfg.log_level.upper())
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("EMBTUNE_API_KEY")):
         logger.warning("binding %s without an API key: anyone who can reach this port can use the model", cfg.host)
     logger.info("config: %s", {k: ("***" if k == "api_key" and v else v) for k, v in asdict(cfg).items()})
     app = create_app(cfg.bundle_dir, cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=access_log)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: ``main(["--bundle", "runs/x/export", "--port", "8000"])``."""
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        build_parser().error(str(err))
-    run_server(cfg, access_log=args.access_log)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log)

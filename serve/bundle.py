@@ -6,6 +6,7 @@ Layout::
       model/               # SentenceTransformer(path) loads it
       index/corpus.faiss   # optional: IndexFlatIP over normalized embeddings (inner product = cosine)
       index/docs.jsonl     # optional: one {"_id", "title", "text", ...metadata} per index row, same order
+      retriever.json       # optional: the RetrieverSpec /search serves (embtune/retrieval/spec.py); default dense
       manifest.json        # {"dims": [...], "metric": "cosine", "corpus_hash": ..., "versions": {...}}
 
 Example::
@@ -29,7 +30,9 @@ import torch
 
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
-from embtune.retrieval.encoder import cache_key, encode, normalize
+from embtune.retrieval.encoder import cache_key, encode, normalize, uses_cosine
+from embtune.retrieval.encoder import encode as core_encode
+from embtune.retrieval.spec import SPEC_FILE, DenseSpec, RetrieverSpec
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ MANIFEST_FILE = "manifest.json"
 
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
                  batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
-                 copy_model: bool = True) -> Path:
+                 copy_model: bool = True, spec: RetrieverSpec | None = None) -> Path:
     """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
 
     Args:
@@ -53,6 +56,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         dims: Matryoshka dimensions the model was trained for, recorded in the manifest; default [full dim].
         device: encoding device (None = sentence-transformers' choice).
         copy_model: False when ``model_dir`` already is ``<out_dir>/model``.
+        spec: the retrieval system ``/search`` serves, written to ``retriever.json`` (its dense member searches
+            this bundle's model, so ``dense.model`` is written as ``"model"``); None = dense at the full dim.
 
     Returns:
         ``out_dir`` as a Path.
@@ -86,13 +91,22 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
                 handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
         # The source model's cache key: eval encoded this corpus with the same weights minutes before.
         key = cache_key(str(model_dir), model.max_seq_length)
-        embeddings = normalize(encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
-                                      desc="bundle corpus"))  # (n, dim)
+        embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+                            desc="bundle corpus")  # (n, dim)
+        if not uses_cosine(model):  # encode normalized cosine models already; twice would move the last bits
+            embeddings = normalize(embeddings)
         index = faiss.IndexFlatIP(dim)
         index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
         faiss.write_index(index, str(out_dir / INDEX_FILE))
         manifest["corpus_hash"] = hash_path(out_dir / DOCS_FILE)
         manifest["num_docs"] = len(docs)
+    spec = spec or RetrieverSpec(dense=DenseSpec(dim=dim))
+    if spec.dense is not None:
+        spec = spec.replace(dense=DenseSpec(model=MODEL_DIR, dim=spec.dense.dim or dim, precision=spec.dense.precision))
+    if (spec.bm25 is not None or spec.rerank is not None) and docs is None:
+        raise ValueError(f"spec {spec.describe()!r} needs the documents' text: pass docs")
+    spec.save(out_dir / SPEC_FILE)
+    manifest["retriever"] = spec.describe()
     manifest["versions"] = versions()
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     logger.info("wrote bundle %s (%d docs, dim %d)", out_dir, manifest["num_docs"], dim)
@@ -110,6 +124,7 @@ class Bundle:
     max_seq_length: int
     index: Any = None  # faiss index or None
     docs: list[dict[str, Any]] = field(default_factory=list)
+    spec: RetrieverSpec = field(default_factory=RetrieverSpec)  # retriever.json, or dense at the full dim
     encode: Callable[[list[str]], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -153,8 +168,9 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
             torch.set_num_threads(threads)
         if backend == "onnx":
             return normalize(model.encode(texts, batch_size=batch_size))
-        return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
-                            show_progress_bar=False).astype(np.float32, copy=False)
+        # The core's encode, as eval's: the same normalization, so a query alone gets eval's vector bit for bit.
+        rows = core_encode(model, texts, batch_size)
+        return rows if uses_cosine(model) else normalize(rows)
 
     index, docs = None, []
     if (bundle_dir / INDEX_FILE).is_file():
@@ -177,5 +193,11 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         else:
             logger.warning("bundle %s has an index but no %s: /search returns row numbers as ids",
                            bundle_dir, DOCS_FILE)
+    spec_path = bundle_dir / SPEC_FILE
+    spec = RetrieverSpec.load(spec_path) if spec_path.is_file() else RetrieverSpec(dense=DenseSpec(MODEL_DIR, dim))
+    if spec.dense is not None and spec.dense.dim > dim:
+        raise ValueError(f"{spec_path}: dense.dim {spec.dense.dim} is larger than the model's dimension {dim}")
+    if (spec.bm25 is not None or spec.rerank is not None) and not docs:
+        raise ValueError(f"{spec_path}: {spec.describe()!r} needs {bundle_dir / DOCS_FILE} (the documents' text)")
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
-                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode)
+                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode, spec=spec)

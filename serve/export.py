@@ -8,8 +8,13 @@
       index/docs.jsonl    one {"_id", "title", "text"} per index row
       vectordb/chroma/    a persistent Chroma collection of the eval corpus ("chroma" in export.targets)
       vectordb/lancedb/   a LanceDB table of the eval corpus ("lancedb" in export.targets)
+      retriever.json      the retrieval system /search serves: eval's recommended row for this model (see below)
       metrics.json        eval/results.json without per-query rows
-      manifest.json       dims, metric, corpus hash, versions
+      manifest.json       dims, metric, corpus hash, versions, which eval row retriever.json is
+
+``retriever.json`` is eval's ``recommended`` spec when its dense member is the exported model (or it has none);
+otherwise (eval recommended, say, the base model fused with BM25) the best dense, BM25 or hybrid row of the exported
+model, and the log says so.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import yaml
 from embtune.dataio import load_corpus
 from embtune.config import to_dict
 from embtune.manifest import Stage, versions
+from embtune.retrieval.spec import RetrieverSpec
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +95,31 @@ def stage_config(cfg) -> dict[str, Any]:
             "train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
 
 
+def bundle_spec(results: dict[str, Any], model_dir: str) -> tuple[RetrieverSpec | None, dict[str, Any]]:
+    """The spec the bundle serves and where it comes from (``{"row", "ndcg@10", "split", "eval_recommended"}``).
+
+    None (dense at the full dim) for a results.json written before eval recorded specs.
+    """
+    specs = {row: RetrieverSpec.from_dict(spec, f"results.json specs.{row}")
+             for row, spec in results.get("specs", {}).items()}
+    recommended = results.get("recommended") or {}
+    servable = [row for row, spec in specs.items() if spec.rerank is None
+                and (spec.dense is None or spec.dense.model == model_dir)]
+    if not servable:
+        logger.warning("eval recorded no retriever spec for %s: the bundle serves dense search", model_dir)
+        return None, {}
+    row = recommended.get("row")
+    if row not in servable:
+        row = max(servable, key=lambda r: results["results"][r]["ndcg@10"])
+        logger.warning("eval recommends %s (nDCG@10 %.2f), which searches another model than the exported one; the "
+                       "bundle serves %s (%.2f), the best row of the exported model", recommended.get("row"),
+                       100 * recommended.get("ndcg@10", 0.0), row, 100 * results["results"][row]["ndcg@10"])
+    source = {"row": row, "ndcg@10": results["results"][row]["ndcg@10"], "split": results.get("split"),
+              "eval_recommended": recommended.get("row")}
+    logger.info("bundle retriever: %s (%s)", row, specs[row].describe())
+    return specs[row], source
+
+
 def run(cfg, force: bool = False) -> dict[str, str]:
     model_dir = upstream(cfg, "train")["model"]
     results_file = upstream(cfg, "eval")["results"]
@@ -110,7 +141,13 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if targets:
         corpus_file = Path(upstream(cfg, "data_prep").get("eval_dataset") or cfg.data.path) / "corpus.jsonl"
         docs = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(corpus_file, cfg.data.on_error).items()]
-    build_bundle(model_dir, docs if "faiss" in targets else None, out_dir, dims=dims or None)
+    spec, spec_source = bundle_spec(results, model_dir)
+    faiss_docs = docs if "faiss" in targets else None
+    if spec is not None and faiss_docs is None and (spec.bm25 is not None or spec.rerank is not None):
+        logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
+                       spec.describe())
+        spec = None
+    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         from serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
@@ -125,7 +162,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
 
         export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
-    manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions()})
+    manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions(),
+                     "retriever_source": spec_source})
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when tracking.report_to has it
 

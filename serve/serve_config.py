@@ -1,4 +1,6 @@
-"""Config section for the HTTP server: ``serve`` (the lead hooks it into the recipe schema).
+"""Config section for the HTTP server: ``serve``, read by ``python -m serve up [CONFIG] [serve.key=value ...]``.
+
+What ``/search`` retrieves is not here: it is the bundle's ``retriever.json`` (the spec eval recommended).
 
 Example (YAML)::
 
@@ -19,7 +21,7 @@ from typing import Literal
 class ServeConfig:
     """How ``serve.app`` loads an export bundle and answers requests."""
 
-    bundle_dir: str = ""  # default: the export stage's out_dir
+    bundle_dir: str = ""  # default: the recipe's export.out_dir, else <run_dir>/bundle
     host: str = "127.0.0.1"  # loopback unless asked: the server has no TLS
     port: int = 8000
     # Bearer token required on every route except /health; empty = none. EMBTUNE_API_KEY overrides an empty value.
@@ -42,11 +44,11 @@ class ServeConfig:
     max_input_chars: int = 20000
     max_input_tokens: int = 0  # 0 = the model's max_seq_length; longer inputs are refused, never truncated
     max_k: int = 100
-    # /search
-    cross_encoder: str = ""  # path of a CrossEncoder for `rerank: true`; empty = rerank unavailable
+    # /search: `rerank: true` on a bundle whose retriever.json has no rerank uses this cross-encoder
+    cross_encoder: str = ""  # CrossEncoder folder or hub name; empty = rerank unavailable
     rerank_candidates: int = 50  # first-stage hits the cross-encoder rescores
-    rrf_k: int = 60  # reciprocal rank fusion constant for `hybrid: true`
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = False  # log every request (costs throughput)
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -72,7 +74,5 @@ class ServeConfig:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
         if self.rerank_candidates < 1:
             raise ValueError(f"serve.rerank_candidates must be >= 1, got {self.rerank_candidates}")
-        if self.rrf_k < 1:
-            raise ValueError(f"serve.rrf_k must be >= 1, got {self.rrf_k}")
         if self.backend == "onnx" and not self.onnx_file:
             raise ValueError("serve.onnx_file must name the ONNX file when serve.backend is 'onnx'")

@@ -49,6 +49,14 @@ def test_pipeline_runs_skips_and_reruns_downstream(tmp_path, tiny_beir, tiny_mod
     card = (bundle / "model" / "README.md").read_text()
     assert "ndcg@10" in card and "matryoshka_dims" in card
     assert json.loads((bundle / "metrics.json").read_text())["results"]["finetuned"]
+    # The bundle serves eval's best row of the exported model (dense or BM25 here: no hybrid rows were asked for).
+    from embtune.retrieval.spec import RetrieverSpec
+
+    served = json.loads((bundle / "manifest.json").read_text())["retriever_source"]["row"]
+    assert served in ("finetuned", "bm25")
+    assert RetrieverSpec.load(bundle / "retriever.json").to_dict() == {
+        **results["specs"][served], **({"dense": {**results["specs"][served]["dense"], "model": "model"}}
+                                       if served == "finetuned" else {})}
 
     table = manifest(tmp_path, "data_prep")["outputs"]["train_table"]
     from datasets import load_from_disk

@@ -19,7 +19,8 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
-from serve.app import create_app, main
+from serve.__main__ import main
+from serve.app import create_app
 from embtune.dataio import document_text
 from serve.bundle import build_bundle
 from serve.serve_config import ServeConfig
@@ -340,13 +341,56 @@ def test_config_validate_names_the_key(field, value):
         ServeConfig(**{field: value}).validate()
 
 
-def test_main_help_and_bad_flag(capsys):
+def test_main_help_and_bad_key(capsys):
     with pytest.raises(SystemExit) as done:
-        main(["--help"])
+        main(["up", "--help"])
     assert done.value.code == 0
-    assert "--no-microbatch" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as done:
-        main(["--bundle", "x", "--max-batch-size", "0"])
+    help_text = capsys.readouterr().out
+    assert "serve.microbatch (bool) = True" in help_text and "serve.port=8080" in help_text
+    assert main(["up", "--bundle", "x", "serve.max_batch_size=0"]) == 2
+    assert "serve.max_batch_size must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:  # a flag of the old command line says what to write instead
+        main(["up", "--bundle", "x", "--no-microbatch"])
     assert done.value.code == 2
-    assert "serve.max_batch_size" in capsys.readouterr().err
+    assert "write serve.microbatch=false" in capsys.readouterr().err
 
+
+def test_unknown_serve_key_exits_2_naming_it(tmp_path, capsys):
+    assert main(["up", "--bundle", "x", "serve.prot=8080"]) == 2
+    assert "unknown key 'serve.prot'" in capsys.readouterr().err
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("serve:\n  port: 8080\n  micro_batch: false\n")
+    assert main(["up", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"{recipe}:3" in err and "unknown key 'serve.micro_batch'" in err
+
+
+def test_yaml_serve_section_reaches_the_app(bundle_dir, tmp_path, monkeypatch):
+    """``python -m serve up CONFIG key=value``: the YAML's serve section, with the override on top, is what the app
+    runs with (uvicorn.run is replaced by a TestClient on the app it was given)."""
+    import uvicorn
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nserve:\n  bundle_dir: {bundle_dir}\n  model_name: from-yaml\n"
+                      "  max_k: 3\n  port: 9123\n  cache_size: 5\n")
+    served = {}
+
+    def fake_run(app, host, port, **kwargs):
+        served.update(host=host, port=port)
+        with TestClient(app) as client:
+            served["health"] = client.get("/health").json()
+            served["too_many"] = client.post("/search", json={"query": "the cat", "k": 4}).json()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    assert main(["up", str(recipe), "serve.port=9124"]) == 0
+    assert served["port"] == 9124 and served["host"] == "127.0.0.1"  # the override beats the YAML
+    assert served["health"]["model"] == "from-yaml" and served["health"]["cache"]["capacity"] == 5
+    assert "between 1 and 3 (serve.max_k)" in served["too_many"]["error"]["message"]
+
+
+def test_bundle_dir_defaults_to_the_recipes_export(tmp_path):
+    from serve.__main__ import config_from_args
+
+    assert config_from_args([f"run_dir={tmp_path}"]).bundle_dir == str(tmp_path / "bundle")
+    assert config_from_args([f"run_dir={tmp_path}", "export.out_dir=elsewhere"]).bundle_dir == "elsewhere"
+    assert config_from_args(["--bundle", "b", "serve.bundle_dir=a"]).bundle_dir == "b"

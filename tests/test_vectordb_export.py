@@ -17,7 +17,8 @@ import faiss
 import numpy as np
 import pytest
 
-from embtune.config import ConfigError, load_config
+from embtune.config import ConfigError
+from embtune.schema import load_config
 from embtune.dataio import document_text, load_corpus, load_queries
 from embtune.manifest import Stage
 from embtune.retrieval.encoder import encode, load_encoder, normalize
@@ -145,7 +146,7 @@ def test_a_fresh_process_reopens_and_queries_by_text(full_bundle, tiny_beir):
 
 def test_export_stage_writes_every_target(tiny_model_dir, tiny_beir, tmp_path):
     """serve.export.run with export.targets [faiss, chroma, lancedb]: one bundle, three searchable copies."""
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "train.report_to=none",
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "tracking.report_to=none",
                              "export.targets=[faiss, chroma, lancedb]", "export.model_name=tiny-export"])
     results = tmp_path / "results.json"
     metrics = {m: 0.5 for m in ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")}

@@ -5,7 +5,9 @@
 - ``bm25``: exact BM25Okapi as a sparse matrix (``FastBM25``), its tokenizer and the ``bm25`` config section;
 - ``fusion``: weighted (per-query min-max) and reciprocal-rank fusion of runs;
 - ``rerank``: cross-encoder rescoring of a run's head, with an on-disk score cache;
-- ``onnx``: the ONNX export and runtime encoder.
+- ``onnx``: the ONNX export and runtime encoder;
+- ``spec``: ``RetrieverSpec`` (which retrieval system: members, fusion, rerank; JSON) and the ``Retriever`` that runs
+  one, which eval's rows and the server's ``/search`` both call.
 
 The core imports no stage package; an import-linter contract in pyproject.toml keeps it so.
 """

@@ -48,7 +48,8 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
         if path.is_file():
             logger.info("embeddings cache hit: %s", path)
             return np.load(path)
-    logger.info("encoding %d %s texts", len(texts), desc)
+    # The server encodes each request through here too: a log line per request only at debug level.
+    (logger.info if len(texts) >= 100 else logger.debug)("encoding %d %s texts", len(texts), desc)
     embeddings = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
                               show_progress_bar=len(texts) > 1000, normalize_embeddings=False)
     embeddings = embeddings.astype(np.float32)

@@ -1,0 +1,372 @@
+"""What retrieval system eval measured and serve serves: a ``RetrieverSpec``, and the one ``Retriever`` that runs it.
+
+A spec names the members (dense embeddings at a dim and precision; BM25 with its tokenizer and parameters), how
+they are fused, and an optional cross-encoder rerank. It round-trips through JSON (``retriever.json`` in an export
+bundle; ``specs`` and ``recommended`` in eval's ``results.json``)::
+
+    {"dense": {"model": "model", "dim": 384, "precision": "fp32"},
+     "bm25": {"backend": "fast", "lowercase": true, "token_pattern": "\\\\w+", "stopwords": "english", ...},
+     "fusion": {"method": "weighted", "dense_weight": 0.7, "rrf_k": 60, "depth": 100},
+     "rerank": null}
+
+``dense: null`` or ``bm25: null`` leaves that member out; ``fusion.method`` is ``none`` for one member and
+``weighted`` or ``rrf`` (``embtune.retrieval.fusion``) for two.
+
+:class:`Retriever` is built once from a spec, the document ids and texts and the document embeddings, and answers
+``search(query_texts, query_emb, k) -> Run``. eval's rows and the server's ``/search`` both call it, so the served
+ranking is the measured one by construction (tests/test_serve_parity.py, scripts/bench_serve_parity.py). What makes
+a query's ranking independent of who asks and with how many other queries:
+
+- the dense index is searched one query at a time: FAISS scores a batch of 20 or more queries with a BLAS matrix
+  product and a smaller one with its own SIMD loop, and the two round differently in the last bit;
+- each member is searched to exactly ``fusion.depth`` before fusing (never to ``k``), so both callers fuse the
+  same candidates, and a single member to ``k`` only, with ties at every cut broken by the member's own order;
+- the BM25 index is built once per spec's ``bm25`` settings and shared by every spec that uses them.
+
+Example::
+
+    spec = RetrieverSpec(dense=DenseSpec(dim=384), bm25=BM25Config(),
+                         fusion=FusionSpec(method="weighted", dense_weight=0.7, depth=100))
+    retriever = Retriever(spec, doc_ids, doc_texts, doc_emb)  # doc_emb (n_docs, 384), normalized
+    run = retriever.search(query_texts, query_emb, k=10, query_ids=query_ids)  # {qid: {doc id: score}}
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order
+from embtune.retrieval.encoder import truncate
+from embtune.retrieval.fusion import Run, fuse, ranked
+from embtune.retrieval.index import to_run
+from embtune.retrieval.rerank import rerank
+
+logger = logging.getLogger(__name__)
+
+FUSION_METHODS = ("none", "weighted", "rrf")
+PRECISIONS = ("fp32", "int8")
+SPEC_FILE = "retriever.json"
+
+
+@dataclass
+class DenseSpec:
+    """The dense member: inner product of normalized embeddings (cosine)."""
+
+    model: str = ""  # the embedding model (folder, hub name or alias) as eval saw it; "model" inside a bundle
+    dim: int = 0  # Matryoshka dim searched (truncate + renormalize); 0 = the model's full dim
+    # fp32: exact IndexFlatIP; int8: IndexScalarQuantizer(QT_8bit), trained per dimension, float query.
+    precision: Literal["fp32", "int8"] = "fp32"
+
+    def validate(self) -> None:
+        if self.dim < 0:
+            raise ValueError(f"dense.dim must be >= 0 (0 = the model's full dim), got {self.dim}")
+
+
+@dataclass
+class FusionSpec:
+    """How the dense and BM25 runs are fused (``embtune.retrieval.fusion.fuse``)."""
+
+    method: Literal["none", "weighted", "rrf"] = "none"
+    dense_weight: float = 0.5  # weighted: dense share of the per-query min-max normalized scores
+    rrf_k: int = 60  # rrf: the constant in 1 / (k + rank)
+    depth: int = 100  # top documents taken from each member before fusing
+
+    def validate(self) -> None:
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ValueError(f"fusion.dense_weight must be in [0, 1], got {self.dense_weight}")
+        if self.rrf_k < 1 or self.depth < 1:
+            raise ValueError(f"fusion.rrf_k and fusion.depth must be >= 1, got {self.rrf_k}, {self.depth}")
+
+
+@dataclass
+class RerankSpec:
+    """Cross-encoder rescoring of the first stage's top ``top_k`` (``embtune.retrieval.rerank.rerank``)."""
+
+    model: str = ""  # CrossEncoder folder, hub name or alias
+    top_k: int = 100
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("rerank.model must name a CrossEncoder (or set rerank to null)")
+        if self.top_k < 1:
+            raise ValueError(f"rerank.top_k must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class RetrieverSpec:
+    """A retrieval system: its members, their fusion and an optional rerank. See the module docstring."""
+
+    dense: DenseSpec | None = field(default_factory=DenseSpec)
+    bm25: BM25Config | None = None
+    fusion: FusionSpec = field(default_factory=FusionSpec)
+    rerank: RerankSpec | None = None
+
+    def validate(self) -> None:
+        members = [name for name in ("dense", "bm25") if getattr(self, name) is not None]
+        if not members:
+            raise ValueError("a retriever spec needs dense, bm25 or both")
+        if self.fusion.method == "none" and len(members) == 2:
+            raise ValueError("dense and bm25 are both set: fusion.method must be 'weighted' or 'rrf', not 'none'")
+        if self.fusion.method != "none" and len(members) == 1:
+            raise ValueError(f"fusion.method {self.fusion.method!r} fuses dense with bm25, but only {members[0]} "
+                             "is set: set fusion.method to 'none' or add the other member")
+
+    @property
+    def hybrid(self) -> bool:
+        return self.fusion.method != "none"
+
+    def describe(self) -> str:
+        """One line for logs and tables, e.g. ``dense 384d fp32 + bm25 (stemmed), weighted 0.7 @ 100``."""
+        parts = []
+        if self.dense is not None:
+            parts.append(f"dense {self.dense.dim or 'full'}d {self.dense.precision}")
+        if self.bm25 is not None:
+            parts.append("bm25" + (" (stemmed)" if self.bm25.stemmer else ""))
+        text = " + ".join(parts)
+        if self.fusion.method == "weighted":
+            text += f", weighted (dense {self.fusion.dense_weight:g}) @ {self.fusion.depth}"
+        elif self.fusion.method == "rrf":
+            text += f", rrf (k {self.fusion.rrf_k}) @ {self.fusion.depth}"
+        if self.rerank is not None:
+            text += f", rerank top {self.rerank.top_k} with {self.rerank.model}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "<retriever spec>") -> "RetrieverSpec":
+        """Build and validate; an unknown key or a wrong type is a ``ConfigError`` naming the key and ``source``."""
+        from embtune.config import build
+
+        return build(cls, data, source)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json() + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RetrieverSpec":
+        """Read a ``retriever.json``; errors name the file, line and key (``ConfigError``)."""
+        from embtune.config import build, load_yaml
+
+        data, lines = load_yaml(path)  # JSON is YAML, and this keeps line numbers for the error messages
+        return build(cls, data, str(path), lines)
+
+    def replace(self, **changes: Any) -> "RetrieverSpec":
+        """A validated copy with some sections replaced (``spec.replace(rerank=None)``)."""
+        out = dataclasses.replace(copy.deepcopy(self), **changes)
+        out.validate()
+        return out
+
+
+def _bm25_key(settings: BM25Config) -> str:
+    # backend is not part of the index: FastBM25 is rank-bm25's BM25Okapi exactly (tests/test_fast_bm25.py).
+    return json.dumps({k: v for k, v in dataclasses.asdict(settings).items() if k != "backend"}, sort_keys=True)
+
+
+class BM25Index:
+    """FastBM25 over the documents with a ``bm25`` section's tokenizer and parameters, built once."""
+
+    def __init__(self, doc_texts: Sequence[str], settings: BM25Config) -> None:
+        self.settings = settings
+        self.tokenizer = build_tokenizer(settings)
+        self.index = FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=settings.k1, b=settings.b)
+        logger.info("built BM25 over %d documents (%s)", self.index.corpus_size, self.tokenizer.describe())
+
+    def search(self, query_texts: Sequence[str], k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (n_queries, <= k), in ``rank_order``; ``allowed`` restricts to those rows."""
+        tokens = list(self.tokenizer.tokenize_many(query_texts))
+        if allowed is None:
+            return self.index.search(tokens, k)
+        k = min(k, int(allowed.size))
+        scores = np.empty((len(tokens), k))
+        indices = np.empty((len(tokens), k), dtype=np.int64)
+        for row, query in enumerate(tokens):
+            subset = self.index.get_scores(query)[allowed]  # (n_allowed,)
+            top = rank_order(subset, allowed, k)
+            scores[row], indices[row] = subset[top], allowed[top]
+        return scores, indices
+
+
+class DenseIndex:
+    """A FAISS index over the documents at one dim and precision, searched one query at a time (see module doc)."""
+
+    def __init__(self, doc_emb: np.ndarray, dim: int, precision: str) -> None:
+        import faiss
+
+        full = doc_emb.shape[1]
+        if dim > full:
+            raise ValueError(f"dense.dim {dim} is larger than the embeddings' dimension {full}")
+        self.dim = dim or full
+        vectors = truncate(doc_emb, self.dim) if self.dim < full else np.ascontiguousarray(doc_emb, np.float32)
+        if precision == "fp32":
+            self.index = faiss.IndexFlatIP(self.dim)
+        elif precision == "int8":
+            self.index = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_8bit,
+                                                    faiss.METRIC_INNER_PRODUCT)
+            self.index.train(vectors)
+        else:
+            raise ValueError(f"dense.precision must be one of {PRECISIONS}, got {precision!r}")
+        self.index.add(vectors)
+        self.full_dim = full
+
+    def search(self, query_emb: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, indices), each (n_queries, <= k); FAISS pads a short result with index -1."""
+        import faiss
+
+        queries = truncate(query_emb, self.dim) if self.dim < query_emb.shape[1] else query_emb
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # (n_queries, dim)
+        limit = self.index.ntotal if allowed is None else int(allowed.size)
+        k = min(k, limit)
+        params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        scores = np.empty((len(queries), k), dtype=np.float32)
+        indices = np.empty((len(queries), k), dtype=np.int64)
+        if k == 0:
+            return scores, indices
+        for row in range(len(queries)):  # one at a time: the same arithmetic for any number of queries
+            s, i = self.index.search(queries[row:row + 1], k, params=params)
+            scores[row], indices[row] = s[0], i[0]
+        return scores, indices
+
+
+class Retriever:
+    """Runs a :class:`RetrieverSpec` over one corpus; eval and serve both search through it.
+
+    Args:
+        spec: the default system ``search`` runs; ``search(..., spec=other)`` runs another over the same corpus
+            (serve's request overrides), building only the members it lacks, once.
+        doc_ids, doc_texts: the corpus, in index row order (texts feed BM25 and the rerank).
+        doc_emb: (n_docs, full dim) normalized float32 embeddings, or a FAISS flat index holding them (a bundle's
+            ``index/corpus.faiss``); None when no spec searched here has a dense member.
+        scorer: a cross-encoder with ``predict(pairs)`` for ``rerank``; default: ``CrossEncoder(spec.rerank.model)``
+            loaded on first use.
+        device: the device of that default cross-encoder.
+        bm25: a :class:`BM25Index` already built over these documents, to share (eval's retrievers of several
+            models fuse with one BM25).
+    """
+
+    def __init__(self, spec: RetrieverSpec, doc_ids: Sequence[str], doc_texts: Sequence[str],
+                 doc_emb: Any = None, scorer: Any = None, device: str | None = None,
+                 bm25: BM25Index | None = None) -> None:
+        spec.validate()
+        if len(doc_ids) != len(doc_texts):
+            raise ValueError(f"Retriever: {len(doc_ids)} doc ids but {len(doc_texts)} doc texts")
+        if len(set(doc_ids)) != len(doc_ids):
+            seen: set[str] = set()
+            duplicate = next(d for d in doc_ids if d in seen or seen.add(d))
+            raise ValueError(f"Retriever: document id {duplicate!r} occurs more than once; runs are keyed by id")
+        self.spec = spec
+        self.doc_ids = list(doc_ids)
+        self.doc_texts = list(doc_texts)
+        self._text_of = dict(zip(self.doc_ids, self.doc_texts))
+        self._doc_emb = doc_emb
+        self._scorers: dict[str, Any] = {spec.rerank.model: scorer} if scorer is not None and spec.rerank else {}
+        self._default_scorer = scorer
+        self.device = device
+        self._dense: dict[tuple[int, str], DenseIndex] = {}
+        self._bm25: dict[str, BM25Index] = {_bm25_key(bm25.settings): bm25} if bm25 is not None else {}
+        self._lock = threading.Lock()  # members are built once even when two requests ask at the same time
+        self.prepare(spec)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_ids)
+
+    def prepare(self, spec: RetrieverSpec) -> None:
+        """Build the members ``spec`` needs that are not built yet (a startup cost, not a request's)."""
+        if spec.dense is not None:
+            self._dense_index(spec.dense)
+        if spec.bm25 is not None:
+            self._bm25_index(spec.bm25)
+
+    def _embeddings(self) -> np.ndarray:
+        if self._doc_emb is None:
+            raise ValueError("this retriever has no document embeddings: a spec with a dense member cannot run")
+        if not isinstance(self._doc_emb, np.ndarray):  # a FAISS flat index: its stored vectors are the embeddings
+            self._doc_emb = self._doc_emb.reconstruct_n(0, self._doc_emb.ntotal)
+        return self._doc_emb
+
+    def _dense_index(self, dense: DenseSpec) -> DenseIndex:
+        with self._lock:
+            full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, np.ndarray)
+                    else getattr(self._doc_emb, "d", 0))
+            key = (dense.dim if dense.dim and dense.dim != full else 0, dense.precision)
+            if key not in self._dense:
+                self._dense[key] = DenseIndex(self._embeddings(), dense.dim, dense.precision)
+            return self._dense[key]
+
+    def _bm25_index(self, settings: BM25Config) -> BM25Index:
+        with self._lock:
+            key = _bm25_key(settings)
+            if key not in self._bm25:
+                self._bm25[key] = BM25Index(self.doc_texts, settings)
+            return self._bm25[key]
+
+    def _scorer(self, rerank_spec: RerankSpec):
+        with self._lock:
+            if rerank_spec.model not in self._scorers:
+                if self._default_scorer is not None:
+                    self._scorers[rerank_spec.model] = self._default_scorer
+                else:
+                    from sentence_transformers import CrossEncoder
+
+                    from embtune.models import resolve_model
+
+                    self._scorers[rerank_spec.model] = CrossEncoder(resolve_model(rerank_spec.model),
+                                                                    device=self.device)
+            return self._scorers[rerank_spec.model]
+
+    def search(self, query_texts: Sequence[str], query_emb: np.ndarray | None, k: int,
+               query_ids: Sequence[str] | None = None, spec: RetrieverSpec | None = None,
+               allowed: np.ndarray | None = None) -> Run:
+        """Each query's top ``k`` documents, ``{query id: {doc id: score}}``; rank with ``fusion.ranked``.
+
+        Args:
+            query_texts: the queries (BM25 and rerank read them).
+            query_emb: (n_queries, full dim) normalized embeddings; None when the spec has no dense member.
+            k: documents kept per query (fewer when fewer documents are allowed or a fusion's union is smaller).
+            query_ids: the run's keys; default "0", "1", ...
+            spec: the system to run; default the retriever's own.
+            allowed: document rows a query may return (metadata filters); None = all.
+        """
+        spec = spec or self.spec
+        spec.validate()
+        query_ids = [str(i) for i in range(len(query_texts))] if query_ids is None else list(query_ids)
+        if len(query_ids) != len(query_texts):
+            raise ValueError(f"Retriever.search: {len(query_ids)} query ids but {len(query_texts)} query texts")
+        # A single member is searched to k (and to the rerank depth); a fusion's members to exactly its depth.
+        depth = spec.fusion.depth if spec.hybrid else max(k, spec.rerank.top_k if spec.rerank else 0)
+        runs: dict[str, Run] = {}
+        if spec.dense is not None:
+            if query_emb is None:
+                raise ValueError("Retriever.search: the spec has a dense member but no query embeddings were given")
+            scores, indices = self._dense_index(spec.dense).search(query_emb, depth, allowed)
+            runs["dense"] = to_run(query_ids, self.doc_ids, scores, indices)
+        if spec.bm25 is not None:
+            scores, indices = self._bm25_index(spec.bm25).search(query_texts, depth, allowed)
+            runs["bm25"] = to_run(query_ids, self.doc_ids, scores, indices)
+        if spec.hybrid:
+            run = fuse(spec.fusion.method, runs["dense"], runs["bm25"], rrf_k=spec.fusion.rrf_k,
+                       dense_weight=spec.fusion.dense_weight, depth=spec.fusion.depth)
+        else:
+            (run,) = runs.values()
+        if spec.rerank is not None:
+            run = rerank(self._scorer(spec.rerank), run, dict(zip(query_ids, query_texts)), self._text_of,
+                         top_k=spec.rerank.top_k)
+        return {qid: {d: docs[d] for d in ranked(docs, k)} for qid, docs in run.items()}

@@ -389,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=defaults.api_key,
                         help="require 'Authorization: Bearer KEY' (prefer the EMBTUNE_API_KEY environment variable)")
     parser.add_argument("--model-name", default=defaults.model_name, help="the model name reported in responses")
-    parser.add_argument("--backend", choices=["torch", "onnx"], default=defaults.backend)
-    parser.add_argument("--onnx-file", default=defaults.onnx_file, help="ONNX file under <bundle>/model")
+    parser.add_argument("--backend", choices=["torch", "onnx", "onnx-int8"], default=defaults.backend,
+                        help="encoder backend (onnx-int8: int8 dynamic quantization, needs export.onnx_int8)")
+    parser.add_argument("--onnx-file", default=defaults.onnx_file,
+                        help="ONNX file under <bundle>/model (default: the backend's own)")
     parser.add_argument("--device", default=defaults.device, help="torch device (default: cuda if available)")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads per forward pass; 0 = library default (all cores)")

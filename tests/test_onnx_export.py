@@ -110,3 +110,85 @@ def test_server_with_onnx_backend_matches_torch(tiny_model_dir, tmp_path):
 def test_missing_onnx_file_names_the_path(tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         OnnxEncoder(tiny_model_dir, "onnx/nope.onnx")
+
+
+# --- the core encoder's backends (embtune.retrieval.encoder.load_encoder / encode) ---------------------------------
+
+
+def _torch_embeddings(model_dir, texts):
+    return SentenceTransformer(str(model_dir), device="cpu").encode(texts, normalize_embeddings=True)
+
+
+def test_bucketing_restores_input_order(tiny_model_dir, tmp_path):
+    """Batches go longest first; each embedding must come back at its text's position. TEXTS is not in length
+    order, so a missed restore would put another text's embedding (cosine far from 1) in the row."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    export_onnx(model_dir)
+    encoder = OnnxEncoder(model_dir)
+    lengths = encoder.token_lengths(TEXTS)
+    assert list(np.argsort(-lengths, kind="stable")) != list(range(len(TEXTS)))  # bucketing does reorder
+    got = encoder.encode(TEXTS, batch_size=2)  # (n, dim), 4 batches
+    expected = _torch_embeddings(model_dir, TEXTS)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    alone = np.concatenate([encoder.encode([text]) for text in TEXTS])  # no padding, no reordering
+    np.testing.assert_allclose(got, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, min_cos", [("onnx", 0.9999), ("onnx-int8", 0.98)])
+def test_load_encoder_backends_match_torch(tiny_model_dir, tmp_path, monkeypatch, backend, min_cos):
+    """load_encoder(backend=...) exports a folder without onnx/ once into the cache and embeds like torch
+    (fp32 to rounding; int8 within the measured quantization error)."""
+    from embtune.retrieval.encoder import encode, load_encoder, onnx_export_dir
+
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    model, key = load_encoder(str(tiny_model_dir), backend=backend, threads=1)
+    assert not (tiny_model_dir / "onnx").exists()  # the model folder (and its content hash) is left alone
+    assert onnx_export_dir(str(tiny_model_dir)).is_dir()
+    got = encode(model, TEXTS, batch_size=3)
+    cos = (got * _torch_embeddings(tiny_model_dir, TEXTS)).sum(1)
+    assert cos.min() > min_cos, (backend, cos.min())
+    torch_model, torch_key = load_encoder(str(tiny_model_dir))
+    assert key == torch_key  # one model key; the backend's tag goes into the cache file name
+
+
+def test_cache_never_mixes_backends(tiny_model_dir, tmp_path, monkeypatch):
+    """torch and int8 embeddings of the same model and texts under the same key: two cache files, and the int8
+    encoder gets its own embeddings back, not torch's."""
+    from embtune.retrieval.encoder import cache_dir, encode, load_encoder
+
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    torch_model, key = load_encoder(str(tiny_model_dir))
+    int8_model, int8_key = load_encoder(str(tiny_model_dir), backend="onnx-int8")
+    assert key == int8_key
+    from_torch = encode(torch_model, TEXTS, cache_key=key)
+    from_int8 = encode(int8_model, TEXTS, cache_key=key)
+    assert len(list(cache_dir().glob("*.npy"))) == 2
+    # int8 differs from fp32 (measured 1e-4 here; fp32 ONNX vs torch is ~1e-7), else this test would prove nothing
+    assert np.abs(from_int8 - from_torch).max() > 2e-5
+    np.testing.assert_array_equal(from_int8, encode(int8_model, TEXTS))  # what int8 computes without a cache
+    np.testing.assert_array_equal(encode(int8_model, TEXTS, cache_key=key), from_int8)  # a cache hit, its own
+    np.testing.assert_array_equal(encode(torch_model, TEXTS, cache_key=key), from_torch)
+
+
+def test_unknown_backend_is_refused(tiny_model_dir):
+    from embtune.retrieval.encoder import load_encoder
+
+    with pytest.raises(ValueError, match="unknown encoder backend 'onnx-fp16'.*'onnx-int8'"):
+        load_encoder(str(tiny_model_dir), backend="onnx-fp16")
+
+
+def test_int8_bundle_is_built_and_served_with_int8(tiny_model_dir, tmp_path):
+    """build_bundle(backend="onnx-int8") writes the ONNX files, embeds the index with them and says so in the
+    manifest; load_bundle on the same backend finds each document by its own text."""
+    import json
+
+    from serve.bundle import load_bundle
+
+    docs = [{"_id": str(i), "text": text} for i, text in enumerate(TEXTS)]
+    bundle_dir = build_bundle(tiny_model_dir, docs, tmp_path / "bundle", backend="onnx-int8")
+    assert (bundle_dir / "model" / "onnx" / "model_qint8.onnx").is_file()
+    assert json.loads((bundle_dir / "manifest.json").read_text())["encoder_backend"] == "onnx-int8"
+    bundle = load_bundle(bundle_dir, backend="onnx-int8", threads=1)
+    _, indices = bundle.index.search(bundle.encode(TEXTS), 1)
+    assert indices[:, 0].tolist() == list(range(len(TEXTS)))

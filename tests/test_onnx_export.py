@@ -8,6 +8,7 @@ every op type quantized on the unfused graph, which was slower). Thresholds leav
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,3 +209,30 @@ def test_backend_settings_are_config_keys(tiny_model_dir, tmp_path, monkeypatch)
         with pytest.raises(ConfigError, match=rf"{key}.*'onnx-int8'"):
             load_config(None, ["data.path=/x", f"{key}=tensorrt"])
     assert ServeConfig(backend="onnx-int8").onnx_file == ""  # "" = the backend's own file
+
+
+def test_export_stage_indexes_with_its_backend(tiny_model_dir, tiny_beir, tmp_path):
+    """export.backend=onnx-int8: the export stage writes both ONNX files, embeds the bundle's index with int8 and
+    records it; serving the bundle on that backend finds a document by its own text."""
+    import json
+
+    from embtune.config import load_config
+    from serve.bundle import load_bundle
+    from serve.export import run as export_run
+
+    run_dir = tmp_path / "run"
+    results = tmp_path / "results.json"
+    row = dict.fromkeys(("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100"), 0.5)
+    results.write_text(json.dumps({"split": "test", "results": {"finetuned": {**row, "dims": {"32": row}}}}))
+    for stage, outputs in {"data_prep": {"eval_dataset": str(tiny_beir)}, "train": {"model": str(tiny_model_dir)},
+                           "eval": {"results": str(results)}}.items():
+        (run_dir / stage).mkdir(parents=True)
+        (run_dir / stage / "manifest.json").write_text(json.dumps({"outputs": outputs}))
+    cfg = load_config(None, [f"data.path={tiny_beir}", f"run_dir={run_dir}", "export.backend=onnx-int8"])
+    bundle_dir = Path(export_run(cfg)["bundle"])
+    assert sorted(p.name for p in (bundle_dir / "model" / "onnx").iterdir()) == ["model.onnx", "model_qint8.onnx"]
+    assert json.loads((bundle_dir / "manifest.json").read_text())["encoder_backend"] == "onnx-int8"
+    bundle = load_bundle(bundle_dir, backend="onnx-int8", threads=1)
+    first = bundle.docs[0]
+    _, indices = bundle.index.search(bundle.encode([(first.get("title", "") + " " + first["text"]).strip()]), 1)
+    assert indices[0, 0] == 0

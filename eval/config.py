@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 HYBRID_METHODS = ("rrf", "weighted")
 SWEEP_INDEXES = ("flat", "int8", "int4", "binary", "ivf", "hnsw", "ivfpq")
@@ -89,6 +90,10 @@ class EvalConfig:
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     batch_size: int = 64
     max_seq_length: int = 0  # 0 = the model's own
+    # Encoder backend (embtune/retrieval/encoder.py): torch (sentence-transformers), onnx (fp32) or onnx-int8
+    # (int8 dynamic quantization; faster on CPU, embeddings differ slightly: scripts/bench_encode_speed.py).
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    threads: int = 0  # onnxruntime intra-op threads for the onnx backends; 0 = all cores
     top_k: int = 1000
     compare_base: bool = True
     compare_bm25: bool = True
@@ -123,6 +128,8 @@ class EvalConfig:
 
 
     def validate(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"eval.threads must be >= 0 (0 = all cores), got {self.threads}")
         if self.endpoint_batch_size < 1:
             raise ValueError(f"eval.endpoint_batch_size must be >= 1, got {self.endpoint_batch_size}")
         for name, spec in self.extra_models.items():

@@ -37,6 +37,7 @@ from embtune.manifest import Stage
 from embtune.models import resolve_model
 from embtune.retrieval.bm25 import bm25_search
 from embtune.retrieval.encoder import cache_key, encode
+from embtune.retrieval.encoder import load_encoder as load_core_encoder
 from embtune.retrieval.index import to_run
 from embtune.retrieval.rerank import rerank
 from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, RerankSpec, Retriever, RetrieverSpec
@@ -84,15 +85,13 @@ def models_to_evaluate(cfg) -> dict[str, str]:
 
 
 def load_encoder(model_path: str, cfg):
-    """A SentenceTransformer, or an :class:`EndpointEncoder` for ``openai:<model>[@<base_url>]`` specs."""
+    """The core encoder on ``eval.backend`` (torch, onnx, onnx-int8), or an :class:`EndpointEncoder` for
+    ``openai:<model>[@<base_url>]`` specs."""
     if is_endpoint_spec(model_path):
         return EndpointEncoder.from_spec(model_path, api_key_env=cfg.eval.endpoint_api_key_env,
                                          batch_size=cfg.eval.endpoint_batch_size, retry=cfg.llm)
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(model_path, device=None)
-    if cfg.eval.max_seq_length:
-        model.max_seq_length = cfg.eval.max_seq_length
+    model, _ = load_core_encoder(model_path, cfg.eval.max_seq_length, backend=cfg.eval.backend,
+                                 threads=cfg.eval.threads)
     return model
 
 

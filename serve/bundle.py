@@ -30,8 +30,7 @@ import torch
 
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
-from embtune.retrieval.encoder import cache_key, encode, normalize, uses_cosine
-from embtune.retrieval.encoder import encode as core_encode
+from embtune.retrieval.encoder import BACKENDS, cache_key, encode, normalize, uses_cosine
 from embtune.retrieval.spec import SPEC_FILE, DenseSpec, RetrieverSpec
 
 logger = logging.getLogger(__name__)
@@ -42,9 +41,24 @@ DOCS_FILE = "index/docs.jsonl"
 MANIFEST_FILE = "manifest.json"
 
 
+def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str | None = None, threads: int = 0):
+    """A SentenceTransformer (torch) or an OnnxEncoder over the bundle model's own ONNX file."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (expected one of {list(BACKENDS)})")
+    if backend == "torch":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(str(model_dir), device=device or None)
+        model.eval()
+        return model
+    from embtune.retrieval.onnx import BACKEND_FILES, OnnxEncoder
+
+    return OnnxEncoder(model_dir, onnx_file or BACKEND_FILES[backend], threads=threads)
+
+
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
                  batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
-                 copy_model: bool = True, spec: RetrieverSpec | None = None) -> Path:
+                 copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch") -> Path:
     """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
 
     Args:
@@ -58,12 +72,17 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         copy_model: False when ``model_dir`` already is ``<out_dir>/model``.
         spec: the retrieval system ``/search`` serves, written to ``retriever.json`` (its dense member searches
             this bundle's model, so ``dense.model`` is written as ``"model"``); None = dense at the full dim.
+        backend: the encoder backend that embeds ``docs`` (``torch``, ``onnx``, ``onnx-int8``); the ONNX ones
+            write ``model/onnx/`` first (:func:`embtune.retrieval.onnx.export_onnx`). Serve the bundle with the
+            same backend, so queries and documents come from one encoder.
 
     Returns:
         ``out_dir`` as a Path.
     """
-    from sentence_transformers import SentenceTransformer
+    from embtune.retrieval.onnx import BACKEND_FILES, export_onnx
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (expected one of {list(BACKENDS)})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target_model = out_dir / MODEL_DIR
@@ -71,10 +90,13 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         if target_model.exists():
             shutil.rmtree(target_model)
         shutil.copytree(model_dir, target_model)
-    model = SentenceTransformer(str(target_model), device=device)
+    if backend != "torch" and not (target_model / BACKEND_FILES[backend]).is_file():
+        export_onnx(target_model, quantize=backend == "onnx-int8")
+    model = _load_model(target_model, backend, device=device)
     dim = model.get_embedding_dimension()
 
-    manifest: dict[str, Any] = {"dims": dims or [dim], "metric": "cosine", "corpus_hash": None, "num_docs": 0}
+    manifest: dict[str, Any] = {"dims": dims or [dim], "metric": "cosine", "corpus_hash": None, "num_docs": 0,
+                                "encoder_backend": backend}
     index_dir = out_dir / "index"
     if index_dir.exists():
         shutil.rmtree(index_dir)
@@ -89,7 +111,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         with open(out_dir / DOCS_FILE, "w") as handle:
             for doc in docs:
                 handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        # The source model's cache key: eval encoded this corpus with the same weights minutes before.
+        # The source model's cache key: eval encoded this corpus with the same weights minutes before (the
+        # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
         key = cache_key(str(model_dir), model.max_seq_length)
         embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
                             desc="bundle corpus")  # (n, dim)
@@ -118,7 +141,7 @@ class Bundle:
     """A loaded bundle. ``encode`` returns L2-normalized float32 embeddings, shape (len(texts), dim)."""
 
     path: Path
-    model: Any  # SentenceTransformer, or OnnxEncoder for the onnx backend
+    model: Any  # SentenceTransformer, or OnnxEncoder for the onnx backends
     manifest: dict[str, Any]
     dim: int
     max_seq_length: int
@@ -132,15 +155,19 @@ class Bundle:
         return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
-def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "onnx/model.onnx",
+def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "",
                 device: str | None = None, batch_size: int = 64, threads: int = 0) -> Bundle:
-    """Load ``<bundle>/model`` (torch or ONNX), and the index and docs when the bundle has them.
+    """Load ``<bundle>/model`` on an encoder backend, and the index and docs when the bundle has them.
 
-    ``threads`` > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
+    Args:
+        backend: ``torch``, ``onnx`` or ``onnx-int8`` (``embtune.retrieval.encoder.BACKENDS``).
+        onnx_file: the ONNX file under ``<bundle>/model`` for the ONNX backends; "" = the backend's own
+            (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` / ``export.onnx_int8`` write them).
+        threads: > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
 
     Raises:
-        FileNotFoundError: the bundle or its model folder is missing.
-        ValueError: the index and docs disagree (row counts, dimension).
+        FileNotFoundError: the bundle, its model folder or the ONNX file is missing.
+        ValueError: an unknown backend, or the index and docs disagree (row counts, dimension).
     """
     bundle_dir = Path(bundle_dir)
     model_dir = bundle_dir / MODEL_DIR
@@ -148,28 +175,16 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         raise FileNotFoundError(f"bundle {bundle_dir}: no model folder at {model_dir}")
     manifest_path = bundle_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-
-    if backend == "onnx":
-        from embtune.retrieval.onnx import OnnxEncoder
-
-        model = OnnxEncoder(model_dir, onnx_file, threads=threads)
-    elif backend == "torch":
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(str(model_dir), device=device or None)
-        model.eval()
-    else:
-        raise ValueError(f"unknown backend {backend!r} (expected 'torch' or 'onnx')")
+    model = _load_model(model_dir, backend, onnx_file, device, threads)
     dim = model.get_embedding_dimension()
 
-    def encode(texts: list[str]) -> np.ndarray:
-        # torch's thread count is per calling thread (OpenMP), so it is set where the forward pass runs.
+    def encode_texts(texts: list[str]) -> np.ndarray:
+        # torch's thread count is per calling thread (OpenMP), so it is set where the forward pass (or, on the
+        # ONNX backends, the pooling) runs; onnxruntime's is the session's own.
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if backend == "onnx":
-            return normalize(model.encode(texts, batch_size=batch_size))
         # The core's encode, as eval's: the same normalization, so a query alone gets eval's vector bit for bit.
-        rows = core_encode(model, texts, batch_size)
+        rows = encode(model, texts, batch_size)  # (n, dim)
         return rows if uses_cosine(model) else normalize(rows)
 
     index, docs = None, []
@@ -200,4 +215,5 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     if (spec.bm25 is not None or spec.rerank is not None) and not docs:
         raise ValueError(f"{spec_path}: {spec.describe()!r} needs {bundle_dir / DOCS_FILE} (the documents' text)")
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
-                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode, spec=spec)
+                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode_texts,
+                  spec=spec)

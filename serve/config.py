@@ -53,7 +53,10 @@ class ExportConfig:
     targets: list[str] = field(default_factory=lambda: ["faiss"])
     vectordb: VectorDBConfig = field(default_factory=VectorDBConfig)
     onnx: bool = False  # also write model/onnx/model.onnx (needs onnx + onnxruntime)
-    onnx_int8: bool = False  # and a dynamic int8-quantized model_qint8.onnx
+    onnx_int8: bool = False  # and a dynamic int8-quantized model_qint8.onnx (written with model.onnx)
+    # Encoder that embeds the index corpus (embtune/retrieval/encoder.py); serve the bundle with the same
+    # serve.backend. The ONNX backends write the ONNX file they need whatever export.onnx says.
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
 
     def validate(self) -> None:
         for i, target in enumerate(self.targets):

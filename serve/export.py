@@ -3,7 +3,8 @@
     <out_dir>/
       model/              SentenceTransformer(path) loads it
       model/README.md     the model card: metrics table, Matryoshka dims, training config
-      model/onnx/         model.onnx (+ model_qint8.onnx) when export.onnx is true
+      model/onnx/         model.onnx (+ model_qint8.onnx) when export.onnx (export.onnx_int8) is true, or
+                          export.backend is onnx (onnx-int8): the corpus index is then embedded with it
       index/corpus.faiss  exact inner-product index of the eval corpus ("faiss" in export.targets)
       index/docs.jsonl    one {"_id", "title", "text"} per index row
       vectordb/chroma/    a persistent Chroma collection of the eval corpus ("chroma" in export.targets)
@@ -147,7 +148,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
                        spec.describe())
         spec = None
-    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec)
+    # export.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
+    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.export.backend)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         from serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
@@ -157,10 +159,14 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                         name=cfg.export.vectordb.name or cfg.export.model_name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
-    if cfg.export.onnx:
-        from embtune.retrieval.onnx import export_onnx
+    if cfg.export.onnx or cfg.export.onnx_int8:
+        from embtune.retrieval.onnx import FP32_FILE, INT8_FILE, ONNX_DIR, export_onnx, quantize_int8
 
-        export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
+        onnx_dir = out_dir / "model" / ONNX_DIR
+        if not (onnx_dir / FP32_FILE).is_file():
+            export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
+        elif cfg.export.onnx_int8 and not (onnx_dir / INT8_FILE).is_file():
+            quantize_int8(onnx_dir / FP32_FILE, onnx_dir / INT8_FILE)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions(),
                      "retriever_source": spec_source})

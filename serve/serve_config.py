@@ -27,8 +27,11 @@ class ServeConfig:
     # Bearer token required on every route except /health; empty = none. EMBTUNE_API_KEY overrides an empty value.
     api_key: str = ""
     model_name: str = ""  # the `model` reported in responses; default: the bundle folder's name
-    backend: Literal["torch", "onnx"] = "torch"
-    onnx_file: str = "onnx/model.onnx"  # relative to <bundle>/model, used when backend is "onnx"
+    # Encoder backend (embtune/retrieval/encoder.py): torch, onnx (fp32) or onnx-int8 (int8 dynamic quantization;
+    # the bundle needs export.onnx / export.onnx_int8). Serve with the backend that built the bundle's index
+    # (manifest.json "encoder_backend") so queries and documents come from one encoder.
+    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    onnx_file: str = ""  # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx)
     device: str = ""  # "" = cuda when available, else cpu
     # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
     # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.
@@ -74,5 +77,3 @@ class ServeConfig:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
         if self.rerank_candidates < 1:
             raise ValueError(f"serve.rerank_candidates must be >= 1, got {self.rerank_candidates}")
-        if self.backend == "onnx" and not self.onnx_file:
-            raise ValueError("serve.onnx_file must name the ONNX file when serve.backend is 'onnx'")

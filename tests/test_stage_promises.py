@@ -29,7 +29,7 @@ def test_a_changed_input_file_reruns_its_stage_and_those_after(tmp_path, tiny_be
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={beir}", f"train.base_model={model}", "train.max_steps=2",
                  "train.batch_size=8", "train.use_cpu=true", "tracking.report_to=none",
                  "train.matryoshka_dims=[32,16]", "eval.dims=[32,16]", "eval.significance_resamples=0",
-                 "export.index=false"]
+                 "export.targets=[]"]
     cfg = load_config(None, overrides)
     run_pipeline(cfg, None, overrides)
     first = manifests(tmp_path / "run")

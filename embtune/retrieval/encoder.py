@@ -2,7 +2,13 @@
 
 Every stage encodes through :func:`encode` with the key from :func:`cache_key`, so mining, the teacher, eval and
 export of one model encode a corpus once. The key is the model's content hash (a local folder) or hub name,
-then the max sequence length; the text hash completes the file name.
+then the max sequence length; the backend's tag (none for torch, ``onnx-<hash of the ONNX file>`` otherwise) and
+the text hash complete the file name, so fp32 and int8 embeddings of one model never mix.
+
+Backends (:func:`load_encoder`): ``torch`` (sentence-transformers), ``onnx`` (the transformer exported to ONNX,
+fp32, run by onnxruntime) and ``onnx-int8`` (the same graph fused and int8 dynamic-quantized); both ONNX backends
+batch texts by token length (``embtune/retrieval/onnx.py``). Speed and nDCG@10 of each on SciFact:
+``scripts/bench_encode_speed.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "onnx", "onnx-int8")
 
 
 def cache_dir() -> Path:
@@ -39,12 +47,15 @@ def uses_cosine(model) -> bool:
 def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "") -> np.ndarray:
     """Encode texts to float32 (n, dim), normalized when the model scores by cosine.
 
-    With ``cache_key`` (identifying the model weights), embeddings are cached on disk by model and text hash.
+    ``model`` is a SentenceTransformer or an :class:`embtune.retrieval.onnx.OnnxEncoder` (see :func:`load_encoder`).
+    With ``cache_key`` (identifying the model weights, :func:`cache_key`), embeddings are cached on disk by model,
+    backend and text hash.
     """
     path = None
     if cache_key:
         text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-        path = cache_dir() / f"{cache_key}_{text_hash}.npy"
+        tag = getattr(model, "cache_tag", "")  # the ONNX encoder's backend and file; torch keeps the plain key
+        path = cache_dir() / f"{cache_key}{'_' + tag if tag else ''}_{text_hash}.npy"
         if path.is_file():
             logger.info("embeddings cache hit: %s", path)
             return np.load(path)
@@ -71,14 +82,44 @@ def cache_key(model_path: str, max_seq_length: int) -> str:
     return f"{key}_{max_seq_length}"
 
 
-def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = None):
-    """(SentenceTransformer, embedding cache key) for a folder, hub name or ``embtune.models`` alias."""
-    from sentence_transformers import SentenceTransformer
+def onnx_export_dir(model_path: str) -> Path:
+    """Where :func:`load_encoder` exports a model that ships no ``onnx/`` folder: beside the embedding cache, by
+    the model's content hash (so a retrained folder gets a fresh export)."""
+    return cache_dir().parent / "onnx" / cache_key(model_path, 0).removesuffix("_0")
 
+
+def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = None, backend: str = "torch",
+                 threads: int = 0):
+    """(encoder, embedding cache key) for a folder, hub name or ``embtune.models`` alias.
+
+    Args:
+        model_name: a SentenceTransformer folder, hub name or alias.
+        max_seq_length: truncate to this many tokens (0 = the model's own).
+        device: torch device (torch backend only; the ONNX backends run on CPU).
+        backend: ``torch`` (a SentenceTransformer), ``onnx`` or ``onnx-int8`` (an ``OnnxEncoder`` over
+            ``<model>/onnx/model.onnx`` / ``model_qint8.onnx``, exported once into :func:`onnx_export_dir` when
+            the folder has none).
+        threads: onnxruntime intra-op threads for the ONNX backends (0 = all cores). torch's count is
+            process-wide: set it with ``torch.set_num_threads``.
+
+    Pass the encoder to :func:`encode` with the key: the cache file name adds the backend's tag itself.
+    """
     from embtune.models import resolve_model
 
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown encoder backend {backend!r}; expected one of {list(BACKENDS)}")
     path = resolve_model(model_name)
-    model = SentenceTransformer(path, device=device)
-    if max_seq_length:
-        model.max_seq_length = max_seq_length
+    if backend == "torch":
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(path, device=device)
+        if max_seq_length:
+            model.max_seq_length = max_seq_length
+    else:
+        from embtune.retrieval.onnx import OnnxEncoder, onnx_file_for
+
+        if device and not str(device).startswith("cpu"):
+            logger.warning("backend %s runs on CPU (onnxruntime's CPU provider); device %r is ignored", backend, device)
+        onnx_file = onnx_file_for(path, backend, onnx_export_dir(path))
+        model = OnnxEncoder(path, onnx_file, threads=threads, max_seq_length=max_seq_length)
     return model, cache_key(path, model.max_seq_length)

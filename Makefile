@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast bench-supervised clean
+.PHONY: install lint demo test test-fast bench-supervised clean
 
 install: $(VENV)/.installed
 
@@ -24,13 +24,16 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(PY) -m embtune.pipeline configs/demo.yaml
 
-# lint-imports checks the layering contracts in pyproject.toml ([tool.importlinter]) before any test runs.
-test: install
+# ruff (lint + import order) and lint-imports (the layering contracts in pyproject.toml's [tool.importlinter])
+# run before any test.
+lint: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
+
+test: lint
 	WANDB_MODE=offline $(PY) -m pytest -q -ra
 
-test-fast: install
-	$(VENV)/bin/lint-imports
+test-fast: lint
 	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
 
 bench-supervised: install

@@ -105,19 +105,3 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None, s
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return args, None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``embtune <stage> ...``: a thin dispatcher to ``python -m <stage>``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
-        print("usage: embtune {" + ",".join(STAGES) + "} CONFIG [key=value ...]\n")
-        for name, text in STAGES.items():
-            print(f"  {name:10s} {text}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
-
-    name = argv[0]
-    module = importlib.import_module("embtune.pipeline" if name == "pipeline" else name if "." in name
-                                     else f"{name}.__main__")
-    return module.main(argv[1:])

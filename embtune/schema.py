@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
+from embtune.sections.data_prep import ChunkingConfig, DataConfig, MiningConfig
 from embtune.llm.config import LLMConfig
 from embtune.config import load
 from embtune.retrieval.bm25 import BM25Config
 from embtune.tracking import TrackingConfig
-from eval.config import EvalConfig
-from serve.config import ExportConfig
-from serve.serve_config import ServeConfig
-from train.config import CrossEncoderConfig, TrainConfig
+from embtune.sections.eval import EvalConfig
+from embtune.sections.export import ExportConfig
+from embtune.sections.serve import ServeConfig
+from embtune.sections.train import CrossEncoderConfig, TrainConfig
 
 
 @dataclass

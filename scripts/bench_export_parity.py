@@ -36,7 +36,7 @@ from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E
 from embtune.retrieval.index import exact_search  # noqa: E402
 from eval.metrics import evaluate  # noqa: E402
 from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle  # noqa: E402
-from serve.config import VectorDBConfig  # noqa: E402
+from embtune.sections.export import VectorDBConfig  # noqa: E402
 from serve.vectordb import (QueryEncoder, chroma_top_ids, dir_bytes, export_vectordb, export_vectors,  # noqa: E402
                             lancedb_top_ids, open_chroma, open_lancedb)
 

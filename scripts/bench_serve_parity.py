@@ -65,7 +65,7 @@ def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qi
     from fastapi.testclient import TestClient
 
     from serve.app import create_app
-    from serve.serve_config import ServeConfig
+    from embtune.sections.serve import ServeConfig
 
     spec.save(bundle / SPEC_FILE)
     start = time.perf_counter()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from embtune.cli import describe_sections, parse_config_args, stage_main
 from serve.export import run
-from serve.serve_config import ServeConfig
+from embtune.sections.serve import ServeConfig
 
 UP_EXAMPLES = """
 examples:

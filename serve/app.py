@@ -43,7 +43,7 @@ from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
 from serve.batcher import LRUCache, MicroBatcher
 from serve.bundle import Bundle, load_bundle
-from serve.serve_config import ServeConfig
+from embtune.sections.serve import ServeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
 from eval.run import run as run_eval
 from serve.app import create_app
 from serve.bundle import build_bundle
-from serve.serve_config import ServeConfig
+from embtune.sections.serve import ServeConfig
 from tests.conftest import uvicorn_in_thread
 from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 

@@ -23,7 +23,7 @@ from serve.__main__ import main
 from serve.app import create_app
 from embtune.dataio import document_text
 from serve.bundle import build_bundle
-from serve.serve_config import ServeConfig
+from embtune.sections.serve import ServeConfig
 from tests.conftest import uvicorn_in_thread
 
 API_KEY = "test-key"

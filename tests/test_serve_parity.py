@@ -19,7 +19,7 @@ from eval.run import read_run, run_file_name
 from eval.run import run as run_eval
 from serve.app import create_app
 from serve.bundle import build_bundle
-from serve.serve_config import ServeConfig
+from embtune.sections.serve import ServeConfig
 
 
 @pytest.fixture(scope="module")

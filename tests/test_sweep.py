@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval.config import SweepConfig
+from embtune.sections.eval import SweepConfig
 from embtune.retrieval.encoder import normalize
 from eval.sweep import best_compact, format_sweep, plot_sweep, sweep_model
 

@@ -24,7 +24,7 @@ from embtune.manifest import Stage
 from embtune.retrieval.encoder import encode, load_encoder, normalize
 from embtune.retrieval.index import exact_search
 from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
-from serve.config import VectorDBConfig
+from embtune.sections.export import VectorDBConfig
 from serve.export import run as run_export
 from serve.vectordb import (QueryEncoder, chroma_top_ids, export_vectordb, export_vectors, lancedb_top_ids,
                             open_chroma, open_lancedb)

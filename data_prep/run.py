@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
+from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.retrieval.bm25 import build_tokenizer
 from data_prep.mining import (Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse,
                               mine_negatives)
@@ -110,15 +109,6 @@ def write_qrels(qrels: dict[str, dict[str, int]], path: Path) -> None:
         for query_id, docs in qrels.items():
             for doc_id, score in docs.items():
                 handle.write(f"{query_id}\t{doc_id}\t{score}\n")
-
-
-def split_dev(qrels: dict[str, dict[str, int]], fraction: float, seed: int):
-    """Seeded split of train queries into (train, dev) qrels; dev is for choosing settings, never test."""
-    query_ids = sorted(qrels)
-    random.Random(seed).shuffle(query_ids)
-    n_dev = int(round(len(query_ids) * fraction))
-    dev = set(query_ids[:n_dev])
-    return ({q: r for q, r in qrels.items() if q not in dev}, {q: r for q, r in qrels.items() if q in dev})
 
 
 def run(cfg, force: bool = False) -> dict[str, str]:

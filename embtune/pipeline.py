@@ -10,11 +10,13 @@ stage, and the stages after it see new input hashes and rerun too.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from embtune.cli import parse_config_args
 
@@ -64,7 +66,19 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_ORDER)}")
     run(cfg, args.config, args.overrides, launch=args.launch, force=args.force, stages=stages)
+    print(next_steps(cfg, stages))
     return 0
+
+
+def next_steps(cfg, stages: tuple[str, ...]) -> str:
+    """The last lines a run prints: where its report is and how to serve what it exported."""
+    run_dir = Path(cfg.run_dir)
+    lines = ["", f"report: {run_dir / 'report' / 'index.html'}"]
+    manifest = run_dir / "export" / "manifest.json"
+    if "export" in stages and manifest.is_file():
+        bundle = json.loads(manifest.read_text())["outputs"]["bundle"]
+        lines.append(f"serve:  python -m serve up --bundle {bundle} --port 8000")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

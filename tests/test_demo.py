@@ -19,7 +19,7 @@ def test_demo_trains_on_labelled_pairs_and_synthetic_questions_and_evaluates_on_
 
 
 def test_a_run_ends_with_the_report_path_and_the_serve_command(tmp_path):
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}"])
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path}"])
     (tmp_path / "run" / "export").mkdir(parents=True)
     (tmp_path / "run" / "export" / "manifest.json").write_text(
         json.dumps({"outputs": {"bundle": str(tmp_path / "run" / "bundle")}}))

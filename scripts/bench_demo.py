@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -57,11 +58,17 @@ def main() -> int:
     log_path = run_dir.parent / f"{run_dir.name}.bench.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()
+    usage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     load_after = os.getloadavg()
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds of the pipeline and every process it started and reaped (the LLM server included): on a shared
+    # machine wall time grows with the other users' load, CPU time much less; / cores = the wall of a quiet machine
+    # if the work were perfectly parallel (a lower bound).
+    cpu_seconds = (usage.ru_utime - usage_before.ru_utime) + (usage.ru_stime - usage_before.ru_stime)
     if cache_tmp:
         shutil.rmtree(cache_tmp, ignore_errors=True)
     tail = log_path.read_text().splitlines()[-30:]
@@ -92,6 +99,7 @@ def main() -> int:
                   "note": "cold: EMBTUNE_CACHE pointed at an empty folder" if args.cache == "cold" else
                           "warm: the shared embedding cache; corpus embeddings of unchanged models may be read"},
         "wall_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
         "stage_wall_seconds": stage_wall,
         "split": results["split"], "num_queries": results["num_queries"], "num_documents": results["num_documents"],
         "data": {"train_queries": data_report["train_queries"],
@@ -112,7 +120,7 @@ def main() -> int:
                      "wall_seconds": wall <= 480}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wall {wall:.0f} s (stages {stage_wall}); nDCG@10 {record['ndcg@10']}; "
+    print(f"wall {wall:.0f} s, cpu {cpu_seconds:.0f} s (stages {stage_wall}); nDCG@10 {record['ndcg@10']}; "
           f"finetuned vs base p={vs_base['p_value']:.2g}; met {record['met']} -> {args.out}")
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def main() -> int:
     overrides = [f"run_dir={args.run_dir}", f"data.dev_fraction={args.dev_fraction}",
                  f"eval.choose.hybrid=[{args.hybrid}]"]
     cfg = load_config(ROOT / CONFIG, overrides)
+    load_before = os.getloadavg()[0]
     result = choose(cfg, args.candidates, Path(args.run_dir) / "eval" / "choose.json")
     record = {
         "benchmark": "choose_scifact",
@@ -49,6 +51,7 @@ def main() -> int:
                        "split of the train queries (test untouched); paired randomization test of each row against "
                        "the best; encode seconds per 1k documents from an uncached sample on a shared 2-core CPU",
         "machine": machine(), "versions": versions(),
+        "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "candidates": args.candidates,
         **{k: v for k, v in result.items() if k != "per_query"},
     }

@@ -1,7 +1,7 @@
 """data_prep stage: dataset in, training table out.
 
     load (BEIR / JSONL pairs / datasets on disk / the pydoc demo) -> validate -> carve a dev split
-    -> chunk (optional) -> [synthesize queries, when data.queries is 'synthetic']
+    -> chunk (optional) -> [synthesize queries, when data.queries is 'synthetic' or 'labelled+synthetic']
     -> mine hard negatives -> <run_dir>/data_prep/train_table (a ``datasets`` table)
 
 With ``data.queries: synthetic`` the training queries are written by an LLM for the corpus' passages
@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl
+from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.retrieval.bm25 import build_tokenizer
 from data_prep.mining import (Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse,
                               mine_negatives)
@@ -47,7 +46,7 @@ def stage_config(cfg) -> dict[str, Any]:
         section["mining_model"] = cfg.mining.model or cfg.train.base_model
     if cfg.chunking.max_tokens:
         section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
-    if cfg.data.queries == "synthetic":
+    if cfg.data.queries in ("synthetic", "labelled+synthetic"):
         # The answers depend on every llm key; the round trip's dense retriever is the base model, encoding at
         # eval's sequence length (the length the filtered queries are later scored at).
         section["llm"] = to_dict(cfg.llm)
@@ -116,15 +115,6 @@ def write_qrels(qrels: dict[str, dict[str, int]], path: Path) -> None:
                 handle.write(f"{query_id}\t{doc_id}\t{score}\n")
 
 
-def split_dev(qrels: dict[str, dict[str, int]], fraction: float, seed: int):
-    """Seeded split of train queries into (train, dev) qrels; dev is for choosing settings, never test."""
-    query_ids = sorted(qrels)
-    random.Random(seed).shuffle(query_ids)
-    n_dev = int(round(len(query_ids) * fraction))
-    dev = set(query_ids[:n_dev])
-    return ({q: r for q, r in qrels.items() if q not in dev}, {q: r for q, r in qrels.items() if q in dev})
-
-
 def run(cfg, force: bool = False) -> dict[str, str]:
     """Run the stage (or skip it when its manifest matches); returns the output paths."""
     stage = Stage("data_prep", cfg.run_dir, config=stage_config(cfg), inputs=input_files(cfg))
@@ -148,8 +138,23 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     include_title = cfg.mining.include_title
     exclude = None
     synthesis_report = None
-    if cfg.data.queries == "synthetic":
-        corpus, queries, train_qrels, exclude, synthetic = synthesize_for_training(cfg, corpus, stage.dir)
+    labelled_queries = len(train_qrels)
+    if cfg.data.queries == "labelled+synthetic" and cfg.chunking.max_tokens:
+        # A labelled positive would have to be mapped to one of its chunks (chunk_for_training) while the LLM
+        # writes for chunks of its own; not needed yet, so refused rather than half done.
+        raise ValueError("data.queries=labelled+synthetic does not support chunking yet: set chunking.max_tokens=0")
+    if cfg.data.queries != "labelled":
+        corpus, synthetic_queries, synthetic_qrels, exclude, synthetic = synthesize_for_training(cfg, corpus,
+                                                                                                 stage.dir)
+        if cfg.data.queries == "labelled+synthetic":
+            clash = set(synthetic_queries) & set(train_qrels)
+            if clash:
+                raise ValueError(f"synthetic query ids clash with the dataset's: {sorted(clash)[:5]}")
+            queries = {**{q: dataset.queries[q] for q in train_qrels}, **synthetic_queries}
+            train_qrels = {**train_qrels, **synthetic_qrels}
+            logger.info("training queries: %d labelled + %d synthetic", labelled_queries, len(synthetic_qrels))
+        else:
+            queries, train_qrels = synthetic_queries, synthetic_qrels
         outputs.update(synthetic.files)
         synthesis_report = synthetic.report
     elif cfg.chunking.max_tokens:
@@ -178,7 +183,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     table_dir = stage.dir / "train_table"
     HFDataset.from_list(rows).save_to_disk(str(table_dir))
     report = {"load": dataset.report.to_dict(), "mining": mining_report.to_dict(),
-              "train_queries": len(train_qrels), "dev_queries": len(dev_qrels), "rows": len(rows)}
+              "train_queries": len(train_qrels),
+              "labelled_train_queries": labelled_queries if cfg.data.queries != "synthetic" else 0, "dev_queries": len(dev_qrels), "rows": len(rows)}
     if synthesis_report is not None:
         report["synthesis"] = synthesis_report
     (stage.dir / "report.json").write_text(json.dumps(report, indent=2))

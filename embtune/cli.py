@@ -22,6 +22,7 @@ STAGES = {
     "serve": "export the fine-tuned model as a bundle (and serve it)",
     "pipeline": "run data_prep -> train -> eval -> export, skipping stages whose manifest matches",
     "train.cross_encoder": "train a cross-encoder teacher on data_prep's table (CrossEncoderTrainer)",
+    "eval.choose": "rank candidate base models, BM25 and hybrids on your dev queries (before fine-tuning)",
 }
 
 

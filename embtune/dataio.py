@@ -211,6 +211,21 @@ def load_beir(folder: str | Path, split: str, on_error: str = "raise") -> Datase
     return Dataset(corpus, queries, qrels, report)
 
 
+def split_dev(qrels: dict[str, dict[str, int]], fraction: float, seed: int):
+    """Seeded split of train queries into (train, dev) qrels; dev is for choosing settings, never test.
+
+    data_prep carves ``data.dev_fraction`` with it and ``eval.choose`` carves the same queries when data_prep
+    has not run, so both see one dev split.
+    """
+    import random
+
+    query_ids = sorted(qrels)
+    random.Random(seed).shuffle(query_ids)
+    n_dev = int(round(len(query_ids) * fraction))
+    dev = set(query_ids[:n_dev])
+    return ({q: r for q, r in qrels.items() if q not in dev}, {q: r for q, r in qrels.items() if q in dev})
+
+
 def dataset_from_pairs(rows: list[dict[str, Any]], source: str, on_error: str = "raise") -> Dataset:
     """Turn ``{"query", "positive"}`` rows (optional ``query_id``/``positive_id``) into a BEIR-shaped dataset.
 

@@ -11,11 +11,13 @@ stage, and the stages after it see new input hashes and rerun too. The run direc
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from embtune.cli import exit_code, parse_config_args
 from embtune.report import build_report, write_config
@@ -78,11 +80,25 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_ORDER)}")
     try:
-        return exit_code(lambda: run(cfg, args.config, args.overrides, launch=args.launch, force=args.force,
+        code = exit_code(lambda: run(cfg, args.config, args.overrides, launch=args.launch, force=args.force,
                                      stages=stages))
     except StageFailed as err:
         print(str(err), file=sys.stderr)
         return err.returncode
+    if code == 0:
+        print(next_steps(cfg, stages))
+    return code
+
+
+def next_steps(cfg, stages: tuple[str, ...]) -> str:
+    """The last lines a run prints: where its report is and how to serve what it exported."""
+    run_dir = Path(cfg.run_dir)
+    lines = ["", f"report: {run_dir / 'report' / 'index.html'}"]
+    manifest = run_dir / "export" / "manifest.json"
+    if "export" in stages and manifest.is_file():
+        bundle = json.loads(manifest.read_text())["outputs"]["bundle"]
+        lines.append(f"serve:  python -m serve up --bundle {bundle} serve.port=8000")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

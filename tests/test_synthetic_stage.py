@@ -94,6 +94,33 @@ def test_synthetic_queries_become_the_training_set(tmp_path, tiny_beir, tiny_mod
         assert json.loads((stage / "manifest.json").read_text())["config"]["llm"]["n_queries"] == 1
 
 
+def test_labelled_and_synthetic_queries_are_trained_on_together(tmp_path, tiny_beir, tiny_model_dir):
+    """``labelled+synthetic``: the table holds every labelled train pair outside dev, and the synthetic queries."""
+    with FakeOpenAIServer(reply=passage_reply) as server:
+        cfg = recipe(tmp_path, tiny_beir, tiny_model_dir, server, "data.queries=labelled+synthetic")
+        outputs = run_data_prep(cfg)
+    synthetic = load_queries(outputs["synthetic_queries"])
+    labelled = read_qrels(tiny_beir / "qrels" / "train.tsv")
+    dev = read_qrels(outputs["dev_qrels"])
+    table = load_from_disk(outputs["train_table"])
+    trained = set(table["query_id"])
+    assert trained == set(synthetic) | (set(labelled) - set(dev))
+    assert not trained & set(dev) and not trained & set(read_qrels(tiny_beir / "qrels" / "test.tsv"))
+    assert all(synthetic[q] == text for q, text in zip(table["query_id"], table["query"]) if q in synthetic)
+    report = json.loads((tmp_path / "run" / "data_prep" / "report.json").read_text())
+    assert report["labelled_train_queries"] == len(set(labelled) - set(dev))
+    assert report["train_queries"] == report["labelled_train_queries"] + len(synthetic)
+
+
+def test_labelled_and_synthetic_refuses_chunking(tmp_path, tiny_beir, tiny_model_dir):
+    with FakeOpenAIServer(reply=passage_reply) as server:
+        cfg = recipe(tmp_path, tiny_beir, tiny_model_dir, server, "data.queries=labelled+synthetic",
+                     "chunking.max_tokens=16", "chunking.overlap=4")
+        with pytest.raises(ValueError, match="chunking.max_tokens=0"):
+            run_data_prep(cfg)
+        assert server.requests == 0
+
+
 def test_long_documents_are_chunked_before_synthesis(tmp_path, tiny_beir, tiny_model_dir):
     with FakeOpenAIServer(reply=passage_reply) as server:
         cfg = recipe(tmp_path, tiny_beir, tiny_model_dir, server, "chunking.max_tokens=16", "chunking.overlap=4",

@@ -21,10 +21,11 @@ class DataConfig:
     path: str = ""
     pairs_file: str = ""
     train_split: str = "train"
-    # Where training queries come from: ``labelled`` (the dataset's train split) or ``synthetic`` (written by the
+    # Where training queries come from: ``labelled`` (the dataset's train split), ``synthetic`` (written by the
     # LLM of the ``llm`` section for the corpus' passages; the dataset's labelled queries are then used only for
-    # the dev split and eval). See docs/synthesis.md.
-    queries: Literal["labelled", "synthetic"] = "labelled"
+    # the dev split and eval) or ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
+    # table: a small labelled set plus questions in the users' own words). See docs/synthesis.md.
+    queries: Literal["labelled", "synthetic", "labelled+synthetic"] = "labelled"
     # Queries carved out of the train split (seeded) to choose settings on; never the test split.
     dev_fraction: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"

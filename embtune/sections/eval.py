@@ -82,6 +82,51 @@ class RAGConfig:
 
 
 @dataclass
+class ChooseConfig:
+    """Choosing a base model (``python -m eval.choose``): candidates vs BM25 and hybrids on dev queries.
+
+    ``candidates`` forms: an ``embtune.models`` alias (``minilm``), a local SentenceTransformer folder, a hub name
+    (when the hub or its local cache has it), ``run:<run_dir>`` (the model an earlier embtune run trained; globs
+    such as ``run:runs/*`` take every run that has one) and ``openai:<model>[@<base_url>]`` (an embeddings
+    endpoint, ``eval/endpoint.py``).
+    """
+
+    candidates: list[str] = field(default_factory=lambda: ["minilm"])
+    # Which queries rank the candidates: ``dev`` (data.dev_fraction of the train split, as data_prep carves it),
+    # ``synthetic`` (data_prep's LLM queries, data.queries: synthetic) or ``auto`` (dev when there is one).
+    queries: Literal["auto", "dev", "synthetic"] = "auto"
+    bm25: bool = True  # a BM25 row (the top-level ``bm25`` section)
+    hybrid: list[str] = field(default_factory=lambda: ["rrf"])  # fusion of each dense candidate with BM25
+    max_queries: int = 0  # 0 = all; a cap for quick looks
+    timing_documents: int = 256  # documents encoded uncached to time each candidate (seconds per 1k documents)
+    fit_documents: int = 200  # seeded corpus sample tokenized by each candidate for the fit check
+    # Warn when more than this share of a candidate's tokens are its unknown token (a script it cannot read).
+    max_unknown_share: float = 0.05
+    # Warn when a dense candidate scores below this fraction of BM25's nDCG@10 (it does not fit this corpus).
+    min_share_of_bm25: float = 0.5
+    resamples: int = 10000  # paired randomization test of each row against the best
+    out: str = ""  # "" = <run_dir>/eval/choose.json (and choose.txt beside it)
+
+    def validate(self) -> None:
+        if not self.candidates and not self.bm25:
+            raise ValueError("eval.choose needs candidates or bm25: true")
+        unknown = [name for name in self.hybrid if name not in HYBRID_METHODS]
+        if unknown:
+            raise ValueError(f"eval.choose.hybrid: unknown {unknown}; expected some of {list(HYBRID_METHODS)}")
+        if self.hybrid and not self.bm25:
+            raise ValueError("eval.choose.hybrid fuses with BM25: set eval.choose.bm25=true or eval.choose.hybrid=[]")
+        for spec in self.candidates:
+            if spec.startswith("openai:") and not spec[len("openai:"):].partition("@")[0]:
+                raise ValueError(f"eval.choose.candidates: {spec!r} names no model (openai:<model>[@<base_url>])")
+            if spec.startswith("run:") and not spec[len("run:"):]:
+                raise ValueError("eval.choose.candidates: 'run:' names no run directory (run:<run_dir>)")
+        if self.timing_documents < 1 or self.fit_documents < 1 or self.resamples < 100:
+            raise ValueError("eval.choose.timing_documents and fit_documents must be >= 1, resamples >= 100")
+        if not 0.0 <= self.max_unknown_share <= 1.0 or not 0.0 <= self.min_share_of_bm25 <= 1.0:
+            raise ValueError("eval.choose.max_unknown_share and min_share_of_bm25 must be in [0, 1]")
+
+
+@dataclass
 class EvalConfig:
     """Retrieval evaluation, computed the way MTEB/BEIR do (pytrec_eval)."""
 
@@ -125,6 +170,7 @@ class EvalConfig:
     # rank score row), e.g. to check that a server returns what eval measured; 0 = off.
     save_runs: int = 0
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    choose: ChooseConfig = field(default_factory=ChooseConfig)  # python -m eval.choose (eval/choose.py)
 
 
     def validate(self) -> None:

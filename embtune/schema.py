@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from data_prep.config import ChunkingConfig, DataConfig, MiningConfig
+from data_prep.config import ChunkingConfig, DataConfig, LabelFreeConfig, MiningConfig
 from embtune.llm.config import LLMConfig
 from embtune.retrieval.bm25 import BM25Config
 from eval.config import EvalConfig
@@ -20,6 +20,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    labelfree: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     bm25: BM25Config = field(default_factory=BM25Config)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -143,13 +143,16 @@ def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
+    present = {k: v for k, v in inputs.items() if Path(v).is_file()}  # label-free: there may be no queries
     stage = Stage("eval", cfg.run_dir, config={"eval": cfg.eval, "models": sorted(models), "bm25": cfg.bm25},
-                  inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
+                  inputs={**present, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
         return stage.outputs()
     check_rerank_on(cfg, models)
+    if not Path(inputs["qrels"]).is_file() or not Path(inputs["queries"]).is_file():
+        return no_labelled_queries(cfg, stage, inputs)
 
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     queries = load_queries(inputs["queries"], cfg.data.on_error)
@@ -231,6 +234,23 @@ def run(cfg, force: bool = False) -> dict[str, str]:
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)
+
+
+def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
+    """A corpus without judged queries (label-free mode): nothing to measure. Say so plainly, and write an empty
+    results file so that export and serve still work; any other mode is an error naming the missing file."""
+    missing = inputs["qrels"] if not Path(inputs["qrels"]).is_file() else inputs["queries"]
+    if cfg.data.queries != "labelfree":
+        raise FileNotFoundError(f"{missing}: file not found (eval.split={cfg.eval.split} needs judged queries)")
+    note = (f"no labelled queries to evaluate on ({missing} not found): the model was trained label-free from the "
+            "corpus alone, and nothing measured it. Add judged queries (BEIR qrels/<split>.tsv) to measure it.")
+    print(note)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    payload = {"split": cfg.eval.split, "num_queries": 0, "num_documents": None, "results": {}, "per_query": {},
+               "note": note}
+    (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
+    (stage.dir / "table.txt").write_text(note + "\n")
+    return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})
 
 
 def check_rerank_on(cfg, models: dict[str, str]) -> None:

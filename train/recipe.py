@@ -26,7 +26,7 @@ from embtune.manifest import Stage
 from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
 from train.checkpoints import SealCheckpoints, last_checkpoint
-from train.losses import build_loss, training_dataset
+from train.losses import QUERY_LOSSES, build_loss, build_query_loss, is_labelfree_table, training_dataset
 from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
@@ -119,9 +119,26 @@ class Recipe:
                                        config=to_dict(self.cfg))
             log_data_lineage(self.wandb_run, Path(self.cfg.run_dir) / "data_prep" / "manifest.json")
         self.trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=train_dataset, loss=build_loss(model, t), evaluator=evaluator,
+            model=model, args=args, train_dataset=train_dataset, loss=self.loss(model, table), evaluator=evaluator,
             callbacks=[SealCheckpoints()],
         )
+
+    def loss(self, model, table):
+        """The configured loss; a label-free table (data.queries: labelfree) trains the query side against the
+        base model's corpus embeddings that data_prep wrote (train.loss query_kl by default, or query_margin_mse)."""
+        t = self.tcfg
+        if not is_labelfree_table(table.column_names):
+            if t.loss in QUERY_LOSSES:
+                raise ValueError(f"train.loss={t.loss} needs a label-free table: set data.queries: labelfree")
+            return build_loss(model, t)
+        if t.loss not in QUERY_LOSSES:
+            logger.info("label-free table: train.loss %s -> query_kl (the label-free distillation loss)", t.loss)
+        if t.matryoshka_dims:
+            logger.info("label-free distillation trains the full dimension; train.matryoshka_dims is not used")
+        import numpy as np
+
+        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        return build_query_loss(model, t, np.load(outputs["corpus_embeddings"]))
 
     def dev_evaluator(self):
         """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""

@@ -100,9 +100,11 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:
-        key = cache_key(model_path, model.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
-    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query")  # (n_queries, dim)
+        key = cache_key(model_path, model.max_seq_length, role="document")
+    # Roles: an asymmetric model (label-free, train.document_side: base) encodes queries and documents apart.
+    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                     role="document")  # (n_docs, dim)
+    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{name} query", role="query")  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
     cosine = model.similarity_fn_name in (None, "cosine")
     result: dict[str, Any] = {}

@@ -47,6 +47,8 @@ VARIANTS = {
     "fixed_weight_0.7": ["labelfree.dense_weight=0.7"],
     "depth64": ["labelfree.depth=64"],
     "docs_all": ["labelfree.documents=0"],
+    # one model for both sides (the corpus re-encoded by the student; run with --symmetric to measure it)
+    "symmetric": ["train.document_side=student"],
 }
 
 
@@ -91,7 +93,7 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     out, per_query = {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
-        query_emb = encode(model, query_texts, 64, desc=f"{name} queries")
+        query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
         scores, indices = exact_search(doc_emb, query_emb, 1000)
         mean, pq = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices))
         out[name], per_query[name] = percent(mean), pq
@@ -139,7 +141,8 @@ def main() -> int:
     if args.phase == "dev":
         dev_path = RESULTS / "scifact_labelfree_dev.json"
         previous = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
-        out = {"commands": [*previous.get("commands", []), command], "machine": machine(), "versions": versions(),
+        out = {**previous, "commands": [*previous.get("commands", []), command], "machine": machine(),
+               "versions": versions(),
                "split": "dev",
                "dev": "SciFact qrels/train.tsv, half its queries (data.dev_fraction=0.5, seeded); never trained on",
                "variants": previous.get("variants", {})}

@@ -201,3 +201,29 @@ def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
         assert value == pytest.approx(0.0, abs=1e-6)
     else:  # passage 2 takes probability the teacher gives to nobody: a positive loss, finite
         assert 0 < value < 5
+
+
+def test_asymmetric_model_keeps_the_base_index(tmp_path, tiny_model_dir):
+    """train.document_side: base saves a Router: queries take the trained route, documents the base model's, and
+    the document side's embedding-cache key is the base model's (the corpus is not encoded again)."""
+    from sentence_transformers import SentenceTransformer
+
+    from embtune.retrieval.encoder import cache_key, encode
+    from train.recipe import save_asymmetric
+
+    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    student = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_asymmetric(student, str(tiny_model_dir), tmp_path / "model")
+    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    texts = ["star planet orbit", "flour butter sugar"]
+    np.testing.assert_allclose(encode(model, texts, role="document"), encode(base, texts), atol=1e-5)
+    np.testing.assert_allclose(encode(model, texts, role="query"), encode(student, texts), atol=1e-5)
+    assert not np.allclose(encode(model, texts, role="query"), encode(base, texts), atol=1e-3)
+    msl = model.max_seq_length
+    assert cache_key(str(tmp_path / "model"), msl, role="document") == cache_key(str(tiny_model_dir), msl)
+    assert cache_key(str(tmp_path / "model"), msl) != cache_key(str(tiny_model_dir), msl)
+    # a plain model: roles change nothing
+    np.testing.assert_allclose(encode(base, texts, role="query"), encode(base, texts), atol=1e-6)

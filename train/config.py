@@ -35,6 +35,10 @@ class TrainConfig:
     # The student's softmax over the teacher's candidates, or over the whole corpus (every other passage, the
     # query's source excepted, must then score below them too).
     query_distill_over: Literal["candidates", "corpus"] = "candidates"
+    # Label-free models: "base" saves an asymmetric model (a sentence-transformers Router: queries through the
+    # trained encoder, documents through the base model unchanged), so an index built with the base model stays
+    # valid and matches what training saw; "student" saves one model for both sides (the corpus is re-encoded).
+    document_side: Literal["base", "student"] = "base"
     matryoshka_dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     triplet_margin: float = 5.0
     mnrl_scale: float = 20.0

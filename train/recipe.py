@@ -50,6 +50,7 @@ class Recipe:
         self.stage = Stage("train", cfg.run_dir, config={"train": cfg.train}, inputs={"train_table": self.table_dir})
         self.trainer = None
         self.wandb_run = None
+        self.labelfree = False
         # Checkpoints are keyed by the stage fingerprint, so a changed config never resumes a stale run.
         self.checkpoint_dir = self.stage.dir / f"checkpoints-{self.stage.fingerprint()}"
 
@@ -127,7 +128,8 @@ class Recipe:
         """The configured loss; a label-free table (data.queries: labelfree) trains the query side against the
         base model's corpus embeddings that data_prep wrote (train.loss query_kl by default, or query_margin_mse)."""
         t = self.tcfg
-        if not is_labelfree_table(table.column_names):
+        self.labelfree = is_labelfree_table(table.column_names)
+        if not self.labelfree:
             if t.loss in QUERY_LOSSES:
                 raise ValueError(f"train.loss={t.loss} needs a label-free table: set data.queries: labelfree")
             return build_loss(model, t)
@@ -167,7 +169,10 @@ class Recipe:
         model_dir = self.stage.dir / "model"
         if not self.trainer.is_world_process_zero():
             return {}
-        self.trainer.model.save(str(model_dir))
+        if self.labelfree and self.tcfg.document_side == "base":
+            save_asymmetric(self.trainer.model, self.tcfg.base_model, model_dir)
+        else:
+            self.trainer.model.save(str(model_dir))
         args = self.trainer.args
         extra = {"log_history": list(self.trainer.state.log_history), "world_size": args.world_size,
                  "global_batch_size": args.per_device_train_batch_size * args.world_size
@@ -182,6 +187,23 @@ class Recipe:
                               "model_artifact": artifact}
             self.wandb_run.finish()
         return self.stage.finish({"model": model_dir}, extra=extra)
+
+
+def save_asymmetric(student, base_model: str, model_dir: Path) -> None:
+    """Save a Router model: the trained modules on the query route, the base model's on the document route, plus
+    ``DOCUMENT_SIDE_FILE`` naming the base (so eval and serve reuse the base model's corpus embeddings).
+    ``encode_query`` / ``encode_document`` (or ``embtune.retrieval.encoder.encode(..., role=)``) pick the route;
+    plain ``encode`` takes the document route."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.router import Router
+
+    from embtune.retrieval.encoder import DOCUMENT_SIDE_FILE
+
+    base = SentenceTransformer(resolve_model(base_model), device="cpu")
+    router = Router.for_query_document(query_modules=[student[i] for i in range(len(student))],
+                                       document_modules=[base[i] for i in range(len(base))])
+    SentenceTransformer(modules=[router], device="cpu").save(str(model_dir))
+    (model_dir / DOCUMENT_SIDE_FILE).write_text(json.dumps({"document_model": resolve_model(base_model)}))
 
 
 def run(cfg, force: bool = False) -> dict[str, Any]:

@@ -172,10 +172,13 @@ def main() -> int:
         return 0
 
     pydoc = args.phase == "pydoc"
-    run_dir = Path(args.run_root) / ("pydoc" if pydoc else "test_default")
+    # The shipped default's data_prep and train are those of the dev run of the "default" variant (same config:
+    # the model never sees a labelled query, dev or test); the final phase adds the eval of the test split, so
+    # its stage wall times are those recorded when each stage ran.
+    run_dir = Path(args.run_root) / ("pydoc" if pydoc else data_group(list(args.overrides)))
     overrides = [f"run_dir={run_dir}", "eval.split=test", *args.overrides]
     if pydoc:
-        overrides += ["data.format=pydoc", "data.path=", "data.dev_fraction=0", "labelfree.documents=0"]
+        overrides += ["data.format=pydoc", "data.path=", "data.dev_fraction=0"]
     start = time.time()
     cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval"))
     total_wall = round(time.time() - start, 1)

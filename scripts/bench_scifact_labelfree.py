@@ -200,7 +200,9 @@ def main() -> int:
         "significance": results.get("significance", {}),
         "teacher_gap_share": None,
         "data": data_summary(run_dir),
-        "wall_seconds": {**wall, "total": total_wall},
+        # stage times as recorded when each stage ran (data_prep and train may come from the dev run of the same
+        # config); final_phase is this invocation alone
+        "wall_seconds": {**wall, "stages_total": round(sum(wall.values()), 1), "final_phase": total_wall},
         "command": command, "machine": machine(), "versions": versions(),
     }
     base, teacher, student = (out["results"][k]["ndcg@10"] for k in ("base", "teacher", "finetuned"))

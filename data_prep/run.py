@@ -46,6 +46,14 @@ def stage_config(cfg) -> dict[str, Any]:
         section["mining_model"] = cfg.mining.model or cfg.train.base_model
     if cfg.chunking.max_tokens:
         section["tokenizer"] = cfg.chunking.tokenizer or cfg.train.base_model
+    if cfg.data.queries == "labelfree":
+        # Pseudo-queries, the teacher's probe and labels: the labelfree section, the base model (teacher member and
+        # the student's fixed document side, encoded at eval's length) and the bm25 section (already above).
+        section["labelfree"] = to_dict(cfg.labelfree)
+        section["base_model"] = cfg.train.base_model
+        section["max_seq_length"] = cfg.eval.max_seq_length
+        section.pop("mining")
+        section["include_title"] = cfg.mining.include_title
     if cfg.data.queries in ("synthetic", "labelled+synthetic"):
         # The answers depend on every llm key; the round trip's dense retriever is the base model, encoding at
         # eval's sequence length (the length the filtered queries are later scored at).
@@ -69,11 +77,15 @@ def data_files(cfg) -> dict[str, str]:
     data = cfg.data
     if data.format == "beir":
         folder = Path(data.path)
-        return {
+        files = {
             "corpus": str(folder / "corpus.jsonl"),
             "queries": str(folder / "queries.jsonl"),
             "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv"),
         }
+        if data.queries == "labelfree":
+            # A corpus alone is enough: labelled queries, where present, only feed the dev split and eval.
+            files = {k: v for k, v in files.items() if k == "corpus" or Path(v).is_file()}
+        return files
     if data.format in ("jsonl", "hf_disk"):
         return {"pairs": data.pairs_file}
     return {}
@@ -82,6 +94,8 @@ def data_files(cfg) -> dict[str, str]:
 def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     """Load the configured data; returns the train-split dataset and the BEIR folder eval should read."""
     data = cfg.data
+    if data.format == "beir" and data.queries == "labelfree":
+        return load_corpus_only(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "beir":
         return load_beir(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "pydoc":
@@ -92,6 +106,20 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     dataset = (load_pairs_jsonl if data.format == "jsonl" else load_pairs_hf)(data.pairs_file, data.on_error)
     folder = write_beir(dataset, stage_dir / "dataset", split="train")
     return dataset, folder
+
+
+def load_corpus_only(folder: str | Path, split: str, on_error: str) -> Dataset:
+    """A BEIR folder for label-free mode: ``corpus.jsonl`` is required; queries and ``qrels/<split>.tsv``, when
+    both are there, are loaded for the dev split only (never trained on)."""
+    from embtune.dataio import DataError, LoadReport, load_corpus
+
+    folder = Path(folder)
+    if not (folder / "corpus.jsonl").is_file():
+        raise DataError(f"{folder / 'corpus.jsonl'}: file not found (label-free mode needs only a corpus)")
+    if (folder / "queries.jsonl").is_file() and (folder / "qrels" / f"{split}.tsv").is_file():
+        return load_beir(folder, split, on_error)
+    logger.info("%s: no qrels/%s.tsv: label-free mode trains from the corpus alone, no dev split", folder, split)
+    return Dataset(load_corpus(folder / "corpus.jsonl", on_error, LoadReport()), {}, {}, LoadReport())
 
 
 def write_beir(dataset: Dataset, folder: Path, split: str) -> Path:
@@ -127,6 +155,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                 len(dataset.queries), len(dataset.qrels), dataset.report.summary())
     train_qrels, dev_qrels = dataset.qrels, {}
     outputs: dict[str, str | Path] = {"eval_dataset": eval_folder}
+    if cfg.data.queries == "labelfree":
+        return run_labelfree(cfg, stage, dataset, outputs)
     if cfg.data.dev_fraction > 0:
         train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
         write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
@@ -192,6 +222,47 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
                     "mining_report": stage.dir / "mining_report.json"})
     return stage.finish(outputs)
+
+
+def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[str, str]:
+    """``data.queries: labelfree``: pseudo-queries cut from the corpus, labelled by the fused teacher
+    (``data_prep/labelfree.py``). Labelled queries of the dataset, when any, are never trained on: all of the
+    train split's judged queries may serve as dev (``data.dev_fraction`` > 0 keeps that share)."""
+    from datasets import Dataset as HFDataset
+
+    from data_prep.labelfree import build_labelfree
+
+    dev_qrels: dict = {}
+    if dataset.qrels and cfg.data.dev_fraction > 0:
+        _, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
+        outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
+        logger.info("dev split: %d labelled queries (never trained on in label-free mode)", len(dev_qrels))
+    rows, report = build_labelfree(cfg, dataset.corpus, stage.dir)
+    table_dir = stage.dir / "train_table"
+    HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    full = {"load": dataset.report.to_dict(), "mode": "labelfree", "labelfree": report, "rows": len(rows),
+            "dev_queries": len(dev_qrels)}
+    (stage.dir / "report.json").write_text(json.dumps(full, indent=2))
+    print(labelfree_table(report))
+    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
+                    "corpus_embeddings": report["corpus_embeddings"],
+                    "labelfree_report": stage.dir / "labelfree" / "report.json"})
+    return stage.finish(outputs, extra={"teacher": report["teacher"], "teacher_choice": report["teacher_choice"]})
+
+
+def labelfree_table(report: dict) -> str:
+    """The stage report, as printed: the teacher's choice and its evidence, and the pseudo-query counts."""
+    choice = report["teacher_choice"]
+    lines = [f"label-free data: {report['queries']} pseudo-queries ({report['kinds']}), source {report['source']}, "
+             f"teacher top-{report['depth']}",
+             f"teacher: dense weight {report['teacher']['dense_weight']:g}, BM25 weight "
+             f"{report['teacher']['bm25_weight']:g} ({choice['by']})"]
+    if "fused_by_dense_weight" in choice:
+        lines.append(f"probe ({choice['queries']} queries {choice['kinds']}, MRR@10): dense alone "
+                     f"{choice['dense_alone']}, BM25 alone {choice['bm25_alone']}; by dense weight "
+                     + ", ".join(f"{w}: {v}" for w, v in choice["fused_by_dense_weight"].items()))
+    return "\n".join(lines)
 
 
 def synthesize_for_training(cfg, corpus, stage_dir: Path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embtune.sections.data_prep import ChunkingConfig, DataConfig, MiningConfig
+from embtune.sections.data_prep import ChunkingConfig, DataConfig, LabelFreeConfig, MiningConfig
 from embtune.llm.config import LLMConfig
 from embtune.config import load
 from embtune.retrieval.bm25 import BM25Config
@@ -27,6 +27,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     chunking: ChunkingConfig = field(default_factory=ChunkingConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    labelfree: LabelFreeConfig = field(default_factory=LabelFreeConfig)
     mining: MiningConfig = field(default_factory=MiningConfig)
     bm25: BM25Config = field(default_factory=BM25Config)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -111,8 +111,10 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:
-        key = cache_key(model_path, model.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus")  # (n_docs, dim)
+        key = cache_key(model_path, model.max_seq_length, role="document")
+    # Roles: an asymmetric model (label-free, train.document_side: base) encodes queries and documents apart.
+    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                     role="document")  # (n_docs, dim)
     query_emb = encode_queries(model, query_texts, cfg)  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
     cosine = model.similarity_fn_name in (None, "cosine")
@@ -149,8 +151,8 @@ def encode_queries(model, query_texts: list[str], cfg):
     (scripts/bench_serve_parity.py, which also measures what another thread count moves).
     """
     if isinstance(model, EndpointEncoder):  # a remote model: its batches are its own business
-        return encode(model, query_texts, cfg.eval.batch_size, desc="query")
-    return encode(model, query_texts, 1, desc="query (one per batch)")
+        return encode(model, query_texts, cfg.eval.batch_size, desc="query", role="query")
+    return encode(model, query_texts, 1, desc="query (one per batch)", role="query")
 
 
 def print_table(results: dict[str, dict[str, Any]], split: str) -> str:
@@ -185,13 +187,16 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
+    present = {k: v for k, v in inputs.items() if Path(v).is_file()}  # label-free: there may be no queries
     stage = Stage("eval", cfg.run_dir, config=stage_config(cfg, models),
-                  inputs={**inputs, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
+                  inputs={**present, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
         return stage.outputs()
     check_rerank_on(cfg, models)
+    if not Path(inputs["qrels"]).is_file() or not Path(inputs["queries"]).is_file():
+        return no_labelled_queries(cfg, stage, inputs)
 
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     queries = load_queries(inputs["queries"], cfg.data.on_error)
@@ -351,6 +356,23 @@ def recommend(results: dict[str, Any], specs: dict[str, RetrieverSpec], split: s
            f"({100 * results[single]['ndcg@10']:.2f})")
     return {"row": best, "ndcg@10": results[best]["ndcg@10"], "spec": specs[best].to_dict(), "split": split,
             "best_single": {"row": single, "ndcg@10": results[single]["ndcg@10"]}, "why": why}
+
+
+def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
+    """A corpus without judged queries (label-free mode): nothing to measure. Say so plainly, and write an empty
+    results file so that export and serve still work; any other mode is an error naming the missing file."""
+    missing = inputs["qrels"] if not Path(inputs["qrels"]).is_file() else inputs["queries"]
+    if cfg.data.queries != "labelfree":
+        raise FileNotFoundError(f"{missing}: file not found (eval.split={cfg.eval.split} needs judged queries)")
+    note = (f"no labelled queries to evaluate on ({missing} not found): the model was trained label-free from the "
+            "corpus alone, and nothing measured it. Add judged queries (BEIR qrels/<split>.tsv) to measure it.")
+    print(note)
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    payload = {"split": cfg.eval.split, "num_queries": 0, "num_documents": None, "results": {}, "per_query": {},
+               "note": note}
+    (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
+    (stage.dir / "table.txt").write_text(note + "\n")
+    return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})
 
 
 def check_rerank_on(cfg, models: dict[str, str]) -> None:

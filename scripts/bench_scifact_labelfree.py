@@ -1,21 +1,22 @@
-"""Label-free SciFact benchmark: the embedded SmolLM2 writes claims for a seeded sample of corpus passages; no SciFact
-query is trained on. Settings are chosen on dev (SciFact *train* queries, which this recipe never trains on), then
-the chosen one and the round-trip ablation are evaluated on test.
+"""Label-free SciFact benchmark: pseudo-queries cut from the corpus, the fused dense + BM25 teacher, the query side
+distilled (``data.queries: labelfree``, docs/labelfree.md). No SciFact query is trained on. Settings are chosen on
+dev (half the SciFact *train* queries, seeded), then the shipped default is evaluated on test once.
 
-    # 0. teacher: the label-free hybrid teacher's BM25 weight, chosen by its own rerank nDCG@10 on dev (no training)
-    python scripts/bench_scifact_labelfree.py --phase teacher
-    # 1. dev: every variant, evaluated on half of the labelled train queries (seeded); test is never read
-    python scripts/bench_scifact_labelfree.py --phase dev
-    # 2. test: the variant best on dev, plus the ablation without the round-trip filter
+    # 1. dev: variants (overrides on configs/scifact_labelfree.yaml); test is never read
+    python scripts/bench_scifact_labelfree.py --phase dev --variants default,keep_source,margin_mse
+    # 2. test: the shipped default (configs/scifact_labelfree.yaml as it is), the whole pipeline, timed
     python scripts/bench_scifact_labelfree.py --phase final
+    # pydoc: the same default on the embedded demo corpus (its summary-line test split)
+    python scripts/bench_scifact_labelfree.py --phase pydoc
 
-All runs share one LLM answer cache (``<run-root>/llm_cache.jsonl``): the round trip, mining and training do not
-change the prompts, so the LLM is asked once per passage, and an interrupted run resumes where it stopped.
+Dev variants that change only the ``train`` section share one data_prep run (its stage is skipped), so a dev
+comparison of losses costs training time only. Each dev variant is scored two ways: ``query_side`` (the student's
+query embeddings against the base model's corpus embeddings, the index data_prep wrote: what a user who keeps their
+index gets, and seconds to compute) and, with ``--symmetric``, the eval stage (the student encodes both sides).
 
-Writes ``benchmarks/results/scifact_labelfree_dev.json`` and ``benchmarks/results/scifact_labelfree.json``: the
-schema of ``scifact_supervised.json`` (``results.{base,bm25,finetuned}`` in percent, per-dim figures,
-``wall_seconds``, ``command``, ``machine``, ``versions``) plus ``synthesis: {documents, queries_generated,
-queries_kept, tokens, wall_seconds}`` and ``ablations``.
+Writes ``benchmarks/results/scifact_labelfree_dev.json`` and ``benchmarks/results/scifact_labelfree.json``
+(``results.{base,bm25,teacher,finetuned}`` in percent, ``significance``, ``wall_seconds``, ``command``,
+``machine``, ``versions``) and ``benchmarks/results/pydoc_labelfree.json``.
 """
 
 from __future__ import annotations
@@ -33,187 +34,184 @@ from embtune.cli import setup_logging  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import base_run, bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
 
-# Dotted overrides on configs/scifact_labelfree.yaml. Each variant names its round trip, so an entry means the same
-# whatever the config's default; the config ships the variant chosen on dev (round_trip_either at 1,365 passages).
-BM25_RT = ["llm.round_trip=bm25", "llm.round_trip_k=10"]
+# Dotted overrides on configs/scifact_labelfree.yaml, grouped by the data_prep they need: variants of one group
+# share a run folder (and its data_prep), so only their training runs.
 VARIANTS = {
-    "round_trip_bm25": BM25_RT,
-    "no_round_trip": ["llm.round_trip=none"],
-    "round_trip_either": ["llm.round_trip=either", "llm.round_trip_k=10"],
+    "default": [],
+    "margin_mse": ["train.loss=query_margin_mse", "train.learning_rate=2e-5"],
+    "over_corpus": ["train.query_distill_over=corpus"],
+    "teacher_t0.05": ["train.query_teacher_temperature=0.05"],
+    "keep_source": ["labelfree.source=keep"],
+    "fixed_weight_0.7": ["labelfree.dense_weight=0.7"],
+    "depth64": ["labelfree.depth=64"],
+    "docs_all": ["labelfree.documents=0"],
+    # one model for both sides (the corpus re-encoded by the student; run with --symmetric to measure it)
+    "symmetric": ["train.document_side=student"],
 }
-# GPL with a label-free teacher: MarginMSE towards the hybrid teacher (base cosine + w x normalized BM25, w = 0.3
-# chosen by --phase teacher) on each synthetic query's source passage and 3 negatives drawn from the hybrid top-50.
-GPL = [*BM25_RT, "mining.teacher=hybrid", "mining.teacher_bm25_weight=0.3", "mining.method=hybrid",
-       "mining.num_negatives=3", "mining.rank_start=0", "mining.rank_end=50", "mining.sampling=random",
-       "train.num_negatives=3", "train.margin_mse_scale=1", "train.learning_rate=2e-5", "train.epochs=2"]
-VARIANTS.update({
-    "gpl_hybrid_teacher": [*GPL, "train.loss=margin_mse"],
-    "gpl_hybrid_teacher_mnrl": [*GPL, "train.loss=mnrl+margin_mse"],
-    "gpl_hybrid_teacher_no_round_trip": [*GPL, "train.loss=margin_mse", "llm.round_trip=none"],
-    # the BM25 recipe trained longer and faster (the supervised benchmark's lr and epochs)
-    "round_trip_bm25_lr3e-5_ep2": [*BM25_RT, "train.learning_rate=3e-5", "train.epochs=2"],
-    # the same, trained harder: 16 steps at 2e-5 left the model where it was on dev (67.24 vs base 67.21)
-    "gpl_hybrid_teacher_lr8e-5_ep4": [*GPL, "train.loss=margin_mse", "train.learning_rate=8e-5", "train.epochs=4"],
-    # stricter and looser consistency filters (Promptagator keeps a query only when its passage comes back first)
-    "round_trip_bm25_k1": ["llm.round_trip=bm25", "llm.round_trip_k=1"],
-    "round_trip_bm25_k3": ["llm.round_trip=bm25", "llm.round_trip_k=3"],
-    "round_trip_bm25_k20": ["llm.round_trip=bm25", "llm.round_trip_k=20"],
-    "round_trip_both": ["llm.round_trip=both", "llm.round_trip_k=10"],
-    # no mined negative: in-batch negatives only (a vague claim's BM25 ranks 10-50 may hold passages it fits)
-    "round_trip_bm25_in_batch": [*BM25_RT, "mining.method=none", "train.num_negatives=0"],
-    # more queries may carry a higher learning rate than the 1e-5 chosen at 400 passages
-    "round_trip_bm25_lr2e-5": [*BM25_RT, "train.learning_rate=2e-5"],
-})
 
 
-def best_by_tag(variants: dict) -> dict:
-    """The best dev entry among those recorded with each ``--tag`` (variants run on the same data), by nDCG@10."""
-    best: dict[str, str] = {}
-    for name, entry in variants.items():
-        tag = name[len(name.split("@")[0]):]
-        score = entry["results"]["finetuned"]["ndcg@10"]
-        if tag not in best or score > variants[best[tag]]["results"]["finetuned"]["ndcg@10"]:
-            best[tag] = name
-    return best
+def data_group(overrides: list[str]) -> str:
+    """The run folder a variant shares with the other variants of the same data (non-train overrides)."""
+    data = [o for o in overrides if not o.startswith("train.")]
+    return "dev_" + ("_".join(o.replace("=", "-").replace(".", "_") for o in data) or "default")
 
 
-def synthesis_summary(report: dict, llm_wall: float) -> dict:
-    synthesis = report["synthesis"]
-    return {"documents": synthesis["documents"], "queries_generated": synthesis["cleaning"]["lines"],
-            "queries_after_cleaning": synthesis["cleaning"]["kept"], "queries_kept": synthesis["queries"],
-            "tokens": {"prompt": synthesis["answers"]["prompt_tokens"],
-                       "completion": synthesis["answers"]["completion_tokens"]},
-            # None when every answer came from the cache (filled by earlier runs or scripts/fill_llm_cache_hf.py):
-            # then this run spent no LLM time, and the time it took is not known here.
-            "wall_seconds": round(llm_wall, 1) if synthesis["llm"]["done"] else None,
-            "answers_cached": synthesis["llm"]["cached"],
-            "cleaning": synthesis["cleaning"],
-            "round_trip": synthesis["round_trip"]}
+def labelled_queries(cfg, split: str):
+    """(query ids, query texts, qrels) of ``split``: ``dev`` is data_prep's dev split, else a BEIR qrels file."""
+    from embtune.dataio import load_corpus, load_qrels, load_queries
+
+    manifest = json.loads((Path(cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+    folder = Path(manifest["eval_dataset"])
+    corpus = load_corpus(folder / "corpus.jsonl")
+    queries = load_queries(folder / "queries.jsonl")
+    qrels_path = manifest["dev_qrels"] if split == "dev" else folder / "qrels" / f"{split}.tsv"
+    qrels = load_qrels(qrels_path, corpus, queries)
+    query_ids = sorted(qrels)
+    return query_ids, [queries[q] for q in query_ids], qrels
 
 
-def choose_teacher_weight(config: str, overrides: list[str], weights: list[float], depth: int) -> dict:
-    """The hybrid teacher (``mining.teacher: hybrid``) as a reranker of the base model's top-``depth`` on dev, per
-    BM25 weight; nothing is trained, test is never read."""
-    from embtune.dataio import document_text, load_beir
-    from data_prep.run import bm25_tokenizer, split_dev
-    from data_prep.teacher import HybridTeacher
-    from embtune.retrieval.rerank import rerank
-    from embtune.schema import load_config
+def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
+    """nDCG@10 etc. of each model's queries against data_prep's corpus embeddings (the base model's index), and of
+    the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
+    import numpy as np
+
+    from data_prep.labelfree import FusedTeacher
+    from embtune.dataio import document_text, load_corpus
+    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.retrieval.fusion import weighted_fuse
+    from embtune.retrieval.index import exact_search, to_run
     from eval.metrics import evaluate
 
-    cfg = load_config(config, overrides)
-    data = load_beir(cfg.data.path, cfg.data.train_split)
-    _, dev = split_dev(data.qrels, cfg.data.dev_fraction, cfg.data.seed)
-    doc_ids = list(data.corpus)
-    doc_texts = [document_text(data.corpus[d], cfg.mining.include_title) for d in doc_ids]
-    query_ids = sorted(dev)
-    queries = {q: data.queries[q] for q in query_ids}
-    start = time.time()
-    base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids], depth,
-                    cfg.mining.max_seq_length)
-    teacher = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining),
-                            max_seq_length=cfg.mining.max_seq_length)
-    texts = dict(zip(doc_ids, doc_texts))
-    out = {"dev_queries": len(query_ids), "depth": depth, "candidates": "the base model's top-depth",
-           "base_ndcg@10": round(100 * evaluate(dev, base)[0]["ndcg@10"], 2), "weights": {}}
-    for w in weights:
-        teacher.bm25_weight = w  # one teacher (one corpus encoding, one BM25 index) for every weight
-        reranked = rerank(teacher, base, queries, texts, depth)
-        out["weights"][str(w)] = round(100 * evaluate(dev, reranked)[0]["ndcg@10"], 2)
-        print(f"teacher bm25_weight {w}: dev rerank nDCG@10 {out['weights'][str(w)]}", flush=True)
-    out["best"] = float(max(out["weights"], key=out["weights"].get))
-    out["wall_seconds"] = round(time.time() - start, 1)
-    return out
+    run_dir = Path(cfg.run_dir)
+    manifest = json.loads((run_dir / "data_prep" / "manifest.json").read_text())
+    outputs = manifest["outputs"]
+    doc_emb = np.load(outputs["corpus_embeddings"])
+    doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
+    query_ids, query_texts, qrels = labelled_queries(cfg, split)
+    out, per_query = {}, {}
+    for name, path in models.items():
+        model, _ = load_encoder(path, cfg.eval.max_seq_length)
+        query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
+        scores, indices = exact_search(doc_emb, query_emb, 1000)
+        mean, pq = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices))
+        out[name], per_query[name] = percent(mean), pq
+    corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
+    base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
+    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
+                           base, cfg.bm25)
+    dense, sparse, _ = teacher.runs(query_texts, 100)
+    weight = manifest["teacher"]["dense_weight"]
+    mapping = {str(i): q for i, q in enumerate(query_ids)}
+    fused = {mapping[i]: docs for i, docs in weighted_fuse(dense, sparse, weight, 100).items()}
+    mean, pq = evaluate(qrels, fused)
+    out["teacher"], per_query["teacher"] = percent(mean), pq
+    bm25_mean, pq = evaluate(qrels, {mapping[i]: d for i, d in sparse.items()})
+    out["bm25_top100"], per_query["bm25"] = percent(bm25_mean), pq
+    return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
+
+
+def significance(per_query: dict, a: str, b: str) -> dict:
+    from eval.significance import compare_systems
+
+    return compare_systems(per_query[a], per_query[b], "ndcg@10", 10000, seed=42)
+
+
+def data_summary(run_dir: Path) -> dict:
+    report = json.loads((run_dir / "data_prep" / "report.json").read_text())["labelfree"]
+    return {k: report[k] for k in ("queries", "kinds", "source", "depth", "teacher", "teacher_choice",
+                                   "source_rank_under_teacher")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["teacher", "dev", "final"], required=True)
-    parser.add_argument("--teacher-weights", default="0,0.1,0.2,0.3,0.5,0.75,1,1.5,2",
-                        help="teacher phase: the BM25 weights to compare")
-    parser.add_argument("--teacher-depth", type=int, default=100)
+    parser.add_argument("--phase", choices=["dev", "final", "pydoc"], required=True)
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_labelfree.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_labelfree"))
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="dev: which VARIANTS to try")
-    parser.add_argument("--choice", default="", help="final: the variant to report (default: best on dev)")
-    parser.add_argument("--ablations", default="", help="final: more VARIANTS to run on test beside the choice and "
-                                                         "its ablation without the round-trip filter")
-    parser.add_argument("--tag", default="", help="dev: suffix for the recorded variant names (e.g. @docs1000), so "
-                                                   "a rerun with other overrides keeps the earlier entries")
+    parser.add_argument("--variants", default="default", help="dev: which VARIANTS to try, comma-separated")
+    parser.add_argument("--symmetric", action="store_true", help="dev: also run the eval stage (student on both "
+                                                                  "sides; re-encodes the corpus)")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
     command = bench_command(sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    cache = f"llm.cache_file={Path(args.run_root).resolve() / 'llm_cache.jsonl'}"
-    llm_wall = 0.0  # the LLM's time is spent by whichever run asks first; the others read the cache
-
-    dev_path = RESULTS / "scifact_labelfree_dev.json"
-    if args.phase == "teacher":
-        out = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
-        out["teacher_weight"] = choose_teacher_weight(args.config, ["data.dev_fraction=0.5", *args.overrides],
-                                                      [float(w) for w in args.teacher_weights.split(",")],
-                                                      args.teacher_depth)
-        out["teacher_weight"].update({"command": command, "machine": machine(), "versions": versions()})
-        dev_path.write_text(json.dumps(out, indent=2))
-        print(f"best teacher bm25 weight on dev: {out['teacher_weight']['best']}")
-        return 0
 
     if args.phase == "dev":
-        # Variants accumulate across invocations (each records the overrides it ran with).
+        dev_path = RESULTS / "scifact_labelfree_dev.json"
         previous = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
-        out = {"commands": [*previous.get("commands", []), command], "machine": machine(), "versions": versions(),
+        out = {**previous, "commands": [*previous.get("commands", []), command], "machine": machine(),
+               "versions": versions(),
                "split": "dev",
                "dev": "SciFact qrels/train.tsv, half its queries (data.dev_fraction=0.5, seeded); never trained on",
                "variants": previous.get("variants", {})}
         for name in args.variants.split(","):
-            overrides = [f"run_dir={args.run_root}/dev_{name}{args.tag}", cache, "eval.split=dev", "eval.compare_bm25=false",
-                         "tracking.report_to=none", *VARIANTS[name], *args.overrides]
-            _, results, report, wall = run_recipe(args.config, overrides)
-            llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
-            out["variants"][name + args.tag] = {"overrides": [*VARIANTS[name], *args.overrides],
-                                     "results": {k: percent(v) for k, v in results["results"].items()},
-                                     "num_queries": results["num_queries"], "training_rows": report["rows"],
-                                     "synthesis": synthesis_summary(report, llm_wall), "wall_seconds": wall}
-            print(f"dev {name}: finetuned nDCG@10 = {100 * results['results']['finetuned']['ndcg@10']:.2f} "
-                  f"(base {100 * results['results']['base']['ndcg@10']:.2f})", flush=True)
-        out["best_by_tag"] = best_by_tag(out["variants"])
-        out["best"] = out["best_by_tag"][args.tag]
-        if "teacher_weight" in previous:
-            out["teacher_weight"] = previous["teacher_weight"]
-        out["wall_seconds_total"] = round(time.time() - start, 1)
-        (RESULTS / "scifact_labelfree_dev.json").write_text(json.dumps(out, indent=2))
-        print(f"best on dev: {out['best']}")
+            overrides = [*VARIANTS[name], *args.overrides]
+            run_dir = Path(args.run_root) / data_group(overrides)
+            stages = ("data_prep", "train", "eval") if args.symmetric else ("data_prep", "train")
+            start = time.time()
+            cfg, _, _, wall = run_recipe(args.config, [f"run_dir={run_dir}", "eval.split=dev", *overrides],
+                                         stages=stages, read_results=args.symmetric)
+            model = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
+            scores = query_side_scores(cfg, "dev", {"base": cfg.train.base_model, "finetuned": model})
+            entry = {"overrides": overrides, "query_side": scores["results"],
+                     "significance_vs_base": significance(scores["per_query"], "finetuned", "base"),
+                     "data": data_summary(run_dir), "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
+                     "num_queries": scores["num_queries"]}
+            if args.symmetric:
+                results = json.loads((run_dir / "eval" / "results.json").read_text())
+                entry["symmetric"] = {k: percent(v) for k, v in results["results"].items()}
+            out["variants"][name] = entry
+            r = scores["results"]
+            print(f"dev {name}: query-side finetuned {r['finetuned']['ndcg@10']} (base {r['base']['ndcg@10']}, "
+                  f"teacher {r['teacher']['ndcg@10']})"
+                  + (f"; symmetric {entry['symmetric']['finetuned']['ndcg@10']}" if args.symmetric else ""),
+                  flush=True)
+            dev_path.write_text(json.dumps(out, indent=2))
         return 0
 
-    choice = args.choice or json.loads((RESULTS / "scifact_labelfree_dev.json").read_text())["best"].split("@")[0]
-    # The ablation without the round-trip filter: the chosen variant with llm.round_trip=none (unless it is that).
-    VARIANTS[f"{choice}_no_round_trip"] = [*VARIANTS[choice], "llm.round_trip=none"]
-    names = [choice] + ([] if "llm.round_trip=none" in VARIANTS[choice] else [f"{choice}_no_round_trip"])
-    names += [a for a in args.ablations.split(",") if a]
-    runs = {}
-    for name in dict.fromkeys(names):
-        overrides = [f"run_dir={args.run_root}/test_{name}", cache, "eval.split=test", *VARIANTS[name], *args.overrides]
-        cfg, results, report, wall = run_recipe(args.config, overrides)
-        llm_wall = max(llm_wall, report["synthesis"]["llm"]["wall_s"])
-        runs[name] = (cfg, overrides, results, report, wall)
-    cfg, overrides, results, report, wall = runs[choice]
-    out = test_result(
-        "scifact_labelfree",
-        "all-MiniLM-L6-v2 fine-tuned on claims the embedded SmolLM2-135M-Instruct wrote for a seeded sample of "
-        "SciFact corpus passages (no SciFact query trained on; settings chosen on SciFact train queries as dev), "
-        "evaluated on qrels/test.tsv; metrics in percent",
-        choice, cfg, overrides, results, report, wall, start, command,
-        published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9},
-        synthesis=synthesis_summary(report, llm_wall),
-        ablations={name: {"overrides": VARIANTS[name], "finetuned": percent(r[2]["results"]["finetuned"]),
-                          "training_rows": r[3]["rows"], "queries_kept": r[3]["synthesis"]["queries"]}
-                   for name, r in runs.items()})
-    (RESULTS / "scifact_labelfree.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps({"results": out["results"], "ablations": out["ablations"]}, indent=1))
+    pydoc = args.phase == "pydoc"
+    # The shipped default's data_prep and train are those of the dev run of the "default" variant (same config:
+    # the model never sees a labelled query, dev or test); the final phase adds the eval of the test split, so
+    # its stage wall times are those recorded when each stage ran.
+    run_dir = Path(args.run_root) / ("pydoc" if pydoc else data_group(list(args.overrides)))
+    overrides = [f"run_dir={run_dir}", "eval.split=test", *args.overrides]
+    if pydoc:
+        overrides += ["data.format=pydoc", "data.path=", "data.dev_fraction=0"]
+    start = time.time()
+    cfg, results, report, wall = run_recipe(args.config, overrides, stages=("data_prep", "train", "eval"))
+    total_wall = round(time.time() - start, 1)
+    model = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
+    side = query_side_scores(cfg, "test", {"finetuned": model})
+    res = results["results"]
+    out = {
+        "benchmark": "pydoc_labelfree" if pydoc else "scifact_labelfree",
+        "description": ("all-MiniLM-L6-v2 distilled, label-free, from the fused dense + BM25 teacher on "
+                        "pseudo-queries cut from the corpus (no labelled query trained on; settings chosen on "
+                        "SciFact train queries as dev); metrics in percent"),
+        "dataset": "pydoc demo corpus (summary-line test split)" if pydoc else "BEIR SciFact (../shared/data/beir/scifact)",
+        "split": "test", "num_queries": results["num_queries"], "num_documents": results["num_documents"],
+        "overrides": overrides,
+        "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]),
+                    "teacher": side["results"]["teacher"], "finetuned": percent(res["finetuned"]),
+                    "finetuned_query_side": side["results"]["finetuned"],
+                    **{k: percent(v) for k, v in res.items() if "+bm25" in k}},
+        "significance": results.get("significance", {}),
+        "teacher_gap_share": None,
+        "data": data_summary(run_dir),
+        # stage times as recorded when each stage ran (data_prep and train may come from the dev run of the same
+        # config); final_phase is this invocation alone
+        "wall_seconds": {**wall, "stages_total": round(sum(wall.values()), 1), "final_phase": total_wall},
+        "command": command, "machine": machine(), "versions": versions(),
+    }
+    base, teacher, student = (out["results"][k]["ndcg@10"] for k in ("base", "teacher", "finetuned"))
+    if teacher != base:
+        out["teacher_gap_share"] = round((student - base) / (teacher - base), 3)
+    name = "pydoc_labelfree.json" if pydoc else "scifact_labelfree.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=2))
+    print(json.dumps({"results": {k: v.get("ndcg@10") for k, v in out["results"].items()},
+                      "wall_seconds": out["wall_seconds"]}, indent=1))
     return 0
 
 

@@ -33,7 +33,7 @@ def percent(metrics: dict) -> dict:
     return out
 
 
-def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", "eval")):
+def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", "eval"), read_results: bool = True):
     """Run ``stages`` of a recipe; return (cfg, eval results, data_prep report, wall seconds per stage).
 
     Wall seconds come from each stage's manifest: the time its work took, also when a rerun skipped it.
@@ -42,7 +42,7 @@ def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", 
     run_pipeline(cfg, config, overrides, stages=stages)
     run_dir = Path(cfg.run_dir)
     wall = {s: json.loads((run_dir / s / "manifest.json").read_text())["wall_seconds"] for s in stages}
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    results = json.loads((run_dir / "eval" / "results.json").read_text()) if read_results else None
     report = json.loads((run_dir / "data_prep" / "report.json").read_text())
     return cfg, results, report, wall
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 DISTILL_LOSSES = ("margin_mse", "distill_kl")
+QUERY_LOSSES = ("query_kl", "query_margin_mse")
+LABELFREE_COLUMNS = ("query", "candidates", "teacher_scores", "base_scores")
 
 
 def distillation_part(loss_name: str) -> str | None:
@@ -41,6 +43,8 @@ def training_dataset(table, tcfg):
     - ``margin_mse``: label = ``margin_mse_scale * (score_positive - score_negative_i)`` for i in 1..k, (k,) per row;
     - ``distill_kl``: label = ``[score_positive, score_negative_1, ..., score_negative_k]``, (k + 1,) per row.
     """
+    if is_labelfree_table(table.column_names):
+        return labelfree_dataset(table)
     columns = training_columns(tcfg, table.column_names)
     part = distillation_part(tcfg.loss)
     if part is None:
@@ -63,6 +67,94 @@ def training_dataset(table, tcfg):
 
     dataset = table.select_columns(columns + score_columns)
     return dataset.map(add_label, batched=True, remove_columns=score_columns, desc="teacher labels")
+
+
+def is_labelfree_table(columns: list[str]) -> bool:
+    return all(c in columns for c in LABELFREE_COLUMNS)
+
+
+def labelfree_dataset(table):
+    """``query`` and one ``label`` per row: ``[source row, candidate rows (k), teacher scores (k), base cosines (k)]``
+    (row = a passage's row in the corpus embedding matrix; -1 when the source is unknown). The collator turns the
+    label into a float tensor; row numbers stay exact below 2**24 passages."""
+    has_source = "source_row" in table.column_names
+
+    def add_label(batch: dict[str, list]) -> dict[str, list]:
+        labels = []
+        for i in range(len(batch["query"])):
+            source = batch["source_row"][i] if has_source else -1
+            labels.append([float(source), *map(float, batch["candidates"][i]), *batch["teacher_scores"][i],
+                           *batch["base_scores"][i]])
+        return {"label": labels}
+
+    dataset = table.map(add_label, batched=True, desc="teacher labels")
+    return dataset.select_columns(["query", "label"])
+
+
+class QueryDistillLoss(nn.Module):
+    """Distil a teacher's ranking of each query's candidates into the query side of a bi-encoder.
+
+    The document side is fixed: the base model's corpus embeddings (``doc_embeddings``), so a step encodes queries
+    only (short texts: cheap on CPU) and the corpus is encoded once. sentence-transformers' DistillKLDivLoss and
+    MarginMSELoss encode every candidate passage in every step instead; this is their query-side form.
+
+    - ``kl``: ``KL(softmax(teacher / teacher_temperature) || softmax(student cosine / student_temperature))`` over
+      the k candidates, or with ``over="corpus"`` the student's softmax normalized over the whole corpus (minus the
+      query's source passage, which is neither a candidate nor a negative).
+    - ``margin_mse``: MSE between the student's and the teacher's candidate scores, each centered per query, the
+      teacher's first rescaled to the base model's score range on the same candidates (min-max onto [min, max] of
+      the base cosines): MarginMSE over every pair of candidates, on the student's scale.
+
+    Args:
+        model: the SentenceTransformer being trained (its output must be comparable with ``doc_embeddings``).
+        doc_embeddings: (n_docs, dim) normalized corpus embeddings.
+        objective: ``"kl"`` or ``"margin_mse"``.
+
+    Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`.
+    """
+
+    def __init__(self, model, doc_embeddings: torch.Tensor, objective: str = "kl", student_temperature: float = 0.05,
+                 teacher_temperature: float = 0.1, over: str = "candidates") -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("doc_embeddings", doc_embeddings, persistent=False)  # (n_docs, dim)
+        self.objective = objective
+        self.student_temperature = student_temperature
+        self.teacher_temperature = teacher_temperature
+        self.over = over
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+        query = self.model(sentence_features[0])["sentence_embedding"]
+        return self.compute_loss_from_embeddings([query], labels)
+
+    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
+        k = (labels.shape[1] - 1) // 3
+        source = labels[:, 0].long()  # (batch,)
+        rows = labels[:, 1:1 + k].long()  # (batch, k)
+        teacher = labels[:, 1 + k:1 + 2 * k]  # (batch, k)
+        docs = self.doc_embeddings.to(query.device)
+        student = torch.einsum("bd,bkd->bk", query, docs[rows])  # (batch, k) cosines
+        if self.objective == "margin_mse":
+            base = labels[:, 1 + 2 * k:]  # (batch, k)
+            t_low, t_span = teacher.min(1, keepdim=True).values, teacher.max(1, keepdim=True).values
+            t_span = (t_span - t_low).clamp_min(1e-6)
+            b_low = base.min(1, keepdim=True).values
+            b_span = base.max(1, keepdim=True).values - b_low
+            target = b_low + (teacher - t_low) / t_span * b_span  # (batch, k) on the base cosines' scale
+            return torch.nn.functional.mse_loss(student - student.mean(1, keepdim=True),
+                                                target - target.mean(1, keepdim=True))
+        target = torch.softmax(teacher / self.teacher_temperature, dim=1)  # (batch, k)
+        logits = student / self.student_temperature
+        if self.over == "corpus":
+            everything = query @ docs.T / self.student_temperature  # (batch, n_docs)
+            known = source >= 0
+            everything[known, source[known]] = float("-inf")  # the source is no negative
+            log_norm = torch.logsumexp(everything, dim=1, keepdim=True)  # (batch, 1)
+        else:
+            log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
+        log_student = logits - log_norm
+        return (target * (torch.log(target.clamp_min(1e-12)) - log_student)).sum(1).mean()
 
 
 class WeightedLossSum(nn.Module):
@@ -90,6 +182,14 @@ class WeightedLossSum(nn.Module):
         embeddings = embed_columns(self.model, sentence_features)  # [query, positive, negative_1..k], each (batch, dim)
         return sum(weight * loss.compute_loss_from_embeddings(embeddings, labels)
                    for loss, weight in zip(self.parts, self.weights))
+
+
+def build_query_loss(model, tcfg, doc_embeddings) -> QueryDistillLoss:
+    """The label-free loss: ``query_kl`` (also when train.loss is another name) or ``query_margin_mse``."""
+    return QueryDistillLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
+                            objective="margin_mse" if tcfg.loss == "query_margin_mse" else "kl",
+                            student_temperature=tcfg.query_student_temperature,
+                            teacher_temperature=tcfg.query_teacher_temperature, over=tcfg.query_distill_over)
 
 
 def build_loss(model, tcfg) -> Any:

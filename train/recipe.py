@@ -27,7 +27,7 @@ from embtune.manifest import Stage
 from embtune.models import resolve_model
 from train.batching import SeededBatchSampler
 from train.checkpoints import SealCheckpoints, last_checkpoint
-from train.losses import build_loss, training_dataset
+from train.losses import QUERY_LOSSES, build_loss, build_query_loss, is_labelfree_table, training_dataset
 from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Recipe:
         self.stage = Stage("train", cfg.run_dir, config=stage_config(cfg), inputs={"train_table": self.table_dir})
         self.trainer = None
         self.wandb_run = None
+        self.labelfree = False
         # Checkpoints are keyed by the stage fingerprint, so a changed config never resumes a stale run.
         self.checkpoint_dir = self.stage.dir / f"checkpoints-{self.stage.fingerprint()}"
 
@@ -127,9 +128,27 @@ class Recipe:
                                        config=to_dict(self.cfg))
             log_data_lineage(self.wandb_run, Path(self.cfg.run_dir) / "data_prep" / "manifest.json")
         self.trainer = SentenceTransformerTrainer(
-            model=model, args=args, train_dataset=train_dataset, loss=build_loss(model, t), evaluator=evaluator,
+            model=model, args=args, train_dataset=train_dataset, loss=self.loss(model, table), evaluator=evaluator,
             callbacks=[SealCheckpoints()],
         )
+
+    def loss(self, model, table):
+        """The configured loss; a label-free table (data.queries: labelfree) trains the query side against the
+        base model's corpus embeddings that data_prep wrote (train.loss query_kl by default, or query_margin_mse)."""
+        t = self.tcfg
+        self.labelfree = is_labelfree_table(table.column_names)
+        if not self.labelfree:
+            if t.loss in QUERY_LOSSES:
+                raise ValueError(f"train.loss={t.loss} needs a label-free table: set data.queries: labelfree")
+            return build_loss(model, t)
+        if t.loss not in QUERY_LOSSES:
+            logger.info("label-free table: train.loss %s -> query_kl (the label-free distillation loss)", t.loss)
+        if t.matryoshka_dims:
+            logger.info("label-free distillation trains the full dimension; train.matryoshka_dims is not used")
+        import numpy as np
+
+        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        return build_query_loss(model, t, np.load(outputs["corpus_embeddings"]))
 
     def dev_evaluator(self):
         """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""
@@ -167,7 +186,10 @@ class Recipe:
         model_dir = self.stage.dir / "model"
         if not self.trainer.is_world_process_zero():
             return {}
-        self.trainer.model.save(str(model_dir))
+        if self.labelfree and self.tcfg.document_side == "base":
+            save_asymmetric(self.trainer.model, self.tcfg.base_model, model_dir)
+        else:
+            self.trainer.model.save(str(model_dir))
         args = self.trainer.args
         extra = {"log_history": list(self.trainer.state.log_history), "world_size": args.world_size,
                  "global_batch_size": args.per_device_train_batch_size * args.world_size
@@ -182,6 +204,23 @@ class Recipe:
                               "model_artifact": artifact}
             self.wandb_run.finish()
         return self.stage.finish({"model": model_dir}, extra=extra)
+
+
+def save_asymmetric(student, base_model: str, model_dir: Path) -> None:
+    """Save a Router model: the trained modules on the query route, the base model's on the document route, plus
+    ``DOCUMENT_SIDE_FILE`` naming the base (so eval and serve reuse the base model's corpus embeddings).
+    ``encode_query`` / ``encode_document`` (or ``embtune.retrieval.encoder.encode(..., role=)``) pick the route;
+    plain ``encode`` takes the document route."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.router import Router
+
+    from embtune.retrieval.encoder import DOCUMENT_SIDE_FILE
+
+    base = SentenceTransformer(resolve_model(base_model), device="cpu")
+    router = Router.for_query_document(query_modules=[student[i] for i in range(len(student))],
+                                       document_modules=[base[i] for i in range(len(base))])
+    SentenceTransformer(modules=[router], device="cpu").save(str(model_dir))
+    (model_dir / DOCUMENT_SIDE_FILE).write_text(json.dumps({"document_model": resolve_model(base_model)}))
 
 
 def run(cfg, force: bool = False) -> dict[str, Any]:

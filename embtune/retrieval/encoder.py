@@ -44,12 +44,16 @@ def uses_cosine(model) -> bool:
     return getattr(model, "similarity_fn_name", "cosine") in (None, "cosine")
 
 
-def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "") -> np.ndarray:
+def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "",
+           role: str | None = None) -> np.ndarray:
     """Encode texts to float32 (n, dim), normalized when the model scores by cosine.
 
     ``model`` is a SentenceTransformer or an :class:`embtune.retrieval.onnx.OnnxEncoder` (see :func:`load_encoder`).
     With ``cache_key`` (identifying the model weights, :func:`cache_key`), embeddings are cached on disk by model,
-    backend and text hash.
+    backend and text hash. ``role`` (``"query"`` or ``"document"``) encodes through sentence-transformers'
+    ``encode_query`` / ``encode_document``: an asymmetric model (a ``Router`` with query and document routes, as
+    label-free training writes with ``train.document_side: base``) then takes the right route. For a plain model
+    without prompts both are ``encode``, so the default behaviour is unchanged.
     """
     path = None
     if cache_key:
@@ -61,8 +65,9 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
             return np.load(path)
     # The server encodes each request through here too: a log line per request only at debug level.
     (logger.info if len(texts) >= 100 else logger.debug)("encoding %d %s texts", len(texts), desc)
-    embeddings = model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                              show_progress_bar=len(texts) > 1000, normalize_embeddings=False)
+    method = {"query": "encode_query", "document": "encode_document"}.get(role or "", "encode")
+    embeddings = getattr(model, method, model.encode)(texts, batch_size=batch_size, convert_to_numpy=True,
+                                                      show_progress_bar=len(texts) > 1000, normalize_embeddings=False)
     embeddings = embeddings.astype(np.float32)
     if uses_cosine(model):
         embeddings = normalize(embeddings)
@@ -74,9 +79,24 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     return embeddings
 
 
-def cache_key(model_path: str, max_seq_length: int) -> str:
-    """Embedding-cache key of a model: content hash of a local folder (retraining changes it) or the hub name."""
+# Written into an asymmetric model's folder by label-free training: its document route is this base model,
+# unchanged, so the base model's corpus embeddings (and any index built from them) are its own.
+DOCUMENT_SIDE_FILE = "embtune_document_side.json"
+
+
+def cache_key(model_path: str, max_seq_length: int, role: str | None = None) -> str:
+    """Embedding-cache key of a model: content hash of a local folder (retraining changes it) or the hub name.
+
+    For ``role="document"`` of a model whose folder names its document side (``DOCUMENT_SIDE_FILE``), the key is
+    that base model's: the corpus is not encoded again.
+    """
+    import json
+
     from embtune.manifest import hash_path
+
+    side = Path(model_path) / DOCUMENT_SIDE_FILE
+    if role == "document" and side.is_file():
+        return cache_key(json.loads(side.read_text())["document_model"], max_seq_length)
 
     key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
     return f"{key}_{max_seq_length}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 
@@ -23,9 +23,11 @@ class DataConfig:
     train_split: str = "train"
     # Where training queries come from: ``labelled`` (the dataset's train split), ``synthetic`` (written by the
     # LLM of the ``llm`` section for the corpus' passages; the dataset's labelled queries are then used only for
-    # the dev split and eval) or ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
-    # table: a small labelled set plus questions in the users' own words). See docs/synthesis.md.
-    queries: Literal["labelled", "synthetic", "labelled+synthetic"] = "labelled"
+    # the dev split and eval), ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
+    # table: a small labelled set plus questions in the users' own words; docs/synthesis.md) or ``labelfree``
+    # (pseudo-queries cut from the corpus, labelled by a fused dense + BM25 teacher: section ``labelfree``,
+    # docs/labelfree.md; needs only ``corpus.jsonl``).
+    queries: Literal["labelled", "synthetic", "labelled+synthetic", "labelfree"] = "labelled"
     # Queries carved out of the train split (seeded) to choose settings on; never the test split.
     dev_fraction: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"
@@ -131,3 +133,50 @@ class MiningConfig:
             raise ValueError(f"mining.teacher_bm25_weight must be >= 0, got {self.teacher_bm25_weight}")
         if self.ivf_nprobe < 1 or self.ivf_nlist < 0:
             raise ValueError("mining.ivf_nprobe must be >= 1 and mining.ivf_nlist >= 0")
+
+
+@dataclass
+class LabelFreeConfig:
+    """Label-free distillation data (``data.queries: labelfree``, docs/labelfree.md).
+
+    Pseudo-queries are cut from the corpus (a passage's title and some of its sentences); the teacher is the fused
+    ``dense_weight * dense + (1 - dense_weight) * BM25`` retriever over per-query min-max scores (the fusion eval
+    measures and serve serves) and labels each query's top ``depth`` candidates with its scores.
+    """
+
+    # Passages to cut queries from (seeded sample, data.seed); 0 = every passage.
+    documents: int = 2000
+    # Sentences cut per passage (besides its title, when ``titles`` and the passage has one).
+    sentences_per_document: int = 2
+    titles: bool = True
+    # A sentence becomes a query only with this many words (shorter ones say little, longer ones are paragraphs).
+    min_words: int = 6
+    max_words: int = 40
+    # The passage a query was cut from contains it verbatim: "drop" removes it from the query's candidates (the
+    # teacher then teaches which *other* passages answer it), "keep" leaves it where the teacher ranks it.
+    source: Literal["drop", "keep"] = "drop"
+    # Candidates per query that the teacher scores (and the loss sees).
+    depth: int = 32
+    # The teacher's dense weight; null = chosen per corpus without labels by the inverse-cloze probe below.
+    dense_weight: float | None = None
+    # Probe: queries cut from passages whose text the probe removes from the passage (a sentence, or the title),
+    # so that neither retriever can match the query verbatim; each candidate weight fuses dense and BM25 and the
+    # one that finds the passage best (MRR@10) is the teacher's.
+    probe_queries: int = 600
+    probe_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
+                                                                1.0])
+
+    def validate(self) -> None:
+        if self.documents < 0 or self.sentences_per_document < 0:
+            raise ValueError("labelfree.documents and labelfree.sentences_per_document must be >= 0")
+        if not self.titles and self.sentences_per_document == 0:
+            raise ValueError("labelfree: no query source: set titles: true or sentences_per_document > 0")
+        if not 0 < self.min_words <= self.max_words:
+            raise ValueError("labelfree.min_words must be > 0 and <= labelfree.max_words")
+        if self.depth < 2:
+            raise ValueError(f"labelfree.depth must be >= 2, got {self.depth}")
+        if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
+            raise ValueError(f"labelfree.dense_weight must be in [0, 1] (or null: chosen per corpus), "
+                             f"got {self.dense_weight}")
+        if not self.probe_weights or any(not 0.0 <= w <= 1.0 for w in self.probe_weights):
+            raise ValueError("labelfree.probe_weights must be a non-empty list of weights in [0, 1]")

@@ -16,8 +16,10 @@ class TrainConfig:
     # ``mini_batch_size`` rows, so ``batch_size`` (the number of in-batch negatives) no longer sets the memory.
     # Distillation losses read the teacher columns data_prep writes with mining.teacher set (score_positive,
     # score_negative_1..k); "mnrl+margin_mse" / "mnrl+distill_kl" add distill_weight x the distillation loss to MNRL.
+    # "query_kl" / "query_margin_mse" train on a label-free table (data.queries: labelfree): the query side
+    # against the base model's fixed corpus embeddings (train/losses.py: QueryDistillLoss).
     loss: Literal["mnrl", "cached_mnrl", "triplet", "margin_mse", "distill_kl", "mnrl+margin_mse",
-                  "mnrl+distill_kl"] = "mnrl"
+                  "mnrl+distill_kl", "query_kl", "query_margin_mse"] = "mnrl"
     mini_batch_size: int = 32
     distill_weight: float = 1.0
     # MarginMSE label = margin_mse_scale * (teacher(q, pos) - teacher(q, neg_i)): the student's margin is a cosine
@@ -26,6 +28,17 @@ class TrainConfig:
     # DistillKL: softmax(teacher logits / distill_teacher_temperature) vs softmax(student cosine * mnrl_scale).
     distill_teacher_temperature: float = 1.0
     # MatryoshkaLoss dims (empty = plain loss). The first must be the model's full dimension.
+    # query_kl: softmax(teacher fused score / query_teacher_temperature) vs softmax(student cosine /
+    # query_student_temperature); the fused score is min-max normalized per query, so lies in [0, 1].
+    query_student_temperature: float = 0.05
+    query_teacher_temperature: float = 0.1
+    # The student's softmax over the teacher's candidates, or over the whole corpus (every other passage, the
+    # query's source excepted, must then score below them too).
+    query_distill_over: Literal["candidates", "corpus"] = "candidates"
+    # Label-free models: "base" saves an asymmetric model (a sentence-transformers Router: queries through the
+    # trained encoder, documents through the base model unchanged), so an index built with the base model stays
+    # valid and matches what training saw; "student" saves one model for both sides (the corpus is re-encoded).
+    document_side: Literal["base", "student"] = "base"
     matryoshka_dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     triplet_margin: float = 5.0
     mnrl_scale: float = 20.0

@@ -1,0 +1,229 @@
+"""Label-free mode (``data.queries: labelfree``): pseudo-queries cut from a corpus alone, the fused teacher chosen
+by the inverse-cloze probe, the query-side distillation loss, and the pipeline from ``corpus.jsonl`` alone."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.labelfree import cut_queries, split_sentences
+from embtune.schema import load_config
+from tests.conftest import FILLER, TOPICS
+
+
+def sentence_corpus(folder: Path, docs_per_topic: int = 8, seed: int = 0, qrels: bool = False) -> Path:
+    """A BEIR folder of titled passages of 4 sentences of topic words; optionally queries and test qrels."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    docs, queries, judged = [], [], []
+    for t, (topic, words) in enumerate(TOPICS.items()):
+        vocab = words.split()
+        for i in range(docs_per_topic):
+            # each passage has a word of its own in every sentence (what an entity name is in a real corpus)
+            own = f"w{(t * docs_per_topic + i) % 64}"
+            sentences = [" ".join([own, *(rng.choice(vocab + FILLER) for _ in range(8))]).capitalize() + "."
+                         for _ in range(4)]
+            doc_id = f"{topic}-{i}"
+            docs.append({"_id": doc_id, "title": f"{topic} {rng.choice(vocab)}", "text": " ".join(sentences)})
+            if i % 4 == 0:
+                queries.append({"_id": f"q-{doc_id}", "text": sentences[1]})
+                judged.append((f"q-{doc_id}", doc_id))
+    with open(folder / "corpus.jsonl", "w") as handle:
+        handle.writelines(json.dumps(d) + "\n" for d in docs)
+    if qrels:
+        (folder / "qrels").mkdir(exist_ok=True)
+        with open(folder / "queries.jsonl", "w") as handle:
+            handle.writelines(json.dumps(q) + "\n" for q in queries)
+        with open(folder / "qrels" / "test.tsv", "w") as handle:
+            handle.write("query-id\tcorpus-id\tscore\n")
+            handle.writelines(f"{q}\t{d}\t1\n" for q, d in judged)
+    return folder
+
+
+def test_cut_queries_take_titles_and_bounded_sentences():
+    corpus = {
+        "a": {"title": "Aspirin and stroke", "text": "Aspirin lowers the risk of a second stroke in adults. Short one. "
+                                                   "It was tested in a trial of four thousand patients over five years."},
+        "b": {"title": "", "text": "No title here but a sentence that is long enough to count. Tiny."},
+    }
+    queries = cut_queries(corpus, documents=0, sentences_per_document=5, titles=True, min_words=6, max_words=40,
+                          seed=0)
+    assert {(q.source, q.kind) for q in queries} == {("a", "title"), ("a", "sentence"), ("b", "sentence")}
+    assert sum(q.source == "a" and q.kind == "sentence" for q in queries) == 2  # "Short one." is too short
+    assert all(len(q.text.split()) >= 6 for q in queries if q.kind == "sentence")
+    assert split_sentences("One two. Three four! (Five) six? 7 eight") == ["One two.", "Three four!", "(Five) six?",
+                                                                            "7 eight"]
+    # seeded: the same recipe cuts the same queries
+    again = cut_queries(corpus, 0, 5, True, 6, 40, seed=0)
+    assert [q.text for q in again] == [q.text for q in queries]
+
+
+def recipe(tmp_path, corpus_dir, model_dir, *extra):
+    return load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={corpus_dir}", "data.queries=labelfree",
+                              f"train.base_model={model_dir}", "train.matryoshka_dims=[]", "tracking.report_to=none",
+                              "train.batch_size=8", "train.epochs=1", "train.learning_rate=1e-3",
+                              "labelfree.depth=8", "labelfree.probe_queries=40", "eval.max_seq_length=64",
+                              "eval.dims=[]", "mining.batch_size=16", *extra])
+
+
+def test_labelfree_runs_from_a_corpus_alone(tmp_path, tiny_model_dir):
+    """A BEIR folder with only corpus.jsonl: data_prep cuts queries, probes and labels; train distils; eval says
+    there is nothing to measure instead of failing."""
+    from data_prep.run import run as run_data_prep
+    from datasets import load_from_disk
+    from eval.run import run as run_eval
+    from train.recipe import run as run_train
+
+    corpus_dir = sentence_corpus(tmp_path / "corpus_only")
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = recipe(tmp_path, corpus_dir, model_dir)
+    outputs = run_data_prep(cfg)
+    assert "dev_qrels" not in outputs
+    table = load_from_disk(outputs["train_table"])
+    assert {"query", "candidates", "teacher_scores", "base_scores", "source_row"} <= set(table.column_names)
+    row = table[0]
+    assert len(row["candidates"]) == len(row["teacher_scores"]) == 8
+    assert row["source_row"] not in row["candidates"]  # labelfree.source: drop
+    assert row["teacher_scores"] == sorted(row["teacher_scores"], reverse=True)
+    manifest = json.loads((tmp_path / "run" / "data_prep" / "manifest.json").read_text())
+    choice = manifest["teacher_choice"]
+    assert choice["by"].startswith("inverse-cloze probe")
+    fused = choice["fused_by_dense_weight"]
+    # the probe's choice is never below its best member
+    assert choice["choice_mrr"] >= max(choice["dense_alone"], choice["bm25_alone"]) - 1e-9
+    assert choice["choice_mrr"] == max(fused.values())
+    assert manifest["teacher"]["dense_weight"] == choice["choice"]
+
+    run_train(cfg)
+    assert (tmp_path / "run" / "train" / "model").is_dir()
+    results = json.loads(Path(run_eval(cfg)["results"]).read_text())
+    assert results["num_queries"] == 0 and "no labelled queries" in results["note"]
+
+
+def test_labelfree_queries_only_feed_dev_when_labels_exist(tmp_path, tiny_model_dir):
+    from data_prep.run import run as run_data_prep
+
+    corpus_dir = sentence_corpus(tmp_path / "beir", qrels=True)
+    (corpus_dir / "qrels" / "test.tsv").rename(corpus_dir / "qrels" / "train.tsv")
+    cfg = recipe(tmp_path, corpus_dir, tiny_model_dir, "data.dev_fraction=0.5")
+    outputs = run_data_prep(cfg)
+    dev = Path(outputs["dev_qrels"]).read_text().splitlines()[1:]
+    assert len(dev) == 6  # half of 12 judged queries
+    report = json.loads(Path(outputs["report"]).read_text())
+    assert report["mode"] == "labelfree" and report["dev_queries"] == 6
+
+
+def test_probe_chooses_bm25_when_the_dense_model_cannot_read(tmp_path):
+    """A dense 'model' whose embeddings are noise: the probe must give the teacher to BM25."""
+    from data_prep.labelfree import FusedTeacher, probe_teacher
+    from embtune.dataio import document_text
+    from embtune.retrieval.bm25 import BM25Config
+
+    corpus_dir = sentence_corpus(tmp_path / "c", docs_per_topic=10)
+    corpus = {d["_id"]: d for d in map(json.loads, (corpus_dir / "corpus.jsonl").read_text().splitlines())}
+    doc_ids = list(corpus)
+    texts = [document_text(corpus[d]) for d in doc_ids]
+
+    class Noise:  # encodes any text to a fixed random unit vector
+        def encode(self, batch, **kwargs):
+            out = np.stack([np.random.default_rng(abs(hash(t)) % 2**32).normal(size=16) for t in batch])
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+        similarity_fn_name = "cosine"
+
+    model = Noise()
+    doc_emb = model.encode(texts).astype(np.float32)
+    teacher = FusedTeacher(doc_ids, texts, doc_emb, model, BM25Config())
+    probe = probe_teacher(teacher, corpus, texts, 40, [0.0, 0.5, 1.0], 4, 40, seed=0, include_title=True)
+    assert probe["bm25_alone"] > 2 * probe["dense_alone"]
+    assert probe["choice"] == 0.0
+
+
+def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir):
+    """A few steps of query_kl on fixed document embeddings: the student's ranking of each query's candidates
+    agrees more with the teacher's afterwards."""
+    from sentence_transformers import SentenceTransformer
+
+    from train.losses import QueryDistillLoss
+
+    torch.manual_seed(0)
+    model = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    topics = list(TOPICS)
+    docs = [f"{t} " + " ".join(TOPICS[t].split()[:6]) for t in topics for _ in range(2)]
+    doc_emb = torch.tensor(model.encode(docs), dtype=torch.float32)
+    queries = [" ".join(TOPICS[t].split()[6:]) for t in topics]
+    # teacher: the two passages of the query's own topic first
+    k = 4
+    labels = []
+    for i in range(len(topics)):
+        own = [2 * i, 2 * i + 1]
+        others = [(2 * i + 2) % len(docs), (2 * i + 4) % len(docs)]
+        labels.append([-1.0, *map(float, own + others), 1.0, 0.95, 0.2, 0.1, *[0.0] * k])
+    labels = torch.tensor(labels)
+    loss_fn = QueryDistillLoss(model, doc_emb, objective="kl", student_temperature=0.05, teacher_temperature=0.1)
+
+    def loss_value():
+        with torch.no_grad():
+            features = model.tokenize(queries)
+            return float(loss_fn([features], labels))
+
+    before = loss_value()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = loss_fn([model.tokenize(queries)], labels)
+        loss.backward()
+        optimizer.step()
+    assert loss_value() < 0.5 * before
+
+
+@pytest.mark.parametrize("over", ["candidates", "corpus"])
+def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
+    """KL against the teacher's own distribution is minimal when the student reproduces it, and the corpus form
+    excludes the query's source passage from the normalizer."""
+    from train.losses import QueryDistillLoss
+
+    docs = torch.eye(4)  # (4, 4)
+    loss_fn = QueryDistillLoss(None, docs, student_temperature=1.0, teacher_temperature=1.0, over=over)
+    query = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
+    # candidates 0 and 1, teacher scores = the student's cosines; source = passage 3 (excluded in corpus form)
+    cos = torch.nn.functional.normalize(query, dim=-1)[0]
+    labels = torch.tensor([[3.0, 0.0, 1.0, float(cos[0]), float(cos[1]), 0.0, 0.0]])
+    value = float(loss_fn.compute_loss_from_embeddings([query], labels))
+    if over == "candidates":
+        assert value == pytest.approx(0.0, abs=1e-6)
+    else:  # passage 2 takes probability the teacher gives to nobody: a positive loss, finite
+        assert 0 < value < 5
+
+
+def test_asymmetric_model_keeps_the_base_index(tmp_path, tiny_model_dir):
+    """train.document_side: base saves a Router: queries take the trained route, documents the base model's, and
+    the document side's embedding-cache key is the base model's (the corpus is not encoded again)."""
+    from sentence_transformers import SentenceTransformer
+
+    from embtune.retrieval.encoder import cache_key, encode
+    from train.recipe import save_asymmetric
+
+    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    student = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_asymmetric(student, str(tiny_model_dir), tmp_path / "model")
+    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+    texts = ["star planet orbit", "flour butter sugar"]
+    np.testing.assert_allclose(encode(model, texts, role="document"), encode(base, texts), atol=1e-5)
+    np.testing.assert_allclose(encode(model, texts, role="query"), encode(student, texts), atol=1e-5)
+    assert not np.allclose(encode(model, texts, role="query"), encode(base, texts), atol=1e-3)
+    msl = model.max_seq_length
+    assert cache_key(str(tmp_path / "model"), msl, role="document") == cache_key(str(tiny_model_dir), msl)
+    assert cache_key(str(tmp_path / "model"), msl) != cache_key(str(tiny_model_dir), msl)
+    # a plain model: roles change nothing
+    np.testing.assert_allclose(encode(base, texts, role="query"), encode(base, texts), atol=1e-6)

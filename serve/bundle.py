@@ -113,9 +113,10 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
                 handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
         # The source model's cache key: eval encoded this corpus with the same weights minutes before (the
         # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
-        key = cache_key(str(model_dir), model.max_seq_length)
+        # Documents take the model's document route (an asymmetric label-free model's is the base model's).
+        key = cache_key(str(model_dir), model.max_seq_length, role="document")
         embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
-                            desc="bundle corpus")  # (n, dim)
+                            desc="bundle corpus", role="document")  # (n, dim)
         if not uses_cosine(model):  # encode normalized cosine models already; twice would move the last bits
             embeddings = normalize(embeddings)
         index = faiss.IndexFlatIP(dim)
@@ -183,8 +184,9 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         # ONNX backends, the pooling) runs; onnxruntime's is the session's own.
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        # The core's encode, as eval's: the same normalization, so a query alone gets eval's vector bit for bit.
-        rows = encode(model, texts, batch_size)  # (n, dim)
+        # The core's encode, as eval's: the same normalization and the query route, so a query alone gets eval's
+        # vector bit for bit (an asymmetric model encodes queries and documents with different routes).
+        rows = encode(model, texts, batch_size, role="query")  # (n, dim)
         return rows if uses_cosine(model) else normalize(rows)
 
     index, docs = None, []

@@ -41,7 +41,7 @@ from lancedb.embeddings import EmbeddingFunctionConfig, TextEmbeddingFunction, r
 from pydantic import PrivateAttr
 
 from embtune.dataio import document_text
-from embtune.retrieval.encoder import encode, load_encoder, normalize, truncate
+from embtune.retrieval.encoder import cache_key, encode, load_encoder, normalize, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class QueryEncoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         if self._model is None:
             self._model, _ = load_encoder(str(self.bundle_dir / MODEL_DIR), device=self.device)
-        embeddings = encode(self._model, list(texts), self.batch_size, desc="query")  # (n, full dim)
+        embeddings = encode(self._model, list(texts), self.batch_size, desc="query", role="query")  # (n, full dim)
         return export_vectors(embeddings, self.dim, self.precision)  # (n, dim)
 
 
@@ -268,9 +268,10 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         raise ValueError(f"export.vectordb.name {name!r}: expected 3-512 characters from [a-zA-Z0-9._-], starting and "
                          f"ending with a letter or digit (Chroma's rule for collection names)")
     bundle_dir = Path(bundle_dir).resolve()
-    model, key = load_encoder(str(model_dir))
+    model, _ = load_encoder(str(model_dir))
+    key = cache_key(str(model_dir), model.max_seq_length, role="document")
     embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
-                        desc="vectordb corpus")  # (n, full dim)
+                        desc="vectordb corpus", role="document")  # (n, full dim)
     vectors = export_vectors(embeddings, cfg.dim, cfg.precision)  # (n, dim)
     ids = [d["_id"] for d in docs]
     texts = [d.get("text") or "" for d in docs]

@@ -227,3 +227,27 @@ def test_asymmetric_model_keeps_the_base_index(tmp_path, tiny_model_dir):
     assert cache_key(str(tmp_path / "model"), msl) != cache_key(str(tiny_model_dir), msl)
     # a plain model: roles change nothing
     np.testing.assert_allclose(encode(base, texts, role="query"), encode(base, texts), atol=1e-6)
+
+
+def test_bundle_of_an_asymmetric_model_indexes_documents_and_serves_queries_by_role(tmp_path, tiny_model_dir):
+    """Export and serve keep the routes apart: the index holds the base (document) route's vectors and a query is
+    encoded with the trained route, as eval encodes them, so /search ranks as eval measured."""
+    from sentence_transformers import SentenceTransformer
+
+    from embtune.retrieval.encoder import encode
+    from serve.bundle import build_bundle, load_bundle
+    from train.recipe import save_asymmetric
+
+    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    student = SentenceTransformer(str(tiny_model_dir), device="cpu")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_asymmetric(student, str(tiny_model_dir), tmp_path / "model")
+    docs = [{"_id": f"d{i}", "text": t} for i, t in enumerate(["star planet orbit", "flour butter sugar", "tide moon"])]
+    bundle = load_bundle(build_bundle(tmp_path / "model", docs, tmp_path / "bundle"))
+    stored = bundle.index.reconstruct_n(0, len(docs))  # (n_docs, dim)
+    np.testing.assert_allclose(stored, encode(base, [d["text"] for d in docs]), atol=1e-5)
+    queries = ["moon and tides", "baking"]
+    np.testing.assert_allclose(bundle.encode(queries), encode(student, queries), atol=1e-5)
+    assert not np.allclose(bundle.encode(queries), encode(base, queries), atol=1e-3)

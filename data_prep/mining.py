@@ -293,7 +293,8 @@ def mine_negatives(
     """One row per (query, positive) with ``num_negatives`` mined negatives.
 
     Returns rows with keys ``query_id, query, positive_id, positive, negative_i, negative_i_id`` (plus
-    ``score_positive, score_negative_i`` with a ``teacher``, a ``embtune.retrieval.rerank.CrossEncoderScorer``) and a report.
+    ``score_positive, score_negative_i`` with a ``teacher``, a ``embtune.retrieval.rerank.CrossEncoderScorer``) and a
+    report.
 
     ``ranking`` holds the candidates for the judged queries in qrels order (``candidate_query_ids``); for
     ``method="bm25"`` without one, BM25 is run here (``bm25_backend``, ``tokenizer``). Queries whose window runs

@@ -14,8 +14,9 @@ Outputs, each named in ``<run_dir>/data_prep/manifest.json``:
 - ``dev_qrels``: the dev split's qrels (queries carved from the train split), when ``data.dev_fraction > 0``;
 - ``report.json``: what the loader skipped and what mining dropped (summary);
 - ``mining_report.json``: the mining report with per-query candidate counts and the teacher audit;
-- ``synthetic_queries``, ``synthetic_qrels``, ``synthesis_report`` (synthetic queries only): ``synthetic/queries.jsonl``,
-  ``synthetic/qrels/train.tsv`` and the synthesis counts; the LLM answer cache is ``llm_cache.jsonl``.
+- ``synthetic_queries``, ``synthetic_qrels``, ``synthesis_report`` (synthetic queries only):
+  ``synthetic/queries.jsonl``, ``synthetic/qrels/train.tsv`` and the synthesis counts; the LLM answer cache is
+  ``llm_cache.jsonl``.
 """
 
 from __future__ import annotations
@@ -25,11 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from data_prep.mining import Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
-from embtune.retrieval.bm25 import build_tokenizer
-from data_prep.mining import (Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse,
-                              mine_negatives)
 from embtune.manifest import Stage
+from embtune.retrieval.bm25 import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     HFDataset.from_list(rows).save_to_disk(str(table_dir))
     report = {"load": dataset.report.to_dict(), "mining": mining_report.to_dict(),
               "train_queries": len(train_qrels),
-              "labelled_train_queries": labelled_queries if cfg.data.queries != "synthetic" else 0, "dev_queries": len(dev_qrels), "rows": len(rows)}
+              "labelled_train_queries": labelled_queries if cfg.data.queries != "synthetic" else 0,
+              "dev_queries": len(dev_qrels), "rows": len(rows)}
     if synthesis_report is not None:
         report["synthesis"] = synthesis_report
     (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
@@ -303,8 +304,8 @@ def build_teacher(cfg, corpus_texts: list[str]):
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25), m.teacher_bm25_weight,
-                             batch_size=m.batch_size, max_seq_length=m.max_seq_length)
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25),
+                             m.teacher_bm25_weight, batch_size=m.batch_size, max_seq_length=m.max_seq_length)
     return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 
 
@@ -318,7 +319,8 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
     if m.method in ("bm25", "hybrid"):
-        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25), cfg.bm25.k1, cfg.bm25.b)
+        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25),
+                            cfg.bm25.k1, cfg.bm25.b)
     if m.method in ("dense", "hybrid"):
         from data_prep.mining import encode_for_mining
 

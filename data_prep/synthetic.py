@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from embtune.dataio import document_text
 from data_prep.synthesize import Retriever, synthesize
+from embtune.dataio import document_text
 
 logger = logging.getLogger(__name__)
 

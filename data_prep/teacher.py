@@ -27,7 +27,8 @@ class HybridTeacher:
     the query's top score over the whole corpus, so the lexical part lies in [0, 1] whatever the query's length.
 
     Selected with ``mining.teacher: hybrid`` (``mining.teacher_bm25_weight`` sets the weight). Scores are computed,
-    not cached: BM25 over the corpus and the corpus embeddings (cached by ``embtune.retrieval.encoder.encode``) are cheap.
+    not cached: BM25 over the corpus and the corpus embeddings (cached by ``embtune.retrieval.encoder.encode``) are
+    cheap.
 
     Args:
         doc_texts: every corpus document (BM25 statistics are over the whole corpus); pairs must use these texts.
@@ -55,8 +56,7 @@ class HybridTeacher:
 
     def _encoder(self):
         if self._model is None:
-            from embtune.retrieval.encoder import load_encoder
-            from embtune.retrieval.encoder import encode
+            from embtune.retrieval.encoder import encode, load_encoder
 
             self._model, key = load_encoder(self.model_name, self.max_seq_length)
             self._doc_emb = encode(self._model, self.doc_texts, self.batch_size, cache_key=key,

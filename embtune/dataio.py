@@ -106,7 +106,8 @@ def _read_id(row: dict[str, Any], where: str, problem: _Problems) -> str | None:
     return str(value)
 
 
-def load_corpus(path: str | Path, on_error: str = "raise", report: LoadReport | None = None) -> dict[str, dict[str, str]]:
+def load_corpus(path: str | Path, on_error: str = "raise",
+                report: LoadReport | None = None) -> dict[str, dict[str, str]]:
     """Read BEIR ``corpus.jsonl``: one ``{"_id", "title", "text"}`` object per line."""
     path = Path(path)
     report = report if report is not None else LoadReport()
@@ -119,7 +120,8 @@ def load_corpus(path: str | Path, on_error: str = "raise", report: LoadReport | 
         if doc_id is None:
             continue
         if doc_id in corpus:
-            problem("duplicate document id", where, f"duplicate document id '{doc_id}' (first at line {first_seen[doc_id]})")
+            problem("duplicate document id", where,
+                    f"duplicate document id '{doc_id}' (first at line {first_seen[doc_id]})")
             continue
         title = str(row.get("title") or "")
         text = str(row.get("text") or "")
@@ -144,7 +146,8 @@ def load_queries(path: str | Path, on_error: str = "raise", report: LoadReport |
         if query_id is None:
             continue
         if query_id in queries:
-            problem("duplicate query id", where, f"duplicate query id '{query_id}' (first at line {first_seen[query_id]})")
+            problem("duplicate query id", where,
+                    f"duplicate query id '{query_id}' (first at line {first_seen[query_id]})")
             continue
         text = str(row.get("text") or "")
         if not text.strip():

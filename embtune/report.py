@@ -284,7 +284,8 @@ def pareto_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows):
         best = -1.0
-        for row in sorted((r for r in rows if r["model"] == model), key=lambda r: (r["bytes_per_vector"], -r["ndcg@10"])):
+        for row in sorted((r for r in rows if r["model"] == model),
+                          key=lambda r: (r["bytes_per_vector"], -r["ndcg@10"])):
             if row["ndcg@10"] > best:
                 out.append(row)
                 best = row["ndcg@10"]
@@ -304,7 +305,8 @@ def _files(run: RunFiles, out: Path) -> list[dict[str, Any]]:
     candidates += [("eval results (per model, per query)", run.output("eval", "results", "eval/results.json")),
                    ("eval table", run.output("eval", "table", "eval/table.txt")),
                    ("data_prep report", run.output("data_prep", "report", "data_prep/report.json")),
-                   ("mining report (per query)", run.output("data_prep", "mining_report", "data_prep/mining_report.json")),
+                   ("mining report (per query)",
+                    run.output("data_prep", "mining_report", "data_prep/mining_report.json")),
                    ("deployment sweep (JSON)", run.output("eval", "sweep", "eval/sweep.json")),
                    ("deployment sweep (table)", run.output("eval", "sweep_table", "eval/sweep.txt"))]
     return [{"label": label, "href": _rel(path, out) if path.exists() else None, "name": path.name}

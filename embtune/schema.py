@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embtune.sections.data_prep import ChunkingConfig, DataConfig, LabelFreeConfig, MiningConfig
-from embtune.llm.config import LLMConfig
 from embtune.config import load
+from embtune.llm.config import LLMConfig
 from embtune.retrieval.bm25 import BM25Config
-from embtune.tracking import TrackingConfig
+from embtune.sections.data_prep import ChunkingConfig, DataConfig, LabelFreeConfig, MiningConfig
 from embtune.sections.eval import EvalConfig
 from embtune.sections.export import ExportConfig
 from embtune.sections.serve import ServeConfig
 from embtune.sections.train import CrossEncoderConfig, TrainConfig
+from embtune.tracking import TrackingConfig
 
 
 @dataclass

@@ -99,7 +99,9 @@ def start_run(cfg, stage_dir: Path, job_type: str, run_id: str | None = None, co
 
 
 def is_offline(run) -> bool:
-    return bool(run.settings._offline) if hasattr(run.settings, "_offline") else os.environ.get("WANDB_MODE") == "offline"
+    if hasattr(run.settings, "_offline"):
+        return bool(run.settings._offline)
+    return os.environ.get("WANDB_MODE") == "offline"
 
 
 def log_data_lineage(run, manifest_path: Path) -> dict[str, Any]:

@@ -184,7 +184,8 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
     per_1k = None if endpoint and model.stats.cached_batches > cached_before else 1000 * seconds / len(sample)
 
     key = None if endpoint else cache_key(candidate.model, model.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{candidate.name} corpus")  # (n_docs, dim)
+    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key,
+                     desc=f"{candidate.name} corpus")  # (n_docs, dim)
     query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{candidate.name} query")  # (n_queries, dim)
     scores, indices = exact_search(doc_emb, query_emb, cfg.eval.top_k)
     run = to_run(query_ids, doc_ids, scores, indices)

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from embtune.llm.client import ChatRequest, generate_all
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
+from embtune.llm.client import ChatRequest, generate_all
 from embtune.manifest import hash_path, machine, versions
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import encode

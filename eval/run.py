@@ -296,7 +296,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                "significance": significance, "specs": {row: spec.to_dict() for row, spec in specs.items()},
                "recommended": recommended}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
-    from embtune.tracking import log_eval_results  # wandb tables in the pipeline's group, when tracking.report_to has it
+    from embtune.tracking import (
+        log_eval_results,  # wandb tables in the pipeline's group, when tracking.report_to has it
+    )
 
     log_eval_results(cfg, results, per_query, cfg.eval.split)
     return stage.finish(outputs)

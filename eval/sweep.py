@@ -37,9 +37,9 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from eval.metrics import evaluate
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.index import exact_search, to_run
+from eval.metrics import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def _ef_searcher(index, ef: int) -> Searcher:
     return search
 
 
-def _timed_search(search: Searcher, queries: np.ndarray, k: int, repeats: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
+def _timed_search(search: Searcher, queries: np.ndarray, k: int,
+                  repeats: int = 3) -> tuple[np.ndarray, np.ndarray, float]:
     best = math.inf
     for _ in range(repeats):
         start = time.perf_counter()

@@ -50,8 +50,8 @@ from rank_bm25 import BM25Okapi
 
 # Run as a file from a checkout (embtune need not be installed): the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order
 from embtune.manifest import machine, versions
+from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order
 
 DOCSTRING_PACKAGES = ("numpy", "scipy", "sklearn", "sympy", "pandas")
 TOKENIZERS = {
@@ -285,7 +285,8 @@ def mine(pool: list[str], scifact_queries: list[str], n_docs: int, n_queries: in
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--scifact", type=Path, default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact",
+    parser.add_argument("--scifact", type=Path,
+                        default=Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact",
                         help="BEIR SciFact folder (corpus.jsonl, queries.jsonl)")
     parser.add_argument("--real-docs", type=int, default=100_000, help="size of the realtext corpus")
     parser.add_argument("--ref-queries", type=int, default=100, help="queries rank-bm25 is timed on")

@@ -20,8 +20,8 @@ from pathlib import Path
 from benchlib import ROOT, bench_command
 
 from embtune.cli import setup_logging
-from embtune.schema import load_config
 from embtune.manifest import machine, versions
+from embtune.schema import load_config
 from eval.choose import choose
 
 CONFIG = "configs/scifact_supervised.yaml"

@@ -31,8 +31,8 @@ from pathlib import Path
 from benchlib import ROOT, bench_command, percent
 
 from embtune.config import to_dict
-from embtune.schema import load_config
 from embtune.manifest import machine, versions
+from embtune.schema import load_config
 
 CONFIG = "configs/demo.yaml"
 BARS = {"p_value_finetuned_vs_base": "< 0.01", "finetuned_vs_bm25": "> 0 with p < 0.01", "wall_seconds": "<= 480"}

@@ -6,8 +6,8 @@ Runs the eval stage (``eval/run.py``) on ``qrels/test.tsv`` with ``eval.sweep.en
 ``eval.hybrid=[rrf, weighted]`` and the default significance test, then writes
 ``benchmarks/results/deploy_sweep_scifact.json`` (sweep rows per model, eval table in percent, significance of
 finetuned vs base and vs BM25, the 1/8-bytes bar check, ``command``, ``machine``, ``versions``) and
-``benchmarks/results/deploy_sweep_scifact.png``. Corpus embeddings are cached on disk (``embtune/retrieval/encoder.py``),
-so a rerun only re-searches.
+``benchmarks/results/deploy_sweep_scifact.png``. Corpus embeddings are cached on disk
+(``embtune/retrieval/encoder.py``), so a rerun only re-searches.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
-from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 from eval.run import METRICS  # noqa: E402
 from eval.run import run as run_eval  # noqa: E402
 from eval.sweep import best_compact, label  # noqa: E402
@@ -53,7 +53,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--finetuned", required=True, help="fine-tuned sentence-transformers folder")
     parser.add_argument("--base", default="minilm", help="base model (alias, folder or hub name)")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"), help="BEIR folder")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir"
+                                              / "scifact"), help="BEIR folder")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_deploy_sweep"))
     parser.add_argument("--name", default="deploy_sweep_scifact", help="result file stem")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides, e.g. eval.sweep.threads=2")

@@ -26,19 +26,25 @@ from importlib import metadata
 from pathlib import Path
 
 import faiss
-import numpy as np
-
 from benchlib import ROOT, bench_command, machine, versions  # also puts the repo root on sys.path
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
 from embtune.retrieval.index import exact_search  # noqa: E402
+from embtune.sections.export import VectorDBConfig  # noqa: E402
 from eval.metrics import evaluate  # noqa: E402
 from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle  # noqa: E402
-from embtune.sections.export import VectorDBConfig  # noqa: E402
-from serve.vectordb import (QueryEncoder, chroma_top_ids, dir_bytes, export_vectordb, export_vectors,  # noqa: E402
-                            lancedb_top_ids, open_chroma, open_lancedb)
+from serve.vectordb import (  # noqa: E402
+    QueryEncoder,
+    chroma_top_ids,
+    dir_bytes,
+    export_vectordb,
+    export_vectors,
+    lancedb_top_ids,
+    open_chroma,
+    open_lancedb,
+)
 
 K = 10
 CHROMA_DEFAULTS = {"chroma_ef_construction": 100, "chroma_ef_search": 100, "chroma_max_neighbors": 16}
@@ -136,7 +142,8 @@ def main(argv: list[str]) -> None:
         "description": "Top-10 of each export target vs FAISS exact top-10 over the same stored vectors; "
                        "mismatched_queries = ids or order differ, mismatched_sets = the ten ids differ. nDCG@10 "
                        "scores each target's returned order. chroma_rebuilds: the same collection built again "
-                       "(HNSW builds are not deterministic), mismatched queries per build, per HNSW setting. bytes_on_disk: faiss = index/ (corpus.faiss + "
+                       "(HNSW builds are not deterministic), mismatched queries per build, per HNSW setting. "
+                       "bytes_on_disk: faiss = index/ (corpus.faiss + "
                        "docs.jsonl), chroma and lancedb = their folder (documents and metadata included).",
         "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
         "split": args.split,

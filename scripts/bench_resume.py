@@ -34,13 +34,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from embtune.manifest import Stage, machine, versions  # noqa: E402
 from bench_train_throughput import beir_table as scifact_table  # noqa: E402
+
+from embtune.manifest import Stage, machine, versions  # noqa: E402
 
 
 def train_cmd(run_dir: Path, args) -> list[str]:
     return [sys.executable, "-m", "train", f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl",
-            "train.matryoshka_dims=[384,128]", f"train.max_seq_length={args.seq}", f"train.batch_size={args.batch_size}",
+            "train.matryoshka_dims=[384,128]", f"train.max_seq_length={args.seq}",
+            f"train.batch_size={args.batch_size}",
             f"train.max_steps={args.steps}", f"train.save_steps={args.save_steps}", "train.save_total_limit=2",
             "tracking.report_to=none", "train.use_cpu=true", "train.learning_rate=5e-5", "train.logging_steps=1"]
 
@@ -57,7 +59,8 @@ def weights(run_dir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
+                                              / "shared" / "data" / "beir" / "scifact"))
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)

@@ -190,7 +190,8 @@ def main() -> int:
         "description": ("all-MiniLM-L6-v2 distilled, label-free, from the fused dense + BM25 teacher on "
                         "pseudo-queries cut from the corpus (no labelled query trained on; settings chosen on "
                         "SciFact train queries as dev); metrics in percent"),
-        "dataset": "pydoc demo corpus (summary-line test split)" if pydoc else "BEIR SciFact (../shared/data/beir/scifact)",
+        "dataset": ("pydoc demo corpus (summary-line test split)" if pydoc
+                    else "BEIR SciFact (../shared/data/beir/scifact)"),
         "split": "test", "num_queries": results["num_queries"], "num_documents": results["num_documents"],
         "overrides": overrides,
         "results": {"base": percent(res["base"]), "bm25": percent(res["bm25"]),

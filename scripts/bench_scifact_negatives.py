@@ -38,11 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
-from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 from benchlib import base_run, bench_command  # noqa: E402  (scripts/benchlib.py)
+
 METHODS = ("random", "bm25", "dense", "hybrid")
 LOSSES = ("mnrl", "mnrl+margin_mse")
 
@@ -80,8 +81,8 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
 
 def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
-    from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
     from data_prep.run import run as data_prep_run
+    from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
     from embtune.retrieval.rerank import CrossEncoderScorer, rerank
     from eval.metrics import evaluate
     from eval.run import eval_inputs
@@ -142,7 +143,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_negatives.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_negatives"))
-    parser.add_argument("--cells", default=",".join(f"{m}:{l}" for m in METHODS for l in LOSSES),
+    parser.add_argument("--cells", default=",".join(f"{m}:{loss}" for m in METHODS for loss in LOSSES),
                         help="comma-separated method:loss cells, in the order to run them")
     parser.add_argument("--split", choices=["test", "dev"], default="test",
                         help="dev: carve 20%% of the train queries (seeded) and evaluate on them; test is never read")
@@ -158,7 +159,8 @@ def main() -> int:
                         help="hybrid teacher's BM25 weight (0.3: best rerank nDCG@10 on a dev half of SciFact train, "
                              "benchmarks/results/scifact_labelfree_dev.json)")
     parser.add_argument("--teacher-overrides", default="", help="space-separated overrides for the teacher recipe")
-    parser.add_argument("--note", default="", help="free text stored with this invocation's command (e.g. why a subset)")
+    parser.add_argument("--note", default="",
+                        help="free text stored with this invocation's command (e.g. why a subset)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides applied to every cell")
     args = parser.parse_args()
     args.teacher_overrides = shlex.split(args.teacher_overrides)

@@ -32,7 +32,8 @@ from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E4
 GRID = {
     "lr3e-5_ep2_bm25top30": ["train.learning_rate=3e-5", "train.epochs=2", "mining.rank_start=0", "mining.rank_end=30"],
     "lr5e-5_ep2_bm25top30": ["train.learning_rate=5e-5", "train.epochs=2", "mining.rank_start=0", "mining.rank_end=30"],
-    "lr3e-5_ep3_bm25_10-50": ["train.learning_rate=3e-5", "train.epochs=3", "mining.rank_start=10", "mining.rank_end=50"],
+    "lr3e-5_ep3_bm25_10-50": ["train.learning_rate=3e-5", "train.epochs=3",
+                              "mining.rank_start=10", "mining.rank_end=50"],
 }
 
 
@@ -58,7 +59,8 @@ def main() -> int:
             overrides = [f"run_dir={args.run_root}/dev_{name}", "data.dev_fraction=0.2", "eval.split=dev",
                          "eval.compare_bm25=false", "tracking.report_to=none", *GRID[name], *args.overrides]
             _, results, report, wall = run_recipe(args.config, overrides)
-            out["candidates"][name] = {"overrides": GRID[name], "results": {k: percent(v) for k, v in results["results"].items()},
+            out["candidates"][name] = {"overrides": GRID[name],
+                                       "results": {k: percent(v) for k, v in results["results"].items()},
                                        "num_queries": results["num_queries"], "wall_seconds": wall}
             print(f"dev {name}: finetuned nDCG@10 = {100 * results['results']['finetuned']['ndcg@10']:.2f} "
                   f"(base {100 * results['results']['base']['ndcg@10']:.2f})", flush=True)

@@ -84,7 +84,8 @@ def start_server(bundle: Path, port: int, microbatch: bool, args: argparse.Names
     command = [sys.executable, "-m", "serve", "up", "--bundle", str(bundle), "serve.host=127.0.0.1",
                f"serve.port={port}", "serve.log_level=warning", f"serve.max_batch_size={args.max_batch_size}",
                f"serve.max_wait_ms={args.max_wait_ms}", "serve.max_inputs=8", "serve.model_name=minilm",
-               f"serve.device={args.device}", f"serve.threads={args.threads}", f"serve.microbatch={str(microbatch).lower()}"]
+               f"serve.device={args.device}", f"serve.threads={args.threads}",
+               f"serve.microbatch={str(microbatch).lower()}"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     return subprocess.Popen(command, cwd=REPO, env=env)
 

@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 from benchlib import bench_command  # noqa: E402
 
-from embtune.schema import load_config  # noqa: E402
 from embtune.dataio import document_text, load_corpus, load_queries  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
 from embtune.retrieval.fusion import ranked  # noqa: E402
 from embtune.retrieval.spec import SPEC_FILE, Retriever, RetrieverSpec  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 
 SCIFACT = ROOT.parent / "shared" / "data" / "beir" / "scifact"
 ROWS = {"dense": "base", "hybrid": "base+bm25_weighted"}
@@ -64,8 +64,8 @@ def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qi
     ``scores``, when given, receives each query's ``{doc id: served score}``."""
     from fastapi.testclient import TestClient
 
-    from serve.app import create_app
     from embtune.sections.serve import ServeConfig
+    from serve.app import create_app
 
     spec.save(bundle / SPEC_FILE)
     start = time.perf_counter()
@@ -225,7 +225,8 @@ def main() -> None:
                         "mismatched_queries": len(mismatched), "mismatched_examples": mismatched[:5],
                         "max_abs_score_diff_top10": score_diff,
                         "eval_ndcg@10": round(100 * results["results"][row]["ndcg@10"], 2),
-                        "served_ndcg@10": round(100 * served_ndcg(top10, SCIFACT / "qrels" / "test.tsv", corpus, queries), 2),
+                        "served_ndcg@10": round(100 * served_ndcg(top10, SCIFACT / "qrels" / "test.tsv",
+                                                                  corpus, queries), 2),
                         "latency_5k": {**percentiles(latency), "app_start_seconds": round(startup, 1)}}
         print(name, {k: v for k, v in record[name].items() if k not in ("spec",)}, flush=True)
     record["mismatched_queries"] = mismatched_total

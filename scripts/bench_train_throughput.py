@@ -4,12 +4,13 @@
     python scripts/bench_train_throughput.py --device cuda --bf16 --seqs 256 --batch-size 64 --steps 30 \
         --out benchmarks/results/train_throughput_gpu.json                    # a GPU (adds MFU)
 
-Rows: SciFact (``../shared/data/beir/scifact`` beside the repo) train queries with their relevant abstract as positive and a
-seeded random other abstract as negative (real text, no mining needed), shuffled with ``--seed``.
+Rows: SciFact (``../shared/data/beir/scifact`` beside the repo) train queries with their relevant abstract as positive
+and a seeded random other abstract as negative (real text, no mining needed), shuffled with ``--seed``.
 
 Both sides train MiniLM (``resolve_model("minilm")``) with MultipleNegativesRankingLoss (scale 20) on
-(query, positive, negative) triplets, batch ``--batch-size``, lr 3e-5, max_seq_length ``seq``, no Matryoshka (``--matryoshka 384,256,128,64`` wraps both in MatryoshkaLoss),
-no logging, no checkpoint before the last step. What differs, and nothing else:
+(query, positive, negative) triplets, batch ``--batch-size``, lr 3e-5, max_seq_length ``seq``, no Matryoshka
+(``--matryoshka 384,256,128,64`` wraps both in MatryoshkaLoss), no logging, no checkpoint before the last step.
+What differs, and nothing else:
 
 - ``plain``: sentence-transformers' defaults: ``BatchSamplers.BATCH_SAMPLER``, the model's own dropout
   (attention dropout 0.1, which keeps PyTorch's SDPA off its fused kernel), no length grouping.
@@ -47,9 +48,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import Stage, machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 
 VARIANTS = ("plain", "plain_same", "embtune", "embtune_grouped")
 H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM datasheet, dense bf16 tensor cores
@@ -118,7 +119,11 @@ def batch_tokens(batch: list[int], lengths: dict[str, np.ndarray]) -> tuple[int,
 
 
 def run_plain(table, seq, args, out_dir, timer, attention_dropout=None):
-    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
     config_kwargs = {} if attention_dropout is None else {"attention_probs_dropout_prob": attention_dropout}
     model = SentenceTransformer(resolve_model(args.model), device=args.device, config_kwargs=config_kwargs)
     model.max_seq_length = seq
@@ -196,7 +201,8 @@ def train_flops(trainer, padded_tokens: int, seq_tokens_sq: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "beir" / "scifact"))
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent
+                                              / "shared" / "data" / "beir" / "scifact"))
     parser.add_argument("--dataset", choices=["scifact", "pydoc"], default="scifact",
                         help="pydoc: the demo's stdlib docstrings, whose lengths vary widely (where length grouping "
                              "applies); scifact: abstracts, nearly all truncated at seq")
@@ -208,7 +214,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--model", default="minilm", help="the MiniLM to train: a folder or an embtune.models alias")
-    parser.add_argument("--matryoshka", default="", help="e.g. 384,256,128,64: MNRL inside MatryoshkaLoss on both sides")
+    parser.add_argument("--matryoshka", default="",
+                        help="e.g. 384,256,128,64: MNRL inside MatryoshkaLoss on both sides")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
     args.matryoshka = [int(d) for d in args.matryoshka.split(",") if d]

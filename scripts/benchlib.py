@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.config import to_dict  # noqa: E402
-from embtune.schema import load_config  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
+from embtune.schema import load_config  # noqa: E402
 
 REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
@@ -51,8 +51,7 @@ def base_run(model_name: str, doc_ids: list[str], doc_texts: list[str], query_id
              depth: int, max_seq_length: int = 0, batch_size: int = 64) -> dict[str, dict[str, float]]:
     """The base model's exact top-``depth`` per query as a pytrec_eval run: the candidates a teacher reranks. The
     corpus embeddings come from the shared cache (``embtune.retrieval.encoder.load_encoder``'s key)."""
-    from embtune.retrieval.encoder import load_encoder
-    from embtune.retrieval.encoder import encode
+    from embtune.retrieval.encoder import encode, load_encoder
     from embtune.retrieval.index import exact_search, to_run
 
     model, key = load_encoder(model_name, max_seq_length)

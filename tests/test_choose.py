@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from embtune.schema import load_config
 from embtune.dataio import split_dev
+from embtune.schema import load_config
 from eval.choose import choose, main, resolve_candidates
 
 

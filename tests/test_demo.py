@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from embtune.schema import load_config
 from embtune.pipeline import STAGE_ORDER, next_steps
+from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

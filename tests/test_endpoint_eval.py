@@ -8,14 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from embtune.llm.config import LLMConfig
 from embtune.config import ConfigError
+from embtune.llm.config import LLMConfig
 from embtune.schema import load_config
+from embtune.sections.serve import ServeConfig
 from eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
 from eval.run import run as run_eval
 from serve.app import create_app
 from serve.bundle import build_bundle
-from embtune.sections.serve import ServeConfig
 from tests.conftest import uvicorn_in_thread
 from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 

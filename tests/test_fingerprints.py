@@ -120,7 +120,8 @@ def with_key(cfg: Config, key: str, value: Any) -> Config:
 
 def stage_fingerprints(cfg: Config) -> dict[str, str]:
     from data_prep.run import stage_config as data_prep_config
-    from eval.run import models_to_evaluate, stage_config as eval_config
+    from eval.run import models_to_evaluate
+    from eval.run import stage_config as eval_config
     from serve.export import stage_config as export_config
     from train.recipe import stage_config as train_config
 

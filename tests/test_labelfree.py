@@ -48,8 +48,9 @@ def sentence_corpus(folder: Path, docs_per_topic: int = 8, seed: int = 0, qrels:
 
 def test_cut_queries_take_titles_and_bounded_sentences():
     corpus = {
-        "a": {"title": "Aspirin and stroke", "text": "Aspirin lowers the risk of a second stroke in adults. Short one. "
-                                                   "It was tested in a trial of four thousand patients over five years."},
+        "a": {"title": "Aspirin and stroke",
+              "text": "Aspirin lowers the risk of a second stroke in adults. Short one. "
+                      "It was tested in a trial of four thousand patients over five years."},
         "b": {"title": "", "text": "No title here but a sentence that is long enough to count. Tiny."},
     }
     queries = cut_queries(corpus, documents=0, sentences_per_document=5, titles=True, min_words=6, max_words=40,
@@ -75,8 +76,9 @@ def recipe(tmp_path, corpus_dir, model_dir, *extra):
 def test_labelfree_runs_from_a_corpus_alone(tmp_path, tiny_model_dir):
     """A BEIR folder with only corpus.jsonl: data_prep cuts queries, probes and labels; train distils; eval says
     there is nothing to measure instead of failing."""
-    from data_prep.run import run as run_data_prep
     from datasets import load_from_disk
+
+    from data_prep.run import run as run_data_prep
     from eval.run import run as run_eval
     from train.recipe import run as run_train
 

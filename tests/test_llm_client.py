@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from embtune.config import ConfigError, build
 from embtune.llm.client import AnswerCache, ChatRequest, backoff_delay, cache_key, generate_all, resolve_endpoint
 from embtune.llm.config import LLMConfig
-from embtune.config import ConfigError, build
 from tests.fake_openai_server import FakeOpenAIServer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,8 +26,10 @@ def test_good_folder_loads(tmp_path):
 
 
 CASES = {
-    "malformed JSON": (GOOD_DOCS + ['{"_id": "d3", "text": '], GOOD_QUERIES, GOOD_QRELS, "corpus.jsonl:3", "malformed JSON"),
-    "missing _id": (GOOD_DOCS + [json.dumps({"text": "gamma"})], GOOD_QUERIES, GOOD_QRELS, "corpus.jsonl:3", "missing '_id'"),
+    "malformed JSON": (GOOD_DOCS + ['{"_id": "d3", "text": '], GOOD_QUERIES, GOOD_QRELS,
+                       "corpus.jsonl:3", "malformed JSON"),
+    "missing _id": (GOOD_DOCS + [json.dumps({"text": "gamma"})], GOOD_QUERIES, GOOD_QRELS,
+                    "corpus.jsonl:3", "missing '_id'"),
     "duplicate id": (GOOD_DOCS + [json.dumps({"_id": "d1", "text": "again"})], GOOD_QUERIES, GOOD_QRELS,
                      "corpus.jsonl:3", "duplicate document id 'd1' \\(first at line 1\\)"),
     "empty document": (GOOD_DOCS + [json.dumps({"_id": "d3", "title": "", "text": "  "})], GOOD_QUERIES, GOOD_QRELS,

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from embtune.retrieval.bm25 import BM25Tokenizer
 from data_prep.mining import Guards, bm25_ranking, dense_ranking, fuse, mine_negatives, normalized_hash
+from embtune.retrieval.bm25 import BM25Tokenizer
 
 
 def make_corpus(n=80, seed=0):

@@ -21,10 +21,10 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 pytest.importorskip("onnxruntime", reason="ONNX export needs onnxruntime and onnx: pip install onnx onnxruntime")
 pytest.importorskip("onnx", reason="ONNX export needs onnxruntime and onnx: pip install onnx onnxruntime")
 
-from serve.app import create_app  # noqa: E402
-from serve.bundle import build_bundle  # noqa: E402
 from embtune.retrieval.onnx import OnnxEncoder, export_onnx  # noqa: E402
 from embtune.sections.serve import ServeConfig  # noqa: E402
+from serve.app import create_app  # noqa: E402
+from serve.bundle import build_bundle  # noqa: E402
 
 WORDS = "the a of and to in is for on with cat dog fish river city train music model search index query".split()
 # Different lengths on purpose: a batch of them is padded, which is what the exported attention mask must handle.

@@ -6,8 +6,8 @@ import shutil
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from embtune.schema import load_config
 from embtune.pipeline import run as run_pipeline
+from embtune.schema import load_config
 
 
 def recipe(tmp_path, tiny_beir, tiny_model_dir, *extra):

@@ -1,7 +1,7 @@
 import json
 
-from embtune.dataio import load_beir
 from data_prep.pydoc_corpus import build_pydoc_beir
+from embtune.dataio import load_beir
 
 
 def test_demo_dataset_is_valid_beir_and_queries_are_not_in_their_documents(tmp_path):

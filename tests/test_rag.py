@@ -9,8 +9,15 @@ import re
 import numpy as np
 import pytest
 
-from eval.rag import (ANSWER_SYSTEM, main, paired_compare, parse_citations, parse_judge_score, sample_queries,
-                      sign_flip_test)
+from eval.rag import (
+    ANSWER_SYSTEM,
+    main,
+    paired_compare,
+    parse_citations,
+    parse_judge_score,
+    sample_queries,
+    sign_flip_test,
+)
 from tests.conftest import build_tiny_model
 from tests.fake_openai_server import FakeOpenAIServer
 

@@ -57,8 +57,9 @@ def run_dir(tmp_path) -> Path:
     log_history.append({"eval_dev_cosine_ndcg@10": 0.61, "step": 10})
     log_history.append({"train_loss": 1.55, "train_runtime": 12.0, "epoch": 1.0, "step": 10})
     _manifest(run, "train", {"model": run / "train" / "model"}, log_history=log_history, world_size=1,
-              global_batch_size=8, config={"train": {"base_model": "minilm", "loss": "mnrl", "matryoshka_dims": [32, 16],
-                                                                  "epochs": 1, "learning_rate": 2e-5}})
+              global_batch_size=8, config={"train": {"base_model": "minilm", "loss": "mnrl",
+                                                     "matryoshka_dims": [32, 16],
+                                                     "epochs": 1, "learning_rate": 2e-5}})
     dims = {"32": _metrics(0.55), "16": _metrics(0.45)}
     results = {"split": "test", "num_queries": len(QUERIES), "num_documents": 50,
                "results": {"base": {**_metrics(0.5), "dims": dims, "dim": 32},

@@ -19,11 +19,11 @@ from sentence_transformers import CrossEncoder, SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
+from embtune.dataio import document_text
+from embtune.sections.serve import ServeConfig
 from serve.__main__ import main
 from serve.app import create_app
-from embtune.dataio import document_text
 from serve.bundle import build_bundle
-from embtune.sections.serve import ServeConfig
 from tests.conftest import uvicorn_in_thread
 
 API_KEY = "test-key"

@@ -12,14 +12,14 @@ import json
 import pytest
 from fastapi.testclient import TestClient
 
-from embtune.schema import load_config
 from embtune.dataio import load_corpus, load_queries
 from embtune.retrieval.spec import SPEC_FILE, FusionSpec, RetrieverSpec
+from embtune.schema import load_config
+from embtune.sections.serve import ServeConfig
 from eval.run import read_run, run_file_name
 from eval.run import run as run_eval
 from serve.app import create_app
 from serve.bundle import build_bundle
-from embtune.sections.serve import ServeConfig
 
 
 @pytest.fixture(scope="module")

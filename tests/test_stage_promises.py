@@ -78,7 +78,8 @@ def test_hf_disk_pairs_through_data_prep_and_eval(tmp_path, tiny_model_dir):
              "positive": f"{topic} {i}: {words} {words.split()[i % 5]}"}
             for topic, words in topics.items() for i in range(5)]  # 20 distinct queries and passages
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "pairs"))
-    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.format=hf_disk", f"data.pairs_file={tmp_path / 'pairs'}",
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.format=hf_disk",
+                             f"data.pairs_file={tmp_path / 'pairs'}",
                              "data.dev_fraction=0.25", f"train.base_model={tiny_model_dir}", "mining.rank_end=10",
                              "eval.split=dev", "eval.dims=[32]", "eval.significance_resamples=0",
                              "tracking.report_to=none"])

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from embtune.sections.eval import SweepConfig
 from embtune.retrieval.encoder import normalize
+from embtune.sections.eval import SweepConfig
 from eval.sweep import best_compact, format_sweep, plot_sweep, sweep_model
 
 
@@ -28,8 +28,8 @@ def row(rows, dim, index, precision, **params):
 
 def test_every_family_at_every_dim(sweep_rows):
     families = {(r["index"], r["precision"]) for r in sweep_rows if r["dim"] == 32}
-    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "int4"), ("flat", "binary"), ("flat", "binary+rescore_bits"),
-                        ("flat", "binary+rescore_int8"),
+    assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "int4"), ("flat", "binary"),
+                        ("flat", "binary+rescore_bits"), ("flat", "binary+rescore_int8"),
                         ("flat", "binary+rescore_fp32"), ("ivf", "fp32"), ("hnsw", "fp32"), ("ivfpq", "pq8x8")}
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from embtune.llm.config import FewShotExample, LLMConfig
 from data_prep.synthesize import (
     STYLES,
     build_messages,
@@ -24,6 +23,7 @@ from data_prep.synthesize import (
     round_trip_filter,
     synthesize,
 )
+from embtune.llm.config import FewShotExample, LLMConfig
 from tests.fake_openai_server import FakeOpenAIServer
 
 PASSAGE = (

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from embtune.dataio import load_queries
 from data_prep.run import run as run_data_prep
 from data_prep.synthetic import select_passages
+from embtune.dataio import load_queries
 from embtune.schema import load_config
 from tests.conftest import TOPICS
 from tests.fake_openai_server import FakeOpenAIServer
@@ -43,8 +43,8 @@ def recipe(tmp_path, tiny_beir, tiny_model_dir, server, *extra):
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "data.queries=synthetic",
                  "data.dev_fraction=0.25", f"train.base_model={model_dir}", "eval.max_seq_length=64",
                  f"llm.endpoint={server.base_url}", "llm.model=fake", "llm.progress=false", "llm.documents=20",
-                 "llm.n_queries=2", "llm.copy_ngram=20", "llm.round_trip=bm25", "llm.round_trip_k=3", "mining.num_negatives=1",
-                 "mining.rank_end=20", *extra]
+                 "llm.n_queries=2", "llm.copy_ngram=20", "llm.round_trip=bm25", "llm.round_trip_k=3",
+                 "mining.num_negatives=1", "mining.rank_end=20", *extra]
     return load_config(None, overrides)
 
 

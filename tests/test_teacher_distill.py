@@ -17,7 +17,6 @@ def tiny_cross_encoder_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny 2-layer BERT with a fresh one-logit head, saved as a CrossEncoder."""
     import torch
     from sentence_transformers import CrossEncoder
-
     from transformers import BertTokenizerFast
 
     torch.manual_seed(0)
@@ -188,8 +187,8 @@ def test_hybrid_teacher_scores_are_cosine_plus_normalized_bm25(tiny_beir, tiny_m
     """The label-free teacher, recomputed independently: the model's cosine + w * BM25 / the query's top BM25."""
     from sentence_transformers import SentenceTransformer
 
-    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
     from data_prep.teacher import HybridTeacher
+    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
 
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
     doc_texts = [texts[d] for d in corpus]

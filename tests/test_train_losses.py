@@ -4,7 +4,6 @@ import copy
 from types import SimpleNamespace
 
 import pytest
-import torch
 from sentence_transformers import SentenceTransformer
 
 from train.losses import build_loss

@@ -18,16 +18,23 @@ import numpy as np
 import pytest
 
 from embtune.config import ConfigError
-from embtune.schema import load_config
 from embtune.dataio import document_text, load_corpus, load_queries
 from embtune.manifest import Stage
 from embtune.retrieval.encoder import encode, load_encoder, normalize
 from embtune.retrieval.index import exact_search
-from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
+from embtune.schema import load_config
 from embtune.sections.export import VectorDBConfig
+from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
 from serve.export import run as run_export
-from serve.vectordb import (QueryEncoder, chroma_top_ids, export_vectordb, export_vectors, lancedb_top_ids,
-                            open_chroma, open_lancedb)
+from serve.vectordb import (
+    QueryEncoder,
+    chroma_top_ids,
+    export_vectordb,
+    export_vectors,
+    lancedb_top_ids,
+    open_chroma,
+    open_lancedb,
+)
 
 K = 10
 ROOT = Path(__file__).resolve().parents[1]

@@ -71,8 +71,8 @@ class CrossEncoderRecipe:
             CrossEncoder,
             CrossEncoderTrainer,
             CrossEncoderTrainingArguments,
+            losses,
         )
-        from sentence_transformers.cross_encoder import losses
         from transformers import set_seed
 
         c = self.ccfg

@@ -25,10 +25,10 @@ from typing import Any
 from embtune.config import ConfigError, to_dict
 from embtune.manifest import Stage
 from embtune.models import resolve_model
+from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 from train.batching import SeededBatchSampler
 from train.checkpoints import SealCheckpoints, last_checkpoint
 from train.losses import QUERY_LOSSES, build_loss, build_query_loss, is_labelfree_table, training_dataset
-from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +152,9 @@ class Recipe:
 
     def dev_evaluator(self):
         """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""
-        from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
         from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+        from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 
         outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
         if "dev_qrels" not in outputs:
@@ -197,8 +198,10 @@ class Recipe:
         if self.wandb_run is not None:
             artifact = None
             if self.cfg.tracking.wandb_log_model:
-                artifact = log_model_artifact(self.wandb_run, model_dir, f"model-{Path(self.cfg.run_dir).resolve().name}",
-                                              {"fingerprint": self.stage.fingerprint(), "base_model": self.tcfg.base_model})
+                artifact = log_model_artifact(self.wandb_run, model_dir,
+                                              f"model-{Path(self.cfg.run_dir).resolve().name}",
+                                              {"fingerprint": self.stage.fingerprint(),
+                                               "base_model": self.tcfg.base_model})
             extra["wandb"] = {"id": self.wandb_run.id, "project": self.wandb_run.project,
                               "group": self.wandb_run.group, "dir": str(Path(self.wandb_run.dir).parent),
                               "model_artifact": artifact}

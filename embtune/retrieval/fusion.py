@@ -11,6 +11,7 @@ sentence-transformers and faiss have no run-level fusion; these are the few line
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 
 logger = logging.getLogger(__name__)

@@ -194,7 +194,8 @@ class OnnxEncoder:
         if not onnx_path.is_absolute():
             onnx_path = Path(model_dir) / onnx_path
         if not onnx_path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {onnx_path} (write it with embtune.retrieval.onnx.export_onnx)")
+            raise FileNotFoundError(f"ONNX model not found: {onnx_path} "
+                                    "(write it with embtune.retrieval.onnx.export_onnx)")
         self.model = SentenceTransformer(str(model_dir), device="cpu")
         if max_seq_length:
             self.model.max_seq_length = max_seq_length

@@ -78,7 +78,8 @@ class TrainConfig:
     # (train's, and export's, whose model card records the train section), so changing one reruns nothing.
     bookkeeping_keys: ClassVar[tuple[str, ...]] = ("logging_steps", "save_steps", "save_total_limit")
     # Keys that moved to another section: an old recipe's error says where they went.
-    moved_keys: ClassVar[dict[str, str]] = {"report_to": "tracking.report_to", "wandb_project": "tracking.wandb_project",
+    moved_keys: ClassVar[dict[str, str]] = {"report_to": "tracking.report_to",
+                                            "wandb_project": "tracking.wandb_project",
                                             "wandb_log_model": "tracking.wandb_log_model"}
 
     def validate(self) -> None:

@@ -205,20 +205,30 @@ def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
         assert 0 < value < 5
 
 
+def asymmetric_model(base_dir, out_dir):
+    """(base, student): a student perturbed from the base, saved at ``out_dir`` as a Router (student queries, base
+    documents), as label-free training with ``train.document_side: base`` saves it."""
+    from sentence_transformers import SentenceTransformer
+
+    from train.recipe import save_asymmetric
+
+    base = SentenceTransformer(str(base_dir), device="cpu")
+    student = SentenceTransformer(str(base_dir), device="cpu")
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_asymmetric(student, str(base_dir), out_dir)
+    return base, student
+
+
 def test_asymmetric_model_keeps_the_base_index(tmp_path, tiny_model_dir):
     """train.document_side: base saves a Router: queries take the trained route, documents the base model's, and
     the document side's embedding-cache key is the base model's (the corpus is not encoded again)."""
     from sentence_transformers import SentenceTransformer
 
     from embtune.retrieval.encoder import cache_key, encode
-    from train.recipe import save_asymmetric
 
-    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    student = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_asymmetric(student, str(tiny_model_dir), tmp_path / "model")
+    base, student = asymmetric_model(tiny_model_dir, tmp_path / "model")
     model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
     texts = ["star planet orbit", "flour butter sugar"]
     np.testing.assert_allclose(encode(model, texts, role="document"), encode(base, texts), atol=1e-5)
@@ -234,18 +244,10 @@ def test_asymmetric_model_keeps_the_base_index(tmp_path, tiny_model_dir):
 def test_bundle_of_an_asymmetric_model_indexes_documents_and_serves_queries_by_role(tmp_path, tiny_model_dir):
     """Export and serve keep the routes apart: the index holds the base (document) route's vectors and a query is
     encoded with the trained route, as eval encodes them, so /search ranks as eval measured."""
-    from sentence_transformers import SentenceTransformer
-
     from embtune.retrieval.encoder import encode
     from serve.bundle import build_bundle, load_bundle
-    from train.recipe import save_asymmetric
 
-    base = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    student = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_asymmetric(student, str(tiny_model_dir), tmp_path / "model")
+    base, student = asymmetric_model(tiny_model_dir, tmp_path / "model")
     docs = [{"_id": f"d{i}", "text": t} for i, t in enumerate(["star planet orbit", "flour butter sugar", "tide moon"])]
     bundle = load_bundle(build_bundle(tmp_path / "model", docs, tmp_path / "bundle"))
     stored = bundle.index.reconstruct_n(0, len(docs))  # (n_docs, dim)

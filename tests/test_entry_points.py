@@ -85,7 +85,7 @@ def test_eval_split_missing_qrels_names_the_file(tmp_path, tiny_beir, capsys):
             "tracking.report_to=none", "eval.compare_base=false"]
     assert main(args) == 2
     lines = error_lines(capsys.readouterr().err)
-    assert lines == [f"data error: {tiny_beir / 'qrels' / 'validation.tsv'}: file not found "
+    assert lines == [f"missing input: {tiny_beir / 'qrels' / 'validation.tsv'}: file not found "
                      "(eval.split=validation needs judged queries)"]
 
 

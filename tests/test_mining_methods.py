@@ -262,3 +262,15 @@ def test_exact_search_without_faiss_matches_faiss(monkeypatch):
     np.testing.assert_allclose(fallback_scores, scores, rtol=1e-5)
     with pytest.raises(ImportError, match="needs faiss"):
         index.search(docs, queries, 10, index="ivf")
+
+
+def test_exact_search_without_faiss_says_so_once(monkeypatch, caplog):
+    from embtune.retrieval import index
+
+    monkeypatch.setattr(index, "faiss", None)
+    index._say_no_faiss.cache_clear()
+    docs = np.eye(4, dtype=np.float32)
+    with caplog.at_level("WARNING", logger="embtune.retrieval.index"):
+        for _ in range(3):
+            index.search(docs, docs[:1], 2)
+    assert [r.message for r in caplog.records].count("faiss is not installed: exact search with numpy") == 1

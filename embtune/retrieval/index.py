@@ -10,6 +10,7 @@ an exact numpy search with the same ordering, and says so once; the other index 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -52,9 +53,15 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, index: str = "fla
     return scores, indices.astype(np.int64)
 
 
+@functools.cache
+def _say_no_faiss() -> None:
+    # Once per process: the server searches one query at a time.
+    logger.warning("faiss is not installed: exact search with numpy")
+
+
 def _numpy_exact(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product, best first (ties by lower index, as IndexFlatIP returns them)."""
-    logger.warning("faiss is not installed: exact search with numpy")
+    _say_no_faiss()
     scores = query_emb @ doc_emb.T  # (n_queries, n_docs)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (n_queries, k)
     return np.take_along_axis(scores, order, axis=1), order.astype(np.int64)

@@ -274,3 +274,24 @@ def test_exact_search_without_faiss_says_so_once(monkeypatch, caplog):
         for _ in range(3):
             index.search(docs, docs[:1], 2)
     assert [r.message for r in caplog.records].count("faiss is not installed: exact search with numpy") == 1
+
+
+def test_retriever_dense_index_without_faiss_matches_faiss(monkeypatch):
+    """eval and serve search through spec.DenseIndex: without faiss (a slim GPU box) it must rank as faiss does."""
+    from embtune.retrieval import index
+    from embtune.retrieval.spec import DenseIndex
+
+    rng = np.random.default_rng(2)
+    docs = rng.standard_normal((300, 16)).astype(np.float32)
+    queries = rng.standard_normal((7, 16)).astype(np.float32)
+    allowed = np.sort(rng.choice(300, 40, replace=False)).astype(np.int64)
+    with_faiss = DenseIndex(docs, 8, "fp32")
+    expected = [with_faiss.search(queries, 10), with_faiss.search(queries, 10, allowed=allowed)]
+    monkeypatch.setattr(index, "faiss", None)
+    fallback = DenseIndex(docs, 8, "fp32")
+    for (scores, indices), got in zip(expected, [fallback.search(queries, 10),
+                                                 fallback.search(queries, 10, allowed=allowed)]):
+        np.testing.assert_array_equal(got[1], indices)
+        np.testing.assert_allclose(got[0], scores, rtol=1e-5)
+    with pytest.raises(ImportError, match="needs faiss"):
+        DenseIndex(docs, 8, "int8")

@@ -34,7 +34,7 @@ def search(doc_emb: np.ndarray, query_emb: np.ndarray, k: int, index: str = "fla
     n_docs, dim = doc_emb.shape
     k = min(k, n_docs)
     if faiss is None and index == "flat":
-        return _numpy_exact(doc_emb, query_emb, k)
+        return numpy_exact(doc_emb, query_emb, k)
     if faiss is None:
         raise ImportError(f"index {index!r} needs faiss: pip install faiss-cpu")
     if index == "flat":
@@ -59,7 +59,7 @@ def _say_no_faiss() -> None:
     logger.warning("faiss is not installed: exact search with numpy")
 
 
-def _numpy_exact(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def numpy_exact(doc_emb: np.ndarray, query_emb: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product, best first (ties by lower index, as IndexFlatIP returns them)."""
     _say_no_faiss()
     scores = query_emb @ doc_emb.T  # (n_queries, n_docs)

@@ -207,13 +207,20 @@ class DenseIndex:
     """A FAISS index over the documents at one dim and precision, searched one query at a time (see module doc)."""
 
     def __init__(self, doc_emb: np.ndarray, dim: int, precision: str) -> None:
-        import faiss
+        from embtune.retrieval.index import faiss
 
         full = doc_emb.shape[1]
         if dim > full:
             raise ValueError(f"dense.dim {dim} is larger than the embeddings' dimension {full}")
         self.dim = dim or full
         vectors = truncate(doc_emb, self.dim) if self.dim < full else np.ascontiguousarray(doc_emb, np.float32)
+        self.full_dim = full
+        self.vectors = None
+        if faiss is None and precision == "fp32":  # a slim environment: exact numpy search, as index.search does
+            self.index, self.vectors = None, vectors
+            return
+        if faiss is None:
+            raise ImportError(f"dense.precision {precision!r} needs faiss: pip install faiss-cpu")
         if precision == "fp32":
             self.index = faiss.IndexFlatIP(self.dim)
         elif precision == "int8":
@@ -223,15 +230,18 @@ class DenseIndex:
         else:
             raise ValueError(f"dense.precision must be one of {PRECISIONS}, got {precision!r}")
         self.index.add(vectors)
-        self.full_dim = full
 
     def search(self, query_emb: np.ndarray, k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices), each (n_queries, <= k); FAISS pads a short result with index -1."""
-        import faiss
+        from embtune.retrieval.index import faiss, numpy_exact
 
         queries = truncate(query_emb, self.dim) if self.dim < query_emb.shape[1] else query_emb
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (n_queries, dim)
+        if self.vectors is not None:
+            rows = np.arange(len(self.vectors)) if allowed is None else np.asarray(allowed, dtype=np.int64)
+            scores, order = numpy_exact(self.vectors[rows], queries, min(k, len(rows)))
+            return scores, rows[order]
         limit = self.index.ntotal if allowed is None else int(allowed.size)
         k = min(k, limit)
         params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))

@@ -200,6 +200,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "corpus_embeddings.npy", doc_emb)
     (out / "doc_ids.json").write_text(json.dumps(doc_ids))
+    (out / "doc_texts.json").write_text(json.dumps(doc_texts))  # what was embedded (symmetric training reads it)
     teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, cfg.bm25, cfg.mining.batch_size)
 
     report: dict[str, Any] = {"documents_in_corpus": len(doc_ids)}

@@ -208,6 +208,51 @@ def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
         assert 0 < value < 5
 
 
+
+def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_dir):
+    """train.query_distill_documents: m candidates per row (the teacher's top 2 first, the rest drawn in rank
+    order) are encoded by the student, so one plain model comes out whose document embeddings moved."""
+    from datasets import load_from_disk
+    from sentence_transformers import SentenceTransformer
+
+    from data_prep.run import run as run_data_prep
+    from train.losses import labelfree_dataset
+    from train.recipe import run as run_train
+
+    corpus_dir = sentence_corpus(tmp_path / "c")
+    model_dir = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, model_dir)
+    cfg = recipe(tmp_path, corpus_dir, model_dir, "train.document_side=student", "train.query_distill_documents=4")
+    outputs = run_data_prep(cfg)
+    table = load_from_disk(outputs["train_table"])
+    texts = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_texts.json").read_text())
+    rows = labelfree_dataset(table, texts, 4, seed=0)
+    assert rows.column_names == ["query", "doc_1", "doc_2", "doc_3", "doc_4", "label"]
+    first, row = table[0], rows[0]
+    assert [row["doc_1"], row["doc_2"]] == [texts[first["candidates"][0]], texts[first["candidates"][1]]]
+    assert row["label"][:2] == first["teacher_scores"][:2]
+    assert row["label"] == sorted(row["label"], reverse=True)  # the drawn ones keep the teacher's rank order
+    assert set(row["label"]) <= set(first["teacher_scores"])
+
+    run_train(cfg)
+    model_path = tmp_path / "run" / "train" / "model"
+    assert not (model_path / "router_config.json").exists()  # one plain model for both sides
+    probe = texts[:5]
+    before = SentenceTransformer(str(model_dir), device="cpu").encode(probe)
+    after = SentenceTransformer(str(model_path), device="cpu").encode(probe)
+    assert not np.allclose(before, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("bad, key", [(["train.query_distill_documents=4"], "document_side"),
+                                      (["train.document_side=student", "train.query_distill_documents=1"], ">= 2"),
+                                      (["train.document_side=student", "train.query_distill_documents=4",
+                                        "train.query_distill_over=corpus"], "candidates")])
+def test_symmetric_distillation_config_errors(tmp_path, bad, key):
+    from embtune.config import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, [f"run_dir={tmp_path}", f"data.path={tmp_path}", "data.queries=labelfree", *bad])
+
 def asymmetric_model(base_dir, out_dir):
     """(base, student): a student perturbed from the base, saved at ``out_dir`` as a Router (student queries, base
     documents), as label-free training with ``train.document_side: base`` saves it."""

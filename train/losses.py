@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -37,14 +38,14 @@ def training_columns(tcfg, available: list[str]) -> list[str]:
     return ["query", "positive", *negatives]
 
 
-def training_dataset(table, tcfg):
+def training_dataset(table, tcfg, doc_texts: list[str] | None = None):
     """The columns the loss reads (:func:`training_columns`), plus a ``label`` column for distillation losses.
 
     - ``margin_mse``: label = ``margin_mse_scale * (score_positive - score_negative_i)`` for i in 1..k, (k,) per row;
     - ``distill_kl``: label = ``[score_positive, score_negative_1, ..., score_negative_k]``, (k + 1,) per row.
     """
     if is_labelfree_table(table.column_names):
-        return labelfree_dataset(table)
+        return labelfree_dataset(table, doc_texts, tcfg.query_distill_documents, tcfg.seed)
     columns = training_columns(tcfg, table.column_names)
     part = distillation_part(tcfg.loss)
     if part is None:
@@ -73,10 +74,17 @@ def is_labelfree_table(columns: list[str]) -> bool:
     return all(c in columns for c in LABELFREE_COLUMNS)
 
 
-def labelfree_dataset(table):
+def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int = 0, seed: int = 0):
     """``query`` and one ``label`` per row: ``[source row, candidate rows (k), teacher scores (k), base cosines (k)]``
     (row = a passage's row in the corpus embedding matrix; -1 when the source is unknown). The collator turns the
-    label into a float tensor; row numbers stay exact below 2**24 passages."""
+    label into a float tensor; row numbers stay exact below 2**24 passages.
+
+    With ``documents`` = m > 0 (the symmetric form), each row instead has the texts ``doc_1..doc_m`` of m of its
+    candidates (from ``doc_texts``, the corpus in embedding-row order): the teacher's top 2 and m - 2 drawn (seeded)
+    from the rest, in rank order; label = their teacher scores (m,).
+    """
+    if documents:
+        return symmetric_dataset(table, doc_texts, documents, seed)
     has_source = "source_row" in table.column_names
 
     def add_label(batch: dict[str, list]) -> dict[str, list]:
@@ -89,6 +97,27 @@ def labelfree_dataset(table):
 
     dataset = table.map(add_label, batched=True, desc="teacher labels")
     return dataset.select_columns(["query", "label"])
+
+
+def symmetric_dataset(table, doc_texts: list[str], documents: int, seed: int):
+    """See :func:`labelfree_dataset` (``documents`` > 0)."""
+    rng = np.random.default_rng(seed)
+
+    def add_documents(batch: dict[str, list]) -> dict[str, list]:
+        columns: dict[str, list] = {f"doc_{j}": [] for j in range(1, documents + 1)}
+        labels = []
+        for rows, scores in zip(batch["candidates"], batch["teacher_scores"]):
+            k = len(rows)
+            rest = rng.choice(np.arange(2, k), size=min(documents - 2, max(k - 2, 0)), replace=False) if k > 2 else []
+            picked = [*range(min(2, k)), *sorted(int(i) for i in rest)]
+            picked += [picked[-1]] * (documents - len(picked))  # a short list repeats its last candidate
+            for j, position in enumerate(picked, 1):
+                columns[f"doc_{j}"].append(doc_texts[rows[position]])
+            labels.append([float(scores[position]) for position in picked])
+        return {**columns, "label": labels}
+
+    dataset = table.map(add_documents, batched=True, desc="candidate passages")
+    return dataset.select_columns(["query", *(f"doc_{j}" for j in range(1, documents + 1)), "label"])
 
 
 class QueryDistillLoss(nn.Module):
@@ -110,7 +139,9 @@ class QueryDistillLoss(nn.Module):
         doc_embeddings: (n_docs, dim) normalized corpus embeddings.
         objective: ``"kl"`` or ``"margin_mse"``.
 
-    Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`.
+    Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`. Symmetric form
+    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, m) = the
+    teacher's scores of those candidates; the student encodes the passages too, so its document side trains.
     """
 
     def __init__(self, model, doc_embeddings: torch.Tensor, objective: str = "kl", student_temperature: float = 0.05,
@@ -124,11 +155,15 @@ class QueryDistillLoss(nn.Module):
         self.over = over
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
-        query = self.model(sentence_features[0])["sentence_embedding"]
-        return self.compute_loss_from_embeddings([query], labels)
+        embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
+        return self.compute_loss_from_embeddings(embeddings, labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
+        if len(embeddings) > 1:  # symmetric: the candidates were encoded by the student
+            docs = torch.nn.functional.normalize(torch.stack(embeddings[1:], dim=1), dim=-1)  # (batch, m, dim)
+            student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
+            return self.kl(labels, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
         k = (labels.shape[1] - 1) // 3
         source = labels[:, 0].long()  # (batch,)
         rows = labels[:, 1:1 + k].long()  # (batch, k)
@@ -144,16 +179,19 @@ class QueryDistillLoss(nn.Module):
             target = b_low + (teacher - t_low) / t_span * b_span  # (batch, k) on the base cosines' scale
             return torch.nn.functional.mse_loss(student - student.mean(1, keepdim=True),
                                                 target - target.mean(1, keepdim=True))
-        target = torch.softmax(teacher / self.teacher_temperature, dim=1)  # (batch, k)
-        logits = student / self.student_temperature
         if self.over == "corpus":
             everything = query @ docs.T / self.student_temperature  # (batch, n_docs)
             known = source >= 0
             everything[known, source[known]] = float("-inf")  # the source is no negative
             log_norm = torch.logsumexp(everything, dim=1, keepdim=True)  # (batch, 1)
         else:
-            log_norm = torch.logsumexp(logits, dim=1, keepdim=True)
-        log_student = logits - log_norm
+            log_norm = torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True)
+        return self.kl(teacher, student, log_norm)
+
+    def kl(self, teacher: torch.Tensor, student: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
+        """KL(teacher softmax || student softmax) per row, averaged; ``log_norm`` (batch, 1) normalizes the student."""
+        target = torch.softmax(teacher / self.teacher_temperature, dim=1)  # (batch, k)
+        log_student = student / self.student_temperature - log_norm
         return (target * (torch.log(target.clamp_min(1e-12)) - log_student)).sum(1).mean()
 
 

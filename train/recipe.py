@@ -81,7 +81,7 @@ class Recipe:
                                     config_kwargs=config_kwargs)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
-        train_dataset = training_dataset(table, t)
+        train_dataset = training_dataset(table, t, self.corpus_texts() if t.query_distill_documents else None)
         logger.info("training on %d rows, columns %s", len(train_dataset), train_dataset.column_names)
 
         if t.group_by_length:
@@ -149,6 +149,11 @@ class Recipe:
 
         outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
         return build_query_loss(model, t, np.load(outputs["corpus_embeddings"]))
+
+    def corpus_texts(self) -> list[str]:
+        """The passages of a label-free table's corpus, in the row order of its embeddings (data_prep wrote both)."""
+        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        return json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_texts.json").read_text())
 
     def dev_evaluator(self):
         """sentence-transformers' IR evaluator on the dev queries data_prep carved from the train split."""

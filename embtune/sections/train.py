@@ -35,6 +35,10 @@ class TrainConfig:
     # The student's softmax over the teacher's candidates, or over the whole corpus (every other passage, the
     # query's source excepted, must then score below them too).
     query_distill_over: Literal["candidates", "corpus"] = "candidates"
+    # 0: the document side is the base model's fixed corpus embeddings (only queries are encoded in a step). m > 0:
+    # the student also encodes m of each query's candidates (the teacher's top 2 and m - 2 drawn from the rest) and
+    # its document side trains too (symmetric; needs document_side: student; m + 1 texts a row cost m + 1 times).
+    query_distill_documents: int = 0
     # Label-free models: "base" saves an asymmetric model (a sentence-transformers Router: queries through the
     # trained encoder, documents through the base model unchanged), so an index built with the base model stays
     # valid and matches what training saw; "student" saves one model for both sides (the corpus is re-encoded).
@@ -97,6 +101,16 @@ class TrainConfig:
             raise ValueError("train.loss distill_kl needs train.num_negatives >= 1")
         if self.matryoshka_dims and sorted(self.matryoshka_dims, reverse=True) != self.matryoshka_dims:
             raise ValueError("train.matryoshka_dims must be in decreasing order")
+        if self.query_distill_documents < 0 or self.query_distill_documents == 1:
+            raise ValueError("train.query_distill_documents must be 0 (fixed corpus embeddings) or >= 2")
+        if self.query_distill_documents and self.document_side != "student":
+            raise ValueError("train.query_distill_documents > 0 trains the document side: set "
+                             "train.document_side: student")
+        if self.query_distill_documents and self.loss == "query_margin_mse":
+            raise ValueError("train.query_distill_documents > 0 is a form of query_kl, not query_margin_mse")
+        if self.query_distill_documents and self.query_distill_over == "corpus":
+            raise ValueError("train.query_distill_documents > 0 scores the encoded candidates only: "
+                             "train.query_distill_over must be candidates")
 
 
 @dataclass

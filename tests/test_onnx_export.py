@@ -1,8 +1,9 @@
 """ONNX export: the exported model embeds like the torch model (fp32 exactly, int8 within a measured tolerance).
 
-Reference numbers (2026-11-30, onnxruntime 1.32.0, CPU): all-MiniLM-L6-v2 fp32 max |diff| 1.8e-7; int8 (fused
-graph, MatMuls dynamic-quantized with per-channel weights) worst cosine 0.976 over the short texts below (0.981 with
-every op type quantized on the unfused graph, which was slower). Thresholds leave room for other CPUs' kernels.
+Reference numbers (2026-11-30, onnxruntime 1.32.0, CPU): all-MiniLM-L6-v2 fp32 max |diff| 1.8e-7; int8 (eager
+attention export, fused graph, MatMuls and Attention dynamic-quantized with per-channel weights) worst cosine 0.976
+over the short texts below (the same as the earlier recipe that quantized MatMuls only). Thresholds leave room for
+other CPUs' kernels.
 """
 
 from __future__ import annotations
@@ -80,6 +81,20 @@ def test_tiny_fp32_and_int8_match_torch(tiny_model_dir, tmp_path):
     assert cos > 0.9999 and diff < 1e-4, (cos, diff)
     cos, diff = _compare(model_dir, paths["int8"])
     assert cos > 0.98, cos
+
+
+
+def test_int8_graph_has_fused_quantized_attention(tiny_model_dir, tmp_path):
+    """The speed recipe (embtune.retrieval.onnx.quantize_int8): attention exported eagerly fuses into one
+    quantized op per layer; the SDPA export left a Where over every attention matrix, a quarter of the run time."""
+    import onnx
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    paths = export_onnx(model_dir, quantize=True)
+    ops = [node.op_type for node in onnx.load(str(paths["int8"])).graph.node]
+    assert ops.count("QAttention") == 2  # one per layer
+    assert "Where" not in ops and "IsNaN" not in ops
 
 
 @pytest.mark.slow

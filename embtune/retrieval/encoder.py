@@ -102,10 +102,14 @@ def cache_key(model_path: str, max_seq_length: int, role: str | None = None) -> 
     return f"{key}_{max_seq_length}"
 
 
+# Bumped when embtune.retrieval.onnx exports differently, so an export cached by an older recipe is not reused.
+ONNX_RECIPE = "v2"
+
+
 def onnx_export_dir(model_path: str) -> Path:
     """Where :func:`load_encoder` exports a model that ships no ``onnx/`` folder: beside the embedding cache, by
-    the model's content hash (so a retrained folder gets a fresh export)."""
-    return cache_dir().parent / "onnx" / cache_key(model_path, 0).removesuffix("_0")
+    the model's content hash (so a retrained folder gets a fresh export) and the export recipe."""
+    return cache_dir().parent / "onnx" / f"{cache_key(model_path, 0).removesuffix('_0')}-{ONNX_RECIPE}"
 
 
 def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = None, backend: str = "torch",

@@ -45,7 +45,7 @@ from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
-from embtune.retrieval.encoder import BACKENDS, encode, load_encoder  # noqa: E402
+from embtune.retrieval.encoder import BACKENDS, ONNX_RECIPE, encode, load_encoder  # noqa: E402
 from embtune.retrieval.index import exact_search, to_run  # noqa: E402
 from eval.metrics import evaluate  # noqa: E402
 
@@ -107,6 +107,12 @@ def main() -> None:
         return plain.encode(doc_texts, batch_size=args.batch_size, convert_to_numpy=True,
                             normalize_embeddings=True, show_progress_bar=False)
 
+    # Every earlier run stays in the file (other_runs), newest last: a ratio is quoted with the runs behind it.
+    previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
+    other_runs = previous.get("other_runs", [])
+    if previous.get("runs"):
+        other_runs = [*other_runs, {k: previous.get(k) for k in ("ratio", "ndcg_delta", "onnx_recipe", "runs",
+                                                                 "complete", "command", "versions")}]
     runs, first_emb = [], {}
     record = {
         "benchmark": "encode_speed",
@@ -115,7 +121,7 @@ def main() -> None:
         "dataset": "BEIR SciFact corpus (../shared/data/beir/scifact)",
         "num_documents": len(doc_texts), "num_queries": len(query_ids), "model": args.model,
         "max_seq_length": plain.max_seq_length, "threads": args.threads, "batch_size": args.batch_size,
-        "padding": padding, "export_seconds": export_seconds,
+        "padding": padding, "export_seconds": export_seconds, "onnx_recipe": ONNX_RECIPE,
     }
 
     def write(final: bool) -> None:
@@ -138,7 +144,8 @@ def main() -> None:
         out = {**record, "complete": final, "runs": runs, "backends": per_backend, "best_backend": best,
                "ratio": per_backend[best].get("ratio"), "ndcg@10": record.get("ndcg@10", {}),
                "ndcg_delta": record.get("ndcg_delta", {}).get(best),
-               "command": bench_command(sys.argv), "machine": machine(), "versions": versions()}
+               "command": bench_command(sys.argv), "machine": machine(), "versions": versions(),
+               "other_runs": other_runs}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 

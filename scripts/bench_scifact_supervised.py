@@ -55,6 +55,8 @@ def main() -> int:
     parser.add_argument("--candidates", default=",".join(GRID), help="tune: which GRID entries to try")
     parser.add_argument("--choice", default="", help="final: GRID entry to use (default: best on dev)")
     parser.add_argument("--stages", default="data_prep,train,eval,export", help="final: the pipeline stages to run")
+    parser.add_argument("--out", default=str(RESULTS / "scifact_supervised.json"),
+                        help="final: the result file (distilled adds to scifact_supervised.json)")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
@@ -98,7 +100,7 @@ def main() -> int:
                       choice, cfg, overrides, results, report, wall, start, command,
                       published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9,
                                  "bge-small-en-v1.5": 71.3})
-    (RESULTS / "scifact_supervised.json").write_text(json.dumps(out, indent=2))
+    Path(args.out).write_text(json.dumps(out, indent=2))
     print(json.dumps(out["results"], indent=1))
     return 0
 
@@ -124,6 +126,10 @@ def distilled(args, command: str, start: float) -> int:
     final["distilled"] = {
         "what": "the final phase's recipe plus MarginMSE toward its own fine-tuned model fused with BM25 "
                 "(train.loss mnrl+margin_mse, mining.teacher hybrid)",
+        # the plain model trained beside it (the teacher's dense part) on the same machine: results.finetuned may
+        # come from another run of the final phase
+        "plain_same_machine": {row: percent(plain["results"][row]) for row in ("finetuned", "finetuned+bm25_weighted")
+                               if row in plain["results"]},
         "overrides": overrides, "teacher_model": teacher_model,
         "significance": {
             "distilled vs finetuned": compare_systems(plain["per_query"]["finetuned"],

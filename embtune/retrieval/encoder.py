@@ -103,7 +103,7 @@ def cache_key(model_path: str, max_seq_length: int, role: str | None = None) -> 
 
 
 # Bumped when embtune.retrieval.onnx exports differently, so an export cached by an older recipe is not reused.
-ONNX_RECIPE = "v2"
+ONNX_RECIPE = "v3"
 
 
 def onnx_export_dir(model_path: str) -> Path:

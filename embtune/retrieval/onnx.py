@@ -63,36 +63,52 @@ def _require_onnxruntime() -> None:
                           "pip install onnx onnxruntime") from None
 
 
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, num_heads: int = 0, hidden_size: int = 0) -> Path:
+ATTENTION_RECIPES = ("int8_after_first", "int8", "unfused")
+
+
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, num_heads: int = 0, hidden_size: int = 0,
+                  attention: str = "int8_after_first") -> Path:
     """Write an int8 dynamic-quantized copy of an fp32 transformer graph (weights int8, activations at run time).
 
     The graph is first fused by onnxruntime's BERT optimizer (attention, layer norm, GELU), then its MatMuls and
-    fused Attention ops (QKV projection) are quantized, per channel. ``num_heads`` / ``hidden_size`` (the model
-    config's) let the attention fusion match: with 0 the optimizer guesses them from the graph, and for
+    fused Attention ops (QKV projection) are quantized, per channel. ``attention``: ``int8_after_first`` leaves the
+    first layer's Attention fp32 (its input is the embedding layer norm's output), ``int8`` quantizes every layer's,
+    ``unfused`` leaves attention as separate ops (their MatMuls quantized). ``num_heads`` / ``hidden_size`` (the
+    model config's) let the attention fusion match: with 0 the optimizer guesses them from the graph, and for
     all-MiniLM-L6-v2 it failed and left attention unfused.
 
-    Measured (all-MiniLM-L6-v2, 384 shuffled SciFact documents, 2 threads, quiet machine, docs/s; torch 23.0):
-    the graph exported through SDPA, MatMuls quantized 37.7 (its profile: 22% of the time in a ``Where`` and 3% in
-    ``IsNaN`` over every attention matrix, transformers' SDPA masking); exported through eager attention, MatMuls
-    quantized 47.2; eager + attention fused, MatMuls only 41.2; eager + fused + QAttention **51.3** (this recipe).
-    Worst cosine to the first torch pass 0.991-0.993 for all. Per-tensor scales cost accuracy (worst cosine
-    0.98 -> 0.91). The full measurement: scripts/bench_encode_speed.py.
+    Measured (all-MiniLM-L6-v2, 2 threads, quiet machine; scripts/bench_int8_recipes.py and
+    benchmarks/results/int8_recipes.json): the graph exported through SDPA spent a quarter of its time in a
+    ``Where`` and an ``IsNaN`` over every attention matrix (transformers' SDPA masking) and ran at 37.7 docs/s on
+    384 documents (torch 23.0); exported through eager attention, MatMuls quantized 47.2; + attention fused and
+    quantized in every layer 51.3; the first layer's attention left fp32 49.8. On the dev queries (SciFact train)
+    the last was the closest to torch. Per-tensor scales cost accuracy (worst cosine 0.98 -> 0.91).
     """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    if attention not in ATTENTION_RECIPES:
+        raise ValueError(f"attention must be one of {ATTENTION_RECIPES}, got {attention!r}")
+    options = FusionOptions("bert")
+    options.enable_attention = attention != "unfused"
     int8_path = Path(int8_path)
     with tempfile.TemporaryDirectory(dir=int8_path.parent) as tmp:
         fused_path = Path(tmp) / "fused.onnx"
         # Fusion is pattern matching: a graph it does not recognise stays as it was, still correct.
         fused = optimize_model(str(fp32_path), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                               opt_level=1)
+                               opt_level=1, optimization_options=options)
         logger.info("fused operators: %s", fused.get_fused_operator_statistics())
         fused.save_model_to_file(str(fused_path))
+        fused_attention = [node.name for node in onnx.load(str(fused_path)).graph.node
+                           if node.op_type == "Attention"]
         # The fused graph has contrib ops (Attention, SkipLayerNormalization) that ONNX shape inference cannot
         # type; their outputs are float32.
         quantize_dynamic(str(fused_path), str(int8_path), weight_type=QuantType.QInt8, per_channel=True,
-                         op_types_to_quantize=["MatMul", "Attention"], extra_options={"DefaultTensorType": 1})
+                         op_types_to_quantize=["MatMul", "Attention"],
+                         nodes_to_exclude=fused_attention[:1] if attention == "int8_after_first" else [],
+                         extra_options={"DefaultTensorType": 1})
     return int8_path
 
 

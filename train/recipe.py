@@ -79,6 +79,9 @@ class Recipe:
             config_kwargs["attention_probs_dropout_prob"] = t.attention_dropout
         model = SentenceTransformer(resolve_model(t.base_model), device="cpu" if t.use_cpu else None,
                                     config_kwargs=config_kwargs)
+        # train.max_seq_length truncates training texts; the saved model keeps the longer of it and the base's own
+        # limit, so a model trained on short windows (label-free: 128) still reads whole documents at inference.
+        self.saved_max_seq_length = max(t.max_seq_length, model.max_seq_length or 0)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
         train_dataset = training_dataset(table, t, self.corpus_texts() if t.query_distill_documents else None)
@@ -192,6 +195,7 @@ class Recipe:
         model_dir = self.stage.dir / "model"
         if not self.trainer.is_world_process_zero():
             return {}
+        self.trainer.model.max_seq_length = self.saved_max_seq_length
         if self.labelfree and self.tcfg.document_side == "base":
             save_asymmetric(self.trainer.model, self.tcfg.base_model, model_dir)
         else:

@@ -155,8 +155,10 @@ class QueryDistillLoss(nn.Module):
         self.over = over
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
-        embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
-        return self.compute_loss_from_embeddings(embeddings, labels)
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        # the query alone; the symmetric form's candidate columns in one merged forward pass
+        return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
 
     def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)

@@ -150,12 +150,15 @@ class Recipe:
             logger.info("label-free distillation trains the full dimension; train.matryoshka_dims is not used")
         import numpy as np
 
-        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        outputs = self.data_prep_outputs()
         return build_query_loss(model, t, np.load(outputs["corpus_embeddings"]))
+
+    def data_prep_outputs(self) -> dict[str, str]:
+        return json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
 
     def corpus_texts(self) -> list[str]:
         """The passages of a label-free table's corpus, in the row order of its embeddings (data_prep wrote both)."""
-        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        outputs = self.data_prep_outputs()
         return json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_texts.json").read_text())
 
     def dev_evaluator(self):
@@ -164,7 +167,7 @@ class Recipe:
 
         from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 
-        outputs = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]
+        outputs = self.data_prep_outputs()
         if "dev_qrels" not in outputs:
             raise ConfigError("train.eval_steps needs dev queries: set data.dev_fraction > 0 and rerun data_prep",
                               "train.eval_steps", self.cfg.source)

@@ -208,7 +208,6 @@ def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
         assert 0 < value < 5
 
 
-
 def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_dir):
     """train.query_distill_documents: m candidates per row (the teacher's top 2 first, the rest drawn in rank
     order) are encoded by the student, so one plain model comes out whose document embeddings moved."""

@@ -238,12 +238,17 @@ class DenseIndex:
 
         queries = truncate(query_emb, self.dim) if self.dim < query_emb.shape[1] else query_emb
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (n_queries, dim)
-        if self.vectors is not None:
-            rows = np.arange(len(self.vectors)) if allowed is None else np.asarray(allowed, dtype=np.int64)
-            scores, order = numpy_exact(self.vectors[rows], queries, min(k, len(rows)))
-            return scores, rows[order]
-        limit = self.index.ntotal if allowed is None else int(allowed.size)
+        limit = len(self.vectors) if self.index is None else self.index.ntotal
+        limit = limit if allowed is None else int(allowed.size)
         k = min(k, limit)
+        if self.index is None:  # numpy, one query at a time like FAISS below; a subset only when one is asked for
+            vectors = self.vectors if allowed is None else self.vectors[allowed]
+            scores = np.empty((len(queries), k), dtype=np.float32)
+            indices = np.empty((len(queries), k), dtype=np.int64)
+            for row in range(len(queries)):
+                s, i = numpy_exact(vectors, queries[row:row + 1], k)
+                scores[row], indices[row] = s[0], (i[0] if allowed is None else allowed[i[0]])
+            return scores, indices
         params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
         scores = np.empty((len(queries), k), dtype=np.float32)
         indices = np.empty((len(queries), k), dtype=np.int64)

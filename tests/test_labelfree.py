@@ -230,9 +230,14 @@ def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_di
     assert rows.column_names == ["query", "doc_1", "doc_2", "doc_3", "doc_4", "label"]
     first, row = table[0], rows[0]
     assert [row["doc_1"], row["doc_2"]] == [texts[first["candidates"][0]], texts[first["candidates"][1]]]
-    assert row["label"][:2] == first["teacher_scores"][:2]
-    assert row["label"] == sorted(row["label"], reverse=True)  # the drawn ones keep the teacher's rank order
-    assert set(row["label"]) <= set(first["teacher_scores"])
+    k = len(first["candidates"])
+    source, picked_rows, picked, candidates, scores = (row["label"][:1], row["label"][1:5], row["label"][5:9],
+                                                       row["label"][9:9 + k], row["label"][9 + k:])
+    assert source == [first["source_row"]] and candidates == first["candidates"] and scores == first["teacher_scores"]
+    assert picked_rows[:2] == first["candidates"][:2] and picked[:2] == first["teacher_scores"][:2]
+    assert picked == sorted(picked, reverse=True)  # the drawn ones keep the teacher's rank order
+    assert [texts[int(r)] for r in picked_rows] == [row[f"doc_{j}"] for j in range(1, 5)]
+    assert set(picked) <= set(first["teacher_scores"])
 
     run_train(cfg)
     model_path = tmp_path / "run" / "train" / "model"
@@ -242,6 +247,33 @@ def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_di
     assert not np.allclose(base.encode(probe), trained.encode(probe), atol=1e-3)
     # trained on 16-token windows, it still reads documents as far as the base model does
     assert trained.max_seq_length == base.max_seq_length == 64
+
+
+def test_in_batch_teacher_scores_every_passage_of_the_batch_for_every_query():
+    """Symmetric in-batch form: query 0's softmax runs over query 1's passages too. A passage among query 0's own
+    candidates keeps its teacher score wherever in the batch it sits; any other passage scores 0; query 0's dropped
+    source passage (never scored by its teacher) is left out, not taught as a negative."""
+    from train.losses import QueryDistillLoss, in_batch_teacher
+
+    # m = 2, k = 3. Query 0: source 9, candidates 1, 2, 3; query 1: source 1, candidates 4, 3, 9.
+    labels = torch.tensor([[9, 1, 2, 0.9, 0.5, 1, 2, 3, 0.9, 0.5, 0.2],
+                           [1, 4, 9, 1.0, 0.7, 4, 3, 9, 1.0, 0.6, 0.7]])
+    teacher, unscored = in_batch_teacher(labels, 2)
+    # the batch's passages: 1, 2 (query 0's), 4, 9 (query 1's)
+    assert teacher.flatten().tolist() == pytest.approx([0.9, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.7])
+    assert unscored.tolist() == [[False, False, False, True], [True, False, False, False]]
+
+    # a student that agrees with the teacher over the whole batch beats one that agrees on its own passages only
+    loss_fn = QueryDistillLoss(None, torch.zeros(1, 2), teacher_temperature=0.1, student_temperature=0.1)
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # doc_1, doc_2 columns; "far" turns passage 2 (query 0's, a 0 for query 1) away from query 1, same cosine to query 0
+    near = [torch.tensor([[1.0, 0.1], [0.1, 1.0]]), torch.tensor([[1.0, 0.6], [0.6, 1.0]])]
+    far = [torch.tensor([[1.0, 0.1], [0.1, 1.0]]), torch.tensor([[1.0, -0.6], [0.6, 1.0]])]
+    assert float(loss_fn.compute_loss_from_embeddings([query, *far], labels)) < \
+        float(loss_fn.compute_loss_from_embeddings([query, *near], labels))
+    own = QueryDistillLoss(None, torch.zeros(1, 2), in_batch=False)
+    assert float(own.compute_loss_from_embeddings([query, *near], labels)) == pytest.approx(
+        float(own.compute_loss_from_embeddings([query, *far], labels)), abs=1e-6)
 
 
 @pytest.mark.parametrize("bad, key", [(["train.query_distill_documents=4"], "document_side"),

@@ -81,7 +81,8 @@ def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int 
 
     With ``documents`` = m > 0 (the symmetric form), each row instead has the texts ``doc_1..doc_m`` of m of its
     candidates (from ``doc_texts``, the corpus in embedding-row order): the teacher's top 2 and m - 2 drawn (seeded)
-    from the rest, in rank order; label = their teacher scores (m,).
+    from the rest, in rank order; label = ``[source row, their rows (m), their teacher scores (m), candidate rows (k),
+    teacher scores (k)]`` (the whole candidate list, so that the loss can score the batch's other passages too).
     """
     if documents:
         return symmetric_dataset(table, doc_texts, documents, seed)
@@ -106,14 +107,16 @@ def symmetric_dataset(table, doc_texts: list[str], documents: int, seed: int):
     def add_documents(batch: dict[str, list]) -> dict[str, list]:
         columns: dict[str, list] = {f"doc_{j}": [] for j in range(1, documents + 1)}
         labels = []
-        for rows, scores in zip(batch["candidates"], batch["teacher_scores"]):
+        sources = batch["source_row"] if "source_row" in batch else [-1] * len(batch["query"])
+        for rows, scores, source in zip(batch["candidates"], batch["teacher_scores"], sources):
             k = len(rows)
             rest = rng.choice(np.arange(2, k), size=min(documents - 2, max(k - 2, 0)), replace=False) if k > 2 else []
             picked = [*range(min(2, k)), *sorted(int(i) for i in rest)]
             picked += [picked[-1]] * (documents - len(picked))  # a short list repeats its last candidate
             for j, position in enumerate(picked, 1):
                 columns[f"doc_{j}"].append(doc_texts[rows[position]])
-            labels.append([float(scores[position]) for position in picked])
+            labels.append([float(source), *(float(rows[position]) for position in picked),
+                           *(float(scores[position]) for position in picked), *map(float, rows), *map(float, scores)])
         return {**columns, "label": labels}
 
     dataset = table.map(add_documents, batched=True, desc="candidate passages")
@@ -140,12 +143,16 @@ class QueryDistillLoss(nn.Module):
         objective: ``"kl"`` or ``"margin_mse"``.
 
     Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`. Symmetric form
-    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, m) = the
-    teacher's scores of those candidates; the student encodes the passages too, so its document side trains.
+    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, 1 + 2m + 2k);
+    the student encodes the passages too, so its document side trains. With ``in_batch`` each query's softmax runs
+    over every passage of the batch (batch x m, as MNRL's in-batch negatives): the teacher's score of another query's
+    passage is its fused score for this query where the passage is among this query's k candidates, else 0 (the
+    bottom of the per-query min-max scale: outside both members' top lists); the query's own source passage, where
+    the teacher did not score it, is left out. Without it, the softmax runs over the query's own m passages only.
     """
 
     def __init__(self, model, doc_embeddings: torch.Tensor, objective: str = "kl", student_temperature: float = 0.05,
-                 teacher_temperature: float = 0.1, over: str = "candidates") -> None:
+                 teacher_temperature: float = 0.1, over: str = "candidates", in_batch: bool = True) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("doc_embeddings", doc_embeddings, persistent=False)  # (n_docs, dim)
@@ -153,6 +160,7 @@ class QueryDistillLoss(nn.Module):
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
         self.over = over
+        self.in_batch = in_batch
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
         from sentence_transformers.base.losses.merged_forward import embed_columns
@@ -163,9 +171,7 @@ class QueryDistillLoss(nn.Module):
     def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
         if len(embeddings) > 1:  # symmetric: the candidates were encoded by the student
-            docs = torch.nn.functional.normalize(torch.stack(embeddings[1:], dim=1), dim=-1)  # (batch, m, dim)
-            student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
-            return self.kl(labels, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
+            return self.symmetric(query, embeddings[1:], labels)
         k = (labels.shape[1] - 1) // 3
         source = labels[:, 0].long()  # (batch,)
         rows = labels[:, 1:1 + k].long()  # (batch, k)
@@ -190,11 +196,39 @@ class QueryDistillLoss(nn.Module):
             log_norm = torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True)
         return self.kl(teacher, student, log_norm)
 
+    def symmetric(self, query: torch.Tensor, columns: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        m = len(columns)
+        docs = torch.nn.functional.normalize(torch.stack(columns, dim=1), dim=-1)  # (batch, m, dim)
+        if not self.in_batch:
+            student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
+            teacher = labels[:, 1 + m:1 + 2 * m]
+            return self.kl(teacher, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
+        teacher, unscored = in_batch_teacher(labels, m)
+        student = query @ docs.reshape(-1, docs.shape[-1]).T  # (batch, batch * m) cosines
+        student = student.masked_fill(unscored, -1e4 * self.student_temperature)
+        teacher = teacher.masked_fill(unscored, -1e4 * self.teacher_temperature)
+        return self.kl(teacher, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
+
     def kl(self, teacher: torch.Tensor, student: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
         """KL(teacher softmax || student softmax) per row, averaged; ``log_norm`` (batch, 1) normalizes the student."""
         target = torch.softmax(teacher / self.teacher_temperature, dim=1)  # (batch, k)
         log_student = student / self.student_temperature - log_norm
         return (target * (torch.log(target.clamp_min(1e-12)) - log_student)).sum(1).mean()
+
+
+def in_batch_teacher(labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(teacher, unscored), each (batch, batch * m), from symmetric labels (:func:`labelfree_dataset`): the
+    teacher's score of every passage of the batch for every query (its score among the query's candidates, else 0),
+    and where a passage is the query's own source that the teacher did not score (left out of the softmax)."""
+    k = (labels.shape[1] - 1 - 2 * m) // 2
+    source = labels[:, 0].long()  # (batch,)
+    rows = labels[:, 1:1 + m].reshape(-1).long()  # (batch * m,) the batch's passages, query by query
+    candidates = labels[:, 1 + 2 * m:1 + 2 * m + k].long()  # (batch, k)
+    scores = labels[:, 1 + 2 * m + k:]  # (batch, k), >= 0
+    found = candidates[:, :, None] == rows[None, None, :]  # (batch, k, batch * m)
+    teacher = (found * scores[:, :, None]).amax(dim=1)
+    unscored = (rows[None, :] == source[:, None]) & ~found.any(dim=1)
+    return teacher, unscored
 
 
 class WeightedLossSum(nn.Module):
@@ -229,7 +263,8 @@ def build_query_loss(model, tcfg, doc_embeddings) -> QueryDistillLoss:
     return QueryDistillLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
                             objective="margin_mse" if tcfg.loss == "query_margin_mse" else "kl",
                             student_temperature=tcfg.query_student_temperature,
-                            teacher_temperature=tcfg.query_teacher_temperature, over=tcfg.query_distill_over)
+                            teacher_temperature=tcfg.query_teacher_temperature, over=tcfg.query_distill_over,
+                            in_batch=tcfg.query_distill_in_batch)
 
 
 def build_loss(model, tcfg) -> Any:

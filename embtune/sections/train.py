@@ -39,6 +39,9 @@ class TrainConfig:
     # the student also encodes m of each query's candidates (the teacher's top 2 and m - 2 drawn from the rest) and
     # its document side trains too (symmetric; needs document_side: student; m + 1 texts a row cost m + 1 times).
     query_distill_documents: int = 0
+    # Symmetric form: each query's softmax runs over every passage of the batch (the other queries' candidates are
+    # in-batch negatives, teacher score 0 unless among this query's candidates); false = its own m passages only.
+    query_distill_in_batch: bool = True
     # Label-free models: "base" saves an asymmetric model (a sentence-transformers Router: queries through the
     # trained encoder, documents through the base model unchanged), so an index built with the base model stays
     # valid and matches what training saw; "student" saves one model for both sides (the corpus is re-encoded).

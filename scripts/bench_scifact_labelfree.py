@@ -59,6 +59,11 @@ VARIANTS = {
     "docs_all_over_corpus_lr5e-5": ["labelfree.documents=0", "train.query_distill_over=corpus",
                                     "train.learning_rate=5e-5"],
     "docs_all_lr5e-5": ["labelfree.documents=0", "train.learning_rate=5e-5"],
+    "docs_all_lr5e-5_tt0.05": ["labelfree.documents=0", "train.learning_rate=5e-5",
+                               "train.query_teacher_temperature=0.05"],
+    "docs_all_lr5e-5_ep2": ["labelfree.documents=0", "train.learning_rate=5e-5", "train.epochs=2"],
+    "docs_all_s4_lr5e-5": ["labelfree.documents=0", "labelfree.sentences_per_document=4",
+                           "train.learning_rate=5e-5"],
     "keep_source_over_corpus_lr5e-5": ["labelfree.source=keep", "train.query_distill_over=corpus",
                                        "train.learning_rate=5e-5"],
     # symmetric: the student encodes m candidates per query too, so its document side trains (--symmetric)

@@ -40,6 +40,7 @@ from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/
 # share a run folder (and its data_prep), so only their training runs.
 VARIANTS = {
     "default": [],
+    "default_ep2": ["train.epochs=2"],
     "margin_mse": ["train.loss=query_margin_mse", "train.learning_rate=2e-5"],
     "over_corpus": ["train.query_distill_over=corpus"],
     "teacher_t0.05": ["train.query_teacher_temperature=0.05"],

@@ -192,9 +192,8 @@ class QueryDistillLoss(nn.Module):
             known = source >= 0
             everything[known, source[known]] = float("-inf")  # the source is no negative
             log_norm = torch.logsumexp(everything, dim=1, keepdim=True)  # (batch, 1)
-        else:
-            log_norm = torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True)
-        return self.kl(teacher, student, log_norm)
+            return self.kl(teacher, student, log_norm)
+        return self.kl(teacher, student)
 
     def symmetric(self, query: torch.Tensor, columns: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         m = len(columns)
@@ -202,16 +201,19 @@ class QueryDistillLoss(nn.Module):
         if not self.in_batch:
             student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
             teacher = labels[:, 1 + m:1 + 2 * m]
-            return self.kl(teacher, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
+            return self.kl(teacher, student)
         teacher, unscored = in_batch_teacher(labels, m)
         student = query @ docs.reshape(-1, docs.shape[-1]).T  # (batch, batch * m) cosines
         student = student.masked_fill(unscored, -1e4 * self.student_temperature)
         teacher = teacher.masked_fill(unscored, -1e4 * self.teacher_temperature)
-        return self.kl(teacher, student, torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True))
+        return self.kl(teacher, student)
 
-    def kl(self, teacher: torch.Tensor, student: torch.Tensor, log_norm: torch.Tensor) -> torch.Tensor:
-        """KL(teacher softmax || student softmax) per row, averaged; ``log_norm`` (batch, 1) normalizes the student."""
+    def kl(self, teacher: torch.Tensor, student: torch.Tensor, log_norm: torch.Tensor | None = None) -> torch.Tensor:
+        """KL(teacher softmax || student softmax) per row, averaged; ``log_norm`` (batch, 1) normalizes the student
+        (default: over the same row's scores)."""
         target = torch.softmax(teacher / self.teacher_temperature, dim=1)  # (batch, k)
+        if log_norm is None:
+            log_norm = torch.logsumexp(student / self.student_temperature, dim=1, keepdim=True)
         log_student = student / self.student_temperature - log_norm
         return (target * (torch.log(target.clamp_min(1e-12)) - log_student)).sum(1).mean()
 

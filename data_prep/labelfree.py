@@ -51,9 +51,12 @@ class PseudoQuery:
 
 
 def cut_queries(corpus: dict[str, dict[str, str]], documents: int, sentences_per_document: int, titles: bool,
-                min_words: int, max_words: int, seed: int) -> list[PseudoQuery]:
+                min_words: int, max_words: int, seed: int, span_words: tuple[int, int] | None = None
+                ) -> list[PseudoQuery]:
     """Pseudo-queries from a seeded sample of ``documents`` passages (0 = all): the title, when there is one, and up
-    to ``sentences_per_document`` sentences of ``min_words``..``max_words`` words, drawn at random."""
+    to ``sentences_per_document`` sentences of ``min_words``..``max_words`` words, drawn at random. With
+    ``span_words`` (lo, hi), each sentence is cut down to a random run of lo..hi consecutive words of it (kind
+    ``"span"``): shorter, like a query, and no longer a whole sentence of its passage."""
     rng = random.Random(seed)
     doc_ids = list(corpus)
     if documents and documents < len(doc_ids):
@@ -69,10 +72,21 @@ def cut_queries(corpus: dict[str, dict[str, str]], documents: int, sentences_per
             out.append(PseudoQuery(title, doc_id, "title"))
         sentences = [s for s in split_sentences(doc.get("text") or "") if min_words <= len(s.split()) <= max_words]
         for sentence in rng.sample(sentences, min(sentences_per_document, len(sentences))):
+            kind = "sentence"
+            if span_words:
+                sentence, kind = crop(sentence, *span_words, rng), "span"
             if sentence.lower() not in seen:
                 seen.add(sentence.lower())
-                out.append(PseudoQuery(sentence, doc_id, "sentence"))
+                out.append(PseudoQuery(sentence, doc_id, kind))
     return out
+
+
+def crop(sentence: str, low: int, high: int, rng: random.Random) -> str:
+    """A random run of ``low``..``high`` consecutive words of ``sentence`` (all of it when it is shorter)."""
+    words = sentence.split()
+    length = min(len(words), rng.randint(low, high))
+    start = rng.randint(0, len(words) - length)
+    return " ".join(words[start:start + length])
 
 
 class FusedTeacher:
@@ -218,7 +232,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
                          "min-max)", "dense_weight": dense_weight, "bm25_weight": round(1 - dense_weight, 4)}
 
     queries = cut_queries(corpus, lf.documents, lf.sentences_per_document, lf.titles, lf.min_words, lf.max_words,
-                          cfg.data.seed)
+                          cfg.data.seed, tuple(lf.span_words) or None)
     if not queries:
         raise RuntimeError("labelfree: no pseudo-query could be cut from the corpus (no titles, no sentence of "
                            f"{lf.min_words}..{lf.max_words} words)")
@@ -246,7 +260,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
                      "base_scores": [round(s, 6) for s in base]})
     ranks = np.array(source_ranks)
     report.update({
-        "queries": len(rows), "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence")},
+        "queries": len(rows), "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span")},
         "source": lf.source, "depth": lf.depth,
         "source_rank_under_teacher": {"top1": round(float((ranks == 0).mean()), 4),
                                       f"top{lf.depth}": round(float((ranks < lf.depth).mean()), 4)},

@@ -66,6 +66,24 @@ def test_cut_queries_take_titles_and_bounded_sentences():
     assert [q.text for q in again] == [q.text for q in queries]
 
 
+def test_span_words_cut_each_sentence_to_a_run_of_its_words():
+    text = ("Aspirin lowers the risk of a second stroke in adults over sixty years of age. "
+            "It was tested in a randomized trial of four thousand patients followed for five years.")
+    corpus = {"a": {"title": "Aspirin and stroke", "text": text}}
+    sentences = split_sentences(text)
+    queries = cut_queries(corpus, 0, 5, True, 6, 40, seed=3, span_words=(4, 6))
+    spans = [q for q in queries if q.kind == "span"]
+    assert len(spans) == 2 and [q.kind for q in queries].count("title") == 1
+    for q in spans:
+        words = q.text.split()
+        assert 4 <= len(words) <= 6
+        assert any(q.text in s and q.text != s for s in sentences)  # a run of one sentence, not all of it
+    # a sentence shorter than the span is kept whole
+    whole = cut_queries({"b": {"text": "Six words make this one sentence."}}, 0, 1, False, 6, 40, seed=0,
+                        span_words=(8, 12))
+    assert [q.text for q in whole] == ["Six words make this one sentence."]
+
+
 def recipe(tmp_path, corpus_dir, model_dir, *extra):
     return load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={corpus_dir}", "data.queries=labelfree",
                               f"train.base_model={model_dir}", "train.matryoshka_dims=[]", "tracking.report_to=none",

@@ -153,6 +153,9 @@ class LabelFreeConfig:
     # A sentence becomes a query only with this many words (shorter ones say little, longer ones are paragraphs).
     min_words: int = 6
     max_words: int = 40
+    # [lo, hi]: each sentence cut down to a random run of lo..hi consecutive words (a shorter, query-like span);
+    # [] = whole sentences.
+    span_words: list[int] = field(default_factory=list)
     # The passage a query was cut from contains it verbatim: "drop" removes it from the query's candidates (the
     # teacher then teaches which *other* passages answer it), "keep" leaves it where the teacher ranks it.
     source: Literal["drop", "keep"] = "drop"
@@ -174,6 +177,8 @@ class LabelFreeConfig:
             raise ValueError("labelfree: no query source: set titles: true or sentences_per_document > 0")
         if not 0 < self.min_words <= self.max_words:
             raise ValueError("labelfree.min_words must be > 0 and <= labelfree.max_words")
+        if self.span_words and not (len(self.span_words) == 2 and 0 < self.span_words[0] <= self.span_words[1]):
+            raise ValueError(f"labelfree.span_words must be [] or [lo, hi] with 0 < lo <= hi, got {self.span_words}")
         if self.depth < 2:
             raise ValueError(f"labelfree.depth must be >= 2, got {self.depth}")
         if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:

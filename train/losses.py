@@ -81,8 +81,8 @@ def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int 
 
     With ``documents`` = m > 0 (the symmetric form), each row instead has the texts ``doc_1..doc_m`` of m of its
     candidates (from ``doc_texts``, the corpus in embedding-row order): the teacher's top 2 and m - 2 drawn (seeded)
-    from the rest, in rank order; label = ``[source row, their rows (m), their teacher scores (m), candidate rows (k),
-    teacher scores (k)]`` (the whole candidate list, so that the loss can score the batch's other passages too).
+    from the rest, in rank order; label = ``[source row, their rows (m), candidate rows (k), teacher scores (k)]``
+    (the whole candidate list: the loss looks up the teacher's score of any passage of the batch in it).
     """
     if documents:
         return symmetric_dataset(table, doc_texts, documents, seed)
@@ -115,8 +115,8 @@ def symmetric_dataset(table, doc_texts: list[str], documents: int, seed: int):
             picked += [picked[-1]] * (documents - len(picked))  # a short list repeats its last candidate
             for j, position in enumerate(picked, 1):
                 columns[f"doc_{j}"].append(doc_texts[rows[position]])
-            labels.append([float(source), *(float(rows[position]) for position in picked),
-                           *(float(scores[position]) for position in picked), *map(float, rows), *map(float, scores)])
+            labels.append([float(source), *(float(rows[position]) for position in picked), *map(float, rows),
+                           *map(float, scores)])
         return {**columns, "label": labels}
 
     dataset = table.map(add_documents, batched=True, desc="candidate passages")
@@ -143,7 +143,7 @@ class QueryDistillLoss(nn.Module):
         objective: ``"kl"`` or ``"margin_mse"``.
 
     Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`. Symmetric form
-    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, 1 + 2m + 2k);
+    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, 1 + m + 2k);
     the student encodes the passages too, so its document side trains. With ``in_batch`` each query's softmax runs
     over every passage of the batch (batch x m, as MNRL's in-batch negatives): the teacher's score of another query's
     passage is its fused score for this query where the passage is among this query's k candidates, else 0 (the
@@ -198,11 +198,11 @@ class QueryDistillLoss(nn.Module):
     def symmetric(self, query: torch.Tensor, columns: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         m = len(columns)
         docs = torch.nn.functional.normalize(torch.stack(columns, dim=1), dim=-1)  # (batch, m, dim)
-        if not self.in_batch:
-            student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
-            teacher = labels[:, 1 + m:1 + 2 * m]
-            return self.kl(teacher, student)
         teacher, unscored = in_batch_teacher(labels, m)
+        if not self.in_batch:  # each query's own m passages: the diagonal blocks (all among its candidates)
+            own = torch.arange(len(query), device=query.device)
+            student = torch.einsum("bd,bmd->bm", query, docs)  # (batch, m) cosines
+            return self.kl(teacher.reshape(len(query), len(query), m)[own, own], student)
         student = query @ docs.reshape(-1, docs.shape[-1]).T  # (batch, batch * m) cosines
         student = student.masked_fill(unscored, -1e4 * self.student_temperature)
         teacher = teacher.masked_fill(unscored, -1e4 * self.teacher_temperature)
@@ -222,11 +222,11 @@ def in_batch_teacher(labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     """(teacher, unscored), each (batch, batch * m), from symmetric labels (:func:`labelfree_dataset`): the
     teacher's score of every passage of the batch for every query (its score among the query's candidates, else 0),
     and where a passage is the query's own source that the teacher did not score (left out of the softmax)."""
-    k = (labels.shape[1] - 1 - 2 * m) // 2
+    k = (labels.shape[1] - 1 - m) // 2
     source = labels[:, 0].long()  # (batch,)
     rows = labels[:, 1:1 + m].reshape(-1).long()  # (batch * m,) the batch's passages, query by query
-    candidates = labels[:, 1 + 2 * m:1 + 2 * m + k].long()  # (batch, k)
-    scores = labels[:, 1 + 2 * m + k:]  # (batch, k), >= 0
+    candidates = labels[:, 1 + m:1 + m + k].long()  # (batch, k)
+    scores = labels[:, 1 + m + k:]  # (batch, k), >= 0
     found = candidates[:, :, None] == rows[None, None, :]  # (batch, k, batch * m)
     teacher = (found * scores[:, :, None]).amax(dim=1)
     unscored = (rows[None, :] == source[:, None]) & ~found.any(dim=1)

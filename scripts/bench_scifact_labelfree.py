@@ -8,6 +8,8 @@ dev (half the SciFact *train* queries, seeded), then the shipped default is eval
     python scripts/bench_scifact_labelfree.py --phase final
     # pydoc: the same default on the embedded demo corpus (its summary-line test split)
     python scripts/bench_scifact_labelfree.py --phase pydoc
+    # the query side's ceiling on dev: free query vectors fitted by the loss against the base index
+    python scripts/bench_scifact_labelfree.py --phase ceiling
 
 Dev variants that change only the ``train`` section share one data_prep run (its stage is skipped), so a dev
 comparison of losses costs training time only. Each dev variant is scored two ways: ``query_side`` (the student's
@@ -38,45 +40,47 @@ from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/
 
 # Dotted overrides on configs/scifact_labelfree.yaml, grouped by the data_prep they need: variants of one group
 # share a run folder (and its data_prep), so only their training runs.
+# The recipe before commit 9328c5f; the variants recorded then are pinned to it so that they reproduce by name.
+PREVIOUS = ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"]
 VARIANTS = {
-    "default": [],
+    "default": [],  # configs/scifact_labelfree.yaml as it is
     "default_ep2": ["train.epochs=2"],
-    "margin_mse": ["train.loss=query_margin_mse", "train.learning_rate=2e-5"],
-    "over_corpus": ["train.query_distill_over=corpus"],
-    "teacher_t0.05": ["train.query_teacher_temperature=0.05"],
-    "keep_source": ["labelfree.source=keep"],
-    "fixed_weight_0.7": ["labelfree.dense_weight=0.7"],
     "depth64": ["labelfree.depth=64"],
-    "docs_all": ["labelfree.documents=0"],
-    # one model for both sides (the corpus re-encoded by the student; run with --symmetric to measure it)
-    "symmetric": ["train.document_side=student"],
-    # how far the student moves: 188 steps at 2e-5 moved it 19% of the teacher's gap on test
-    "lr5e-5": ["train.learning_rate=5e-5"],
-    "lr1e-4": ["train.learning_rate=1e-4"],
-    "ep3": ["train.epochs=3"],
-    "over_corpus_lr5e-5": ["train.query_distill_over=corpus", "train.learning_rate=5e-5"],
-    "over_corpus_lr1e-4": ["train.query_distill_over=corpus", "train.learning_rate=1e-4"],
-    "over_corpus_lr5e-5_ep3": ["train.query_distill_over=corpus", "train.learning_rate=5e-5", "train.epochs=3"],
-    "docs_all_over_corpus_lr5e-5": ["labelfree.documents=0", "train.query_distill_over=corpus",
-                                    "train.learning_rate=5e-5"],
-    "docs_all_lr5e-5": ["labelfree.documents=0", "train.learning_rate=5e-5"],
-    "docs_all_lr5e-5_tt0.05": ["labelfree.documents=0", "train.learning_rate=5e-5",
+    "s8": ["labelfree.sentences_per_document=8"],
+    "depth64_s8": ["labelfree.depth=64", "labelfree.sentences_per_document=8"],
+    # query style at a small scale (2,000 passages, 2 sentences each: ~6k queries, ~190 steps)
+    "small": ["labelfree.documents=2000", "labelfree.sentences_per_document=2"],
+    "small_span4-12": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[4,12]"],
+    "small_span8-16": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[8,16]"],
+    "small_titles": ["labelfree.documents=0", "labelfree.sentences_per_document=0"],  # every title, no sentence
+    "span4-12": ["labelfree.span_words=[4,12]"],
+    "span8-16": ["labelfree.span_words=[8,16]"],
+    "previous_default": PREVIOUS,
+    "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
+    "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
+    "keep_source": [*PREVIOUS, "labelfree.source=keep"],
+    "fixed_weight_0.7": [*PREVIOUS, "labelfree.dense_weight=0.7"],
+    "lr5e-5": [*PREVIOUS, "train.learning_rate=5e-5"],
+    "lr1e-4": [*PREVIOUS, "train.learning_rate=1e-4"],
+    "ep3": [*PREVIOUS, "train.epochs=3"],
+    "docs_all": ["labelfree.documents=0", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"],
+    "docs_all_lr5e-5": ["labelfree.documents=0", "labelfree.sentences_per_document=2"],
+    "docs_all_lr5e-5_tt0.05": ["labelfree.documents=0", "labelfree.sentences_per_document=2",
                                "train.query_teacher_temperature=0.05"],
-    "docs_all_lr5e-5_ep2": ["labelfree.documents=0", "train.learning_rate=5e-5", "train.epochs=2"],
-    "docs_all_s4_lr5e-5": ["labelfree.documents=0", "labelfree.sentences_per_document=4",
-                           "train.learning_rate=5e-5"],
-    "keep_source_over_corpus_lr5e-5": ["labelfree.source=keep", "train.query_distill_over=corpus",
-                                       "train.learning_rate=5e-5"],
+    "docs_all_s4_lr5e-5": ["labelfree.documents=0"],  # = the shipped default on a corpus under 10,000 passages
     # symmetric: the student encodes m candidates per query too, so its document side trains (--symmetric)
     # (the softmax over each query's own m passages: measured as 66.12 on dev, below the base)
-    "sym_m4": ["train.document_side=student", "train.query_distill_documents=4", "train.query_distill_in_batch=false"],
+    "sym_m4": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=4",
+               "train.query_distill_in_batch=false"],
     # the softmax over every passage of the batch (the other queries' candidates as in-batch negatives)
-    "sym_m4_ib": ["train.document_side=student", "train.query_distill_documents=4"],
-    "sym_m2_ib": ["train.document_side=student", "train.query_distill_documents=2"],
-    "sym_m8_ib": ["train.document_side=student", "train.query_distill_documents=8"],
-    "sym_m4_ib_lr5e-5": ["train.document_side=student", "train.query_distill_documents=4",
-                         "train.learning_rate=5e-5"],
-    "sym_m4_ib_keep": ["labelfree.source=keep", "train.document_side=student", "train.query_distill_documents=4"],
+    "sym_m4_ib": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=4"],
+    # scripts/gpu_labelfree.sh's symmetric sweeps (before in-batch negatives existed)
+    "sym_m8": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=8",
+               "train.query_distill_in_batch=false"],
+    "sym_m4_lr5e-5": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=4",
+                      "train.query_distill_in_batch=false", "train.learning_rate=5e-5"],
+    "sym_m4_keep": [*PREVIOUS, "labelfree.source=keep", "train.document_side=student",
+                    "train.query_distill_documents=4", "train.query_distill_in_batch=false"],
 }
 
 
@@ -119,11 +123,13 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     out, per_query = {}, {}
+    runs = {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
         query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
         scores, indices = exact_search(doc_emb, query_emb, 1000)
-        mean, pq = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices))
+        runs[name] = to_run(query_ids, doc_ids, scores, indices)
+        mean, pq = evaluate(qrels, runs[name])
         out[name], per_query[name] = percent(mean), pq
     corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
     base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
@@ -135,9 +141,95 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     fused = {mapping[i]: docs for i, docs in weighted_fuse(dense, sparse, weight, 100).items()}
     mean, pq = evaluate(qrels, fused)
     out["teacher"], per_query["teacher"] = percent(mean), pq
-    bm25_mean, pq = evaluate(qrels, {mapping[i]: d for i, d in sparse.items()})
+    bm25 = {mapping[i]: docs for i, docs in sparse.items()}
+    bm25_mean, pq = evaluate(qrels, bm25)
     out["bm25_top100"], per_query["bm25"] = percent(bm25_mean), pq
+    if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
+        mean, _ = evaluate(qrels, weighted_fuse(runs["finetuned"], bm25, weight, 100))
+        out["next_round_teacher"] = percent(mean)
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
+
+
+def query_side_ceiling(cfg, steps: int = 200) -> dict:
+    """How far any query-side student could go against the base index: one free vector per dev query, started at
+    the base model's embedding and fitted (Adam, ``steps``) by the training loss itself to the teacher's scores of
+    its top ``labelfree.depth`` candidates; then nDCG@10 of those vectors over the whole corpus. A query encoder
+    cannot do better on these queries than the loss lets a free vector do."""
+    import numpy as np
+    import torch
+
+    from data_prep.labelfree import FusedTeacher
+    from embtune.dataio import document_text, load_corpus
+    from embtune.retrieval.encoder import load_encoder
+    from embtune.retrieval.fusion import ranked, weighted_fuse
+    from embtune.retrieval.index import exact_search, to_run
+    from eval.metrics import evaluate
+    from train.losses import build_query_loss
+
+    manifest = json.loads((Path(cfg.run_dir) / "data_prep" / "manifest.json").read_text())
+    outputs, weight = manifest["outputs"], manifest["teacher"]["dense_weight"]
+    doc_emb = np.load(outputs["corpus_embeddings"])
+    doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
+    query_ids, query_texts, qrels = labelled_queries(cfg, "dev")
+    corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
+    base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
+    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
+                           base, cfg.bm25)
+    dense, sparse, query_emb = teacher.runs(query_texts, 100)
+    fused = weighted_fuse(dense, sparse, weight, 100)
+    position = {d: i for i, d in enumerate(doc_ids)}
+    depth = cfg.labelfree.depth
+    labels = []
+    for i in range(len(query_ids)):
+        top = ranked(fused[str(i)], depth)
+        labels.append([-1.0, *(float(position[d]) for d in top), *(fused[str(i)][d] for d in top), *[0.0] * depth])
+    labels = torch.tensor(labels)
+    out = {"dev_queries": len(query_ids), "depth": depth, "steps": steps, "teacher_dense_weight": weight,
+           "fit": training_fit(cfg, doc_emb, query_texts, labels)}
+    for over in ("candidates", "corpus"):
+        cfg.train.query_distill_over = over
+        loss = build_query_loss(None, cfg.train, doc_emb)
+        vectors = torch.tensor(query_emb).requires_grad_(True)
+        optimizer = torch.optim.Adam([vectors], lr=0.01)
+        for _ in range(steps):
+            value = loss.compute_loss_from_embeddings([vectors], labels)
+            optimizer.zero_grad()
+            value.backward()
+            optimizer.step()
+        fitted = torch.nn.functional.normalize(vectors.detach(), dim=-1).numpy()
+        scores, indices = exact_search(doc_emb, fitted, 1000)
+        mean, _ = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices))
+        out[f"over_{over}"] = percent(mean)["ndcg@10"]
+    return out
+
+
+def training_fit(cfg, doc_emb, dev_texts: list[str], dev_labels, every: int = 12) -> dict:
+    """The training loss (KL to the teacher over its candidates) of the base model and of the run's student, on
+    every ``every``-th pseudo-query of the train table (each seen once in one epoch) and on the dev queries: how
+    much of what the student learnt on pseudo-queries carries over to real ones."""
+    import torch
+    from datasets import load_from_disk
+
+    from embtune.retrieval.encoder import encode, load_encoder
+    from train.losses import build_query_loss
+
+    run_dir = Path(cfg.run_dir)
+    table = load_from_disk(json.loads((run_dir / "data_prep" / "manifest.json").read_text())["outputs"]["train_table"])
+    rows = table.select(range(0, len(table), every))
+    train_labels = torch.tensor([[float(r["source_row"]), *map(float, r["candidates"]), *r["teacher_scores"],
+                                  *r["base_scores"]] for r in rows])
+    loss = build_query_loss(None, cfg.train, doc_emb)
+    student = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
+    out: dict = {"pseudo_queries": len(rows), "dev_queries": len(dev_texts)}
+    for name, path in (("base", cfg.train.base_model), ("student", student)):
+        model, _ = load_encoder(path, cfg.eval.max_seq_length)
+        for split, texts, labels in (("pseudo", list(rows["query"]), train_labels), ("dev", dev_texts, dev_labels)):
+            embeddings = torch.tensor(encode(model, texts, 64, desc=f"{name} {split}", role="query"))
+            with torch.no_grad():
+                out[f"{split}_loss_{name}"] = round(float(loss.compute_loss_from_embeddings([embeddings], labels)), 4)
+    for split in ("pseudo", "dev"):
+        out[f"{split}_loss_drop"] = round(1 - out[f"{split}_loss_student"] / out[f"{split}_loss_base"], 3)
+    return out
 
 
 def significance(per_query: dict, a: str, b: str) -> dict:
@@ -154,7 +246,7 @@ def data_summary(run_dir: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--phase", choices=["dev", "final", "pydoc"], required=True)
+    parser.add_argument("--phase", choices=["dev", "final", "pydoc", "ceiling"], required=True)
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_labelfree.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_labelfree"))
     parser.add_argument("--variants", default="default", help="dev: which VARIANTS to try, comma-separated")
@@ -167,6 +259,19 @@ def main() -> int:
     setup_logging()
     command = bench_command(sys.argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
+
+    if args.phase == "ceiling":  # needs the data_prep of the first variant's data group (run it with --phase dev)
+        overrides = [*VARIANTS[args.variants.split(",")[0]], *args.overrides]
+        run_dir = Path(args.run_root) / data_group(overrides)
+        cfg, _, _, _ = run_recipe(args.config, [f"run_dir={run_dir}", "eval.split=dev", *overrides],
+                                  stages=("data_prep",), read_results=False)
+        dev_path = Path(args.dev_out)
+        out = json.loads(dev_path.read_text())
+        out["query_side_ceiling"] = {**query_side_ceiling(cfg), "variant": args.variants.split(",")[0],
+                                     "command": command}
+        dev_path.write_text(json.dumps(out, indent=2))
+        print(json.dumps(out["query_side_ceiling"], indent=1))
+        return 0
 
     if args.phase == "dev":
         dev_path = Path(args.dev_out)

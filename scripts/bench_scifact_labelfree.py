@@ -47,14 +47,12 @@ VARIANTS = {
     "default_ep2": ["train.epochs=2"],
     "depth64": ["labelfree.depth=64"],
     "s8": ["labelfree.sentences_per_document=8"],
-    "depth64_s8": ["labelfree.depth=64", "labelfree.sentences_per_document=8"],
     # query style at a small scale (2,000 passages, 2 sentences each: ~6k queries, ~190 steps)
     "small": ["labelfree.documents=2000", "labelfree.sentences_per_document=2"],
     "small_span4-12": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[4,12]"],
     "small_span8-16": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[8,16]"],
     "small_titles": ["labelfree.documents=0", "labelfree.sentences_per_document=0"],  # every title, no sentence
     "span4-12": ["labelfree.span_words=[4,12]"],
-    "span8-16": ["labelfree.span_words=[8,16]"],
     "previous_default": PREVIOUS,
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
@@ -104,26 +102,41 @@ def labelled_queries(cfg, split: str):
     return query_ids, [queries[q] for q in query_ids], qrels
 
 
-def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
-    """nDCG@10 etc. of each model's queries against data_prep's corpus embeddings (the base model's index), and of
-    the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
+def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
+    """What both dev measurements read: data_prep's manifest, the base model's corpus embeddings (the index the
+    query side trains against) and their doc ids, and the teacher's two member runs over ``query_texts`` (top 100
+    each, query ids ``"0".."n-1"``) with the base model's query embeddings."""
     import numpy as np
 
     from data_prep.labelfree import FusedTeacher
     from embtune.dataio import document_text, load_corpus
+    from embtune.retrieval.encoder import load_encoder
+
+    manifest = json.loads((Path(cfg.run_dir) / "data_prep" / "manifest.json").read_text())
+    outputs = manifest["outputs"]
+    doc_emb = np.load(outputs["corpus_embeddings"])
+    doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
+    corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
+    base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
+    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
+                           base, cfg.bm25)
+    dense, sparse, query_emb = teacher.runs(query_texts, 100)
+    return {"manifest": manifest, "doc_emb": doc_emb, "doc_ids": doc_ids, "dense": dense, "sparse": sparse,
+            "query_emb": query_emb, "weight": manifest["teacher"]["dense_weight"]}
+
+
+def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
+    """nDCG@10 etc. of each model's queries against data_prep's corpus embeddings (the base model's index), and of
+    the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
     from embtune.retrieval.encoder import encode, load_encoder
     from embtune.retrieval.fusion import weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
     from eval.metrics import evaluate
 
-    run_dir = Path(cfg.run_dir)
-    manifest = json.loads((run_dir / "data_prep" / "manifest.json").read_text())
-    outputs = manifest["outputs"]
-    doc_emb = np.load(outputs["corpus_embeddings"])
-    doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
-    out, per_query = {}, {}
-    runs = {}
+    setup = base_index_and_teacher(cfg, query_texts)
+    doc_emb, doc_ids, weight = setup["doc_emb"], setup["doc_ids"], setup["weight"]
+    out, per_query, runs = {}, {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
         query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
@@ -131,17 +144,11 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
         runs[name] = to_run(query_ids, doc_ids, scores, indices)
         mean, pq = evaluate(qrels, runs[name])
         out[name], per_query[name] = percent(mean), pq
-    corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
-    base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
-                           base, cfg.bm25)
-    dense, sparse, _ = teacher.runs(query_texts, 100)
-    weight = manifest["teacher"]["dense_weight"]
     mapping = {str(i): q for i, q in enumerate(query_ids)}
-    fused = {mapping[i]: docs for i, docs in weighted_fuse(dense, sparse, weight, 100).items()}
+    fused = {mapping[i]: docs for i, docs in weighted_fuse(setup["dense"], setup["sparse"], weight, 100).items()}
     mean, pq = evaluate(qrels, fused)
     out["teacher"], per_query["teacher"] = percent(mean), pq
-    bm25 = {mapping[i]: docs for i, docs in sparse.items()}
+    bm25 = {mapping[i]: docs for i, docs in setup["sparse"].items()}
     bm25_mean, pq = evaluate(qrels, bm25)
     out["bm25_top100"], per_query["bm25"] = percent(bm25_mean), pq
     if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
@@ -155,41 +162,31 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     the base model's embedding and fitted (Adam, ``steps``) by the training loss itself to the teacher's scores of
     its top ``labelfree.depth`` candidates; then nDCG@10 of those vectors over the whole corpus. A query encoder
     cannot do better on these queries than the loss lets a free vector do."""
-    import numpy as np
+    import dataclasses
+
     import torch
 
-    from data_prep.labelfree import FusedTeacher
-    from embtune.dataio import document_text, load_corpus
-    from embtune.retrieval.encoder import load_encoder
     from embtune.retrieval.fusion import ranked, weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
     from eval.metrics import evaluate
     from train.losses import build_query_loss
 
-    manifest = json.loads((Path(cfg.run_dir) / "data_prep" / "manifest.json").read_text())
-    outputs, weight = manifest["outputs"], manifest["teacher"]["dense_weight"]
-    doc_emb = np.load(outputs["corpus_embeddings"])
-    doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
     query_ids, query_texts, qrels = labelled_queries(cfg, "dev")
-    corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
-    base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
-                           base, cfg.bm25)
-    dense, sparse, query_emb = teacher.runs(query_texts, 100)
-    fused = weighted_fuse(dense, sparse, weight, 100)
+    setup = base_index_and_teacher(cfg, query_texts)
+    doc_emb, doc_ids, weight = setup["doc_emb"], setup["doc_ids"], setup["weight"]
+    fused = weighted_fuse(setup["dense"], setup["sparse"], weight, 100)
     position = {d: i for i, d in enumerate(doc_ids)}
     depth = cfg.labelfree.depth
-    labels = []
+    labels = []  # labelfree_dataset's layout: [source row (-1: none), candidate rows, teacher scores, base scores]
     for i in range(len(query_ids)):
         top = ranked(fused[str(i)], depth)
         labels.append([-1.0, *(float(position[d]) for d in top), *(fused[str(i)][d] for d in top), *[0.0] * depth])
     labels = torch.tensor(labels)
     out = {"dev_queries": len(query_ids), "depth": depth, "steps": steps, "teacher_dense_weight": weight,
-           "fit": training_fit(cfg, doc_emb, query_texts, labels)}
+           "fit": training_fit(cfg, setup["manifest"], doc_emb, query_texts, labels)}
     for over in ("candidates", "corpus"):
-        cfg.train.query_distill_over = over
-        loss = build_query_loss(None, cfg.train, doc_emb)
-        vectors = torch.tensor(query_emb).requires_grad_(True)
+        loss = build_query_loss(None, dataclasses.replace(cfg.train, query_distill_over=over), doc_emb)
+        vectors = torch.tensor(setup["query_emb"]).requires_grad_(True)
         optimizer = torch.optim.Adam([vectors], lr=0.01)
         for _ in range(steps):
             value = loss.compute_loss_from_embeddings([vectors], labels)
@@ -203,7 +200,7 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     return out
 
 
-def training_fit(cfg, doc_emb, dev_texts: list[str], dev_labels, every: int = 12) -> dict:
+def training_fit(cfg, manifest: dict, doc_emb, dev_texts: list[str], dev_labels, every: int = 12) -> dict:
     """The training loss (KL to the teacher over its candidates) of the base model and of the run's student, on
     every ``every``-th pseudo-query of the train table (each seen once in one epoch) and on the dev queries: how
     much of what the student learnt on pseudo-queries carries over to real ones."""
@@ -211,15 +208,13 @@ def training_fit(cfg, doc_emb, dev_texts: list[str], dev_labels, every: int = 12
     from datasets import load_from_disk
 
     from embtune.retrieval.encoder import encode, load_encoder
-    from train.losses import build_query_loss
+    from train.losses import build_query_loss, labelfree_dataset
 
-    run_dir = Path(cfg.run_dir)
-    table = load_from_disk(json.loads((run_dir / "data_prep" / "manifest.json").read_text())["outputs"]["train_table"])
-    rows = table.select(range(0, len(table), every))
-    train_labels = torch.tensor([[float(r["source_row"]), *map(float, r["candidates"]), *r["teacher_scores"],
-                                  *r["base_scores"]] for r in rows])
+    table = load_from_disk(manifest["outputs"]["train_table"])
+    rows = labelfree_dataset(table.select(range(0, len(table), every)))  # the query and the label training reads
+    train_labels = torch.tensor(rows["label"])
     loss = build_query_loss(None, cfg.train, doc_emb)
-    student = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
+    student = json.loads((Path(cfg.run_dir) / "train" / "manifest.json").read_text())["outputs"]["model"]
     out: dict = {"pseudo_queries": len(rows), "dev_queries": len(dev_texts)}
     for name, path in (("base", cfg.train.base_model), ("student", student)):
         model, _ = load_encoder(path, cfg.eval.max_seq_length)

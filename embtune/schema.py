@@ -1,7 +1,8 @@
-"""The recipe schema: one section per stage, each defined by the stage that owns it, and ``load_config``.
+"""The recipe schema: every section of a recipe as one typed ``Config``, and ``load_config``.
 
-The schema names every stage's sections, so it sits above the stages (it is the one module that imports them
-all); the generic parsing lives in the core, ``embtune.config``.
+The sections are defined in the core (``embtune/sections/``), not in the stages, because stages read each other's
+keys (data_prep encodes with ``train.base_model`` at ``eval.max_seq_length``, export reads eval's settings) and a
+stage may not import another stage. The generic YAML-to-dataclass parsing is ``embtune.config``.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ VARIANTS = {
                                "train.query_teacher_temperature=0.05"],
     "docs_all_s4_lr5e-5": ["labelfree.documents=0"],  # = the shipped default on a corpus under 10,000 passages
     # symmetric: the student encodes m candidates per query too, so its document side trains (--symmetric)
-    # (the softmax over each query's own m passages: measured as 66.12 on dev, below the base)
+    # (the softmax over each query's own m passages; its dev score is in scifact_labelfree_dev.json variants.sym_m4)
     "sym_m4": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=4",
                "train.query_distill_in_batch=false"],
     # the softmax over every passage of the batch (the other queries' candidates as in-batch negatives)

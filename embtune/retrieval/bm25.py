@@ -1,7 +1,7 @@
 """Exact, fast BM25Okapi: rank-bm25's scores from a scipy sparse matrix.
 
 rank-bm25 (the reference for hard-negative mining) scores one query by looping in Python over every document for
-every query token, about 19 queries/s at 5k documents and slower in proportion to the corpus. bm25s is fast but
+every query token, so its time grows with the corpus (benchmarks/results/bm25_speed.json). bm25s is fast but
 scores with other idf variants (none has BM25Okapi's ``epsilon * average_idf`` floor), so it cannot reproduce
 rank-bm25's ranking. ``FastBM25`` precomputes rank-bm25's per-(document, term) contribution once, as a sparse
 ``(vocab, docs)`` matrix, and scores a batch of queries with one sparse product.
@@ -278,9 +278,9 @@ def top_k_rank_bm25(bm25okapi, queries: Sequence[Sequence[str]], k: int) -> tupl
 class BM25Config:
     """BM25 (the ``bm25`` section): one setting for mining, eval's baseline and hybrid rows, the teacher and serve.
 
-    Stemming and English stopwords are the default: on SciFact test they score 68.6 nDCG@10 against 65.2 for plain
-    ``\\w+`` tokens (benchmarks/results/scifact_negatives.json). For a language other than English, set
-    ``stemmer`` to its PyStemmer name and ``stopwords: ""``.
+    Stemming and English stopwords are the default, chosen because they measured best for English corpora (the BM25
+    rows of benchmarks/results/scifact_supervised.json). For a language other than English, set ``stemmer`` to its
+    PyStemmer name and ``stopwords: ""``.
     """
 
     backend: Literal["fast", "rank_bm25"] = "fast"  # "rank_bm25" is the reference (a Python loop per query)

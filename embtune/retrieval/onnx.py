@@ -77,12 +77,12 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, num_heads: int =
     model config's) let the attention fusion match: with 0 the optimizer guesses them from the graph, and for
     all-MiniLM-L6-v2 it failed and left attention unfused.
 
-    Measured (all-MiniLM-L6-v2, 2 threads, quiet machine; scripts/bench_int8_recipes.py and
-    benchmarks/results/int8_recipes.json): the graph exported through SDPA spent a quarter of its time in a
-    ``Where`` and an ``IsNaN`` over every attention matrix (transformers' SDPA masking) and ran at 37.7 docs/s on
-    384 documents (torch 23.0); exported through eager attention, MatMuls quantized 47.2; + attention fused and
-    quantized in every layer 51.3; the first layer's attention left fp32 49.8. On the dev queries (SciFact train)
-    the last was the closest to torch. Per-tensor scales cost accuracy (worst cosine 0.98 -> 0.91).
+    Why eager attention and this recipe: the graph exported through SDPA spends much of its time in a ``Where`` and
+    an ``IsNaN`` over every attention matrix (transformers' SDPA masking); exported through eager attention, the
+    optimizer can fuse attention and quantize it. Leaving the first layer's attention in fp32 kept the ranking
+    closest to torch on the dev queries, and per-channel scales keep the vectors closer than per-tensor ones. The
+    speeds and agreement of each recipe are in benchmarks/results/int8_recipes.json and encode_speed.json
+    (scripts/bench_int8_recipes.py, scripts/bench_encode_speed.py).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.fusion_options import FusionOptions

@@ -8,8 +8,20 @@ from embtune.schema import load_config
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 
 
-def test_there_are_configs():
-    assert len(CONFIGS) >= 2
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_opens_with_a_command_that_runs_it(path):
+    """The first line is the exact launch command (torchtune's habit): it names this file, and every module it
+    runs with ``-m`` exists, so a renamed entry point cannot leave a recipe pointing at nothing."""
+    import importlib.util
+    import re
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{path.name}: the first line should be the command that runs it"
+    assert f"configs/{path.name}" in first or "scripts/" in first, first
+    for module in re.findall(r"-m ([\w.]+)", first):
+        assert importlib.util.find_spec(module) is not None, f"{path.name}: `-m {module}` names no module"
+    for script in re.findall(r"python (scripts/\w+\.py)", first):
+        assert (path.parents[1] / script).is_file(), f"{path.name}: {script} does not exist"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

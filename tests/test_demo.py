@@ -11,11 +11,29 @@ from embtune.schema import load_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_trains_on_labelled_pairs_and_synthetic_questions_and_evaluates_on_held_out_test():
+def test_the_demo_evaluates_on_queries_and_documents_it_never_trains_on(tmp_path):
+    """The demo's +nDCG claim rests on this: its test queries, and the documents they point at, are not in train."""
+    from data_prep.pydoc_corpus import build_pydoc_beir
+
     cfg = load_config(ROOT / "configs" / "demo.yaml")
-    assert cfg.data.format == "pydoc" and cfg.data.queries == "labelled+synthetic"
-    assert cfg.data.train_split == "train" and cfg.eval.split == "test"
-    assert cfg.eval.hybrid  # demo.json records a hybrid row
+    assert cfg.data.format == "pydoc" and cfg.eval.split == "test" and cfg.data.train_split == "train"
+    folder = build_pydoc_beir(tmp_path / "pydoc", max_documents=cfg.data.max_documents or 3000, seed=cfg.data.seed)
+    queries = {row["_id"]: row["text"] for row in map(json.loads, (folder / "queries.jsonl").open())}
+    corpus = {row["_id"]: row for row in map(json.loads, (folder / "corpus.jsonl").open())}
+    split = {}
+    for name in ("train", "test"):
+        pairs = [line.split("\t")[:2] for line in (folder / "qrels" / f"{name}.tsv").read_text().splitlines()[1:]]
+        split[name] = ({q for q, _ in pairs}, {d for _, d in pairs})
+    assert len(split["test"][0]) == 300 and len(split["train"][0]) > 1000
+    assert not split["test"][0] & split["train"][0]  # no query in both
+    assert not split["test"][1] & split["train"][1]  # no positive document in both
+    test_texts = {queries[q].lower() for q in split["test"][0]}
+    assert not test_texts & {queries[q].lower() for q in split["train"][0]}  # nor the same summary under another id
+    # a summary is never written inside its own document (the pair would be a string match, not retrieval)
+    for name in ("train", "test"):
+        for line in (folder / "qrels" / f"{name}.tsv").read_text().splitlines()[1:]:
+            q, d = line.split("\t")[:2]
+            assert queries[q].lower() not in corpus[d]["text"].lower()
 
 
 def test_a_run_ends_with_the_report_path_and_the_serve_command(tmp_path):

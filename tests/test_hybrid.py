@@ -98,21 +98,46 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
                              f"eval.reranker={tiny_cross_encoder_dir}", "eval.rerank_on=[base,bm25]",
                              "eval.rerank_top_k=5", "eval.significance_resamples=500", "eval.sweep.enabled=true",
                              "eval.sweep.indexes=[flat,binary]", "eval.sweep.rescore_docs=[bits]",
-                             "eval.sweep.rescore_multiplier=[4]"])
+                             "eval.sweep.rescore_multiplier=[4]", "eval.save_runs=100"])
     outputs = run(cfg)
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     rows = results["results"]
     assert set(rows) == {"base", "bm25", "base+bm25_rrf", "base+bm25_weighted", "base>rerank", "bm25>rerank"}
-    for name in rows:
-        assert rows[name]["ndcg@10"] == pytest.approx(
-            np.mean([q["ndcg@10"] for q in results["per_query"][name].values()]))
+    # The RRF row, rebuilt outside eval from the two runs it saved (fusion by hand, pytrec_eval called directly):
+    # the fused row scores what fusing its members' rankings scores, not some other list.
+    runs_dir = tmp_path / "run" / "eval" / "runs"
+    members = {}
+    for row in ("base", "bm25"):
+        ranks: dict[str, dict[str, int]] = {}
+        for line in (runs_dir / f"{row}.trec").read_text().splitlines():
+            qid, _, doc, rank, _, _ = line.split()
+            ranks.setdefault(qid, {})[doc] = int(rank)
+        members[row] = ranks
+    fused = {q: {} for q in members["base"]}
+    for ranks in members.values():
+        for qid, docs in ranks.items():
+            for doc, rank in docs.items():
+                fused[qid][doc] = fused[qid].get(doc, 0.0) + 1.0 / (60 + rank)
+    qrels: dict[str, dict[str, int]] = {}
+    for line in (tiny_beir / "qrels" / "test.tsv").read_text().splitlines()[1:]:
+        qid, doc, score = line.split("\t")
+        qrels.setdefault(qid, {})[doc] = int(score)
+    import pytrec_eval
+
+    by_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(
+        {q: {d: s for d, s in docs.items()} for q, docs in fused.items() if q in qrels})
+    expected = sum(v["ndcg_cut_10"] for v in by_query.values()) / len(qrels)
+    assert rows["base+bm25_rrf"]["ndcg@10"] == pytest.approx(expected, abs=1e-6)
     # rerank of the top 5 leaves recall@100 of the first stage unchanged: the tail is kept
     assert rows["bm25>rerank"]["recall@100"] == pytest.approx(rows["bm25"]["recall@100"])
     # nothing was trained, so every other row is tested against base (diff = base - row)
     assert set(results["significance"]) == {f"base vs {name}" for name in rows if name != "base"}
+    # "base vs bm25" counts base's wins (diff = base - row), from the per-query scores the table reports
     sig = results["significance"]["base vs bm25"]
-    assert sig["n"] == len(results["per_query"]["base"])
-    assert sig["wins"] + sig["ties"] + sig["losses"] == sig["n"]
+    base_q, bm25_q = results["per_query"]["base"], results["per_query"]["bm25"]
+    diffs = [base_q[q]["ndcg@10"] - bm25_q.get(q, {}).get("ndcg@10", 0.0) for q in base_q]
+    assert (sig["wins"], sig["losses"]) == (sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs))
+    assert sig["diff"] == pytest.approx(np.mean(diffs), abs=1e-9)
 
     # The sweep's exact row at full dim reproduces the eval table's nDCG@10 for the same model.
     sweep = json.loads((tmp_path / "run" / "eval" / "sweep.json").read_text())["rows"]

@@ -161,8 +161,13 @@ class MicroBatcher:
                     future.set_result(rows[start:start + len(request_texts)])
                 start += len(request_texts)
 
+    def waiting(self) -> int:
+        """Requests queued for a forward pass that has not started."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (1 if self._carry else 0)
+
     def stats(self) -> dict[str, float]:
         return {
+            "waiting": self.waiting(),
             "forward_passes": self.forward_passes,
             "requests": self.requests,
             "texts": self.texts,

@@ -200,6 +200,62 @@ def test_cache_answers_repeated_text(bundle_dir):
     assert health["cache"]["hits"] == 1
 
 
+# --- admission control ---------------------------------------------------------------------------------------
+
+def test_requests_past_max_queue_get_503_with_retry_after_at_once(bundle_dir):
+    """With max_queue requests in progress, the next ones are refused at once (not queued); /health shows the depth,
+    and once the queue drains the server admits again."""
+    import threading
+    import time
+
+    app = create_app(bundle_dir, ServeConfig(max_queue=2, retry_after_s=3, cache_size=0))
+    release = threading.Event()
+    encode = app.state.batcher._encode
+
+    def slow_encode(texts):  # the forward pass of the admitted requests holds until the test releases it
+        release.wait(timeout=30)
+        return encode(texts)
+
+    app.state.batcher._encode = slow_encode
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            admitted = [asyncio.create_task(http.post("/v1/embeddings", json={"input": f"the cat {i}"}))
+                        for i in range(2)]
+            while (await http.get("/health")).json()["queue"]["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            shed = await asyncio.gather(http.post("/search", json={"query": "the dog"}),
+                                        http.post("/v1/embeddings", json={"input": "a fish"}))
+            shed_seconds = time.perf_counter() - started
+            health = (await http.get("/health")).json()
+            release.set()
+            done = await asyncio.gather(*admitted)
+            after = await http.post("/v1/embeddings", json={"input": "a bird"})
+            return shed, shed_seconds, health, done, after
+
+    with uvicorn_in_thread(app) as base_url:
+        shed, shed_seconds, health, done, after = asyncio.run(fire(base_url))
+    for response in shed:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert "serve.max_queue" in response.json()["error"]["message"]
+    assert shed_seconds < 5  # answered while the admitted ones still wait for their forward pass
+    assert health["queue"] == {"in_flight": 2, "max_queue": 2, "admitted": 2, "shed_503": 2}
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+def test_keep_alive_timeout_reaches_uvicorn(bundle_dir, monkeypatch):
+    import uvicorn
+
+    from serve.app import run_server
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    run_server(ServeConfig(bundle_dir=str(bundle_dir), timeout_keep_alive=42))
+    assert seen["timeout_keep_alive"] == 42
+
+
 # --- bad input: 4xx with a message that names the problem --------------------------------------------------------
 
 @pytest.mark.parametrize("body, message", [
@@ -335,7 +391,8 @@ def test_health_reports_model(client):
 
 
 @pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("port", 70000), ("max_k", 0), ("cache_size", -1),
-                                          ("max_input_tokens", -1)])
+                                          ("max_input_tokens", -1), ("max_queue", 0), ("retry_after_s", 0),
+                                          ("timeout_keep_alive", 0)])
 def test_config_validate_names_the_key(field, value):
     with pytest.raises(ValueError, match=f"serve.{field}"):
         ServeConfig(**{field: value}).validate()

@@ -47,6 +47,16 @@ class ServeConfig:
     max_input_chars: int = 20000
     max_input_tokens: int = 0  # 0 = the model's max_seq_length; longer inputs are refused, never truncated
     max_k: int = 100
+    # Admission control: at most max_queue requests to /v1/embeddings and /search in the server at once (waiting
+    # for or in a forward pass or a search); past that a request gets 503 with Retry-After: retry_after_s at once,
+    # instead of waiting in an unbounded queue. Sized in docs/serve.md from benchmarks/results/serve_load.json:
+    # an admitted request waits about max_queue / requests-per-second.
+    max_queue: int = 128
+    retry_after_s: int = 1
+    # Seconds an idle keep-alive connection stays open. Longer than clients' pool idle timeouts (httpx 5 s, aiohttp
+    # 15 s) and load balancers' (often 60 s): a server that closes first races a client reusing the connection,
+    # and the client sees a dropped connection. uvicorn's own default is 5 s.
+    timeout_keep_alive: int = 75
     # /search: `rerank: true` on a bundle whose retriever.json has no rerank uses this cross-encoder
     cross_encoder: str = ""  # CrossEncoder folder or hub name; empty = rerank unavailable
     rerank_candidates: int = 50  # first-stage hits the cross-encoder rescores
@@ -75,5 +85,12 @@ class ServeConfig:
                              f"got {self.max_input_tokens}")
         if self.max_k < 1:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
+        if self.max_queue < 1:
+            raise ValueError(f"serve.max_queue must be >= 1, got {self.max_queue}")
+        if self.retry_after_s < 1:
+            raise ValueError(f"serve.retry_after_s must be >= 1 (HTTP Retry-After is whole seconds), "
+                             f"got {self.retry_after_s}")
+        if self.timeout_keep_alive < 1:
+            raise ValueError(f"serve.timeout_keep_alive must be >= 1 second, got {self.timeout_keep_alive}")
         if self.rerank_candidates < 1:
             raise ValueError(f"serve.rerank_candidates must be >= 1, got {self.rerank_candidates}")

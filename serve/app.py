@@ -13,7 +13,8 @@ Bad input is a 4xx whose body is OpenAI's error shape, ``{"error": {"message", "
 message names the field and the limit; the openai client raises it as ``BadRequestError`` with that message.
 
 Admission control: at most ``serve.max_queue`` requests to ``/v1/embeddings`` and ``/search`` are in the server at
-once; past that a request is answered 503 with ``Retry-After`` at once instead of queueing without bound.
+once, and none is admitted while the oldest waits longer than ``serve.max_queue_wait_ms`` for the model; past
+either a request is answered 503 with ``Retry-After`` at once instead of queueing without bound.
 
 The shape: pydantic request models check each field's type, :class:`EmbeddingService` (the core the routes call)
 checks the limits that depend on the bundle and the config and does the work, and each route handler does only
@@ -36,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -275,24 +276,43 @@ def _metadata_rows(docs: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray
 
 
 class Admission:
-    """How many work requests are in the server, against ``serve.max_queue``; counters for ``/health``.
+    """Whether the server takes one more work request, and counters for ``/health``.
 
+    Two bounds: ``max_queue`` requests in the server at once (a hard cap on what waits), and ``max_wait_s``, how long
+    the oldest request may have waited for its forward pass. The second follows the machine's speed: when the
+    forward passes slow down (a busy CPU), the wait grows and new requests are refused before any waits too long.
     Only the event loop's thread touches it (the middleware runs there), so plain integers need no lock.
     """
 
-    def __init__(self, max_queue: int, retry_after_s: int):
-        self.max_queue, self.retry_after_s = max_queue, retry_after_s
+    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, oldest_wait: Callable[[], float]):
+        self.max_queue, self.max_wait_s, self.retry_after_s = max_queue, max_wait_s, retry_after_s
+        self.oldest_wait = oldest_wait
         self.in_flight = 0
         self.admitted = 0
-        self.shed = 0
+        self.shed_full = 0
+        self.shed_slow = 0
 
-    def stats(self) -> dict[str, int]:
-        return {"in_flight": self.in_flight, "max_queue": self.max_queue, "admitted": self.admitted,
-                "shed_503": self.shed}
+    def refusal(self) -> str | None:
+        """Why the next request is refused (for its 503), or None to admit it."""
+        if self.in_flight >= self.max_queue:
+            self.shed_full += 1
+            return f"the server has {self.in_flight} requests in progress, its limit (serve.max_queue)"
+        waited = self.oldest_wait()
+        if waited > self.max_wait_s:
+            self.shed_slow += 1
+            return (f"requests wait {waited * 1000:.0f} ms for the model, more than serve.max_queue_wait_ms "
+                    f"({self.max_wait_s * 1000:.0f})")
+        return None
+
+    def stats(self) -> dict[str, float]:
+        return {"in_flight": self.in_flight, "max_queue": self.max_queue,
+                "oldest_wait_ms": round(self.oldest_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
+                "admitted": self.admitted, "shed_503": self.shed_full + self.shed_slow, "shed_full": self.shed_full,
+                "shed_slow": self.shed_slow}
 
 
 class AdmissionControl:
-    """ASGI middleware: past ``max_queue`` work requests in progress, answer 503 + ``Retry-After`` at once.
+    """ASGI middleware: answer a work request 503 + ``Retry-After`` at once when :class:`Admission` refuses it.
 
     Not uvicorn's ``limit_concurrency``: that counts open connections, idle keep-alive ones included (a pool of
     1,000 connections would be refused whole), and its 503 carries no ``Retry-After``.
@@ -306,15 +326,13 @@ class AdmissionControl:
             await self.app(scope, receive, send)
             return
         admission = self.admission
-        if admission.in_flight >= admission.max_queue:
-            admission.shed += 1
+        refusal = admission.refusal()
+        if refusal is not None:
             message = {"more_body": True}
             while message.get("more_body", False):  # read the body, so the keep-alive connection stays usable
                 message = await receive()
             response = JSONResponse(
-                _error_body(f"the server has {admission.in_flight} requests in progress, its limit "
-                            f"(serve.max_queue); retry after {admission.retry_after_s} s", "server_error",
-                            code="overloaded"),
+                _error_body(f"{refusal}; retry after {admission.retry_after_s} s", "server_error", code="overloaded"),
                 status_code=503, headers={"Retry-After": str(admission.retry_after_s)})
             await response(scope, receive, send)
             return
@@ -345,7 +363,8 @@ class EmbeddingService:
         self.cache = LRUCache(cfg.cache_size)
         self.batcher = MicroBatcher(self.bundle.encode, max_batch_size=cfg.max_batch_size,
                                     max_wait_ms=cfg.max_wait_ms, enabled=cfg.microbatch)
-        self.admission = Admission(cfg.max_queue, cfg.retry_after_s)
+        self.admission = Admission(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.retry_after_s,
+                                   self.batcher.oldest_wait)
         self.metadata = _metadata_rows(self.bundle.docs)
         self.retriever: Retriever | None = None
         self.row_of: dict[str, int] = {}

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -78,6 +79,10 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._carry: tuple[list[str], asyncio.Future] | None = None  # a request that did not fit the last batch
+        # When each request still waiting for a forward pass arrived (monotonic seconds), in queue order; the
+        # carried request's own. What oldest_wait() reads: the admission control sheds on it.
+        self._arrivals: deque[float] = deque()
+        self._carry_since = 0.0
         self._executor: ThreadPoolExecutor | None = None
         self.forward_passes = 0
         self.requests = 0
@@ -109,20 +114,41 @@ class MicroBatcher:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         future = asyncio.get_running_loop().create_future()
+        self._arrivals.append(time.monotonic())
         await self._queue.put((texts, future))
         return await future
 
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting request has waited for its forward pass to start (0.0 when none waits)."""
+        if self._carry is not None:
+            return time.monotonic() - self._carry_since
+        return time.monotonic() - self._arrivals[0] if self._arrivals else 0.0
+
+    async def _take(self) -> tuple[list[str], asyncio.Future]:
+        """The carried request, else the next in the queue (waiting for one)."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        item = await self._queue.get()
+        self._arrivals.popleft()
+        return item
+
+    def _take_nowait(self) -> tuple[list[str], asyncio.Future]:
+        item = self._queue.get_nowait()
+        self._arrivals.popleft()
+        return item
+
     async def _next_batch(self) -> list[tuple[list[str], asyncio.Future]]:
         loop = asyncio.get_running_loop()
-        first = self._carry or await self._queue.get()
-        self._carry = None
+        first = await self._take()
         batch, size = [first], len(first[0])
         if not self.enabled:
             return batch
         deadline = loop.time() + self.max_wait
         while size < self.max_batch_size:
             try:
-                item = self._queue.get_nowait()
+                arrived = self._arrivals[0] if self._arrivals else 0.0
+                item = self._take_nowait()
             except asyncio.QueueEmpty:
                 if loop.time() >= deadline:
                     break
@@ -130,7 +156,7 @@ class MicroBatcher:
                 await asyncio.sleep(min(0.001, deadline - loop.time()))
                 continue
             if size + len(item[0]) > self.max_batch_size:
-                self._carry = item
+                self._carry, self._carry_since = item, arrived
                 break
             batch.append(item)
             size += len(item[0])

@@ -208,7 +208,7 @@ def test_requests_past_max_queue_get_503_with_retry_after_at_once(bundle_dir):
     import threading
     import time
 
-    app = create_app(bundle_dir, ServeConfig(max_queue=2, retry_after_s=3, cache_size=0))
+    app = create_app(bundle_dir, ServeConfig(max_queue=2, max_queue_wait_ms=60_000, retry_after_s=3, cache_size=0))
     release = threading.Event()
     encode = app.state.batcher._encode
 
@@ -241,8 +241,39 @@ def test_requests_past_max_queue_get_503_with_retry_after_at_once(bundle_dir):
         assert response.headers["retry-after"] == "3"
         assert "serve.max_queue" in response.json()["error"]["message"]
     assert shed_seconds < 5  # answered while the admitted ones still wait for their forward pass
-    assert health["queue"] == {"in_flight": 2, "max_queue": 2, "admitted": 2, "shed_503": 2}
+    assert {k: health["queue"][k] for k in ("in_flight", "max_queue", "admitted", "shed_503", "shed_full")} == {
+        "in_flight": 2, "max_queue": 2, "admitted": 2, "shed_503": 2, "shed_full": 2}
     assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+def test_requests_are_refused_while_the_oldest_waits_longer_than_max_queue_wait(bundle_dir):
+    """The second bound: with one request stuck in a forward pass and another waiting behind it longer than
+    max_queue_wait_ms, new requests get 503 although max_queue is far off."""
+    import threading
+    import time
+
+    app = create_app(bundle_dir, ServeConfig(max_queue=100, max_queue_wait_ms=200, cache_size=0, max_batch_size=1))
+    release = threading.Event()
+    encode = app.state.batcher._encode
+    app.state.batcher._encode = lambda texts: (release.wait(timeout=30), encode(texts))[1]
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            stuck = [asyncio.create_task(http.post("/v1/embeddings", json={"input": f"the cat {i}"})) for i in range(2)]
+            while (await http.get("/health")).json()["queue"]["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            time.sleep(0.3)  # the second request has now waited > 200 ms behind the stuck forward pass
+            shed = await http.post("/v1/embeddings", json={"input": "a fish"})
+            health = (await http.get("/health")).json()
+            release.set()
+            return shed, health, await asyncio.gather(*stuck)
+
+    with uvicorn_in_thread(app) as base_url:
+        shed, health, done = asyncio.run(fire(base_url))
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert "serve.max_queue_wait_ms" in shed.json()["error"]["message"]
+    assert health["queue"]["shed_slow"] == 1 and health["queue"]["oldest_wait_ms"] > 200
+    assert [r.status_code for r in done] == [200, 200]
 
 
 def test_keep_alive_timeout_reaches_uvicorn(bundle_dir, monkeypatch):
@@ -391,7 +422,7 @@ def test_health_reports_model(client):
 
 
 @pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("port", 70000), ("max_k", 0), ("cache_size", -1),
-                                          ("max_input_tokens", -1), ("max_queue", 0), ("retry_after_s", 0),
+                                          ("max_input_tokens", -1), ("max_queue", 0), ("max_queue_wait_ms", 0), ("retry_after_s", 0),
                                           ("timeout_keep_alive", 0)])
 def test_config_validate_names_the_key(field, value):
     with pytest.raises(ValueError, match=f"serve.{field}"):

@@ -47,11 +47,12 @@ class ServeConfig:
     max_input_chars: int = 20000
     max_input_tokens: int = 0  # 0 = the model's max_seq_length; longer inputs are refused, never truncated
     max_k: int = 100
-    # Admission control: at most max_queue requests to /v1/embeddings and /search in the server at once (waiting
-    # for or in a forward pass or a search); past that a request gets 503 with Retry-After: retry_after_s at once,
-    # instead of waiting in an unbounded queue. Sized in docs/serve.md from benchmarks/results/serve_load.json:
-    # an admitted request waits about max_queue / requests-per-second.
-    max_queue: int = 128
+    # Admission control: a request to /v1/embeddings or /search gets 503 with Retry-After: retry_after_s at once,
+    # instead of waiting in an unbounded queue, when max_queue requests are already in the server (waiting for or
+    # in a forward pass or a search), or when the oldest of them has waited more than max_queue_wait_ms for its
+    # forward pass (the bound that follows the machine's speed). Sizing: docs/serve.md, "Admission control".
+    max_queue: int = 256
+    max_queue_wait_ms: float = 500.0
     retry_after_s: int = 1
     # Seconds an idle keep-alive connection stays open. Longer than clients' pool idle timeouts (httpx 5 s, aiohttp
     # 15 s) and load balancers' (often 60 s): a server that closes first races a client reusing the connection,
@@ -87,6 +88,8 @@ class ServeConfig:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
         if self.max_queue < 1:
             raise ValueError(f"serve.max_queue must be >= 1, got {self.max_queue}")
+        if self.max_queue_wait_ms <= 0:
+            raise ValueError(f"serve.max_queue_wait_ms must be > 0, got {self.max_queue_wait_ms}")
         if self.retry_after_s < 1:
             raise ValueError(f"serve.retry_after_s must be >= 1 (HTTP Retry-After is whole seconds), "
                              f"got {self.retry_after_s}")

@@ -103,7 +103,8 @@ def machine() -> dict[str, Any]:
         found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
         cpu_model = found.group(1).strip() if found else cpu_model
         flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-        vector_flags = sorted(f for f in (flags.group(1).split() if flags else []) if re.match(r"(sse4|avx|fma|amx)", f))
+        names = flags.group(1).split() if flags else []
+        vector_flags = sorted(f for f in names if re.match(r"(sse4|avx|fma|amx)", f))
     except OSError:  # not Linux
         pass
     return {

@@ -1,12 +1,13 @@
-"""Load benchmark of ``serve`` under mixed traffic: every request answered 200 or a fast 503, at 32, 200, 1,000 in flight.
+"""Load benchmark of ``serve`` under mixed traffic at 32, 200 and 1,000 requests in flight: 200 or a fast 503.
 
 For a dense bundle and a hybrid bundle (all-MiniLM-L6-v2 over the first ``--docs`` SciFact documents; the hybrid
 one's ``retriever.json`` fuses dense with stemmed BM25 by RRF), starts ``python -m serve up`` on 127.0.0.1 in a
 subprocess and, for each level, keeps exactly ``in_flight`` requests open (closed loop: ``in_flight`` workers on
 their own keep-alive connections, each sending its next request when the last is answered, or ``Retry-After``
-seconds after a 503) until ``--requests`` answers. The traffic cycles through four kinds: ``/search`` (the bundle's spec), ``/search`` with
-``"hybrid": true``, ``/v1/embeddings`` with one input, and with ``"dimensions": 128``; every text is a distinct
-random phrase of 3 to 12 SciFact words plus a unique tag, so the server's cache never answers.
+seconds after a 503) until ``--requests`` answers. The traffic cycles through four kinds: ``/search`` (the
+bundle's spec), ``/search`` with ``"hybrid": true``, ``/v1/embeddings`` with one input, and with
+``"dimensions": 128``; every text is a distinct random phrase of 3 to 12 SciFact words plus a unique tag, so the
+server's cache never answers.
 
 Per level it records requests, requests_per_s (200s per second of the level's wall time), p50_ms and p99_ms of the
 200s, errors_5xx (5xx other than the admission control's 503), shed_503 (503 with ``Retry-After``; a 503 without
@@ -229,8 +230,8 @@ def run_bundle(name: str, bundle: Path, words: list[str], args: argparse.Namespa
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    return {"bundle": str(bundle.name), "retriever": first_health["retriever"], "index_size": first_health["index_size"],
-            "serve_config": first_health.get("queue"), "levels": levels}
+    return {"bundle": str(bundle.name), "retriever": first_health["retriever"],
+            "index_size": first_health["index_size"], "serve_config": first_health.get("queue"), "levels": levels}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -422,8 +422,8 @@ def test_health_reports_model(client):
 
 
 @pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("port", 70000), ("max_k", 0), ("cache_size", -1),
-                                          ("max_input_tokens", -1), ("max_queue", 0), ("max_queue_wait_ms", 0), ("retry_after_s", 0),
-                                          ("timeout_keep_alive", 0)])
+                                          ("max_input_tokens", -1), ("max_queue", 0), ("max_queue_wait_ms", 0),
+                                          ("retry_after_s", 0), ("timeout_keep_alive", 0)])
 def test_config_validate_names_the_key(field, value):
     with pytest.raises(ValueError, match=f"serve.{field}"):
         ServeConfig(**{field: value}).validate()

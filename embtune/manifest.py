@@ -155,10 +155,12 @@ class Stage:
             path = Path(path)
             resolved = str(path.resolve())
             upstream = _owning_manifest(path)
-            # An upstream stage's output is identified by the hash its manifest recorded: no rehashing of models,
-            # as long as its files are the ones that manifest listed.
-            if upstream is not None and resolved in upstream.get("output_hashes_by_path", {}) and not listing_changes(
-                    upstream.get("output_files_by_path", {}).get(resolved, {}), path):
+            # An upstream stage's output is identified by the hash its manifest recorded (no rehashing of models)
+            # while its files are the ones that manifest listed; an output the stage passed through is rehashed.
+            if upstream is not None and resolved in upstream.get("output_hashes_by_path", {}) and (
+                    "output_files_by_path" not in upstream or (
+                        resolved in upstream["output_files_by_path"]
+                        and not listing_changes(upstream["output_files_by_path"][resolved], path))):
                 hashes[key] = upstream["output_hashes_by_path"][resolved]
             else:
                 hashes[key] = hash_path(path)
@@ -191,7 +193,9 @@ class Stage:
             return False
         for key, path in old.get("outputs", {}).items():
             if "output_files" in old:
-                changes = listing_changes(old["output_files"].get(key, {}), path, self._own_files)
+                if key not in old["output_files"]:  # passed through, not written here: existing is enough
+                    continue
+                changes = listing_changes(old["output_files"][key], path, self._own_files)
             else:  # a manifest written before listings: its content hashes are the check (slow, once)
                 changes = [] if hash_path(path) == old.get("output_hashes", {}).get(key) else ["content hash differs"]
             if changes:
@@ -201,6 +205,11 @@ class Stage:
                 return False
         logger.info("stage %s is up to date (manifest %s); skipping", self.name, self.manifest_path)
         return True
+
+    def _passes_through(self, output: Path) -> bool:
+        """An output that is, or holds, one of the stage's inputs was not written by it (data_prep hands a BEIR
+        folder on as ``eval_dataset``): its files change with the input, which the fingerprint already follows."""
+        return any(Path(p).resolve() == output or output in Path(p).resolve().parents for p in self.inputs.values())
 
     def begin(self) -> None:
         """Call before the stage writes its first output: no manifest vouches for outputs while they change, so a
@@ -218,7 +227,8 @@ class Stage:
         self.dir.mkdir(parents=True, exist_ok=True)
         outputs = {k: str(Path(v).resolve()) for k, v in outputs.items()}
         output_hashes = {k: hash_path(v) for k, v in outputs.items()}
-        output_files = {k: file_listing(v, self._own_files) for k, v in outputs.items()}
+        output_files = {k: file_listing(v, self._own_files) for k, v in outputs.items()
+                        if not self._passes_through(Path(v))}
         manifest = {
             "stage": self.name,
             "fingerprint": self.fingerprint(),

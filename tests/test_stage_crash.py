@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,33 @@ def test_an_output_changed_after_its_stage_finished_reruns_the_stage(finished_ru
     run_pipeline(cfg, None, overrides, stages=("eval",))
     rerun = json.loads(results.read_text())  # whole again (a timing field may differ, the scores do not)
     assert rerun["results"] == whole["results"] and set(rerun) == set(whole)
+
+
+def test_manifest_vouches_only_for_what_the_stage_finished(tmp_path):
+    """Stage's bookkeeping alone, fast: begin() withdraws the manifest, a rewritten or truncated output is not up
+    to date, files added beside the outputs are, and an output that is the stage's own input folder is only checked
+    for existence (its files are the input's, followed by the fingerprint)."""
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "corpus.jsonl").write_text('{"_id": "d1", "text": "a"}\n')
+    stage = Stage("s", tmp_path / "run", config={"k": 1}, inputs={"corpus": source / "corpus.jsonl"})
+    out = stage.dir / "table"
+    out.mkdir(parents=True)
+    (out / "part-0").write_text("complete rows\n")
+    stage.finish({"table": out, "dataset": source})
+    assert stage.up_to_date()
+
+    (out / "cache-123.arrow").write_text("written by a reader later")  # an extra file: allowed
+    assert stage.up_to_date()
+    (source / "notes.txt").write_text("x")  # inside the passed-through folder, not an input: not a reason to rerun
+    assert stage.up_to_date()
+
+    stage.begin()
+    assert not stage.manifest_path.exists() and not stage.up_to_date()
+    stage.finish({"table": out, "dataset": source})
+    time.sleep(0.05)  # file timestamps tick with the kernel's clock (milliseconds), not per write
+    (out / "part-0").write_text("complete rows\n")  # same bytes, rewritten: the stage did not finish this write
+    assert not stage.up_to_date()
+    stage.finish({"table": out, "dataset": source})
+    (out / "part-0").write_text("compl")
+    assert not stage.up_to_date()

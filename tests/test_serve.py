@@ -346,6 +346,13 @@ def test_bad_search_requests_are_400_with_message(client, body, message):
     assert message in response.json()["error"]["message"]
 
 
+def test_body_without_json_content_type_is_400_naming_the_header(client):
+    """FastAPI reads a body as JSON only when the request says it is (a cross-site form post cannot pass as one)."""
+    response = client.post("/v1/embeddings", content=b'{"input": "the cat"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 400
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+
+
 def test_rerank_without_cross_encoder_names_the_setting(bundle_dir):
     with TestClient(create_app(bundle_dir, ServeConfig())) as client:
         response = client.post("/search", json={"query": "the cat", "rerank": True})

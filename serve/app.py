@@ -13,7 +13,7 @@ Bad input is a 4xx whose body is OpenAI's error shape, ``{"error": {"message", "
 message names the field and the limit; the openai client raises it as ``BadRequestError`` with that message.
 
 Admission control: at most ``serve.max_queue`` requests to ``/v1/embeddings`` and ``/search`` are in the server at
-once, and none is admitted while the oldest waits longer than ``serve.max_queue_wait_ms`` for the model; past
+once, and none is admitted that would wait longer than ``serve.max_queue_wait_ms`` for the model; past
 either a request is answered 503 with ``Retry-After`` at once instead of queueing without bound.
 
 The shape: pydantic request models check each field's type, :class:`EmbeddingService` (the core the routes call)
@@ -279,14 +279,15 @@ class Admission:
     """Whether the server takes one more work request, and counters for ``/health``.
 
     Two bounds: ``max_queue`` requests in the server at once (a hard cap on what waits), and ``max_wait_s``, how long
-    the oldest request may have waited for its forward pass. The second follows the machine's speed: when the
-    forward passes slow down (a busy CPU), the wait grows and new requests are refused before any waits too long.
+    a new request would wait for its forward pass (``MicroBatcher.expected_wait``: the queue ahead of it at the
+    recent cost per text, or the oldest request's wait so far). The second follows the machine's speed: when forward
+    passes slow down (a busy CPU, long inputs), fewer requests are admitted, before any waits too long.
     Only the event loop's thread touches it (the middleware runs there), so plain integers need no lock.
     """
 
-    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, oldest_wait: Callable[[], float]):
+    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float]):
         self.max_queue, self.max_wait_s, self.retry_after_s = max_queue, max_wait_s, retry_after_s
-        self.oldest_wait = oldest_wait
+        self.expected_wait = expected_wait
         self.in_flight = 0
         self.admitted = 0
         self.shed_full = 0
@@ -297,16 +298,16 @@ class Admission:
         if self.in_flight >= self.max_queue:
             self.shed_full += 1
             return f"the server has {self.in_flight} requests in progress, its limit (serve.max_queue)"
-        waited = self.oldest_wait()
-        if waited > self.max_wait_s:
+        wait = self.expected_wait()
+        if wait > self.max_wait_s:
             self.shed_slow += 1
-            return (f"requests wait {waited * 1000:.0f} ms for the model, more than serve.max_queue_wait_ms "
+            return (f"a request would wait {wait * 1000:.0f} ms for the model, more than serve.max_queue_wait_ms "
                     f"({self.max_wait_s * 1000:.0f})")
         return None
 
     def stats(self) -> dict[str, float]:
         return {"in_flight": self.in_flight, "max_queue": self.max_queue,
-                "oldest_wait_ms": round(self.oldest_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
+                "expected_wait_ms": round(self.expected_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
                 "admitted": self.admitted, "shed_503": self.shed_full + self.shed_slow, "shed_full": self.shed_full,
                 "shed_slow": self.shed_slow}
 
@@ -364,7 +365,7 @@ class EmbeddingService:
         self.batcher = MicroBatcher(self.bundle.encode, max_batch_size=cfg.max_batch_size,
                                     max_wait_ms=cfg.max_wait_ms, enabled=cfg.microbatch)
         self.admission = Admission(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.retry_after_s,
-                                   self.batcher.oldest_wait)
+                                   self.batcher.expected_wait)
         self.metadata = _metadata_rows(self.bundle.docs)
         self.retriever: Retriever | None = None
         self.row_of: dict[str, int] = {}

@@ -80,9 +80,15 @@ class MicroBatcher:
         self._task: asyncio.Task | None = None
         self._carry: tuple[list[str], asyncio.Future] | None = None  # a request that did not fit the last batch
         # When each request still waiting for a forward pass arrived (monotonic seconds), in queue order; the
-        # carried request's own. What oldest_wait() reads: the admission control sheds on it.
+        # carried request's own: what oldest_wait() reads.
         self._arrivals: deque[float] = deque()
         self._carry_since = 0.0
+        # For expected_wait(): texts queued (the carried request's included), the pass in progress, and the recent
+        # cost of a text in a forward pass (moving average over passes; None before the first).
+        self._waiting_texts = 0
+        self._pass_started: float | None = None
+        self._pass_texts = 0
+        self._seconds_per_text: float | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.forward_passes = 0
         self.requests = 0
@@ -115,6 +121,7 @@ class MicroBatcher:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         future = asyncio.get_running_loop().create_future()
         self._arrivals.append(time.monotonic())
+        self._waiting_texts += len(texts)
         await self._queue.put((texts, future))
         return await future
 
@@ -123,6 +130,19 @@ class MicroBatcher:
         if self._carry is not None:
             return time.monotonic() - self._carry_since
         return time.monotonic() - self._arrivals[0] if self._arrivals else 0.0
+
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait for its forward pass to start: the estimate from the recent
+        cost per text (the rest of the pass in progress, then every text queued ahead), or the oldest request's
+        wait so far, whichever is larger. The estimate is what keeps a burst from being admitted whole."""
+        waited = self.oldest_wait()
+        cost = self._seconds_per_text
+        if cost is None:
+            return waited
+        current = 0.0
+        if self._pass_started is not None:
+            current = max(0.0, self._pass_started + self._pass_texts * cost - time.monotonic())
+        return max(waited, current + self._waiting_texts * cost)
 
     async def _take(self) -> tuple[list[str], asyncio.Future]:
         """The carried request, else the next in the queue (waiting for one)."""
@@ -141,6 +161,7 @@ class MicroBatcher:
     async def _next_batch(self) -> list[tuple[list[str], asyncio.Future]]:
         loop = asyncio.get_running_loop()
         first = await self._take()
+        self._waiting_texts -= len(first[0])
         batch, size = [first], len(first[0])
         if not self.enabled:
             return batch
@@ -160,6 +181,7 @@ class MicroBatcher:
                 break
             batch.append(item)
             size += len(item[0])
+            self._waiting_texts -= len(item[0])
         return batch
 
     async def _run(self) -> None:
@@ -170,6 +192,7 @@ class MicroBatcher:
             if not batch:
                 continue
             texts = [text for request_texts, _ in batch for text in request_texts]
+            self._pass_started, self._pass_texts = time.monotonic(), len(texts)
             try:
                 rows = await loop.run_in_executor(self._executor, self._encode, texts)  # (len(texts), dim)
             except Exception as err:  # the model failed: every request of the batch gets the error
@@ -178,6 +201,11 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(err)
                 continue
+            finally:
+                cost = (time.monotonic() - self._pass_started) / len(texts)
+                previous = self._seconds_per_text
+                self._seconds_per_text = cost if previous is None else 0.8 * previous + 0.2 * cost
+                self._pass_started = None
             self.forward_passes += 1
             self.requests += len(batch)
             self.texts += len(texts)
@@ -194,6 +222,7 @@ class MicroBatcher:
     def stats(self) -> dict[str, float]:
         return {
             "waiting": self.waiting(),
+            "ms_per_text": round(1000 * self._seconds_per_text, 2) if self._seconds_per_text is not None else None,
             "forward_passes": self.forward_passes,
             "requests": self.requests,
             "texts": self.texts,

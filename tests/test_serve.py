@@ -272,8 +272,42 @@ def test_requests_are_refused_while_the_oldest_waits_longer_than_max_queue_wait(
         shed, health, done = asyncio.run(fire(base_url))
     assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
     assert "serve.max_queue_wait_ms" in shed.json()["error"]["message"]
-    assert health["queue"]["shed_slow"] == 1 and health["queue"]["oldest_wait_ms"] > 200
+    assert health["queue"]["shed_slow"] == 1 and health["queue"]["expected_wait_ms"] > 200
     assert [r.status_code for r in done] == [200, 200]
+
+
+def test_expected_wait_counts_the_texts_queued_at_the_recent_cost():
+    """A new request's expected wait is the queue ahead of it at the measured cost per text: 8 queued texts at about
+    20 ms each behind a stuck pass read as about 160 ms, before any of them has waited that long."""
+    import threading
+    import time
+
+    from serve.batcher import MicroBatcher
+
+    release = threading.Event()
+
+    def encode(texts):
+        if texts[0] == "stuck":
+            release.wait(timeout=30)
+        time.sleep(0.02 * len(texts))
+        return np.zeros((len(texts), 4), dtype=np.float32)
+
+    async def scenario():
+        batcher = MicroBatcher(encode, max_batch_size=4, max_wait_ms=0)
+        await batcher.start()
+        await batcher.encode(["a", "b", "c", "d"])  # measures ~20 ms per text
+        stuck = asyncio.create_task(batcher.encode(["stuck"]))
+        await asyncio.sleep(0.05)  # the stuck pass has started
+        queued = [asyncio.create_task(batcher.encode([f"t{i}"])) for i in range(8)]
+        await asyncio.sleep(0)
+        expected, waited = batcher.expected_wait(), batcher.oldest_wait()
+        release.set()
+        await asyncio.gather(stuck, *queued)
+        await batcher.stop()
+        return expected, waited
+
+    expected, waited = asyncio.run(scenario())
+    assert waited < 0.05 and 0.12 < expected < 0.4
 
 
 def test_keep_alive_timeout_reaches_uvicorn(bundle_dir, monkeypatch):

@@ -49,8 +49,8 @@ class ServeConfig:
     max_k: int = 100
     # Admission control: a request to /v1/embeddings or /search gets 503 with Retry-After: retry_after_s at once,
     # instead of waiting in an unbounded queue, when max_queue requests are already in the server (waiting for or
-    # in a forward pass or a search), or when the oldest of them has waited more than max_queue_wait_ms for its
-    # forward pass (the bound that follows the machine's speed). Sizing: docs/serve.md, "Admission control".
+    # in a forward pass or a search), or when it would wait more than max_queue_wait_ms for its forward pass (the
+    # queue ahead at the recent cost per text; the bound that follows the machine's speed). Sizing: docs/serve.md.
     max_queue: int = 256
     max_queue_wait_ms: float = 500.0
     retry_after_s: int = 1

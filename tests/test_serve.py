@@ -88,7 +88,9 @@ def bundle_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def live_server(bundle_dir):
     """A real uvicorn server on 127.0.0.1 with an API key; yields (base_url, app)."""
-    app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny"))
+    # Admission bounds well above what the tests send at once (48 concurrent requests), so none is shed.
+    app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny", max_queue=256,
+                                             max_queue_wait_ms=30_000))
     with uvicorn_in_thread(app) as url:
         yield url, app
 

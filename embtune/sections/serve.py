@@ -51,7 +51,7 @@ class ServeConfig:
     # instead of waiting in an unbounded queue, when max_queue requests are already in the server (waiting for or
     # in a forward pass or a search), or when it would wait more than max_queue_wait_ms for its forward pass (the
     # queue ahead at the recent cost per text; the bound that follows the machine's speed). Sizing: docs/serve.md.
-    max_queue: int = 256
+    max_queue: int = 32
     max_queue_wait_ms: float = 500.0
     retry_after_s: int = 1
     # Seconds an idle keep-alive connection stays open. Longer than clients' pool idle timeouts (httpx 5 s, aiohttp

@@ -73,6 +73,7 @@ def test_export_killed_after_the_index_before_metrics_is_redone(finished_run, mo
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*") if p.is_file()) == complete
 
 
+@pytest.mark.slow  # a tiny pipeline run each; the export case above and the bookkeeping test below stay fast-suite
 @pytest.mark.parametrize("stage, output", [("data_prep", "train_table"), ("train", "model"), ("eval", "results")])
 def test_stage_killed_while_writing_its_last_output_is_redone(finished_run, monkeypatch, stage, output):
     """The stage's output removed, the rerun killed while its last bytes were being written (the largest output
@@ -101,6 +102,7 @@ def test_stage_killed_while_writing_its_last_output_is_redone(finished_run, monk
     assert manifest(run_dir, stage)["output_hashes"][output] == hash_path(path)
 
 
+@pytest.mark.slow
 def test_an_output_changed_after_its_stage_finished_reruns_the_stage(finished_run):
     """No crash needed: a results file truncated after eval finished is not accepted on the next run."""
     cfg, overrides, run_dir = finished_run

@@ -148,6 +148,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     stage = Stage("data_prep", cfg.run_dir, config=stage_config(cfg), inputs=input_files(cfg))
     if not force and stage.up_to_date():
         return stage.outputs()
+    stage.begin()
     stage.dir.mkdir(parents=True, exist_ok=True)
 
     dataset, eval_folder = load_dataset(cfg, stage.dir)

@@ -194,6 +194,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if not force and stage.up_to_date():
         print((stage.dir / "table.txt").read_text())
         return stage.outputs()
+    stage.begin()
     check_rerank_on(cfg, models)
     if not Path(inputs["qrels"]).is_file() or not Path(inputs["queries"]).is_file():
         return no_labelled_queries(cfg, stage, inputs)

@@ -6,12 +6,19 @@ Routes:
   - ``POST /search``: ``{query, k, filter, hybrid, rerank}`` → ranked hits. It runs the bundle's ``retriever.json``
     (the retrieval system eval measured and recommended) through the core ``Retriever``, the one eval ran, so the
     served ranking is eval's; ``hybrid`` and ``rerank`` override the spec per request.
-  - ``GET /v1/models``, ``GET /health`` (the only route that needs no API key, for liveness probes).
+  - ``GET /v1/models``, ``GET /health`` (the only route that needs no API key, for liveness probes; it reports the
+    admission queue's depth).
 
 Bad input is a 4xx whose body is OpenAI's error shape, ``{"error": {"message", "type", "param", "code"}}``, and the
 message names the field and the limit; the openai client raises it as ``BadRequestError`` with that message.
 
-Handlers validate the request, then call the core (``embtune.retrieval``); they do not rank themselves.
+Admission control: at most ``serve.max_queue`` requests to ``/v1/embeddings`` and ``/search`` are in the server at
+once, and none is admitted that would wait longer than ``serve.max_queue_wait_ms`` for the model; past
+either a request is answered 503 with ``Retry-After`` at once instead of queueing without bound.
+
+The shape: pydantic request models check each field's type, :class:`EmbeddingService` (the core the routes call)
+checks the limits that depend on the bundle and the config and does the work, and each route handler does only
+validate → call the core → shape the response.
 
 Example::
 
@@ -26,15 +33,18 @@ import hmac
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from embtune.dataio import document_text
 from embtune.retrieval.bm25 import BM25Config
@@ -47,10 +57,11 @@ from serve.bundle import Bundle, load_bundle
 
 logger = logging.getLogger(__name__)
 
-EMBEDDING_FIELDS = {"input", "model", "dimensions", "encoding_format", "user"}
-SEARCH_FIELDS = {"query", "k", "filter", "hybrid", "rerank"}
 # Fields of docs.jsonl that are text, not metadata to filter on.
 TEXT_FIELDS = {"title", "text"}
+# The routes that do work (a forward pass, a search); admission control counts and sheds only these.
+WORK_ROUTES = ("/v1/embeddings", "/search")
+REFUSED = "embtune_refused"  # the pydantic error type of a request field refused with one of our own messages
 
 
 class RequestError(Exception):
@@ -69,74 +80,140 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RequestError(400, f"the request body is not valid JSON: {err}") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, f"the request body must be a JSON object, got {_type_name(body)}")
-    return body
+# --- request models: each field's type, refused with a message that names the field -----------------------------
+
+def _refuse(message: str, param: str | None = None) -> PydanticCustomError:
+    """A validation error carrying our message and the OpenAI ``param``; ``_validation_error`` unpacks it."""
+    return PydanticCustomError(REFUSED, "{message}", {"message": message, "param": param})
 
 
-def _reject_unknown(body: dict[str, Any], known: set[str]) -> None:
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise RequestError(400, f"unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}",
-                           param=unknown[0])
-
-
-def _int_field(body: dict[str, Any], name: str, default: int | None, low: int, high: int, limit_key: str) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise RequestError(400, f"'{name}' must be an integer, got {_type_name(value)}", param=name)
-    if not low <= value <= high:
-        raise RequestError(400, f"'{name}' must be between {low} and {high} ({limit_key}), got {value}", param=name)
+def _integer(value: Any, name: str) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise _refuse(f"'{name}' must be an integer, got {_type_name(value)}", name)
     return value
 
 
-def _texts_from_input(value: Any, max_inputs: int) -> list[str]:
-    """The ``input`` field as a list of strings; token arrays and other types are refused by name."""
-    if value is None:
-        raise RequestError(400, "'input' is required: a string or a list of strings", param="input")
-    if isinstance(value, str):
-        texts = [value]
-    elif isinstance(value, list):
+def _true_or_false(value: Any, name: str) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise _refuse(f"'{name}' must be true or false, got {_type_name(value)}", name)
+    return value
+
+
+class _RequestBody(BaseModel):
+    """A JSON object whose keys are this model's fields; anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _json_object_with_known_fields(cls, body: Any) -> Any:
+        if isinstance(body, bytes):  # FastAPI parses JSON only when the request says it is JSON (CSRF safety)
+            raise _refuse("the request body must be JSON sent with 'Content-Type: application/json'")
+        if not isinstance(body, dict):
+            raise _refuse(f"the request body must be a JSON object, got {_type_name(body)}")
+        unknown = sorted(set(body) - set(cls.model_fields))
+        if unknown:
+            raise _refuse(f"unknown field(s) {', '.join(map(repr, unknown))}; known: "
+                          f"{', '.join(sorted(cls.model_fields))}", unknown[0])
+        return body
+
+
+class EmbeddingRequest(_RequestBody):
+    """``POST /v1/embeddings``, OpenAI's request. Limits that depend on the bundle are checked by the service."""
+
+    input: str | list[str] = Field(default=None, validate_default=True)  # type: ignore[assignment]
+    model: str | None = None
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _strings(cls, value: Any) -> str | list[str]:
+        if value is None:
+            raise _refuse("'input' is required: a string or a list of strings", "input")
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise _refuse(f"'input' must be a string or a list of strings, got {_type_name(value)}", "input")
         if not value:
-            raise RequestError(400, "'input' must not be an empty list", param="input")
+            raise _refuse("'input' must not be an empty list", "input")
         token_ids = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         if token_ids or any(isinstance(v, list) for v in value):
-            raise RequestError(400, "'input' as token ids is not supported by this server; send strings", param="input")
-        texts = value
-    else:
-        raise RequestError(400, f"'input' must be a string or a list of strings, got {_type_name(value)}",
-                           param="input")
-    if len(texts) > max_inputs:
-        raise RequestError(400, f"'input' has {len(texts)} items; at most {max_inputs} per request (serve.max_inputs)",
-                           param="input")
-    for i, text in enumerate(texts):
-        if not isinstance(text, str):
-            raise RequestError(400, f"input[{i}] must be a string, got {_type_name(text)}", param="input")
-    return texts
+            raise _refuse("'input' as token ids is not supported by this server; send strings", "input")
+        for i, text in enumerate(value):
+            if not isinstance(text, str):
+                raise _refuse(f"input[{i}] must be a string, got {_type_name(text)}", "input")
+        return value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_name(cls, value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise _refuse(f"'model' must be a string, got {_type_name(value)}", "model")
+        return value
+
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _dimensions(cls, value: Any) -> int | None:
+        return _integer(value, "dimensions")
+
+    @field_validator("encoding_format", mode="before")
+    @classmethod
+    def _format(cls, value: Any) -> str:
+        value = value or "float"
+        if value not in ("float", "base64"):
+            raise _refuse(f"'encoding_format' must be 'float' or 'base64', got {value!r}", "encoding_format")
+        return value
+
+    def texts(self) -> tuple[list[str], list[str]]:
+        """The inputs as a list, and the name each has in error messages (``input`` or ``input[i]``)."""
+        if isinstance(self.input, str):
+            return [self.input], ["input"]
+        return list(self.input), [f"input[{i}]" for i in range(len(self.input))]
 
 
-def _check_lengths(bundle: Bundle, texts: list[str], names: list[str], max_chars: int, max_tokens: int,
-                   param: str) -> list[int]:
-    """Refuse empty and over-long texts (characters first: cheap; then tokens); return each text's token count."""
-    for name, text in zip(names, texts):
-        if not text.strip():
-            raise RequestError(400, f"{name} is empty or whitespace only", param=param)
-        if len(text) > max_chars:
-            raise RequestError(400, f"{name} has {len(text)} characters; at most {max_chars} (serve.max_input_chars)",
-                               param=param)
-    counts = bundle.count_tokens(texts)
-    for name, count in zip(names, counts):
-        if count > max_tokens:
-            raise RequestError(400, f"{name} has {count} tokens; the model reads at most {max_tokens} "
-                               "(serve.max_input_tokens); split the text, it is not truncated silently", param=param)
-    return counts
+class SearchRequest(_RequestBody):
+    """``POST /search``. ``k`` None = min(10, serve.max_k); ``hybrid``/``rerank`` None = the bundle's spec decides."""
+
+    query: str = Field(default=None, validate_default=True)  # type: ignore[assignment]
+    k: int | None = None
+    filter: dict[str, Any] = Field(default_factory=dict)
+    hybrid: bool | None = None
+    rerank: bool | None = None
+
+    @field_validator("query", mode="before")
+    @classmethod
+    def _query(cls, value: Any) -> str:
+        if not isinstance(value, str):
+            raise _refuse(f"'query' must be a string, got {_type_name(value)}", "query")
+        return value
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _k(cls, value: Any) -> int | None:
+        return _integer(value, "k")
+
+    @field_validator("filter", mode="before")
+    @classmethod
+    def _filter(cls, value: Any) -> dict[str, Any]:
+        value = value or {}
+        if not isinstance(value, dict):
+            raise _refuse(f"'filter' must be an object of field: value, got {_type_name(value)}", "filter")
+        return value
+
+    @field_validator("hybrid", "rerank", mode="before")
+    @classmethod
+    def _switch(cls, value: Any, info) -> bool | None:
+        return _true_or_false(value, info.field_name)
+
+
+# --- the core the routes call ------------------------------------------------------------------------------------
+
+def _check_range(value: int, name: str, low: int, high: int, limit_key: str) -> int:
+    if not low <= value <= high:
+        raise RequestError(400, f"'{name}' must be between {low} and {high} ({limit_key}), got {value}", param=name)
+    return value
 
 
 def _truncate(rows: np.ndarray, dimensions: int | None) -> np.ndarray:
@@ -151,14 +228,6 @@ def _encode_row(row: np.ndarray, encoding_format: str) -> list[float] | str:
         # OpenAI's base64 format: the raw little-endian float32 bytes of the vector.
         return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
     return row.tolist()
-
-
-def _optional_bool(body: dict[str, Any], name: str) -> bool | None:
-    """A true/false request field; absent or null = None (the bundle's spec decides)."""
-    value = body.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise RequestError(400, f"'{name}' must be true or false, got {_type_name(value)}", param=name)
-    return value
 
 
 def request_spec(spec: RetrieverSpec, hybrid: bool | None, rerank: bool | None, cfg: ServeConfig,
@@ -206,167 +275,324 @@ def _metadata_rows(docs: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray
             for key, values in table.items()}
 
 
-def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAPI:
-    """Load the bundle at ``bundle_dir`` and return the FastAPI app that serves it (run it with uvicorn).
+class Admission:
+    """Whether the server takes one more work request, and counters for ``/health``.
 
-    The model loads here, once; the micro-batcher starts with the app (lifespan), so use
-    ``with TestClient(app)`` in tests.
+    Two bounds: ``max_queue`` requests in the server at once (a hard cap on what waits), and ``max_wait_s``, how long
+    a new request would wait for its forward pass (``MicroBatcher.expected_wait``: the queue ahead of it at the
+    recent cost per text, or the oldest request's wait so far). The second follows the machine's speed: when forward
+    passes slow down (a busy CPU, long inputs), fewer requests are admitted, before any waits too long.
+    Only the event loop's thread touches it (the middleware runs there), so plain integers need no lock.
     """
-    cfg = cfg or ServeConfig()
-    cfg.validate()
-    bundle = load_bundle(bundle_dir, backend=cfg.backend, onnx_file=cfg.onnx_file, device=cfg.device or None,
-                         batch_size=cfg.max_batch_size, threads=cfg.threads)
-    model_name = cfg.model_name or Path(bundle_dir).resolve().name
-    max_tokens = cfg.max_input_tokens or bundle.max_seq_length
-    api_key = cfg.api_key or os.environ.get("EMBTUNE_API_KEY", "")
-    cache = LRUCache(cfg.cache_size)
-    batcher = MicroBatcher(bundle.encode, max_batch_size=cfg.max_batch_size, max_wait_ms=cfg.max_wait_ms,
-                           enabled=cfg.microbatch)
-    metadata = _metadata_rows(bundle.docs)
-    retriever = None
-    if bundle.index is not None:
-        # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
-        doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
-            str(row) for row in range(bundle.index.ntotal)]
-        doc_texts = [document_text(d) for d in bundle.docs] or [""] * len(doc_ids)
-        retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
-        logger.info("/search serves %s", bundle.spec.describe())
-    row_of = {doc_id: row for row, doc_id in enumerate(retriever.doc_ids)} if retriever else {}
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        logger.info("serving %s (%s, dim %d, %s docs) microbatch=%s", bundle_dir, cfg.backend, bundle.dim,
-                    bundle.index.ntotal if bundle.index is not None else "no", cfg.microbatch)
-        yield
-        await batcher.stop()
+    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float]):
+        self.max_queue, self.max_wait_s, self.retry_after_s = max_queue, max_wait_s, retry_after_s
+        self.expected_wait = expected_wait
+        self.in_flight = 0
+        self.admitted = 0
+        self.shed_full = 0
+        self.shed_slow = 0
 
-    app = FastAPI(title="embtune serve", lifespan=lifespan)
-    app.state.bundle, app.state.cache, app.state.batcher = bundle, cache, batcher
+    def refusal(self) -> str | None:
+        """Why the next request is refused (for its 503), or None to admit it."""
+        if self.in_flight >= self.max_queue:
+            self.shed_full += 1
+            return f"the server has {self.in_flight} requests in progress, its limit (serve.max_queue)"
+        wait = self.expected_wait()
+        if wait > self.max_wait_s:
+            self.shed_slow += 1
+            return (f"a request would wait {wait * 1000:.0f} ms for the model, more than serve.max_queue_wait_ms "
+                    f"({self.max_wait_s * 1000:.0f})")
+        return None
 
-    @app.exception_handler(RequestError)
-    async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
-        return JSONResponse(_error_body(err.message, kind, err.param, err.code), status_code=err.status)
+    def stats(self) -> dict[str, float]:
+        return {"in_flight": self.in_flight, "max_queue": self.max_queue,
+                "expected_wait_ms": round(self.expected_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
+                "admitted": self.admitted, "shed_503": self.shed_full + self.shed_slow, "shed_full": self.shed_full,
+                "shed_slow": self.shed_slow}
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return JSONResponse(_error_body(f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error"),
-                            status_code=400)
 
-    async def require_key(request: Request) -> None:
-        if not api_key:
+class AdmissionControl:
+    """ASGI middleware: answer a work request 503 + ``Retry-After`` at once when :class:`Admission` refuses it.
+
+    Not uvicorn's ``limit_concurrency``: that counts open connections, idle keep-alive ones included (a pool of
+    1,000 connections would be refused whole), and its 503 carries no ``Retry-After``.
+    """
+
+    def __init__(self, app, admission: Admission):
+        self.app, self.admission = app, admission
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] not in WORK_ROUTES:
+            await self.app(scope, receive, send)
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        admission = self.admission
+        refusal = admission.refusal()
+        if refusal is not None:
+            message = {"more_body": True}
+            while message.get("more_body", False):  # read the body, so the keep-alive connection stays usable
+                message = await receive()
+            response = JSONResponse(
+                _error_body(f"{refusal}; retry after {admission.retry_after_s} s", "server_error", code="overloaded"),
+                status_code=503, headers={"Retry-After": str(admission.retry_after_s)})
+            await response(scope, receive, send)
+            return
+        admission.in_flight += 1
+        admission.admitted += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            admission.in_flight -= 1
 
-    async def embed(texts: list[str]) -> np.ndarray:
-        """Full-dimension normalized embeddings, (len(texts), dim): cache first, the rest in one batcher call."""
-        rows: list[np.ndarray | None] = [cache.get(t) for t in texts]
-        missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))  # unique, in order
-        if missing:
-            fresh = await batcher.encode(missing)  # (len(missing), dim)
-            by_text = dict(zip(missing, fresh))
-            for text, row in by_text.items():
-                cache.put(text, row)
-            rows = [by_text[t] if r is None else r for t, r in zip(texts, rows)]
-        return np.stack(rows).astype(np.float32, copy=False)
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "model": model_name,
-            "backend": cfg.backend,
-            "dim": bundle.dim,
-            "dims": bundle.manifest.get("dims", [bundle.dim]),
-            "index_size": int(bundle.index.ntotal) if bundle.index is not None else 0,
-            "retriever": bundle.spec.to_dict(),
-            "microbatch": cfg.microbatch,
-            "batcher": batcher.stats(),
-            "cache": {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses},
-        }
+class EmbeddingService:
+    """The loaded bundle and what serves it: the micro-batcher, the cache, the retriever, the limits.
 
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "embtune"}]}
+    Threads: forward passes run in the micro-batcher's one thread, searches in one search thread (the retriever's
+    BM25 tokenizer and cross-encoder are not shared across threads), token counting on the event loop with its
+    own tokenizer copy (``Bundle.count_tokens``).
+    """
 
-    @app.post("/v1/embeddings", dependencies=[Depends(require_key)])
-    async def embeddings(request: Request) -> JSONResponse:
-        body = await _json_object(request)
-        _reject_unknown(body, EMBEDDING_FIELDS)
-        texts = _texts_from_input(body.get("input"), cfg.max_inputs)
-        if "model" in body and not isinstance(body["model"], str):
-            raise RequestError(400, f"'model' must be a string, got {_type_name(body['model'])}", param="model")
-        dimensions = _int_field(body, "dimensions", None, 1, bundle.dim, "the model's dimension")
-        encoding_format = body.get("encoding_format") or "float"
-        if encoding_format not in ("float", "base64"):
-            raise RequestError(400, f"'encoding_format' must be 'float' or 'base64', got {encoding_format!r}",
-                               param="encoding_format")
-        names = [f"input[{i}]" for i in range(len(texts))] if isinstance(body["input"], list) else ["input"]
-        counts = _check_lengths(bundle, texts, names, cfg.max_input_chars, max_tokens, "input")
-        rows = _truncate(await embed(texts), dimensions)  # (n, dimensions or dim)
-        data = [{"object": "embedding", "index": i, "embedding": _encode_row(row, encoding_format)}
-                for i, row in enumerate(rows)]
-        tokens = int(sum(counts))
-        return JSONResponse({"object": "list", "data": data, "model": model_name,
-                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    def __init__(self, bundle_dir: str | Path, cfg: ServeConfig):
+        self.cfg = cfg
+        self.bundle: Bundle = load_bundle(bundle_dir, backend=cfg.backend, onnx_file=cfg.onnx_file,
+                                          device=cfg.device or None, batch_size=cfg.max_batch_size,
+                                          threads=cfg.threads)
+        self.model_name = cfg.model_name or Path(bundle_dir).resolve().name
+        self.max_tokens = cfg.max_input_tokens or self.bundle.max_seq_length
+        self.api_key = cfg.api_key or os.environ.get("EMBTUNE_API_KEY", "")
+        self.cache = LRUCache(cfg.cache_size)
+        self.batcher = MicroBatcher(self.bundle.encode, max_batch_size=cfg.max_batch_size,
+                                    max_wait_ms=cfg.max_wait_ms, enabled=cfg.microbatch)
+        self.admission = Admission(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.retry_after_s,
+                                   self.batcher.expected_wait)
+        self.metadata = _metadata_rows(self.bundle.docs)
+        self.retriever: Retriever | None = None
+        self.row_of: dict[str, int] = {}
+        self._search_thread: ThreadPoolExecutor | None = None
+        bundle = self.bundle
+        if bundle.index is not None:
+            # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
+            doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
+                str(row) for row in range(bundle.index.ntotal)]
+            doc_texts = [document_text(d) for d in bundle.docs] or [""] * len(doc_ids)
+            self.retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
+            self.row_of = {doc_id: row for row, doc_id in enumerate(self.retriever.doc_ids)}
+            logger.info("/search serves %s", bundle.spec.describe())
 
-    def allowed_rows(filters: dict[str, Any]) -> np.ndarray | None:
+    async def start(self) -> None:
+        await self.batcher.start()
+        self._search_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embtune-search")
+        bundle = self.bundle
+        logger.info("serving %s (%s, dim %d, %s docs) microbatch=%s max_queue=%d", bundle.path, self.cfg.backend,
+                    bundle.dim, bundle.index.ntotal if bundle.index is not None else "no", self.cfg.microbatch,
+                    self.cfg.max_queue)
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        if self._search_thread is not None:
+            self._search_thread.shutdown(wait=True)
+
+    # validation that depends on the bundle and the config
+
+    def check_texts(self, texts: list[str], names: list[str], param: str) -> list[int]:
+        """Refuse empty and over-long texts (characters first: cheap; then tokens); return each text's tokens."""
+        max_chars = self.cfg.max_input_chars
+        for name, text in zip(names, texts):
+            if not text.strip():
+                raise RequestError(400, f"{name} is empty or whitespace only", param=param)
+            if len(text) > max_chars:
+                raise RequestError(400, f"{name} has {len(text)} characters; at most {max_chars} "
+                                   "(serve.max_input_chars)", param=param)
+        counts = self.bundle.count_tokens(texts)
+        for name, count in zip(names, counts):
+            if count > self.max_tokens:
+                raise RequestError(400, f"{name} has {count} tokens; the model reads at most {self.max_tokens} "
+                                   "(serve.max_input_tokens); split the text, it is not truncated silently",
+                                   param=param)
+        return counts
+
+    def check_embedding_request(self, request: EmbeddingRequest) -> tuple[list[str], list[int]]:
+        """The request's texts and their token counts, or a RequestError naming the limit it breaks."""
+        texts, names = request.texts()
+        if len(texts) > self.cfg.max_inputs:
+            raise RequestError(400, f"'input' has {len(texts)} items; at most {self.cfg.max_inputs} per request "
+                               "(serve.max_inputs)", param="input")
+        if request.dimensions is not None:
+            _check_range(request.dimensions, "dimensions", 1, self.bundle.dim, "the model's dimension")
+        return texts, self.check_texts(texts, names, "input")
+
+    def check_search_request(self, request: SearchRequest) -> tuple[int, RetrieverSpec, np.ndarray | None]:
+        """``k``, the spec this request runs, and the rows its filter allows (None = all)."""
+        if self.retriever is None:
+            raise RequestError(404, f"bundle {self.bundle.path} has no index (index/corpus.faiss); /search is "
+                               "unavailable")
+        self.check_texts([request.query], ["query"], "query")
+        max_k = self.cfg.max_k
+        k = min(10, max_k) if request.k is None else _check_range(request.k, "k", 1, max_k, "serve.max_k")
+        if request.filter and not self.bundle.docs:
+            raise RequestError(400, "filters need index/docs.jsonl in the bundle", param="filter")
+        spec = request_spec(self.bundle.spec, request.hybrid, request.rerank, self.cfg,
+                            has_docs=bool(self.bundle.docs))
+        return k, spec, self.allowed_rows(request.filter)
+
+    def allowed_rows(self, filters: dict[str, Any]) -> np.ndarray | None:
         """Row ids matching every equality filter (None = no filter)."""
         if not filters:
             return None
         allowed: np.ndarray | None = None
         for key, value in filters.items():
-            if key not in metadata:
-                known = ", ".join(sorted(metadata)) or "none"
+            if key not in self.metadata:
+                known = ", ".join(sorted(self.metadata)) or "none"
                 raise RequestError(400, f"filter key '{key}' is not a metadata field of this index (known: {known})",
                                    param="filter")
             if isinstance(value, (list, dict)):
                 raise RequestError(400, f"filter['{key}'] must be a string, number, boolean or null (equality)",
                                    param="filter")
-            rows = metadata[key].get(json.dumps(value), np.zeros(0, dtype=np.int64))
+            rows = self.metadata[key].get(json.dumps(value), np.zeros(0, dtype=np.int64))
             allowed = rows if allowed is None else np.intersect1d(allowed, rows)
         return allowed
 
-    @app.post("/search", dependencies=[Depends(require_key)])
-    async def search(request: Request) -> dict[str, Any]:
-        body = await _json_object(request)
-        _reject_unknown(body, SEARCH_FIELDS)
-        if bundle.index is None:
-            raise RequestError(404, f"bundle {bundle.path} has no index (index/corpus.faiss); /search is unavailable")
-        query = body.get("query")
-        if not isinstance(query, str):
-            raise RequestError(400, f"'query' must be a string, got {_type_name(query)}", param="query")
-        _check_lengths(bundle, [query], ["query"], cfg.max_input_chars, max_tokens, "query")
-        k = _int_field(body, "k", min(10, cfg.max_k), 1, cfg.max_k, "serve.max_k")
-        filters = body.get("filter") or {}
-        if not isinstance(filters, dict):
-            raise RequestError(400, f"'filter' must be an object of field: value, got {_type_name(filters)}",
-                               param="filter")
-        if filters and not bundle.docs:
-            raise RequestError(400, "filters need index/docs.jsonl in the bundle", param="filter")
-        spec = request_spec(bundle.spec, _optional_bool(body, "hybrid"), _optional_bool(body, "rerank"), cfg,
-                            has_docs=bool(bundle.docs))
+    # the work
 
-        allowed = allowed_rows(filters)
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        """Full-dimension normalized embeddings, (len(texts), dim): cache first, the rest in one batcher call."""
+        rows: list[np.ndarray | None] = [self.cache.get(t) for t in texts]
+        missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))  # unique, in order
+        if missing:
+            fresh = await self.batcher.encode(missing)  # (len(missing), dim)
+            by_text = dict(zip(missing, fresh))
+            for text, row in by_text.items():
+                self.cache.put(text, row)
+            rows = [by_text[t] if r is None else r for t, r in zip(texts, rows)]
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    async def search(self, query: str, k: int, spec: RetrieverSpec, allowed: np.ndarray | None) -> list[dict]:
+        """The top ``k`` hits of ``query`` under ``spec`` among ``allowed`` rows, each with its document."""
         docs: dict[str, float] = {}
         if allowed is None or allowed.size:
-            query_emb = await embed([query]) if spec.dense is not None else None  # (1, dim)
-            run = await asyncio.to_thread(retriever.search, [query], query_emb, k, spec=spec, allowed=allowed)
+            query_emb = await self.embed([query]) if spec.dense is not None else None  # (1, dim)
+            run = await asyncio.get_running_loop().run_in_executor(
+                self._search_thread, lambda: self.retriever.search([query], query_emb, k, spec=spec, allowed=allowed))
             docs = run["0"]
-        out = []
+        hits = []
         for doc_id in ranked(docs):
-            score = docs[doc_id]
-            doc = bundle.docs[row_of[doc_id]] if bundle.docs else {"_id": doc_id}
-            out.append({"id": doc_id, "score": score, "title": doc.get("title", ""), "text": doc.get("text", ""),
-                        "metadata": {key: v for key, v in doc.items() if key not in TEXT_FIELDS | {"_id"}}})
-        return {"object": "list", "model": model_name, "query": query, "retriever": spec.describe(), "hits": out}
+            doc = self.bundle.docs[self.row_of[doc_id]] if self.bundle.docs else {"_id": doc_id}
+            hits.append({"id": doc_id, "score": docs[doc_id], "title": doc.get("title", ""),
+                         "text": doc.get("text", ""),
+                         "metadata": {key: v for key, v in doc.items() if key not in TEXT_FIELDS | {"_id"}}})
+        return hits
 
+    def health(self) -> dict[str, Any]:
+        bundle, cache = self.bundle, self.cache
+        return {
+            "status": "ok",
+            "model": self.model_name,
+            "backend": self.cfg.backend,
+            "dim": bundle.dim,
+            "dims": bundle.manifest.get("dims", [bundle.dim]),
+            "index_size": int(bundle.index.ntotal) if bundle.index is not None else 0,
+            "retriever": bundle.spec.to_dict(),
+            "microbatch": self.cfg.microbatch,
+            "queue": self.admission.stats(),
+            "batcher": self.batcher.stats(),
+            "cache": {"size": len(cache), "capacity": cache.capacity, "hits": cache.hits, "misses": cache.misses},
+        }
+
+
+# --- routes: validate, call the service, shape the response -------------------------------------------------------
+
+router = APIRouter()
+
+
+def service_of(request: Request) -> EmbeddingService:
+    return request.app.state.service
+
+
+async def require_key(request: Request) -> None:
+    """Every route but /health needs ``Authorization: Bearer <serve.api_key>`` when a key is set."""
+    api_key = service_of(request).api_key
+    if not api_key:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise RequestError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+
+
+@router.get("/health")
+async def health(service: EmbeddingService = Depends(service_of)) -> dict[str, Any]:
+    return service.health()
+
+
+@router.get("/v1/models", dependencies=[Depends(require_key)])
+async def models(service: EmbeddingService = Depends(service_of)) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "embtune"}]}
+
+
+@router.post("/v1/embeddings", dependencies=[Depends(require_key)])
+async def embeddings(body: EmbeddingRequest, service: EmbeddingService = Depends(service_of)) -> JSONResponse:
+    texts, counts = service.check_embedding_request(body)
+    rows = _truncate(await service.embed(texts), body.dimensions)  # (n, dimensions or dim)
+    data = [{"object": "embedding", "index": i, "embedding": _encode_row(row, body.encoding_format)}
+            for i, row in enumerate(rows)]
+    tokens = int(sum(counts))
+    return JSONResponse({"object": "list", "data": data, "model": service.model_name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+@router.post("/search", dependencies=[Depends(require_key)])
+async def search(body: SearchRequest, service: EmbeddingService = Depends(service_of)) -> dict[str, Any]:
+    k, spec, allowed = service.check_search_request(body)
+    hits = await service.search(body.query, k, spec, allowed)
+    return {"object": "list", "model": service.model_name, "query": body.query, "retriever": spec.describe(),
+            "hits": hits}
+
+
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
+    return JSONResponse(_error_body(err.message, kind, err.param, err.code), status_code=err.status)
+
+
+async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
+    """A request model's first error as a 400 in OpenAI's shape: our own message when a validator wrote one."""
+    first = err.errors()[0] if err.errors() else {}
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    ctx = first.get("ctx") or {}
+    param = loc[0] if loc else None
+    if first.get("type") == REFUSED:
+        message, param = ctx["message"], ctx.get("param")
+    elif first.get("type") == "json_invalid":
+        message, param = f"the request body is not valid JSON: {ctx.get('error')} at character {loc[0]}", None
+    elif first.get("type") == "missing" and not loc:
+        message = "the request body is required: a JSON object"
+    else:
+        message = f"{'.'.join(loc) or 'request'}: {first.get('msg', 'invalid request')}"
+    return JSONResponse(_error_body(message, "invalid_request_error", param), status_code=400)
+
+
+def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAPI:
+    """Load the bundle at ``bundle_dir`` and return the FastAPI app that serves it (run it with uvicorn).
+
+    The model loads here, once; the micro-batcher starts with the app (lifespan), so use
+    ``with TestClient(app)`` in tests. ``app.state.service`` is the :class:`EmbeddingService`.
+    """
+    cfg = cfg or ServeConfig()
+    cfg.validate()
+    service = EmbeddingService(bundle_dir, cfg)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="embtune serve", lifespan=lifespan)
+    app.state.service = service
+    app.state.bundle, app.state.cache, app.state.batcher = service.bundle, service.cache, service.batcher
+    app.include_router(router)
+    app.add_exception_handler(RequestError, _request_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(AdmissionControl, admission=service.admission)
     return app
 
 
@@ -380,4 +606,5 @@ def run_server(cfg: ServeConfig) -> None:
         logger.warning("binding %s without an API key: anyone who can reach this port can use the model", cfg.host)
     logger.info("config: %s", {k: ("***" if k == "api_key" and v else v) for k, v in asdict(cfg).items()})
     app = create_app(cfg.bundle_dir, cfg)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
+                timeout_keep_alive=cfg.timeout_keep_alive)

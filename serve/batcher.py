@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+import time
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -78,6 +79,16 @@ class MicroBatcher:
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._carry: tuple[list[str], asyncio.Future] | None = None  # a request that did not fit the last batch
+        # When each request still waiting for a forward pass arrived (monotonic seconds), in queue order; the
+        # carried request's own: what oldest_wait() reads.
+        self._arrivals: deque[float] = deque()
+        self._carry_since = 0.0
+        # For expected_wait(): texts queued (the carried request's included), the pass in progress, and the recent
+        # cost of a text in a forward pass (moving average over passes; None before the first).
+        self._waiting_texts = 0
+        self._pass_started: float | None = None
+        self._pass_texts = 0
+        self._seconds_per_text: float | None = None
         self._executor: ThreadPoolExecutor | None = None
         self.forward_passes = 0
         self.requests = 0
@@ -109,20 +120,56 @@ class MicroBatcher:
         if self._queue is None:
             raise RuntimeError("MicroBatcher.start() was not awaited")
         future = asyncio.get_running_loop().create_future()
+        self._arrivals.append(time.monotonic())
+        self._waiting_texts += len(texts)
         await self._queue.put((texts, future))
         return await future
 
+    def oldest_wait(self) -> float:
+        """Seconds the longest-waiting request has waited for its forward pass to start (0.0 when none waits)."""
+        if self._carry is not None:
+            return time.monotonic() - self._carry_since
+        return time.monotonic() - self._arrivals[0] if self._arrivals else 0.0
+
+    def expected_wait(self) -> float:
+        """Seconds a request arriving now would wait for its forward pass to start: the estimate from the recent
+        cost per text (the rest of the pass in progress, then every text queued ahead), or the oldest request's
+        wait so far, whichever is larger. The estimate is what keeps a burst from being admitted whole."""
+        waited = self.oldest_wait()
+        cost = self._seconds_per_text
+        if cost is None:
+            return waited
+        current = 0.0
+        if self._pass_started is not None:
+            current = max(0.0, self._pass_started + self._pass_texts * cost - time.monotonic())
+        return max(waited, current + self._waiting_texts * cost)
+
+    async def _take(self) -> tuple[list[str], asyncio.Future]:
+        """The carried request, else the next in the queue (waiting for one)."""
+        if self._carry is not None:
+            item, self._carry = self._carry, None
+            return item
+        item = await self._queue.get()
+        self._arrivals.popleft()
+        return item
+
+    def _take_nowait(self) -> tuple[list[str], asyncio.Future]:
+        item = self._queue.get_nowait()
+        self._arrivals.popleft()
+        return item
+
     async def _next_batch(self) -> list[tuple[list[str], asyncio.Future]]:
         loop = asyncio.get_running_loop()
-        first = self._carry or await self._queue.get()
-        self._carry = None
+        first = await self._take()
+        self._waiting_texts -= len(first[0])
         batch, size = [first], len(first[0])
         if not self.enabled:
             return batch
         deadline = loop.time() + self.max_wait
         while size < self.max_batch_size:
             try:
-                item = self._queue.get_nowait()
+                arrived = self._arrivals[0] if self._arrivals else 0.0
+                item = self._take_nowait()
             except asyncio.QueueEmpty:
                 if loop.time() >= deadline:
                     break
@@ -130,10 +177,11 @@ class MicroBatcher:
                 await asyncio.sleep(min(0.001, deadline - loop.time()))
                 continue
             if size + len(item[0]) > self.max_batch_size:
-                self._carry = item
+                self._carry, self._carry_since = item, arrived
                 break
             batch.append(item)
             size += len(item[0])
+            self._waiting_texts -= len(item[0])
         return batch
 
     async def _run(self) -> None:
@@ -144,6 +192,7 @@ class MicroBatcher:
             if not batch:
                 continue
             texts = [text for request_texts, _ in batch for text in request_texts]
+            self._pass_started, self._pass_texts = time.monotonic(), len(texts)
             try:
                 rows = await loop.run_in_executor(self._executor, self._encode, texts)  # (len(texts), dim)
             except Exception as err:  # the model failed: every request of the batch gets the error
@@ -152,6 +201,11 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(err)
                 continue
+            finally:
+                cost = (time.monotonic() - self._pass_started) / len(texts)
+                previous = self._seconds_per_text
+                self._seconds_per_text = cost if previous is None else 0.8 * previous + 0.2 * cost
+                self._pass_started = None
             self.forward_passes += 1
             self.requests += len(batch)
             self.texts += len(texts)
@@ -161,8 +215,14 @@ class MicroBatcher:
                     future.set_result(rows[start:start + len(request_texts)])
                 start += len(request_texts)
 
+    def waiting(self) -> int:
+        """Requests queued for a forward pass that has not started."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (1 if self._carry else 0)
+
     def stats(self) -> dict[str, float]:
         return {
+            "waiting": self.waiting(),
+            "ms_per_text": round(1000 * self._seconds_per_text, 2) if self._seconds_per_text is not None else None,
             "forward_passes": self.forward_passes,
             "requests": self.requests,
             "texts": self.texts,

@@ -18,9 +18,11 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -139,7 +141,13 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
 
 @dataclass
 class Bundle:
-    """A loaded bundle. ``encode`` returns L2-normalized float32 embeddings, shape (len(texts), dim)."""
+    """A loaded bundle. ``encode`` returns L2-normalized float32 embeddings, shape (len(texts), dim).
+
+    Thread safety: a Hugging Face fast tokenizer keeps its padding and truncation settings as mutable state that
+    every call sets, so one tokenizer used by two threads at once builds batches from another call's settings
+    (rows of unequal length, or counts cut at the model's limit). ``encode`` therefore runs one call at a time
+    (the model's tokenizer belongs to it), and ``count_tokens`` uses a copy of the tokenizer per calling thread.
+    """
 
     path: Path
     model: Any  # SentenceTransformer, or OnnxEncoder for the onnx backends
@@ -150,10 +158,17 @@ class Bundle:
     docs: list[dict[str, Any]] = field(default_factory=list)
     spec: RetrieverSpec = field(default_factory=RetrieverSpec)  # retriever.json, or dense at the full dim
     encode: Callable[[list[str]], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
+    _counting: threading.local = field(default_factory=threading.local, init=False, repr=False)
 
     def count_tokens(self, texts: list[str]) -> list[int]:
-        """Tokens each text has as the model sees it (special tokens included, before truncation)."""
-        return [len(ids) for ids in self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+        """Tokens each text has as the model sees it (special tokens included, before truncation).
+
+        Safe to call from any thread while another encodes: each thread counts with its own tokenizer copy.
+        """
+        tokenizer = getattr(self._counting, "tokenizer", None)
+        if tokenizer is None:
+            tokenizer = self._counting.tokenizer = copy.deepcopy(self.model.tokenizer)
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
 def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "",
@@ -178,6 +193,9 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     model = _load_model(model_dir, backend, onnx_file, device, threads)
     dim = model.get_embedding_dimension()
+    # The model and its tokenizer serve one encode call at a time (see Bundle); two forward passes at once would
+    # only share the same cores anyway. The server's micro-batcher calls from one thread, so it never waits here.
+    encode_lock = threading.Lock()
 
     def encode_texts(texts: list[str]) -> np.ndarray:
         # torch's thread count is per calling thread (OpenMP), so it is set where the forward pass (or, on the
@@ -186,7 +204,8 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
             torch.set_num_threads(threads)
         # The core's encode, as eval's: the same normalization and the query route, so a query alone gets eval's
         # vector bit for bit (an asymmetric model encodes queries and documents with different routes).
-        rows = encode(model, texts, batch_size, role="query")  # (n, dim)
+        with encode_lock:
+            rows = encode(model, texts, batch_size, role="query")  # (n, dim)
         return rows if uses_cosine(model) else normalize(rows)
 
     index, docs = None, []

@@ -129,6 +129,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     stage = Stage("export", cfg.run_dir, config=stage_config(cfg), inputs={"model": model_dir, "metrics": results_file})
     if not force and stage.up_to_date():
         return stage.outputs()
+    stage.begin()
 
     from serve.bundle import MANIFEST_FILE, build_bundle
 

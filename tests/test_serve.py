@@ -88,7 +88,9 @@ def bundle_dir(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def live_server(bundle_dir):
     """A real uvicorn server on 127.0.0.1 with an API key; yields (base_url, app)."""
-    app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny"))
+    # Admission bounds well above what the tests send at once (48 concurrent requests), so none is shed.
+    app = create_app(bundle_dir, ServeConfig(api_key=API_KEY, max_wait_ms=20, model_name="tiny", max_queue=256,
+                                             max_queue_wait_ms=30_000))
     with uvicorn_in_thread(app) as url:
         yield url, app
 
@@ -200,6 +202,127 @@ def test_cache_answers_repeated_text(bundle_dir):
     assert health["cache"]["hits"] == 1
 
 
+# --- admission control ---------------------------------------------------------------------------------------
+
+def test_requests_past_max_queue_get_503_with_retry_after_at_once(bundle_dir):
+    """With max_queue requests in progress, the next ones are refused at once (not queued); /health shows the depth,
+    and once the queue drains the server admits again."""
+    import threading
+    import time
+
+    app = create_app(bundle_dir, ServeConfig(max_queue=2, max_queue_wait_ms=60_000, retry_after_s=3, cache_size=0))
+    release = threading.Event()
+    encode = app.state.batcher._encode
+
+    def slow_encode(texts):  # the forward pass of the admitted requests holds until the test releases it
+        release.wait(timeout=30)
+        return encode(texts)
+
+    app.state.batcher._encode = slow_encode
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            admitted = [asyncio.create_task(http.post("/v1/embeddings", json={"input": f"the cat {i}"}))
+                        for i in range(2)]
+            while (await http.get("/health")).json()["queue"]["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            started = time.perf_counter()
+            shed = await asyncio.gather(http.post("/search", json={"query": "the dog"}),
+                                        http.post("/v1/embeddings", json={"input": "a fish"}))
+            shed_seconds = time.perf_counter() - started
+            health = (await http.get("/health")).json()
+            release.set()
+            done = await asyncio.gather(*admitted)
+            after = await http.post("/v1/embeddings", json={"input": "a bird"})
+            return shed, shed_seconds, health, done, after
+
+    with uvicorn_in_thread(app) as base_url:
+        shed, shed_seconds, health, done, after = asyncio.run(fire(base_url))
+    for response in shed:
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "3"
+        assert "serve.max_queue" in response.json()["error"]["message"]
+    assert shed_seconds < 5  # answered while the admitted ones still wait for their forward pass
+    assert {k: health["queue"][k] for k in ("in_flight", "max_queue", "admitted", "shed_503", "shed_full")} == {
+        "in_flight": 2, "max_queue": 2, "admitted": 2, "shed_503": 2, "shed_full": 2}
+    assert [r.status_code for r in done] == [200, 200] and after.status_code == 200
+
+
+def test_requests_are_refused_while_the_oldest_waits_longer_than_max_queue_wait(bundle_dir):
+    """The second bound: with one request stuck in a forward pass and another waiting behind it longer than
+    max_queue_wait_ms, new requests get 503 although max_queue is far off."""
+    import threading
+    import time
+
+    app = create_app(bundle_dir, ServeConfig(max_queue=100, max_queue_wait_ms=200, cache_size=0, max_batch_size=1))
+    release = threading.Event()
+    encode = app.state.batcher._encode
+    app.state.batcher._encode = lambda texts: (release.wait(timeout=30), encode(texts))[1]
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            stuck = [asyncio.create_task(http.post("/v1/embeddings", json={"input": f"the cat {i}"})) for i in range(2)]
+            while (await http.get("/health")).json()["queue"]["in_flight"] < 2:
+                await asyncio.sleep(0.01)
+            time.sleep(0.3)  # the second request has now waited > 200 ms behind the stuck forward pass
+            shed = await http.post("/v1/embeddings", json={"input": "a fish"})
+            health = (await http.get("/health")).json()
+            release.set()
+            return shed, health, await asyncio.gather(*stuck)
+
+    with uvicorn_in_thread(app) as base_url:
+        shed, health, done = asyncio.run(fire(base_url))
+    assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+    assert "serve.max_queue_wait_ms" in shed.json()["error"]["message"]
+    assert health["queue"]["shed_slow"] == 1 and health["queue"]["expected_wait_ms"] > 200
+    assert [r.status_code for r in done] == [200, 200]
+
+
+def test_expected_wait_counts_the_texts_queued_at_the_recent_cost():
+    """A new request's expected wait is the queue ahead of it at the measured cost per text: 8 queued texts at about
+    20 ms each behind a stuck pass read as about 160 ms, before any of them has waited that long."""
+    import threading
+    import time
+
+    from serve.batcher import MicroBatcher
+
+    release = threading.Event()
+
+    def encode(texts):
+        if texts[0] == "stuck":
+            release.wait(timeout=30)
+        time.sleep(0.02 * len(texts))
+        return np.zeros((len(texts), 4), dtype=np.float32)
+
+    async def scenario():
+        batcher = MicroBatcher(encode, max_batch_size=4, max_wait_ms=0)
+        await batcher.start()
+        await batcher.encode(["a", "b", "c", "d"])  # measures ~20 ms per text
+        stuck = asyncio.create_task(batcher.encode(["stuck"]))
+        await asyncio.sleep(0.05)  # the stuck pass has started
+        queued = [asyncio.create_task(batcher.encode([f"t{i}"])) for i in range(8)]
+        await asyncio.sleep(0)
+        expected, waited = batcher.expected_wait(), batcher.oldest_wait()
+        release.set()
+        await asyncio.gather(stuck, *queued)
+        await batcher.stop()
+        return expected, waited
+
+    expected, waited = asyncio.run(scenario())
+    assert waited < 0.05 and 0.12 < expected < 0.4
+
+
+def test_keep_alive_timeout_reaches_uvicorn(bundle_dir, monkeypatch):
+    import uvicorn
+
+    from serve.app import run_server
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
+    run_server(ServeConfig(bundle_dir=str(bundle_dir), timeout_keep_alive=42))
+    assert seen["timeout_keep_alive"] == 42
+
+
 # --- bad input: 4xx with a message that names the problem --------------------------------------------------------
 
 @pytest.mark.parametrize("body, message", [
@@ -257,6 +380,13 @@ def test_bad_search_requests_are_400_with_message(client, body, message):
     response = client.post("/search", json=body)
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"]
+
+
+def test_body_without_json_content_type_is_400_naming_the_header(client):
+    """FastAPI reads a body as JSON only when the request says it is (a cross-site form post cannot pass as one)."""
+    response = client.post("/v1/embeddings", content=b'{"input": "the cat"}', headers={"content-type": "text/plain"})
+    assert response.status_code == 400
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
 
 
 def test_rerank_without_cross_encoder_names_the_setting(bundle_dir):
@@ -335,7 +465,8 @@ def test_health_reports_model(client):
 
 
 @pytest.mark.parametrize("field, value", [("max_batch_size", 0), ("port", 70000), ("max_k", 0), ("cache_size", -1),
-                                          ("max_input_tokens", -1)])
+                                          ("max_input_tokens", -1), ("max_queue", 0), ("max_queue_wait_ms", 0),
+                                          ("retry_after_s", 0), ("timeout_keep_alive", 0)])
 def test_config_validate_names_the_key(field, value):
     with pytest.raises(ValueError, match=f"serve.{field}"):
         ServeConfig(**{field: value}).validate()

@@ -242,6 +242,7 @@ def run(cfg, force: bool = False) -> dict[str, Any]:
     recipe = Recipe(cfg, force)
     if not force and recipe.stage.up_to_date():
         return recipe.stage.outputs()
+    recipe.stage.begin()
     recipe.setup()
     recipe.train()
     return recipe.cleanup()

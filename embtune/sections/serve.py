@@ -47,6 +47,17 @@ class ServeConfig:
     max_input_chars: int = 20000
     max_input_tokens: int = 0  # 0 = the model's max_seq_length; longer inputs are refused, never truncated
     max_k: int = 100
+    # Admission control: a request to /v1/embeddings or /search gets 503 with Retry-After: retry_after_s at once,
+    # instead of waiting in an unbounded queue, when max_queue requests are already in the server (waiting for or
+    # in a forward pass or a search), or when it would wait more than max_queue_wait_ms for its forward pass (the
+    # queue ahead at the recent cost per text; the bound that follows the machine's speed). Sizing: docs/serve.md.
+    max_queue: int = 32
+    max_queue_wait_ms: float = 500.0
+    retry_after_s: int = 1
+    # Seconds an idle keep-alive connection stays open. Longer than clients' pool idle timeouts (httpx 5 s, aiohttp
+    # 15 s) and load balancers' (often 60 s): a server that closes first races a client reusing the connection,
+    # and the client sees a dropped connection. uvicorn's own default is 5 s.
+    timeout_keep_alive: int = 75
     # /search: `rerank: true` on a bundle whose retriever.json has no rerank uses this cross-encoder
     cross_encoder: str = ""  # CrossEncoder folder or hub name; empty = rerank unavailable
     rerank_candidates: int = 50  # first-stage hits the cross-encoder rescores
@@ -75,5 +86,14 @@ class ServeConfig:
                              f"got {self.max_input_tokens}")
         if self.max_k < 1:
             raise ValueError(f"serve.max_k must be >= 1, got {self.max_k}")
+        if self.max_queue < 1:
+            raise ValueError(f"serve.max_queue must be >= 1, got {self.max_queue}")
+        if self.max_queue_wait_ms <= 0:
+            raise ValueError(f"serve.max_queue_wait_ms must be > 0, got {self.max_queue_wait_ms}")
+        if self.retry_after_s < 1:
+            raise ValueError(f"serve.retry_after_s must be >= 1 (HTTP Retry-After is whole seconds), "
+                             f"got {self.retry_after_s}")
+        if self.timeout_keep_alive < 1:
+            raise ValueError(f"serve.timeout_keep_alive must be >= 1 second, got {self.timeout_keep_alive}")
         if self.rerank_candidates < 1:
             raise ValueError(f"serve.rerank_candidates must be >= 1, got {self.rerank_candidates}")

@@ -302,7 +302,8 @@ def encode_items(loaded_as: dict[str, Any], items: list[dict[str, Any]], directo
         connect(compute)
         dataset = ray.data.from_items(missing, override_num_blocks=len(missing))
         dataset = dataset.map_batches(
-            ShardEncoder, batch_size=1, concurrency=compute.workers, num_cpus=compute.threads_per_worker,
+            ShardEncoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=compute.workers),
+            num_cpus=compute.threads_per_worker,
             num_gpus=compute.gpus_per_worker or None,
             fn_constructor_kwargs={"loaded_as": loaded_as, "directory": str(directory), "role": role,
                                    "batch_size": compute.batch_size, "threads": compute.threads_per_worker,

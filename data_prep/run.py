@@ -319,10 +319,20 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     query_texts = [queries[q] for q in candidate_query_ids(qrels)]
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
-    if m.method in ("bm25", "hybrid"):
+    if cfg.compute.engine == "ray" and m.faiss_index == "flat":  # sharded on the cluster, the same candidates
+        from embtune.compute.search import bm25_candidates, dense_candidates
+
+        if m.method in ("bm25", "hybrid"):
+            scores, indices, score_docs = bm25_candidates(texts, query_texts, depth, cfg.bm25, cfg.compute)
+            bm25 = Ranking(indices, scores, score_docs, "bm25")
+        if m.method in ("dense", "hybrid"):
+            scores, indices, score_docs = dense_candidates(m.model or cfg.train.base_model, texts, query_texts, depth,
+                                                           cfg.compute, m.batch_size, m.max_seq_length)
+            dense = Ranking(indices, scores, score_docs, "cosine")
+    if m.method in ("bm25", "hybrid") and bm25 is None:
         bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25),
                             cfg.bm25.k1, cfg.bm25.b)
-    if m.method in ("dense", "hybrid"):
+    if m.method in ("dense", "hybrid") and dense is None:
         from data_prep.mining import encode_for_mining
 
         doc_emb, query_emb = encode_for_mining(m.model or cfg.train.base_model, texts, query_texts,

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Callable, get_type_hints
 
+from embtune.compute import activate
 from embtune.config import ConfigError
 from embtune.dataio import DataError
 from embtune.schema import load_config
@@ -102,7 +103,9 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None, s
         args.config = None
     setup_logging()
     try:
-        return args, load_config(args.config, args.overrides, sections)
+        cfg = load_config(args.config, args.overrides, sections)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return args, None
+    activate(cfg.compute)  # every corpus encode of this process goes through the recipe's engine
+    return args, cfg

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from embtune.compute import ComputeConfig
 from embtune.config import load
 from embtune.llm.config import LLMConfig
 from embtune.retrieval.bm25 import BM25Config
@@ -37,6 +38,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
     # Set by load_config: the recipe file this came from (not a YAML key).
     source: str | None = field(default=None, init=False, compare=False)
 

@@ -169,7 +169,7 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     from embtune.retrieval.fusion import ranked, weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
     from eval.metrics import evaluate
-    from train.losses import build_query_loss
+    from train.losses import build_query_loss, split_rows
 
     query_ids, query_texts, qrels = labelled_queries(cfg, "dev")
     setup = base_index_and_teacher(cfg, query_texts)
@@ -180,7 +180,8 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     labels = []  # labelfree_dataset's layout: [source row (-1: none), candidate rows, teacher scores, base scores]
     for i in range(len(query_ids)):
         top = ranked(fused[str(i)], depth)
-        labels.append([-1.0, *(float(position[d]) for d in top), *(fused[str(i)][d] for d in top), *[0.0] * depth])
+        labels.append([*split_rows([-1]), *split_rows(position[d] for d in top), *(fused[str(i)][d] for d in top),
+                       *[0.0] * depth])
     labels = torch.tensor(labels)
     out = {"dev_queries": len(query_ids), "depth": depth, "steps": steps, "teacher_dense_weight": weight,
            "fit": training_fit(cfg, setup["manifest"], doc_emb, query_texts, labels)}

@@ -174,7 +174,7 @@ def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir)
     agrees more with the teacher's afterwards."""
     from sentence_transformers import SentenceTransformer
 
-    from train.losses import QueryDistillLoss
+    from train.losses import QueryDistillLoss, split_rows
 
     torch.manual_seed(0)
     model = SentenceTransformer(str(tiny_model_dir), device="cpu")
@@ -188,7 +188,7 @@ def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir)
     for i in range(len(topics)):
         own = [2 * i, 2 * i + 1]
         others = [(2 * i + 2) % len(docs), (2 * i + 4) % len(docs)]
-        labels.append([-1.0, *map(float, own + others), 1.0, 0.95, 0.2, 0.1, *[0.0] * k])
+        labels.append([*split_rows([-1]), *split_rows(own + others), 1.0, 0.95, 0.2, 0.1, *[0.0] * k])
     labels = torch.tensor(labels)
     loss_fn = QueryDistillLoss(model, doc_emb, objective="kl", student_temperature=0.05, teacher_temperature=0.1)
 
@@ -211,14 +211,14 @@ def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir)
 def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
     """KL against the teacher's own distribution is minimal when the student reproduces it, and the corpus form
     excludes the query's source passage from the normalizer."""
-    from train.losses import QueryDistillLoss
+    from train.losses import QueryDistillLoss, split_rows
 
     docs = torch.eye(4)  # (4, 4)
     loss_fn = QueryDistillLoss(None, docs, student_temperature=1.0, teacher_temperature=1.0, over=over)
     query = torch.tensor([[1.0, 0.5, 0.0, 0.0]])
     # candidates 0 and 1, teacher scores = the student's cosines; source = passage 3 (excluded in corpus form)
     cos = torch.nn.functional.normalize(query, dim=-1)[0]
-    labels = torch.tensor([[3.0, 0.0, 1.0, float(cos[0]), float(cos[1]), 0.0, 0.0]])
+    labels = torch.tensor([[*split_rows([3]), *split_rows([0, 1]), float(cos[0]), float(cos[1]), 0.0, 0.0]])
     value = float(loss_fn.compute_loss_from_embeddings([query], labels))
     if over == "candidates":
         assert value == pytest.approx(0.0, abs=1e-6)
@@ -233,7 +233,7 @@ def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_di
     from sentence_transformers import SentenceTransformer
 
     from data_prep.run import run as run_data_prep
-    from train.losses import labelfree_dataset
+    from train.losses import join_rows, labelfree_dataset
     from train.recipe import run as run_train
 
     corpus_dir = sentence_corpus(tmp_path / "c")
@@ -249,9 +249,11 @@ def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_di
     first, row = table[0], rows[0]
     assert [row["doc_1"], row["doc_2"]] == [texts[first["candidates"][0]], texts[first["candidates"][1]]]
     k = len(first["candidates"])
-    source, picked_rows, candidates, scores = (row["label"][:1], row["label"][1:5], row["label"][5:5 + k],
-                                               row["label"][5 + k:])
-    assert len(row["label"]) == 1 + 4 + 2 * k
+    label = torch.tensor([row["label"]])  # as the collator makes it: float32
+    source, picked_rows, candidates = (join_rows(label[:, a:b])[0].tolist() for a, b in ((0, 2), (2, 10),
+                                                                                          (10, 10 + 2 * k)))
+    scores = row["label"][10 + 2 * k:]
+    assert len(row["label"]) == 2 + 2 * 4 + 3 * k
     assert source == [first["source_row"]] and candidates == first["candidates"] and scores == first["teacher_scores"]
     assert picked_rows[:2] == first["candidates"][:2]
     ranks = [first["candidates"].index(int(r)) for r in picked_rows]
@@ -272,11 +274,11 @@ def test_in_batch_teacher_scores_every_passage_of_the_batch_for_every_query():
     """Symmetric in-batch form: query 0's softmax runs over query 1's passages too. A passage among query 0's own
     candidates keeps its teacher score wherever in the batch it sits; any other passage scores 0; query 0's dropped
     source passage (never scored by its teacher) is left out, not taught as a negative."""
-    from train.losses import QueryDistillLoss, in_batch_teacher
+    from train.losses import QueryDistillLoss, in_batch_teacher, split_rows
 
     # m = 2, k = 3. Query 0: source 9, candidates 1, 2, 3; query 1: source 1, candidates 4, 3, 9.
-    labels = torch.tensor([[9, 1, 2, 1, 2, 3, 0.9, 0.5, 0.2],
-                           [1, 4, 9, 4, 3, 9, 1.0, 0.6, 0.7]])
+    labels = torch.tensor([[*split_rows([9]), *split_rows([1, 2]), *split_rows([1, 2, 3]), 0.9, 0.5, 0.2],
+                           [*split_rows([1]), *split_rows([4, 9]), *split_rows([4, 3, 9]), 1.0, 0.6, 0.7]])
     teacher, unscored = in_batch_teacher(labels, 2)
     # the batch's passages: 1, 2 (query 0's), 4, 9 (query 1's)
     assert teacher.flatten().tolist() == pytest.approx([0.9, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0.7])

@@ -21,6 +21,24 @@ from torch import nn
 DISTILL_LOSSES = ("margin_mse", "distill_kl")
 QUERY_LOSSES = ("query_kl", "query_margin_mse")
 LABELFREE_COLUMNS = ("query", "candidates", "teacher_scores", "base_scores")
+# The collator turns a label into a float32 tensor, which holds every integer below 2**24 exactly and no more:
+# a corpus row id is written as two parts below it (high, low), exact up to 2**48 rows.
+ROW_PART = 1 << 24
+
+
+def split_rows(rows) -> list[float]:
+    """Corpus row ids as label values: ``[high parts (n), low parts (n)]``, each part exact in float32.
+
+    ``row = high * 2**24 + low`` with floor division, so -1 (no row) is ``(-1, 2**24 - 1)``.
+    """
+    rows = [int(r) for r in rows]
+    return [float(r // ROW_PART) for r in rows] + [float(r % ROW_PART) for r in rows]
+
+
+def join_rows(parts: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`split_rows` on a label slice ``(batch, 2n)``: int64 row ids ``(batch, n)``."""
+    n = parts.shape[-1] // 2
+    return parts[..., :n].long() * ROW_PART + parts[..., n:].long()
 
 
 def distillation_part(loss_name: str) -> str | None:
@@ -80,14 +98,15 @@ def is_labelfree_table(columns: list[str]) -> bool:
 
 
 def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int = 0, seed: int = 0):
-    """``query`` and one ``label`` per row: ``[source row, candidate rows (k), teacher scores (k), base cosines (k)]``
-    (row = a passage's row in the corpus embedding matrix; -1 when the source is unknown). The collator turns the
-    label into a float tensor; row numbers stay exact below 2**24 passages.
+    """``query`` and one ``label`` per row: ``[source row (2), candidate rows (2k), teacher scores (k), base cosines
+    (k)]`` (row = a passage's row in the corpus embedding matrix; -1 when the source is unknown), each row id written
+    as two values by :func:`split_rows` (high parts, then low parts), so that the collator's float32 tensor keeps
+    it exact past 2**24 passages (:func:`join_rows` reads it back).
 
     With ``documents`` = m > 0 (the symmetric form), each row instead has the texts ``doc_1..doc_m`` of m of its
     candidates (from ``doc_texts``, the corpus in embedding-row order): the teacher's top 2 and m - 2 drawn (seeded)
-    from the rest, in rank order; label = ``[source row, their rows (m), candidate rows (k), teacher scores (k)]``
-    (the whole candidate list: the loss looks up the teacher's score of any passage of the batch in it).
+    from the rest, in rank order; label = ``[source row (2), their rows (2m), candidate rows (2k), teacher scores
+    (k)]`` (the whole candidate list: the loss looks up the teacher's score of any passage of the batch in it).
     """
     if documents:
         return symmetric_dataset(table, doc_texts, documents, seed)
@@ -97,7 +116,7 @@ def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int 
         labels = []
         for i in range(len(batch["query"])):
             source = batch["source_row"][i] if has_source else -1
-            labels.append([float(source), *map(float, batch["candidates"][i]), *batch["teacher_scores"][i],
+            labels.append([*split_rows([source]), *split_rows(batch["candidates"][i]), *batch["teacher_scores"][i],
                            *batch["base_scores"][i]])
         return {"label": labels}
 
@@ -120,8 +139,8 @@ def symmetric_dataset(table, doc_texts: list[str], documents: int, seed: int):
             picked += [picked[-1]] * (documents - len(picked))  # a short list repeats its last candidate
             for j, position in enumerate(picked, 1):
                 columns[f"doc_{j}"].append(doc_texts[rows[position]])
-            labels.append([float(source), *(float(rows[position]) for position in picked), *map(float, rows),
-                           *map(float, scores)])
+            labels.append([*split_rows([source]), *split_rows(rows[position] for position in picked),
+                           *split_rows(rows), *map(float, scores)])
         return {**columns, "label": labels}
 
     dataset = table.map(add_documents, batched=True, desc="candidate passages")
@@ -147,8 +166,8 @@ class QueryDistillLoss(nn.Module):
         doc_embeddings: (n_docs, dim) normalized corpus embeddings.
         objective: ``"kl"`` or ``"margin_mse"``.
 
-    Inputs: one text column (the query); label (batch, 1 + 3k) from :func:`labelfree_dataset`. Symmetric form
-    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, 1 + m + 2k);
+    Inputs: one text column (the query); label (batch, 2 + 4k) from :func:`labelfree_dataset`. Symmetric form
+    (``train.query_distill_documents`` m > 0, ``kl`` only): columns query, doc_1..doc_m, label (batch, 2 + 2m + 3k);
     the student encodes the passages too, so its document side trains. With ``in_batch`` each query's softmax runs
     over every passage of the batch (batch x m, as MNRL's in-batch negatives): the teacher's score of another query's
     passage is its fused score for this query where the passage is among this query's k candidates, else 0 (the
@@ -177,14 +196,14 @@ class QueryDistillLoss(nn.Module):
         query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
         if len(embeddings) > 1:  # symmetric: the candidates were encoded by the student
             return self.symmetric(query, embeddings[1:], labels)
-        k = (labels.shape[1] - 1) // 3
-        source = labels[:, 0].long()  # (batch,)
-        rows = labels[:, 1:1 + k].long()  # (batch, k)
-        teacher = labels[:, 1 + k:1 + 2 * k]  # (batch, k)
+        k = (labels.shape[1] - 2) // 4
+        source = join_rows(labels[:, :2])[:, 0]  # (batch,)
+        rows = join_rows(labels[:, 2:2 + 2 * k])  # (batch, k)
+        teacher = labels[:, 2 + 2 * k:2 + 3 * k]  # (batch, k)
         docs = self.doc_embeddings.to(query.device)
         student = torch.einsum("bd,bkd->bk", query, docs[rows])  # (batch, k) cosines
         if self.objective == "margin_mse":
-            base = labels[:, 1 + 2 * k:]  # (batch, k)
+            base = labels[:, 2 + 3 * k:]  # (batch, k)
             t_low, t_span = teacher.min(1, keepdim=True).values, teacher.max(1, keepdim=True).values
             t_span = (t_span - t_low).clamp_min(1e-6)
             b_low = base.min(1, keepdim=True).values
@@ -227,11 +246,11 @@ def in_batch_teacher(labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     """(teacher, unscored), each (batch, batch * m), from symmetric labels (:func:`labelfree_dataset`): the
     teacher's score of every passage of the batch for every query (its score among the query's candidates, else 0),
     and where a passage is the query's own source that the teacher did not score (left out of the softmax)."""
-    k = (labels.shape[1] - 1 - m) // 2
-    source = labels[:, 0].long()  # (batch,)
-    rows = labels[:, 1:1 + m].reshape(-1).long()  # (batch * m,) the batch's passages, query by query
-    candidates = labels[:, 1 + m:1 + m + k].long()  # (batch, k)
-    scores = labels[:, 1 + m + k:]  # (batch, k), >= 0
+    k = (labels.shape[1] - 2 - 2 * m) // 3
+    source = join_rows(labels[:, :2])[:, 0]  # (batch,)
+    rows = join_rows(labels[:, 2:2 + 2 * m]).reshape(-1)  # (batch * m,) the batch's passages, query by query
+    candidates = join_rows(labels[:, 2 + 2 * m:2 + 2 * m + 2 * k])  # (batch, k)
+    scores = labels[:, 2 + 2 * m + 2 * k:]  # (batch, k), >= 0
     found = candidates[:, :, None] == rows[None, None, :]  # (batch, k, batch * m)
     teacher = (found * scores[:, :, None]).amax(dim=1)
     unscored = (rows[None, :] == source[:, None]) & ~found.any(dim=1)

@@ -194,6 +194,17 @@ class FastBM25:
         self.weights = term_freq  # (vocab, docs) CSR
         self.doc_freq = doc_freq
 
+    @classmethod
+    def from_weights(cls, vocab: dict[str, int], weights: sp.csr_matrix, doc_freq: np.ndarray, k1: float = 1.5,
+                     b: float = 0.75, epsilon: float = 0.25) -> "FastBM25":
+        """An index over weights computed elsewhere, ``(len(vocab), docs)`` CSR: one shard of a corpus scored with
+        the whole corpus's statistics (``embtune.compute.search``). ``doc_freq`` only sizes ``search``'s batches."""
+        index = cls.__new__(cls)
+        index.k1, index.b, index.epsilon = k1, b, epsilon
+        index.vocab, index.weights, index.doc_freq = vocab, weights, np.asarray(doc_freq, dtype=np.float64)
+        index.corpus_size = weights.shape[1]
+        return index
+
     def _query_matrix(self, queries: Sequence[Sequence[str]]) -> sp.csr_matrix:
         """(n_queries, vocab) counts of the known query tokens; unknown tokens contribute 0 in rank-bm25."""
         indptr = [0]

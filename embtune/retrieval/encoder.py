@@ -9,6 +9,9 @@ Backends (:func:`load_encoder`): ``torch`` (sentence-transformers), ``onnx`` (th
 fp32, run by onnxruntime) and ``onnx-int8`` (the same graph fused and int8 dynamic-quantized); both ONNX backends
 batch texts by token length (``embtune/retrieval/onnx.py``). Speed and nDCG@10 of each on SciFact:
 ``scripts/bench_encode_speed.py``.
+
+With ``compute.engine: ray`` (:mod:`embtune.compute`), a corpus encode (one with a cache key, of an encoder that
+:func:`load_encoder` made) runs on a Ray cluster instead, in Parquet shards under the same cache key.
 """
 
 from __future__ import annotations
@@ -57,26 +60,46 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     """
     path = None
     if cache_key:
-        text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-        tag = getattr(model, "cache_tag", "")  # the ONNX encoder's backend and file; torch keeps the plain key
-        path = cache_dir() / f"{cache_key}{'_' + tag if tag else ''}_{text_hash}.npy"
+        stem = cache_stem(model, cache_key, texts)
+        path = cache_dir() / f"{stem}.npy"
         if path.is_file():
             logger.info("embeddings cache hit: %s", path)
             return np.load(path)
+        from embtune.compute import active
+
+        if active().engine == "ray" and LOADED_AS in vars(model):
+            from embtune.compute.shards import encode_texts
+
+            return encode_texts(model, texts, stem, active(), role=role, desc=desc).matrix()
     # The server encodes each request through here too: a log line per request only at debug level.
     (logger.info if len(texts) >= 100 else logger.debug)("encoding %d %s texts", len(texts), desc)
-    method = {"query": "encode_query", "document": "encode_document"}.get(role or "", "encode")
-    embeddings = getattr(model, method, model.encode)(texts, batch_size=batch_size, convert_to_numpy=True,
-                                                      show_progress_bar=len(texts) > 1000, normalize_embeddings=False)
-    embeddings = embeddings.astype(np.float32)
-    if uses_cosine(model):
-        embeddings = normalize(embeddings)
+    embeddings = encode_batch(model, texts, batch_size, role, progress=len(texts) > 1000)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, embeddings)
         os.replace(tmp, path)
     return embeddings
+
+
+def encode_batch(model, texts: list[str], batch_size: int, role: str | None = None,
+                 progress: bool = False) -> np.ndarray:
+    """Encode without the cache: float32 (n, dim), normalized when the model scores by cosine (see :func:`encode`).
+
+    The one copy of the arithmetic, so that a Ray worker's shard is this process's encode of the same texts.
+    """
+    method = {"query": "encode_query", "document": "encode_document"}.get(role or "", "encode")
+    embeddings = getattr(model, method, model.encode)(texts, batch_size=batch_size, convert_to_numpy=True,
+                                                      show_progress_bar=progress, normalize_embeddings=False)
+    embeddings = embeddings.astype(np.float32)
+    return normalize(embeddings) if uses_cosine(model) else embeddings
+
+
+def cache_stem(model, cache_key: str, texts: list[str]) -> str:
+    """The cache entry's name: key, the backend's tag (the ONNX encoder's file; none for torch) and the text hash."""
+    text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
+    tag = getattr(model, "cache_tag", "")
+    return f"{cache_key}{'_' + tag if tag else ''}_{text_hash}"
 
 
 # Written into an asymmetric model's folder by label-free training: its document route is this base model,
@@ -100,6 +123,10 @@ def cache_key(model_path: str, max_seq_length: int, role: str | None = None) -> 
 
     key = hash_path(model_path) if Path(model_path).exists() else model_path.replace("/", "__")
     return f"{key}_{max_seq_length}"
+
+
+# The attribute load_encoder sets on what it returns: how to load the same encoder again (a Ray worker does).
+LOADED_AS = "embtune_loaded_as"
 
 
 # Bumped when embtune.retrieval.onnx exports differently, so an export cached by an older recipe is not reused.
@@ -146,4 +173,5 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
             logger.warning("backend %s runs on CPU (onnxruntime's CPU provider); device %r is ignored", backend, device)
         onnx_file = onnx_file_for(path, backend, onnx_export_dir(path))
         model = OnnxEncoder(path, onnx_file, threads=threads, max_seq_length=max_seq_length)
+    setattr(model, LOADED_AS, {"model_name": path, "max_seq_length": model.max_seq_length, "backend": backend})
     return model, cache_key(path, model.max_seq_length)

@@ -1,0 +1,296 @@
+"""compute.engine: ray against local on a synthetic corpus of short passages, ONNX int8 MiniLM.
+
+    python scripts/bench_scale.py                       # 30k and 300k passages -> benchmarks/results/scale.json
+    python scripts/bench_scale.py --small 3000 --large 0 --out /tmp/scale.json   # a quick look
+
+The corpus: SciFact corpus sentences (read from /work/shared at run time, never copied into the repo), shuffled
+with a seed; past the first pass over the sentences each passage is a sentence with its words shuffled, so passages
+stay short and distinct. Written as BEIR ``corpus.jsonl`` files into a scratch folder.
+
+Measured, each in its own process (peak RSS is per process) with its own empty embedding cache:
+- ``local``: one process, ``encode_batch`` over all texts, onnxruntime at one thread;
+- ``ray_1`` / ``ray_2``: ``encode_corpus`` on a local Ray cluster, 1 or 2 actors of one thread each; docs/s over
+  the whole call (actor start and model load included) and over the actors' encode time alone;
+- ``mismatched_queries``: SciFact train queries' dense top-10 from the local matrix (FAISS) against the Ray
+  shards (``dense_search``): queries whose ten rows differ;
+- ``driver_rss``: the Ray driver's peak RSS at ``--small`` and at ``--large`` passages;
+- ``resume``: a Ray driver SIGKILLed (with the cluster it started) once 40% of the shards are written, then rerun:
+  the shards it found (``resumed_shards``) and how many of those it wrote again (``reencoded_shards``, by inode and
+  mtime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SCIFACT = Path("/work/shared/data/beir/scifact")
+MODEL, BACKEND, SEQ = "minilm", "onnx-int8", 128
+
+
+def sentences() -> list[str]:
+    out = []
+    with open(SCIFACT / "corpus.jsonl") as handle:
+        for line in handle:
+            text = json.loads(line)["text"]
+            out += [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) >= 4]
+    return out
+
+
+def write_corpus(path: Path, n: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    pool = sentences()
+    with open(path, "w") as handle:
+        for i in range(n):
+            if i % len(pool) == 0:
+                rng.shuffle(pool)
+            text = pool[i % len(pool)]
+            if i >= len(pool):  # a later pass: the same sentence's words in another order
+                words = text.split()
+                rng.shuffle(words)
+                text = " ".join(words)
+            handle.write(json.dumps({"_id": f"p{i}", "title": "", "text": text}) + "\n")
+
+
+def train_queries(n: int) -> list[str]:
+    train = {line.split("\t")[0] for line in (SCIFACT / "qrels" / "train.tsv").read_text().splitlines()[1:]}
+    queries = [json.loads(line) for line in open(SCIFACT / "queries.jsonl")]
+    return [q["text"] for q in queries if q["_id"] in train][:n]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
+
+
+# --- one measurement per process ------------------------------------------------------------------------------------
+
+def child_local(corpus: Path, arrays: Path, queries: int, backend: str) -> dict:
+    import numpy as np
+
+    from embtune.compute.shards import read_source
+    from embtune.retrieval.encoder import encode_batch, load_encoder
+    from embtune.retrieval.index import exact_search
+
+    model, _ = load_encoder(MODEL, SEQ, backend=backend, threads=1)
+    _, texts = read_source({"kind": "jsonl", "path": str(corpus), "offset": 0, "length": corpus.stat().st_size}, 0)
+    began = time.perf_counter()
+    matrix = encode_batch(model, texts, 64, progress=True)  # (n, 384)
+    seconds = time.perf_counter() - began
+    query_emb = encode_batch(model, train_queries(queries), 64)
+    _, top = exact_search(matrix, query_emb, 10)
+    np.save(f"{arrays}.top10.npy", top)
+    np.save(f"{arrays}.queries.npy", query_emb)
+    return {"passages": len(texts), "seconds": round(seconds, 1), "docs_per_s": round(len(texts) / seconds, 1),
+            "peak_rss_mb": round(peak_rss_mb())}
+
+
+def child_ray(corpus: Path, arrays: Path | None, workers: int, shard_rows: int, queries_from: str,
+              backend: str) -> dict:
+    import numpy as np
+
+    from embtune.compute import ComputeConfig
+    from embtune.compute.search import dense_search
+    from embtune.compute.shards import encode_corpus, start_local
+
+    compute = ComputeConfig(engine="ray", workers=workers, threads_per_worker=1, shard_rows=shard_rows)
+    began = time.perf_counter()
+    start_local(num_cpus=workers, object_store_mb=300)
+    started = time.perf_counter()
+    shards = encode_corpus(MODEL, corpus, compute, backend=backend, max_seq_length=SEQ)
+    seconds = time.perf_counter() - started
+    result = {"passages": shards.num_rows, "workers": workers, "shards": len(shards.starts),
+              "encoded_shards": len(shards.encoded), "cluster_start_s": round(started - began, 1),
+              "seconds": round(seconds, 1), "docs_per_s": round(shards.num_rows / seconds, 1),
+              "driver_peak_rss_mb": round(peak_rss_mb())}
+    if queries_from and arrays is not None:
+        query_emb = np.load(queries_from)
+        _, top = dense_search(shards, query_emb, 10, compute)
+        np.save(f"{arrays}.top10.npy", top)
+    return result
+
+
+def share_onnx_export(cache: Path) -> None:
+    """Each measurement has its own embedding cache, but the int8 export is made once, in the usual place."""
+    onnx = Path(os.environ.get("EMBTUNE_CACHE", Path.home() / ".cache" / "embtune")) / "onnx"
+    cache.mkdir(parents=True, exist_ok=True)
+    if onnx.is_dir() and not (cache / "onnx").exists():
+        (cache / "onnx").symlink_to(onnx)
+
+
+def run_child(args: list[str], cache: Path, deadline: float = 0.0) -> dict:
+    """One measurement in its own process; past ``deadline`` (epoch seconds) it is killed, and what it had done
+    (shard files written, the peak RSS sampled so far) is returned with ``"killed_at_deadline": true``."""
+    import psutil
+
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    env = {**os.environ, "EMBTUNE_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    share_onnx_export(cache)
+    began = time.time()
+    process = subprocess.Popen([sys.executable, __file__, "--child", *args, "--child-out", str(out)], env=env,
+                               start_new_session=True)
+    sampled = 0
+    while process.poll() is None:
+        try:
+            sampled = max(sampled, psutil.Process(process.pid).memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        if deadline and time.time() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            files = list((cache / "embeddings").glob("*.shards*/*.parquet"))
+            return {"killed_at_deadline": True, "seconds": round(time.time() - began, 1), "shards_written": len(files),
+                    "driver_sampled_peak_rss_mb": round(sampled / 2**20)}
+        time.sleep(0.5)
+    if process.returncode:
+        raise RuntimeError(f"bench child {args} exited with {process.returncode}")
+    return {**json.loads(out.read_text()), "driver_sampled_peak_rss_mb": round(sampled / 2**20)}
+
+
+def resume_run(corpus: Path, cache: Path, shard_rows: int) -> dict:
+    """Kill a Ray driver (and the cluster it started) at 40% of the shards; rerun; compare the shard files."""
+    from embtune.compute.shards import plan_jsonl
+
+    total = len(plan_jsonl(corpus, shard_rows)[0])
+    env = {**os.environ, "EMBTUNE_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    out = Path(tempfile.mkstemp(suffix=".json")[1])
+    share_onnx_export(cache)
+    process = subprocess.Popen([sys.executable, __file__, "--child", "ray", str(corpus), "--workers", "2",
+                                "--shard-rows", str(shard_rows), "--child-out", str(out)], env=env,
+                               start_new_session=True)
+    deadline = time.time() + 3600
+    while time.time() < deadline and process.poll() is None:
+        files = list((cache / "embeddings").glob("*.shards*/*.parquet"))
+        if len(files) >= 0.4 * total:
+            os.killpg(process.pid, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    process.wait()
+    time.sleep(1.0)
+    directory = next((cache / "embeddings").glob("*.shards*"))
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.glob("*.parquet")}
+    rerun = run_child(["ray", str(corpus), "--workers", "2", "--shard-rows", str(shard_rows)], cache)
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.glob("*.parquet")}
+    return {"shards": total, "killed_at_shards": len(before), "resumed_shards": len(before),
+            "reencoded_shards": sum(after[name] != stamp for name, stamp in before.items()),
+            "encoded_on_rerun": rerun["encoded_shards"], "all_shards_present": len(after) == total,
+            "rerun_seconds": rerun["seconds"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=30_000, help="passages for the engine comparison")
+    parser.add_argument("--large", type=int, default=300_000, help="passages for the driver RSS at scale (0: skip)")
+    parser.add_argument("--shard-rows", type=int, default=2_500)
+    parser.add_argument("--queries", type=int, default=300, help="SciFact train queries for the top-10 comparison")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
+    parser.add_argument("--scratch", default="", help="folder for the corpora and caches (default: a temp folder)")
+    parser.add_argument("--deadline", default="", help="UTC HH:MM after which the large run is stopped")
+    parser.add_argument("--note", default="", help="conditions of the run (load on the machine, nice level)")
+    parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--queries-from", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--arrays", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default=BACKEND, help=argparse.SUPPRESS)
+    parser.add_argument("--fp32-control", type=int, default=5_000,
+                        help="passages for the same top-10 comparison with fp32 ONNX (batch-independent vectors)")
+    args = parser.parse_args()
+
+    if args.child:
+        kind, corpus = args.child[0], Path(args.child[1])
+        arrays = Path(args.arrays) if args.arrays else None
+        result = (child_local(corpus, arrays, args.queries, args.backend) if kind == "local"
+                  else child_ray(corpus, arrays, args.workers, args.shard_rows, args.queries_from, args.backend))
+        Path(args.child_out).write_text(json.dumps(result))
+        return
+
+    import numpy as np
+
+    from embtune.manifest import machine, versions
+    from scripts.benchlib import bench_command
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_scale_"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    small = scratch / f"corpus_{args.small}.jsonl"
+    write_corpus(small, args.small)
+    out_path = Path(args.out)
+    result = {"benchmark": "scale", "command": bench_command(sys.argv), "machine": machine(), "versions": versions(),
+              "note": args.note, "model": MODEL, "backend": BACKEND, "max_seq_length": SEQ,
+              "threads_per_worker": 1, "shard_rows": args.shard_rows, "num_passages_small": args.small}
+
+    def save() -> None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    local_arrays, ray_arrays = scratch / "local", scratch / "ray2"
+    result["local"] = run_child(["local", str(small), "--queries", str(args.queries), "--arrays", str(local_arrays)],
+                                scratch / "cache_local")
+    save()
+    for workers in (1, 2):
+        child = ["ray", str(small), "--workers", str(workers), "--shard-rows", str(args.shard_rows)]
+        if workers == 2:
+            child += ["--queries-from", f"{local_arrays}.queries.npy", "--arrays", str(ray_arrays)]
+        result[f"ray_{workers}"] = run_child(child, scratch / f"cache_ray{workers}")
+        save()
+    result["ray_2v1_ratio"] = round(result["ray_2"]["docs_per_s"] / result["ray_1"]["docs_per_s"], 2)
+    result["ray_vs_local_ratio"] = round(result["ray_1"]["docs_per_s"] / result["local"]["docs_per_s"], 2)
+    local_top, ray_top = np.load(f"{local_arrays}.top10.npy"), np.load(f"{ray_arrays}.top10.npy")
+    result["top10_queries"] = len(local_top)
+    result["mismatched_queries"] = int((local_top != ray_top).any(axis=1).sum())
+    save()
+
+    # int8 dynamic quantization takes each batch's activation range, so a passage's vector depends on the passages
+    # batched with it, and shards batch differently from one whole-corpus call. fp32 ONNX has no such dependence:
+    # the same comparison there isolates what the engine itself changes.
+    control = scratch / f"corpus_{args.fp32_control}.jsonl"
+    write_corpus(control, args.fp32_control)
+    prefix = scratch / "fp32"
+    local = run_child(["local", str(control), "--queries", str(args.queries), "--arrays", f"{prefix}_local",
+                       "--backend", "onnx"], scratch / "cache_fp32_local")
+    ray2 = run_child(["ray", str(control), "--workers", "2", "--shard-rows", str(args.shard_rows), "--backend", "onnx",
+                      "--queries-from", f"{prefix}_local.queries.npy", "--arrays", f"{prefix}_ray"],
+                     scratch / "cache_fp32_ray")
+    local_top, ray_top = np.load(f"{prefix}_local.top10.npy"), np.load(f"{prefix}_ray.top10.npy")
+    result["fp32_control"] = {"backend": "onnx", "passages": args.fp32_control, "local": local, "ray_2": ray2,
+                              "mismatched_queries": int((local_top != ray_top).any(axis=1).sum())}
+    save()
+
+    result["resume"] = resume_run(small, scratch / "cache_resume", args.shard_rows)
+    result["resumed_shards"] = result["resume"]["resumed_shards"]
+    result["reencoded_shards"] = result["resume"]["reencoded_shards"]
+    save()
+
+    if args.large:
+        large = scratch / f"corpus_{args.large}.jsonl"
+        write_corpus(large, args.large)
+        deadline = 0.0
+        if args.deadline:
+            import datetime as dt
+
+            hour, minute = map(int, args.deadline.split(":"))
+            now = dt.datetime.now(dt.timezone.utc)
+            deadline = now.replace(hour=hour, minute=minute, second=0).timestamp()
+        result["ray_2_large"] = run_child(["ray", str(large), "--workers", "2", "--shard-rows",
+                                           str(args.shard_rows)], scratch / "cache_large", deadline)
+        result["num_passages"] = args.large
+        result["driver_rss_ratio"] = round(result["ray_2_large"]["driver_sampled_peak_rss_mb"]
+                                           / result["ray_2"]["driver_sampled_peak_rss_mb"], 2)
+        save()
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

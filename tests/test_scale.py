@@ -1,0 +1,283 @@
+"""compute.engine: ray on a real local Ray cluster: the same embeddings, rankings and mined negatives as one process,
+and shards that survive a killed worker and a killed driver."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import TOPICS
+
+ray = pytest.importorskip("ray")
+
+SHARD_ROWS = 40
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One small cluster for the module: 2 CPUs, a 200 MB object store; the embedding cache in a temp folder."""
+    from embtune.compute.shards import FAULT_DIR_ENV, start_local
+
+    fault_dir = tmp_path_factory.mktemp("faults")
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("EMBTUNE_CACHE")
+    os.environ["EMBTUNE_CACHE"] = str(cache)
+    start_local(num_cpus=2, object_store_mb=200, env_vars={FAULT_DIR_ENV: str(fault_dir)})
+    yield {"faults": fault_dir, "cache": cache, "address": ray.get_runtime_context().gcs_address}
+    ray.shutdown()
+    if old is None:
+        os.environ.pop("EMBTUNE_CACHE")
+    else:
+        os.environ["EMBTUNE_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    """~400 short passages of topic words (some repeated verbatim: exact ties) and 30 queries."""
+    rng = random.Random(0)
+    words = {topic: text.split() for topic, text in TOPICS.items()}
+    topics = list(words)
+    texts = [" ".join(rng.sample(words[topics[i % len(topics)]], 5)) for i in range(380)]
+    texts += texts[:20]  # duplicates
+    queries = [" ".join(rng.sample(words[t], 3)) for t in topics for _ in range(5)][:30]
+    return texts, queries
+
+
+def compute(**changes):
+    from embtune.compute import ComputeConfig
+
+    return ComputeConfig(**{"engine": "ray", "workers": 2, "threads_per_worker": 1, "shard_rows": SHARD_ROWS,
+                            "batch_size": 16, **changes})
+
+
+@pytest.fixture(scope="module")
+def encoded(cluster, corpus, tiny_model_dir):
+    from embtune.compute.shards import encode_texts
+    from embtune.retrieval.encoder import cache_stem, encode_batch, load_encoder
+
+    texts, queries = corpus
+    model, key = load_encoder(str(tiny_model_dir))
+    shards = encode_texts(model, texts, cache_stem(model, key, texts), compute())
+    return {"model": model, "key": key, "shards": shards, "local": encode_batch(model, texts, 16),
+            "queries": encode_batch(model, queries, 16)}
+
+
+def test_ray_embeddings_equal_the_local_engine(encoded, corpus, cluster):
+    """Every shard written once, row order kept, vectors within 1e-6 of one process's encode; and ``encode``
+    with a cache key goes through the engine when compute.engine is ray (and not otherwise)."""
+    import pyarrow.parquet as pq
+
+    from embtune.compute import ComputeConfig, activate
+    from embtune.retrieval.encoder import cache_dir, encode
+
+    texts, _ = corpus
+    shards = encoded["shards"]
+    assert shards.starts == list(range(0, len(texts), SHARD_ROWS)) and sorted(shards.encoded) == shards.starts
+    rows = np.concatenate([pq.read_table(shards.path(s)).column("row").to_numpy() for s in shards.starts])
+    assert rows.tolist() == list(range(len(texts)))
+    assert np.abs(shards.matrix() - encoded["local"]).max() <= 1e-6
+
+    activate(compute())
+    try:
+        through_encode = encode(encoded["model"], texts, 16, cache_key=encoded["key"])
+    finally:
+        activate(ComputeConfig())
+    np.testing.assert_array_equal(through_encode, shards.matrix())  # the cached shards, not a new encode
+    assert not list(cache_dir().glob("*.npy"))
+    encode(encoded["model"], texts, 16, cache_key=encoded["key"])  # local: today's .npy
+    assert len(list(cache_dir().glob("*.npy"))) == 1
+
+
+def test_dense_and_bm25_top_k_equal_one_process(encoded, corpus):
+    """Per-shard top-k merged on Ray == one exact search over the whole matrix (scores, rows, tie order), and
+    sharded BM25 with corpus-wide statistics == FastBM25 over the whole corpus."""
+    from embtune.compute.search import bm25_search, dense_search
+    from embtune.compute.shards import plan_texts
+    from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer
+    from embtune.retrieval.index import exact_search
+
+    texts, queries = corpus
+    shards, query_emb = encoded["shards"], encoded["queries"]
+    scores, indices = dense_search(shards, query_emb, 25, compute())
+    # FAISS's heap returns rows of equal score in no fixed order; the merge puts them in row order
+    want_scores, want_indices = exact_search(shards.matrix(), query_emb, 40)
+    order = np.lexsort((want_indices, -want_scores), axis=1)[:, :25]
+    want_scores, want_indices = (np.take_along_axis(a, order, axis=1) for a in (want_scores, want_indices))
+    np.testing.assert_array_equal(scores, want_scores)
+    np.testing.assert_array_equal(indices, want_indices)
+
+    for settings in (BM25Config(), BM25Config(stemmer="", stopwords="", k1=1.2, b=0.5)):
+        scores, indices = bm25_search(plan_texts(texts, SHARD_ROWS), queries, 25, settings, compute())
+        tokenizer = build_tokenizer(settings)
+        full = FastBM25(tokenizer.tokenize_many(texts), k1=settings.k1, b=settings.b)
+        want_scores, want_indices = full.search(list(tokenizer.tokenize_many(queries)), 25)
+        np.testing.assert_array_equal(indices, want_indices)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_mined_negatives_are_identical(encoded, corpus, tiny_model_dir):
+    """mine_negatives over the engine's candidates (dense with the margin guard, BM25) == over one process's."""
+    from data_prep.mining import Guards, Ranking, bm25_ranking, dense_ranking, mine_negatives
+    from embtune.compute import ComputeConfig, activate
+    from embtune.compute.search import bm25_candidates, dense_candidates
+    from embtune.retrieval.bm25 import BM25Config, build_tokenizer
+
+    texts, queries = corpus
+    doc_ids = [f"d{i}" for i in range(len(texts))]
+    corpus_dict = {d: {"title": "", "text": t} for d, t in zip(doc_ids, texts)}
+    query_dict = {f"q{i}": q for i, q in enumerate(queries)}
+    qrels = {f"q{i}": {doc_ids[(7 * i) % 380]: 1} for i in range(len(queries))}
+    doc_texts = dict(zip(doc_ids, texts))
+    query_texts = list(query_dict.values())
+
+    def mine(ranking):
+        rows, _ = mine_negatives(corpus_dict, query_dict, qrels, doc_texts, method="dense", num_negatives=3,
+                                 ranking=ranking, guards=Guards(margin=0.05))
+        return rows
+
+    local = dense_ranking(encoded["local"], encoded["queries"], 30)
+    activate(compute())
+    try:
+        scores, indices, score_docs = dense_candidates(str(tiny_model_dir), texts, query_texts, 30, compute(), 16)
+    finally:
+        activate(ComputeConfig())
+    assert len(mine(Ranking(indices, scores, score_docs, "cosine"))) == len(queries)
+    assert mine(Ranking(indices, scores, score_docs, "cosine")) == mine(local)
+
+    settings = BM25Config()
+    local = bm25_ranking(texts, query_texts, 30, "fast", build_tokenizer(settings))
+    scores, indices, score_docs = bm25_candidates(texts, query_texts, 30, settings, compute())
+    sharded = Ranking(indices, scores, score_docs, "bm25")
+    positives = np.array([7 * i % 380 for i in range(len(queries))])
+    np.testing.assert_array_equal(sharded.score_docs(3, positives), local.score_docs(3, positives))
+    assert mine(sharded) == mine(local)
+
+
+def _shard_files(directory: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in directory.glob("*.parquet")}
+
+
+def test_a_worker_killed_mid_encode_is_retried_with_nothing_lost_or_duplicated(cluster, corpus, encoded):
+    """The actor encoding shard 120 is SIGKILLed before it writes; Ray Data restarts it, the shard is encoded
+    again, and every row is in exactly one file, in order."""
+    import pyarrow.parquet as pq
+
+    from embtune.compute.shards import encode_texts
+
+    texts, _ = corpus
+    marker = cluster["faults"] / "kill-120"
+    marker.touch()
+    shards = encode_texts(encoded["model"], texts, "killed-worker", compute(workers=1))
+    assert not marker.exists()  # the kill happened
+    assert sorted(shards.encoded) == shards.starts
+    files = sorted(shards.directory.glob("*.parquet"))
+    rows = np.concatenate([pq.read_table(p).column("row").to_numpy() for p in files])
+    assert rows.tolist() == list(range(len(texts)))
+    assert not list(shards.directory.glob(".*.tmp"))  # the killed write left no partial file behind
+    np.testing.assert_array_equal(shards.matrix(), encoded["shards"].matrix())
+
+
+DRIVER = """
+import os, signal, sys, threading, time
+from pathlib import Path
+import ray
+sys.path.insert(0, {root!r})
+from embtune.compute.shards import FAULT_DIR_ENV, encode_texts
+from embtune.retrieval.encoder import load_encoder
+ray.init(address={address!r}, log_to_driver=False,
+         runtime_env={{"env_vars": {{"PYTHONPATH": {root!r}, FAULT_DIR_ENV: {faults!r}}}}})
+texts = {texts!r}
+directory = Path({directory!r})
+
+def kill_after_three():
+    while len(list(directory.glob("*.parquet"))) < 3:
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+threading.Thread(target=kill_after_three, daemon=True).start()
+from embtune.compute import ComputeConfig
+model, _ = load_encoder({model!r})
+encode_texts(model, texts, "killed-driver", ComputeConfig(engine="ray", workers=1, shard_rows=20, batch_size=16))
+print("finished without being killed")
+"""
+
+
+def test_a_killed_driver_resumes_and_encodes_only_the_missing_shards(cluster, corpus, encoded, tiny_model_dir):
+    """A driver SIGKILLed after 3 of 20 shards: the rerun keeps every shard file written before (same inode and
+    mtime) and encodes exactly the others."""
+    from embtune.compute.shards import encode_texts, shard_directory
+
+    texts, _ = corpus
+    directory = shard_directory("killed-driver", 20)
+    slow = cluster["faults"] / "slow"
+    slow.touch()  # 0.2 s per shard, so the driver dies mid-run
+    try:
+        script = DRIVER.format(root=str(Path(__file__).resolve().parents[1]), address=cluster["address"],
+                               faults=str(cluster["faults"]), texts=texts, directory=str(directory),
+                               model=str(tiny_model_dir))
+        env = {**os.environ, "EMBTUNE_CACHE": str(cluster["cache"])}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        slow.unlink()
+    assert done.returncode == -9, done.stdout + done.stderr[-2000:]
+    time.sleep(0.5)  # a shard in flight when the driver died may still land: that one is done too
+    before = _shard_files(directory)
+    assert 3 <= len(before) < 20
+
+    shards = encode_texts(encoded["model"], texts, "killed-driver", compute(shard_rows=20))
+    after = _shard_files(directory)
+    assert len(after) == 20
+    assert {name: after[name] for name in before} == before  # not one finished shard encoded again
+    assert sorted(f"{s:012d}.parquet" for s in shards.encoded) == sorted(set(after) - set(before))
+    assert np.abs(shards.matrix() - encoded["shards"].matrix()).max() <= 1e-6
+
+
+def test_data_prep_mines_the_same_candidates_on_either_engine(encoded, corpus, tiny_model_dir):
+    """data_prep's build_ranking with compute.engine=ray (sharded dense and BM25, fused) == with local. Without the
+    verbatim duplicates: the local engine's FAISS returns equal-score rows in no fixed order, which moves their
+    fused rank (the engine puts them in row order; test_dense_and_bm25_top_k_equal_one_process)."""
+    from data_prep.run import build_ranking
+    from embtune.schema import load_config
+
+    texts, queries = corpus
+    texts = texts[:380]
+    doc_ids = [f"d{i}" for i in range(len(texts))]
+    query_dict = {f"q{i}": q for i, q in enumerate(queries)}
+    qrels = {f"q{i}": {doc_ids[(7 * i) % 380]: 1} for i in range(len(queries))}
+    common = ["mining.method=hybrid", f"train.base_model={tiny_model_dir}", "mining.rank_end=20"]
+    rankings = []
+    for engine in ("local", "ray"):
+        cfg = load_config(None, [*common, f"compute.engine={engine}", f"compute.shard_rows={SHARD_ROWS}"],
+                          sections=["mining", "compute"])
+        rankings.append(build_ranking(cfg, dict.fromkeys(doc_ids), dict(zip(doc_ids, texts)), query_dict, qrels))
+    np.testing.assert_array_equal(rankings[0].indices, rankings[1].indices)
+    np.testing.assert_array_equal(rankings[0].scores, rankings[1].scores)
+
+
+def test_faiss_and_lancedb_written_from_shards(encoded, tmp_path):
+    """A flat index filled shard by shard holds the matrix; an IVF index trained on a sample keeps recall@10 against
+    exact search; a LanceDB table appended shard by shard has every row once."""
+    import lancedb
+
+    from embtune.compute.export import write_faiss_index, write_lancedb_table
+    from embtune.retrieval.index import exact_search
+
+    shards, query_emb = encoded["shards"], encoded["queries"]
+    flat = write_faiss_index(shards, tmp_path / "flat.faiss")
+    np.testing.assert_array_equal(flat.reconstruct_n(0, flat.ntotal), shards.matrix())
+    ivf = write_faiss_index(shards, tmp_path / "ivf.faiss", kind="ivf", nlist=8, nprobe=4, train_rows=400)
+    _, exact = exact_search(shards.matrix(), query_emb, 10)
+    _, approx = ivf.search(query_emb, 10)
+    recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact)])
+    assert recall >= 0.9, recall
+
+    write_lancedb_table(shards, tmp_path / "lance", "corpus")
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("corpus").to_arrow()
+    assert table.column("id").to_pylist() == [str(i) for i in range(shards.num_rows)]
+    vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
+    np.testing.assert_array_equal(vectors, shards.matrix())

@@ -241,7 +241,10 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
         logger.info("dev split: %d labelled queries (never trained on in label-free mode)", len(dev_qrels))
     rows, report = build_labelfree(cfg, dataset.corpus, stage.dir)
     table_dir = stage.dir / "train_table"
-    HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    if rows:
+        HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    else:  # no student (report["decision"]): an empty table with the columns, which train does not read
+        HFDataset.from_dict({c: [] for c in LABELFREE_COLUMNS}).save_to_disk(str(table_dir))
     full = {"load": dataset.report.to_dict(), "mode": "labelfree", "labelfree": report, "rows": len(rows),
             "dev_queries": len(dev_qrels)}
     (stage.dir / "report.json").write_text(json.dumps(full, indent=2))
@@ -249,7 +252,13 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
     outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
                     "corpus_embeddings": report["corpus_embeddings"],
                     "labelfree_report": stage.dir / "labelfree" / "report.json"})
-    return stage.finish(outputs, extra={"teacher": report["teacher"], "teacher_choice": report["teacher_choice"]})
+    outputs["probe_set"] = report["probe_set"]
+    return stage.finish(outputs, extra={"teacher": report["teacher"], "teacher_choice": report["teacher_choice"],
+                                        "decision": report["decision"], "language": report["language"]})
+
+
+# The label-free table's columns (data_prep/labelfree.py build_labelfree).
+LABELFREE_COLUMNS = ("query", "source_id", "source_row", "kind", "candidates", "teacher_scores", "base_scores")
 
 
 def labelfree_table(report: dict) -> str:
@@ -263,6 +272,10 @@ def labelfree_table(report: dict) -> str:
         lines.append(f"probe ({choice['queries']} queries {choice['kinds']}, MRR@10): dense alone "
                      f"{choice['dense_alone']}, BM25 alone {choice['bm25_alone']}; by dense weight "
                      + ", ".join(f"{w}: {v}" for w, v in choice["fused_by_dense_weight"].items()))
+    language = report["language"]
+    lines.append(f"corpus language: {language['language']} ({language['why']}); BM25 tokenises as "
+                 f"{language['bm25_language']}; base model: {report['tokenizer_fit']['why']}")
+    lines.append(f"decision: {report['decision']['decision']}: {report['decision']['reason']}")
     return "\n".join(lines)
 
 
@@ -304,7 +317,7 @@ def build_teacher(cfg, corpus_texts: list[str]):
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25),
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25, corpus_texts),
                              m.teacher_bm25_weight, batch_size=m.batch_size, max_seq_length=m.max_seq_length)
     return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 
@@ -319,7 +332,7 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
     if m.method in ("bm25", "hybrid"):
-        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25),
+        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25, texts),
                             cfg.bm25.k1, cfg.bm25.b)
     if m.method in ("dense", "hybrid"):
         from data_prep.mining import encode_for_mining

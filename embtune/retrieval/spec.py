@@ -183,7 +183,7 @@ class BM25Index:
 
     def __init__(self, doc_texts: Sequence[str], settings: BM25Config) -> None:
         self.settings = settings
-        self.tokenizer = build_tokenizer(settings)
+        self.tokenizer = build_tokenizer(settings, doc_texts)  # language: auto reads the documents
         self.index = FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=settings.k1, b=settings.b)
         logger.info("built BM25 over %d documents (%s)", self.index.corpus_size, self.tokenizer.describe())
 

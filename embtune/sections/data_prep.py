@@ -169,6 +169,17 @@ class LabelFreeConfig:
     probe_queries: int = 600
     probe_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                 1.0])
+    # Never lose (docs/labelfree.md, "The decision"): a student is trained only when the probe's teacher beats the
+    # dense model alone by this many MRR@10 points; below it the base model is kept.
+    min_headroom: float = 5.0
+    # After training, a student row ships only when it beats the same row built on the base model, on the probe,
+    # by this many MRR@10 points.
+    min_student_gain: float = 1.0
+    # Tokenizer fit, on this many seeded passages: above either share the base model cannot read the corpus, and
+    # BM25 becomes the teacher and the shipped retriever (no student).
+    fit_documents: int = 200
+    max_unknown_share: float = 0.05
+    max_single_letter_share: float = 0.5
 
     def validate(self) -> None:
         if self.documents < 0 or self.sentences_per_document < 0:
@@ -184,5 +195,10 @@ class LabelFreeConfig:
         if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
             raise ValueError(f"labelfree.dense_weight must be in [0, 1] (or null: chosen per corpus), "
                              f"got {self.dense_weight}")
+        if self.min_headroom < 0 or self.min_student_gain < 0 or self.fit_documents < 1:
+            raise ValueError("labelfree.min_headroom and labelfree.min_student_gain must be >= 0, "
+                             "labelfree.fit_documents >= 1")
+        if not 0.0 <= self.max_unknown_share <= 1.0 or not 0.0 <= self.max_single_letter_share <= 1.0:
+            raise ValueError("labelfree.max_unknown_share and labelfree.max_single_letter_share must be in [0, 1]")
         if not self.probe_weights or any(not 0.0 <= w <= 1.0 for w in self.probe_weights):
             raise ValueError("labelfree.probe_weights must be a non-empty list of weights in [0, 1]")

@@ -182,8 +182,7 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
     section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
     names = {name: None if Path(path).exists() else path for name, path in models.items()}
     # The deploy choice reads these (deploy_choice); the probe set and the dev qrels are inputs.
-    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "probe_weights": cfg.labelfree.probe_weights,
-              "queries": cfg.data.queries}
+    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries}
     return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
             "on_error": cfg.data.on_error, "deploy_choice": choice}
 
@@ -364,8 +363,9 @@ def recommendation(deploy: dict[str, Any], results: dict[str, Any], specs: dict[
     """eval's ``recommended``: the deploy choice (:func:`deploy_choice`, never read on ``split``), its number on
     ``split`` when that row was measured (reported, not chosen on), and the best row on ``split`` for reference."""
     row = deploy["row"]
-    out = {**deploy, "split": split, "ndcg@10": results.get(row, {}).get("ndcg@10"),
-           "best_on_split": recommend(results, specs, split)}
+    on_split = recommend(results, specs, split)
+    out = {**deploy, "split": split, "ndcg@10": results.get(row, {}).get("ndcg@10"), "best_on_split": on_split,
+           "best_single": on_split.get("best_single")}
     if out["ndcg@10"] is not None:
         out["why"] += f"; on split '{split}' it scores nDCG@10 {100 * out['ndcg@10']:.2f}"
     return out
@@ -440,6 +440,8 @@ def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: 
                                   cfg.eval.rerank_batch_size) for t in targets}
 
 
+# Dense weights of the weighted fusion tried on the dev split (0 = BM25 alone ... 1 = dense alone).
+DEV_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 # Rows the deploy choice compares, simplest first: on a tie the earlier one ships.
 DEPLOY_ORDER = ("base", "bm25", "base+bm25_weighted", "finetuned", "finetuned+bm25_weighted")
 
@@ -561,7 +563,7 @@ def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: li
 def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
              bm25: BM25Index | None) -> dict[str, Any] | None:
     """nDCG@10 on data_prep's dev split of every deploy row, each model's fusion weight chosen there (from
-    ``labelfree.probe_weights``); None without a dev split or when eval reports the dev split itself."""
+    :data:`DEV_WEIGHTS`); None without a dev split or when eval reports the dev split itself."""
     data_out = upstream(cfg, "data_prep")
     if cfg.eval.split == "dev" or "dev_qrels" not in data_out:
         return None
@@ -590,7 +592,7 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
         scores[name] = round(100 * score_run(qrels, retriever.search(query_texts, query_emb, cfg.eval.top_k,
                                                                      query_ids), cfg)[0]["ndcg@10"], 2)
         by_weight = {}
-        for w in cfg.labelfree.probe_weights:
+        for w in DEV_WEIGHTS:
             spec = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(method="weighted", dense_weight=w,
                                                                          rrf_k=cfg.eval.rrf_k,
                                                                          depth=cfg.eval.hybrid_depth))

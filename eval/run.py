@@ -273,6 +273,11 @@ def run(cfg, force: bool = False) -> dict[str, str]:
 
     stage.dir.mkdir(parents=True, exist_ok=True)
     table = print_table(results, cfg.eval.split)
+    if cfg.eval.hybrid and "weighted" in cfg.eval.hybrid:
+        line = (f"weighted hybrid rows: dense weight {deploy['dense_weight']} (chosen by: {deploy['weight_from']}; "
+                "never the reported split)")
+        print(line)
+        table += "\n" + line
     if recommended:
         print(recommended["why"])
         table += "\n\n" + recommended["why"]

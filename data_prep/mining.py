@@ -31,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
+from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, ScoreStats, needs_stats, rrf_fuse, weighted_fuse
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class Ranking:
     scores: np.ndarray
     score_docs: Callable[[int, np.ndarray], np.ndarray]
     score_name: str
+    num_docs: int = 0  # the corpus size (0 = unknown): a whole-corpus fusion normalization scores every document
 
 
 def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backend: str = "fast",
@@ -108,7 +110,7 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
             return np.asarray(bm25.get_batch_scores(query_tokens[row], [int(d) for d in docs]), dtype=np.float64)
     else:
         raise ValueError(f"mining.bm25_backend must be 'fast' or 'rank_bm25', got {backend!r}")
-    return Ranking(indices, scores, score_docs, "bm25")
+    return Ranking(indices, scores, score_docs, "bm25", len(doc_texts))
 
 
 def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[str], batch_size: int = 64,
@@ -140,40 +142,49 @@ def dense_ranking(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int, index:
     def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
         return (doc_emb[docs] @ query_emb[row]).astype(np.float64)  # (len(docs),)
 
-    return Ranking(indices, scores, score_docs, "cosine")
+    return Ranking(indices, scores, score_docs, "cosine", len(doc_emb))
 
 
 def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: int = 60,
          bm25_weight: float = 0.5, dense_weight: float = 0.5) -> Ranking:
-    """Hybrid candidates: the union of both lists, ordered by a fused score; guard scores are the dense ones.
+    """Hybrid candidates: both lists fused by the retrieval core's formula; guard scores are the dense ones.
 
-    - ``rrf``: sum over retrievers of ``weight / (rrf_k + rank)`` (rank 1-based; absent from a list adds 0);
-    - ``weighted``: each retriever's scores over the union, min-max normalized per query, then the weighted sum
-      (a document outside one retriever's list is scored exactly by that retriever, not set to 0).
-    Ties are broken by document index.
+    - ``rrf``: ``embtune.retrieval.fusion.rrf_fuse`` with weights ``bm25_weight`` and ``dense_weight``;
+    - ``weighted``: ``embtune.retrieval.fusion.weighted_fuse`` with dense share
+      ``dense_weight / (dense_weight + bm25_weight)`` and the core's default normalization over each retriever's
+      whole-corpus scores (``Ranking.score_docs`` of every document), as the ``Retriever`` eval and serve run.
+    Ties are broken by document index. The corpus size is ``num_docs`` of the rankings (else the largest index
+    seen + 1).
     """
+    if fusion not in ("rrf", "weighted"):
+        raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
     n_queries = bm25.indices.shape[0]
+    width = max(bm25.indices.shape[1], dense.indices.shape[1])
+    num_docs = max(bm25.num_docs, dense.num_docs) or int(max(bm25.indices.max(), dense.indices.max())) + 1
+    all_docs = np.arange(num_docs)
     out_indices = np.full((n_queries, depth), -1, dtype=np.int64)
     out_scores = np.full((n_queries, depth), -np.inf)
     for row in range(n_queries):
-        lists = [(bm25, bm25_weight), (dense, dense_weight)]
-        union = np.unique(np.concatenate([r.indices[row][r.indices[row] >= 0] for r, _ in lists]))
-        fused = np.zeros(len(union))
-        for ranking, weight in lists:
-            if fusion == "rrf":
-                ranked = ranking.indices[row][ranking.indices[row] >= 0]
-                rank_of = {int(d): r for r, d in enumerate(ranked, start=1)}
-                fused += np.array([weight / (rrf_k + rank_of[int(d)]) if int(d) in rank_of else 0.0 for d in union])
-            elif fusion == "weighted":
-                scores = ranking.score_docs(row, union)
-                span = scores.max() - scores.min() if len(scores) else 0.0
-                fused += weight * ((scores - scores.min()) / span if span > 0 else np.zeros_like(scores))
-            else:
-                raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
-        top = rank_order(fused, union, depth)
+        # One query as pytrec_eval runs keyed by document index, the core fusion's input.
+        lists = {name: [int(d) for d in r.indices[row] if d >= 0] for name, r in (("sparse", bm25), ("dense", dense))}
+        runs = {name: {str(d): float(s) for d, s in zip(lists[name], r.scores[row])}
+                for name, r in (("sparse", bm25), ("dense", dense))}
+        if fusion == "rrf":
+            fused = rrf_fuse([{"q": runs["sparse"]}, {"q": runs["dense"]}], k=rrf_k, depth=width,
+                             weights=[bm25_weight, dense_weight])["q"]
+        else:
+            stats = None
+            if needs_stats(DEFAULT_NORMALIZATION):
+                stats = {name: {"q": ScoreStats.of(ranking.score_docs(row, all_docs))}  # over (num_docs,) scores
+                         for name, ranking in (("sparse", bm25), ("dense", dense))}
+            weight = dense_weight / (dense_weight + bm25_weight)
+            fused = weighted_fuse({"q": runs["dense"]}, {"q": runs["sparse"]}, weight, width, stats=stats)["q"]
+        union = np.array([int(d) for d in fused], dtype=np.int64)
+        scores = np.array([fused[str(d)] for d in union])
+        top = rank_order(scores, union, depth)
         out_indices[row, :len(top)] = union[top]
         out_scores[row, :len(top)] = dense.score_docs(row, union[top])
-    return Ranking(out_indices, out_scores, dense.score_docs, f"cosine ({fusion} fusion order)")
+    return Ranking(out_indices, out_scores, dense.score_docs, f"cosine ({fusion} fusion order)", num_docs)
 
 
 @dataclass

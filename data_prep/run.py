@@ -304,7 +304,7 @@ def build_teacher(cfg, corpus_texts: list[str]):
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25),
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, cfg.bm25,
                              m.teacher_bm25_weight, batch_size=m.batch_size, max_seq_length=m.max_seq_length)
     return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 

@@ -2,7 +2,7 @@
 
     corpus -> probe: choose the teacher's dense/BM25 weight without labels (inverse cloze)
            -> pseudo-queries cut from a seeded sample of passages (title + sentences)
-           -> teacher: base dense top-depth + BM25 top-depth, weighted fusion (per-query min-max)
+           -> teacher: base dense top-depth + BM25 top-depth, weighted fusion (the core's normalization)
            -> <stage>/train_table (query, candidates, teacher_scores, base_scores)
               + <stage>/labelfree/corpus_embeddings.npy (the base model's, the student's fixed document side)
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from embtune.dataio import document_text
-from embtune.retrieval.fusion import weighted_fuse
+from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, weighted_fuse
 from embtune.retrieval.language import count_words, crop_words, split_sentences
 from embtune.retrieval.probe import ClozeProbe
 
@@ -85,44 +85,58 @@ def crop(sentence: str, low: int, high: int, rng: random.Random) -> str:
 
 
 class FusedTeacher:
-    """The base dense model + BM25 over one corpus, fused by ``weighted_fuse`` at any dense weight.
+    """The base dense model + BM25 over one corpus, searched by the core's ``Retriever``: its member runs carry the
+    whole-corpus statistics that ``weighted_fuse`` (the core's one formula) normalizes with, at any dense weight.
 
     Args:
         doc_ids / doc_texts: the corpus (BM25 statistics and the dense index cover all of it).
         doc_emb: (n_docs, dim) normalized base-model embeddings of ``doc_texts``.
-        model: the base SentenceTransformer (encodes queries).
-        bm25_cfg: the top-level ``bm25`` section (stemmed + stopwords by default).
+        model: the base SentenceTransformer (encodes queries, by the query role).
+        bm25_cfg: the top-level ``bm25`` section (tokenizer, k1, b).
     """
 
     def __init__(self, doc_ids: list[str], doc_texts: list[str], doc_emb: np.ndarray, model, bm25_cfg,
                  batch_size: int = 64) -> None:
-        from embtune.retrieval.bm25 import build_tokenizer
+        from embtune.retrieval.spec import DenseSpec, FusionSpec, RetrieverSpec
 
         self.doc_ids = doc_ids
+        self.doc_texts = doc_texts
         self.doc_emb = doc_emb
         self.model = model
         self.batch_size = batch_size
-        self.tokenizer = build_tokenizer(bm25_cfg)
-        self.k1, self.b = bm25_cfg.k1, bm25_cfg.b
+        self.bm25_cfg = bm25_cfg
+        self.spec = RetrieverSpec(dense=DenseSpec(dim=int(doc_emb.shape[1])), bm25=bm25_cfg,
+                                  fusion=FusionSpec(method="weighted"))
         self.bm25 = self.index(doc_texts)
 
     def index(self, doc_texts: list[str]):
-        from embtune.retrieval.bm25 import FastBM25
+        """The core's BM25 index (``bm25`` section) over ``doc_texts``, e.g. the probe's corpus with cut passages."""
+        from embtune.retrieval.spec import BM25Index
 
-        return FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=self.k1, b=self.b)
+        return BM25Index(doc_texts, self.bm25_cfg)
 
     def runs(self, query_texts: list[str], depth: int, doc_emb: np.ndarray | None = None, bm25=None):
-        """(dense run, BM25 run) over the top ``depth`` each, query ids ``"0".."n-1"``, doc ids the corpus'."""
+        """(dense run, BM25 run, query embeddings): each query's top ``depth`` under each member, query ids
+        ``"0".."n-1"``, doc ids the corpus'; the runs carry whole-corpus statistics (``MemberRun``).
+        ``doc_emb`` / ``bm25`` replace the corpus' embeddings and BM25 index (the probe's cut passages)."""
         from embtune.retrieval.encoder import encode
-        from embtune.retrieval.index import exact_search, to_run
+        from embtune.retrieval.spec import Retriever
 
-        query_ids = [str(i) for i in range(len(query_texts))]
-        query_emb = encode(self.model, query_texts, self.batch_size, desc="pseudo-queries")  # (n_queries, dim)
-        scores, indices = exact_search(self.doc_emb if doc_emb is None else doc_emb, query_emb, depth)
-        dense = to_run(query_ids, self.doc_ids, scores, indices)
-        scores, indices = (bm25 or self.bm25).search(list(self.tokenizer.tokenize_many(query_texts)), k=depth)
-        sparse = to_run(query_ids, self.doc_ids, scores, indices)
+        query_emb = encode(self.model, query_texts, self.batch_size, desc="pseudo-queries",
+                           role="query")  # (n_queries, dim)
+        retriever = Retriever(self.spec, self.doc_ids, self.doc_texts, self.doc_emb if doc_emb is None else doc_emb,
+                              bm25=bm25 or self.bm25)
+        dense, sparse = retriever.member_runs(query_texts, query_emb, depth)
         return dense, sparse, query_emb
+
+    @staticmethod
+    def labels(fused: dict[str, float], candidates: list[str]) -> list[float]:
+        """The teacher's scores of one query's ``candidates``, min-max rescaled over them to [0, 1]: the fused score
+        is a weighted sum of z-scores (any range), and ``train.query_teacher_temperature`` is set for [0, 1]."""
+        values = np.array([fused[d] for d in candidates], dtype=np.float64)
+        span = values.max() - values.min() if len(values) else 0.0
+        scaled = (values - values.min()) / span if span > 0 else np.ones_like(values)
+        return [round(float(v), 6) for v in scaled]
 
 
 def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str], weights: list[float],
@@ -230,8 +244,9 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     else:
         dense_weight, by = probe["choice"], "inverse-cloze probe (no labels)"
     report["teacher_choice"] = {"by": by, **probe}
-    report["teacher"] = {"dense": cfg.train.base_model, "bm25": bm25_settings.language, "fusion": "weighted",
-                         "dense_weight": dense_weight, "bm25_weight": round(1 - dense_weight, 4)}
+    report["teacher"] = {"dense": cfg.train.base_model, "bm25": bm25_settings.language,
+                         "fusion": f"weighted ({DEFAULT_NORMALIZATION})", "dense_weight": dense_weight,
+                         "bm25_weight": round(1 - dense_weight, 4)}
     report["decision"] = decision
     logger.info("teacher: dense weight %.2f (%s; probe MRR@10 %s, dense alone %s, BM25 alone %s)", dense_weight, by,
                 probe.get("choice_mrr"), probe.get("dense_alone"), probe.get("bm25_alone"))
@@ -270,7 +285,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
         base = (doc_emb[rows_idx] @ query_emb[i]).tolist()  # the base student's cosines of the same candidates
         rows.append({"query": query.text, "source_id": query.source, "source_row": position[query.source],
                      "kind": query.kind,
-                     "candidates": rows_idx, "teacher_scores": [round(fused[str(i)][d], 6) for d in top],
+                     "candidates": rows_idx, "teacher_scores": FusedTeacher.labels(fused[str(i)], top),
                      "base_scores": [round(s, 6) for s in base]})
     ranks = np.array(source_ranks)
     report["source_rank_under_teacher"] = {"top1": round(float((ranks == 0).mean()), 4),

@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data_prep.mining import Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
+from data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
 from embtune.retrieval.bm25 import build_tokenizer
@@ -196,14 +196,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     teacher = None
     if m.teacher:
         teacher = build_teacher(cfg, [doc_texts[d] for d in corpus])
-    rows, mining_report = mine_negatives(
-        corpus, queries, train_qrels, doc_texts,
-        method=m.method, num_negatives=num_negatives, rank_start=m.rank_start, rank_end=m.rank_end,
-        sampling=m.sampling, seed=m.seed, exclude=exclude, ranking=ranking,
-        guards=Guards(margin=m.margin, max_score=m.max_score, teacher_margin=m.teacher_margin,
-                      teacher_max_score=m.teacher_max_score),
-        teacher=teacher, on_short=m.on_short, audit_size=m.audit_size, audit_threshold=m.audit_threshold,
-    )
+    pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}  # mining.method: none
+    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, ranking=ranking, teacher=teacher,
+                                         exclude=exclude, **pairs_only)
     (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
     print(mining_report.table())
     if not rows:
@@ -317,7 +312,7 @@ def build_teacher(cfg, corpus_texts: list[str]):
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25, corpus_texts),
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, cfg.bm25,
                              m.teacher_bm25_weight, batch_size=m.batch_size, max_seq_length=m.max_seq_length)
     return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 

@@ -62,8 +62,9 @@ class MiningConfig:
     """Hard-negative mining: retrieve candidates, apply false-negative guards, pick negatives (see docs/mining.md).
 
     Guard scores are the retriever's own: BM25 scores for ``bm25``, cosine similarity for ``dense`` and for
-    ``hybrid`` (a fused RRF score is rank-based and a min-max normalized one depends on the candidate list, so
-    neither can be compared with a positive's score). ``random`` draws guarded documents uniformly.
+    ``hybrid`` (a fused RRF score is rank-based and a weighted one mixes two scales, so neither can be compared with
+    a positive's score). ``random`` draws guarded documents uniformly. ``data_prep.mining.mine_negatives`` takes
+    this section.
     """
 
     method: Literal["bm25", "dense", "hybrid", "random", "none"] = "bm25"
@@ -88,7 +89,8 @@ class MiningConfig:
     ivf_nlist: int = 0  # 0 = 4 * sqrt(documents)
     ivf_nprobe: int = 16
 
-    # Hybrid: each retriever returns candidate_depth documents (0 = rank_end), fused by RRF or normalized scores.
+    # Hybrid: each retriever returns candidate_depth documents (0 = rank_end), fused by the core's RRF or its
+    # weighted formula (embtune.retrieval.fusion; dense share dense_weight / (dense_weight + bm25_weight)).
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: int = 60
     bm25_weight: float = 0.5
@@ -103,8 +105,8 @@ class MiningConfig:
     # Teacher: a CrossEncoder (folder or hub name) scoring (query, positive) and (query, negative_i); adds the
     # columns score_positive, score_negative_1..k. Its guards drop a candidate whose teacher score is
     # > teacher score of the positive - teacher_margin, or > teacher_max_score.
-    # "hybrid" instead selects the label-free teacher data_prep.teacher.HybridTeacher: cosine of the dense mining
-    # model (mining.model or train.base_model) + teacher_bm25_weight x BM25 normalized by the query's top score.
+    # "hybrid" instead selects the label-free teacher data_prep.teacher.HybridTeacher: the core's fusion of the dense
+    # mining model (mining.model or train.base_model) and BM25 at 1 : teacher_bm25_weight, on the cosine's scale.
     teacher: str = ""
     teacher_bm25_weight: float = 1.0
     teacher_batch_size: int = 32

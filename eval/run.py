@@ -467,19 +467,21 @@ def labelfree_evidence(cfg) -> dict[str, Any] | None:
 
 
 def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str], evidence: dict[str, Any]
-               ) -> tuple[dict[str, float], dict[str, RetrieverSpec]]:
+               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float]]:
     """MRR@10 on data_prep's inverse-cloze probe (no labels) of every row the deploy choice compares: each model
-    dense, BM25, and each model fused with BM25 at the probe's weight. The corpus is searched with the probe
-    passages cut (their text without the query), through the core ``Retriever``, queries by role."""
+    dense, BM25, and each model fused with BM25 at its best weight on the probe (``labelfree.probe_weights``; the
+    student's best weight need not be the base model's). The corpus is searched with the probe passages cut (their
+    text without the query), through the core ``Retriever`` and its fusion, queries by role.
+
+    Returns (MRR@10 by row, spec by row, each model's fusion weight)."""
     probe = evidence["probe"]
     texts = probe.corpus_texts(doc_ids, doc_texts)
     position = {d: i for i, d in enumerate(doc_ids)}
     cut_rows = [position[d] for d in probe.cut_texts if d in position]
     cut_texts = [texts[i] for i in cut_rows]
     bm25 = BM25Index(texts, cfg.bm25)
-    fusion = FusionSpec(method="weighted", dense_weight=evidence["dense_weight"], rrf_k=cfg.eval.rrf_k,
-                        depth=cfg.eval.hybrid_depth)
     mrr: dict[str, float] = {}
+    weights: dict[str, float] = {}
     specs: dict[str, RetrieverSpec] = {}
     ids = probe.query_ids()
     specs["bm25"] = RetrieverSpec(dense=None, bm25=cfg.bm25)
@@ -498,10 +500,17 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
         specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
         retriever = Retriever(specs[name], doc_ids, texts, doc_emb, bm25=bm25)
         mrr[name] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids))
+        by_weight = {}
+        for w in cfg.labelfree.probe_weights:
+            spec = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
+                method="weighted", dense_weight=w, rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+            by_weight[w] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids, spec=spec))
+        weights[name] = max(by_weight, key=lambda w: (by_weight[w], w))  # ties go to the denser
         fused = f"{name}+bm25_weighted"
-        specs[fused] = specs[name].replace(bm25=cfg.bm25, fusion=fusion)
-        mrr[fused] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids, spec=specs[fused]))
-    return mrr, specs
+        specs[fused] = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
+            method="weighted", dense_weight=weights[name], rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+        mrr[fused] = by_weight[weights[name]]
+    return mrr, specs, weights
 
 
 def choose_on_evidence(scores: dict[str, float], min_student_gain: float) -> tuple[str, str]:
@@ -542,7 +551,7 @@ def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: li
                        f"({dev['num_queries']} labelled queries carved from train, never the reported split){note}"}
     evidence = labelfree_evidence(cfg) if cfg.data.queries == "labelfree" else None
     if evidence is not None:
-        mrr, specs = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
+        mrr, specs, weights = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
         decision = evidence["decision"]
         if decision["decision"] == "bm25":
             best, why = "bm25", decision["reason"]
@@ -554,7 +563,7 @@ def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: li
                    f"from passages held out of training, no labels){note}")
         return {"row": best, "spec": specs[best].to_dict(), "chosen_by": chosen_by,
                 "evidence": {"metric": "MRR@10 on the inverse-cloze probe (percent)", **mrr},
-                "dense_weight": evidence["dense_weight"], "weight_from": "probe", "decision": decision,
+                "dense_weight": weights, "weight_from": "probe", "decision": decision,
                 "why": f"deploy {best} ({specs[best].describe()}): {why}"}
     row = "finetuned" if "finetuned" in models else next(iter(models), "bm25")
     spec = RetrieverSpec(dense=None, bm25=cfg.bm25) if row == "bm25" else RetrieverSpec(

@@ -38,7 +38,8 @@ def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str
         row = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg, bm25=bm25)
         measured[name] = row
         out[name] = round(100 * row["metrics"]["ndcg@10"], 2)
-        fused = row["spec"].replace(bm25=cfg.bm25, fusion=FusionSpec(method="weighted", dense_weight=weight,
+        model_weight = weight.get(name, cfg.eval.hybrid_weight) if isinstance(weight, dict) else weight
+        fused = row["spec"].replace(bm25=cfg.bm25, fusion=FusionSpec(method="weighted", dense_weight=model_weight,
                                                                       rrf_k=cfg.eval.rrf_k,
                                                                       depth=cfg.eval.hybrid_depth))
         run_ = row["retriever"].search(query_texts, row["query_emb"], cfg.eval.top_k, query_ids, spec=fused)

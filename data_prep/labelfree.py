@@ -231,7 +231,8 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     (out / "doc_texts.json").write_text(json.dumps(doc_texts))  # what was embedded (symmetric training reads it)
     teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, bm25_settings, cfg.mining.batch_size)
 
-    probe_set = ClozeProbe.build(corpus, lf.probe_queries, lf.min_words, lf.max_words, cfg.data.seed, include_title)
+    n_probe = min(lf.probe_queries, max(1, int(lf.probe_max_share * len(corpus))))
+    probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.data.seed, include_title)
     probe_set.save(out / "probe.json")
     probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights)
     decision = decide(reads, fit_why, probe, lf.min_headroom)

@@ -169,6 +169,9 @@ class LabelFreeConfig:
     # so that neither retriever can match the query verbatim; each candidate weight fuses dense and BM25 and the
     # one that finds the passage best (MRR@10) is the teacher's.
     probe_queries: int = 600
+    # At most this share of the passages becomes probe passages (held out of pseudo-query cutting), so that a small
+    # corpus keeps passages to train on.
+    probe_max_share: float = 0.25
     probe_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                 1.0])
     # Never lose (docs/labelfree.md, "The decision"): a student is trained only when the probe's teacher beats the
@@ -197,6 +200,8 @@ class LabelFreeConfig:
         if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
             raise ValueError(f"labelfree.dense_weight must be in [0, 1] (or null: chosen per corpus), "
                              f"got {self.dense_weight}")
+        if not 0.0 < self.probe_max_share < 1.0:
+            raise ValueError(f"labelfree.probe_max_share must be in (0, 1), got {self.probe_max_share}")
         if self.min_headroom < 0 or self.min_student_gain < 0 or self.fit_documents < 1:
             raise ValueError("labelfree.min_headroom and labelfree.min_student_gain must be >= 0, "
                              "labelfree.fit_documents >= 1")

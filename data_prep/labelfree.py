@@ -2,7 +2,7 @@
 
     corpus -> probe: choose the teacher's dense/BM25 weight without labels (inverse cloze)
            -> pseudo-queries cut from a seeded sample of passages (title + sentences)
-           -> teacher: base dense top-depth + BM25 top-depth, weighted fusion (per-query min-max)
+           -> teacher: base dense top-depth + BM25 top-depth, weighted fusion (the core's normalization)
            -> <stage>/train_table (query, candidates, teacher_scores, base_scores)
               + <stage>/labelfree/corpus_embeddings.npy (the base model's, the student's fixed document side)
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,13 @@ from typing import Any
 import numpy as np
 
 from embtune.dataio import document_text
-from embtune.retrieval.fusion import weighted_fuse
+from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, weighted_fuse
+from embtune.retrieval.language import count_words, crop_words, split_sentences
+from embtune.retrieval.probe import ClozeProbe
 
 logger = logging.getLogger(__name__)
 
-# A sentence ends at . ! or ? followed by whitespace and an upper-case letter, digit or opening bracket.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
-
-
-def split_sentences(text: str) -> list[str]:
-    return [s.strip() for s in _SENTENCE_END.split(text or "") if s.strip()]
+__all__ = ["split_sentences", "cut_queries", "probe_teacher", "decide", "build_labelfree", "FusedTeacher"]
 
 
 @dataclass
@@ -51,14 +47,16 @@ class PseudoQuery:
 
 
 def cut_queries(corpus: dict[str, dict[str, str]], documents: int, sentences_per_document: int, titles: bool,
-                min_words: int, max_words: int, seed: int, span_words: tuple[int, int] | None = None
-                ) -> list[PseudoQuery]:
+                min_words: int, max_words: int, seed: int, span_words: tuple[int, int] | None = None,
+                exclude: set[str] | frozenset[str] = frozenset()) -> list[PseudoQuery]:
     """Pseudo-queries from a seeded sample of ``documents`` passages (0 = all): the title, when there is one, and up
     to ``sentences_per_document`` sentences of ``min_words``..``max_words`` words, drawn at random. With
     ``span_words`` (lo, hi), each sentence is cut down to a random run of lo..hi consecutive words of it (kind
-    ``"span"``): shorter, like a query, and no longer a whole sentence of its passage."""
+    ``"span"``): shorter, like a query, and no longer a whole sentence of its passage. Passages in ``exclude`` (the
+    probe's, which judge the student after training) give no query. Sentences and words are counted in any script
+    (``embtune.retrieval.language``)."""
     rng = random.Random(seed)
-    doc_ids = list(corpus)
+    doc_ids = [d for d in corpus if d not in exclude]
     if documents and documents < len(doc_ids):
         chosen = set(rng.sample(sorted(doc_ids), documents))
         doc_ids = [d for d in doc_ids if d in chosen]
@@ -67,10 +65,10 @@ def cut_queries(corpus: dict[str, dict[str, str]], documents: int, sentences_per
     for doc_id in doc_ids:
         doc = corpus[doc_id]
         title = (doc.get("title") or "").strip()
-        if titles and title and len(title.split()) >= 2 and title.lower() not in seen:
+        if titles and title and count_words(title) >= 2 and title.lower() not in seen:
             seen.add(title.lower())
             out.append(PseudoQuery(title, doc_id, "title"))
-        sentences = [s for s in split_sentences(doc.get("text") or "") if min_words <= len(s.split()) <= max_words]
+        sentences = [s for s in split_sentences(doc.get("text") or "") if min_words <= count_words(s) <= max_words]
         for sentence in rng.sample(sentences, min(sentences_per_document, len(sentences))):
             kind = "sentence"
             if span_words:
@@ -83,160 +81,192 @@ def cut_queries(corpus: dict[str, dict[str, str]], documents: int, sentences_per
 
 def crop(sentence: str, low: int, high: int, rng: random.Random) -> str:
     """A random run of ``low``..``high`` consecutive words of ``sentence`` (all of it when it is shorter)."""
-    words = sentence.split()
-    length = min(len(words), rng.randint(low, high))
-    start = rng.randint(0, len(words) - length)
-    return " ".join(words[start:start + length])
+    return crop_words(sentence, low, high, rng)
 
 
 class FusedTeacher:
-    """The base dense model + BM25 over one corpus, fused by ``weighted_fuse`` at any dense weight.
+    """The base dense model + BM25 over one corpus, searched by the core's ``Retriever``: its member runs carry the
+    whole-corpus statistics that ``weighted_fuse`` (the core's one formula) normalizes with, at any dense weight.
 
     Args:
         doc_ids / doc_texts: the corpus (BM25 statistics and the dense index cover all of it).
         doc_emb: (n_docs, dim) normalized base-model embeddings of ``doc_texts``.
-        model: the base SentenceTransformer (encodes queries).
-        bm25_cfg: the top-level ``bm25`` section (stemmed + stopwords by default).
+        model: the base SentenceTransformer (encodes queries, by the query role).
+        bm25_cfg: the top-level ``bm25`` section (tokenizer, k1, b).
     """
 
     def __init__(self, doc_ids: list[str], doc_texts: list[str], doc_emb: np.ndarray, model, bm25_cfg,
                  batch_size: int = 64) -> None:
-        from embtune.retrieval.bm25 import build_tokenizer
+        from embtune.retrieval.spec import DenseSpec, FusionSpec, RetrieverSpec
 
         self.doc_ids = doc_ids
+        self.doc_texts = doc_texts
         self.doc_emb = doc_emb
         self.model = model
         self.batch_size = batch_size
-        self.tokenizer = build_tokenizer(bm25_cfg)
-        self.k1, self.b = bm25_cfg.k1, bm25_cfg.b
+        self.bm25_cfg = bm25_cfg
+        self.spec = RetrieverSpec(dense=DenseSpec(dim=int(doc_emb.shape[1])), bm25=bm25_cfg,
+                                  fusion=FusionSpec(method="weighted"))
         self.bm25 = self.index(doc_texts)
 
     def index(self, doc_texts: list[str]):
-        from embtune.retrieval.bm25 import FastBM25
+        """The core's BM25 index (``bm25`` section) over ``doc_texts``, e.g. the probe's corpus with cut passages."""
+        from embtune.retrieval.spec import BM25Index
 
-        return FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=self.k1, b=self.b)
+        return BM25Index(doc_texts, self.bm25_cfg)
 
     def runs(self, query_texts: list[str], depth: int, doc_emb: np.ndarray | None = None, bm25=None):
-        """(dense run, BM25 run) over the top ``depth`` each, query ids ``"0".."n-1"``, doc ids the corpus'."""
+        """(dense run, BM25 run, query embeddings): each query's top ``depth`` under each member, query ids
+        ``"0".."n-1"``, doc ids the corpus'; the runs carry whole-corpus statistics (``MemberRun``).
+        ``doc_emb`` / ``bm25`` replace the corpus' embeddings and BM25 index (the probe's cut passages)."""
         from embtune.retrieval.encoder import encode
-        from embtune.retrieval.index import exact_search, to_run
+        from embtune.retrieval.spec import Retriever
 
-        query_ids = [str(i) for i in range(len(query_texts))]
-        query_emb = encode(self.model, query_texts, self.batch_size, desc="pseudo-queries")  # (n_queries, dim)
-        scores, indices = exact_search(self.doc_emb if doc_emb is None else doc_emb, query_emb, depth)
-        dense = to_run(query_ids, self.doc_ids, scores, indices)
-        scores, indices = (bm25 or self.bm25).search(list(self.tokenizer.tokenize_many(query_texts)), k=depth)
-        sparse = to_run(query_ids, self.doc_ids, scores, indices)
+        query_emb = encode(self.model, query_texts, self.batch_size, desc="pseudo-queries",
+                           role="query")  # (n_queries, dim)
+        retriever = Retriever(self.spec, self.doc_ids, self.doc_texts, self.doc_emb if doc_emb is None else doc_emb,
+                              bm25=bm25 or self.bm25)
+        dense, sparse = retriever.member_runs(query_texts, query_emb, depth)
         return dense, sparse, query_emb
 
-
-def reciprocal_rank(run: dict[str, dict[str, float]], targets: list[str], k: int = 10) -> float:
-    """MRR@k of each query's one target passage (query ids ``"0".."n-1"``)."""
-    from embtune.retrieval.fusion import ranked
-
-    total = 0.0
-    for i, target in enumerate(targets):
-        top = ranked(run.get(str(i), {}), k)
-        total += 1.0 / (top.index(target) + 1) if target in top else 0.0
-    return total / max(len(targets), 1)
+    @staticmethod
+    def labels(fused: dict[str, float], candidates: list[str]) -> list[float]:
+        """The teacher's scores of one query's ``candidates``, min-max rescaled over them to [0, 1]: the fused score
+        is a weighted sum of z-scores (any range), and ``train.query_teacher_temperature`` is set for [0, 1]."""
+        values = np.array([fused[d] for d in candidates], dtype=np.float64)
+        span = values.max() - values.min() if len(values) else 0.0
+        scaled = (values - values.min()) / span if span > 0 else np.ones_like(values)
+        return [round(float(v), 6) for v in scaled]
 
 
-def probe_teacher(teacher: FusedTeacher, corpus: dict[str, dict[str, str]], doc_texts: list[str], n_queries: int,
-                  weights: list[float], min_words: int, max_words: int, seed: int, include_title: bool,
+def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str], weights: list[float],
                   depth: int = 100) -> dict[str, Any]:
-    """Choose the teacher's dense weight without labels: the inverse-cloze probe (see the module docstring).
-
-    Half the probe passages lose one sentence (the query), the other half, when titled, lose their title (the
-    query); BM25 and the dense index are rebuilt over the corpus with those passages cut. Returns the MRR@10 of
-    every weight, of each member alone, the choice and the counts.
-    """
+    """Measure every dense weight on the inverse-cloze probe (``embtune.retrieval.probe``) and choose the
+    teacher's: BM25 and the dense index are rebuilt over the corpus with the probe passages cut. Returns the MRR@10
+    of every weight, of each member alone, the choice and the counts; ``choice`` None when there is no probe query."""
     from embtune.retrieval.encoder import encode
 
-    rng = random.Random(seed + 1)
+    if not len(probe):
+        return {"queries": 0, "choice": None,
+                "reason": "no passage long enough to cut a probe query from (3 sentences, or a title of 2 words)"}
     position = {d: i for i, d in enumerate(teacher.doc_ids)}
-    order = sorted(corpus)
-    rng.shuffle(order)
-    queries, targets, kinds, cut_texts = [], [], [], {}
-    for doc_id in order:
-        if len(queries) >= n_queries:
-            break
-        doc = corpus[doc_id]
-        title = (doc.get("title") or "").strip()
-        sentences = split_sentences(doc.get("text") or "")
-        usable = [i for i, s in enumerate(sentences) if min_words <= len(s.split()) <= max_words]
-        if len(queries) % 2 and title and len(title.split()) >= 2 and sentences:
-            queries.append(title)
-            kinds.append("title")
-            cut_texts[doc_id] = " ".join(sentences)
-        elif len(sentences) >= 3 and usable:
-            i = rng.choice(usable)
-            queries.append(sentences[i])
-            kinds.append("sentence")
-            rest = " ".join(s for j, s in enumerate(sentences) if j != i)
-            cut_texts[doc_id] = document_text({"title": title, "text": rest}, include_title)
-        else:
-            continue
-        targets.append(doc_id)
-    if not queries:
-        return {"queries": 0, "choice": None, "reason": "no passage long enough to cut a probe query from"}
-    texts = list(doc_texts)
-    for doc_id, text in cut_texts.items():
-        texts[position[doc_id]] = text
-    cut_ids = list(cut_texts)
+    texts = probe.corpus_texts(teacher.doc_ids, doc_texts)
+    cut_ids = list(probe.cut_texts)
     doc_emb = teacher.doc_emb.copy()
-    doc_emb[[position[d] for d in cut_ids]] = encode(teacher.model, [cut_texts[d] for d in cut_ids],
+    doc_emb[[position[d] for d in cut_ids]] = encode(teacher.model, [probe.cut_texts[d] for d in cut_ids],
                                                      teacher.batch_size, desc="probe passages")
     bm25 = teacher.index(texts)
-    dense, sparse, _ = teacher.runs(queries, depth, doc_emb=doc_emb, bm25=bm25)
-    mrr = {}
-    for w in weights:
-        mrr[f"{w:g}"] = round(100 * reciprocal_rank(weighted_fuse(dense, sparse, w, depth), targets), 2)
-    dense_alone = round(100 * reciprocal_rank(dense, targets), 2)
-    bm25_alone = round(100 * reciprocal_rank(sparse, targets), 2)
+    dense, sparse, _ = teacher.runs(probe.queries, depth, doc_emb=doc_emb, bm25=bm25)
+    mrr = {f"{w:g}": probe.mrr(weighted_fuse(dense, sparse, w, depth)) for w in weights}
     best = max(weights, key=lambda w: (mrr[f"{w:g}"], w))  # ties go to the denser teacher (the student's own side)
-    return {"queries": len(queries), "kinds": {k: kinds.count(k) for k in sorted(set(kinds))},
+    return {"queries": len(probe), "kinds": probe.counts(),
             "metric": "MRR@10 of the passage the query was cut out of (the query's text removed from it)",
-            "dense_alone": dense_alone, "bm25_alone": bm25_alone, "fused_by_dense_weight": mrr,
+            "dense_alone": probe.mrr(dense), "bm25_alone": probe.mrr(sparse), "fused_by_dense_weight": mrr,
             "choice": best, "choice_mrr": mrr[f"{best:g}"]}
 
 
+def decide(reads: bool, fit_why: str, probe: dict[str, Any], min_headroom: float) -> dict[str, Any]:
+    """Whether training can pay, from the corpus's own evidence: ``{"train", "decision", "reason"}``.
+
+    - the base model cannot read the corpus (tokenizer fit): ``bm25``, no student;
+    - the probe could not measure (no passage to cut a query from): ``base``, no student (no evidence);
+    - the probe's teacher is less than ``min_headroom`` MRR@10 points above the dense model alone: ``base``, no
+      student (the student gains a fraction of that headroom, and where it is small it can lose: issue 19's
+      corpora and benchmarks/results/labelfree_corpora.json);
+    - otherwise ``train``. What ships is chosen after training, on the same probe (eval).
+    """
+    if not reads:
+        return {"train": False, "decision": "bm25",
+                "reason": f"the base model cannot read this corpus ({fit_why}): BM25 is the teacher and the shipped "
+                          "retriever, and no student is trained"}
+    if not probe.get("queries"):
+        return {"train": False, "decision": "base",
+                "reason": f"the probe could not measure ({probe.get('reason')}): with no evidence that training "
+                          "pays, the base model is kept"}
+    headroom = round(probe["choice_mrr"] - probe["dense_alone"], 2)
+    if headroom < min_headroom:
+        return {"train": False, "decision": "base", "headroom": headroom,
+                "reason": f"probe: the teacher (dense weight {probe['choice']:g}) finds the cut passage at MRR@10 "
+                          f"{probe['choice_mrr']} against {probe['dense_alone']} for the dense model alone "
+                          f"(+{headroom} < labelfree.min_headroom {min_headroom:g}): too little to distil, the "
+                          "base model is kept"}
+    return {"train": True, "decision": "train", "headroom": headroom,
+            "reason": f"probe: the teacher (dense weight {probe['choice']:g}) finds the cut passage at MRR@10 "
+                      f"{probe['choice_mrr']} against {probe['dense_alone']} for the dense model alone "
+                      f"(+{headroom} >= labelfree.min_headroom {min_headroom:g}): a student is trained"}
+
+
 def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> tuple[list[dict[str, Any]], dict]:
-    """Rows ``{query, candidates, teacher_scores, base_scores}`` and the report; writes the corpus embeddings."""
+    """Rows ``{query, candidates, teacher_scores, base_scores}`` (none when the decision is not to train) and the
+    report; writes the corpus embeddings and the probe set (``labelfree/probe.json``, read by eval)."""
+    import dataclasses
+
+    from embtune.retrieval.bm25 import resolve_language
     from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.retrieval.language import detect_language, reads_corpus, tokenizer_fit
 
     lf = cfg.labelfree
     include_title = cfg.mining.include_title
     doc_ids = list(corpus)
     doc_texts = [document_text(corpus[d], include_title) for d in doc_ids]
-    model, key = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.mining.batch_size, cache_key=key, desc="corpus")  # (n_docs, dim)
     out = stage_dir / "labelfree"
     out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"documents_in_corpus": len(doc_ids)}
+
+    # The corpus's language: BM25's tokenisation (bm25.language: auto) and what the base model must read.
+    language = detect_language(doc_texts)
+    bm25_settings = dataclasses.replace(cfg.bm25, language=resolve_language(cfg.bm25, doc_texts))
+    report["language"] = {**language, "bm25_language": bm25_settings.language}
+    model, key = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
+    sample = random.Random(cfg.data.seed).sample(doc_texts, min(lf.fit_documents, len(doc_texts)))
+    fit = tokenizer_fit(model.tokenizer, sample, model.max_seq_length)
+    reads, fit_why = reads_corpus(fit, lf.max_unknown_share, lf.max_single_letter_share)
+    report["tokenizer_fit"] = {**fit, "reads": reads, "why": fit_why}
+    logger.info("corpus language: %s (%s); BM25 tokenises as %s; base model %s: %s", language["language"],
+                language["why"], bm25_settings.language, "reads it" if reads else "CANNOT read it", fit_why)
+
+    doc_emb = encode(model, doc_texts, cfg.mining.batch_size, cache_key=key, desc="corpus")  # (n_docs, dim)
     np.save(out / "corpus_embeddings.npy", doc_emb)
     (out / "doc_ids.json").write_text(json.dumps(doc_ids))
     (out / "doc_texts.json").write_text(json.dumps(doc_texts))  # what was embedded (symmetric training reads it)
-    teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, cfg.bm25, cfg.mining.batch_size)
+    teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, bm25_settings, cfg.mining.batch_size)
 
-    report: dict[str, Any] = {"documents_in_corpus": len(doc_ids)}
-    if lf.dense_weight is None:
-        probe = probe_teacher(teacher, corpus, doc_texts, lf.probe_queries, lf.probe_weights, lf.min_words,
-                              lf.max_words, cfg.data.seed, include_title)
-        dense_weight = 1.0 if probe["choice"] is None else probe["choice"]
-        report["teacher_choice"] = {"by": "inverse-cloze probe (no labels)", **probe}
-        logger.info("teacher: dense weight %.2f chosen by the probe (MRR@10 %s; dense alone %s, BM25 alone %s)",
-                    dense_weight, probe.get("choice_mrr"), probe.get("dense_alone"), probe.get("bm25_alone"))
+    n_probe = min(lf.probe_queries, max(1, int(lf.probe_max_share * len(corpus))))
+    probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.data.seed, include_title)
+    probe_set.save(out / "probe.json")
+    probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights)
+    decision = decide(reads, fit_why, probe, lf.min_headroom)
+    if decision["decision"] == "bm25":
+        dense_weight, by = 0.0, "tokenizer fit: the base model cannot read the corpus"
+    elif lf.dense_weight is not None:
+        dense_weight, by = lf.dense_weight, "labelfree.dense_weight (set in the recipe)"
+    elif probe["choice"] is None:
+        dense_weight, by = 1.0, f"no probe ({probe['reason']}): the dense model alone"
     else:
-        dense_weight = lf.dense_weight
-        report["teacher_choice"] = {"by": "labelfree.dense_weight (set in the recipe)", "choice": dense_weight}
-    report["teacher"] = {"dense": cfg.train.base_model, "bm25": "bm25 section", "fusion": "weighted (per-query "
-                         "min-max)", "dense_weight": dense_weight, "bm25_weight": round(1 - dense_weight, 4)}
+        dense_weight, by = probe["choice"], "inverse-cloze probe (no labels)"
+    report["teacher_choice"] = {"by": by, **probe}
+    report["teacher"] = {"dense": cfg.train.base_model, "bm25": bm25_settings.language,
+                         "fusion": f"weighted ({DEFAULT_NORMALIZATION})", "dense_weight": dense_weight,
+                         "bm25_weight": round(1 - dense_weight, 4)}
+    report["decision"] = decision
+    logger.info("teacher: dense weight %.2f (%s; probe MRR@10 %s, dense alone %s, BM25 alone %s)", dense_weight, by,
+                probe.get("choice_mrr"), probe.get("dense_alone"), probe.get("bm25_alone"))
+    logger.info("label-free decision: %s", decision["reason"])
 
     queries = cut_queries(corpus, lf.documents, lf.sentences_per_document, lf.titles, lf.min_words, lf.max_words,
-                          cfg.data.seed, tuple(lf.span_words) or None)
-    if not queries:
-        raise RuntimeError("labelfree: no pseudo-query could be cut from the corpus (no titles, no sentence of "
-                           f"{lf.min_words}..{lf.max_words} words)")
-    logger.info("labelfree: %d pseudo-queries cut from %d passages", len(queries), len({q.source for q in queries}))
+                          cfg.data.seed, tuple(lf.span_words) or None, exclude=set(probe_set.targets))
+    report.update({"queries": len(queries), "probe_passages_held_out": len(probe_set.targets),
+                   "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span")},
+                   "source": lf.source, "depth": lf.depth, "corpus_embeddings": str(out / "corpus_embeddings.npy"),
+                   "probe_set": str(out / "probe.json")})
+    if decision["train"] and not queries:
+        decision.update(train=False, decision="base", reason="no pseudo-query could be cut from the corpus (no "
+                        f"title, no sentence of {lf.min_words}..{lf.max_words} words): the base model is kept")
+    if not decision["train"]:
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return [], report
+    logger.info("labelfree: %d pseudo-queries cut from %d passages (%d probe passages held out)", len(queries),
+                len({q.source for q in queries}), len(probe_set.targets))
     depth = lf.depth + 1  # one more, for the source passage that "drop" removes
     pool = max(depth, 100)  # each member's candidate list before fusion (eval's hybrid depth)
     dense, sparse, query_emb = teacher.runs([q.text for q in queries], pool)
@@ -256,15 +286,11 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
         base = (doc_emb[rows_idx] @ query_emb[i]).tolist()  # the base student's cosines of the same candidates
         rows.append({"query": query.text, "source_id": query.source, "source_row": position[query.source],
                      "kind": query.kind,
-                     "candidates": rows_idx, "teacher_scores": [round(fused[str(i)][d], 6) for d in top],
+                     "candidates": rows_idx, "teacher_scores": FusedTeacher.labels(fused[str(i)], top),
                      "base_scores": [round(s, 6) for s in base]})
     ranks = np.array(source_ranks)
-    report.update({
-        "queries": len(rows), "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span")},
-        "source": lf.source, "depth": lf.depth,
-        "source_rank_under_teacher": {"top1": round(float((ranks == 0).mean()), 4),
-                                      f"top{lf.depth}": round(float((ranks < lf.depth).mean()), 4)},
-        "corpus_embeddings": str(out / "corpus_embeddings.npy")})
+    report["source_rank_under_teacher"] = {"top1": round(float((ranks == 0).mean()), 4),
+                                           f"top{lf.depth}": round(float((ranks < lf.depth).mean()), 4)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return rows, report
 

@@ -14,12 +14,17 @@ Guards, in the order they apply to each candidate in the window (each drop is co
 - ``teacher_max_score`` / ``teacher_margin``: the same, with the cross-encoder teacher's logits (additive margin).
 
 Guard scores are the retriever's own: BM25 scores for BM25, cosine for dense, and cosine for hybrid too (an RRF
-score is rank-based and a min-max normalized score depends on the candidate list, so neither can be compared with
-a positive's score across lists). With several positives, a candidate is compared with the lowest-scoring one.
+score is rank-based and a fused score mixes two scales at a chosen weight, so neither is a relevance scale a
+positive's score can be compared on). With several positives, a candidate is compared with the lowest-scoring one.
+
+``mine_negatives`` runs the phases in order over a :class:`MiningCorpus` and each query's :class:`QueryPositives`
+(computed once): :func:`window_candidates`, :func:`teacher_guards`, :func:`sample_rows`, then the teacher's score
+columns and the audit. Its settings are the mining section (``embtune.sections.data_prep.MiningConfig``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -31,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 
 from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order, top_k_rank_bm25
+from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, ScoreStats, needs_stats, rrf_fuse, weighted_fuse
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,7 @@ class Ranking:
     scores: np.ndarray
     score_docs: Callable[[int, np.ndarray], np.ndarray]
     score_name: str
+    num_docs: int = 0  # the corpus size (0 = unknown): a whole-corpus fusion normalization scores every document
 
 
 def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backend: str = "fast",
@@ -108,7 +115,7 @@ def bm25_ranking(doc_texts: list[str], query_texts: list[str], depth: int, backe
             return np.asarray(bm25.get_batch_scores(query_tokens[row], [int(d) for d in docs]), dtype=np.float64)
     else:
         raise ValueError(f"mining.bm25_backend must be 'fast' or 'rank_bm25', got {backend!r}")
-    return Ranking(indices, scores, score_docs, "bm25")
+    return Ranking(indices, scores, score_docs, "bm25", len(doc_texts))
 
 
 def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[str], batch_size: int = 64,
@@ -140,40 +147,49 @@ def dense_ranking(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int, index:
     def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
         return (doc_emb[docs] @ query_emb[row]).astype(np.float64)  # (len(docs),)
 
-    return Ranking(indices, scores, score_docs, "cosine")
+    return Ranking(indices, scores, score_docs, "cosine", len(doc_emb))
 
 
 def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: int = 60,
          bm25_weight: float = 0.5, dense_weight: float = 0.5) -> Ranking:
-    """Hybrid candidates: the union of both lists, ordered by a fused score; guard scores are the dense ones.
+    """Hybrid candidates: both lists fused by the retrieval core's formula; guard scores are the dense ones.
 
-    - ``rrf``: sum over retrievers of ``weight / (rrf_k + rank)`` (rank 1-based; absent from a list adds 0);
-    - ``weighted``: each retriever's scores over the union, min-max normalized per query, then the weighted sum
-      (a document outside one retriever's list is scored exactly by that retriever, not set to 0).
-    Ties are broken by document index.
+    - ``rrf``: ``embtune.retrieval.fusion.rrf_fuse`` with weights ``bm25_weight`` and ``dense_weight``;
+    - ``weighted``: ``embtune.retrieval.fusion.weighted_fuse`` with dense share
+      ``dense_weight / (dense_weight + bm25_weight)`` and the core's default normalization over each retriever's
+      whole-corpus scores (``Ranking.score_docs`` of every document), as the ``Retriever`` eval and serve run.
+    Ties are broken by document index. The corpus size is ``num_docs`` of the rankings (else the largest index
+    seen + 1).
     """
+    if fusion not in ("rrf", "weighted"):
+        raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
     n_queries = bm25.indices.shape[0]
+    width = max(bm25.indices.shape[1], dense.indices.shape[1])
+    num_docs = max(bm25.num_docs, dense.num_docs) or int(max(bm25.indices.max(), dense.indices.max())) + 1
+    all_docs = np.arange(num_docs)
     out_indices = np.full((n_queries, depth), -1, dtype=np.int64)
     out_scores = np.full((n_queries, depth), -np.inf)
     for row in range(n_queries):
-        lists = [(bm25, bm25_weight), (dense, dense_weight)]
-        union = np.unique(np.concatenate([r.indices[row][r.indices[row] >= 0] for r, _ in lists]))
-        fused = np.zeros(len(union))
-        for ranking, weight in lists:
-            if fusion == "rrf":
-                ranked = ranking.indices[row][ranking.indices[row] >= 0]
-                rank_of = {int(d): r for r, d in enumerate(ranked, start=1)}
-                fused += np.array([weight / (rrf_k + rank_of[int(d)]) if int(d) in rank_of else 0.0 for d in union])
-            elif fusion == "weighted":
-                scores = ranking.score_docs(row, union)
-                span = scores.max() - scores.min() if len(scores) else 0.0
-                fused += weight * ((scores - scores.min()) / span if span > 0 else np.zeros_like(scores))
-            else:
-                raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
-        top = rank_order(fused, union, depth)
+        # One query as pytrec_eval runs keyed by document index, the core fusion's input.
+        lists = {name: [int(d) for d in r.indices[row] if d >= 0] for name, r in (("sparse", bm25), ("dense", dense))}
+        runs = {name: {str(d): float(s) for d, s in zip(lists[name], r.scores[row])}
+                for name, r in (("sparse", bm25), ("dense", dense))}
+        if fusion == "rrf":
+            fused = rrf_fuse([{"q": runs["sparse"]}, {"q": runs["dense"]}], k=rrf_k, depth=width,
+                             weights=[bm25_weight, dense_weight])["q"]
+        else:
+            stats = None
+            if needs_stats(DEFAULT_NORMALIZATION):
+                stats = {name: {"q": ScoreStats.of(ranking.score_docs(row, all_docs))}  # over (num_docs,) scores
+                         for name, ranking in (("sparse", bm25), ("dense", dense))}
+            weight = dense_weight / (dense_weight + bm25_weight)
+            fused = weighted_fuse({"q": runs["dense"]}, {"q": runs["sparse"]}, weight, width, stats=stats)["q"]
+        union = np.array([int(d) for d in fused], dtype=np.int64)
+        scores = np.array([fused[str(d)] for d in union])
+        top = rank_order(scores, union, depth)
         out_indices[row, :len(top)] = union[top]
         out_scores[row, :len(top)] = dense.score_docs(row, union[top])
-    return Ranking(out_indices, out_scores, dense.score_docs, f"cosine ({fusion} fusion order)")
+    return Ranking(out_indices, out_scores, dense.score_docs, f"cosine ({fusion} fusion order)", num_docs)
 
 
 @dataclass
@@ -269,26 +285,70 @@ def _random_negatives(
     return out
 
 
+@dataclass
+class MiningCorpus:
+    """The corpus as mining reads it, computed once: ids and texts in row order, normalized-text hashes, the rows
+    of empty documents."""
+
+    doc_ids: list[str]
+    texts: list[str]
+    hashes: list[str]
+    empty: set[int]
+    row_of: dict[str, int]
+
+    @classmethod
+    def of(cls, corpus: dict[str, dict[str, str]], doc_texts: dict[str, str]) -> "MiningCorpus":
+        doc_ids = list(corpus)
+        texts = [doc_texts[d] for d in doc_ids]
+        empty = {i for i, t in enumerate(texts) if not t.strip()}
+        return cls(doc_ids, texts, [normalized_hash(t) for t in texts], empty, {d: i for i, d in enumerate(doc_ids)})
+
+    def duplicates(self) -> int:
+        """Non-empty documents whose normalized text another document already has."""
+        distinct = {h for i, h in enumerate(self.hashes) if i not in self.empty}
+        return len(self.hashes) - len(self.empty) - len(distinct)
+
+
+@dataclass
+class QueryPositives:
+    """A query's judged positives (in qrels order), the ids that must never be its negatives (positives and
+    ``exclude``), and the positives' normalized-text hashes: computed once per query, read by every phase."""
+
+    ids: list[str]
+    excluded: set[str]
+    hashes: set[str]
+
+
+def query_positives(qrels: dict[str, dict[str, int]], query_ids: list[str], doc_texts: dict[str, str],
+                    exclude: dict[str, set[str]] | None) -> list[QueryPositives]:
+    out = []
+    for query_id in query_ids:
+        positives = [d for d, r in qrels[query_id].items() if r > 0]
+        out.append(QueryPositives(positives, set(positives) | (exclude or {}).get(query_id, set()),
+                                  {normalized_hash(doc_texts[d]) for d in positives}))
+    return out
+
+
+def guards_of(config) -> Guards:
+    """The guards a mining section (``embtune.sections.data_prep.MiningConfig``) turns on."""
+    return Guards(margin=config.margin, max_score=config.max_score, teacher_margin=config.teacher_margin,
+                  teacher_max_score=config.teacher_max_score)
+
+
 def mine_negatives(
     corpus: dict[str, dict[str, str]],
     queries: dict[str, str],
     qrels: dict[str, dict[str, int]],
     doc_texts: dict[str, str],
-    method: str = "bm25",
-    num_negatives: int = 1,
-    rank_start: int = 0,
-    rank_end: int = 100,
-    sampling: str = "top",
-    seed: int = 42,
-    exclude: dict[str, set[str]] | None = None,
+    config=None,
+    *,
     ranking: Ranking | None = None,
-    bm25_backend: str = "fast",
-    tokenizer: BM25Tokenizer | None = None,
-    guards: Guards | None = None,
     teacher=None,
-    on_short: str = "random",
-    audit_size: int = 200,
-    audit_threshold: float | None = None,
+    exclude: dict[str, set[str]] | None = None,
+    guards: Guards | None = None,
+    tokenizer: BM25Tokenizer | None = None,
+    bm25_backend: str = "fast",
+    **settings: Any,
 ) -> tuple[list[dict[str, Any]], MiningReport]:
     """One row per (query, positive) with ``num_negatives`` mined negatives.
 
@@ -296,136 +356,164 @@ def mine_negatives(
     ``score_positive, score_negative_i`` with a ``teacher``, a ``embtune.retrieval.rerank.CrossEncoderScorer``) and a
     report.
 
-    ``ranking`` holds the candidates for the judged queries in qrels order (``candidate_query_ids``); for
-    ``method="bm25"`` without one, BM25 is run here (``bm25_backend``, ``tokenizer``). Queries whose window runs
-    short are filled with random guarded documents (``on_short="random"``, counted) or dropped (``"drop"``,
-    counted). ``exclude`` names further documents per query that must never be negatives.
+    Args:
+        config: the mining section (``embtune.sections.data_prep.MiningConfig``: ``method``, ``num_negatives``,
+            ``rank_start``, ``rank_end``, ``sampling``, ``seed``, ``on_short``, the guard thresholds, ``audit_size``,
+            ``audit_threshold``); default the section's defaults. ``settings`` replace some of its fields
+            (``mine_negatives(..., num_negatives=4, rank_end=30)``).
+        ranking: the candidates for the judged queries in qrels order (``candidate_query_ids``); for
+            ``method="bm25"`` without one, BM25 is run here (``bm25_backend``, ``tokenizer``).
+        teacher: scores (query, document) pairs: teacher guards, score columns and the audit.
+        exclude: further documents per query that must never be negatives.
+        guards: the guards to apply; default the ones ``config`` turns on.
+
+    Queries whose window runs short are filled with random guarded documents (``on_short="random"``, counted) or
+    dropped (``"drop"``, counted). The phases: window candidates through the retriever-score guards
+    (:func:`window_candidates`), the teacher guards (:func:`teacher_guards`), sampling into rows
+    (:func:`sample_rows`), then teacher scores and the audit.
     """
-    rng = random.Random(seed)
-    guards = guards or Guards()
+    from embtune.sections.data_prep import MiningConfig
+
+    config = config or MiningConfig()
+    if settings:
+        config = dataclasses.replace(config, **settings)
+    guards = guards or guards_of(config)
     if guards.uses_teacher and teacher is None:
         raise ValueError("teacher guards (mining.teacher_margin / teacher_max_score) need mining.teacher")
-    doc_ids = list(corpus)
-    texts = [doc_texts[d] for d in doc_ids]
-    doc_hashes = [normalized_hash(t) for t in texts]
-    empty = {i for i, t in enumerate(texts) if not t.strip()}
-    index_of = {d: i for i, d in enumerate(doc_ids)}
+    rng = random.Random(config.seed)
+    docs = MiningCorpus.of(corpus, doc_texts)
     query_ids = candidate_query_ids(qrels)
-    distinct = {h for i, h in enumerate(doc_hashes) if i not in empty}
-    report = MiningReport(queries=len(query_ids), empty_documents=len(empty),
-                          duplicate_documents=len(doc_hashes) - len(empty) - len(distinct))
-    if empty:
-        logger.warning("mining: %d empty documents are never negatives", len(empty))
+    positives = query_positives(qrels, query_ids, doc_texts, exclude)
+    report = MiningReport(queries=len(query_ids), empty_documents=len(docs.empty),
+                          duplicate_documents=docs.duplicates())
+    if docs.empty:
+        logger.warning("mining: %d empty documents are never negatives", len(docs.empty))
 
-    if ranking is None and method == "bm25" and num_negatives > 0:
-        ranking = bm25_ranking(texts, [queries[q] for q in query_ids], rank_end, bm25_backend, tokenizer)
+    if ranking is None and config.method == "bm25" and config.num_negatives > 0:
+        ranking = bm25_ranking(docs.texts, [queries[q] for q in query_ids], config.rank_end, bm25_backend, tokenizer)
     if ranking is not None:
         report.score_name = ranking.score_name
 
-    # 1. Window candidates through the retriever-score guards.
+    passed, window_sizes = window_candidates(docs, positives, ranking, config, guards, report)
+    if guards.uses_teacher:
+        passed = teacher_guards(docs, queries, query_ids, positives, passed, teacher, guards, report, doc_texts)
+    rows = sample_rows(docs, queries, query_ids, positives, passed, window_sizes, ranking is not None, config, rng,
+                       report, doc_texts)
+    report.pairs = len(rows)
+
+    if teacher is not None and rows:
+        add_teacher_scores(rows, teacher, config.num_negatives)
+        report.audit = audit(rows, config.num_negatives, config.audit_size, config.audit_threshold, config.seed,
+                             teacher_guard=guards.uses_teacher)
+    return rows, report
+
+
+def window_candidates(docs: MiningCorpus, positives: list[QueryPositives], ranking: Ranking | None, config,
+                      guards: Guards, report: MiningReport) -> tuple[list[list[int]], list[int]]:
+    """Phase 1: each query's rank window ``[rank_start, rank_end)`` through the always-on and retriever-score
+    guards, each drop counted in ``report``. Returns (passing document rows per query, window size per query)."""
     passed_per_query: list[list[int]] = []
     window_sizes: list[int] = []
-    for qi, query_id in enumerate(query_ids):
-        positives = [d for d, r in qrels[query_id].items() if r > 0]
-        positive_ids = set(positives) | (exclude or {}).get(query_id, set())
-        positive_hashes = {normalized_hash(doc_texts[d]) for d in positives}
+    for qi, positive in enumerate(positives):
         passed: list[int] = []
         window = []
-        if ranking is not None and num_negatives > 0:
-            window = [int(i) for i in ranking.indices[qi][rank_start:rank_end] if i >= 0]
+        if ranking is not None and config.num_negatives > 0:
+            window = [int(i) for i in ranking.indices[qi][config.rank_start:config.rank_end] if i >= 0]
         window_sizes.append(len(window))
         if window:
-            scores = ranking.scores[qi][rank_start:rank_start + len(window)]
+            scores = ranking.scores[qi][config.rank_start:config.rank_start + len(window)]
             positive_score = None
             if guards.margin is not None:
-                positive_score = float(ranking.score_docs(qi, np.array([index_of[d] for d in positives])).min())
+                positive_score = float(ranking.score_docs(qi, np.array([docs.row_of[d] for d in positive.ids])).min())
             kept_hashes: set[str] = set()
             for index, score in zip(window, scores):
                 report.candidates += 1
-                if index in empty:
+                if index in docs.empty:
                     report.dropped["empty_document"] += 1
-                elif doc_ids[index] in positive_ids:
+                elif docs.doc_ids[index] in positive.excluded:
                     report.dropped["positive"] += 1
-                elif doc_hashes[index] in positive_hashes:
+                elif docs.hashes[index] in positive.hashes:
                     report.dropped["duplicate_of_positive"] += 1
-                elif doc_hashes[index] in kept_hashes:
+                elif docs.hashes[index] in kept_hashes:
                     report.dropped["duplicate_negative"] += 1
                 elif guards.max_score is not None and score > guards.max_score:
                     report.dropped["max_score"] += 1
                 elif positive_score is not None and score >= positive_score * (1 - guards.margin):
                     report.dropped["margin"] += 1
                 else:
-                    kept_hashes.add(doc_hashes[index])
+                    kept_hashes.add(docs.hashes[index])
                     passed.append(index)
         passed_per_query.append(passed)
+    return passed_per_query, window_sizes
 
-    # 2. Teacher guards: one batched scoring pass over every surviving candidate and every positive.
-    if guards.uses_teacher:
-        pairs = []
-        for qi, query_id in enumerate(query_ids):
-            positives = [d for d, r in qrels[query_id].items() if r > 0]
-            pairs += [(queries[query_id], doc_texts[d]) for d in positives]
-            pairs += [(queries[query_id], texts[i]) for i in passed_per_query[qi]]
-        scores = iter(teacher.score(pairs))
-        for qi, query_id in enumerate(query_ids):
-            n_pos = sum(1 for r in qrels[query_id].values() if r > 0)
-            positive_score = min(next(scores) for _ in range(n_pos))
-            kept = []
-            for index in passed_per_query[qi]:
-                score = next(scores)
-                if guards.teacher_max_score is not None and score > guards.teacher_max_score:
-                    report.dropped["teacher_max_score"] += 1
-                elif guards.teacher_margin is not None and score > positive_score - guards.teacher_margin:
-                    report.dropped["teacher_margin"] += 1
-                else:
-                    kept.append(index)
-            passed_per_query[qi] = kept
 
-    # 3. Sample, fill or drop short queries, build rows.
+def teacher_guards(docs: MiningCorpus, queries: dict[str, str], query_ids: list[str],
+                   positives: list[QueryPositives], passed_per_query: list[list[int]], teacher, guards: Guards,
+                   report: MiningReport, doc_texts: dict[str, str]) -> list[list[int]]:
+    """Phase 2: one batched teacher pass over every surviving candidate and every positive; drops candidates
+    above ``teacher_max_score`` or within ``teacher_margin`` of the query's lowest-scoring positive."""
+    pairs = []
+    for qi, query_id in enumerate(query_ids):
+        pairs += [(queries[query_id], doc_texts[d]) for d in positives[qi].ids]
+        pairs += [(queries[query_id], docs.texts[i]) for i in passed_per_query[qi]]
+    scores = iter(teacher.score(pairs))
+    out = []
+    for qi in range(len(query_ids)):
+        positive_score = min(next(scores) for _ in positives[qi].ids)
+        kept = []
+        for index in passed_per_query[qi]:
+            score = next(scores)
+            if guards.teacher_max_score is not None and score > guards.teacher_max_score:
+                report.dropped["teacher_max_score"] += 1
+            elif guards.teacher_margin is not None and score > positive_score - guards.teacher_margin:
+                report.dropped["teacher_margin"] += 1
+            else:
+                kept.append(index)
+        out.append(kept)
+    return out
+
+
+def sample_rows(docs: MiningCorpus, queries: dict[str, str], query_ids: list[str],
+                positives: list[QueryPositives], passed_per_query: list[list[int]], window_sizes: list[int],
+                retrieved: bool, config, rng: random.Random, report: MiningReport,
+                doc_texts: dict[str, str]) -> list[dict[str, Any]]:
+    """Phase 3: pick ``num_negatives`` per query (``sampling`` top or random), fill a short query with random
+    guarded documents or drop it (``on_short``), and build one row per (query, positive)."""
     rows = []
     for qi, query_id in enumerate(query_ids):
-        positives = [d for d, r in qrels[query_id].items() if r > 0]
-        positive_ids = set(positives) | (exclude or {}).get(query_id, set())
-        positive_hashes = {normalized_hash(doc_texts[d]) for d in positives}
+        positive = positives[qi]
         passed = passed_per_query[qi]
-        if sampling == "random":
-            chosen = rng.sample(passed, min(num_negatives, len(passed)))
+        if config.sampling == "random":
+            chosen = rng.sample(passed, min(config.num_negatives, len(passed)))
         else:
-            chosen = passed[:num_negatives]
+            chosen = passed[:config.num_negatives]
         entry = {"query_id": query_id, "window": window_sizes[qi], "passed": len(passed), "chosen": len(chosen),
                  "random_fill": 0, "dropped": False}
-        if len(chosen) < num_negatives:
-            retrieved = ranking is not None
+        if len(chosen) < config.num_negatives:
             if retrieved:
                 report.short_queries += 1
-            if on_short == "random" or not retrieved:
-                extra = _random_negatives(num_negatives - len(chosen), doc_ids, doc_hashes, positive_ids,
-                                          positive_hashes, set(chosen), rng, empty)
+            if config.on_short == "random" or not retrieved:
+                extra = _random_negatives(config.num_negatives - len(chosen), docs.doc_ids, docs.hashes,
+                                          positive.excluded, positive.hashes, set(chosen), rng, docs.empty)
                 if retrieved:
                     report.filled_random += len(extra)
                     entry["random_fill"] = len(extra)
                 chosen += extra
-        if len(chosen) < num_negatives:
+        if len(chosen) < config.num_negatives:
             report.dropped_queries += 1
             report.dropped["query_without_enough_negatives"] += 1
             entry["dropped"] = True
             report.per_query.append(entry)
             continue
         report.per_query.append(entry)
-        for positive_id in positives:
+        for positive_id in positive.ids:
             row = {"query_id": query_id, "query": queries[query_id],
                    "positive_id": positive_id, "positive": doc_texts[positive_id]}
             for n, index in enumerate(chosen, start=1):
-                row[f"negative_{n}"] = texts[index]
-                row[f"negative_{n}_id"] = doc_ids[index]
+                row[f"negative_{n}"] = docs.texts[index]
+                row[f"negative_{n}_id"] = docs.doc_ids[index]
             rows.append(row)
-    report.pairs = len(rows)
-
-    if teacher is not None and rows:
-        add_teacher_scores(rows, teacher, num_negatives)
-        report.audit = audit(rows, num_negatives, audit_size, audit_threshold, seed,
-                             teacher_guard=guards.uses_teacher)
-    return rows, report
+    return rows
 
 
 def candidate_query_ids(qrels: dict[str, dict[str, int]]) -> list[str]:

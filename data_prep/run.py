@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data_prep.mining import Guards, Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
+from data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
 from embtune.retrieval.bm25 import build_tokenizer
@@ -197,14 +197,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     teacher = None
     if m.teacher:
         teacher = build_teacher(cfg, [doc_texts[d] for d in corpus])
-    rows, mining_report = mine_negatives(
-        corpus, queries, train_qrels, doc_texts,
-        method=m.method, num_negatives=num_negatives, rank_start=m.rank_start, rank_end=m.rank_end,
-        sampling=m.sampling, seed=m.seed, exclude=exclude, ranking=ranking,
-        guards=Guards(margin=m.margin, max_score=m.max_score, teacher_margin=m.teacher_margin,
-                      teacher_max_score=m.teacher_max_score),
-        teacher=teacher, on_short=m.on_short, audit_size=m.audit_size, audit_threshold=m.audit_threshold,
-    )
+    pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}  # mining.method: none
+    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, ranking=ranking, teacher=teacher,
+                                         exclude=exclude, **pairs_only)
     (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
     print(mining_report.table())
     if not rows:
@@ -242,7 +237,10 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
         logger.info("dev split: %d labelled queries (never trained on in label-free mode)", len(dev_qrels))
     rows, report = build_labelfree(cfg, dataset.corpus, stage.dir)
     table_dir = stage.dir / "train_table"
-    HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    if rows:
+        HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    else:  # no student (report["decision"]): an empty table with the columns, which train does not read
+        HFDataset.from_dict({c: [] for c in LABELFREE_COLUMNS}).save_to_disk(str(table_dir))
     full = {"load": dataset.report.to_dict(), "mode": "labelfree", "labelfree": report, "rows": len(rows),
             "dev_queries": len(dev_qrels)}
     (stage.dir / "report.json").write_text(json.dumps(full, indent=2))
@@ -250,7 +248,13 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
     outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
                     "corpus_embeddings": report["corpus_embeddings"],
                     "labelfree_report": stage.dir / "labelfree" / "report.json"})
-    return stage.finish(outputs, extra={"teacher": report["teacher"], "teacher_choice": report["teacher_choice"]})
+    outputs["probe_set"] = report["probe_set"]
+    return stage.finish(outputs, extra={"teacher": report["teacher"], "teacher_choice": report["teacher_choice"],
+                                        "decision": report["decision"], "language": report["language"]})
+
+
+# The label-free table's columns (data_prep/labelfree.py build_labelfree).
+LABELFREE_COLUMNS = ("query", "source_id", "source_row", "kind", "candidates", "teacher_scores", "base_scores")
 
 
 def labelfree_table(report: dict) -> str:
@@ -264,6 +268,10 @@ def labelfree_table(report: dict) -> str:
         lines.append(f"probe ({choice['queries']} queries {choice['kinds']}, MRR@10): dense alone "
                      f"{choice['dense_alone']}, BM25 alone {choice['bm25_alone']}; by dense weight "
                      + ", ".join(f"{w}: {v}" for w, v in choice["fused_by_dense_weight"].items()))
+    language = report["language"]
+    lines.append(f"corpus language: {language['language']} ({language['why']}); BM25 tokenises as "
+                 f"{language['bm25_language']}; base model: {report['tokenizer_fit']['why']}")
+    lines.append(f"decision: {report['decision']['decision']}: {report['decision']['reason']}")
     return "\n".join(lines)
 
 
@@ -305,7 +313,7 @@ def build_teacher(cfg, corpus_texts: list[str]):
 
     m = cfg.mining
     if m.teacher == HYBRID_TEACHER:
-        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, build_tokenizer(cfg.bm25),
+        return HybridTeacher(corpus_texts, m.model or cfg.train.base_model, cfg.bm25,
                              m.teacher_bm25_weight, batch_size=m.batch_size, max_seq_length=m.max_seq_length)
     return CrossEncoderScorer(m.teacher, batch_size=m.teacher_batch_size, max_length=m.teacher_max_length)
 
@@ -330,7 +338,7 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
                                                            cfg.compute, m.batch_size, m.max_seq_length)
             dense = Ranking(indices, scores, score_docs, "cosine")
     if m.method in ("bm25", "hybrid") and bm25 is None:
-        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25),
+        bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25, texts),
                             cfg.bm25.k1, cfg.bm25.b)
     if m.method in ("dense", "hybrid") and dense is None:
         from data_prep.mining import encode_for_mining

@@ -1,7 +1,8 @@
 """The synthesis step of data_prep (``data.queries: synthetic``): queries for an unlabelled corpus, as files.
 
     corpus -> (chunk, when chunking.max_tokens is set) -> seeded sample of llm.documents passages
-    -> synthesize (LLM, cleaning) -> round-trip filter with embtune's retrievers (FastBM25, the base dense model)
+    -> synthesize (LLM, cleaning) -> round-trip filter with the core's Retriever (the ``bm25`` section's BM25, the
+       base dense model)
     -> <stage>/synthetic/{queries.jsonl, qrels/train.tsv, report.json}
 
 The queries and qrels are a BEIR-style pair of files, so mining and training read them exactly as they read
@@ -49,35 +50,48 @@ def select_passages(passage_ids: list[str], n: int, seed: int) -> list[str]:
     return [pid for pid in passage_ids if pid in chosen]
 
 
-def bm25_retriever(passage_texts: list[str], k: int) -> Retriever:
-    """FastBM25 over every passage: (queries) -> top-k passage indices per query."""
-    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
+def _core_search(spec, passage_texts: list[str], k: int, doc_emb: np.ndarray | None = None,
+                 encode_queries=None) -> Retriever:
+    """(queries) -> top-k passage indices per query, from the core's ``Retriever`` running ``spec``."""
+    from embtune.retrieval.fusion import ranked
+    from embtune.retrieval.spec import Retriever as CoreRetriever
 
-    tokenizer = BM25Tokenizer()
-    index = FastBM25(tokenizer.tokenize_many(passage_texts))
+    passage_ids = [str(i) for i in range(len(passage_texts))]  # texts may repeat; rows may not
+    core = CoreRetriever(spec, passage_ids, passage_texts, doc_emb)
 
     def search(queries: list[str]) -> list[list[int]]:
-        _, indices = index.search(list(tokenizer.tokenize_many(queries)), k=k)
-        return indices.tolist()
+        run = core.search(queries, encode_queries(queries) if encode_queries else None, k)
+        return [[int(d) for d in ranked(run[str(i)], k)] for i in range(len(queries))]
 
     return search
+
+
+def bm25_retriever(passage_texts: list[str], k: int, settings=None) -> Retriever:
+    """The core's BM25 over every passage (the ``bm25`` section ``settings``; default ``BM25Config()``):
+    (queries) -> top-k passage indices per query, the ranking eval's BM25 row gives."""
+    from embtune.retrieval.bm25 import BM25Config
+    from embtune.retrieval.spec import RetrieverSpec
+
+    return _core_search(RetrieverSpec(dense=None, bm25=settings or BM25Config()), passage_texts, k)
 
 
 def dense_retriever(model_path: str, passage_texts: list[str], k: int, max_seq_length: int = 0,
                     batch_size: int = 64) -> Retriever:
-    """The base model with eval's encoder (embeddings cached on disk) and exact FAISS search."""
-    from embtune.retrieval.encoder import encode, load_encoder
-    from embtune.retrieval.index import exact_search
+    """The base model through the core (embeddings cached on disk, exact search, queries and passages encoded by
+    their roles): (queries) -> top-k passage indices per query."""
+    from embtune.retrieval.encoder import cache_key, encode, load_encoder
+    from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 
-    model, key = load_encoder(model_path, max_seq_length)
-    doc_emb = encode(model, passage_texts, batch_size, cache_key=key, desc="round-trip passages")  # (n_passages, dim)
+    model, _ = load_encoder(model_path, max_seq_length)
+    key = cache_key(model_path, model.max_seq_length, role="document")
+    doc_emb = encode(model, passage_texts, batch_size, cache_key=key, desc="round-trip passages",
+                     role="document")  # (n_passages, dim)
 
-    def search(queries: list[str]) -> list[list[int]]:
-        query_emb = encode(model, queries, batch_size, desc="round-trip queries")  # (n_queries, dim)
-        _, indices = exact_search(doc_emb, query_emb, k)
-        return indices.tolist()
+    def encode_queries(queries: list[str]) -> np.ndarray:
+        return encode(model, queries, batch_size, desc="round-trip queries", role="query")  # (n_queries, dim)
 
-    return search
+    spec = RetrieverSpec(dense=DenseSpec(model=model_path, dim=int(doc_emb.shape[1])))
+    return _core_search(spec, passage_texts, k, doc_emb, encode_queries)
 
 
 def _restrict(retriever: Retriever, corpus_to_sample: np.ndarray) -> Retriever:
@@ -109,7 +123,7 @@ def synthesize_corpus(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -
         for i, pid in enumerate(chosen):
             corpus_to_sample[position[pid]] = i
         if llm.round_trip in ("bm25", "either", "both"):
-            bm25 = _restrict(bm25_retriever(passage_texts, llm.round_trip_k), corpus_to_sample)
+            bm25 = _restrict(bm25_retriever(passage_texts, llm.round_trip_k, cfg.bm25), corpus_to_sample)
         if llm.round_trip in ("dense", "either", "both"):
             dense = _restrict(dense_retriever(resolve_model(cfg.train.base_model), passage_texts, llm.round_trip_k,
                                               cfg.eval.max_seq_length), corpus_to_sample)

@@ -50,12 +50,10 @@ from typing import Any, get_type_hints
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
 from embtune.models import resolve_model
-from embtune.retrieval.bm25 import bm25_search
 from embtune.retrieval.encoder import cache_key, encode
-from embtune.retrieval.fusion import fuse
-from embtune.retrieval.index import exact_search, to_run
+from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 from eval.endpoint import EndpointEncoder, is_endpoint_spec
-from eval.run import load_encoder, score_run, upstream
+from eval.run import hybrid_spec, load_encoder, score_run, upstream
 from eval.significance import compare_systems
 
 logger = logging.getLogger(__name__)
@@ -171,8 +169,12 @@ def fit_check(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, Any
 
 
 def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg,
-                       sample_idx: list[int], fit_idx: list[int]) -> dict[str, Any]:
-    """One dense candidate: metrics, per-query nDCG@10, its run, timing, size and fit."""
+                       sample_idx: list[int], fit_idx: list[int], bm25: BM25Index | None = None) -> dict[str, Any]:
+    """One dense candidate: metrics, per-query nDCG@10, timing, size and fit; its ``Retriever`` (sharing ``bm25``)
+    and query embeddings for the hybrid rows.
+
+    Documents are encoded by the document role and queries by the query role (``encode(..., role=)``), so an
+    asymmetric model (a label-free Router) is scored through its query route, as eval and serve score it."""
     model = load_encoder(candidate.model, cfg)
     endpoint = isinstance(model, EndpointEncoder)
     sample = [doc_texts[i] for i in sample_idx]
@@ -183,12 +185,14 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
     # An endpoint caches its batches itself; a sample it answered from its cache was not timed.
     per_1k = None if endpoint and model.stats.cached_batches > cached_before else 1000 * seconds / len(sample)
 
-    key = None if endpoint else cache_key(candidate.model, model.max_seq_length)
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key,
-                     desc=f"{candidate.name} corpus")  # (n_docs, dim)
-    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{candidate.name} query")  # (n_queries, dim)
-    scores, indices = exact_search(doc_emb, query_emb, cfg.eval.top_k)
-    run = to_run(query_ids, doc_ids, scores, indices)
+    key = None if endpoint else cache_key(candidate.model, model.max_seq_length, role="document")
+    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{candidate.name} corpus",
+                     role="document")  # (n_docs, dim)
+    query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{candidate.name} query",
+                       role="query")  # (n_queries, dim)
+    spec = RetrieverSpec(dense=DenseSpec(model=candidate.model, dim=int(doc_emb.shape[1])))
+    retriever = Retriever(spec, doc_ids, doc_texts, doc_emb, bm25=bm25)
+    run = retriever.search(query_texts, query_emb, cfg.eval.top_k, query_ids)
     metrics, per_query = score_run(qrels, run, cfg)
     fit = None
     if not endpoint and getattr(model, "tokenizer", None) is not None:
@@ -198,7 +202,7 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
     dim = int(doc_emb.shape[1])
     return {"row": {"name": candidate.name, "kind": "dense", "spec": candidate.spec, "model": candidate.model,
                     **metrics, "dim": dim, "bytes_per_vector": 4 * dim, "encode_s_per_1k_docs": per_1k, "fit": fit},
-            "per_query": per_query, "run": run}
+            "per_query": per_query, "retriever": retriever, "query_emb": query_emb}
 
 
 def choose(cfg, candidates: list[str] | None = None, out_path: str | Path | None = None) -> dict[str, Any]:
@@ -226,33 +230,41 @@ def choose(cfg, candidates: list[str] | None = None, out_path: str | Path | None
 
     rows: dict[str, dict[str, Any]] = {}
     per_query: dict[str, dict[str, dict[str, float]]] = {}
-    runs: dict[str, Any] = {}
+    searched: dict[str, dict[str, Any]] = {}  # dense row -> its retriever and query embeddings
     skipped: list[dict[str, str]] = []
+    bm25 = bm25_seconds = None
+    if settings.bm25:  # one BM25 index (the bm25 section) for the BM25 row and every hybrid
+        start = time.perf_counter()
+        bm25 = BM25Index(doc_texts, cfg.bm25)
+        bm25_seconds = time.perf_counter() - start
     for candidate in chosen:
         try:
             out = evaluate_candidate(candidate, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg,
-                                     sample_idx, fit_idx)
+                                     sample_idx, fit_idx, bm25)
         except OSError as err:  # a hub name with no hub (offline) and no local copy
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             skipped.append({"candidate": candidate.spec, "reason": reason})
             warnings.append(f"{candidate.spec}: skipped ({reason})")
             continue
-        rows[candidate.name], per_query[candidate.name], runs[candidate.name] = out["row"], out["per_query"], out["run"]
+        rows[candidate.name], per_query[candidate.name] = out["row"], out["per_query"]
+        searched[candidate.name] = out
     dense = list(rows)
     if settings.bm25:
         start = time.perf_counter()
-        scores, indices = bm25_search(doc_texts, query_texts, cfg.eval.top_k, cfg.bm25)
-        seconds = time.perf_counter() - start
-        runs["bm25"] = to_run(query_ids, doc_ids, scores, indices)
-        metrics, per_query["bm25"] = score_run(qrels, runs["bm25"], cfg)
+        run = Retriever(RetrieverSpec(dense=None, bm25=cfg.bm25), doc_ids, doc_texts, bm25=bm25).search(
+            query_texts, None, cfg.eval.top_k, query_ids)
+        seconds = bm25_seconds + time.perf_counter() - start  # tokenize and index, then search
+        metrics, per_query["bm25"] = score_run(qrels, run, cfg)
         rows["bm25"] = {"name": "bm25", "kind": "bm25", "spec": "bm25", "model": None, **metrics, "dim": None,
                         "bytes_per_vector": None, "encode_s_per_1k_docs": 1000 * seconds / len(doc_ids), "fit": None}
     for name in dense if settings.bm25 else []:
+        retriever, query_emb = searched[name]["retriever"], searched[name]["query_emb"]
         for method in settings.hybrid:
             row = f"{name}+bm25_{method}"
-            runs[row] = fuse(method, runs[name], runs["bm25"], rrf_k=cfg.eval.rrf_k,
-                             dense_weight=cfg.eval.hybrid_weight, depth=cfg.eval.hybrid_depth)
-            metrics, per_query[row] = score_run(qrels, runs[row], cfg)
+            # eval's hybrid rows: the same fusion settings through the same Retriever.
+            run = retriever.search(query_texts, query_emb, cfg.eval.top_k, query_ids,
+                                   spec=hybrid_spec(retriever.spec, cfg, method))
+            metrics, per_query[row] = score_run(qrels, run, cfg)
             rows[row] = {**rows[name], "name": row, "kind": "hybrid", **metrics}
             rows[row]["fit"] = None  # the dense row carries the fit check
     if not rows:

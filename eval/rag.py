@@ -40,10 +40,9 @@ import numpy as np
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.llm.client import ChatRequest, generate_all
-from embtune.manifest import hash_path, machine, versions
+from embtune.manifest import machine, versions
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import encode
-from embtune.retrieval.index import exact_search
 
 logger = logging.getLogger(__name__)
 
@@ -204,29 +203,23 @@ def sample_queries(qrels: dict[str, dict[str, int]], size: int, seed: int) -> li
 
 def retrieve(model_path: str, doc_ids: list[str], doc_texts: list[str], query_texts: list[str], k: int,
              rerank: str = "", candidates: int = 20, batch_size: int = 64) -> list[list[str]]:
-    """Each query's top-``k`` doc ids: FAISS exact search over the model's embeddings, then (optionally) the
-    CrossEncoder ``rerank`` rescoring the first ``candidates``."""
-    from sentence_transformers import SentenceTransformer
+    """Each query's top-``k`` doc ids from the core's ``Retriever`` (exact search over the model's embeddings, then,
+    optionally, the CrossEncoder ``rerank`` rescoring the first ``candidates``), as eval and serve retrieve.
 
-    model = SentenceTransformer(model_path, device=None)
-    key = f"{hash_path(model_path) if Path(model_path).exists() else model_path.replace('/', '__')}_" \
-          f"{model.max_seq_length}"
-    doc_emb = encode(model, doc_texts, batch_size, cache_key=key, desc="corpus")  # (n_docs, dim)
-    query_emb = encode(model, query_texts, batch_size, desc="query")  # (n_queries, dim)
-    _, indices = exact_search(doc_emb, query_emb, candidates if rerank else k)  # (n_queries, candidates or k)
-    ranked = [[doc_ids[j] for j in row if j >= 0] for row in indices]
-    if not rerank:
-        return ranked
-    from sentence_transformers import CrossEncoder
+    Documents are encoded by the document role and queries by the query role, so an asymmetric model (a
+    label-free Router) retrieves through its query route."""
+    from embtune.retrieval.encoder import cache_key, load_encoder
+    from embtune.retrieval.fusion import ranked
+    from embtune.retrieval.spec import DenseSpec, RerankSpec, Retriever, RetrieverSpec
 
-    cross = CrossEncoder(rerank, device=None)
-    text_of = dict(zip(doc_ids, doc_texts))
-    out = []
-    for query, ids in zip(query_texts, ranked):
-        scores = cross.predict([(query, text_of[d]) for d in ids], show_progress_bar=False)  # (candidates,)
-        order = np.argsort(-np.asarray(scores), kind="stable")[:k]
-        out.append([ids[i] for i in order])
-    return out
+    model, _ = load_encoder(model_path)
+    key = cache_key(resolve_model(model_path), model.max_seq_length, role="document")
+    doc_emb = encode(model, doc_texts, batch_size, cache_key=key, desc="corpus", role="document")  # (n_docs, dim)
+    query_emb = encode(model, query_texts, batch_size, desc="query", role="query")  # (n_queries, dim)
+    spec = RetrieverSpec(dense=DenseSpec(model=model_path, dim=int(doc_emb.shape[1])),
+                         rerank=RerankSpec(model=rerank, top_k=candidates) if rerank else None)
+    run = Retriever(spec, doc_ids, doc_texts, doc_emb).search(query_texts, query_emb, k)
+    return [ranked(run[str(i)], k) for i in range(len(query_texts))]
 
 
 def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,

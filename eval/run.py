@@ -77,7 +77,8 @@ def models_to_evaluate(cfg) -> dict[str, str]:
     if cfg.eval.compare_base:
         models["base"] = resolve_model(cfg.train.base_model)
     trained = upstream(cfg, "train").get("model")
-    if trained:
+    train_manifest = Path(cfg.run_dir) / "train" / "manifest.json"
+    if trained and json.loads(train_manifest.read_text()).get("trained", True):  # label-free may train no student
         models["finetuned"] = trained
     for name, path in cfg.eval.extra_models.items():
         models[name] = path if is_endpoint_spec(path) else resolve_model(path)
@@ -180,14 +181,18 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
 
     section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
     names = {name: None if Path(path).exists() else path for name, path in models.items()}
+    # The deploy choice reads these (deploy_choice); the probe set and the dev qrels are inputs.
+    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries}
     return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
-            "on_error": cfg.data.on_error}
+            "on_error": cfg.data.on_error, "deploy_choice": choice}
 
 
 def run(cfg, force: bool = False) -> dict[str, str]:
     inputs = eval_inputs(cfg)
     models = models_to_evaluate(cfg)
     present = {k: v for k, v in inputs.items() if Path(v).is_file()}  # label-free: there may be no queries
+    data_out = upstream(cfg, "data_prep")
+    present.update({k: data_out[k] for k in ("probe_set", "dev_qrels") if k in data_out})  # the deploy choice's
     stage = Stage("eval", cfg.run_dir, config=stage_config(cfg, models),
                   inputs={**present, **{f"model_{k}": v for k, v in models.items() if Path(v).exists()},
                           **({"reranker": cfg.eval.reranker} if Path(cfg.eval.reranker or "-").exists() else {})})
@@ -246,10 +251,12 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                 query_texts, None, cfg.eval.top_k, query_ids)
         results["bm25"], per_query["bm25"] = score_run(qrels, runs["bm25"], cfg)
         wall["bm25"] = round(time.time() - start, 1)
+    dev = dev_rows(cfg, models, doc_ids, doc_texts, bm25)
+    deploy = deploy_choice(cfg, models, doc_ids, doc_texts, dev)
     for name in list(models) if cfg.eval.hybrid else []:
         for method in cfg.eval.hybrid:
             row = f"{name}+bm25_{method}"
-            specs[row] = hybrid_spec(specs[name], cfg, method)
+            specs[row] = hybrid_spec(specs[name], cfg, method, chosen_weight(deploy, name, cfg))
             runs[row] = retrievers[name].search(query_texts, query_embs[name], cfg.eval.top_k, query_ids,
                                                 spec=specs[row])
             results[row], per_query[row] = score_run(qrels, runs[row], cfg)
@@ -263,10 +270,15 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             specs[row] = specs[target].replace(rerank=RerankSpec(model=cfg.eval.reranker,
                                                                  top_k=cfg.eval.rerank_top_k))
         wall["rerank"] = round(time.time() - start, 1)
-    recommended = recommend(results, specs, cfg.eval.split)
+    recommended = recommendation(deploy, results, specs, cfg.eval.split)
 
     stage.dir.mkdir(parents=True, exist_ok=True)
     table = print_table(results, cfg.eval.split)
+    if cfg.eval.hybrid and "weighted" in cfg.eval.hybrid:
+        line = (f"weighted hybrid rows: dense weight {deploy['dense_weight']} (chosen by: {deploy['weight_from']}; "
+                "never the reported split)")
+        print(line)
+        table += "\n" + line
     if recommended:
         print(recommended["why"])
         table += "\n\n" + recommended["why"]
@@ -295,7 +307,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     payload = {"split": cfg.eval.split, "num_queries": len(query_ids), "num_documents": len(doc_ids),
                "models": models, "results": results, "per_query": per_query, "wall_seconds": wall,
                "significance": significance, "specs": {row: spec.to_dict() for row, spec in specs.items()},
-               "recommended": recommended}
+               "recommended": recommended,
+               "hybrid_weight": {"dense_weight": deploy["dense_weight"], "from": deploy["weight_from"]}}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
     from embtune.tracking import (
         log_eval_results,  # wandb tables in the pipeline's group, when tracking.report_to has it
@@ -336,26 +349,49 @@ def read_run(path: str | Path) -> dict[str, list[str]]:
     return {qid: [d for _, d in sorted(rows)] for qid, rows in out.items()}
 
 
-def hybrid_spec(dense: RetrieverSpec, cfg, method: str) -> RetrieverSpec:
-    """A model's dense spec fused with the ``bm25`` section by ``method``, with eval's fusion settings."""
-    return dense.replace(bm25=cfg.bm25, fusion=FusionSpec(method=method, dense_weight=cfg.eval.hybrid_weight,
+def hybrid_spec(dense: RetrieverSpec, cfg, method: str, dense_weight: float | None = None) -> RetrieverSpec:
+    """A model's dense spec fused with the ``bm25`` section by ``method``, with eval's fusion settings
+    (``dense_weight``: the weighted fusion's, ``eval.hybrid_weight`` when None)."""
+    weight = cfg.eval.hybrid_weight if dense_weight is None else dense_weight
+    return dense.replace(bm25=cfg.bm25, fusion=FusionSpec(method=method, dense_weight=weight,
                                                           rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
 
 
+def chosen_weight(deploy: dict[str, Any], model: str, cfg) -> float:
+    """The weighted fusion's dense weight for ``model``'s hybrid row: chosen on dev (per model), by the probe, or
+    ``eval.hybrid_weight`` (``deploy["weight_from"]`` says which)."""
+    weight = deploy.get("dense_weight", cfg.eval.hybrid_weight)
+    return weight.get(model, cfg.eval.hybrid_weight) if isinstance(weight, dict) else weight
+
+
+def recommendation(deploy: dict[str, Any], results: dict[str, Any], specs: dict[str, RetrieverSpec],
+                   split: str) -> dict[str, Any]:
+    """eval's ``recommended``: the deploy choice (:func:`deploy_choice`, never read on ``split``), its number on
+    ``split`` when that row was measured (reported, not chosen on), and the best row on ``split`` for reference."""
+    row = deploy["row"]
+    on_split = recommend(results, specs, split)
+    out = {**deploy, "split": split, "ndcg@10": results.get(row, {}).get("ndcg@10"), "best_on_split": on_split,
+           "best_single": on_split.get("best_single")}
+    if out["ndcg@10"] is not None:
+        out["why"] += f"; on split '{split}' it scores nDCG@10 {100 * out['ndcg@10']:.2f}"
+    return out
+
+
 def recommend(results: dict[str, Any], specs: dict[str, RetrieverSpec], split: str) -> dict[str, Any]:
-    """The row to deploy: the best nDCG@10 among the dense, BM25 and hybrid rows (reranked rows are a cost
-    choice, not a retriever), first in table order on a tie, so a single retriever wins a tie with a fusion.
+    """The best nDCG@10 on ``split`` among the dense, BM25 and hybrid rows (reranked rows are a cost choice, not a
+    retriever), first in table order on a tie. A reference only: the deploy choice is :func:`deploy_choice`'s,
+    never read on the split being reported.
 
     Returns ``{"row", "ndcg@10", "spec", "split", "best_single": {"row", "ndcg@10"}, "why"}``; ``{}`` when no such
-    row ran. Chosen on ``split``: choose on a dev split to report the test split's number honestly.
+    row ran.
     """
     rows = [row for row in results if row in specs and specs[row].rerank is None]
     if not rows:
         return {}
     best = max(rows, key=lambda row: results[row]["ndcg@10"])
     single = max((row for row in rows if not specs[row].hybrid), key=lambda row: results[row]["ndcg@10"])
-    why = (f"recommended retriever: {best} ({specs[best].describe()}), nDCG@10 {100 * results[best]['ndcg@10']:.2f}"
-           f": the best of the dense, BM25 and hybrid rows on split '{split}'; best single retriever: {single} "
+    why = (f"best row on split '{split}': {best} ({specs[best].describe()}), nDCG@10 "
+           f"{100 * results[best]['ndcg@10']:.2f}; best single retriever: {single} "
            f"({100 * results[single]['ndcg@10']:.2f})")
     return {"row": best, "ndcg@10": results[best]["ndcg@10"], "spec": specs[best].to_dict(), "split": split,
             "best_single": {"row": single, "ndcg@10": results[single]["ndcg@10"]}, "why": why}
@@ -368,13 +404,21 @@ def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
     if cfg.data.queries != "labelfree":
         raise FileNotFoundError(f"{missing}: file not found (eval.split={cfg.eval.split} needs judged queries)")
     note = (f"no labelled queries to evaluate on ({missing} not found): the model was trained label-free from the "
-            "corpus alone, and nothing measured it. Add judged queries (BEIR qrels/<split>.tsv) to measure it.")
+            "corpus alone, and no judged query measured it. Add judged queries (BEIR qrels/<split>.tsv) to measure "
+            "it.")
     print(note)
+    corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
+    doc_ids = list(corpus)
+    models = models_to_evaluate(cfg)
+    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d]) for d in doc_ids], None)
+    recommended = {**deploy, "split": cfg.eval.split, "ndcg@10": None}
+    print(recommended["why"])
     stage.dir.mkdir(parents=True, exist_ok=True)
-    payload = {"split": cfg.eval.split, "num_queries": 0, "num_documents": None, "results": {}, "per_query": {},
-               "note": note}
+    payload = {"split": cfg.eval.split, "num_queries": 0, "num_documents": len(doc_ids), "models": models,
+               "results": {}, "per_query": {}, "note": note, "specs": {deploy["row"]: deploy["spec"]},
+               "recommended": recommended}
     (stage.dir / "results.json").write_text(json.dumps(payload, indent=1))
-    (stage.dir / "table.txt").write_text(note + "\n")
+    (stage.dir / "table.txt").write_text(note + "\n" + recommended["why"] + "\n")
     return stage.finish({"results": stage.dir / "results.json", "table": stage.dir / "table.txt"})
 
 
@@ -400,3 +444,178 @@ def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: 
     logger.info("reranking the top %d of %s with %s", cfg.eval.rerank_top_k, targets, cfg.eval.reranker)
     return {f"{t}>rerank": rerank(scorer, runs[t], query_texts, doc_texts, cfg.eval.rerank_top_k,
                                   cfg.eval.rerank_batch_size) for t in targets}
+
+
+# Dense weights of the weighted fusion tried on the dev split (0 = BM25 alone ... 1 = dense alone).
+DEV_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+# Rows the deploy choice compares, simplest first: on a tie the earlier one ships.
+DEPLOY_ORDER = ("base", "bm25", "base+bm25_weighted", "finetuned", "finetuned+bm25_weighted")
+
+
+def labelfree_evidence(cfg) -> dict[str, Any] | None:
+    """data_prep's label-free evidence: ``{"probe", "decision", "dense_weight", "manifest"}``; None otherwise."""
+    manifest_path = Path(cfg.run_dir) / "data_prep" / "manifest.json"
+    if not manifest_path.is_file():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    probe_file = manifest["outputs"].get("probe_set")
+    if not probe_file or "decision" not in manifest:
+        return None
+    from embtune.retrieval.probe import ClozeProbe
+
+    return {"probe": ClozeProbe.load(probe_file), "decision": manifest["decision"],
+            "dense_weight": manifest["teacher"]["dense_weight"]}
+
+
+def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str], evidence: dict[str, Any]
+               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float]]:
+    """MRR@10 on data_prep's inverse-cloze probe (no labels) of every row the deploy choice compares: each model
+    dense, BM25, and each model fused with BM25 at its best weight on the probe (``labelfree.probe_weights``; the
+    student's best weight need not be the base model's). The corpus is searched with the probe passages cut (their
+    text without the query), through the core ``Retriever`` and its fusion, queries by role.
+
+    Returns (MRR@10 by row, spec by row, each model's fusion weight)."""
+    probe = evidence["probe"]
+    texts = probe.corpus_texts(doc_ids, doc_texts)
+    position = {d: i for i, d in enumerate(doc_ids)}
+    cut_rows = [position[d] for d in probe.cut_texts if d in position]
+    cut_texts = [texts[i] for i in cut_rows]
+    bm25 = BM25Index(texts, cfg.bm25)
+    mrr: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    specs: dict[str, RetrieverSpec] = {}
+    ids = probe.query_ids()
+    specs["bm25"] = RetrieverSpec(dense=None, bm25=cfg.bm25)
+    mrr["bm25"] = probe.mrr(Retriever(specs["bm25"], doc_ids, texts, bm25=bm25).search(probe.queries, None, 10, ids))
+    for name in ("base", "finetuned"):
+        if name not in models:
+            continue
+        model = load_encoder(models[name], cfg)
+        key = cache_key(models[name], model.max_seq_length, role="document")
+        doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                         role="document").copy()  # (n_docs, dim); the cached full corpus
+        if cut_rows:
+            doc_emb[cut_rows] = encode(model, cut_texts, cfg.eval.batch_size, desc=f"{name} probe passages",
+                                       role="document")
+        query_emb = encode(model, probe.queries, cfg.eval.batch_size, desc=f"{name} probe queries", role="query")
+        specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
+        retriever = Retriever(specs[name], doc_ids, texts, doc_emb, bm25=bm25)
+        mrr[name] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids))
+        by_weight = {}
+        for w in cfg.labelfree.probe_weights:
+            spec = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
+                method="weighted", dense_weight=w, rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+            by_weight[w] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids, spec=spec))
+        weights[name] = max(by_weight, key=lambda w: (by_weight[w], w))  # ties go to the denser
+        fused = f"{name}+bm25_weighted"
+        specs[fused] = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
+            method="weighted", dense_weight=weights[name], rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+        mrr[fused] = by_weight[weights[name]]
+    return mrr, specs, weights
+
+
+def choose_on_evidence(scores: dict[str, float], min_student_gain: float) -> tuple[str, str]:
+    """The row to ship from ``scores`` (higher is better) over :data:`DEPLOY_ORDER`'s rows, and why: the best; a
+    student row only when it beats the same row on the base model by ``min_student_gain``; ties to the simpler."""
+    eligible = []
+    for row in DEPLOY_ORDER:
+        if row not in scores:
+            continue
+        counterpart = row.replace("finetuned", "base")
+        if row.startswith("finetuned") and counterpart in scores and \
+                scores[row] < scores[counterpart] + min_student_gain:
+            continue
+        eligible.append(row)
+    best = max(eligible, key=lambda row: (scores[row], -DEPLOY_ORDER.index(row)))
+    students = [r for r in scores if r.startswith("finetuned") and r not in eligible]
+    note = (f"; student rows {students} do not beat the base model's by {min_student_gain:g}" if students else "")
+    return best, note
+
+
+def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
+                  dev: dict[str, Any] | None) -> dict[str, Any]:
+    """What to ship, never read on the reported split: ``{"row", "spec", "chosen_by", "evidence", "why",
+    "dense_weight", "weight_from"}``.
+
+    1. labelled dev queries (``data.dev_fraction``) and a reported split that is not dev: the best row on dev, each
+       model's fusion weight chosen on dev (:func:`dev_rows`);
+    2. otherwise, label-free: the probe (:func:`probe_rows`); a corpus the base model cannot read ships BM25;
+    3. otherwise: the fine-tuned model alone (no evidence to choose on), and the log says so.
+    """
+    min_gain = cfg.labelfree.min_student_gain
+    if dev is not None:
+        best, note = choose_on_evidence(dev["ndcg@10"], min_gain)
+        return {"row": best, "spec": dev["specs"][best].to_dict(), "chosen_by": "dev",
+                "evidence": {"metric": "nDCG@10 (percent) on the dev split", **dev["ndcg@10"]},
+                "dense_weight": dev["dense_weight"], "weight_from": "dev",
+                "why": f"deploy {best} ({dev['specs'][best].describe()}): the best row on the dev split "
+                       f"({dev['num_queries']} labelled queries carved from train, never the reported split){note}"}
+    evidence = labelfree_evidence(cfg) if cfg.data.queries == "labelfree" else None
+    if evidence is not None:
+        mrr, specs, weights = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
+        decision = evidence["decision"]
+        if decision["decision"] == "bm25":
+            best, why = "bm25", decision["reason"]
+            chosen_by = "tokenizer fit"
+        else:
+            best, note = choose_on_evidence(mrr, min_gain)
+            chosen_by = "probe"
+            why = (f"the best row on the inverse-cloze probe (MRR@10 {mrr[best]}, {len(evidence['probe'])} queries "
+                   f"from passages held out of training, no labels){note}")
+        return {"row": best, "spec": specs[best].to_dict(), "chosen_by": chosen_by,
+                "evidence": {"metric": "MRR@10 on the inverse-cloze probe (percent)", **mrr},
+                "dense_weight": weights, "weight_from": "probe", "decision": decision,
+                "why": f"deploy {best} ({specs[best].describe()}): {why}"}
+    row = "finetuned" if "finetuned" in models else next(iter(models), "bm25")
+    spec = RetrieverSpec(dense=None, bm25=cfg.bm25) if row == "bm25" else RetrieverSpec(
+        dense=DenseSpec(model=models[row]))
+    return {"row": row, "spec": spec.to_dict(), "chosen_by": "default", "evidence": {},
+            "dense_weight": cfg.eval.hybrid_weight, "weight_from": "eval.hybrid_weight",
+            "why": f"deploy {row}: no dev split (set data.dev_fraction to carve one from the train queries) and no "
+                   "label-free probe, so nothing but the reported split could choose, and it must not"}
+
+
+def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
+             bm25: BM25Index | None) -> dict[str, Any] | None:
+    """nDCG@10 on data_prep's dev split of every deploy row, each model's fusion weight chosen there (from
+    :data:`DEV_WEIGHTS`); None without a dev split or when eval reports the dev split itself."""
+    data_out = upstream(cfg, "data_prep")
+    if cfg.eval.split == "dev" or "dev_qrels" not in data_out:
+        return None
+    folder = Path(eval_inputs(cfg)["corpus"]).parent
+    corpus = {d: None for d in doc_ids}
+    queries = load_queries(folder / "queries.jsonl", cfg.data.on_error)
+    qrels = load_qrels(data_out["dev_qrels"], corpus, queries, cfg.data.on_error)
+    query_ids = sorted(qrels)
+    query_texts = [queries[q] for q in query_ids]
+    bm25 = bm25 or BM25Index(doc_texts, cfg.bm25)
+    scores: dict[str, float] = {}
+    specs: dict[str, RetrieverSpec] = {"bm25": RetrieverSpec(dense=None, bm25=cfg.bm25)}
+    run_ = Retriever(specs["bm25"], doc_ids, doc_texts, bm25=bm25).search(query_texts, None, cfg.eval.top_k,
+                                                                         query_ids)
+    scores["bm25"] = round(100 * score_run(qrels, run_, cfg)[0]["ndcg@10"], 2)
+    weights: dict[str, float] = {}
+    for name in ("base", "finetuned"):
+        if name not in models:
+            continue
+        model = load_encoder(models[name], cfg)
+        key = cache_key(models[name], model.max_seq_length, role="document")
+        doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus", role="document")
+        query_emb = encode_queries(model, query_texts, cfg)
+        specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
+        retriever = Retriever(specs[name], doc_ids, doc_texts, doc_emb, bm25=bm25)
+        scores[name] = round(100 * score_run(qrels, retriever.search(query_texts, query_emb, cfg.eval.top_k,
+                                                                     query_ids), cfg)[0]["ndcg@10"], 2)
+        by_weight = {}
+        for w in DEV_WEIGHTS:
+            spec = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(method="weighted", dense_weight=w,
+                                                                         rrf_k=cfg.eval.rrf_k,
+                                                                         depth=cfg.eval.hybrid_depth))
+            by_weight[w] = round(100 * score_run(qrels, retriever.search(query_texts, query_emb, cfg.eval.top_k,
+                                                                         query_ids, spec=spec), cfg)[0]["ndcg@10"], 2)
+        weights[name] = max(by_weight, key=lambda w: (by_weight[w], w))
+        fused = f"{name}+bm25_weighted"
+        specs[fused] = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
+            method="weighted", dense_weight=weights[name], rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
+        scores[fused] = by_weight[weights[name]]
+    return {"ndcg@10": scores, "specs": specs, "dense_weight": weights, "num_queries": len(query_ids)}

@@ -100,10 +100,9 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids],
                     args.rerank_depth, cfg.eval.max_seq_length, cfg.eval.batch_size)
     if teacher_path == "hybrid":
-        from data_prep.run import bm25_tokenizer
         from data_prep.teacher import HybridTeacher
 
-        scorer = HybridTeacher(doc_texts, cfg.train.base_model, bm25_tokenizer(cfg.mining), args.teacher_weight,
+        scorer = HybridTeacher(doc_texts, cfg.train.base_model, cfg.bm25, args.teacher_weight,
                                max_seq_length=cfg.mining.max_seq_length)
     else:
         scorer = CrossEncoderScorer(teacher_path, max_length=cfg.mining.teacher_max_length)

@@ -97,13 +97,26 @@ def stage_config(cfg) -> dict[str, Any]:
 
 
 def bundle_spec(results: dict[str, Any], model_dir: str) -> tuple[RetrieverSpec | None, dict[str, Any]]:
-    """The spec the bundle serves and where it comes from (``{"row", "ndcg@10", "split", "eval_recommended"}``).
+    """The spec the bundle serves and where it comes from (``{"row", "ndcg@10", "split", "chosen_by",
+    "evidence", "eval_recommended"}``).
 
-    None (dense at the full dim) for a results.json written before eval recorded specs.
+    eval's deploy choice (``recommended`` with ``chosen_by``: dev split, label-free probe, tokenizer fit, or the
+    default) is served as it is, whichever model its dense member names (the base model when the evidence kept
+    it: :func:`bundle_model` exports that one). An older results.json (no ``chosen_by``) serves its recommended row
+    when its dense member is the exported model, else the exported model's best row. None (dense at the full dim)
+    for a results.json written before eval recorded specs.
     """
+    recommended = results.get("recommended") or {}
+    if recommended.get("chosen_by") and recommended.get("spec"):
+        row = recommended["row"]
+        spec = RetrieverSpec.from_dict(recommended["spec"], f"results.json recommended.spec ({row})")
+        source = {"row": row, "ndcg@10": recommended.get("ndcg@10"), "split": results.get("split"),
+                  "chosen_by": recommended["chosen_by"], "evidence": recommended.get("evidence", {}),
+                  "why": recommended.get("why"), "eval_recommended": row}
+        logger.info("bundle retriever: %s (%s), chosen by %s", row, spec.describe(), recommended["chosen_by"])
+        return spec, source
     specs = {row: RetrieverSpec.from_dict(spec, f"results.json specs.{row}")
              for row, spec in results.get("specs", {}).items()}
-    recommended = results.get("recommended") or {}
     servable = [row for row, spec in specs.items() if spec.rerank is None
                 and (spec.dense is None or spec.dense.model == model_dir)]
     if not servable:
@@ -119,6 +132,16 @@ def bundle_spec(results: dict[str, Any], model_dir: str) -> tuple[RetrieverSpec 
               "eval_recommended": recommended.get("row")}
     logger.info("bundle retriever: %s (%s)", row, specs[row].describe())
     return specs[row], source
+
+
+def bundle_model(spec: RetrieverSpec | None, model_dir: str) -> str:
+    """The model folder the bundle ships: the served spec's dense model (the base model where the evidence kept
+    it, or the trained one), ``model_dir`` for a BM25-only spec or none."""
+    if spec is None or spec.dense is None or not spec.dense.model:
+        return model_dir
+    from embtune.models import resolve_model
+
+    return resolve_model(spec.dense.model)
 
 
 def run(cfg, force: bool = False) -> dict[str, str]:
@@ -144,6 +167,10 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         corpus_file = Path(upstream(cfg, "data_prep").get("eval_dataset") or cfg.data.path) / "corpus.jsonl"
         docs = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(corpus_file, cfg.data.on_error).items()]
     spec, spec_source = bundle_spec(results, model_dir)
+    if bundle_model(spec, model_dir) != model_dir:
+        logger.info("the bundle ships %s, the model the chosen retriever searches (%s), not %s",
+                    bundle_model(spec, model_dir), spec_source.get("why"), model_dir)
+        model_dir = bundle_model(spec, model_dir)
     faiss_docs = docs if "faiss" in targets else None
     if spec is not None and faiss_docs is None and (spec.bm25 is not None or spec.rerank is not None):
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",

@@ -48,8 +48,39 @@ def test_rrf_by_hand():
 def test_weighted_fusion_by_hand():
     dense = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}  # min-max: a 1, b 0.5, c 0
     sparse = {"q": {"c": 10.0, "b": 4.0, "d": 0.0}}  # min-max: c 1, b 0.4, d 0
-    fused = weighted_fuse(dense, sparse, dense_weight=0.75)["q"]
+    fused = weighted_fuse(dense, sparse, dense_weight=0.75, normalization="topk_minmax")["q"]
     assert fused == pytest.approx({"a": 0.75, "b": 0.75 * 0.5 + 0.25 * 0.4, "c": 0.25, "d": 0.0})
+
+
+def test_corpus_zscore_fusion_by_hand():
+    """The default: z-scores over the query's whole-corpus scores; a document one run lacks gets that run's lowest."""
+    from embtune.retrieval.fusion import MemberRun, ScoreStats
+
+    dense_all = np.array([0.9, 0.5, 0.1, 0.3, 0.2])  # every document's cosine; the run holds the top 3
+    sparse_all = np.array([0.0, 4.0, 10.0, 0.0, 1.0])  # BM25; the run holds the top 2
+    ids = ["a", "b", "c", "d", "e"]
+    dense = MemberRun({"q": {ids[i]: dense_all[i] for i in (0, 1, 3)}}, {"q": ScoreStats.of(dense_all)})
+    sparse = MemberRun({"q": {ids[i]: sparse_all[i] for i in (2, 1)}}, {"q": ScoreStats.of(sparse_all)})
+    z_dense = (dense_all - dense_all.mean()) / dense_all.std()
+    z_sparse = (sparse_all - sparse_all.mean()) / sparse_all.std()
+    floor_dense, floor_sparse = z_dense[3], z_sparse[1]  # the lowest of each run's top
+    fused = weighted_fuse(dense, sparse, dense_weight=0.6, depth=3)["q"]
+    assert fused == pytest.approx({"a": 0.6 * z_dense[0] + 0.4 * floor_sparse,
+                                   "b": 0.6 * z_dense[1] + 0.4 * z_sparse[1],
+                                   "c": 0.6 * floor_dense + 0.4 * z_sparse[2],
+                                   "d": 0.6 * z_dense[3] + 0.4 * floor_sparse})
+    # corpus_minmax: the same over (min, max) of the corpus
+    fused = weighted_fuse(dense, sparse, 0.5, 3, normalization="corpus_minmax")["q"]
+    assert fused["b"] == pytest.approx(0.5 * (0.5 - 0.1) / 0.8 + 0.5 * 4.0 / 10.0)
+
+
+def test_a_whole_corpus_normalization_without_statistics_is_an_error():
+    dense = {"q": {"a": 0.9, "b": 0.5}}
+    sparse = {"q": {"b": 3.0}}
+    with pytest.raises(ValueError, match="whole-corpus score statistics, missing for query 'q'"):
+        weighted_fuse(dense, sparse, 0.5, 10)
+    with pytest.raises(ValueError, match="unknown fusion normalization"):
+        weighted_fuse(dense, sparse, 0.5, 10, normalization="rank")
 
 
 class Oracle:

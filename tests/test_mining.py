@@ -63,3 +63,19 @@ def test_short_window_is_filled_and_counted():
                                   rank_start=0, rank_end=2)
     assert report.short_queries == 1 and report.filled_random >= 2
     assert "d1" not in {rows[0][f"negative_{n}_id"] for n in range(1, 5)}
+
+
+def test_the_mining_section_drives_the_same_mining_as_keywords():
+    """``mine_negatives(..., config)`` with the mining section mines what the keyword form does (guards included)."""
+    from embtune.sections.data_prep import MiningConfig
+
+    corpus = make_corpus()
+    texts = {d: doc["text"] for d, doc in corpus.items()}
+    queries = {f"q{i}": corpus[f"d{i}"]["text"][:30] for i in range(20)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(20)}
+    config = MiningConfig(num_negatives=3, rank_start=1, rank_end=25, sampling="random", seed=7, margin=0.9)
+    by_config, report = mine_negatives(corpus, queries, qrels, texts, config)
+    by_keywords, _ = mine_negatives(corpus, queries, qrels, texts, num_negatives=3, rank_start=1, rank_end=25,
+                                    sampling="random", seed=7, margin=0.9)
+    assert by_config == by_keywords and len(by_config) == 20
+    assert report.dropped["margin"] > 0  # the section's guard was applied

@@ -108,10 +108,12 @@ def test_rrf_and_weighted_fusion_orders():
     dense = ranking([3, 1, 0], {0: 0.1, 1: 0.8, 2: 0.0, 3: 0.9})
     # RRF (k=60, weights .5): doc0 1/61 + 1/63 (.032266) > doc1 2/62 (.032258) > doc3 1/61 > doc2 1/63
     assert fuse(bm25, dense, 4, "rrf").indices[0].tolist() == [0, 1, 3, 2]
-    # weighted: min-max over the union; doc1 = 5/9*.5 + .8/.9*.5 = .722 > doc0 = .5+.0556 > doc3 .5 > doc2 .222
+    # weighted: the core's formula (embtune.retrieval.fusion.weighted_fuse, corpus z-scores, weights .5/.5; a
+    # document one list lacks gets that list's lowest). BM25 z over the 4 docs: 1.406, .156, -.156, (-1.406);
+    # dense z: -.895, .895, (-1.151), 1.151. doc1 .525 > doc3 (1.151 - .156)/2 = .497 > doc0 .255 > doc2 -.525
     fused = fuse(bm25, dense, 4, "weighted")
-    assert fused.indices[0].tolist() == [1, 0, 3, 2]
-    np.testing.assert_allclose(fused.scores[0], [0.8, 0.1, 0.9, 0.0])  # guard scores are the dense ones
+    assert fused.indices[0].tolist() == [1, 3, 0, 2]
+    np.testing.assert_allclose(fused.scores[0], [0.8, 0.9, 0.1, 0.0])  # guard scores are the dense ones
 
 
 def test_ivf_recall_against_exact():

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from embtune.config import ConfigError
-from embtune.retrieval.bm25 import BM25Config, bm25_search
+from embtune.retrieval.bm25 import BM25Config, FastBM25, bm25_search, build_tokenizer
 from embtune.retrieval.encoder import normalize
-from embtune.retrieval.fusion import fuse, ranked
+from embtune.retrieval.fusion import ScoreStats, fuse, ranked
 from embtune.retrieval.index import exact_search, to_run
 from embtune.retrieval.spec import DenseSpec, FusionSpec, RerankSpec, Retriever, RetrieverSpec
 
@@ -86,7 +86,12 @@ def test_members_are_the_core_pieces(corpus):
     assert {q: ranked(r) for q, r in got_bm25.items()} == {q: ranked(r) for q, r in sparse.items()}
     got_dense = retriever.search(query_texts, query_emb, 10, qids, spec=RetrieverSpec())
     assert {q: ranked(r) for q, r in got_dense.items()} == {q: ranked(r, 10) for q, r in dense.items()}
-    expected = fuse("weighted", dense, sparse, dense_weight=0.6, depth=50)
+    # The default normalization reads each query's scores over the whole corpus: a matrix product and FastBM25.
+    tokenizer = build_tokenizer(PLAIN)
+    index = FastBM25(tokenizer.tokenize_many(doc_texts), k1=PLAIN.k1, b=PLAIN.b)
+    stats = {"dense": {q: ScoreStats.of(doc_emb @ e) for q, e in zip(qids, query_emb)},
+             "sparse": {q: ScoreStats.of(index.get_scores(tokenizer(t))) for q, t in zip(qids, query_texts)}}
+    expected = fuse("weighted", dense, sparse, dense_weight=0.6, depth=50, stats=stats)
     got = retriever.search(query_texts, query_emb, 10, qids)
     assert {q: ranked(r) for q, r in got.items()} == {q: ranked(r, 10) for q, r in expected.items()}
     # The BM25 index was built once for both specs that use these settings.

@@ -87,12 +87,16 @@ def test_eval_records_specs_and_recommends_the_best_row(measured):
     rows = results["results"]
     assert set(results["specs"]) == set(rows) == {"base", "bm25", "base+bm25_weighted"}
     assert RetrieverSpec.from_dict(results["specs"]["bm25"]).dense is None
+    # no dev split and no label-free probe: nothing but the reported split could choose, and it must not
     recommended = results["recommended"]
+    assert recommended["chosen_by"] == "default" and recommended["row"] == "base"
+    assert "no dev split" in recommended["why"]
+    on_split = recommended["best_on_split"]  # for reference only
     best = max(rows, key=lambda r: rows[r]["ndcg@10"])
-    assert recommended["row"] == best and recommended["spec"] == results["specs"][best]
+    assert on_split["row"] == best and on_split["spec"] == results["specs"][best]
     single = max(("base", "bm25"), key=lambda r: rows[r]["ndcg@10"])
-    assert recommended["best_single"] == {"row": single, "ndcg@10": rows[single]["ndcg@10"]}
-    assert best in recommended["why"] and single in recommended["why"]
+    assert on_split["best_single"] == {"row": single, "ndcg@10": rows[single]["ndcg@10"]}
+    assert best in on_split["why"] and single in on_split["why"]
 
 
 def test_export_serves_the_recommended_spec_of_the_exported_model(caplog):

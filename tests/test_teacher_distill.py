@@ -183,34 +183,43 @@ def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_
     assert teacher.score([("star planet", "star planet orbit")]).shape == (1,)
 
 
-def test_hybrid_teacher_scores_are_cosine_plus_normalized_bm25(tiny_beir, tiny_model_dir, cache):
-    """The label-free teacher, recomputed independently: the model's cosine + w * BM25 / the query's top BM25."""
+def test_hybrid_teacher_is_the_core_fusion_on_the_cosine_scale(tiny_beir, tiny_model_dir, cache):
+    """The label-free teacher, recomputed independently: z-scores of the model's cosine and of BM25 (with the
+    ``bm25`` section's k1 and b) over the corpus, weighted 1 : bm25_weight, mapped back to the cosine's scale."""
     from sentence_transformers import SentenceTransformer
 
     from data_prep.teacher import HybridTeacher
-    from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25
+    from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer
 
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
     doc_texts = [texts[d] for d in corpus]
-    tokenizer = BM25Tokenizer()
+    settings = BM25Config(k1=0.9, b=0.4)
+    tokenizer = build_tokenizer(settings)
     pairs = [(queries[q], texts[d]) for q in list(qrels)[:3] for d in list(corpus)[:5]]
     model = SentenceTransformer(str(tiny_model_dir))
-    q_emb = model.encode([q for q, _ in pairs], normalize_embeddings=True)
-    d_emb = model.encode([d for _, d in pairs], normalize_embeddings=True)
-    cosine = (q_emb * d_emb).sum(axis=1)
-    index = FastBM25(tokenizer.tokenize_many(doc_texts))
-    lexical = []
+    all_docs = model.encode(doc_texts, normalize_embeddings=True)  # (n_docs, dim)
+    index = FastBM25(tokenizer.tokenize_many(doc_texts), k1=0.9, b=0.4)
+    expected, cosines = [], []
     for query, doc in pairs:
-        scores = index.get_scores(tokenizer(query))
-        lexical.append(scores[doc_texts.index(doc)] / scores.max())
+        cosine = all_docs @ model.encode([query], normalize_embeddings=True)[0]  # (n_docs,)
+        lexical = index.get_scores(tokenizer(query))  # (n_docs,)
+        row = doc_texts.index(doc)
+        z_cosine = (cosine[row] - cosine.mean()) / cosine.std()
+        z_lexical = (lexical[row] - lexical.mean()) / lexical.std()
+        fused = 0.7 * z_cosine + 0.3 * z_lexical
+        expected.append(cosine.mean() + cosine.std() * fused)
+        cosines.append(cosine[row])
 
-    dense_only = HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer, bm25_weight=0.0).score(pairs)
-    np.testing.assert_allclose(dense_only, cosine, atol=1e-5)
-    hybrid = HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer, bm25_weight=0.7).score(pairs)
-    np.testing.assert_allclose(hybrid, cosine + 0.7 * np.array(lexical), atol=1e-5)
-    assert np.ptp(np.array(lexical)) > 0  # the lexical part is not constant on these pairs
+    dense_only = HybridTeacher(doc_texts, str(tiny_model_dir), settings, bm25_weight=0.0).score(pairs)
+    np.testing.assert_allclose(dense_only, cosines, atol=1e-5)
+    hybrid = HybridTeacher(doc_texts, str(tiny_model_dir), settings, bm25_weight=3 / 7).score(pairs)
+    np.testing.assert_allclose(hybrid, expected, atol=1e-5)
+    assert np.ptp(np.array(expected) - np.array(cosines)) > 1e-3  # BM25 moves the scores on these pairs
+    # k1 and b are the section's: the default BM25 scores these pairs otherwise
+    default = HybridTeacher(doc_texts, str(tiny_model_dir), BM25Config(), bm25_weight=3 / 7).score(pairs)
+    assert not np.allclose(default, hybrid, atol=1e-6)
     with pytest.raises(ValueError, match="not in the corpus"):
-        HybridTeacher(doc_texts, str(tiny_model_dir), tokenizer).score([("q", "a document nobody indexed")])
+        HybridTeacher(doc_texts, str(tiny_model_dir), settings).score([("q", "a document nobody indexed")])
 
 
 def test_hybrid_teacher_feeds_margin_mse_through_the_stage(tmp_path, tiny_beir, tiny_model_dir, cache):
@@ -222,8 +231,14 @@ def test_hybrid_teacher_feeds_margin_mse_through_the_stage(tmp_path, tiny_beir, 
                                                                             "mining.teacher_bm25_weight=0.5"])
     table = load_from_disk(outputs["train_table"])
     assert {"score_positive", "score_negative_1", "score_negative_2"} <= set(table.column_names)
-    # cosine in [-1, 1] plus 0.5 x a normalized BM25 in [0, 1]
-    assert all(-1.0 - 1e-6 <= s <= 1.5 + 1e-6 for s in [*table["score_positive"], *table["score_negative_1"]])
+    # the scores the stage wrote are the teacher's (the bm25 section's BM25, weight 0.5)
+    from data_prep.teacher import HybridTeacher
+    from embtune.retrieval.bm25 import BM25Config
+
+    corpus, _, _, texts = tiny_corpus(tiny_beir)
+    teacher = HybridTeacher([texts[d] for d in corpus], str(tiny_model_dir), BM25Config(), bm25_weight=0.5)
+    np.testing.assert_allclose(teacher.score([(table[0]["query"], table[0]["positive"])]),
+                               [table[0]["score_positive"]], atol=1e-5)
     margin = training_dataset(table, load_config(None, [*overrides, "train.loss=margin_mse",
                                                         "train.num_negatives=2", "train.margin_mse_scale=1"]).train)
     row = table[0]

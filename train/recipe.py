@@ -238,11 +238,23 @@ def save_asymmetric(student, base_model: str, model_dir: Path) -> None:
     (model_dir / DOCUMENT_SIDE_FILE).write_text(json.dumps({"document_model": resolve_model(base_model)}))
 
 
+def labelfree_decision(cfg) -> dict[str, Any] | None:
+    """data_prep's label-free decision (``{"train", "decision", "reason"}``), None for other modes."""
+    manifest = Path(cfg.run_dir) / "data_prep" / "manifest.json"
+    return json.loads(manifest.read_text()).get("decision") if manifest.is_file() else None
+
+
 def run(cfg, force: bool = False) -> dict[str, Any]:
     recipe = Recipe(cfg, force)
     if not force and recipe.stage.up_to_date():
         return recipe.stage.outputs()
     recipe.stage.begin()
+    decision = labelfree_decision(cfg)
+    if decision is not None and not decision["train"]:
+        # The corpus's evidence says a student cannot pay (data_prep/labelfree.py decide): the model is the base.
+        logger.info("no training: %s", decision["reason"])
+        return recipe.stage.finish({"model": resolve_model(cfg.train.base_model)},
+                                   extra={"trained": False, "reason": decision["reason"]})
     recipe.setup()
     recipe.train()
     return recipe.cleanup()

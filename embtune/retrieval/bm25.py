@@ -64,6 +64,9 @@ class BM25Tokenizer:
     token_pattern: str | None = None
     stopwords: None | Literal["english"] | Sequence[str] = None
     stemmer: str | None = None
+    # Runs of an unsegmented script (Chinese, Japanese, Thai...) become overlapping character bigrams
+    # (embtune.retrieval.language.tokenize_with_bigrams); other words are \w+ tokens. token_pattern is then unused.
+    bigrams: bool = False
     _regex: re.Pattern | None = field(init=False, repr=False, default=None)
     _stopword_set: frozenset[str] = field(init=False, repr=False, default=frozenset())
     _stemmer: object = field(init=False, repr=False, default=None)
@@ -93,7 +96,12 @@ class BM25Tokenizer:
         """Tokens of one text."""
         if self.lowercase:
             text = text.lower()
-        tokens = self._regex.findall(text) if self._regex is not None else text.split()
+        if self.bigrams:
+            from embtune.retrieval.language import tokenize_with_bigrams
+
+            tokens = tokenize_with_bigrams(text)
+        else:
+            tokens = self._regex.findall(text) if self._regex is not None else text.split()
         if self._stopword_set:
             tokens = [token for token in tokens if token not in self._stopword_set]
         if self._stemmer is not None:
@@ -108,7 +116,7 @@ class BM25Tokenizer:
         """The settings, for benchmark and manifest files."""
         stopwords = self.stopwords if self.stopwords is None or isinstance(self.stopwords, str) else "custom"
         return {"lowercase": self.lowercase, "token_pattern": self.token_pattern, "stopwords": stopwords,
-                "stemmer": self.stemmer}
+                "stemmer": self.stemmer, "bigrams": self.bigrams}
 
 
 def rank_order(scores: np.ndarray, doc_indices: np.ndarray, k: int) -> np.ndarray:
@@ -289,9 +297,19 @@ def top_k_rank_bm25(bm25okapi, queries: Sequence[Sequence[str]], k: int) -> tupl
 class BM25Config:
     """BM25 (the ``bm25`` section): one setting for mining, eval's baseline and hybrid rows, the teacher and serve.
 
-    Stemming and English stopwords are the default, chosen because they measured best for English corpora (the BM25
-    rows of benchmarks/results/scifact_supervised.json). For a language other than English, set ``stemmer`` to its
-    PyStemmer name and ``stopwords: ""``.
+    Stemming and English stopwords are the default for English, chosen because they measured best there (the BM25
+    rows of benchmarks/results/scifact_supervised.json).
+
+    ``language`` decides what applies to a corpus in another language:
+
+    - ``auto`` (default): detected from the documents (``embtune.retrieval.language.detect_language``): English
+      keeps ``stemmer`` and ``stopwords`` as set; another language gets its PyStemmer stemmer (when PyStemmer has
+      one) and no stop words; Chinese, Japanese, Thai get character bigrams. Every stage detects it from the same
+      documents, so data_prep, eval and serve tokenise alike.
+    - ``english``: ``stemmer`` and ``stopwords`` as set, whatever the corpus (the behaviour before ``language``).
+    - a PyStemmer language (``german``, ``russian``...): that stemmer, no stop words.
+    - ``cjk``: character bigrams of unsegmented runs, no stemmer, no stop words.
+    - ``none``: ``token_pattern`` tokens only.
     """
 
     backend: Literal["fast", "rank_bm25"] = "fast"  # "rank_bm25" is the reference (a Python loop per query)
@@ -301,25 +319,56 @@ class BM25Config:
     stemmer: str = "english"  # "" or a PyStemmer language
     k1: float = 1.5
     b: float = 0.75
+    language: str = "auto"  # auto | english | cjk | none | a PyStemmer language (see above)
 
     def validate(self) -> None:
+        if self.language not in ("auto", "english", "cjk", "none"):
+            import Stemmer  # PyStemmer
+
+            if self.language not in Stemmer.algorithms():
+                raise ValueError(f"bm25.language must be auto, english, cjk, none or a PyStemmer language "
+                                 f"{Stemmer.algorithms()}, got {self.language!r}")
         if self.stopwords not in ("", "english"):
             raise ValueError(f"bm25.stopwords must be '' or 'english', got {self.stopwords!r}")
         if self.k1 < 0 or not 0.0 <= self.b <= 1.0:
             raise ValueError(f"bm25.k1 must be >= 0 and bm25.b in [0, 1], got k1={self.k1}, b={self.b}")
 
 
-def build_tokenizer(settings: BM25Config) -> BM25Tokenizer:
-    """The tokenizer a ``bm25`` section describes."""
-    return BM25Tokenizer(lowercase=settings.lowercase, token_pattern=settings.token_pattern or None,
-                         stopwords=settings.stopwords or None, stemmer=settings.stemmer or None)
+def resolve_language(settings: BM25Config, doc_texts: Sequence[str] | None) -> str:
+    """The language ``settings`` tokenise ``doc_texts`` in: ``language`` itself, or for ``auto`` the detected one
+    (``english`` when no documents are given: the settings as set)."""
+    if settings.language != "auto":
+        return settings.language
+    if not doc_texts:
+        return "english"
+    from embtune.retrieval.language import detect_language
+
+    return detect_language(doc_texts)["language"]
+
+
+def build_tokenizer(settings: BM25Config, doc_texts: Sequence[str] | None = None) -> BM25Tokenizer:
+    """The tokenizer a ``bm25`` section describes for a corpus of ``doc_texts`` (``language: auto`` reads them;
+    without them ``auto`` means the settings as set)."""
+    language = resolve_language(settings, doc_texts)
+    pattern = settings.token_pattern or None
+    if language == "english":
+        return BM25Tokenizer(lowercase=settings.lowercase, token_pattern=pattern,
+                             stopwords=settings.stopwords or None, stemmer=settings.stemmer or None)
+    if language == "cjk":
+        return BM25Tokenizer(lowercase=settings.lowercase, bigrams=True)
+    if language == "none":
+        return BM25Tokenizer(lowercase=settings.lowercase, token_pattern=pattern)
+    import Stemmer  # PyStemmer
+
+    stemmer = language if language in Stemmer.algorithms() else None
+    return BM25Tokenizer(lowercase=settings.lowercase, token_pattern=pattern, stemmer=stemmer)
 
 
 def bm25_search(doc_texts: Sequence[str], query_texts: Sequence[str], k: int,
                 settings: BM25Config | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` BM25 documents per query text: (scores, indices), each (n_queries, min(k, docs))."""
     settings = settings or BM25Config()
-    tokenizer = build_tokenizer(settings)
+    tokenizer = build_tokenizer(settings, doc_texts)
     query_tokens = list(tokenizer.tokenize_many(query_texts))
     if settings.backend == "fast":
         return FastBM25(tokenizer.tokenize_many(doc_texts), k1=settings.k1, b=settings.b).search(query_tokens, k)

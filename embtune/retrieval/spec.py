@@ -6,7 +6,8 @@ bundle; ``specs`` and ``recommended`` in eval's ``results.json``)::
 
     {"dense": {"model": "model", "dim": 384, "precision": "fp32"},
      "bm25": {"backend": "fast", "lowercase": true, "token_pattern": "\\\\w+", "stopwords": "english", ...},
-     "fusion": {"method": "weighted", "dense_weight": 0.7, "rrf_k": 60, "depth": 100},
+     "fusion": {"method": "weighted", "dense_weight": 0.7, "rrf_k": 60, "depth": 100,
+                "normalization": "corpus_zscore"},
      "rerank": null}
 
 ``dense: null`` or ``bm25: null`` leaves that member out; ``fusion.method`` is ``none`` for one member and
@@ -21,7 +22,9 @@ a query's ranking independent of who asks and with how many other queries:
   product and a smaller one with its own SIMD loop, and the two round differently in the last bit;
 - each member is searched to exactly ``fusion.depth`` before fusing (never to ``k``), so both callers fuse the
   same candidates, and a single member to ``k`` only, with ties at every cut broken by the member's own order;
-- the BM25 index is built once per spec's ``bm25`` settings and shared by every spec that uses them.
+- the BM25 index is built once per spec's ``bm25`` settings and shared by every spec that uses them;
+- a whole-corpus fusion normalization reads each member's scores of every document, one query at a time
+  (``Retriever.score_stats``).
 
 Example::
 
@@ -46,7 +49,16 @@ import numpy as np
 
 from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order
 from embtune.retrieval.encoder import truncate
-from embtune.retrieval.fusion import Run, fuse, ranked
+from embtune.retrieval.fusion import (
+    DEFAULT_NORMALIZATION,
+    NORMALIZATIONS,
+    MemberRun,
+    Run,
+    ScoreStats,
+    fuse,
+    needs_stats,
+    ranked,
+)
 from embtune.retrieval.index import to_run
 from embtune.retrieval.rerank import rerank
 
@@ -76,11 +88,15 @@ class FusionSpec:
     """How the dense and BM25 runs are fused (``embtune.retrieval.fusion.fuse``)."""
 
     method: Literal["none", "weighted", "rrf"] = "none"
-    dense_weight: float = 0.5  # weighted: dense share of the per-query min-max normalized scores
+    dense_weight: float = 0.5  # weighted: dense share of the per-query normalized scores
     rrf_k: int = 60  # rrf: the constant in 1 / (k + rank)
     depth: int = 100  # top documents taken from each member before fusing
+    # weighted: how each member's scores are normalized per query (embtune.retrieval.fusion.NORMALIZATIONS)
+    normalization: Literal["corpus_zscore", "corpus_minmax", "topk_zscore", "topk_minmax"] = DEFAULT_NORMALIZATION
 
     def validate(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"fusion.normalization must be one of {list(NORMALIZATIONS)}, got {self.normalization!r}")
         if not 0.0 <= self.dense_weight <= 1.0:
             raise ValueError(f"fusion.dense_weight must be in [0, 1], got {self.dense_weight}")
         if self.rrf_k < 1 or self.depth < 1:
@@ -133,7 +149,9 @@ class RetrieverSpec:
             parts.append("bm25" + (" (stemmed)" if self.bm25.stemmer else ""))
         text = " + ".join(parts)
         if self.fusion.method == "weighted":
-            text += f", weighted (dense {self.fusion.dense_weight:g}) @ {self.fusion.depth}"
+            normalization = ("" if self.fusion.normalization == DEFAULT_NORMALIZATION
+                             else f", {self.fusion.normalization}")
+            text += f", weighted (dense {self.fusion.dense_weight:g}{normalization}) @ {self.fusion.depth}"
         elif self.fusion.method == "rrf":
             text += f", rrf (k {self.fusion.rrf_k}) @ {self.fusion.depth}"
         if self.rerank is not None:
@@ -183,9 +201,13 @@ class BM25Index:
 
     def __init__(self, doc_texts: Sequence[str], settings: BM25Config) -> None:
         self.settings = settings
-        self.tokenizer = build_tokenizer(settings)
+        self.tokenizer = build_tokenizer(settings, doc_texts)  # language: auto reads the documents
         self.index = FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=settings.k1, b=settings.b)
         logger.info("built BM25 over %d documents (%s)", self.index.corpus_size, self.tokenizer.describe())
+
+    def all_scores(self, query_text: str) -> np.ndarray:
+        """(n_docs,) float64 BM25 scores of one query against every document."""
+        return self.index.get_scores(self.tokenizer(query_text))
 
     def search(self, query_texts: Sequence[str], k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -215,9 +237,10 @@ class DenseIndex:
         self.dim = dim or full
         vectors = truncate(doc_emb, self.dim) if self.dim < full else np.ascontiguousarray(doc_emb, np.float32)
         self.full_dim = full
-        self.vectors = None
+        # Kept for all_scores (a whole-corpus fusion normalization reads every document's score).
+        self.vectors = vectors  # (n_docs, dim)
         if faiss is None and precision == "fp32":  # a slim environment: exact numpy search, as index.search does
-            self.index, self.vectors = None, vectors
+            self.index = None
             return
         if faiss is None:
             raise ImportError(f"dense.precision {precision!r} needs faiss: pip install faiss-cpu")
@@ -230,6 +253,12 @@ class DenseIndex:
         else:
             raise ValueError(f"dense.precision must be one of {PRECISIONS}, got {precision!r}")
         self.index.add(vectors)
+
+    def all_scores(self, query_emb: np.ndarray) -> np.ndarray:
+        """(n_docs,) float32 inner products of one (full dim) query embedding with every document at this dim
+        (exact fp32 also for an int8 index: the statistics of a whole-corpus normalization, not a ranking)."""
+        query = truncate(query_emb[None], self.dim)[0] if self.dim < query_emb.shape[0] else query_emb
+        return self.vectors @ np.asarray(query, dtype=np.float32)
 
     def search(self, query_emb: np.ndarray, k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -377,11 +406,41 @@ class Retriever:
             scores, indices = self._bm25_index(spec.bm25).search(query_texts, depth, allowed)
             runs["bm25"] = to_run(query_ids, self.doc_ids, scores, indices)
         if spec.hybrid:
+            stats = None
+            if spec.fusion.method == "weighted" and needs_stats(spec.fusion.normalization):
+                stats = self.score_stats(spec, query_ids, query_texts, query_emb, allowed)
             run = fuse(spec.fusion.method, runs["dense"], runs["bm25"], rrf_k=spec.fusion.rrf_k,
-                       dense_weight=spec.fusion.dense_weight, depth=spec.fusion.depth)
+                       dense_weight=spec.fusion.dense_weight, depth=spec.fusion.depth,
+                       normalization=spec.fusion.normalization, stats=stats)
         else:
             (run,) = runs.values()
         if spec.rerank is not None:
             run = rerank(self._scorer(spec.rerank), run, dict(zip(query_ids, query_texts)), self._text_of,
                          top_k=spec.rerank.top_k)
         return {qid: {d: docs[d] for d in ranked(docs, k)} for qid, docs in run.items()}
+
+    def score_stats(self, spec: RetrieverSpec, query_ids: Sequence[str], query_texts: Sequence[str],
+                    query_emb: np.ndarray, allowed: np.ndarray | None = None) -> dict[str, dict[str, ScoreStats]]:
+        """Each member's score statistics over the corpus (the ``allowed`` rows when given), one query at a time:
+        ``{"dense": {qid: ScoreStats}, "sparse": {qid: ScoreStats}}``, what a whole-corpus normalization reads."""
+        dense_index, bm25_index = self._dense_index(spec.dense), self._bm25_index(spec.bm25)
+        stats: dict[str, dict[str, ScoreStats]] = {"dense": {}, "sparse": {}}
+        for i, qid in enumerate(query_ids):
+            for name, scores in (("dense", dense_index.all_scores(query_emb[i])),  # (n_docs,)
+                                 ("sparse", bm25_index.all_scores(query_texts[i]))):  # (n_docs,)
+                stats[name][qid] = ScoreStats.of(scores if allowed is None else scores[allowed])
+        return stats
+
+    def member_runs(self, query_texts: Sequence[str], query_emb: np.ndarray, depth: int,
+                    query_ids: Sequence[str] | None = None, spec: RetrieverSpec | None = None
+                    ) -> tuple[MemberRun, MemberRun]:
+        """(dense run, BM25 run), each query's top ``depth``, carrying whole-corpus statistics: what a caller
+        that fuses at several weights (the label-free probe, benchmarks) passes to ``weighted_fuse``."""
+        spec = spec or self.spec
+        query_ids = [str(i) for i in range(len(query_texts))] if query_ids is None else list(query_ids)
+        scores, indices = self._dense_index(spec.dense).search(query_emb, depth)
+        dense = to_run(query_ids, self.doc_ids, scores, indices)
+        scores, indices = self._bm25_index(spec.bm25).search(query_texts, depth)
+        sparse = to_run(query_ids, self.doc_ids, scores, indices)
+        stats = self.score_stats(spec, query_ids, query_texts, query_emb)
+        return MemberRun(dense, stats["dense"]), MemberRun(sparse, stats["sparse"])

@@ -62,8 +62,9 @@ class MiningConfig:
     """Hard-negative mining: retrieve candidates, apply false-negative guards, pick negatives (see docs/mining.md).
 
     Guard scores are the retriever's own: BM25 scores for ``bm25``, cosine similarity for ``dense`` and for
-    ``hybrid`` (a fused RRF score is rank-based and a min-max normalized one depends on the candidate list, so
-    neither can be compared with a positive's score). ``random`` draws guarded documents uniformly.
+    ``hybrid`` (a fused RRF score is rank-based and a weighted one mixes two scales, so neither can be compared with
+    a positive's score). ``random`` draws guarded documents uniformly. ``data_prep.mining.mine_negatives`` takes
+    this section.
     """
 
     method: Literal["bm25", "dense", "hybrid", "random", "none"] = "bm25"
@@ -88,7 +89,8 @@ class MiningConfig:
     ivf_nlist: int = 0  # 0 = 4 * sqrt(documents)
     ivf_nprobe: int = 16
 
-    # Hybrid: each retriever returns candidate_depth documents (0 = rank_end), fused by RRF or normalized scores.
+    # Hybrid: each retriever returns candidate_depth documents (0 = rank_end), fused by the core's RRF or its
+    # weighted formula (embtune.retrieval.fusion; dense share dense_weight / (dense_weight + bm25_weight)).
     fusion: Literal["rrf", "weighted"] = "rrf"
     rrf_k: int = 60
     bm25_weight: float = 0.5
@@ -103,8 +105,8 @@ class MiningConfig:
     # Teacher: a CrossEncoder (folder or hub name) scoring (query, positive) and (query, negative_i); adds the
     # columns score_positive, score_negative_1..k. Its guards drop a candidate whose teacher score is
     # > teacher score of the positive - teacher_margin, or > teacher_max_score.
-    # "hybrid" instead selects the label-free teacher data_prep.teacher.HybridTeacher: cosine of the dense mining
-    # model (mining.model or train.base_model) + teacher_bm25_weight x BM25 normalized by the query's top score.
+    # "hybrid" instead selects the label-free teacher data_prep.teacher.HybridTeacher: the core's fusion of the dense
+    # mining model (mining.model or train.base_model) and BM25 at 1 : teacher_bm25_weight, on the cosine's scale.
     teacher: str = ""
     teacher_bm25_weight: float = 1.0
     teacher_batch_size: int = 32
@@ -167,8 +169,22 @@ class LabelFreeConfig:
     # so that neither retriever can match the query verbatim; each candidate weight fuses dense and BM25 and the
     # one that finds the passage best (MRR@10) is the teacher's.
     probe_queries: int = 600
+    # At most this share of the passages becomes probe passages (held out of pseudo-query cutting), so that a small
+    # corpus keeps passages to train on.
+    probe_max_share: float = 0.25
     probe_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                 1.0])
+    # Never lose (docs/labelfree.md, "The decision"): a student is trained only when the probe's teacher beats the
+    # dense model alone by this many MRR@10 points; below it the base model is kept.
+    min_headroom: float = 5.0
+    # After training, a student row ships only when it beats the same row built on the base model, on the probe,
+    # by this many MRR@10 points.
+    min_student_gain: float = 1.0
+    # Tokenizer fit, on this many seeded passages: above either share the base model cannot read the corpus, and
+    # BM25 becomes the teacher and the shipped retriever (no student).
+    fit_documents: int = 200
+    max_unknown_share: float = 0.05
+    max_single_letter_share: float = 0.5
 
     def validate(self) -> None:
         if self.documents < 0 or self.sentences_per_document < 0:
@@ -184,5 +200,12 @@ class LabelFreeConfig:
         if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
             raise ValueError(f"labelfree.dense_weight must be in [0, 1] (or null: chosen per corpus), "
                              f"got {self.dense_weight}")
+        if not 0.0 < self.probe_max_share < 1.0:
+            raise ValueError(f"labelfree.probe_max_share must be in (0, 1), got {self.probe_max_share}")
+        if self.min_headroom < 0 or self.min_student_gain < 0 or self.fit_documents < 1:
+            raise ValueError("labelfree.min_headroom and labelfree.min_student_gain must be >= 0, "
+                             "labelfree.fit_documents >= 1")
+        if not 0.0 <= self.max_unknown_share <= 1.0 or not 0.0 <= self.max_single_letter_share <= 1.0:
+            raise ValueError("labelfree.max_unknown_share and labelfree.max_single_letter_share must be in [0, 1]")
         if not self.probe_weights or any(not 0.0 <= w <= 1.0 for w in self.probe_weights):
             raise ValueError("labelfree.probe_weights must be a non-empty list of weights in [0, 1]")

@@ -24,11 +24,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(PY) -m embtune.pipeline configs/demo.yaml
 
-# ruff (lint + import order) and lint-imports (the layering contracts in pyproject.toml's [tool.importlinter])
-# run before any test.
+# ruff (lint + import order) and the layering contracts (pyproject.toml's [tool.importlinter], checked by
+# scripts/lint_layers.py on the installed layout) run before any test.
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/lint-imports
+	$(PY) scripts/lint_layers.py
 
 test: lint
 	WANDB_MODE=offline $(PY) -m pytest -q -ra

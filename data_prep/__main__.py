@@ -1,9 +1,10 @@
-"""python -m data_prep CONFIG [key=value ...]: load, validate, chunk, synthesize queries (optional), mine a table."""
+"""python -m embtune.data_prep CONFIG [key=value ...]: load, validate, chunk, synthesize queries (optional), mine a
+table."""
 
 import sys
 
-from data_prep.run import run
 from embtune.cli import stage_main
+from embtune.data_prep.run import run
 
 
 def main(argv=None) -> int:

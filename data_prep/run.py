@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
+from embtune.data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
 from embtune.retrieval.bm25 import build_tokenizer
@@ -99,7 +99,7 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     if data.format == "beir":
         return load_beir(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "pydoc":
-        from data_prep.pydoc_corpus import build_pydoc_beir
+        from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
         folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=data.seed)
         return load_beir(folder, "train", data.on_error), folder
@@ -227,7 +227,7 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
     train split's judged queries may serve as dev (``data.dev_fraction`` > 0 keeps that share)."""
     from datasets import Dataset as HFDataset
 
-    from data_prep.labelfree import build_labelfree
+    from embtune.data_prep.labelfree import build_labelfree
 
     dev_qrels: dict = {}
     if dataset.qrels and cfg.data.dev_fraction > 0:
@@ -281,13 +281,13 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
     Documents longer than ``chunking.max_tokens`` are chunked first, so the LLM sees (and each query is judged
     against) one chunk; the other chunks of the same document are kept out of that query's negatives.
     """
-    from data_prep.synthetic import synthesize_corpus
+    from embtune.data_prep.synthetic import synthesize_corpus
 
     parent = {doc_id: doc_id for doc_id in corpus}
     if cfg.chunking.max_tokens:
         from transformers import AutoTokenizer
 
-        from data_prep.chunking import chunk_corpus
+        from embtune.data_prep.chunking import chunk_corpus
         from embtune.models import resolve_model
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
@@ -308,7 +308,7 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
 
 def build_teacher(cfg, corpus_texts: list[str]):
     """``mining.teacher``: the label-free hybrid teacher, or a cross-encoder (folder or hub name)."""
-    from data_prep.teacher import HYBRID_TEACHER, HybridTeacher
+    from embtune.data_prep.teacher import HYBRID_TEACHER, HybridTeacher
     from embtune.retrieval.rerank import CrossEncoderScorer
 
     m = cfg.mining
@@ -341,7 +341,7 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
         bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25, texts),
                             cfg.bm25.k1, cfg.bm25.b)
     if m.method in ("dense", "hybrid") and dense is None:
-        from data_prep.mining import encode_for_mining
+        from embtune.data_prep.mining import encode_for_mining
 
         doc_emb, query_emb = encode_for_mining(m.model or cfg.train.base_model, texts, query_texts,
                                                m.batch_size, m.max_seq_length)
@@ -355,8 +355,8 @@ def chunk_for_training(cfg, corpus, qrels, queries):
     """Chunk the corpus; a positive becomes its best-matching chunk under BM25 (the others are not negatives)."""
     from transformers import AutoTokenizer
 
-    from data_prep.chunking import chunk_corpus
-    from data_prep.mining import simple_tokenize
+    from embtune.data_prep.chunking import chunk_corpus
+    from embtune.data_prep.mining import simple_tokenize
     from embtune.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.synthesize import Retriever, synthesize
+from embtune.data_prep.synthesize import Retriever, synthesize
 from embtune.dataio import document_text
 
 logger = logging.getLogger(__name__)

@@ -1,6 +1,6 @@
 """Shared command line for the stages, and the ``embtune`` console script that dispatches to them.
 
-Every stage is ``python -m <stage> CONFIG.yaml [section.key=value ...] [--force]``.
+Every stage is ``python -m embtune.<stage> CONFIG.yaml [section.key=value ...] [--force]``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from embtune.schema import load_config
 
 STAGES = {
     "data_prep": "load, validate, (synthesize,) chunk and mine hard negatives into a training table",
-    "train": "fine-tune with sentence-transformers' trainer (run under `accelerate launch -m train`)",
+    "train": "fine-tune with sentence-transformers' trainer (run under `accelerate launch -m embtune.train`)",
     "eval": "FAISS retrieval eval with BEIR/MTEB metrics: base vs fine-tuned vs BM25",
     "serve": "export the fine-tuned model as a bundle (and serve it)",
     "pipeline": "run data_prep -> train -> eval -> export, skipping stages whose manifest matches",
@@ -53,7 +53,7 @@ def setup_logging() -> None:
 def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] | None = None) -> int:
     """Parse ``CONFIG [key=value ...]`` and call ``run(cfg, force=...)``; config errors exit 2 with the message."""
     parser = argparse.ArgumentParser(
-        prog=f"python -m {stage}",
+        prog=f"python -m embtune.{stage}",
         description=f"embtune {stage}: {STAGES[stage]}.",
         epilog="Config keys (override any with section.key=value):" + describe_sections(sections)
         + "\n\nTop-level keys: run_dir (str), seed (int).",

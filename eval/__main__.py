@@ -1,9 +1,9 @@
-"""python -m eval CONFIG [key=value ...]: base vs fine-tuned vs BM25, BEIR/MTEB metrics."""
+"""python -m embtune.eval CONFIG [key=value ...]: base vs fine-tuned vs BM25, BEIR/MTEB metrics."""
 
 import sys
 
 from embtune.cli import stage_main
-from eval.run import run
+from embtune.eval.run import run
 
 
 def main(argv=None) -> int:

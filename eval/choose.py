@@ -1,6 +1,6 @@
 """Choose a base model before fine-tuning: candidate models, BM25 and their hybrids, ranked on your own queries.
 
-    python -m eval.choose CONFIG [key=value ...] [--candidates SPEC [SPEC ...]] [--out FILE]
+    python -m embtune.eval.choose CONFIG [key=value ...] [--candidates SPEC [SPEC ...]] [--out FILE]
 
 Candidates (``eval.choose.candidates`` or ``--candidates``), in any mix:
   minilm                        an embtune.models alias (all-MiniLM-L6-v2, shipped on PyPI, offline)
@@ -17,7 +17,7 @@ Queries (``eval.choose.queries``): ``dev`` is the dev split of the train queries
 (``data.queries: synthetic``); ``auto`` takes dev when there is one. Never the test split: choosing on test would
 make the final test number optimistic.
 
-Per row: nDCG@10, MRR@10, recall@10/100 (exact FAISS search, pytrec_eval, as ``python -m eval``); the paired
+Per row: nDCG@10, MRR@10, recall@10/100 (exact FAISS search, pytrec_eval, as ``python -m embtune.eval``); the paired
 randomization test of its per-query nDCG@10 against the best row; encode seconds per 1,000 documents (a seeded
 sample encoded without the cache, so a warm cache does not flatter a model; BM25: tokenize, index and search); bytes
 per vector (fp32). A fit check tokenizes a corpus sample with each candidate's tokenizer: a high share of its
@@ -49,12 +49,12 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
+from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
+from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
+from embtune.eval.significance import compare_systems
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import cache_key, encode
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
-from eval.endpoint import EndpointEncoder, is_endpoint_spec
-from eval.run import hybrid_spec, load_encoder, score_run, upstream
-from eval.significance import compare_systems
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def choice_queries(cfg) -> ChoiceQueries:
         return ChoiceQueries("synthetic", str(data_out["synthetic_qrels"]), corpus, {**queries, **synthetic}, qrels)
     raise ValueError("eval.choose: no queries to choose on. Set data.dev_fraction (e.g. 0.2) to carve a dev split "
                      "from the labelled train queries, or, without labels, run data_prep with data.queries=synthetic "
-                     "first (python -m data_prep CONFIG data.queries=synthetic)")
+                     "first (python -m embtune.data_prep CONFIG data.queries=synthetic)")
 
 
 def fit_check(tokenizer, texts: list[str], max_seq_length: int) -> dict[str, Any]:
@@ -354,7 +354,7 @@ def _choose_keys() -> str:
 def main(argv: list[str] | None = None) -> int:
     from embtune.cli import parse_config_args
 
-    parser = argparse.ArgumentParser(prog="python -m eval.choose", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m embtune.eval.choose", description=__doc__,
                                      epilog=_choose_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.dev_fraction=0.2")

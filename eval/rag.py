@@ -16,7 +16,7 @@ Base vs fine-tuned is a paired comparison on the same queries (sign-flip randomi
 outcome; exact McNemar for the binary ones). Answers and judgements go through ``embtune.llm.client.generate_all``
 and its JSONL cache, so a rerun sends no request it already made; identical prompts are sent once.
 
-    python -m eval.rag configs/scifact_rag.yaml --finetuned runs/x/train/model --out rag.json
+    python -m embtune.eval.rag configs/scifact_rag.yaml --finetuned runs/x/train/model --out rag.json
 
 Writes ``<run_dir>/eval/rag.json`` (or ``--out``): setup, per-retriever rates, the comparison, tokens, wall time,
 and per-query records (query, retrieved ids, gold ids, answer, citations, judge reply).
@@ -176,7 +176,7 @@ def paired_compare(a: list[float], b: list[float], resamples: int, seed: int, bi
     if len(a_arr) < 2:
         return {"n": int(len(a_arr)), "p_value": None, "note": "fewer than 2 paired queries"}
     try:
-        from eval.significance import paired_test  # the eval sweep's bootstrap CI + randomization test
+        from embtune.eval.significance import paired_test  # the eval sweep's bootstrap CI + randomization test
 
         result = paired_test(a_arr, b_arr, resamples=resamples, seed=seed)
     except ImportError:
@@ -226,7 +226,7 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
             command: str | None = None) -> dict[str, Any]:
     """Run the check for ``retrievers`` (name -> SentenceTransformer path; compared in order: first = A, second
     = B) on the split's seeded sample and write the JSON report; returns it."""
-    from eval.run import eval_inputs
+    from embtune.eval.run import eval_inputs
 
     rag = cfg.eval.rag
     started = time.time()
@@ -300,7 +300,7 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
     report = {
         "benchmark": "rag_check",
         "date": time.strftime("%Y-%m-%d"),
-        "command": command or shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "eval.rag", *sys.argv[1:]]),
+        "command": command or shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "embtune.eval.rag", *sys.argv[1:]]),
         "split": split,
         "sample_size": len(query_ids),
         "seed": cfg.seed,
@@ -372,11 +372,11 @@ def print_summary(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
+    """``python -m embtune.eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
     from embtune.cli import exit_code, parse_config_args
-    from eval.run import upstream
+    from embtune.eval.run import upstream
 
-    parser = argparse.ArgumentParser(prog="python -m eval.rag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m embtune.eval.rag", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rag.sample_size=30")
     parser.add_argument("--base", help="base model (default: train.base_model)")
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model only",
                        cfg.run_dir)
-    command = shlex.join(["python", "-m", "eval.rag", *(argv if argv is not None else sys.argv[1:])])
+    command = shlex.join(["python", "-m", "embtune.eval.rag", *(argv if argv is not None else sys.argv[1:])])
     return exit_code(lambda: run_rag(cfg, retrievers, args.out, command=command))
 
 

@@ -33,6 +33,9 @@ from typing import Any
 
 from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
+from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
+from embtune.eval.metrics import evaluate
+from embtune.eval.significance import default_pairs, format_significance, significance_table
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from embtune.retrieval.bm25 import bm25_search
@@ -41,9 +44,6 @@ from embtune.retrieval.encoder import load_encoder as load_core_encoder
 from embtune.retrieval.index import to_run
 from embtune.retrieval.rerank import rerank
 from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, RerankSpec, Retriever, RetrieverSpec
-from eval.endpoint import EndpointEncoder, is_endpoint_spec
-from eval.metrics import evaluate
-from eval.significance import default_pairs, format_significance, significance_table
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
 
     The models by name and hub name or endpoint spec (a local folder is named by its content hash, an input, not
     its path); the seed of the significance resamples; how bad input lines are handled. Not ``eval.rag``: only
-    ``python -m eval.rag`` reads it.
+    ``python -m embtune.eval.rag`` reads it.
     """
     from embtune.config import to_dict
 
@@ -234,7 +234,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         specs[name], retrievers[name], query_embs[name] = out["spec"], out["retriever"], out["query_emb"]
         wall[name] = round(time.time() - start, 1)
         if cfg.eval.sweep.enabled:
-            from eval.sweep import sweep_model
+            from embtune.eval.sweep import sweep_model
 
             start = time.time()
             sweep_rows += sweep_model(name, out["doc_emb"], out["query_emb"], doc_ids, query_ids, qrels,
@@ -294,7 +294,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if cfg.eval.save_runs:
         outputs["runs"] = write_runs(runs, stage.dir / "runs", cfg.eval.save_runs)
     if sweep_rows:
-        from eval.sweep import format_sweep, plot_sweep
+        from embtune.eval.sweep import format_sweep, plot_sweep
 
         sweep_text = format_sweep(sweep_rows)
         print(sweep_text)

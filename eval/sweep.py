@@ -22,7 +22,8 @@ with the fp32 Flat top 10 at the same dim), ``qps`` (all queries in one batched 
 ``rescore_bytes`` (the int8 or fp32 vectors a rescoring row also keeps), ``bytes_per_vector``
 (``(index_bytes + rescore_bytes) / n_docs``) and ``build_seconds`` (train + add).
 
-It runs inside the eval stage when ``eval.sweep.enabled=true`` (``python -m eval CONFIG eval.sweep.enabled=true``),
+It runs inside the eval stage when ``eval.sweep.enabled=true``
+(``python -m embtune.eval CONFIG eval.sweep.enabled=true``),
 writing ``<run_dir>/eval/sweep.json`` and ``sweep.png``; ``scripts/bench_deploy_sweep.py`` runs it on SciFact.
 """
 
@@ -37,9 +38,9 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
+from embtune.eval.metrics import evaluate
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.index import exact_search, to_run
-from eval.metrics import evaluate
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Choosing a base model on SciFact: python -m eval.choose on a dev split of the TRAIN queries, never test.
+"""Choosing a base model on SciFact: python -m embtune.eval.choose on a dev split of the TRAIN queries, never test.
 
     python scripts/bench_choose_scifact.py [--candidates minilm run:runs/* ...] [--dev-fraction 0.2]
 
@@ -20,9 +20,9 @@ from pathlib import Path
 from benchlib import ROOT, bench_command
 
 from embtune.cli import setup_logging
+from embtune.eval.choose import choose
 from embtune.manifest import machine, versions
 from embtune.schema import load_config
-from eval.choose import choose
 
 CONFIG = "configs/scifact_supervised.yaml"
 
@@ -46,7 +46,8 @@ def main() -> int:
         "benchmark": "choose_scifact",
         "date": datetime.date.today().isoformat(),
         "command": bench_command(sys.argv),
-        "equivalent": f"python -m eval.choose {CONFIG} {' '.join(overrides)} --candidates {' '.join(args.candidates)}",
+        "equivalent": (f"python -m embtune.eval.choose {CONFIG} {' '.join(overrides)} "
+                       f"--candidates {' '.join(args.candidates)}"),
         "description": "eval.choose on SciFact: candidate base models, BM25 and hybrids ranked by nDCG@10 on a dev "
                        "split of the train queries (test untouched); paired randomization test of each row against "
                        "the best; encode seconds per 1k documents from an uncached sample on a shared 2-core CPU",

@@ -25,11 +25,11 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
+from embtune.eval.run import METRICS  # noqa: E402
+from embtune.eval.run import run as run_eval  # noqa: E402
+from embtune.eval.sweep import best_compact, label  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
-from eval.run import METRICS  # noqa: E402
-from eval.run import run as run_eval  # noqa: E402
-from eval.sweep import best_compact, label  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BAR_FRACTION, BAR_KEEP = 1 / 8, 0.97

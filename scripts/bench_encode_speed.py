@@ -43,11 +43,11 @@ import torch  # noqa: E402
 from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
+from embtune.eval.metrics import evaluate  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import BACKENDS, ONNX_RECIPE, encode, load_encoder  # noqa: E402
 from embtune.retrieval.index import exact_search, to_run  # noqa: E402
-from eval.metrics import evaluate  # noqa: E402
 
 
 def padded_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> int:

@@ -29,13 +29,13 @@ import faiss
 from benchlib import ROOT, bench_command, machine, versions  # also puts the repo root on sys.path
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
+from embtune.eval.metrics import evaluate  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
 from embtune.retrieval.index import exact_search  # noqa: E402
 from embtune.sections.export import VectorDBConfig  # noqa: E402
-from eval.metrics import evaluate  # noqa: E402
-from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle  # noqa: E402
-from serve.vectordb import (  # noqa: E402
+from embtune.serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle  # noqa: E402
+from embtune.serve.vectordb import (  # noqa: E402
     QueryEncoder,
     chroma_top_ids,
     dir_bytes,

@@ -38,12 +38,12 @@ sys.path.insert(0, str(ROOT))
 from benchlib import bench_command  # noqa: E402
 
 from embtune.dataio import document_text, load_beir, split_dev  # noqa: E402
+from embtune.eval.metrics import evaluate  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.retrieval.bm25 import BM25Config  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder  # noqa: E402
 from embtune.retrieval.fusion import NORMALIZATIONS, rrf_fuse, weighted_fuse  # noqa: E402
 from embtune.retrieval.spec import DenseSpec, FusionSpec, Retriever, RetrieverSpec  # noqa: E402
-from eval.metrics import evaluate  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "fusion.json"
 SCIFACT = ROOT.parent / "shared" / "data" / "beir" / "scifact"
@@ -132,7 +132,7 @@ def corpus_data(name: str, workdir: Path):
     """(BEIR folder, note): SciFact from the shared data, pydoc built here (stdlib docstrings)."""
     if name == "scifact":
         return SCIFACT, "BEIR SciFact (../shared/data/beir/scifact)"
-    from data_prep.pydoc_corpus import build_pydoc_beir
+    from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
     return build_pydoc_beir(workdir / "pydoc"), "pydoc demo corpus (data_prep.pydoc_corpus.build_pydoc_beir defaults)"
 

@@ -35,11 +35,11 @@ import torch  # noqa: E402
 from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
+from embtune.eval.metrics import evaluate  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.index import exact_search, to_run  # noqa: E402
 from embtune.retrieval.onnx import OnnxEncoder, export_onnx, quantize_int8  # noqa: E402
-from eval.metrics import evaluate  # noqa: E402
 
 # name -> quantize_int8's ``attention``
 RECIPES = {"matmul_only": "unfused", "qattention_all": "int8", "qattention_first_fp32": "int8_after_first"}

@@ -44,7 +44,7 @@ def judged_folder(name: str, root: Path, max_pages: int) -> tuple[Path, Path, st
     folder = root / name / "beir"
     corpus_only = folder / "corpus_only"
     if name == "pydoc":
-        from data_prep.pydoc_corpus import build_pydoc_beir
+        from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
         if not (folder / "corpus.jsonl").is_file():
             build_pydoc_beir(folder)

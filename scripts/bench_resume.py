@@ -1,4 +1,4 @@
-"""Kill-and-resume: `python -m train` is SIGKILLed mid-run, the same command is run again, and the final weights
+"""Kill-and-resume: `python -m embtune.train` is SIGKILLed mid-run, the same command is run again, and the final weights
 are compared with an uninterrupted run's.
 
     nice -n 15 python scripts/bench_resume.py
@@ -40,7 +40,7 @@ from embtune.manifest import Stage, machine, versions  # noqa: E402
 
 
 def train_cmd(run_dir: Path, args) -> list[str]:
-    return [sys.executable, "-m", "train", f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl",
+    return [sys.executable, "-m", "embtune.train", f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl",
             "train.matryoshka_dims=[384,128]", f"train.max_seq_length={args.seq}",
             f"train.batch_size={args.batch_size}",
             f"train.max_steps={args.steps}", f"train.save_steps={args.save_steps}", "train.save_total_limit=2",

@@ -108,7 +108,7 @@ def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
     each, query ids ``"0".."n-1"``) with the base model's query embeddings."""
     import numpy as np
 
-    from data_prep.labelfree import FusedTeacher
+    from embtune.data_prep.labelfree import FusedTeacher
     from embtune.dataio import document_text, load_corpus
     from embtune.retrieval.encoder import load_encoder
 
@@ -128,10 +128,10 @@ def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
 def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     """nDCG@10 etc. of each model's queries against data_prep's corpus embeddings (the base model's index), and of
     the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
+    from embtune.eval.metrics import evaluate
     from embtune.retrieval.encoder import encode, load_encoder
     from embtune.retrieval.fusion import weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
-    from eval.metrics import evaluate
 
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     setup = base_index_and_teacher(cfg, query_texts)
@@ -166,10 +166,10 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
 
     import torch
 
+    from embtune.eval.metrics import evaluate
     from embtune.retrieval.fusion import ranked, weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
-    from eval.metrics import evaluate
-    from train.losses import build_query_loss, split_rows
+    from embtune.train.losses import build_query_loss, split_rows
 
     query_ids, query_texts, qrels = labelled_queries(cfg, "dev")
     setup = base_index_and_teacher(cfg, query_texts)
@@ -209,7 +209,7 @@ def training_fit(cfg, manifest: dict, doc_emb, dev_texts: list[str], dev_labels,
     from datasets import load_from_disk
 
     from embtune.retrieval.encoder import encode, load_encoder
-    from train.losses import build_query_loss, labelfree_dataset
+    from embtune.train.losses import build_query_loss, labelfree_dataset
 
     table = load_from_disk(manifest["outputs"]["train_table"])
     rows = labelfree_dataset(table.select(range(0, len(table), every)))  # the query and the label training reads
@@ -229,7 +229,7 @@ def training_fit(cfg, manifest: dict, doc_emb, dev_texts: list[str], dev_labels,
 
 
 def significance(per_query: dict, a: str, b: str) -> dict:
-    from eval.significance import compare_systems
+    from embtune.eval.significance import compare_systems
 
     return compare_systems(per_query[a], per_query[b], "ndcg@10", 10000, seed=42)
 

@@ -13,7 +13,7 @@
     python scripts/bench_scifact_negatives.py --cells ""
 
 Steps (each skips itself when its stage manifests match, so an interrupted run resumes):
-1. teacher: data_prep + ``python -m train.cross_encoder`` with configs/scifact_teacher.yaml (embtune-trained
+1. teacher: data_prep + ``python -m embtune.train.cross_encoder`` with configs/scifact_teacher.yaml (embtune-trained
    cross-encoder from MiniLM's weights, on the train split only);
 2. cells: data_prep (mining.method, mining.teacher) -> train (train.loss) -> eval, per cell;
 3. teacher rerank: the base model's top-``--rerank-depth`` on the evaluation split, reranked by the teacher.
@@ -63,8 +63,8 @@ def save(path: Path, out: dict) -> None:
 
 
 def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
-    from data_prep.run import run as data_prep_run
-    from train.cross_encoder import run as ce_run
+    from embtune.data_prep.run import run as data_prep_run
+    from embtune.train.cross_encoder import run as ce_run
 
     overrides = [f"run_dir={args.run_root}/teacher", *split_overrides, *args.teacher_overrides]
     cfg = load_config(str(ROOT / "configs" / "scifact_teacher.yaml"), overrides)
@@ -73,7 +73,8 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
     outputs = ce_run(cfg)
     manifest = json.loads((Path(cfg.run_dir) / "cross_encoder" / "manifest.json").read_text())
     info = {"config": to_dict(cfg.cross_encoder), "mining": to_dict(cfg.mining), "overrides": overrides,
-            "trained_by": "embtune (python -m train.cross_encoder), from all-MiniLM-L6-v2's BERT weights + new head",
+            "trained_by": ("embtune (python -m embtune.train.cross_encoder), from all-MiniLM-L6-v2's BERT weights + "
+                           "new head"),
             "train_steps": max((row.get("step", 0) for row in manifest.get("log_history", [])), default=0),
             "wall_seconds": round(time.time() - start, 1)}
     return outputs["model"], info
@@ -81,11 +82,11 @@ def train_teacher(args, split_overrides: list[str]) -> tuple[str, dict]:
 
 def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
-    from data_prep.run import run as data_prep_run
+    from embtune.data_prep.run import run as data_prep_run
     from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
+    from embtune.eval.metrics import evaluate
+    from embtune.eval.run import eval_inputs
     from embtune.retrieval.rerank import CrossEncoderScorer, rerank
-    from eval.metrics import evaluate
-    from eval.run import eval_inputs
 
     cfg = load_config(args.config, [f"run_dir={args.run_root}/rerank", *split_overrides, *args.overrides,
                                     "mining.method=none"])
@@ -100,7 +101,7 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids],
                     args.rerank_depth, cfg.eval.max_seq_length, cfg.eval.batch_size)
     if teacher_path == "hybrid":
-        from data_prep.teacher import HybridTeacher
+        from embtune.data_prep.teacher import HybridTeacher
 
         scorer = HybridTeacher(doc_texts, cfg.train.base_model, cfg.bm25, args.teacher_weight,
                                max_seq_length=cfg.mining.max_seq_length)
@@ -180,7 +181,7 @@ def main() -> int:
 
     cells = [tuple(c.split(":", 1)) for c in args.cells.split(",") if c]
     if args.mining_only:
-        from data_prep.run import run as data_prep_run
+        from embtune.data_prep.run import run as data_prep_run
 
         out.setdefault("mining_reports", {})
         for method in dict.fromkeys(m for m, _ in cells):

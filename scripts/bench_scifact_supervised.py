@@ -108,7 +108,7 @@ def main() -> int:
 def distilled(args, command: str, start: float) -> int:
     """Train the final phase's recipe again with the fine-tuned model + BM25 as a MarginMSE teacher; add
     ``results.distilled`` (and its hybrid row) and a paired test against plain MNRL to scifact_supervised.json."""
-    from eval.significance import compare_systems
+    from embtune.eval.significance import compare_systems
 
     path = RESULTS / "scifact_supervised.json"
     final = json.loads(path.read_text())

@@ -1,7 +1,7 @@
 """Load benchmark of ``serve`` under mixed traffic at 32, 200 and 1,000 requests in flight: 200 or a fast 503.
 
 For a dense bundle and a hybrid bundle (all-MiniLM-L6-v2 over the first ``--docs`` SciFact documents; the hybrid
-one's ``retriever.json`` fuses dense with stemmed BM25 by RRF), starts ``python -m serve up`` on 127.0.0.1 in a
+one's ``retriever.json`` fuses dense with stemmed BM25 by RRF), starts ``python -m embtune.serve up`` on 127.0.0.1 in a
 subprocess and, for each level, keeps exactly ``in_flight`` requests open (closed loop: ``in_flight`` workers on
 their own keep-alive connections, each sending its next request when the last is answered, or ``Retry-After``
 seconds after a 503) until ``--requests`` answers. The traffic cycles through four kinds: ``/search`` (the
@@ -66,7 +66,7 @@ def build_bundles(docs: list[dict], folder: Path, model: str) -> dict[str, Path]
     """The dense and the hybrid bundle over the same documents (the second build reads the first's embeddings)."""
     from embtune.retrieval.bm25 import BM25Config
     from embtune.retrieval.spec import DenseSpec, FusionSpec, RetrieverSpec
-    from serve.bundle import build_bundle
+    from embtune.serve.bundle import build_bundle
 
     model_dir = resolve_model(model)
     hybrid = RetrieverSpec(dense=DenseSpec(), bm25=BM25Config(), fusion=FusionSpec(method="rrf"))
@@ -170,7 +170,7 @@ def free_port() -> int:
 
 
 def start_server(bundle: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
-    command = [sys.executable, "-m", "serve", "up", "--bundle", str(bundle), "serve.host=127.0.0.1",
+    command = [sys.executable, "-m", "embtune.serve", "up", "--bundle", str(bundle), "serve.host=127.0.0.1",
                f"serve.port={port}", "serve.log_level=warning", f"serve.threads={args.threads}",
                "serve.model_name=minilm", "serve.device=cpu", *args.serve]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": {"corpus": f"{args.corpus}, first {len(docs)} documents", "traffic": list(KINDS),
                   "texts": "distinct random phrases of 3-12 corpus words plus a unique tag (no cache hits)",
                   "levels": args.levels, "requests": args.requests, "warmup": args.warmup,
-                  "server": "python -m serve up, uvicorn subprocess on 127.0.0.1, one worker",
+                  "server": "python -m embtune.serve up, uvicorn subprocess on 127.0.0.1, one worker",
                   "serve_overrides": args.serve,
                   "client": "aiohttp on uvloop in the benchmark process, one keep-alive connection per request in "
                             "flight (closed loop)",

@@ -46,8 +46,8 @@ ROWS = {"dense": "base", "hybrid": "base+bm25_weighted"}
 
 
 def run_eval(run_dir: Path) -> tuple[dict, dict[str, dict[str, list[str]]], list[str]]:
-    from eval.run import read_run, run_file_name
-    from eval.run import run as eval_run
+    from embtune.eval.run import read_run, run_file_name
+    from embtune.eval.run import run as eval_run
 
     overrides = [f"run_dir={run_dir}", "data.format=beir", f"data.path={SCIFACT}", "train.base_model=minilm",
                  "eval.split=test", "eval.dims=[]", "eval.hybrid=[weighted]", "eval.hybrid_weight=0.7",
@@ -65,7 +65,7 @@ def serve_queries(bundle: Path, spec: RetrieverSpec, queries: dict[str, str], qi
     from fastapi.testclient import TestClient
 
     from embtune.sections.serve import ServeConfig
-    from serve.app import create_app
+    from embtune.serve.app import create_app
 
     spec.save(bundle / SPEC_FILE)
     start = time.perf_counter()
@@ -99,7 +99,7 @@ def run_scores(path: Path) -> dict[str, dict[str, float]]:
 def served_ndcg(top10: dict[str, list[str]], qrels_file: Path, corpus: dict, queries: dict[str, str]) -> float:
     """nDCG@10 of the served top 10s, with eval's metric code (pytrec_eval) and the same qrels reader."""
     from embtune.dataio import load_qrels
-    from eval.metrics import evaluate
+    from embtune.eval.metrics import evaluate
 
     qrels = {q: docs for q, docs in load_qrels(qrels_file, corpus, queries).items() if q in top10}
     run = {q: {d: float(10 - rank) for rank, d in enumerate(ids)} for q, ids in top10.items()}
@@ -164,7 +164,7 @@ def thread_diagnostic(bundle: Path, queries: dict[str, str], qids: list[str]) ->
 
     import torch
 
-    from serve.bundle import load_bundle
+    from embtune.serve.bundle import load_bundle
 
     texts = [queries[q] for q in qids]
     model, _ = load_encoder("minilm")
@@ -202,7 +202,7 @@ def main() -> None:
     queries = load_queries(SCIFACT / "queries.jsonl")
 
     from embtune.models import resolve_model
-    from serve.bundle import build_bundle
+    from embtune.serve.bundle import build_bundle
 
     bundle = build_bundle(resolve_model("minilm"), [{"_id": d, **doc} for d, doc in corpus.items()],
                           run_dir / "bundle")
@@ -215,7 +215,7 @@ def main() -> None:
         served_scores: dict = {}
         top10, latency, startup = serve_queries(bundle, spec, queries, qids, scores=served_scores)
         mismatched = [q for q in qids if top10[q] != rankings[row][q]]
-        from eval.run import run_file_name
+        from embtune.eval.run import run_file_name
 
         eval_scores = run_scores(run_dir / "eval" / "runs" / run_file_name(row))
         score_diff = max(abs(served_scores[q][d] - eval_scores[q][d]) for q in qids for d in served_scores[q]

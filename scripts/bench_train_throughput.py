@@ -145,7 +145,7 @@ def plain_loss(model, args):
 
 
 def run_embtune(table_dir, seq, args, run_dir, timer, grouped):
-    from train.recipe import Recipe
+    from embtune.train.recipe import Recipe
 
     overrides = [f"run_dir={run_dir}", f"data.path={args.data}", "train.loss=mnrl", f"train.base_model={args.model}",
                  f"train.matryoshka_dims=[{','.join(map(str, args.matryoshka))}]", f"train.max_seq_length={seq}",
@@ -226,7 +226,7 @@ def main() -> None:
     seqs = [int(s) for s in args.seqs.split(",")]
     scratch = Path(tempfile.mkdtemp(prefix="bench_train_"))
     if args.dataset == "pydoc":
-        from data_prep.pydoc_corpus import build_pydoc_beir
+        from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
         args.data = str(build_pydoc_beir(scratch / "pydoc", seed=args.seed))
     table = beir_table(Path(args.data), args.seed)

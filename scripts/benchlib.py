@@ -70,9 +70,9 @@ def plain_bm25(cfg, split: str = "test") -> tuple[dict, dict]:
     from dataclasses import replace
 
     from embtune.dataio import document_text, load_beir
+    from embtune.eval.metrics import evaluate
     from embtune.retrieval.bm25 import bm25_search
     from embtune.retrieval.index import to_run
-    from eval.metrics import evaluate
 
     data = load_beir(cfg.data.path, split)
     doc_ids, query_ids = list(data.corpus), sorted(data.qrels)

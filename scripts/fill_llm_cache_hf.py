@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.synthesize import build_requests  # noqa: E402
-from data_prep.synthetic import select_passages  # noqa: E402
+from embtune.data_prep.synthesize import build_requests  # noqa: E402
+from embtune.data_prep.synthetic import select_passages  # noqa: E402
 from embtune.dataio import document_text  # noqa: E402
 from embtune.llm.client import AnswerCache, cache_key, sampling_params  # noqa: E402
 from embtune.llm.local import GGUF_FILE  # noqa: E402

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
+from embtune.eval.run import evaluate_dense, score_run
 from embtune.retrieval.spec import BM25Index, FusionSpec, Retriever, RetrieverSpec
-from eval.run import evaluate_dense, score_run
 
 
 def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@
     python scripts/screenshot_report.py runs/demo /tmp/report.png --window-size 1280,3600 --rebuild
 
 Needs Chromium (Debian: ``apt-get install -y chromium``; ``--chromium`` or ``$CHROMIUM`` names another binary).
-Before the screenshot the page is checked with ``embtune.report.check_report`` (every image and link resolves,
+Before the screenshot the page is checked with ``embtune.pipeline.report.check_report`` (every image and link resolves,
 each PNG decodes), so a screenshot is never taken of a broken page. The PNG is re-encoded as an optimized palette
 image when it is larger than ``--max-bytes`` (for committing it under docs/).
 """
@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's embtune, whatever the install
-from embtune.report import REPORT_DIR, build_report, check_report  # noqa: E402
+from embtune.pipeline.report import REPORT_DIR, build_report, check_report  # noqa: E402
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -1,5 +1,5 @@
-"""python -m serve CONFIG [key=value ...]     export the fine-tuned model as a bundle (the pipeline's last stage)
-python -m serve up [CONFIG] [serve.key=value ...] [--bundle DIR]
+"""python -m embtune.serve CONFIG [key=value ...]     export the fine-tuned model as a bundle (the last stage)
+python -m embtune.serve up [CONFIG] [serve.key=value ...] [--bundle DIR]
                                             serve a bundle: /v1/embeddings, /search, /health (see up --help)
 """
 
@@ -10,22 +10,24 @@ from pathlib import Path
 
 from embtune.cli import describe_sections, parse_config_args, stage_main
 from embtune.sections.serve import ServeConfig
-from serve.export import run
+from embtune.serve.export import run
 
 UP_EXAMPLES = """
 examples:
-  python -m serve up --bundle runs/demo/bundle
-  python -m serve up configs/demo.yaml                       # serve.bundle_dir, else the export stage's bundle
-  python -m serve up configs/demo.yaml serve.port=8080 serve.threads=1 serve.microbatch=false
+  python -m embtune.serve up --bundle runs/demo/bundle
+  python -m embtune.serve up configs/demo.yaml                       # serve.bundle_dir, else the export stage's bundle
+  python -m embtune.serve up configs/demo.yaml serve.port=8080 serve.threads=1 serve.microbatch=false
 
 /search serves the bundle's retriever.json (the retrieval system eval recommended); see docs/serve.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``python -m serve up [CONFIG] [serve.key=value ...] [--bundle DIR]``: the recipe's ``serve`` section, with
+    """``python -m embtune.serve up [CONFIG] [serve.key=value ...] [--bundle DIR]``: the recipe's ``serve`` section,
+    with
     dotted overrides through the same parser as every stage (``embtune.cli.parse_config_args``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m serve up", description="Serve an embtune export bundle over HTTP: /v1/embeddings, /search, "
+        prog="python -m embtune.serve up",
+        description="Serve an embtune export bundle over HTTP: /v1/embeddings, /search, "
         "/health. Settings come from the recipe's serve section; override any with serve.key=value.",
         epilog="Config keys:" + describe_sections(["serve"]) + "\n" + UP_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,11 +65,11 @@ def config_from_args(argv: list[str] | None) -> ServeConfig | None:
 
 
 def up(argv: list[str] | None = None) -> int:
-    """``python -m serve up ...``: serve until interrupted; 2 on a config error."""
+    """``python -m embtune.serve up ...``: serve until interrupted; 2 on a config error."""
     cfg = config_from_args(argv)
     if cfg is None:
         return 2
-    from serve.app import run_server
+    from embtune.serve.app import run_server
 
     run_server(cfg)
     return 0

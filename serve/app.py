@@ -22,7 +22,7 @@ validate → call the core → shape the response.
 
 Example::
 
-    python -m serve up --bundle runs/x/bundle serve.port=8000
+    python -m embtune.serve up --bundle runs/x/bundle serve.port=8000
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
 from embtune.sections.serve import ServeConfig
-from serve.batcher import LRUCache, MicroBatcher
-from serve.bundle import Bundle, load_bundle
+from embtune.serve.batcher import LRUCache, MicroBatcher
+from embtune.serve.bundle import Bundle, load_bundle
 
 logger = logging.getLogger(__name__)
 
@@ -597,7 +597,7 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
 
 
 def run_server(cfg: ServeConfig) -> None:
-    """Serve ``cfg.bundle_dir`` with uvicorn until interrupted (``python -m serve up``)."""
+    """Serve ``cfg.bundle_dir`` with uvicorn until interrupted (``python -m embtune.serve up``)."""
     import uvicorn
 
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

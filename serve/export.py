@@ -154,7 +154,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         return stage.outputs()
     stage.begin()
 
-    from serve.bundle import MANIFEST_FILE, build_bundle
+    from embtune.serve.bundle import MANIFEST_FILE, build_bundle
 
     results = json.loads(Path(results_file).read_text())
     metrics = {k: v for k, v in results.items() if k != "per_query"}
@@ -180,7 +180,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.export.backend)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
-        from serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
+        from embtune.serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
 
         # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
         export_vectordb(out_dir, model_dir, docs, vector_targets, cfg.export.vectordb,
@@ -202,5 +202,5 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when tracking.report_to has it
 
     log_export_artifact(cfg, out_dir)
-    logger.info("exported %s (serve it: python -m serve up --bundle %s)", out_dir, out_dir)
+    logger.info("exported %s (serve it: python -m embtune.serve up --bundle %s)", out_dir, out_dir)
     return stage.finish({"bundle": out_dir})

@@ -9,7 +9,7 @@ Layout inside a bundle (``export.targets`` names which are written)::
 
 Query it the way the export embedded the corpus (same model, Matryoshka dimension and precision)::
 
-    from serve.vectordb import open_chroma, open_lancedb, QueryEncoder
+    from embtune.serve.vectordb import open_chroma, open_lancedb, QueryEncoder
     collection = open_chroma("runs/x/bundle")           # carries the bundle's embedding function
     collection.query(query_texts=["what is dense retrieval?"], n_results=10)
     table = open_lancedb("runs/x/bundle")

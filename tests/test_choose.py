@@ -1,4 +1,5 @@
-"""python -m eval.choose: candidates, BM25 and hybrids ranked on dev (or synthetic) queries, with a fit check."""
+"""python -m embtune.eval.choose: candidates, BM25 and hybrids ranked on dev (or synthetic) queries, with a fit
+check."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from embtune.dataio import split_dev
+from embtune.eval.choose import choose, main, resolve_candidates
 from embtune.schema import load_config
-from eval.choose import choose, main, resolve_candidates
 
 
 def load_qrels(path) -> dict[str, dict[str, int]]:

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from data_prep.chunking import chunk_corpus, chunk_text
+from embtune.data_prep.chunking import chunk_corpus, chunk_text
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_error_in_file_names_its_line_and_section_key(tmp_path):
 
 
 def test_stage_help_lists_keys(capsys):
-    from data_prep.__main__ import main
+    from embtune.data_prep.__main__ import main
 
     with pytest.raises(SystemExit):
         main(["--help"])

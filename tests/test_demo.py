@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_the_demo_evaluates_on_queries_and_documents_it_never_trains_on(tmp_path):
     """The demo's +nDCG claim rests on this: its test queries, and the documents they point at, are not in train."""
-    from data_prep.pydoc_corpus import build_pydoc_beir
+    from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.data.format == "pydoc" and cfg.eval.split == "test" and cfg.data.train_split == "train"
@@ -43,6 +43,6 @@ def test_a_run_ends_with_the_report_path_and_the_serve_command(tmp_path):
         json.dumps({"outputs": {"bundle": str(tmp_path / "run" / "bundle")}}))
     text = next_steps(cfg, STAGE_ORDER)
     assert f"report: {tmp_path / 'run' / 'report' / 'index.html'}" in text
-    assert f"python -m serve up --bundle {tmp_path / 'run' / 'bundle'}" in text
+    assert f"python -m embtune.serve up --bundle {tmp_path / 'run' / 'bundle'}" in text
     # Without the export stage there is nothing to serve yet.
     assert "serve" not in next_steps(cfg, ("data_prep", "train", "eval"))

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from embtune.config import ConfigError
+from embtune.eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
+from embtune.eval.run import run as run_eval
 from embtune.llm.config import LLMConfig
 from embtune.schema import load_config
 from embtune.sections.serve import ServeConfig
-from eval.endpoint import EndpointEncoder, EndpointFailed, parse_spec
-from eval.run import run as run_eval
-from serve.app import create_app
-from serve.bundle import build_bundle
+from embtune.serve.app import create_app
+from embtune.serve.bundle import build_bundle
 from tests.conftest import uvicorn_in_thread
 from tests.fake_openai_server import FakeOpenAIServer, fake_embedding
 

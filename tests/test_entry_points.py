@@ -66,7 +66,7 @@ def test_stage_without_its_upstream_names_the_missing_file(entry, missing, tmp_p
 
 
 def test_cli_exits_2_on_a_config_error(tmp_path, capsys):
-    from embtune.__main__ import main
+    from embtune.pipeline.cli import main
 
     recipe = tmp_path / "bad.yaml"
     recipe.write_text("data:\n  path: /x\ntrain:\n  lerning_rate: 0.1\n")
@@ -79,7 +79,7 @@ def test_cli_exits_2_on_a_config_error(tmp_path, capsys):
 
 
 def test_eval_split_missing_qrels_names_the_file(tmp_path, tiny_beir, capsys):
-    from eval.__main__ import main
+    from embtune.eval.__main__ import main
 
     args = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "eval.split=validation",
             "tracking.report_to=none", "eval.compare_base=false"]
@@ -91,7 +91,7 @@ def test_eval_split_missing_qrels_names_the_file(tmp_path, tiny_beir, capsys):
 
 def main_of(entry: str):
     if entry.startswith("embtune "):
-        from embtune.__main__ import main
+        from embtune.pipeline.cli import main
 
         return lambda args: main([entry.split()[1], *args])
     if entry == "pipeline":

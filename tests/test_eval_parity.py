@@ -7,9 +7,9 @@ import pytest
 from sentence_transformers import SentenceTransformer
 
 from embtune.dataio import document_text, load_beir
+from embtune.eval.metrics import evaluate
 from embtune.retrieval.encoder import encode, truncate
 from embtune.retrieval.index import exact_search, to_run
-from eval.metrics import evaluate
 
 
 def hand_ndcg10(qrels: dict[str, int], ranked: list[str]) -> float:

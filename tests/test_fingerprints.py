@@ -119,11 +119,11 @@ def with_key(cfg: Config, key: str, value: Any) -> Config:
 
 
 def stage_fingerprints(cfg: Config) -> dict[str, str]:
-    from data_prep.run import stage_config as data_prep_config
-    from eval.run import models_to_evaluate
-    from eval.run import stage_config as eval_config
-    from serve.export import stage_config as export_config
-    from train.recipe import stage_config as train_config
+    from embtune.data_prep.run import stage_config as data_prep_config
+    from embtune.eval.run import models_to_evaluate
+    from embtune.eval.run import stage_config as eval_config
+    from embtune.serve.export import stage_config as export_config
+    from embtune.train.recipe import stage_config as train_config
 
     return {"data_prep": fingerprint(data_prep_config(cfg)), "train": fingerprint(train_config(cfg)),
             "eval": fingerprint(eval_config(cfg, models_to_evaluate(cfg))), "export": fingerprint(export_config(cfg))}
@@ -138,10 +138,11 @@ def value_at(cfg: Config, key: str) -> Any:
 
 @pytest.mark.slow
 def test_each_stage_fingerprints_exactly_what_it_reads(tmp_path, tiny_beir, tiny_model_dir, monkeypatch):
-    import data_prep.run
-    import eval.run
-    import serve.export
-    import train.recipe
+    import embtune.data_prep.run
+    import embtune.eval.run
+    import embtune.serve.export
+    import embtune.train.recipe  # noqa: F401 (binds the submodules read below)
+    from embtune import data_prep, eval, serve, train
 
     model = tmp_path / "base"
     shutil.copytree(tiny_model_dir, model)
@@ -183,7 +184,7 @@ def test_each_stage_fingerprints_exactly_what_it_reads(tmp_path, tiny_beir, tiny
 
 def test_synthesis_fingerprints_the_round_trip_encoder():
     """With synthetic queries, data_prep's round trip encodes with train.base_model at eval.max_seq_length."""
-    from data_prep.run import stage_config
+    from embtune.data_prep.run import stage_config
 
     base = ["data.path=/x", "data.queries=synthetic"]
     reference = fingerprint(stage_config(load_config(None, base)))
@@ -194,7 +195,7 @@ def test_synthesis_fingerprints_the_round_trip_encoder():
 
 
 def test_logging_and_tracking_do_not_retrain():
-    from train.recipe import stage_config
+    from embtune.train.recipe import stage_config
 
     reference = fingerprint(stage_config(load_config(None, ["data.path=/x"])))
     for key in ("tracking.report_to=none", "train.logging_steps=1", "train.save_total_limit=5"):

@@ -119,8 +119,8 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
                                                               tmp_path, monkeypatch):
     # MiniLM rather than the untrained tiny BERT: the tiny model scores every document the same, and a ranking of
     # ties says nothing about parity between the sweep and the eval table.
+    from embtune.eval.run import run
     from embtune.schema import load_config
-    from eval.run import run
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "data.format=beir", f"data.path={tiny_beir}",
@@ -180,8 +180,8 @@ def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_
 
 
 def test_rerank_on_an_unknown_row_fails_before_encoding(tiny_beir, tmp_path):
+    from embtune.eval.run import run
     from embtune.schema import load_config
-    from eval.run import run
 
     cfg = load_config(None, [f"run_dir={tmp_path}", "data.format=beir", f"data.path={tiny_beir}",
                              "train.base_model=/nonexistent/model", "eval.reranker=some/cross-encoder",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.labelfree import cut_queries, split_sentences
+from embtune.data_prep.labelfree import cut_queries, split_sentences
 from embtune.retrieval.probe import ClozeProbe
 from embtune.schema import load_config
 from tests.conftest import FILLER, TOPICS
@@ -101,9 +101,9 @@ def test_labelfree_runs_from_a_corpus_alone(tmp_path, tiny_model_dir):
     there is nothing to measure instead of failing."""
     from datasets import load_from_disk
 
-    from data_prep.run import run as run_data_prep
-    from eval.run import run as run_eval
-    from train.recipe import run as run_train
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval.run import run as run_eval
+    from embtune.train.recipe import run as run_train
 
     corpus_dir = sentence_corpus(tmp_path / "corpus_only")
     model_dir = tmp_path / "base"
@@ -133,7 +133,7 @@ def test_labelfree_runs_from_a_corpus_alone(tmp_path, tiny_model_dir):
 
 
 def test_labelfree_queries_only_feed_dev_when_labels_exist(tmp_path, tiny_model_dir):
-    from data_prep.run import run as run_data_prep
+    from embtune.data_prep.run import run as run_data_prep
 
     corpus_dir = sentence_corpus(tmp_path / "beir", qrels=True)
     (corpus_dir / "qrels" / "test.tsv").rename(corpus_dir / "qrels" / "train.tsv")
@@ -147,7 +147,7 @@ def test_labelfree_queries_only_feed_dev_when_labels_exist(tmp_path, tiny_model_
 
 def test_probe_chooses_bm25_when_the_dense_model_cannot_read(tmp_path):
     """A dense 'model' whose embeddings are noise: the probe must give the teacher to BM25."""
-    from data_prep.labelfree import FusedTeacher, probe_teacher
+    from embtune.data_prep.labelfree import FusedTeacher, probe_teacher
     from embtune.dataio import document_text
     from embtune.retrieval.bm25 import BM25Config
 
@@ -179,7 +179,7 @@ def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir)
     agrees more with the teacher's afterwards."""
     from sentence_transformers import SentenceTransformer
 
-    from train.losses import QueryDistillLoss, split_rows
+    from embtune.train.losses import QueryDistillLoss, split_rows
 
     torch.manual_seed(0)
     model = SentenceTransformer(str(tiny_model_dir), device="cpu")
@@ -216,7 +216,7 @@ def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir)
 def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
     """KL against the teacher's own distribution is minimal when the student reproduces it, and the corpus form
     excludes the query's source passage from the normalizer."""
-    from train.losses import QueryDistillLoss, split_rows
+    from embtune.train.losses import QueryDistillLoss, split_rows
 
     docs = torch.eye(4)  # (4, 4)
     loss_fn = QueryDistillLoss(None, docs, student_temperature=1.0, teacher_temperature=1.0, over=over)
@@ -237,9 +237,9 @@ def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_di
     from datasets import load_from_disk
     from sentence_transformers import SentenceTransformer
 
-    from data_prep.run import run as run_data_prep
-    from train.losses import join_rows, labelfree_dataset
-    from train.recipe import run as run_train
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.train.losses import join_rows, labelfree_dataset
+    from embtune.train.recipe import run as run_train
 
     corpus_dir = sentence_corpus(tmp_path / "c")
     model_dir = tmp_path / "base"
@@ -279,7 +279,7 @@ def test_in_batch_teacher_scores_every_passage_of_the_batch_for_every_query():
     """Symmetric in-batch form: query 0's softmax runs over query 1's passages too. A passage among query 0's own
     candidates keeps its teacher score wherever in the batch it sits; any other passage scores 0; query 0's dropped
     source passage (never scored by its teacher) is left out, not taught as a negative."""
-    from train.losses import QueryDistillLoss, in_batch_teacher, split_rows
+    from embtune.train.losses import QueryDistillLoss, in_batch_teacher, split_rows
 
     # m = 2, k = 3. Query 0: source 9, candidates 1, 2, 3; query 1: source 1, candidates 4, 3, 9.
     labels = torch.tensor([[*split_rows([9]), *split_rows([1, 2]), *split_rows([1, 2, 3]), 0.9, 0.5, 0.2],
@@ -321,7 +321,7 @@ def asymmetric_model(base_dir, out_dir):
     documents), as label-free training with ``train.document_side: base`` saves it."""
     from sentence_transformers import SentenceTransformer
 
-    from train.recipe import save_asymmetric
+    from embtune.train.recipe import save_asymmetric
 
     base = SentenceTransformer(str(base_dir), device="cpu")
     student = SentenceTransformer(str(base_dir), device="cpu")
@@ -356,7 +356,7 @@ def test_bundle_of_an_asymmetric_model_indexes_documents_and_serves_queries_by_r
     """Export and serve keep the routes apart: the index holds the base (document) route's vectors and a query is
     encoded with the trained route, as eval encodes them, so /search ranks as eval measured."""
     from embtune.retrieval.encoder import encode
-    from serve.bundle import build_bundle, load_bundle
+    from embtune.serve.bundle import build_bundle, load_bundle
 
     base, student = asymmetric_model(tiny_model_dir, tmp_path / "model")
     docs = [{"_id": f"d{i}", "text": t} for i, t in enumerate(["star planet orbit", "flour butter sugar", "tide moon"])]

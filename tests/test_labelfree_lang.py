@@ -77,7 +77,7 @@ class Noise:  # encodes any text to a fixed random unit vector: a model that rea
 def test_a_non_latin_corpus_yields_pseudo_queries_and_a_measured_probe(tmp_path):
     """Sentences ending in 。 with no capital letters: every passage gives queries, and the probe measures (BM25 on
     character bigrams finds the cut passage)."""
-    from data_prep.labelfree import FusedTeacher, cut_queries, probe_teacher
+    from embtune.data_prep.labelfree import FusedTeacher, cut_queries, probe_teacher
     from embtune.dataio import document_text
     from embtune.retrieval.bm25 import BM25Config, resolve_language
 
@@ -100,7 +100,7 @@ def test_a_non_latin_corpus_yields_pseudo_queries_and_a_measured_probe(tmp_path)
 
 
 def test_decide_keeps_the_base_without_headroom_and_says_why():
-    from data_prep.labelfree import decide
+    from embtune.data_prep.labelfree import decide
 
     probe = {"queries": 600, "dense_alone": 76.36, "bm25_alone": 40.0, "choice": 0.8, "choice_mrr": 76.89}
     decision = decide(True, "reads", probe, min_headroom=5.0)
@@ -115,7 +115,7 @@ def test_decide_keeps_the_base_without_headroom_and_says_why():
 
 
 def test_a_student_ships_only_when_it_beats_the_base_on_the_probe():
-    from eval.run import choose_on_evidence
+    from embtune.eval.run import choose_on_evidence
 
     scores = {"base": 60.0, "bm25": 55.0, "base+bm25_weighted": 70.0, "finetuned": 62.0,
               "finetuned+bm25_weighted": 70.5}
@@ -127,10 +127,10 @@ def test_a_student_ships_only_when_it_beats_the_base_on_the_probe():
 def test_a_corpus_the_model_cannot_read_ships_bm25_and_says_why(tmp_path, tiny_model_dir):
     """Every character is the tiny model's unknown token: data_prep says so, no student is trained, eval and the
     bundle serve BM25 (on character bigrams)."""
-    from data_prep.run import run as run_data_prep
-    from eval.run import run as run_eval
-    from serve.export import run as run_export
-    from train.recipe import run as run_train
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval.run import run as run_eval
+    from embtune.serve.export import run as run_export
+    from embtune.train.recipe import run as run_train
 
     corpus_dir = han_corpus(tmp_path / "han")
     model_dir = tmp_path / "base"
@@ -156,10 +156,10 @@ def test_a_corpus_the_model_cannot_read_ships_bm25_and_says_why(tmp_path, tiny_m
 def test_without_labels_the_probe_chooses_what_ships(tmp_path, tiny_model_dir):
     """A readable corpus, no queries: eval measures the rows on the held-out probe and the bundle serves the
     winner, with the evidence recorded."""
-    from data_prep.run import run as run_data_prep
-    from eval.run import run as run_eval
-    from serve.export import run as run_export
-    from train.recipe import run as run_train
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval.run import run as run_eval
+    from embtune.serve.export import run as run_export
+    from embtune.train.recipe import run as run_train
 
     corpus_dir = sentence_corpus(tmp_path / "corpus_only")
     cfg = recipe(tmp_path, corpus_dir, tiny_model_dir, "export.targets=[faiss]")
@@ -181,16 +181,16 @@ def test_without_labels_the_probe_chooses_what_ships(tmp_path, tiny_model_dir):
 def test_the_deploy_choice_never_reads_the_reported_split(tmp_path, tiny_model_dir, favour):
     """Labelled queries with a dev split: the recommended row and its fusion weight come from dev. Rewriting the
     test qrels so that another row is perfect on test changes nothing."""
-    from data_prep.run import run as run_data_prep
-    from eval.run import read_run
-    from eval.run import run as run_eval
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval.run import read_run
+    from embtune.eval.run import run as run_eval
 
     corpus_dir = sentence_corpus(tmp_path / "beir", qrels=True)
     shutil.copy(corpus_dir / "qrels" / "test.tsv", corpus_dir / "qrels" / "train.tsv")
     cfg = recipe(tmp_path, corpus_dir, tiny_model_dir, "data.dev_fraction=0.5", "labelfree.min_headroom=1000",
                  "eval.save_runs=10", "eval.significance_resamples=0")
     run_data_prep(cfg)
-    from train.recipe import run as run_train
+    from embtune.train.recipe import run as run_train
 
     run_train(cfg)
     first = json.loads(Path(run_eval(cfg)["results"]).read_text())

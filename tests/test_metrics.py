@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from eval.metrics import evaluate
+from embtune.eval.metrics import evaluate
 
 
 def test_metrics_match_hand_computed_values():

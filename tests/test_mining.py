@@ -1,6 +1,6 @@
 import random
 
-from data_prep.mining import mine_negatives, normalized_hash
+from embtune.data_prep.mining import mine_negatives, normalized_hash
 
 
 def make_corpus(n=60, seed=0):
@@ -34,7 +34,7 @@ def test_negatives_are_never_positives_nor_duplicates_of_them():
 
 
 def test_rank_window_is_respected():
-    from data_prep.mining import bm25_rankings
+    from embtune.data_prep.mining import bm25_rankings
 
     corpus = make_corpus()
     texts = {d: doc["text"] for d, doc in corpus.items()}

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 
-from data_prep.mining import Guards, bm25_ranking, dense_ranking, fuse, mine_negatives, normalized_hash
+from embtune.data_prep.mining import Guards, bm25_ranking, dense_ranking, fuse, mine_negatives, normalized_hash
 from embtune.retrieval.bm25 import BM25Tokenizer
 
 
@@ -97,7 +97,7 @@ def test_dense_and_hybrid_never_return_positives_or_duplicates(method):
 
 
 def test_rrf_and_weighted_fusion_orders():
-    from data_prep.mining import Ranking
+    from embtune.data_prep.mining import Ranking
 
     def ranking(order, scores_by_doc):
         scores = np.array([[scores_by_doc[d] for d in order]])
@@ -206,7 +206,7 @@ def write_beir(folder, corpus, queries, qrels):
 
 
 def test_stage_with_bad_input_finishes_and_reports(tmp_path):
-    from data_prep.run import run
+    from embtune.data_prep.run import run
     from embtune.schema import load_config
 
     corpus = make_corpus(n=30)

@@ -24,8 +24,8 @@ pytest.importorskip("onnx", reason="ONNX export needs onnxruntime and onnx: pip 
 
 from embtune.retrieval.onnx import OnnxEncoder, export_onnx  # noqa: E402
 from embtune.sections.serve import ServeConfig  # noqa: E402
-from serve.app import create_app  # noqa: E402
-from serve.bundle import build_bundle  # noqa: E402
+from embtune.serve.app import create_app  # noqa: E402
+from embtune.serve.bundle import build_bundle  # noqa: E402
 
 WORDS = "the a of and to in is for on with cat dog fish river city train music model search index query".split()
 # Different lengths on purpose: a batch of them is padded, which is what the exported attention mask must handle.
@@ -201,7 +201,7 @@ def test_int8_bundle_is_built_and_served_with_int8(tiny_model_dir, tmp_path):
     manifest; load_bundle on the same backend finds each document by its own text."""
     import json
 
-    from serve.bundle import load_bundle
+    from embtune.serve.bundle import load_bundle
 
     docs = [{"_id": str(i), "text": text} for i, text in enumerate(TEXTS)]
     bundle_dir = build_bundle(tiny_model_dir, docs, tmp_path / "bundle", backend="onnx-int8")
@@ -215,8 +215,8 @@ def test_int8_bundle_is_built_and_served_with_int8(tiny_model_dir, tmp_path):
 def test_backend_settings_are_config_keys(tiny_model_dir, tmp_path, monkeypatch):
     """eval.backend picks the encoder eval measures with; a wrong value names the key and the choices."""
     from embtune.config import ConfigError
+    from embtune.eval.run import load_encoder as eval_encoder
     from embtune.schema import load_config
-    from eval.run import load_encoder as eval_encoder
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     cfg = load_config(None, ["data.path=/x", "eval.backend=onnx-int8", "eval.threads=1", "export.backend=onnx"])
@@ -234,8 +234,8 @@ def test_export_stage_indexes_with_its_backend(tiny_model_dir, tiny_beir, tmp_pa
     import json
 
     from embtune.schema import load_config
-    from serve.bundle import load_bundle
-    from serve.export import run as export_run
+    from embtune.serve.bundle import load_bundle
+    from embtune.serve.export import run as export_run
 
     run_dir = tmp_path / "run"
     results = tmp_path / "results.json"

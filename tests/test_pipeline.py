@@ -34,7 +34,7 @@ def test_pipeline_runs_skips_and_reruns_downstream(tmp_path, tiny_beir, tiny_mod
     assert set(results["results"]["finetuned"]["dims"]) == {"32", "16"}
     assert results["num_queries"] == 18  # every 4th of 72 queries is test
 
-    from embtune.report import check_report
+    from embtune.pipeline.report import check_report
 
     report = tmp_path / "run" / "report" / "index.html"  # every pipeline run ends with its report
     assert check_report(report) == [] and "finetuned vs base" in report.read_text()

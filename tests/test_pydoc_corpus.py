@@ -1,6 +1,6 @@
 import json
 
-from data_prep.pydoc_corpus import build_pydoc_beir
+from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 from embtune.dataio import load_beir
 
 

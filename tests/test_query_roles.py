@@ -42,7 +42,7 @@ def expected_rankings(router_dir, doc_texts, query_texts, k):
 
 def test_rag_retrieves_through_the_query_route(tmp_path, tiny_beir, router_dir, monkeypatch):
     from embtune.dataio import document_text, load_corpus
-    from eval.rag import retrieve
+    from embtune.eval.rag import retrieve
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     corpus = load_corpus(tiny_beir / "corpus.jsonl")
@@ -57,8 +57,8 @@ def test_rag_retrieves_through_the_query_route(tmp_path, tiny_beir, router_dir, 
 
 def test_choose_scores_a_router_through_its_query_route(tmp_path, tiny_beir, router_dir):
     from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
+    from embtune.eval.choose import choose
     from embtune.schema import load_config
-    from eval.choose import choose
 
     cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "data.dev_fraction=0.5",
                              "eval.choose.timing_documents=8", "eval.choose.resamples=100",
@@ -72,7 +72,7 @@ def test_choose_scores_a_router_through_its_query_route(tmp_path, tiny_beir, rou
     doc_ids = list(corpus)
     by_query_route, by_document_route = expected_rankings(
         router_dir, [document_text(corpus[d]) for d in doc_ids], [queries[q] for q in query_ids], k=10)
-    from eval.metrics import evaluate
+    from embtune.eval.metrics import evaluate
 
     def ndcg(rankings):
         run = {q: {doc_ids[i]: float(10 - r) for r, i in enumerate(rows)} for q, rows in zip(query_ids, rankings)}

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from eval.rag import (
+from embtune.eval.rag import (
     ANSWER_SYSTEM,
     main,
     paired_compare,
@@ -117,7 +117,7 @@ def test_rerank_orders_first_stage_candidates_by_cross_encoder(tmp_path, tiny_be
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     from embtune.dataio import document_text, load_corpus
-    from eval.rag import retrieve
+    from embtune.eval.rag import retrieve
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
     folder = tmp_path / "cross"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from embtune.report import build_report, check_report, data_counts, main, pareto_rows, per_query_differences
+from embtune.pipeline.report import build_report, check_report, data_counts, main, pareto_rows, per_query_differences
 
 QUERIES = [f"q{i}" for i in range(12)]
 # Fine-tuned beats base on q0-q5, loses on q6-q7, ties on q8-q11: 6 wins, 2 losses, 4 ties.

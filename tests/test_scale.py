@@ -122,9 +122,9 @@ def test_dense_and_bm25_top_k_equal_one_process(encoded, corpus):
 
 def test_mined_negatives_are_identical(encoded, corpus, tiny_model_dir):
     """mine_negatives over the engine's candidates (dense with the margin guard, BM25) == over one process's."""
-    from data_prep.mining import Guards, Ranking, bm25_ranking, dense_ranking, mine_negatives
     from embtune.compute import ComputeConfig, activate
     from embtune.compute.search import bm25_candidates, dense_candidates
+    from embtune.data_prep.mining import Guards, Ranking, bm25_ranking, dense_ranking, mine_negatives
     from embtune.retrieval.bm25 import BM25Config, build_tokenizer
 
     texts, queries = corpus
@@ -241,7 +241,7 @@ def test_data_prep_mines_the_same_candidates_on_either_engine(encoded, corpus, t
     """data_prep's build_ranking with compute.engine=ray (sharded dense and BM25, fused) == with local. Without the
     verbatim duplicates: the local engine's FAISS returns equal-score rows in no fixed order, which moves their
     fused rank (the engine puts them in row order; test_dense_and_bm25_top_k_equal_one_process)."""
-    from data_prep.run import build_ranking
+    from embtune.data_prep.run import build_ranking
     from embtune.schema import load_config
 
     texts, queries = corpus

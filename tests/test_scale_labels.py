@@ -9,7 +9,7 @@ BIG = 1 << 24  # the first integer after which float32 skips odd numbers
 def test_row_ids_past_2_24_survive_the_float32_label_and_reach_the_right_passages():
     """A table whose candidates sit past row 2**24: the collator's float32 label gives back every id exactly, and
     the loss scores the passages at those rows (the same loss as on a small corpus holding only them)."""
-    from train.losses import build_query_loss, join_rows, labelfree_dataset
+    from embtune.train.losses import build_query_loss, join_rows, labelfree_dataset
 
     candidates = [BIG + 1, BIG + 3, BIG + 7, 2 * BIG + 5]
     table = Dataset.from_dict({"query": ["q"], "candidates": [candidates], "teacher_scores": [[0.9, 0.5, 0.2, 0.1]],

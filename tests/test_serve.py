@@ -21,9 +21,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertModel, B
 
 from embtune.dataio import document_text
 from embtune.sections.serve import ServeConfig
-from serve.__main__ import main
-from serve.app import create_app
-from serve.bundle import build_bundle
+from embtune.serve.__main__ import main
+from embtune.serve.app import create_app
+from embtune.serve.bundle import build_bundle
 from tests.conftest import uvicorn_in_thread
 
 API_KEY = "test-key"
@@ -284,7 +284,7 @@ def test_expected_wait_counts_the_texts_queued_at_the_recent_cost():
     import threading
     import time
 
-    from serve.batcher import MicroBatcher
+    from embtune.serve.batcher import MicroBatcher
 
     release = threading.Event()
 
@@ -315,7 +315,7 @@ def test_expected_wait_counts_the_texts_queued_at_the_recent_cost():
 def test_keep_alive_timeout_reaches_uvicorn(bundle_dir, monkeypatch):
     import uvicorn
 
-    from serve.app import run_server
+    from embtune.serve.app import run_server
 
     seen = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: seen.update(kwargs))
@@ -497,7 +497,8 @@ def test_unknown_serve_key_exits_2_naming_it(tmp_path, capsys):
 
 
 def test_yaml_serve_section_reaches_the_app(bundle_dir, tmp_path, monkeypatch):
-    """``python -m serve up CONFIG key=value``: the YAML's serve section, with the override on top, is what the app
+    """``python -m embtune.serve up CONFIG key=value``: the YAML's serve section, with the override on top, is what
+    the app
     runs with (uvicorn.run is replaced by a TestClient on the app it was given)."""
     import uvicorn
 
@@ -520,7 +521,7 @@ def test_yaml_serve_section_reaches_the_app(bundle_dir, tmp_path, monkeypatch):
 
 
 def test_bundle_dir_defaults_to_the_recipes_export(tmp_path):
-    from serve.__main__ import config_from_args
+    from embtune.serve.__main__ import config_from_args
 
     assert config_from_args([f"run_dir={tmp_path}"]).bundle_dir == str(tmp_path / "bundle")
     assert config_from_args([f"run_dir={tmp_path}", "export.out_dir=elsewhere"]).bundle_dir == "elsewhere"

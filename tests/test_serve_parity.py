@@ -13,13 +13,13 @@ import pytest
 from fastapi.testclient import TestClient
 
 from embtune.dataio import load_corpus, load_queries
+from embtune.eval.run import read_run, run_file_name
+from embtune.eval.run import run as run_eval
 from embtune.retrieval.spec import SPEC_FILE, FusionSpec, RetrieverSpec
 from embtune.schema import load_config
 from embtune.sections.serve import ServeConfig
-from eval.run import read_run, run_file_name
-from eval.run import run as run_eval
-from serve.app import create_app
-from serve.bundle import build_bundle
+from embtune.serve.app import create_app
+from embtune.serve.bundle import build_bundle
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ def test_eval_records_specs_and_recommends_the_best_row(measured):
 
 
 def test_export_serves_the_recommended_spec_of_the_exported_model(caplog):
-    from serve.export import bundle_spec
+    from embtune.serve.export import bundle_spec
 
     dense = {"dense": {"model": "runs/x/train/model", "dim": 384}}
     base = {"dense": {"model": "minilm-path", "dim": 384}}

@@ -10,7 +10,7 @@ import threading
 
 import numpy as np
 
-from serve.bundle import build_bundle, load_bundle
+from embtune.serve.bundle import build_bundle, load_bundle
 from tests.conftest import FILLER, TOPICS
 
 WORDS = sorted({w for text in TOPICS.values() for w in text.split()} | set(FILLER))

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from eval.significance import compare_systems, default_pairs, paired_test, significance_table
+from embtune.eval.significance import compare_systems, default_pairs, paired_test, significance_table
 
 
 def test_identical_systems_have_p_one_and_a_zero_interval():

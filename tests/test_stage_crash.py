@@ -50,7 +50,8 @@ def largest_file(path: Path) -> Path:
 def test_export_killed_after_the_index_before_metrics_is_redone(finished_run, monkeypatch):
     """The issue's case: the bundle folder removed, the re-export killed after the model and index were written and
     before metrics.json; the next run must not call that bundle up to date."""
-    import serve.bundle
+    from embtune import serve
+    from embtune.serve import bundle as _bundle  # noqa: F401 (binds serve.bundle)
 
     cfg, overrides, run_dir = finished_run
     bundle = Path(manifest(run_dir, "export")["outputs"]["bundle"])

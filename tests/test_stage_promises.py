@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.run import run as data_prep_run
+from embtune.data_prep.run import run as data_prep_run
+from embtune.eval.run import run as eval_run
 from embtune.pipeline import run as run_pipeline
 from embtune.schema import load_config
-from eval.run import run as eval_run
 
 STAGES = ("data_prep", "train", "eval", "export")
 

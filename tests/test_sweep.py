@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
+from embtune.eval.sweep import best_compact, format_sweep, plot_sweep, sweep_model
 from embtune.retrieval.encoder import normalize
 from embtune.sections.eval import SweepConfig
-from eval.sweep import best_compact, format_sweep, plot_sweep, sweep_model
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_table_and_plot(sweep_rows, tmp_path):
 
 
 def test_pareto_front_keeps_only_undominated_rows():
-    from eval.sweep import pareto_front
+    from embtune.eval.sweep import pareto_front
 
     rows = [{"bytes_per_vector": b, "ndcg@10": n, "id": i}
             for i, (b, n) in enumerate([(10, 0.5), (20, 0.4), (30, 0.6), (30, 0.55), (40, 0.6), (50, 0.7)])]

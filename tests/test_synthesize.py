@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.synthesize import (
+from embtune.data_prep.synthesize import (
     STYLES,
     build_messages,
     build_requests,

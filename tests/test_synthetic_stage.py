@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from datasets import load_from_disk
 
-from data_prep.run import run as run_data_prep
-from data_prep.synthetic import select_passages
+from embtune.data_prep.run import run as run_data_prep
+from embtune.data_prep.synthetic import select_passages
 from embtune.dataio import load_queries
 from embtune.schema import load_config
 from tests.conftest import TOPICS

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.mining import Guards, mine_negatives
+from embtune.data_prep.mining import Guards, mine_negatives
 from embtune.retrieval.rerank import CrossEncoderScorer
 from embtune.schema import load_config
 
@@ -76,7 +76,7 @@ def test_teacher_guards_drop_and_count(tiny_beir, tiny_cross_encoder_dir, cache)
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
     teacher = CrossEncoderScorer(str(tiny_cross_encoder_dir), batch_size=16, max_length=64)
     # Independently: every window candidate that passes the always-on guards, with its and its positive's score.
-    from data_prep.mining import bm25_ranking, candidate_query_ids, normalized_hash
+    from embtune.data_prep.mining import bm25_ranking, candidate_query_ids, normalized_hash
 
     doc_ids = list(corpus)
     query_ids = candidate_query_ids(qrels)
@@ -106,7 +106,7 @@ def test_teacher_guards_drop_and_count(tiny_beir, tiny_cross_encoder_dir, cache)
 
 
 def run_data_prep(tmp_path, tiny_beir, teacher_dir, extra=()):
-    from data_prep.run import run
+    from embtune.data_prep.run import run
 
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "mining.num_negatives=2",
                  "mining.rank_end=10", f"mining.teacher={teacher_dir}", "mining.teacher_max_length=64", *extra]
@@ -118,7 +118,7 @@ def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_mod
                                              cache):
     from sentence_transformers import SentenceTransformer
 
-    from train.recipe import run as train_run
+    from embtune.train.recipe import run as train_run
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
@@ -138,7 +138,7 @@ def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_mod
 def test_distillation_labels_and_missing_teacher_columns(tmp_path, tiny_beir, tiny_cross_encoder_dir, cache):
     from datasets import load_from_disk
 
-    from train.losses import training_dataset
+    from embtune.train.losses import training_dataset
 
     _, outputs = run_data_prep(tmp_path, tiny_beir, tiny_cross_encoder_dir)
     table = load_from_disk(outputs["train_table"])
@@ -161,8 +161,8 @@ def test_distillation_labels_and_missing_teacher_columns(tmp_path, tiny_beir, ti
 def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_dir, cache):
     from sentence_transformers import CrossEncoder
 
-    from data_prep.run import run as data_prep_run
-    from train.cross_encoder import run as ce_run
+    from embtune.data_prep.run import run as data_prep_run
+    from embtune.train.cross_encoder import run as ce_run
 
     base = tmp_path / "base"
     shutil.copytree(Path(tiny_model_dir).parent / "raw", base)  # a plain BERT checkpoint: the head is new
@@ -188,7 +188,7 @@ def test_hybrid_teacher_is_the_core_fusion_on_the_cosine_scale(tiny_beir, tiny_m
     ``bm25`` section's k1 and b) over the corpus, weighted 1 : bm25_weight, mapped back to the cosine's scale."""
     from sentence_transformers import SentenceTransformer
 
-    from data_prep.teacher import HybridTeacher
+    from embtune.data_prep.teacher import HybridTeacher
     from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer
 
     corpus, queries, qrels, texts = tiny_corpus(tiny_beir)
@@ -225,14 +225,14 @@ def test_hybrid_teacher_is_the_core_fusion_on_the_cosine_scale(tiny_beir, tiny_m
 def test_hybrid_teacher_feeds_margin_mse_through_the_stage(tmp_path, tiny_beir, tiny_model_dir, cache):
     from datasets import load_from_disk
 
-    from train.losses import training_dataset
+    from embtune.train.losses import training_dataset
 
     overrides, outputs = run_data_prep(tmp_path, tiny_beir, "hybrid", extra=[f"train.base_model={tiny_model_dir}",
                                                                             "mining.teacher_bm25_weight=0.5"])
     table = load_from_disk(outputs["train_table"])
     assert {"score_positive", "score_negative_1", "score_negative_2"} <= set(table.column_names)
     # the scores the stage wrote are the teacher's (the bm25 section's BM25, weight 0.5)
-    from data_prep.teacher import HybridTeacher
+    from embtune.data_prep.teacher import HybridTeacher
     from embtune.retrieval.bm25 import BM25Config
 
     corpus, _, _, texts = tiny_corpus(tiny_beir)

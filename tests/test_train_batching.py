@@ -5,7 +5,7 @@ import random
 import numpy as np
 from datasets import Dataset
 
-from train.batching import SeededBatchSampler, padded_tokens
+from embtune.train.batching import SeededBatchSampler, padded_tokens
 
 
 def table(rows=300, seed=0):

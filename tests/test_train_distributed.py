@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from data_prep.run import run as data_prep_run
+from embtune.data_prep.run import run as data_prep_run
 from embtune.schema import load_config
-from train.recipe import run as train_run
+from embtune.train.recipe import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_two_processes_train_like_one_process_on_the_global_batch(tmp_path, tiny
     # `--cpu` alone starts one process; `--multi_gpu` on a machine without GPUs is accelerate's gloo CPU path.
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "train", f"run_dir={two}", *common, "train.batch_size=4"]
+           "-m", "embtune.train", f"run_dir={two}", *common, "train.batch_size=4"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train_run(load_config(None, [f"run_dir={one}", *common, "train.batch_size=8"]))

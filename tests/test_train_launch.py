@@ -1,4 +1,4 @@
-"""The real `accelerate launch -m train` on CPU for 2 steps: the weights change and the model loads."""
+"""The real `accelerate launch -m embtune.train` on CPU for 2 steps: the weights change and the model loads."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from data_prep.run import run as data_prep_run
+from embtune.data_prep.run import run as data_prep_run
 from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,7 @@ def test_accelerate_launch_trains_two_steps(tmp_path, tiny_beir, tiny_model_dir)
     env.pop("WANDB_API_KEY", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "train", *overrides]
+           "-m", "embtune.train", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

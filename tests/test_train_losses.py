@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from train.losses import build_loss
+from embtune.train.losses import build_loss
 
 QUERIES = ["star planet orbit", "oven flour butter", "patient dose vaccine", "market stock bond",
            "guitar melody chord", "team goal match", "comet nebula moon", "bake dough salt"]

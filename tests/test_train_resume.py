@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from data_prep.run import run as data_prep_run
+from embtune.data_prep.run import run as data_prep_run
 from embtune.schema import load_config
-from train.checkpoints import checkpoint_problem, last_checkpoint
-from train.recipe import run as train_run
+from embtune.train.checkpoints import checkpoint_problem, last_checkpoint
+from embtune.train.recipe import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,11 +108,11 @@ def test_checkpoint_problems_are_named(reference):
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_matches_uninterrupted(reference, tiny_beir):
-    """The real thing: `python -m train` killed with SIGKILL after step 3, then the same command again."""
+    """The real thing: `python -m embtune.train` killed with SIGKILL after step 3, then the same command again."""
     root, model, expected = reference
     run_dir, args = fresh_run(root, "killed", tiny_beir, model)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "train", *args]
+    cmd = [sys.executable, "-m", "embtune.train", *args]
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -132,10 +132,10 @@ def test_sigkill_mid_run_then_rerun_matches_uninterrupted(reference, tiny_beir):
 
 @pytest.mark.slow
 def test_force_retrains_from_scratch_not_from_the_last_checkpoint(reference, tiny_beir, caplog):
-    """`python -m train CONFIG --force` on a finished run trains every step again from the base model."""
+    """`python -m embtune.train CONFIG --force` on a finished run trains every step again from the base model."""
     from safetensors.numpy import save_file
 
-    from train.checkpoints import seal
+    from embtune.train.checkpoints import seal
 
     root, model, expected = reference
     run_dir, args = fresh_run(root, "forced", tiny_beir, model)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.run import run as data_prep_run
+from embtune.data_prep.run import run as data_prep_run
+from embtune.eval.run import run as eval_run
 from embtune.schema import load_config
 from embtune.tracking import offline_records
-from eval.run import run as eval_run
-from train.recipe import run as train_run
+from embtune.train.recipe import run as train_run
 
 
 def read_run(stage_dir):

@@ -24,9 +24,9 @@ from embtune.retrieval.encoder import encode, load_encoder, normalize
 from embtune.retrieval.index import exact_search
 from embtune.schema import load_config
 from embtune.sections.export import VectorDBConfig
-from serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
-from serve.export import run as run_export
-from serve.vectordb import (
+from embtune.serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
+from embtune.serve.export import run as run_export
+from embtune.serve.vectordb import (
     QueryEncoder,
     chroma_top_ids,
     export_vectordb,
@@ -86,7 +86,7 @@ def test_chroma_and_lancedb_top10_equal_faiss_exact(tiny_model_dir, tiny_beir, t
     assert len(expected) == 72
     assert chroma_top_ids(open_chroma(bundle), query_vectors, K) == expected
     assert lancedb_top_ids(open_lancedb(bundle), query_vectors, K) == expected
-    if dim == 0:  # the faiss target itself (what `python -m serve` searches) ranks the same
+    if dim == 0:  # the faiss target itself (what `python -m embtune.serve` searches) ranks the same
         _, indices = faiss.read_index(str(bundle / INDEX_FILE)).search(query_vectors, K)
         assert [[docs[j]["_id"] for j in row] for row in indices] == expected
 

@@ -1,9 +1,9 @@
-"""accelerate launch -m train CONFIG [key=value ...]  (or python -m train ...): fine-tune the model."""
+"""accelerate launch -m embtune.train CONFIG [key=value ...]  (or python -m embtune.train ...): fine-tune the model."""
 
 import sys
 
 from embtune.cli import stage_main
-from train.recipe import run
+from embtune.train.recipe import run
 
 
 def main(argv=None) -> int:

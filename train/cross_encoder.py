@@ -1,7 +1,7 @@
 """The cross-encoder teacher recipe: sentence-transformers' CrossEncoderTrainer on data_prep's table.
 
-    python -m train.cross_encoder configs/scifact_teacher.yaml            # CPU or one GPU
-    accelerate launch -m train.cross_encoder configs/scifact_teacher.yaml # many GPUs
+    python -m embtune.train.cross_encoder configs/scifact_teacher.yaml            # CPU or one GPU
+    accelerate launch -m embtune.train.cross_encoder configs/scifact_teacher.yaml # many GPUs
 
 No cross-encoder ships offline here, so embtune trains its own teacher: ``CrossEncoder(base_model, num_labels=1)``
 keeps the base checkpoint's BERT weights (a sentence-transformer folder works) and adds a fresh one-logit head,
@@ -21,7 +21,7 @@ from typing import Any
 
 from embtune.manifest import Stage
 from embtune.models import resolve_model
-from train.recipe import upstream_table
+from embtune.train.recipe import upstream_table
 
 logger = logging.getLogger(__name__)
 

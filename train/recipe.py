@@ -1,7 +1,7 @@
 """The training recipe: sentence-transformers' trainer on data_prep's table, made distributed by accelerate.
 
-    accelerate launch -m train configs/scifact_supervised.yaml      # CPU, one GPU, many GPUs, many nodes
-    python -m train configs/scifact_supervised.yaml                 # same, one process
+    accelerate launch -m embtune.train configs/scifact_supervised.yaml      # CPU, one GPU, many GPUs, many nodes
+    python -m embtune.train configs/scifact_supervised.yaml                 # same, one process
 
 setup() builds the model, the loss, the batch sampler and the trainer from plain config values; train() runs it,
 resuming from the newest complete checkpoint in ``<run_dir>/train/checkpoints-<fingerprint>`` if there is one;
@@ -26,9 +26,9 @@ from embtune.config import ConfigError, to_dict
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from embtune.tracking import configure_reporting, log_data_lineage, log_model_artifact, start_run
-from train.batching import SeededBatchSampler
-from train.checkpoints import SealCheckpoints, last_checkpoint
-from train.losses import QUERY_LOSSES, build_loss, build_query_loss, is_labelfree_table, training_dataset
+from embtune.train.batching import SeededBatchSampler
+from embtune.train.checkpoints import SealCheckpoints, last_checkpoint
+from embtune.train.losses import QUERY_LOSSES, build_loss, build_query_loss, is_labelfree_table, training_dataset
 
 logger = logging.getLogger(__name__)
 

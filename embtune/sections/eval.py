@@ -49,7 +49,8 @@ class SweepConfig:
 
 @dataclass
 class RAGConfig:
-    """Answer-level check (``python -m eval.rag``): retrieve, (rerank,) answer with the ``llm`` section's model citing
+    """Answer-level check (``python -m embtune.eval.rag``): retrieve, (rerank,) answer with the ``llm`` section's
+    model citing
     passages [1]..[k], judge faithfulness with the same model; base vs fine-tuned on the same seeded sample."""
 
     split: str = ""  # "" = eval.split
@@ -83,7 +84,7 @@ class RAGConfig:
 
 @dataclass
 class ChooseConfig:
-    """Choosing a base model (``python -m eval.choose``): candidates vs BM25 and hybrids on dev queries.
+    """Choosing a base model (``python -m embtune.eval.choose``): candidates vs BM25 and hybrids on dev queries.
 
     ``candidates`` forms: an ``embtune.models`` alias (``minilm``), a local SentenceTransformer folder, a hub name
     (when the hub or its local cache has it), ``run:<run_dir>`` (the model an earlier embtune run trained; globs
@@ -151,7 +152,7 @@ class EvalConfig:
     extra_models: dict[str, str] = field(default_factory=dict)
     endpoint_batch_size: int = 256  # texts per embeddings request to an endpoint model
     endpoint_api_key_env: str = "OPENAI_API_KEY"  # environment variable with the endpoint's key
-    rag: RAGConfig = field(default_factory=RAGConfig)  # python -m eval.rag (eval/rag.py)
+    rag: RAGConfig = field(default_factory=RAGConfig)  # python -m embtune.eval.rag (eval/rag.py)
 
     # Paired significance of per-query nDCG@10 (finetuned vs base, finetuned vs bm25): bootstrap CI + randomization
     # test with this many resamples; 0 = off.
@@ -170,7 +171,7 @@ class EvalConfig:
     # rank score row), e.g. to check that a server returns what eval measured; 0 = off.
     save_runs: int = 0
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    choose: ChooseConfig = field(default_factory=ChooseConfig)  # python -m eval.choose (eval/choose.py)
+    choose: ChooseConfig = field(default_factory=ChooseConfig)  # python -m embtune.eval.choose (eval/choose.py)
 
 
     def validate(self) -> None:

@@ -47,7 +47,8 @@ class ExportConfig:
 
     out_dir: str = ""  # default: <run_dir>/bundle (the export stage keeps its manifest in <run_dir>/export)
     model_name: str = "embtune-model"
-    # Where the eval corpus and its embeddings go: "faiss" = index/corpus.faiss (what `python -m serve` searches),
+    # Where the eval corpus and its embeddings go: "faiss" = index/corpus.faiss (what `python -m embtune.serve`
+    # searches),
     # "chroma" = a persistent Chroma collection, "lancedb" = a LanceDB table, both under <bundle>/vectordb/.
     # [] = a bundle with the model only.
     targets: list[str] = field(default_factory=lambda: ["faiss"])

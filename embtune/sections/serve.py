@@ -1,4 +1,4 @@
-"""Config section for the HTTP server: ``serve``, read by ``python -m serve up [CONFIG] [serve.key=value ...]``.
+"""Config section for the HTTP server: ``serve``, read by ``python -m embtune.serve up [CONFIG] [serve.key=value ...]``.
 
 What ``/search`` retrieves is not here: it is the bundle's ``retriever.json`` (the spec eval recommended).
 

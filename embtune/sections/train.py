@@ -119,7 +119,7 @@ class TrainConfig:
 
 @dataclass
 class CrossEncoderConfig:
-    """Training a cross-encoder teacher (``python -m train.cross_encoder CONFIG``) on data_prep's table.
+    """Training a cross-encoder teacher (``python -m embtune.train.cross_encoder CONFIG``) on data_prep's table.
 
     The model starts from ``base_model`` with a fresh one-logit classification head (a sentence-transformer folder
     such as ``minilm`` works: its BERT weights are kept). Output: ``<run_dir>/cross_encoder/model``, loadable with

@@ -1,7 +1,7 @@
 """The run report: ``<run_dir>/report/index.html``, one page that ties a run's config, data, training and results.
 
-    python -m embtune.report RUN_DIR            # (re)build it from the stage outputs
-    python -m embtune.report RUN_DIR --check    # and check that every image and link on it resolves
+    python -m embtune.pipeline.report RUN_DIR            # (re)build it from the stage outputs
+    python -m embtune.pipeline.report RUN_DIR --check    # and check that every image and link on it resolves
 
 ``embtune.pipeline`` builds it at the end of every run. It reads only files the stages wrote, so it works on any run
 directory, also one where some stages never ran (the page says which):
@@ -316,7 +316,8 @@ def _files(run: RunFiles, out: Path) -> list[dict[str, Any]]:
 def _environment():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("embtune", "templates"), autoescape=select_autoescape(["html", "j2"]),
+    env = Environment(loader=PackageLoader("embtune.pipeline", "templates"),
+                      autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["pct"] = lambda v: "" if v is None else f"{100 * v:.2f}"
     env.filters["num"] = lambda v: f"{v:,}" if isinstance(v, int) else ("" if v is None else str(v))
@@ -456,7 +457,7 @@ def check_report(page: str | Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m embtune.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m embtune.pipeline.report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a pipeline run directory (run_dir in the recipe)")
     parser.add_argument("--check", action="store_true", help="then check the page's images and links (exit 1 if not)")

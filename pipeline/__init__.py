@@ -5,7 +5,7 @@
 
 Each stage skips itself when its manifest matches (same config section, same input hashes); a change reruns that
 stage, and the stages after it see new input hashes and rerun too. The run directory also gets the resolved recipe
-(``config.yaml``) and, at the end, the run report ``report/index.html`` (``embtune/report.py``).
+(``config.yaml``) and, at the end, the run report ``report/index.html`` (``pipeline/report.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from embtune.cli import exit_code, parse_config_args
-from embtune.report import build_report, write_config
+from embtune.pipeline.report import build_report, write_config
 
 logger = logging.getLogger("embtune.pipeline")
 
@@ -37,10 +37,10 @@ class StageFailed(RuntimeError):
 
 def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", force: bool = False,
         stages: tuple[str, ...] = STAGE_ORDER) -> dict[str, float]:
-    from data_prep.run import run as data_prep_run
-    from eval.run import run as eval_run
-    from serve.export import run as export_run
-    from train.recipe import run as train_run
+    from embtune.data_prep.run import run as data_prep_run
+    from embtune.eval.run import run as eval_run
+    from embtune.serve.export import run as export_run
+    from embtune.train.recipe import run as train_run
 
     runners = {"data_prep": data_prep_run, "train": train_run, "eval": eval_run, "export": export_run}
     wall = {}
@@ -50,7 +50,7 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
         logger.info("=== stage %s ===", name)
         if name == "train" and launch:
             # Multi-process training runs in its own processes; it skips itself the same way when up to date.
-            cmd = [*shlex.split(launch), "-m", "train", *([config_path] if config_path else []), *overrides]
+            cmd = [*shlex.split(launch), "-m", "embtune.train", *([config_path] if config_path else []), *overrides]
             cmd += ["--force"] if force else []
             logger.info("launching: %s", shlex.join(cmd))
             done = subprocess.run(cmd)
@@ -97,7 +97,7 @@ def next_steps(cfg, stages: tuple[str, ...]) -> str:
     manifest = run_dir / "export" / "manifest.json"
     if "export" in stages and manifest.is_file():
         bundle = json.loads(manifest.read_text())["outputs"]["bundle"]
-        lines.append(f"serve:  python -m serve up --bundle {bundle} serve.port=8000")
+        lines.append(f"serve:  python -m embtune.serve up --bundle {bundle} serve.port=8000")
     return "\n".join(lines)
 
 

@@ -7,8 +7,8 @@
               + <stage>/labelfree/corpus_embeddings.npy (the base model's, the student's fixed document side)
 
 The teacher is the fused retriever of the retrieval core (``embtune.retrieval.fusion.weighted_fuse`` over the base
-model's cosine and stemmed BM25), the same fusion eval measures and serve serves. On SciFact it is well above the base model
-(benchmarks/results/scifact_labelfree.json); distilling it moves that value into a dense-only model.
+model's cosine and stemmed BM25), the same fusion eval measures and serve serves. On SciFact it is well above the base
+model (benchmarks/results/scifact_labelfree.json); distilling it moves that value into a dense-only model.
 
 **Choosing the teacher without labels.** A fixed weight is not right for every corpus (BM25 is useless for some,
 the dense model for others), and queries cut verbatim from a passage favour BM25, which matches them word for

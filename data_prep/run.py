@@ -41,7 +41,9 @@ def stage_config(cfg) -> dict[str, Any]:
     from embtune.config import to_dict
 
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining),
-               "bm25": to_dict(cfg.bm25)}
+               "bm25": to_dict(cfg.bm25),
+               # the Ray engine mines the same candidates up to ties and int8 batching (docs/scale.md): not bit-equal
+               "compute_engine": cfg.compute.engine}
     if cfg.mining.method in ("dense", "hybrid"):
         section["mining_model"] = cfg.mining.model or cfg.train.base_model
     if cfg.chunking.max_tokens:

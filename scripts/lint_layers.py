@@ -39,14 +39,19 @@ def lay_out(out: Path, root: Path = ROOT) -> Path:
     return out
 
 
+def lint(tree: Path, capture: bool = False) -> subprocess.CompletedProcess:
+    """``lint-imports`` with the project's contracts over a laid-out ``tree``."""
+    lint_imports = Path(sys.executable).with_name("lint-imports")
+    # lint-imports puts its working directory first on sys.path: run it in the laid-out tree.
+    return subprocess.run([str(lint_imports), str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"], cwd=tree,
+                          capture_output=capture, text=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", type=Path, default=ROOT / "build" / "layers", help="where to lay the tree out")
     args = parser.parse_args(argv)
-    tree = lay_out(args.tree)
-    lint = Path(sys.executable).with_name("lint-imports")
-    # lint-imports puts its working directory first on sys.path: run it in the laid-out tree.
-    return subprocess.run([str(lint), str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"], cwd=tree).returncode
+    return lint(lay_out(args.tree)).returncode
 
 
 if __name__ == "__main__":

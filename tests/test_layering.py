@@ -17,14 +17,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from lint_layers import lay_out, package_dirs  # noqa: E402
+from lint_layers import lint as run_lint  # noqa: E402
 
 STAGES = ("data_prep", "train", "eval", "serve")
 
 
 def lint(tree: Path) -> subprocess.CompletedProcess:
-    lint_imports = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(lint_imports), str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"], cwd=tree,
-                          capture_output=True, text=True)
+    return run_lint(tree, capture=True)
 
 
 def test_the_tree_as_installed_keeps_every_contract(tmp_path):

@@ -82,6 +82,24 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     return embeddings
 
 
+def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "",
+                  role: str | None = "document"):
+    """A corpus's embeddings as the engine keeps them: the (n, dim) float32 matrix on the local engine, or, with
+    ``compute.engine: ray``, the :class:`embtune.compute.shards.ShardSet` of its Parquet shards, which a caller
+    searches (:class:`embtune.retrieval.spec.Retriever`), indexes (``embtune.compute.export``) or reads row by row
+    without the driver ever holding the whole matrix. Same arguments as :func:`encode`.
+    """
+    from embtune.compute import active
+
+    if cache_key and active().engine == "ray" and LOADED_AS in vars(model):
+        path = cache_dir() / f"{cache_stem(model, cache_key, texts)}.npy"
+        if not path.is_file():  # a matrix the local engine already wrote is used as it is
+            from embtune.compute.shards import encode_texts
+
+            return encode_texts(model, texts, cache_stem(model, cache_key, texts), active(), role=role, desc=desc)
+    return encode(model, texts, batch_size, cache_key=cache_key, desc=desc, role=role)
+
+
 def encode_batch(model, texts: list[str], batch_size: int, role: str | None = None,
                  progress: bool = False) -> np.ndarray:
     """Encode without the cache: float32 (n, dim), normalized when the model scores by cosine (see :func:`encode`).

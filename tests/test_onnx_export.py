@@ -153,6 +153,27 @@ def test_bucketing_restores_input_order(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(got, alone, atol=1e-5)
 
 
+def test_int8_vector_is_its_text_alone(tiny_model_dir, tmp_path):
+    """Dynamic int8 takes a run's activation range over the whole input, so batched texts would move each other's
+    vectors (the Ray engine's shards then differed from one process's encode). The int8 graph runs each text on
+    its own: any order, batch size, thread count or split of the corpus gives the same bits."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    paths = export_onnx(model_dir, quantize=True)
+    int8 = OnnxEncoder(model_dir, paths["int8"], threads=2)
+    assert int8.per_text and not OnnxEncoder(model_dir, paths["fp32"]).per_text
+    texts = TEXTS * 3
+    whole = int8.encode(texts, batch_size=4)  # (n, dim)
+    np.testing.assert_array_equal(whole, int8.encode(texts[::-1], batch_size=64)[::-1])
+    split = np.concatenate([int8.encode(texts[:5]), int8.encode(texts[5:])])
+    np.testing.assert_array_equal(whole, split)
+    one_thread = OnnxEncoder(model_dir, paths["int8"], threads=1)
+    np.testing.assert_array_equal(whole, np.concatenate([one_thread.encode([t]) for t in texts]))
+    # What per-text running prevents: the graph fed a padded batch gives other vectors for the same texts.
+    int8.per_text = False
+    assert np.abs(int8.encode(texts, batch_size=len(texts)) - whole).max() > 1e-6
+
+
 @pytest.mark.parametrize("backend, min_cos", [("onnx", 0.9999), ("onnx-int8", 0.98)])
 def test_load_encoder_backends_match_torch(tiny_model_dir, tmp_path, monkeypatch, backend, min_cos):
     """load_encoder(backend=...) exports a folder without onnx/ once into the cache and embeds like torch

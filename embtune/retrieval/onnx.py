@@ -11,8 +11,8 @@ Only the transformer goes to ONNX; pooling, normalization and any dense layers s
 sentence-transformers modules, run on the ONNX output, so they cannot drift from the torch model.
 
 :class:`OnnxEncoder` batches texts by token length (longest first, each batch padded only to its own longest
-text) and returns the embeddings in input order; ``embtune.retrieval.encoder.load_encoder(name, backend=...)`` is
-the one call that picks torch or ONNX.
+text), or runs an int8 graph's texts one at a time (see ``OnnxEncoder.encode``), and returns the embeddings in input
+order; ``embtune.retrieval.encoder.load_encoder(name, backend=...)`` is the one call that picks torch or ONNX.
 
 Example::
 
@@ -28,6 +28,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +195,15 @@ def onnx_file_for(model_dir: str | Path, backend: str, export_dir: str | Path) -
     return target
 
 
+def is_dynamic_quantized(onnx_path: str | Path) -> bool:
+    """Whether the graph quantizes activations at run time (``DynamicQuantizeLinear``, what ``quantize_dynamic``
+    writes): its outputs then depend on everything in the input tensor, other texts of a batch included."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
+
+
 class OnnxEncoder:
     """Encode texts with an exported ONNX transformer plus the model's own pooling/normalize modules.
 
@@ -224,9 +234,15 @@ class OnnxEncoder:
         self.model = SentenceTransformer(str(model_dir), device="cpu")
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
+        # A dynamic-quantized graph takes each run's activation range over the whole input tensor, so a text's
+        # vector would depend on the texts batched (and padded) with it: the same corpus encoded in another order,
+        # by another engine or in shards of another size would differ. Such a graph runs one text per run, no
+        # padding, on `threads` runs side by side (one onnxruntime thread each): a vector is its text's alone.
+        self.per_text = is_dynamic_quantized(onnx_path)
+        self.threads = threads or os.cpu_count() or 1
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        if threads or self.per_text:
+            options.intra_op_num_threads = 1 if self.per_text else threads
             options.inter_op_num_threads = 1  # the graph runs sequentially; a second pool only adds threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -263,27 +279,56 @@ class OnnxEncoder:
 
         Texts are batched longest first by token length, so each batch pads to nearly its own length; the model's
         own ``preprocess`` tokenizes each batch (padding to the batch's longest text), so ONNX sees what torch
-        would. Extra keyword arguments of ``SentenceTransformer.encode`` are accepted and ignored.
+        would. A dynamic-quantized graph (``per_text``) runs each text alone instead, so its vector does not depend
+        on the others (``batch_size`` is then unused). Extra keyword arguments of ``SentenceTransformer.encode`` are
+        accepted and ignored.
         """
         dim = self.get_embedding_dimension()
         out = np.zeros((len(texts), dim), dtype=np.float32)
         if not texts:
             return out
+        if self.per_text:
+            self._encode_per_text(texts, out, show_progress_bar)
+        else:
+            self._encode_batched(texts, out, batch_size, show_progress_bar)
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _embed(self, features: dict) -> np.ndarray:
+        """Run the graph on one tokenized batch, then the model's own pooling, dense and normalize modules."""
+        feeds = {name: features[name].numpy().astype(np.int64, copy=False) for name in self.input_names}
+        (hidden,) = self.session.run(["last_hidden_state"], feeds)  # (batch, seq, hidden)
+        features["token_embeddings"] = torch.from_numpy(hidden)
+        for module in list(self.model)[1:]:
+            features = module(features)
+        return features["sentence_embedding"].float().numpy()  # (batch, dim)
+
+    def _encode_per_text(self, texts: list[str], out: np.ndarray, progress: bool) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        chunk = 256
+        starts = range(0, len(texts), chunk)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc="Batches")
+        threads = min(self.threads, len(texts))
+        with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+            run = pool.map if pool is not None else map  # one text (a served query): no pool to start
+            for start in starts:
+                # Tokenized here, in one thread: the fast tokenizer's settings are state that concurrent calls share.
+                features = [self.model.preprocess([text]) for text in texts[start:start + chunk]]
+                for row, vector in enumerate(run(self._embed, features), start):
+                    out[row] = vector[0]
+
+    def _encode_batched(self, texts: list[str], out: np.ndarray, batch_size: int, progress: bool) -> None:
         order = np.argsort(-self.token_lengths(texts), kind="stable")  # longest first, ties in input order
         starts = range(0, len(texts), batch_size)
-        if show_progress_bar:
+        if progress:
             from tqdm.auto import tqdm
 
             starts = tqdm(starts, desc="Batches")
         for start in starts:
             rows = order[start:start + batch_size]
-            features = self.model.preprocess([texts[i] for i in rows])
-            feeds = {name: features[name].numpy().astype(np.int64, copy=False) for name in self.input_names}
-            (hidden,) = self.session.run(["last_hidden_state"], feeds)  # (batch, seq, hidden)
-            features["token_embeddings"] = torch.from_numpy(hidden)
-            for module in list(self.model)[1:]:  # pooling, dense, normalize: the model's own modules
-                features = module(features)
-            out[rows] = features["sentence_embedding"].float().numpy()  # (batch, dim), back to input positions
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+            out[rows] = self._embed(self.model.preprocess([texts[i] for i in rows]))  # back to input positions

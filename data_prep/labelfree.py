@@ -33,6 +33,7 @@ from embtune.dataio import document_text
 from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, weighted_fuse
 from embtune.retrieval.language import count_words, crop_words, split_sentences
 from embtune.retrieval.probe import ClozeProbe
+from embtune.retrieval.spec import replace_rows, row_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +153,9 @@ def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str]
     position = {d: i for i, d in enumerate(teacher.doc_ids)}
     texts = probe.corpus_texts(teacher.doc_ids, doc_texts)
     cut_ids = list(probe.cut_texts)
-    doc_emb = teacher.doc_emb.copy()
-    doc_emb[[position[d] for d in cut_ids]] = encode(teacher.model, [probe.cut_texts[d] for d in cut_ids],
-                                                     teacher.batch_size, desc="probe passages")
+    doc_emb = replace_rows(teacher.doc_emb, [position[d] for d in cut_ids],
+                           encode(teacher.model, [probe.cut_texts[d] for d in cut_ids], teacher.batch_size,
+                                  desc="probe passages"))
     bm25 = teacher.index(texts)
     dense, sparse, _ = teacher.runs(probe.queries, depth, doc_emb=doc_emb, bm25=bm25)
     mrr = {f"{w:g}": probe.mrr(weighted_fuse(dense, sparse, w, depth)) for w in weights}
@@ -202,7 +203,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     import dataclasses
 
     from embtune.retrieval.bm25 import resolve_language
-    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.retrieval.encoder import encode_corpus, load_encoder, save_matrix
     from embtune.retrieval.language import detect_language, reads_corpus, tokenizer_fit
 
     lf = cfg.labelfree
@@ -225,8 +226,9 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     logger.info("corpus language: %s (%s); BM25 tokenises as %s; base model %s: %s", language["language"],
                 language["why"], bm25_settings.language, "reads it" if reads else "CANNOT read it", fit_why)
 
-    doc_emb = encode(model, doc_texts, cfg.mining.batch_size, cache_key=key, desc="corpus")  # (n_docs, dim)
-    np.save(out / "corpus_embeddings.npy", doc_emb)
+    # (n_docs, dim), or on the Ray engine the ShardSet that the teacher searches shard by shard
+    doc_emb = encode_corpus(model, doc_texts, cfg.mining.batch_size, cache_key=key, desc="corpus", role=None)
+    save_matrix(doc_emb, out / "corpus_embeddings.npy")
     (out / "doc_ids.json").write_text(json.dumps(doc_ids))
     (out / "doc_texts.json").write_text(json.dumps(doc_texts))  # what was embedded (symmetric training reads it)
     teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, bm25_settings, cfg.mining.batch_size)
@@ -283,7 +285,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
             top = [d for d in top if d != query.source]
         top = top[: lf.depth]
         rows_idx = [position[d] for d in top]
-        base = (doc_emb[rows_idx] @ query_emb[i]).tolist()  # the base student's cosines of the same candidates
+        base = (row_vectors(doc_emb, rows_idx) @ query_emb[i]).tolist()  # the base student's cosines of them
         rows.append({"query": query.text, "source_id": query.source, "source_row": position[query.source],
                      "kind": query.kind,
                      "candidates": rows_idx, "teacher_scores": FusedTeacher.labels(fused[str(i)], top),

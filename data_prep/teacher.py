@@ -61,12 +61,13 @@ class HybridTeacher:
     def _encoder(self):
         if self._model is None:
             from embtune.models import resolve_model
-            from embtune.retrieval.encoder import cache_key, encode, load_encoder
+            from embtune.retrieval.encoder import cache_key, encode_corpus, load_encoder
 
             self._model, _ = load_encoder(self.model_name, self.max_seq_length)
             key = cache_key(resolve_model(self.model_name), self._model.max_seq_length, role="document")
-            self._doc_emb = encode(self._model, self.doc_texts, self.batch_size, cache_key=key, role="document",
-                                   desc="teacher corpus")  # (n_docs, dim), from the shared embedding cache
+            # (n_docs, dim) from the shared embedding cache, or on the Ray engine the ShardSet
+            self._doc_emb = encode_corpus(self._model, self.doc_texts, self.batch_size, cache_key=key,
+                                          role="document", desc="teacher corpus")
         return self._model
 
     def score(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -89,14 +90,24 @@ class HybridTeacher:
         dense: dict[str, dict[str, float]] = {}
         sparse: dict[str, dict[str, float]] = {}
         stats: dict[str, dict[str, ScoreStats]] = {"dense": {}, "sparse": {}}
+        sharded = not isinstance(self._doc_emb, np.ndarray)
+        if sharded:  # the Ray engine: each query's whole-corpus statistics in one pass over the shards
+            from embtune.retrieval.spec import dense_index, row_vectors
+
+            dense_stats = dense_index(self._doc_emb).score_stats(query_emb)
         for i, query in enumerate(queries):
             qid = str(i)
-            cosine = self._doc_emb @ query_emb[i]  # (n_docs,)
-            lexical = self.index.all_scores(query)  # (n_docs,)
             rows = sorted(set(rows_of[query]))
+            if sharded:
+                cosine = dict(zip(rows, row_vectors(self._doc_emb, rows) @ query_emb[i]))
+                stats["dense"][qid] = dense_stats[i]
+            else:
+                cosine = self._doc_emb @ query_emb[i]  # (n_docs,)
+                stats["dense"][qid] = ScoreStats.of(cosine)
+            lexical = self.index.all_scores(query)  # (n_docs,)
             dense[qid] = {str(r): float(cosine[r]) for r in rows}
             sparse[qid] = {str(r): float(lexical[r]) for r in rows}
-            stats["dense"][qid], stats["sparse"][qid] = ScoreStats.of(cosine), ScoreStats.of(lexical)
+            stats["sparse"][qid] = ScoreStats.of(lexical)
         depth = max(len(docs) for docs in dense.values())
         if not needs_stats(DEFAULT_NORMALIZATION):  # pairs are any documents, not a run's top: it needs the corpus
             raise ValueError(f"HybridTeacher needs a whole-corpus normalization, not {DEFAULT_NORMALIZATION!r}")

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
@@ -39,11 +41,19 @@ from embtune.eval.significance import default_pairs, format_significance, signif
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from embtune.retrieval.bm25 import bm25_search
-from embtune.retrieval.encoder import cache_key, encode
+from embtune.retrieval.encoder import cache_key, encode, encode_corpus
 from embtune.retrieval.encoder import load_encoder as load_core_encoder
 from embtune.retrieval.index import to_run
 from embtune.retrieval.rerank import rerank
-from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, RerankSpec, Retriever, RetrieverSpec
+from embtune.retrieval.spec import (
+    BM25Index,
+    DenseSpec,
+    FusionSpec,
+    RerankSpec,
+    Retriever,
+    RetrieverSpec,
+    replace_rows,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +124,9 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     else:
         key = cache_key(model_path, model.max_seq_length, role="document")
     # Roles: an asymmetric model (label-free, train.document_side: base) encodes queries and documents apart.
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
-                     role="document")  # (n_docs, dim)
+    # On the Ray engine the corpus stays in its shards and the Retriever searches them there.
+    doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                            role="document")  # (n_docs, dim) or a ShardSet
     query_emb = encode_queries(model, query_texts, cfg)  # (n_queries, dim)
     full_dim = doc_emb.shape[1]
     cosine = model.similarity_fn_name in (None, "cosine")
@@ -233,7 +244,10 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         results[name], per_query[name], runs[name] = out["metrics"], out["per_query"], out["run"]
         specs[name], retrievers[name], query_embs[name] = out["spec"], out["retriever"], out["query_emb"]
         wall[name] = round(time.time() - start, 1)
-        if cfg.eval.sweep.enabled:
+        if cfg.eval.sweep.enabled and not isinstance(out["doc_emb"], np.ndarray):
+            logger.warning("eval.sweep is skipped for %s: the deployment sweep quantizes the whole matrix, which the "
+                           "Ray engine keeps in shards (run it on a sample with compute.engine: local)", name)
+        elif cfg.eval.sweep.enabled:
             from embtune.eval.sweep import sweep_model
 
             start = time.time()
@@ -492,11 +506,11 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
             continue
         model = load_encoder(models[name], cfg)
         key = cache_key(models[name], model.max_seq_length, role="document")
-        doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
-                         role="document").copy()  # (n_docs, dim); the cached full corpus
+        doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                                role="document")  # (n_docs, dim) or a ShardSet; the cached full corpus
         if cut_rows:
-            doc_emb[cut_rows] = encode(model, cut_texts, cfg.eval.batch_size, desc=f"{name} probe passages",
-                                       role="document")
+            doc_emb = replace_rows(doc_emb, cut_rows, encode(model, cut_texts, cfg.eval.batch_size,
+                                                             desc=f"{name} probe passages", role="document"))
         query_emb = encode(model, probe.queries, cfg.eval.batch_size, desc=f"{name} probe queries", role="query")
         specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
         retriever = Retriever(specs[name], doc_ids, texts, doc_emb, bm25=bm25)
@@ -600,7 +614,8 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
             continue
         model = load_encoder(models[name], cfg)
         key = cache_key(models[name], model.max_seq_length, role="document")
-        doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus", role="document")
+        doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
+                                role="document")
         query_emb = encode_queries(model, query_texts, cfg)
         specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
         retriever = Retriever(specs[name], doc_ids, doc_texts, doc_emb, bm25=bm25)

@@ -1,6 +1,7 @@
 """compute.engine: ray on a real local Ray cluster: the same embeddings, rankings and mined negatives as one process,
 and shards that survive a killed worker and a killed driver."""
 
+import json
 import os
 import random
 import subprocess
@@ -281,3 +282,119 @@ def test_faiss_and_lancedb_written_from_shards(encoded, tmp_path):
     assert table.column("id").to_pylist() == [str(i) for i in range(shards.num_rows)]
     vectors = np.stack(table.column("vector").to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(vectors, shards.matrix())
+
+
+def assert_same_run(got: dict, want: dict, tol: float = 1e-6) -> None:
+    """The same documents at the same scores for every query, up to the order of exact ties at the cut: the
+    sharded search keeps the lower row of a tie, FAISS's heap any one of them."""
+    assert got.keys() == want.keys()
+    for qid in want:
+        got_scores, want_scores = sorted(got[qid].values()), sorted(want[qid].values())
+        np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=tol)
+        cut = want_scores[0] + tol if want_scores else 0.0
+        assert {d for d, s in got[qid].items() if s > cut} == {d for d, s in want[qid].items() if s > cut}, qid
+
+
+def test_retriever_searches_shards_as_it_searches_the_matrix(cluster, corpus, encoded):
+    """Eval, the probe and the label-free teacher search a Ray-encoded corpus through the core Retriever without
+    its matrix: dense at the full and a Matryoshka dim, fused with BM25 under whole-corpus statistics, and with
+    some rows replaced (the probe's cut passages), all as over the matrix."""
+    from embtune.compute import ComputeConfig, activate
+    from embtune.retrieval.bm25 import BM25Config
+    from embtune.retrieval.spec import DenseSpec, FusionSpec, Retriever, RetrieverSpec, replace_rows
+
+    texts, queries = corpus
+    shards, query_emb = encoded["shards"], encoded["queries"]
+    matrix = shards.matrix()
+    ids = [f"d{i}" for i in range(len(texts))]
+    dense = RetrieverSpec(dense=DenseSpec())
+    specs = [dense, dense.replace(dense=DenseSpec(dim=matrix.shape[1] // 2)),
+             dense.replace(bm25=BM25Config(), fusion=FusionSpec(method="weighted", dense_weight=0.6, depth=30))]
+    cut_rows, cut_vectors = [3, 77, 150, 399], matrix[[10, 11, 12, 13]] * 0.5 + matrix[[20, 21, 22, 23]] * 0.5
+    activate(compute())
+    try:
+        for sharded_emb, matrix_emb in ((shards, matrix), (replace_rows(shards, cut_rows, cut_vectors),
+                                                           replace_rows(matrix, cut_rows, cut_vectors))):
+            sharded = Retriever(dense, ids, texts, sharded_emb)
+            local = Retriever(dense, ids, texts, matrix_emb)
+            for spec in specs:
+                assert_same_run(sharded.search(queries, query_emb, 10, spec=spec),
+                                local.search(queries, query_emb, 10, spec=spec))
+            got = sharded.score_stats(specs[2], list(map(str, range(len(queries)))), queries, query_emb)
+            want = local.score_stats(specs[2], list(map(str, range(len(queries)))), queries, query_emb)
+            for qid, stats in want["dense"].items():
+                np.testing.assert_allclose(list(vars(got["dense"][qid]).values()), list(vars(stats).values()),
+                                           rtol=1e-9, atol=1e-12)
+        assert matrix[3].tolist() != cut_vectors[0].tolist() and shards.overrides == {}  # views, not edits
+    finally:
+        activate(ComputeConfig())
+
+
+def test_eval_and_labelfree_on_ray_give_the_local_results(cluster, tiny_beir, tiny_model_dir, tmp_path):
+    """The eval stage and label-free data_prep run with compute.engine=ray (corpus in shards, searched there)
+    and with the local engine: the same metrics, the same teacher labels and the same corpus embeddings."""
+    from datasets import load_from_disk
+
+    from embtune.compute import ComputeConfig, activate
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval.run import run as run_eval
+    from embtune.schema import load_config
+
+    def recipe(engine: str, *extra: str, data=tiny_beir):
+        return load_config(None, [f"run_dir={tmp_path / engine}", "data.format=beir", f"data.path={data}",
+                                  f"train.base_model={tiny_model_dir}", "eval.dims=[8]", "eval.hybrid=[weighted]",
+                                  "tracking.report_to=none", f"compute.engine={engine}", "compute.workers=2",
+                                  f"compute.shard_rows={SHARD_ROWS}", *extra])
+
+    def shard_dirs() -> set[Path]:
+        return set((cluster["cache"] / "embeddings").glob("*.shards*"))
+
+    results = {}
+    before = shard_dirs()
+    for engine in ("ray", "local"):  # ray first: its corpus is not yet in the embedding cache as one matrix
+        cfg = recipe(engine)
+        activate(cfg.compute)
+        try:
+            results[engine] = json.loads(Path(run_eval(cfg)["results"]).read_text())
+        finally:
+            activate(ComputeConfig())
+        if engine == "ray":
+            assert len(shard_dirs() - before) == 1  # the corpus went to shards (the same ones for every dim)
+    assert set(results["ray"]["results"]) == set(results["local"]["results"]) >= {"base", "bm25",
+                                                                                 "base+bm25_weighted"}
+    for row, metrics in results["local"]["results"].items():
+        got = results["ray"]["results"][row]
+        for name, value in metrics.items():
+            if isinstance(value, float):
+                assert got[name] == pytest.approx(value, abs=1e-9), (row, name)
+        for dim, dim_metrics in metrics.get("dims", {}).items():
+            assert got["dims"][dim] == pytest.approx(dim_metrics, abs=1e-9), (row, dim)
+        assert results["ray"]["per_query"][row] == results["local"]["per_query"][row]  # query by query
+
+    from tests.test_labelfree import sentence_corpus
+
+    passages = sentence_corpus(tmp_path / "passages")
+    tables, embeddings = {}, {}
+    for engine in ("ray", "local"):
+        cfg = recipe(engine, "data.queries=labelfree", f"run_dir={tmp_path / 'labelfree' / engine}",
+                     "labelfree.depth=8", "labelfree.probe_queries=20",
+                     "labelfree.max_unknown_share=1", "labelfree.max_single_letter_share=1",
+                     "labelfree.min_headroom=0", "mining.batch_size=16", data=passages)
+        activate(cfg.compute)
+        before = shard_dirs()
+        try:
+            outputs = run_data_prep(cfg)
+        finally:
+            activate(ComputeConfig())
+        assert len(shard_dirs() - before) == (engine == "ray")
+        tables[engine] = load_from_disk(outputs["train_table"]).to_list()
+        embeddings[engine] = np.load(outputs["corpus_embeddings"])
+        manifest = json.loads((tmp_path / "labelfree" / engine / "data_prep" / "manifest.json").read_text())
+        tables[f"{engine}_choice"] = manifest["teacher_choice"]
+    assert np.abs(embeddings["ray"] - embeddings["local"]).max() <= 1e-6
+    assert tables["ray_choice"]["choice"] == tables["local_choice"]["choice"]
+    assert len(tables["ray"]) == len(tables["local"]) > 0
+    for got, want in zip(tables["ray"], tables["local"]):
+        assert got["query"] == want["query"] and got["candidates"] == want["candidates"]
+        np.testing.assert_allclose(got["teacher_scores"], want["teacher_scores"], atol=1e-5)
+        np.testing.assert_allclose(got["base_scores"], want["base_scores"], atol=1e-5)

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from embtune.compute import ComputeConfig
-from embtune.compute.shards import ShardSet, read_shard_file, read_source
+from embtune.compute.shards import ShardSet, apply_overrides, read_shard_file, read_source
 from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order
 
 logger = logging.getLogger(__name__)
@@ -56,13 +56,22 @@ def map_shards(function: Callable, calls: Sequence[tuple], compute: ComputeConfi
 
 # --- dense ----------------------------------------------------------------------------------------------------------
 
-def _dense_shard(path: str, start: int, k: int, queries: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+def _dense_shard(path: str, start: int, k: int, overrides: tuple[np.ndarray, np.ndarray] | None, queries: np.ndarray,
+                 threads: int, dim: int = 0, one_at_a_time: bool = False) -> tuple[np.ndarray, np.ndarray]:
     from embtune.retrieval.index import exact_search, faiss
 
     if faiss is not None:
         faiss.omp_set_num_threads(threads)
     _, vectors = read_shard_file(path)
-    scores, indices = exact_search(vectors, queries, k)  # (n_queries, min(k, rows)) each
+    vectors = apply_overrides(vectors, overrides)
+    if one_at_a_time or dim:
+        # The core DenseIndex's arithmetic (eval and serve search through it): truncation to ``dim`` row by row and
+        # one query per FAISS call, so a (query, document) score is the one a single process computes.
+        from embtune.retrieval.spec import DenseIndex
+
+        scores, indices = DenseIndex(vectors, dim, "fp32").search(queries, k)
+    else:
+        scores, indices = exact_search(vectors, queries, k)  # (n_queries, min(k, rows)) each
     return scores, np.where(indices >= 0, indices + start, -1)
 
 
@@ -77,20 +86,64 @@ def merge_dense(best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, 
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
-def dense_search(shards: ShardSet, query_emb: np.ndarray, k: int,
-                 compute: ComputeConfig) -> tuple[np.ndarray, np.ndarray]:
+def dense_search(shards: ShardSet, query_emb: np.ndarray, k: int, compute: ComputeConfig, dim: int = 0,
+                 one_at_a_time: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product over every shard: (scores float32, corpus rows int64), each
-    (n_queries, min(k, rows)), as ``embtune.retrieval.index.exact_search`` over the whole matrix returns them."""
+    (n_queries, min(k, rows)), as ``embtune.retrieval.index.exact_search`` over the whole matrix returns them
+    (``one_at_a_time`` or ``dim``: as the core ``DenseIndex`` at that Matryoshka dim returns them)."""
     from tqdm.auto import tqdm
 
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)  # (n_queries, dim)
-    calls = [(str(shards.path(start)), start, k) for start in shards.starts]
+    calls = [(str(shards.path(start)), start, k, shards.shard_overrides(start) if shards.overrides else None)
+             for start in shards.starts]
+    shared = {"queries": query_emb, "threads": compute.threads_per_worker, "dim": dim, "one_at_a_time": one_at_a_time}
     best = None
-    for scores, indices in tqdm(map_shards(_dense_shard, calls, compute, {"queries": query_emb,
-                                                                           "threads": compute.threads_per_worker}),
-                                total=len(calls), desc="dense search", unit="shard", disable=len(calls) < 10):
+    for scores, indices in tqdm(map_shards(_dense_shard, calls, compute, shared), total=len(calls),
+                                desc="dense search", unit="shard", disable=len(calls) < 10):
         best = merge_dense(best, scores, indices, k)
     return best
+
+
+def _stats_shard(path: str, start: int, overrides: tuple[np.ndarray, np.ndarray] | None, queries: np.ndarray,
+                 dim: int) -> tuple[int, np.ndarray]:
+    """Per query: (count, mean, sum of squared deviations, min, max) of its scores over one shard, (n_queries, 5)."""
+    from embtune.retrieval.encoder import truncate
+
+    _, vectors = read_shard_file(path)
+    vectors = apply_overrides(vectors, overrides)
+    if dim and dim < vectors.shape[1]:
+        vectors, queries = truncate(vectors, dim), truncate(queries, dim)
+    out = np.empty((len(queries), 5))
+    for row, query in enumerate(queries):
+        scores = (vectors @ query).astype(np.float64)  # (rows,), float32 products as DenseIndex.all_scores
+        mean = scores.mean()
+        out[row] = (len(scores), mean, float(((scores - mean) ** 2).sum()), scores.min(), scores.max())
+    return start, out
+
+
+def dense_score_stats(shards: ShardSet, query_emb: np.ndarray, compute: ComputeConfig,
+                      dim: int = 0) -> np.ndarray:
+    """Each query's score statistics over every shard, (n_queries, 4): low, high, mean, std (population), merged
+    from the shards' counts, means and squared deviations (Chan et al.): ``ScoreStats.of`` over the whole corpus
+    to float64 rounding."""
+    query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
+    calls = [(str(shards.path(start)), start, shards.shard_overrides(start) if shards.overrides else None)
+             for start in shards.starts]
+    parts = dict(map_shards(_stats_shard, calls, compute, {"queries": query_emb, "dim": dim}))
+    count = np.zeros(len(query_emb))
+    mean = np.zeros(len(query_emb))
+    squares = np.zeros(len(query_emb))
+    low = np.full(len(query_emb), np.inf)
+    high = np.full(len(query_emb), -np.inf)
+    for start in shards.starts:  # in row order, so the result does not depend on which task finished first
+        n, m, m2, lo, hi = parts[start].T
+        total = count + n
+        delta = m - mean
+        mean = mean + delta * n / total
+        squares = squares + m2 + delta ** 2 * count * n / total
+        count = total
+        low, high = np.minimum(low, lo), np.maximum(high, hi)
+    return np.stack([low, high, mean, np.sqrt(squares / np.maximum(count, 1))], axis=1)
 
 
 def dense_candidates(model_name: str, doc_texts: list[str], query_texts: list[str], depth: int,

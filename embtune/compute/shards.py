@@ -80,17 +80,40 @@ class ShardSet:
     rows: list[int]  # rows per shard
     dim: int
     encoded: list[int] = field(default_factory=list)  # starts of the shards this run encoded (the rest were cached)
+    # Corpus row -> a vector that replaces the stored one (the probe's passages with their query cut out): a few
+    # rows, kept by the driver and applied wherever a shard is read.
+    overrides: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
         return sum(self.rows)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, dim), as the matrix's: callers that only read the dimension need not know which they hold."""
+        return self.num_rows, self.dim
+
+    def with_rows(self, rows: Sequence[int], vectors: np.ndarray) -> "ShardSet":
+        """A view of these shards with some rows' vectors replaced (the files are not touched)."""
+        view = ShardSet(self.directory, self.starts, self.rows, self.dim, list(self.encoded), dict(self.overrides))
+        view.overrides.update({int(row): np.asarray(vector, dtype=np.float32) for row, vector in zip(rows, vectors)})
+        return view
+
+    def shard_overrides(self, start: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(rows within the shard, vectors) of the overrides that fall in the shard beginning at ``start``."""
+        end = start + self.rows[self.starts.index(start)]
+        mine = sorted(row for row in self.overrides if start <= row < end)
+        if not mine:
+            return None
+        return np.asarray(mine, dtype=np.int64) - start, np.stack([self.overrides[row] for row in mine])
+
     def path(self, start: int) -> Path:
         return self.directory / f"{start:012d}{SHARD_SUFFIX}"
 
     def read(self, start: int) -> tuple[list[str], np.ndarray]:
-        """(doc ids, vectors (rows, dim) float32) of the shard that begins at ``start``."""
-        return read_shard_file(self.path(start))
+        """(doc ids, vectors (rows, dim) float32) of the shard that begins at ``start``, overrides applied."""
+        ids, vectors = read_shard_file(self.path(start))
+        return ids, apply_overrides(vectors, self.shard_overrides(start) if self.overrides else None)
 
     def __iter__(self) -> Iterator[tuple[int, list[str], np.ndarray]]:
         """(start, doc ids, vectors) of each shard, in row order."""
@@ -113,6 +136,14 @@ class ShardSet:
             _, vectors = self.read(int(bounds[shard]))
             out[mine] = vectors[rows[mine] - bounds[shard]]
         return out
+
+
+def apply_overrides(vectors: np.ndarray, overrides: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    if overrides is None:
+        return vectors
+    vectors = vectors.copy()
+    vectors[overrides[0]] = overrides[1]
+    return vectors
 
 
 def read_shard_file(path: Path) -> tuple[list[str], np.ndarray]:

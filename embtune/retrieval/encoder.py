@@ -100,6 +100,26 @@ def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str 
     return encode(model, texts, batch_size, cache_key=cache_key, desc=desc, role=role)
 
 
+def save_matrix(embeddings, path: str | Path) -> Path:
+    """Write a corpus's embeddings as one ``.npy`` file: a matrix as it is; a ``ShardSet`` shard by shard into a
+    memory-mapped file, so the process writing it never holds every vector (the pages go to disk as they fill).
+    Written under a temporary name and renamed: a file at ``path`` is whole."""
+    from embtune.compute.shards import ShardSet
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    if isinstance(embeddings, ShardSet):
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=embeddings.shape)
+        for start, _, vectors in embeddings:
+            out[start:start + len(vectors)] = vectors
+        out.flush()
+        del out
+    else:
+        np.save(tmp, embeddings)
+    os.replace(tmp, path)
+    return path
+
+
 def encode_batch(model, texts: list[str], batch_size: int, role: str | None = None,
                  progress: bool = False) -> np.ndarray:
     """Encode without the cache: float32 (n, dim), normalized when the model scores by cosine (see :func:`encode`).

@@ -260,6 +260,14 @@ class DenseIndex:
         query = truncate(query_emb[None], self.dim)[0] if self.dim < query_emb.shape[0] else query_emb
         return self.vectors @ np.asarray(query, dtype=np.float32)
 
+    def score_stats(self, query_emb: np.ndarray, allowed: np.ndarray | None = None) -> list[ScoreStats]:
+        """Each query's :class:`ScoreStats` over every document (the ``allowed`` rows when given)."""
+        out = []
+        for query in query_emb:
+            scores = self.all_scores(query)  # (n_docs,)
+            out.append(ScoreStats.of(scores if allowed is None else scores[allowed]))
+        return out
+
     def search(self, query_emb: np.ndarray, k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices), each (n_queries, <= k); FAISS pads a short result with index -1."""
@@ -289,6 +297,80 @@ class DenseIndex:
         return scores, indices
 
 
+class ShardedDenseIndex:
+    """The dense member over a corpus kept as Parquet shards (``compute.engine: ray``, see ``encoder.encode_corpus``):
+    exact search and whole-corpus score statistics computed shard by shard on the engine, with
+    :class:`DenseIndex`'s arithmetic, so this process holds the queries and the running top-k, never the matrix.
+
+    Only exact fp32 (an int8 index's quantizer is trained on the whole matrix) and no row filter (``allowed``,
+    a served request's metadata filter).
+    """
+
+    def __init__(self, shards, dim: int, precision: str) -> None:
+        from embtune.compute import active
+
+        if precision != "fp32":
+            raise ValueError(f"dense.precision {precision!r} on a sharded corpus (compute.engine: ray): only fp32 is "
+                             "searched shard by shard; use the local engine for an int8 index")
+        if dim > shards.dim:
+            raise ValueError(f"dense.dim {dim} is larger than the embeddings' dimension {shards.dim}")
+        self.shards = shards
+        self.full_dim = shards.dim
+        self.dim = dim or shards.dim
+        self.compute = active()
+
+    def _dim(self) -> int:
+        return self.dim if self.dim < self.full_dim else 0
+
+    def search(self, query_emb: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from embtune.compute.search import dense_search
+
+        if allowed is not None:
+            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
+        return dense_search(self.shards, query_emb, min(k, self.shards.num_rows), self.compute, dim=self._dim(),
+                            one_at_a_time=True)
+
+    def score_stats(self, query_emb: np.ndarray, allowed: np.ndarray | None = None) -> list[ScoreStats]:
+        from embtune.compute.search import dense_score_stats
+
+        if allowed is not None:
+            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
+        return [ScoreStats(*map(float, row))
+                for row in dense_score_stats(self.shards, query_emb, self.compute, dim=self._dim())]
+
+
+def dense_index(doc_emb: Any, dim: int = 0, precision: str = "fp32") -> "DenseIndex | ShardedDenseIndex":
+    """The dense member over a corpus's embeddings as the engine keeps them: a matrix, or a ``ShardSet``."""
+    from embtune.compute.shards import ShardSet
+
+    if isinstance(doc_emb, ShardSet):
+        return ShardedDenseIndex(doc_emb, dim, precision)
+    return DenseIndex(doc_emb, dim, precision)
+
+
+def replace_rows(doc_emb: Any, rows: Sequence[int], vectors: np.ndarray) -> Any:
+    """A copy of the corpus's embeddings (a matrix, or a ``ShardSet`` view) with some rows' vectors replaced (the
+    probe's passages with their query cut out); the original is untouched."""
+    from embtune.compute.shards import ShardSet
+
+    if isinstance(doc_emb, ShardSet):
+        return doc_emb.with_rows(rows, vectors)
+    out = doc_emb.copy()
+    if len(rows):
+        out[list(rows)] = vectors
+    return out
+
+
+def row_vectors(doc_emb: Any, rows: Sequence[int]) -> np.ndarray:
+    """The embeddings of some rows, (len(rows), dim), from a matrix or read from the shards that hold them."""
+    from embtune.compute.shards import ShardSet
+
+    if isinstance(doc_emb, ShardSet):
+        return doc_emb.vectors(np.asarray(rows, dtype=np.int64))
+    return doc_emb[list(rows)]
+
+
 class Retriever:
     """Runs a :class:`RetrieverSpec` over one corpus; eval and serve both search through it.
 
@@ -296,8 +378,9 @@ class Retriever:
         spec: the default system ``search`` runs; ``search(..., spec=other)`` runs another over the same corpus
             (serve's request overrides), building only the members it lacks, once.
         doc_ids, doc_texts: the corpus, in index row order (texts feed BM25 and the rerank).
-        doc_emb: (n_docs, full dim) normalized float32 embeddings, or a FAISS flat index holding them (a bundle's
-            ``index/corpus.faiss``); None when no spec searched here has a dense member.
+        doc_emb: (n_docs, full dim) normalized float32 embeddings, a FAISS flat index holding them (a bundle's
+            ``index/corpus.faiss``), or the ``ShardSet`` of a corpus encoded on the Ray engine (searched shard by
+            shard, :class:`ShardedDenseIndex`); None when no spec searched here has a dense member.
         scorer: a cross-encoder with ``predict(pairs)`` for ``rerank``; default: ``CrossEncoder(spec.rerank.model)``
             loaded on first use.
         device: the device of that default cross-encoder.
@@ -346,13 +429,18 @@ class Retriever:
             self._doc_emb = self._doc_emb.reconstruct_n(0, self._doc_emb.ntotal)
         return self._doc_emb
 
-    def _dense_index(self, dense: DenseSpec) -> DenseIndex:
+    def _dense_index(self, dense: DenseSpec) -> "DenseIndex | ShardedDenseIndex":
+        from embtune.compute.shards import ShardSet
+
         with self._lock:
-            full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, np.ndarray)
+            full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, (np.ndarray, ShardSet))
                     else getattr(self._doc_emb, "d", 0))
             key = (dense.dim if dense.dim and dense.dim != full else 0, dense.precision)
             if key not in self._dense:
-                self._dense[key] = DenseIndex(self._embeddings(), dense.dim, dense.precision)
+                if isinstance(self._doc_emb, ShardSet):
+                    self._dense[key] = ShardedDenseIndex(self._doc_emb, dense.dim, dense.precision)
+                else:
+                    self._dense[key] = DenseIndex(self._embeddings(), dense.dim, dense.precision)
             return self._dense[key]
 
     def _bm25_index(self, settings: BM25Config) -> BM25Index:
@@ -424,11 +512,11 @@ class Retriever:
         """Each member's score statistics over the corpus (the ``allowed`` rows when given), one query at a time:
         ``{"dense": {qid: ScoreStats}, "sparse": {qid: ScoreStats}}``, what a whole-corpus normalization reads."""
         dense_index, bm25_index = self._dense_index(spec.dense), self._bm25_index(spec.bm25)
-        stats: dict[str, dict[str, ScoreStats]] = {"dense": {}, "sparse": {}}
+        stats: dict[str, dict[str, ScoreStats]] = {"dense": dict(zip(query_ids, dense_index.score_stats(
+            np.asarray(query_emb), allowed))), "sparse": {}}
         for i, qid in enumerate(query_ids):
-            for name, scores in (("dense", dense_index.all_scores(query_emb[i])),  # (n_docs,)
-                                 ("sparse", bm25_index.all_scores(query_texts[i]))):  # (n_docs,)
-                stats[name][qid] = ScoreStats.of(scores if allowed is None else scores[allowed])
+            scores = bm25_index.all_scores(query_texts[i])  # (n_docs,)
+            stats["sparse"][qid] = ScoreStats.of(scores if allowed is None else scores[allowed])
         return stats
 
     def member_runs(self, query_texts: Sequence[str], query_emb: np.ndarray, depth: int,

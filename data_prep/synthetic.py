@@ -79,13 +79,13 @@ def dense_retriever(model_path: str, passage_texts: list[str], k: int, max_seq_l
                     batch_size: int = 64) -> Retriever:
     """The base model through the core (embeddings cached on disk, exact search, queries and passages encoded by
     their roles): (queries) -> top-k passage indices per query."""
-    from embtune.retrieval.encoder import cache_key, encode, load_encoder
+    from embtune.retrieval.encoder import cache_key, encode, encode_corpus, load_encoder
     from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 
     model, _ = load_encoder(model_path, max_seq_length)
     key = cache_key(model_path, model.max_seq_length, role="document")
-    doc_emb = encode(model, passage_texts, batch_size, cache_key=key, desc="round-trip passages",
-                     role="document")  # (n_passages, dim)
+    doc_emb = encode_corpus(model, passage_texts, batch_size, cache_key=key, desc="round-trip passages",
+                            role="document")  # (n_passages, dim), or the Ray engine's shards
 
     def encode_queries(queries: list[str]) -> np.ndarray:
         return encode(model, queries, batch_size, desc="round-trip queries", role="query")  # (n_queries, dim)

@@ -53,7 +53,7 @@ from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
 from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
 from embtune.eval.significance import compare_systems
 from embtune.models import resolve_model
-from embtune.retrieval.encoder import cache_key, encode
+from embtune.retrieval.encoder import cache_key, encode, encode_corpus
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 
 logger = logging.getLogger(__name__)
@@ -186,8 +186,8 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
     per_1k = None if endpoint and model.stats.cached_batches > cached_before else 1000 * seconds / len(sample)
 
     key = None if endpoint else cache_key(candidate.model, model.max_seq_length, role="document")
-    doc_emb = encode(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{candidate.name} corpus",
-                     role="document")  # (n_docs, dim)
+    doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{candidate.name} corpus",
+                            role="document")  # (n_docs, dim), or the Ray engine's shards
     query_emb = encode(model, query_texts, cfg.eval.batch_size, desc=f"{candidate.name} query",
                        role="query")  # (n_queries, dim)
     spec = RetrieverSpec(dense=DenseSpec(model=candidate.model, dim=int(doc_emb.shape[1])))

@@ -42,7 +42,7 @@ from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.llm.client import ChatRequest, generate_all
 from embtune.manifest import machine, versions
 from embtune.models import resolve_model
-from embtune.retrieval.encoder import encode
+from embtune.retrieval.encoder import encode, encode_corpus
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ def retrieve(model_path: str, doc_ids: list[str], doc_texts: list[str], query_te
 
     model, _ = load_encoder(model_path)
     key = cache_key(resolve_model(model_path), model.max_seq_length, role="document")
-    doc_emb = encode(model, doc_texts, batch_size, cache_key=key, desc="corpus", role="document")  # (n_docs, dim)
+    # (n_docs, dim), or the Ray engine's shards
+    doc_emb = encode_corpus(model, doc_texts, batch_size, cache_key=key, desc="corpus", role="document")
     query_emb = encode(model, query_texts, batch_size, desc="query", role="query")  # (n_queries, dim)
     spec = RetrieverSpec(dense=DenseSpec(model=model_path, dim=int(doc_emb.shape[1])),
                          rerank=RerankSpec(model=rerank, top_k=candidates) if rerank else None)

@@ -32,7 +32,15 @@ import torch
 
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
-from embtune.retrieval.encoder import BACKENDS, cache_key, encode, normalize, uses_cosine
+from embtune.retrieval.encoder import (
+    BACKENDS,
+    cache_key,
+    encode,
+    encode_corpus,
+    normalize,
+    remember_loaded,
+    uses_cosine,
+)
 from embtune.retrieval.spec import SPEC_FILE, DenseSpec, RetrieverSpec
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,10 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
             write ``model/onnx/`` first (:func:`embtune.retrieval.onnx.export_onnx`). Serve the bundle with the
             same backend, so queries and documents come from one encoder.
 
+    With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
+    is filled one shard at a time (``embtune.compute.export.write_faiss_index``): the same exact index, without the
+    whole matrix in this process. The workers load ``<out_dir>/model``, so a remote cluster must see that path.
+
     Returns:
         ``out_dir`` as a Path.
     """
@@ -94,7 +106,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         shutil.copytree(model_dir, target_model)
     if backend != "torch" and not (target_model / BACKEND_FILES[backend]).is_file():
         export_onnx(target_model, quantize=backend == "onnx-int8")
-    model = _load_model(target_model, backend, device=device)
+    # Ray workers (compute.engine: ray) load the bundle's copy of the model, with the same backend.
+    model = remember_loaded(_load_model(target_model, backend, device=device), str(target_model.resolve()), backend)
     dim = model.get_embedding_dimension()
 
     manifest: dict[str, Any] = {"dims": dims or [dim], "metric": "cosine", "corpus_hash": None, "num_docs": 0,
@@ -117,13 +130,20 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
         # Documents take the model's document route (an asymmetric label-free model's is the base model's).
         key = cache_key(str(model_dir), model.max_seq_length, role="document")
-        embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
-                            desc="bundle corpus", role="document")  # (n, dim)
-        if not uses_cosine(model):  # encode normalized cosine models already; twice would move the last bits
-            embeddings = normalize(embeddings)
-        index = faiss.IndexFlatIP(dim)
-        index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-        faiss.write_index(index, str(out_dir / INDEX_FILE))
+        embeddings = encode_corpus(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+                                   desc="bundle corpus", role="document")  # (n, dim), or its shards on Ray
+        # encode normalized cosine models already; twice would move the last bits
+        renormalize = None if uses_cosine(model) else normalize
+        if isinstance(embeddings, np.ndarray):
+            if renormalize is not None:
+                embeddings = renormalize(embeddings)
+            index = faiss.IndexFlatIP(dim)
+            index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+            faiss.write_index(index, str(out_dir / INDEX_FILE))
+        else:  # the same exact index, filled one shard at a time: the whole matrix is never in this process
+            from embtune.compute.export import write_faiss_index
+
+            write_faiss_index(embeddings, out_dir / INDEX_FILE, kind="flat", transform=renormalize)
         manifest["corpus_hash"] = hash_path(out_dir / DOCS_FILE)
         manifest["num_docs"] = len(docs)
     spec = spec or RetrieverSpec(dense=DenseSpec(dim=dim))

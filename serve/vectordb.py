@@ -16,8 +16,10 @@ Query it the way the export embedded the corpus (same model, Matryoshka dimensio
     table.search("what is dense retrieval?").limit(10).to_list()  # embedded by the table's embedding function
     table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type("cosine")...
 
-The document vectors come from the shared embedding cache (:func:`embtune.retrieval.encoder.encode` with the
-source model's key), so export does not encode the corpus again after eval did.
+The document vectors come from the shared embedding cache (:func:`embtune.retrieval.encoder.encode_corpus` with the
+source model's key), so export does not encode the corpus again after eval did. With ``compute.engine: ray`` they
+are the corpus's Parquet shards: LanceDB is written from them shard by shard, Chroma only up to
+``CHROMA_MAX_ROWS`` rows (it keeps the whole collection in memory).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ from chromadb.utils.embedding_functions import register_embedding_function
 from lancedb.embeddings import EmbeddingFunctionConfig, TextEmbeddingFunction, register
 from pydantic import PrivateAttr
 
+from embtune.compute.shards import ShardSet
 from embtune.dataio import document_text
-from embtune.retrieval.encoder import cache_key, encode, load_encoder, normalize, truncate
+from embtune.retrieval.encoder import cache_key, encode, encode_corpus, load_encoder, normalize, truncate
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,12 @@ VECTOR_TARGETS = ("chroma", "lancedb")
 # Chroma's rule for collection names; LanceDB accepts a superset of it.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 RESERVED_FIELDS = ("_id", "text")  # become the row id and the document; every other field is metadata
+# With compute.engine: ray, Chroma is written only up to this many rows. A persistent Chroma collection keeps its
+# whole HNSW graph, vectors included, in the memory of the process that writes it (rows x dim x 4 bytes plus the
+# links): the memory the shards keep out of the driver. LanceDB is appended shard by shard and has no such limit.
+# Below it the vectors are gathered into one matrix and written as on the local engine; above it the export stops
+# before writing anything and says to use lancedb.
+CHROMA_MAX_ROWS = 1_000_000
 
 
 def chroma_settings() -> Settings:
@@ -231,20 +240,60 @@ def write_chroma(path: str | Path, name: str, ids: list[str], texts: list[str], 
     client.close()
 
 
-def write_lancedb(path: str | Path, name: str, ids: list[str], texts: list[str], metadata: dict[str, list[Any]],
-                  vectors: np.ndarray, precision: str, embedding_function: TextEmbeddingFunction) -> None:
-    """(Re)create table ``name`` in LanceDB at ``path``: id, text, metadata columns and a fixed-size vector column
-    of ``precision``. No ANN index is built, so searches are exact (flat)."""
+def lancedb_rows(ids: list[str], texts: list[str], metadata: dict[str, list[Any]], vectors: np.ndarray,
+                 precision: str, types: dict[str, pa.DataType] | None = None) -> pa.Table:
+    """The Arrow table LanceDB stores: id, text, metadata columns and a fixed-size vector column of ``precision``.
+
+    ``types`` fixes the metadata columns' Arrow types (default: inferred from ``metadata``); a table appended in
+    parts passes the whole corpus's, since a part whose values of a field are all None would infer a null column.
+    """
     value_type = pa.float16() if precision == "float16" else pa.float32()
     dim = vectors.shape[1]
     flat = pa.array(vectors.astype(np.float16 if precision == "float16" else np.float32).ravel(), type=value_type)
     columns = {"id": pa.array(ids, pa.string()), "text": pa.array(texts, pa.string())}
-    columns.update({key: pa.array(values) for key, values in metadata.items() if key not in columns})
+    columns.update({key: pa.array(values, type=(types or {}).get(key)) for key, values in metadata.items()
+                    if key not in columns})
     columns["vector"] = pa.FixedSizeListArray.from_arrays(flat, dim)
-    table = pa.table(columns)
+    return pa.table(columns)
+
+
+def metadata_types(metadata: dict[str, list[Any]]) -> dict[str, pa.DataType]:
+    """Each metadata column's Arrow type, from its first value that is not None: :func:`metadata_columns` leaves
+    every column of one kind (strings, booleans, ints, floats or JSON text), so that value's type is the column's."""
+    return {key: pa.array([next(v for v in values if v is not None)]).type for key, values in metadata.items()}
+
+
+def lance_functions(embedding_function: TextEmbeddingFunction) -> list[EmbeddingFunctionConfig]:
+    return [EmbeddingFunctionConfig(source_column="text", vector_column="vector", function=embedding_function)]
+
+
+def write_lancedb(path: str | Path, name: str, ids: list[str], texts: list[str], metadata: dict[str, list[Any]],
+                  vectors: np.ndarray, precision: str, embedding_function: TextEmbeddingFunction) -> None:
+    """(Re)create table ``name`` in LanceDB at ``path``: id, text, metadata columns and a fixed-size vector column
+    of ``precision``. No ANN index is built, so searches are exact (flat)."""
+    table = lancedb_rows(ids, texts, metadata, vectors, precision)
     db = lancedb.connect(str(path))
-    db.create_table(name, data=table, mode="overwrite", embedding_functions=[
-        EmbeddingFunctionConfig(source_column="text", vector_column="vector", function=embedding_function)])
+    db.create_table(name, data=table, mode="overwrite", embedding_functions=lance_functions(embedding_function))
+
+
+def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: list[str],
+                         metadata: dict[str, list[Any]], shards: ShardSet, dim: int, precision: str,
+                         embedding_function: TextEmbeddingFunction) -> None:
+    """:func:`write_lancedb` from a corpus's shards: the table created from the first shard and appended with each
+    next one, each shard's vectors passed through :func:`export_vectors` on its own (it is row-wise: truncation,
+    renormalization and float16 rounding need no statistics of the whole corpus). The same rows and schema as
+    :func:`write_lancedb` of the whole matrix, without the matrix."""
+    from embtune.compute.export import write_lancedb_table
+
+    types = metadata_types(metadata)
+
+    def shard_rows(start: int, _ids: list[str], vectors: np.ndarray) -> pa.Table:
+        stop = start + len(vectors)
+        part = {key: values[start:stop] for key, values in metadata.items()}
+        return lancedb_rows(ids[start:stop], texts[start:stop], part, export_vectors(vectors, dim, precision),
+                            precision, types)
+
+    write_lancedb_table(shards, path, name, batch=shard_rows, embedding_functions=lance_functions(embedding_function))
 
 
 def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[dict[str, Any]], targets: list[str],
@@ -270,13 +319,22 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     bundle_dir = Path(bundle_dir).resolve()
     model, _ = load_encoder(str(model_dir))
     key = cache_key(str(model_dir), model.max_seq_length, role="document")
-    embeddings = encode(model, [document_text(d) for d in docs], batch_size, cache_key=key,
-                        desc="vectordb corpus", role="document")  # (n, full dim)
-    vectors = export_vectors(embeddings, cfg.dim, cfg.precision)  # (n, dim)
+    embeddings = encode_corpus(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+                               desc="vectordb corpus", role="document")  # (n, full dim), or its shards on Ray
+    shards, vectors = None, None
+    if isinstance(embeddings, np.ndarray):
+        vectors = export_vectors(embeddings, cfg.dim, cfg.precision)  # (n, dim)
+        dim = int(vectors.shape[1])
+    else:
+        shards = embeddings
+        # checks dim and precision before anything is written, as export_vectors of the matrix does
+        dim = int(export_vectors(np.zeros((0, shards.dim), np.float32), cfg.dim, cfg.precision).shape[1])
+        if "chroma" in targets:
+            vectors = chroma_vectors(shards, cfg.dim, cfg.precision)
     ids = [d["_id"] for d in docs]
     texts = [d.get("text") or "" for d in docs]
     metadata = metadata_columns(docs)
-    settings: dict[str, Any] = {"name": name, "dim": int(vectors.shape[1]), "precision": cfg.precision,
+    settings: dict[str, Any] = {"name": name, "dim": dim, "precision": cfg.precision,
                                 "metric": "cosine", "num_docs": len(docs)}
     # The embedding functions read dim and precision from the manifest: record them before anything calls one.
     manifest_path = bundle_dir / MANIFEST_FILE
@@ -296,18 +354,36 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
                          cfg.chroma_ef_construction, cfg.chroma_ef_search, cfg.chroma_max_neighbors)
             extra = {"hnsw": {"ef_construction": cfg.chroma_ef_construction, "ef_search": cfg.chroma_ef_search,
                               "max_neighbors": cfg.chroma_max_neighbors}}
-        else:
+        elif shards is None:
             write_lancedb(folder, name, ids, texts, metadata, vectors, cfg.precision,
                           LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)))
             extra = {"index": "none (exact search)"}
+        else:
+            write_lancedb_shards(folder, name, ids, texts, metadata, shards, cfg.dim, cfg.precision,
+                                 LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)))
+            extra = {"index": "none (exact search)", "written_in_shards": len(shards.starts)}
         seconds = time.perf_counter() - start
         settings[target] = {"path": str(folder.relative_to(bundle_dir)), "write_seconds": round(seconds, 3),
                             "bytes": dir_bytes(folder), **extra}
-        logger.info("wrote %s %s: %d docs, dim %d %s, %.1fs, %d bytes", target, folder, len(docs),
-                    vectors.shape[1], cfg.precision, seconds, settings[target]["bytes"])
+        logger.info("wrote %s %s: %d docs, dim %d %s, %.1fs, %d bytes", target, folder, len(docs), dim,
+                    cfg.precision, seconds, settings[target]["bytes"])
     manifest["vectordb"] = settings
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return settings
+
+
+def chroma_vectors(shards: ShardSet, dim: int, precision: str) -> np.ndarray:
+    """Chroma's vectors (n, dim) from a corpus's shards, gathered into one matrix: allowed up to
+    ``CHROMA_MAX_ROWS`` rows, a ValueError naming ``export.targets`` above it."""
+    if shards.num_rows > CHROMA_MAX_ROWS:
+        raise ValueError(f"export.targets: chroma holds the whole collection in this process's memory and is written "
+                         f"on compute.engine ray only up to {CHROMA_MAX_ROWS} rows; this corpus has "
+                         f"{shards.num_rows}. Use lancedb (written shard by shard) instead of chroma in "
+                         f"export.targets, or compute.engine local")
+    logger.warning("export.targets chroma on compute.engine ray: the %d rows' vectors are gathered into one matrix "
+                   "in this process (Chroma keeps its whole index in memory); lancedb is written shard by shard",
+                   shards.num_rows)
+    return export_vectors(shards.matrix(), dim, precision)  # (n, dim)
 
 
 def open_chroma(bundle_dir: str | Path, device: str | None = None):

@@ -5,6 +5,10 @@
   filled index itself is then as large as the vectors: past one machine's memory, write one IVF index per group of
   shards with the same trained quantizer and merge them with ``faiss.contrib.ondisk.merge_ondisk``).
 - LanceDB: a table created from the first shard and appended to with each following one.
+
+Both take a per-shard hook (``transform`` for FAISS, ``batch`` for LanceDB) so that a caller which stores something
+other than the raw vectors (normalized, truncated, half precision, with text and metadata columns) writes them
+shard by shard too, instead of building the whole matrix to transform it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -28,13 +33,20 @@ def sample_rows(shards: ShardSet, n: int, seed: int = 0) -> np.ndarray:
 
 
 def write_faiss_index(shards: ShardSet, path: str | Path, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
-                      train_rows: int = 0, seed: int = 42):
+                      train_rows: int = 0, seed: int = 42,
+                      transform: Callable[[np.ndarray], np.ndarray] | None = None):
     """Write a FAISS inner-product index of every shard to ``path``; returns the index.
 
     ``ivf``: ``nlist`` lists (default ``4 * sqrt(rows)``, as ``embtune.retrieval.index.search`` picks), trained on
     ``train_rows`` sampled vectors (default ``64 * nlist``, above FAISS's 39-per-centroid warning).
+    ``transform``: a row-wise map (rows, dim) -> (rows, dim) applied to each shard (and to the IVF training sample)
+    before it is added, e.g. ``normalize`` for a model that does not score by cosine; None adds the vectors as stored.
     """
     import faiss
+
+    def prepared(vectors: np.ndarray) -> np.ndarray:
+        vectors = transform(vectors) if transform is not None else vectors  # (rows, dim)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
 
     if kind == "flat":
         index = faiss.IndexFlatIP(shards.dim)
@@ -43,29 +55,47 @@ def write_faiss_index(shards: ShardSet, path: str | Path, kind: str = "flat", nl
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(shards.dim), shards.dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.cp.seed = seed
         sample = sample_rows(shards, train_rows or 64 * nlist, seed)
-        index.train(sample)
+        index.train(prepared(sample))
         index.nprobe = min(nprobe, nlist)
         logger.info("IVF index: %d lists trained on %d sampled vectors, nprobe %d", nlist, len(sample), index.nprobe)
     else:
         raise ValueError(f"index kind must be 'flat' or 'ivf', got {kind!r}")
     for _, _, vectors in shards:
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        index.add(prepared(vectors))
     faiss.write_index(index, str(path))
     return index
 
 
-def write_lancedb_table(shards: ShardSet, uri: str | Path, name: str, mode: str = "overwrite"):
-    """A LanceDB table ``(id, vector)`` of every shard: created from the first, appended with each next one."""
+def write_lancedb_table(shards: ShardSet, uri: str | Path, name: str, mode: str = "overwrite",
+                        batch: Callable[[int, list[str], np.ndarray], Any] | None = None, **create_options):
+    """A LanceDB table of every shard: created from the first, appended with each next one; returns the table.
+
+    ``batch(start, ids, vectors)`` turns one shard into the Arrow table of its rows (default: ``id`` and ``vector``
+    columns); every shard's table must have the first one's schema, since ``add`` appends to it. An empty
+    ``ShardSet`` writes an empty table from ``batch(0, [], <0 rows>)``. ``create_options`` go to
+    ``create_table`` (e.g. ``embedding_functions``).
+    """
     import lancedb
-    import pyarrow as pa
 
     db = lancedb.connect(str(uri))
+    batch = batch or id_and_vector
     table = None
     for start, ids, vectors in shards:
-        batch = pa.table({"id": pa.array(ids, type=pa.string()),
-                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), shards.dim)})
+        rows = batch(start, ids, vectors)
         if table is None:
-            table = db.create_table(name, data=batch, mode=mode)
+            table = db.create_table(name, data=rows, mode=mode, **create_options)
         else:
-            table.add(batch)
+            table.add(rows)
+    if table is None:
+        empty = batch(0, [], np.zeros((0, shards.dim), dtype=np.float32))
+        table = db.create_table(name, data=empty, mode=mode, **create_options)
     return table
+
+
+def id_and_vector(start: int, ids: list[str], vectors: np.ndarray):
+    """A shard as an Arrow table ``(id string, vector fixed-size list of float32)``."""
+    import pyarrow as pa
+
+    dim = vectors.shape[1]
+    return pa.table({"id": pa.array(ids, type=pa.string()),
+                     "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})

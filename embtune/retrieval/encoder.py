@@ -167,6 +167,14 @@ def cache_key(model_path: str, max_seq_length: int, role: str | None = None) -> 
 LOADED_AS = "embtune_loaded_as"
 
 
+def remember_loaded(model, model_path: str, backend: str = "torch"):
+    """Record on ``model`` how to load it again (``LOADED_AS``), so that with ``compute.engine: ray`` its corpus
+    encodes run on Ray workers that load the same encoder; for an encoder built without :func:`load_encoder`.
+    Returns ``model``."""
+    setattr(model, LOADED_AS, {"model_name": model_path, "max_seq_length": model.max_seq_length, "backend": backend})
+    return model
+
+
 # Bumped when embtune.retrieval.onnx exports differently, so an export cached by an older recipe is not reused.
 ONNX_RECIPE = "v3"
 
@@ -211,5 +219,5 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
             logger.warning("backend %s runs on CPU (onnxruntime's CPU provider); device %r is ignored", backend, device)
         onnx_file = onnx_file_for(path, backend, onnx_export_dir(path))
         model = OnnxEncoder(path, onnx_file, threads=threads, max_seq_length=max_seq_length)
-    setattr(model, LOADED_AS, {"model_name": path, "max_seq_length": model.max_seq_length, "backend": backend})
+    remember_loaded(model, path, backend)
     return model, cache_key(path, model.max_seq_length)

@@ -171,6 +171,14 @@ class LabelFreeConfig:
     probe_queries: int = 600
     probe_weights: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9,
                                                                 1.0])
+    # A teacher you bring (docs/labelfree.md, "Bringing a teacher"): a CrossEncoder folder or hub name that scores
+    # each pseudo-query's candidates (the fused teacher's top depth + 1); "" = the probe-chosen fusion alone.
+    teacher: str = ""
+    # The cross-encoder's share of the label: weight * z(cross-encoder) + (1 - weight) * z(fusion), z-scores over
+    # the candidates; 1 = the cross-encoder alone.
+    teacher_weight: float = 1.0
+    teacher_batch_size: int = 32
+    teacher_max_length: int = 512
 
     def validate(self) -> None:
         if self.documents < 0 or self.sentences_per_document < 0:
@@ -188,3 +196,8 @@ class LabelFreeConfig:
                              f"got {self.dense_weight}")
         if not self.probe_weights or any(not 0.0 <= w <= 1.0 for w in self.probe_weights):
             raise ValueError("labelfree.probe_weights must be a non-empty list of weights in [0, 1]")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"labelfree.teacher_weight must be in [0, 1] (1 = the cross-encoder alone), "
+                             f"got {self.teacher_weight}")
+        if self.teacher_batch_size < 1 or self.teacher_max_length < 1:
+            raise ValueError("labelfree.teacher_batch_size and labelfree.teacher_max_length must be >= 1")

@@ -140,6 +140,20 @@ class FusedTeacher:
         return [round(float(v), 6) for v in scaled]
 
 
+def bring_teacher(cfg, query_texts: list[str], fused: dict, doc_text: dict[str, str], depth: int,
+                  report: dict[str, Any]) -> dict:
+    """``labelfree.teacher``: a cross-encoder scores each query's top ``depth`` under the fused teacher, alone or
+    fused with it (``labelfree.teacher_weight``; ``data_prep.teacher.rescore_candidates``); recorded in ``report``."""
+    from embtune.data_prep.teacher import rescore_candidates
+    from embtune.retrieval.rerank import CrossEncoderScorer
+
+    lf = cfg.labelfree
+    scorer = CrossEncoderScorer(lf.teacher, batch_size=lf.teacher_batch_size, max_length=lf.teacher_max_length)
+    report["teacher"].update({"cross_encoder": scorer.name_or_path, "cross_encoder_weight": lf.teacher_weight,
+                              "candidates": f"the fusion's top {depth}"})
+    return rescore_candidates(scorer, query_texts, fused, doc_text, depth, lf.teacher_weight)
+
+
 def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str], weights: list[float],
                   depth: int = 100) -> dict[str, Any]:
     """Measure every dense weight on the inverse-cloze probe (``embtune.retrieval.probe``) and choose the
@@ -273,6 +287,8 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     pool = max(depth, 100)  # each member's candidate list before fusion (eval's hybrid depth)
     dense, sparse, query_emb = teacher.runs([q.text for q in queries], pool)
     fused = weighted_fuse(dense, sparse, dense_weight, pool)
+    if lf.teacher:  # a teacher you bring rescores the fusion's candidates
+        fused = bring_teacher(cfg, [q.text for q in queries], fused, dict(zip(doc_ids, doc_texts)), depth, report)
     position = {d: i for i, d in enumerate(doc_ids)}
     rows = []
     source_ranks = []

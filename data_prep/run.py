@@ -70,6 +70,8 @@ def input_files(cfg) -> dict[str, str]:
     # A local teacher or mining model is an input too: retraining it in place must rerun mining.
     if cfg.mining.teacher and cfg.mining.teacher != "hybrid" and Path(cfg.mining.teacher).exists():
         files["teacher"] = cfg.mining.teacher
+    if cfg.data.queries == "labelfree" and cfg.labelfree.teacher and Path(cfg.labelfree.teacher).exists():
+        files["labelfree_teacher"] = cfg.labelfree.teacher
     if cfg.mining.method in ("dense", "hybrid") and cfg.mining.model and Path(cfg.mining.model).exists():
         files["mining_model"] = cfg.mining.model
     return files

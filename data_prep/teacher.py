@@ -123,3 +123,27 @@ class HybridTeacher:
             out[n] = shift + span * fused[qid][str(self.row_of[doc])]
         self.model_calls += len(pairs)
         return out
+
+
+def rescore_candidates(scorer, query_texts: list[str], fused: dict[str, dict[str, float]], doc_text: dict[str, str],
+                       depth: int, weight: float = 1.0) -> dict[str, dict[str, float]]:
+    """A teacher you bring, on the label-free teacher's candidates: each query's top ``depth`` under ``fused``
+    (query ids ``"0".."n-1"``) scored by ``scorer`` (a cross-encoder: ``CrossEncoderScorer``, or anything with
+    ``predict(pairs)``), and combined with the fusion by the core's formula over those candidates:
+    ``weight * z(cross-encoder) + (1 - weight) * z(fusion)`` (``weighted_fuse``, ``topk_zscore``). ``weight`` 1
+    is the cross-encoder alone (its order), 0 the fusion alone. Returns ``{qid: {doc id: score}}`` over the same
+    candidates."""
+    from embtune.retrieval.fusion import ranked, weighted_fuse
+
+    candidates = {qid: ranked(fused[qid], depth) for qid in fused}
+    pairs = [(query_texts[int(qid)], doc_text[d]) for qid in fused for d in candidates[qid]]
+    logger.info("label-free teacher: %d (pseudo-query, candidate) pairs rescored by %s", len(pairs),
+                getattr(scorer, "name_or_path", type(scorer).__name__))
+    scores = np.asarray(scorer.predict(pairs), dtype=np.float64).reshape(-1)  # (n_pairs,)
+    cross: dict[str, dict[str, float]] = {}
+    offset = 0
+    for qid in fused:
+        cross[qid] = {d: float(s) for d, s in zip(candidates[qid], scores[offset:offset + len(candidates[qid])])}
+        offset += len(candidates[qid])
+    restricted = {qid: {d: fused[qid][d] for d in candidates[qid]} for qid in fused}
+    return weighted_fuse(cross, restricted, weight, depth, normalization="topk_zscore")

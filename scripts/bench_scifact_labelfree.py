@@ -130,16 +130,17 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
     from embtune.eval.metrics import evaluate
     from embtune.retrieval.encoder import encode, load_encoder
-    from embtune.retrieval.fusion import weighted_fuse
+    from embtune.retrieval.fusion import MemberRun, ScoreStats, weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
 
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     setup = base_index_and_teacher(cfg, query_texts)
     doc_emb, doc_ids, weight = setup["doc_emb"], setup["doc_ids"], setup["weight"]
-    out, per_query, runs = {}, {}, {}
+    out, per_query, runs, embeddings = {}, {}, {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
         query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
+        embeddings[name] = query_emb  # (n_queries, dim)
         scores, indices = exact_search(doc_emb, query_emb, 1000)
         runs[name] = to_run(query_ids, doc_ids, scores, indices)
         mean, pq = evaluate(qrels, runs[name])
@@ -152,7 +153,11 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     bm25_mean, pq = evaluate(qrels, bm25)
     out["bm25_top100"], per_query["bm25"] = percent(bm25_mean), pq
     if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
-        mean, _ = evaluate(qrels, weighted_fuse(runs["finetuned"], bm25, weight, 100))
+        # The core fusion normalizes over the whole corpus: each member's per-query statistics come with it.
+        dense = MemberRun(runs["finetuned"], {q: ScoreStats.of(doc_emb @ e)
+                                              for q, e in zip(query_ids, embeddings["finetuned"])})
+        sparse = MemberRun(bm25, {mapping[i]: stats for i, stats in setup["sparse"].stats.items()})
+        mean, _ = evaluate(qrels, weighted_fuse(dense, sparse, weight, 100))
         out["next_round_teacher"] = percent(mean)
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
 
@@ -166,6 +171,7 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
 
     import torch
 
+    from embtune.data_prep.labelfree import FusedTeacher
     from embtune.eval.metrics import evaluate
     from embtune.retrieval.fusion import ranked, weighted_fuse
     from embtune.retrieval.index import exact_search, to_run
@@ -180,8 +186,9 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     labels = []  # labelfree_dataset's layout: [source row (-1: none), candidate rows, teacher scores, base scores]
     for i in range(len(query_ids)):
         top = ranked(fused[str(i)], depth)
-        labels.append([*split_rows([-1]), *split_rows(position[d] for d in top), *(fused[str(i)][d] for d in top),
-                       *[0.0] * depth])
+        # the teacher's scores as the training table holds them (FusedTeacher.labels: [0, 1] over the candidates)
+        labels.append([*split_rows([-1]), *split_rows(position[d] for d in top),
+                       *FusedTeacher.labels(fused[str(i)], top), *[0.0] * depth])
     labels = torch.tensor(labels)
     out = {"dev_queries": len(query_ids), "depth": depth, "steps": steps, "teacher_dense_weight": weight,
            "fit": training_fit(cfg, setup["manifest"], doc_emb, query_texts, labels)}

@@ -185,6 +185,14 @@ class LabelFreeConfig:
     fit_documents: int = 200
     max_unknown_share: float = 0.05
     max_single_letter_share: float = 0.5
+    # A teacher you bring (docs/labelfree.md, "Bringing a teacher"): a CrossEncoder folder or hub name that scores
+    # each pseudo-query's candidates (the fused teacher's top depth + 1); "" = the probe-chosen fusion alone.
+    teacher: str = ""
+    # The cross-encoder's share of the label: weight * z(cross-encoder) + (1 - weight) * z(fusion), z-scores over
+    # the candidates; 1 = the cross-encoder alone.
+    teacher_weight: float = 1.0
+    teacher_batch_size: int = 32
+    teacher_max_length: int = 512
 
     def validate(self) -> None:
         if self.documents < 0 or self.sentences_per_document < 0:
@@ -209,3 +217,8 @@ class LabelFreeConfig:
             raise ValueError("labelfree.max_unknown_share and labelfree.max_single_letter_share must be in [0, 1]")
         if not self.probe_weights or any(not 0.0 <= w <= 1.0 for w in self.probe_weights):
             raise ValueError("labelfree.probe_weights must be a non-empty list of weights in [0, 1]")
+        if not 0.0 <= self.teacher_weight <= 1.0:
+            raise ValueError(f"labelfree.teacher_weight must be in [0, 1] (1 = the cross-encoder alone), "
+                             f"got {self.teacher_weight}")
+        if self.teacher_batch_size < 1 or self.teacher_max_length < 1:
+            raise ValueError("labelfree.teacher_batch_size and labelfree.teacher_max_length must be >= 1")

@@ -94,7 +94,7 @@ def dense_search(shards: ShardSet, query_emb: np.ndarray, k: int, compute: Compu
     from tqdm.auto import tqdm
 
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)  # (n_queries, dim)
-    calls = [(str(shards.path(start)), start, k, shards.shard_overrides(start) if shards.overrides else None)
+    calls = [(str(shards.path(start)), start, k, shards.shard_overrides(start))
              for start in shards.starts]
     shared = {"queries": query_emb, "threads": compute.threads_per_worker, "dim": dim, "one_at_a_time": one_at_a_time}
     best = None
@@ -127,7 +127,7 @@ def dense_score_stats(shards: ShardSet, query_emb: np.ndarray, compute: ComputeC
     from the shards' counts, means and squared deviations (Chan et al.): ``ScoreStats.of`` over the whole corpus
     to float64 rounding."""
     query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)
-    calls = [(str(shards.path(start)), start, shards.shard_overrides(start) if shards.overrides else None)
+    calls = [(str(shards.path(start)), start, shards.shard_overrides(start))
              for start in shards.starts]
     parts = dict(map_shards(_stats_shard, calls, compute, {"queries": query_emb, "dim": dim}))
     count = np.zeros(len(query_emb))

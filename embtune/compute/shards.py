@@ -100,7 +100,10 @@ class ShardSet:
         return view
 
     def shard_overrides(self, start: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """(rows within the shard, vectors) of the overrides that fall in the shard beginning at ``start``."""
+        """(rows within the shard, vectors) of the overrides that fall in the shard beginning at ``start``; None
+        when none does."""
+        if not self.overrides:
+            return None
         end = start + self.rows[self.starts.index(start)]
         mine = sorted(row for row in self.overrides if start <= row < end)
         if not mine:
@@ -113,7 +116,7 @@ class ShardSet:
     def read(self, start: int) -> tuple[list[str], np.ndarray]:
         """(doc ids, vectors (rows, dim) float32) of the shard that begins at ``start``, overrides applied."""
         ids, vectors = read_shard_file(self.path(start))
-        return ids, apply_overrides(vectors, self.shard_overrides(start) if self.overrides else None)
+        return ids, apply_overrides(vectors, self.shard_overrides(start))
 
     def __iter__(self) -> Iterator[tuple[int, list[str], np.ndarray]]:
         """(start, doc ids, vectors) of each shard, in row order."""

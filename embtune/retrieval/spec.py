@@ -422,10 +422,14 @@ class Retriever:
         if spec.bm25 is not None:
             self._bm25_index(spec.bm25)
 
-    def _embeddings(self) -> np.ndarray:
+    def _embeddings(self) -> Any:
+        """The corpus's embeddings as :func:`dense_index` takes them: the matrix (read out of a FAISS flat index
+        once), or the Ray engine's ``ShardSet`` as it is."""
+        from embtune.compute.shards import ShardSet
+
         if self._doc_emb is None:
             raise ValueError("this retriever has no document embeddings: a spec with a dense member cannot run")
-        if not isinstance(self._doc_emb, np.ndarray):  # a FAISS flat index: its stored vectors are the embeddings
+        if not isinstance(self._doc_emb, (np.ndarray, ShardSet)):  # a FAISS flat index: its vectors are the embeddings
             self._doc_emb = self._doc_emb.reconstruct_n(0, self._doc_emb.ntotal)
         return self._doc_emb
 
@@ -437,10 +441,7 @@ class Retriever:
                     else getattr(self._doc_emb, "d", 0))
             key = (dense.dim if dense.dim and dense.dim != full else 0, dense.precision)
             if key not in self._dense:
-                if isinstance(self._doc_emb, ShardSet):
-                    self._dense[key] = ShardedDenseIndex(self._doc_emb, dense.dim, dense.precision)
-                else:
-                    self._dense[key] = DenseIndex(self._embeddings(), dense.dim, dense.precision)
+                self._dense[key] = dense_index(self._embeddings(), dense.dim, dense.precision)
             return self._dense[key]
 
     def _bm25_index(self, settings: BM25Config) -> BM25Index:

@@ -91,22 +91,34 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _cpu_model_and_flags() -> tuple[str, list[str]]:
+    """The CPU's model name and its flags, from ``lscpu`` (what a reader would run), else ``/proc/cpuinfo``."""
+    import re
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, check=True,
+                              env={**os.environ, "LC_ALL": "C"}).stdout
+        model, flags = r"^Model name:\s*(.+)$", r"^Flags:\s*(.+)$"
+    except (OSError, subprocess.SubprocessError):
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:  # neither: not Linux
+            return platform.processor() or platform.machine(), []
+        model, flags = r"^model name\s*:\s*(.+)$", r"^flags\s*:\s*(.+)$"
+    found_model, found_flags = re.search(model, text, re.M), re.search(flags, text, re.M)
+    return (found_model.group(1).strip() if found_model else platform.processor() or platform.machine(),
+            found_flags.group(1).split() if found_flags else [])
+
+
 def machine() -> dict[str, Any]:
-    """Platform, CPU (model name and vector instruction flags, on Linux), core count and memory."""
+    """Platform, CPU (model name and vector instruction flags, from lscpu on Linux), core count and memory."""
     import re
 
     import psutil
 
-    cpu_model, vector_flags = platform.processor() or platform.machine(), []
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-        cpu_model = found.group(1).strip() if found else cpu_model
-        flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-        names = flags.group(1).split() if flags else []
-        vector_flags = sorted(f for f in names if re.match(r"(sse4|avx|fma|amx)", f))
-    except OSError:  # not Linux
-        pass
+    cpu_model, flags = _cpu_model_and_flags()
+    vector_flags = sorted(f for f in flags if re.match(r"(sse4|avx|fma|amx)", f))
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -115,6 +127,102 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
     }
+
+
+# A benchmark's own outputs: rewriting them does not change the code that produced a result.
+RUN_OUTPUTS = ("benchmarks/results/",)
+
+
+def git_state(root: str | Path | None = None) -> dict[str, Any]:
+    """``commit`` (``git rev-parse HEAD``), ``tree_clean`` and the ``changed_files`` that make it unclean.
+
+    The tree is clean when ``git status --porcelain`` lists nothing outside :data:`RUN_OUTPUTS` (ignored files,
+    such as ``runs/``, never appear). ``root`` defaults to the checkout this package is imported from; outside a
+    git checkout every value is None.
+    """
+    import subprocess
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all").splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "tree_clean": None, "changed_files": None}
+    changed = [line[3:] for line in status if not line[3:].strip('"').startswith(RUN_OUTPUTS)]
+    return {"commit": commit, "tree_clean": not changed, "changed_files": changed}
+
+
+def command_line(argv: list[str] | None = None, root: str | Path | None = None) -> str:
+    """The command that ran this process, as ``python <script relative to the checkout> <args>``."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+    script = Path(argv[0]).resolve() if argv and argv[0] not in ("", "-c", "-m") else None
+    if script is not None and script.is_relative_to(root):
+        argv[0] = str(script.relative_to(root))
+    return "python " + shlex.join(argv)
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the platform has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+@dataclass
+class Provenance:
+    """What every benchmark result file records about the run that made it: the commit and whether the tree was
+    clean (taken when the run starts: the code that ran), the exact command, the machine (CPU model and vector flags),
+    the load average at start and end, and the library versions.
+
+    Usage::
+
+        provenance = Provenance.start()            # first thing in main()
+        ...                                         # the benchmark
+        result = {..., **provenance.record()}      # just before writing the result file
+    """
+
+    command: str
+    git: dict[str, Any]
+    load_average_start: list[float] | None
+    started_at: str
+
+    @classmethod
+    def start(cls, command: str | None = None) -> Provenance:
+        """Take the state a run starts from; ``command`` defaults to this process's command line."""
+        return cls(command=command if command is not None else command_line(), git=git_state(),
+                   load_average_start=load_average(), started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+    def record(self, packages: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The provenance keys of a result file; ``packages`` adds versions beyond :func:`versions`'."""
+        from importlib import metadata
+
+        extra = {}
+        for name in packages:
+            try:
+                extra[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                extra[name] = None
+        return {
+            "commit": self.git["commit"],
+            "tree_clean": self.git["tree_clean"],
+            **({"changed_files": self.git["changed_files"]} if self.git["changed_files"] else {}),
+            "command": self.command,
+            "machine": machine(),
+            "load_average": {"start": self.load_average_start, "end": load_average()},  # 1, 5, 15 minutes
+            "started_at": self.started_at,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "versions": {**versions(), **extra},
+        }
 
 
 @dataclass

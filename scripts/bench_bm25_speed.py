@@ -35,13 +35,11 @@ import json
 import os
 import re
 import resource
-import shlex
 import sys
 import sysconfig
 import threading
 import time
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +48,7 @@ from rank_bm25 import BM25Okapi
 
 # Run as a file from a checkout (embtune need not be installed): the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from embtune.manifest import machine, versions
+from embtune.manifest import Provenance
 from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order
 
 DOCSTRING_PACKAGES = ("numpy", "scipy", "sklearn", "sympy", "pandas")
@@ -308,6 +306,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    provenance = Provenance.start()
     started = time.perf_counter()
     scifact_docs, scifact_queries = read_scifact(args.scifact)
     log("collecting docstrings")
@@ -333,19 +332,12 @@ def main(argv: list[str] | None = None) -> None:
         mining["sentence_pool_sha256_16"] = hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16]
 
     largest = max(c["n_docs"] for c in comparisons)
-    lib_versions = versions()
-    for name in ("scipy", "PyStemmer", "psutil", *DOCSTRING_PACKAGES):
-        try:
-            lib_versions[name] = metadata.version("scikit-learn" if name == "sklearn" else name)
-        except metadata.PackageNotFoundError:
-            pass
     result = {
         "benchmark": "bm25_speed",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": " ".join(["python", *map(shlex.quote, sys.argv)]),
         "niceness": os.nice(0),
-        "machine": machine(),
-        "versions": lib_versions,
+        **provenance.record(packages=("scipy", "PyStemmer", "psutil",
+                                      *("scikit-learn" if name == "sklearn" else name for name in DOCSTRING_PACKAGES))),
         "bm25_params": {"k1": 1.5, "b": 0.75, "epsilon": 0.25},
         "tie_break": "score descending (rounded to 9 decimals), then document index ascending",
         "tokenizers": {name: TOKENIZERS[name].describe() for name in TOKENIZERS},

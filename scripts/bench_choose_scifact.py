@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from benchlib import ROOT, bench_command
 
 from embtune.cli import setup_logging
 from embtune.eval.choose import choose
-from embtune.manifest import machine, versions
+from embtune.manifest import Provenance
 from embtune.schema import load_config
 
 CONFIG = "configs/scifact_supervised.yaml"
@@ -35,24 +34,22 @@ def main() -> int:
     parser.add_argument("--run-dir", default="runs/choose_scifact")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "choose_scifact.json"))
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
     setup_logging()
 
     overrides = [f"run_dir={args.run_dir}", f"data.dev_fraction={args.dev_fraction}",
                  f"eval.choose.hybrid=[{args.hybrid}]"]
     cfg = load_config(ROOT / CONFIG, overrides)
-    load_before = os.getloadavg()[0]
     result = choose(cfg, args.candidates, Path(args.run_dir) / "eval" / "choose.json")
     record = {
         "benchmark": "choose_scifact",
         "date": datetime.date.today().isoformat(),
-        "command": bench_command(sys.argv),
+        **provenance.record(),
         "equivalent": (f"python -m embtune.eval.choose {CONFIG} {' '.join(overrides)} "
                        f"--candidates {' '.join(args.candidates)}"),
         "description": "eval.choose on SciFact: candidate base models, BM25 and hybrids ranked by nDCG@10 on a dev "
                        "split of the train queries (test untouched); paired randomization test of each row against "
                        "the best; encode seconds per 1k documents from an uncached sample on a shared 2-core CPU",
-        "machine": machine(), "versions": versions(),
-        "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
         "candidates": args.candidates,
         **{k: v for k, v in result.items() if k != "per_query"},
     }

@@ -31,7 +31,7 @@ from pathlib import Path
 from benchlib import ROOT, bench_command, percent
 
 from embtune.config import to_dict
-from embtune.manifest import machine, versions
+from embtune.manifest import Provenance
 from embtune.schema import load_config
 
 CONFIG = "configs/demo.yaml"
@@ -43,6 +43,7 @@ def main() -> int:
     parser.add_argument("--cache", choices=("cold", "warm"), default="cold", help="embedding cache state")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo.json"))
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
 
     cfg = load_config(ROOT / CONFIG)
     run_dir = ROOT / cfg.run_dir
@@ -89,11 +90,10 @@ def main() -> int:
     record = {
         "benchmark": "demo",
         "date": datetime.date.today().isoformat(),
-        "command": bench_command(sys.argv),
+        **provenance.record(),
         "pipeline_command": f"python -m embtune.pipeline {CONFIG}   (make demo, after make install)",
         "description": "make demo on the embedded pydoc corpus: train on the train split's summary-line pairs plus "
                        "SmolLM2's synthetic questions; eval on the held-out test split's summary lines",
-        "machine": machine(), "versions": versions(),
         "load_average_1m": {"before": round(load_before[0], 2), "after": round(load_after[0], 2)},
         "cache": {"embeddings": args.cache, "embedding_files_before": cached_files,
                   "llm_answers": "none (run dir cleared)",

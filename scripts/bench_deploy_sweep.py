@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ from embtune.config import to_dict  # noqa: E402
 from embtune.eval.run import METRICS  # noqa: E402
 from embtune.eval.run import run as run_eval  # noqa: E402
 from embtune.eval.sweep import best_compact, label  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -60,7 +59,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides, e.g. eval.sweep.threads=2")
     args = parser.parse_args()
     setup_logging()
-    command = "python " + shlex.join([sys.argv[0], *sys.argv[1:]])
+    provenance = Provenance.start()
     overrides = [f"run_dir={args.run_dir}", f"data.path={args.data}", "data.dev_fraction=0", "eval.split=test",
                  f"train.base_model={args.base}", "eval.compare_base=true", "eval.compare_bm25=true",
                  "eval.sweep.enabled=true", "eval.hybrid=[rrf,weighted]", *args.overrides]
@@ -100,7 +99,7 @@ def main() -> int:
         "plot": str(plot.relative_to(ROOT)),
         "config": to_dict(cfg.eval),
         "wall_seconds": {**results["wall_seconds"], "total": round(time.time() - start, 1)},
-        "command": command, "machine": machine(), "versions": versions(),
+        **provenance.record(),
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
     print(json.dumps({"bar": out["bar"], "eval_percent": out["eval_percent"]}, indent=1))

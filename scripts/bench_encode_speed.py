@@ -44,7 +44,7 @@ from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval.metrics import evaluate  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import BACKENDS, ONNX_RECIPE, encode, load_encoder  # noqa: E402
 from embtune.retrieval.index import exact_search, to_run  # noqa: E402
@@ -77,6 +77,7 @@ def main() -> None:
     parser.add_argument("--max-docs", type=int, default=0, help="first N documents only (smoke runs; 0 = all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "encode_speed.json"))
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
 
     torch.set_num_threads(args.threads)
     data = load_beir(args.data, "test")
@@ -144,7 +145,7 @@ def main() -> None:
         out = {**record, "complete": final, "runs": runs, "backends": per_backend, "best_backend": best,
                "ratio": per_backend[best].get("ratio"), "ndcg@10": record.get("ndcg@10", {}),
                "ndcg_delta": record.get("ndcg_delta", {}).get(best),
-               "command": bench_command(sys.argv), "machine": machine(), "versions": versions(),
+               **provenance.record(),
                "other_runs": other_runs}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")

@@ -22,14 +22,14 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 
 import faiss
-from benchlib import ROOT, bench_command, machine, versions  # also puts the repo root on sys.path
+from benchlib import ROOT, bench_command  # also puts the repo root on sys.path
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval.metrics import evaluate  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
 from embtune.retrieval.index import exact_search  # noqa: E402
@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--chroma-builds", type=int, default=5, help="Chroma rebuilds per HNSW setting")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_parity.json"))
     args = parser.parse_args(argv[1:])
+    provenance = Provenance.start(bench_command(argv))
 
     data = load_beir(args.data, args.split)
     docs = [{"_id": doc_id, **doc} for doc_id, doc in data.corpus.items()]
@@ -154,9 +155,7 @@ def main(argv: list[str]) -> None:
         "k": K,
         "targets": targets,
         "chroma_rebuilds": chroma_builds,
-        "command": bench_command(argv),
-        "machine": machine(),
-        "versions": {**versions(), **{name: metadata.version(name) for name in ("chromadb", "lancedb", "pyarrow")}},
+        **provenance.record(packages=("chromadb", "lancedb", "pyarrow")),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

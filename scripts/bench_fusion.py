@@ -39,7 +39,7 @@ from benchlib import bench_command  # noqa: E402
 
 from embtune.dataio import document_text, load_beir, split_dev  # noqa: E402
 from embtune.eval.metrics import evaluate  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.retrieval.bm25 import BM25Config  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder  # noqa: E402
 from embtune.retrieval.fusion import NORMALIZATIONS, rrf_fuse, weighted_fuse  # noqa: E402
@@ -147,6 +147,7 @@ def main() -> int:
     parser.add_argument("--read-test", action="store_true",
                         help="after the dev choice is recorded: score SciFact test at each variant's dev weight")
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
     start = time.time()
     model, key = load_encoder(args.model)
     if args.read_test:
@@ -164,7 +165,7 @@ def main() -> int:
                    "ndcg@10": round(100 * float(np.mean(list(per_query_ndcg(
                        data.qrels, fused_run(runs, v, chosen[v]["chosen_weight"], args.depth)).values()))), 2)}
                for v in variants()},
-            "command": bench_command(sys.argv)}
+            **provenance.record()}
         RESULT.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result["scifact_test_read_after_choice"], indent=2))
         return 0
@@ -193,8 +194,7 @@ def main() -> int:
     best = max(mean_two_fold, key=mean_two_fold.get)
     result["mean_two_fold_ndcg@10"] = mean_two_fold
     result["best"] = best
-    result.update({"wall_seconds": round(time.time() - start, 1), "command": bench_command(sys.argv),
-                   "machine": machine(), "versions": versions(),
+    result.update({"wall_seconds": round(time.time() - start, 1), **provenance.record(),
                    "note": "timings on a shared 2-core machine; the comparison is nDCG, not time"})
     if RESULT.is_file():  # an earlier run's headline, kept beside the new one
         earlier = json.loads(RESULT.read_text())

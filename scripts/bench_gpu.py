@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 
 def timed(cmd: list[str]) -> float:
@@ -40,6 +40,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    provenance = Provenance.start()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     python = sys.executable
@@ -65,8 +66,7 @@ def main() -> int:
     throughput = json.loads((out / "train_throughput_gpu.json").read_text())["results"]["256"]
     payload = {
         "benchmark": "gpu",
-        "machine": machine(),
-        "versions": versions(),
+        **provenance.record(),
         "train_throughput": {
             "command": shlex.join(["python", *throughput_cmd[1:]]),
             "settings": {"seq": 256, "bf16": True, "batch_size": args.batch_size, "steps": args.steps,

@@ -36,7 +36,7 @@ from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval.metrics import evaluate  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.index import exact_search, to_run  # noqa: E402
 from embtune.retrieval.onnx import OnnxEncoder, export_onnx, quantize_int8  # noqa: E402
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "int8_recipes.json"))
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
     torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
 
@@ -101,7 +102,7 @@ def main() -> None:
     out = {"benchmark": "int8_recipes", "split": "dev (SciFact qrels/train.tsv, all 809 queries; test unread)",
            "num_documents": len(doc_ids), "num_queries": len(query_ids), "model": args.model,
            "threads": args.threads, "results": rows, "shipped": "qattention_first_fp32",
-           "command": bench_command(sys.argv), "machine": machine(), "versions": versions()}
+           **provenance.record()}
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
 
 

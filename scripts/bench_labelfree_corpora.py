@@ -32,7 +32,7 @@ from labelfree_measure import measure_run  # noqa: E402  (scripts/labelfree_meas
 from manpages_corpus import build as build_manpages  # noqa: E402  (scripts/manpages_corpus.py)
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LANGUAGES = {"pydoc": "English", "man-zh_CN": "Chinese", "man-ja": "Japanese", "man-ru": "Russian",
@@ -67,6 +67,7 @@ def main() -> int:
     parser.add_argument("--out", default=str(RESULTS / "labelfree_corpora.json"))
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
     setup_logging()
     out_path = Path(args.out)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
@@ -117,7 +118,7 @@ def main() -> int:
                            "no_student_below_base_shipped": not any(c["student_shipped_below_base"]
                                                                     for c in corpora)},
                "commands": sorted({*previous.get("commands", []), bench_command(sys.argv)}),
-               "machine": machine(), "versions": versions()}
+               **provenance.record()}
         out_path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
 

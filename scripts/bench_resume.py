@@ -16,7 +16,6 @@ import json
 import os
 import random
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -36,7 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_train_throughput import beir_table as scifact_table  # noqa: E402
 
-from embtune.manifest import Stage, machine, versions  # noqa: E402
+from embtune.manifest import Provenance, Stage  # noqa: E402
 
 
 def train_cmd(run_dir: Path, args) -> list[str]:
@@ -69,6 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results/resume.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
     scratch = Path(tempfile.mkdtemp(prefix="bench_resume_"))
     table_dir = scratch / "table"
     scifact_table(Path(args.data), 42).save_to_disk(str(table_dir))
@@ -113,10 +113,8 @@ def main() -> None:
     payload = {
         "benchmark": "resume",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "niceness": os.nice(0),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance.record(),
         "settings": {"model": "minilm", "seq": args.seq, "batch_size": args.batch_size, "steps": args.steps,
                      "save_steps": args.save_steps, "dropout": "model default (0.1)", "sampler": "NO_DUPLICATES",
                      "matryoshka_dims": [384, 128]},

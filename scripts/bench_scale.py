@@ -219,19 +219,21 @@ def main() -> None:
 
     import numpy as np
 
-    from embtune.manifest import machine, versions
+    from embtune.manifest import Provenance
     from scripts.benchlib import bench_command
 
+    provenance = Provenance.start(bench_command(sys.argv))
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_scale_"))
     scratch.mkdir(parents=True, exist_ok=True)
     small = scratch / f"corpus_{args.small}.jsonl"
     write_corpus(small, args.small)
     out_path = Path(args.out)
-    result = {"benchmark": "scale", "command": bench_command(sys.argv), "machine": machine(), "versions": versions(),
+    result = {"benchmark": "scale", **provenance.record(),
               "note": args.note, "model": MODEL, "backend": BACKEND, "max_seq_length": SEQ,
               "threads_per_worker": 1, "shard_rows": args.shard_rows, "num_passages_small": args.small}
 
     def save() -> None:
+        result.update(provenance.record())  # the load average at the latest save
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 from benchlib import bench_command, percent, run_recipe  # noqa: E402  (scripts/benchlib.py)
@@ -250,7 +250,7 @@ def data_summary(run_dir: Path) -> dict:
 STAGES = ("data_prep", "train", "eval", "export")
 
 
-def shipped_phase(args, command: str) -> int:
+def shipped_phase(args, provenance: Provenance) -> int:
     """The whole pipeline (data_prep, train, eval, export) on SciFact's corpus.jsonl alone, so that no labelled
     query is available to it; then SciFact test, read once, measures every row and the bundle's retriever."""
     from labelfree_measure import measure_run  # scripts/labelfree_measure.py
@@ -276,6 +276,8 @@ def shipped_phase(args, command: str) -> int:
     shipped = {"row": measured["shipped"]["row"], "ndcg@10": measured["shipped"]["ndcg@10"],
                "chosen_by": measured["shipped"]["chosen_by"], "run": args.shipped_name,
                "overrides": list(args.overrides)}
+    record = provenance.record()
+    shipped.update(commit=record["commit"], tree_clean=record["tree_clean"])
     runs = out.setdefault("shipped_runs", {})
     # the headline is the default recipe's run; a variant's run stands in only until that one exists
     if args.shipped_name == "shipped" or out.get("shipped", {}).get("run") != "shipped":
@@ -289,8 +291,7 @@ def shipped_phase(args, command: str) -> int:
         "decision": report["labelfree"]["decision"], "language": report["labelfree"]["language"],
         "tokenizer_fit": report["labelfree"]["tokenizer_fit"], "data": data_summary(run_dir),
         "wall_seconds": {**wall, "total": total_wall}, "stages_run": list(stages), "overrides": overrides,
-        "command": command,
-        "machine": machine(), "versions": versions(),
+        **record,
         "note": "timed on 2 CPU cores shared with other jobs"}
     path.write_text(json.dumps(out, indent=2))
     print(json.dumps({"shipped": shipped, "rows": measured["rows"]}, indent=1))
@@ -313,7 +314,8 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
-    command = bench_command(sys.argv)
+    provenance = Provenance.start(bench_command(sys.argv))
+    command = provenance.command
     RESULTS.mkdir(parents=True, exist_ok=True)
 
     if args.phase == "ceiling":  # needs the data_prep of the first variant's data group (run it with --phase dev)
@@ -330,13 +332,12 @@ def main() -> int:
         return 0
 
     if args.phase == "shipped":
-        return shipped_phase(args, command)
+        return shipped_phase(args, provenance)
 
     if args.phase == "dev":
         dev_path = Path(args.dev_out)
         previous = json.loads(dev_path.read_text()) if dev_path.is_file() else {}
-        out = {**previous, "commands": [*previous.get("commands", []), command], "machine": machine(),
-               "versions": versions(),
+        out = {**previous, "commands": [*previous.get("commands", []), command], **provenance.record(),
                "split": "dev",
                "dev": "SciFact qrels/train.tsv, half its queries (data.dev_fraction=0.5, seeded); never trained on",
                "variants": previous.get("variants", {})}
@@ -398,7 +399,7 @@ def main() -> int:
         # stage times as recorded when each stage ran (data_prep and train may come from the dev run of the same
         # config); final_phase is this invocation alone
         "wall_seconds": {**wall, "stages_total": round(sum(wall.values()), 1), "final_phase": total_wall},
-        "command": command, "machine": machine(), "versions": versions(),
+        **provenance.record(),
     }
     base, teacher, student = (out["results"][k]["ndcg@10"] for k in ("base", "teacher", "finetuned"))
     if teacher != base:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -165,7 +165,8 @@ def main() -> int:
     args = parser.parse_args()
     args.teacher_overrides = shlex.split(args.teacher_overrides)
     setup_logging()
-    command = bench_command(sys.argv)
+    provenance = Provenance.start(bench_command(sys.argv))
+    command = provenance.command
     split_overrides = ["data.dev_fraction=0.2", "eval.split=dev"] if args.split == "dev" else ["eval.split=test"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("scifact_negatives.json" if args.split == "test" else "scifact_negatives_dev.json")
@@ -174,7 +175,7 @@ def main() -> int:
                 "description": "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv with negatives mined by each "
                                "method, with MNRL or MNRL + MarginMSE from an embtune-trained cross-encoder teacher; "
                                "nDCG@10 in percent on the evaluation split",
-                "machine": machine(), "versions": versions()})
+                **provenance.record()})  # taken again at the end; a killed run keeps the start's
     out.setdefault("cells", {})
     out.setdefault("commands", [])
     out["commands"].append({"command": command, "note": args.note} if args.note else command)
@@ -215,6 +216,7 @@ def main() -> int:
         save(path, out)
     done = {k: v["finetuned_ndcg@10"] for k, v in out["cells"].items()}
     out["best"] = max(done, key=done.get) if done else None
+    out.update(provenance.record())
     save(path, out)
     print(json.dumps(done, indent=1))
     return 0

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
@@ -60,12 +60,12 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides applied to every run")
     args = parser.parse_args()
     setup_logging()
-    command = bench_command(sys.argv)
+    provenance = Provenance.start(bench_command(sys.argv))
     RESULTS.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
     if args.phase == "tune":
-        out = {"command": command, "machine": machine(), "versions": versions(), "split": "dev",
+        out = {**provenance.record(), "split": "dev",
                "dev_fraction": 0.2, "grid": GRID, "candidates": {}}
         for name in args.candidates.split(","):
             overrides = [f"run_dir={args.run_root}/dev_{name}", "data.dev_fraction=0.2", "eval.split=dev",
@@ -79,12 +79,13 @@ def main() -> int:
         best = max(out["candidates"], key=lambda n: out["candidates"][n]["results"]["finetuned"]["ndcg@10"])
         out["best"] = best
         out["wall_seconds_total"] = round(time.time() - start, 1)
+        out.update(provenance.record())
         (RESULTS / "scifact_supervised_dev.json").write_text(json.dumps(out, indent=2))
         print(f"best on dev: {best}")
         return 0
 
     if args.phase == "distilled":
-        return distilled(args, command, start)
+        return distilled(args, provenance, start)
 
     choice = args.choice
     if not choice:
@@ -97,7 +98,7 @@ def main() -> int:
     out = test_result("scifact_supervised",
                       "all-MiniLM-L6-v2 fine-tuned on SciFact qrels/train.tsv (settings chosen on a dev split carved "
                       "from train), evaluated on qrels/test.tsv; metrics in percent",
-                      choice, cfg, overrides, results, report, wall, start, command,
+                      choice, cfg, overrides, results, report, wall, start, provenance,
                       published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9,
                                  "bge-small-en-v1.5": 71.3})
     Path(args.out).write_text(json.dumps(out, indent=2))
@@ -105,7 +106,7 @@ def main() -> int:
     return 0
 
 
-def distilled(args, command: str, start: float) -> int:
+def distilled(args, provenance: Provenance, start: float) -> int:
     """Train the final phase's recipe again with the fine-tuned model + BM25 as a MarginMSE teacher; add
     ``results.distilled`` (and its hybrid row) and a paired test against plain MNRL to scifact_supervised.json."""
     from embtune.eval.significance import compare_systems
@@ -138,7 +139,7 @@ def distilled(args, command: str, start: float) -> int:
                                                  "ndcg@10", 10000, seed=42)},
         "mining_report": report["mining"],
         "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
-        "command": command, "machine": machine(), "versions": versions()}
+        **provenance.record()}
     path.write_text(json.dumps(final, indent=2))
     print(json.dumps({k: final["results"][k]["ndcg@10"] for k in ("base", "finetuned", "distilled")}))
     return 0

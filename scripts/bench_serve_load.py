@@ -43,7 +43,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 
 KINDS = ("search", "search_hybrid", "embeddings", "embeddings_dimensions")
@@ -250,6 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--server-log", default=os.devnull, help="where the server's stderr goes")
     parser.add_argument("--out", default="benchmarks/results/serve_load.json")
     args = parser.parse_args(argv)
+    provenance = Provenance.start(
+        shlex.join(["python", "scripts/bench_serve_load.py", *(argv if argv is not None else sys.argv[1:])]))
     if len(args.requests) != len(args.levels):
         parser.error(f"--requests needs one number per level ({len(args.levels)}), got {len(args.requests)}")
     try:
@@ -266,7 +268,6 @@ def main(argv: list[str] | None = None) -> dict:
         bundles = build_bundles(docs, Path(tmp), args.model)
         results = {name: run_bundle(name, bundles[name], words, args) for name in args.bundles}
 
-    from importlib import metadata
 
     top = [level for bundle in results.values() for level in bundle["levels"]]
     highest = [bundle["levels"][-1] for bundle in results.values()]
@@ -280,7 +281,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "serve_load",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": shlex.join(["python", "scripts/bench_serve_load.py", *(argv if argv is not None else sys.argv[1:])]),
         "niceness": os.nice(0),
         "model": f"{args.model} (resolve_model), torch cpu, serve.threads={args.threads}",
         "setup": {"corpus": f"{args.corpus}, first {len(docs)} documents", "traffic": list(KINDS),
@@ -295,8 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target": {"errors_5xx": 0, "errors_connection": 0, "highest_level": "every request 200 or 503 with "
                    "Retry-After; p99 of the 200s < 2000 ms"},
         "passed": passed,
-        "machine": machine(),  # CPU model and vector flags included
-        "versions": {**versions(), **{name: metadata.version(name) for name in ("fastapi", "uvicorn", "aiohttp")}},
+        **provenance.record(packages=("fastapi", "uvicorn", "aiohttp")),  # CPU model and vector flags included
     }
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

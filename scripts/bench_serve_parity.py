@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import bench_command  # noqa: E402
 
 from embtune.dataio import document_text, load_corpus, load_queries  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
 from embtune.retrieval.fusion import ranked  # noqa: E402
 from embtune.retrieval.spec import SPEC_FILE, Retriever, RetrieverSpec  # noqa: E402
@@ -190,11 +190,11 @@ def main() -> None:
     parser.add_argument("--synthetic-docs", type=int, default=100_000)
     parser.add_argument("--skip-diagnostic", action="store_true")
     args = parser.parse_args()
+    provenance = Provenance.start(bench_command(sys.argv))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     run_dir = Path(args.run_dir)
     started = time.time()
-    load_before = os.getloadavg()
 
     results, rankings, overrides = run_eval(run_dir)
     qids = sorted(rankings["base"])
@@ -261,10 +261,7 @@ def main() -> None:
     record.update({"targets": {"mismatched_queries": 0, "hybrid_ndcg_abs_diff_max": 0.01},
                    "met": mismatched_total == 0 and abs(record["hybrid"]["eval_ndcg@10"]
                                                         - record["hybrid"]["served_ndcg@10"]) <= 1.0,
-                   "load_average_before": [round(x, 1) for x in load_before],
-                   "load_average_after": [round(x, 1) for x in os.getloadavg()],
-                   "wall_seconds": round(time.time() - started, 1), "command": bench_command(sys.argv),
-                   "machine": machine(), "versions": versions()})
+                   "wall_seconds": round(time.time() - started, 1), **provenance.record()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: record[k] for k in ("queries", "mismatched_queries", "met", "latency_hybrid")}, indent=1))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.llm.client import ChatRequest, generate_all  # noqa: E402
 from embtune.llm.config import LLMConfig  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 BAR = 10.0
 
@@ -50,6 +49,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--out", default="benchmarks/results/synthesis_throughput.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
 
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_openai_server.py"),
                                "--latency-ms", str(args.latency_ms)],
@@ -68,7 +68,6 @@ def main() -> None:
     result = {
         "benchmark": "synthesis_throughput",
         "date": time.strftime("%Y-%m-%d"),
-        "command": "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
         "server": f"tests/fake_openai_server.py, fixed {args.latency_ms:g} ms per request, 127.0.0.1",
         "sequential": sequential,
         "concurrent": concurrent,
@@ -76,8 +75,7 @@ def main() -> None:
         "ideal_ratio": args.concurrency,
         "bar": BAR,
         "passed": ratio >= BAR,
-        "machine": machine(),
-        "versions": {**versions(), "openai": _version("openai"), "httpx2": _version("httpx2")},
+        **provenance.record(packages=("openai", "httpx2")),
     }
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -85,15 +83,6 @@ def main() -> None:
     print(json.dumps({k: result[k] for k in ("sequential", "concurrent", "ratio", "passed")}, indent=2))
     if not result["passed"]:
         sys.exit(f"ratio {ratio} is below the bar of {BAR}")
-
-
-def _version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 if __name__ == "__main__":

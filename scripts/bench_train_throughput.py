@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
 import statistics
 import sys
@@ -48,7 +47,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from embtune.manifest import Stage, machine, versions  # noqa: E402
+from embtune.manifest import Provenance, Stage  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
@@ -218,6 +217,7 @@ def main() -> None:
                         help="e.g. 384,256,128,64: MNRL inside MatryoshkaLoss on both sides")
     parser.add_argument("--out", default="benchmarks/results/train_throughput.json")
     args = parser.parse_args()
+    provenance = Provenance.start()
     args.matryoshka = [int(d) for d in args.matryoshka.split(",") if d]
     if args.device == "cpu":
         import torch
@@ -278,10 +278,8 @@ def main() -> None:
     payload = {
         "benchmark": "train_throughput",
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
         "niceness": os.nice(0),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance.record(),
         "device": args.device,
         "gpu": "none lent to this run" if args.device == "cpu" else __import__("torch").cuda.get_device_name(),
         "settings": {"model": "minilm (all-MiniLM-L6-v2)", "batch_size": args.batch_size, "steps": args.steps,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.config import to_dict  # noqa: E402
-from embtune.manifest import machine, versions  # noqa: E402
+from embtune.manifest import Provenance, command_line  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
@@ -21,8 +20,7 @@ REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 def bench_command(argv: list[str]) -> str:
     """The command line that ran this benchmark, script path relative to the repo root."""
-    script = Path(argv[0])
-    return "python " + shlex.join([str(script.relative_to(ROOT)) if script.is_absolute() else argv[0], *argv[1:]])
+    return command_line(argv, ROOT)
 
 
 def percent(metrics: dict) -> dict:
@@ -84,10 +82,10 @@ def plain_bm25(cfg, split: str = "test") -> tuple[dict, dict]:
 
 
 def test_result(benchmark: str, description: str, choice: str, cfg, overrides: list[str], results: dict,
-                report: dict, wall: dict, start: float, command: str, published: dict, **extra) -> dict:
+                report: dict, wall: dict, start: float, provenance: Provenance, published: dict, **extra) -> dict:
     """The record a SciFact benchmark writes for its test run: what ran (choice, overrides, resolved config), the
     base / BM25 / fine-tuned rows in percent, ``extra`` (e.g. synthesis, ablations), the mining report, the time per
-    stage and in total, and the command, machine and versions."""
+    stage and in total, and the provenance (commit, clean tree, command, machine, load, versions)."""
     res = results["results"]
     return {
         "benchmark": benchmark,
@@ -110,7 +108,5 @@ def test_result(benchmark: str, description: str, choice: str, cfg, overrides: l
         "training_rows": report["rows"],
         "mining_report": report["mining"],
         "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
-        "command": command,
-        "machine": machine(),
-        "versions": versions(),
+        **provenance.record(),
     }

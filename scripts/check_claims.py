@@ -12,7 +12,8 @@ The tag is an HTML comment right after the number (GitHub renders nothing for it
 - The file is a name under ``benchmarks/results/`` (or a path from the repository root).
 - The key is a path of segments joined by ``.``: a dict key (``ndcg@10``), ``[2]`` (a list index),
   ``[name=dense]`` (the list item whose ``name`` is ``dense``) or ``["a.b"]`` (a key with dots or brackets).
-- `` *100`` after the key scales the file's value (fractions quoted as percent).
+- `` *100`` after the key scales the file's value (fractions quoted as percent; `` *-100`` also flips a difference
+  the file records the other way round).
 - Between the number and the tag only ``*`` (bold), ``%`` and ``×`` may stand.
 
 Rounding: the text's precision rules. A number written with d decimals matches when the file's value, rounded half
@@ -37,7 +38,7 @@ DOCUMENTS = ("README.md", "docs/*.md")
 
 TAG = re.compile(
     r"(?P<number>[+\-−]?\d[\d,]*(?:\.\d+)?)(?P<between>[*%×]*)"
-    r"<!--\s*(?P<file>[\w./-]+\.json):(?P<key>[^>]+?)(?:\s+\*(?P<scale>\d+))?\s*-->")
+    r"<!--\s*(?P<file>[\w./-]+\.json):(?P<key>[^>]+?)(?:\s+\*(?P<scale>-?\d+))?\s*-->")
 SEGMENT = re.compile(r'\["(?P<quoted>[^"]+)"\]|\[(?P<field>\w+)=(?P<value>[^\]]+)\]|\[(?P<index>-?\d+)\]'
                      r"|(?P<key>[^.\[]+)")
 

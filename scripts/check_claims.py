@@ -13,7 +13,7 @@ The tag is an HTML comment right after the number (GitHub renders nothing for it
 - The key is a path of segments joined by ``.``: a dict key (``ndcg@10``), ``[2]`` (a list index),
   ``[name=dense]`` (the list item whose ``name`` is ``dense``) or ``["a.b"]`` (a key with dots or brackets).
 - `` *100`` after the key scales the file's value (fractions quoted as percent; `` *-100`` also flips a difference
-  the file records the other way round).
+  the file records the other way round; `` *0.001`` quotes milliseconds as seconds).
 - Between the number and the tag only ``*`` (bold), ``%`` and ``×`` may stand.
 
 Rounding: the text's precision rules. A number written with d decimals matches when the file's value, rounded half
@@ -38,7 +38,7 @@ DOCUMENTS = ("README.md", "docs/*.md")
 
 TAG = re.compile(
     r"(?P<number>[+\-−]?\d[\d,]*(?:\.\d+)?)(?P<between>[*%×]*)"
-    r"<!--\s*(?P<file>[\w./-]+\.json):(?P<key>[^>]+?)(?:\s+\*(?P<scale>-?\d+))?\s*-->")
+    r"<!--\s*(?P<file>[\w./-]+\.json):(?P<key>[^>]+?)(?:\s+\*(?P<scale>-?\d+(?:\.\d+)?))?\s*-->")
 SEGMENT = re.compile(r'\["(?P<quoted>[^"]+)"\]|\[(?P<field>\w+)=(?P<value>[^\]]+)\]|\[(?P<index>-?\d+)\]'
                      r"|(?P<key>[^.\[]+)")
 
@@ -52,13 +52,13 @@ class Claim:
     text: str  # the number as written
     file: str
     key: str
-    scale: int
+    scale: str  # "1" unless the tag says otherwise
     start: int  # the number's span in its line
     end: int
 
     @property
     def source(self) -> str:
-        return f"{self.file}:{self.key}" + (f" *{self.scale}" if self.scale != 1 else "")
+        return f"{self.file}:{self.key}" + (f" *{self.scale}" if self.scale != "1" else "")
 
 
 def find_claims(document: Path, root: Path = ROOT) -> list[Claim]:
@@ -67,7 +67,7 @@ def find_claims(document: Path, root: Path = ROOT) -> list[Claim]:
     for number, line in enumerate((root / document).read_text().splitlines(), 1):
         for found in TAG.finditer(line):
             claims.append(Claim(document, number, found["number"], found["file"], found["key"],
-                                int(found["scale"] or 1), found.start("number"), found.end("number")))
+                                found["scale"] or "1", found.start("number"), found.end("number")))
     return claims
 
 
@@ -115,9 +115,9 @@ def _parse(text: str) -> Decimal:
     return Decimal(text.replace(",", "").replace("−", "-"))
 
 
-def rounded(value: float, decimals: int) -> Decimal:
-    """The file's value at the text's precision, rounded half up from its shortest decimal form."""
-    return Decimal(repr(float(value))).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+def rounded(value: Decimal, decimals: int) -> Decimal:
+    """The file's value (from its shortest decimal form) at the text's precision, rounded half up."""
+    return value.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
 
 
 def written(value: Decimal, like: str) -> str:
@@ -144,9 +144,10 @@ def check(claim: Claim, root: Path = ROOT, cache: dict | None = None) -> tuple[s
         return f"{claim.text}: {claim.file} key {claim.key}: {error.args[0]}", None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f"{claim.text}: {claim.file} key {claim.key} is {value!r}, not a number", None
-    expected = rounded(value * claim.scale, _decimals(claim.text))
+    scaled = Decimal(repr(float(value))) * Decimal(claim.scale)
+    expected = rounded(scaled, _decimals(claim.text))
     if expected != _parse(claim.text):
-        shown = f"{value} *{claim.scale} = {value * claim.scale:g}" if claim.scale != 1 else f"{value}"
+        shown = f"{value} *{claim.scale} = {scaled.normalize():f}" if claim.scale != "1" else f"{value}"
         return f"{claim.text} but {claim.file} key {claim.key} = {shown}", expected
     return None, expected
 

@@ -14,7 +14,8 @@ The tag is an HTML comment right after the number (GitHub renders nothing for it
   ``[name=dense]`` (the list item whose ``name`` is ``dense``) or ``["a.b"]`` (a key with dots or brackets).
 - `` *100`` after the key scales the file's value (fractions quoted as percent; `` *-100`` also flips a difference
   the file records the other way round; `` *0.001`` quotes milliseconds as seconds).
-- Between the number and the tag only ``*`` (bold), ``%`` and ``×`` may stand.
+- Between the number and the tag only ``*`` (bold), ``%`` and ``×`` may stand. Tags in code (fenced blocks and
+  `` `spans` ``) are examples, not claims.
 
 Rounding: the text's precision rules. A number written with d decimals matches when the file's value, rounded half
 up to d decimals, equals it: 70.65 matches 70.649 and 70.65, not 70.66; 264 matches 263.5 to 264.49. A ``+`` sign
@@ -39,6 +40,7 @@ DOCUMENTS = ("README.md", "docs/*.md")
 TAG = re.compile(
     r"(?P<number>[+\-−]?\d[\d,]*(?:\.\d+)?)(?P<between>[*%×]*)"
     r"<!--\s*(?P<file>[\w./-]+\.json):(?P<key>[^>]+?)(?:\s+\*(?P<scale>-?\d+(?:\.\d+)?))?\s*-->")
+CODE_SPAN = re.compile(r"`[^`]*`")
 SEGMENT = re.compile(r'\["(?P<quoted>[^"]+)"\]|\[(?P<field>\w+)=(?P<value>[^\]]+)\]|\[(?P<index>-?\d+)\]'
                      r"|(?P<key>[^.\[]+)")
 
@@ -64,8 +66,15 @@ class Claim:
 def find_claims(document: Path, root: Path = ROOT) -> list[Claim]:
     """Every tagged number of ``document`` (a path under ``root``), in order."""
     claims = []
+    fenced = False
     for number, line in enumerate((root / document).read_text().splitlines(), 1):
-        for found in TAG.finditer(line):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        if fenced:
+            continue
+        # an example of the scheme in `code` is not a claim: blank code spans, keeping the positions
+        visible = CODE_SPAN.sub(lambda span: " " * len(span.group(0)), line)
+        for found in TAG.finditer(visible):
             claims.append(Claim(document, number, found["number"], found["file"], found["key"],
                                 found["scale"] or "1", found.start("number"), found.end("number")))
     return claims

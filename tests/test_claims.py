@@ -48,12 +48,16 @@ def tree(tmp_path: Path) -> Path:
         "| hybrid | 3<!-- demo.json:specs[name=hybrid].mismatched_queries --> | 98.0%<!-- demo.json:share *100 --> |\n"
         "on 1,372<!-- demo.json:docs --> pairs, −8.12<!-- demo.json:delta *100 -->, "
         '73.11<!-- demo.json:weights["dense 0.7"] --> untagged 12.34\n')
-    (tmp_path / "docs" / "x.md").write_text("dense: 0<!-- demo.json:specs[0].mismatched_queries --> differ\n")
+    (tmp_path / "docs" / "x.md").write_text(
+        "dense: 0<!-- demo.json:specs[0].mismatched_queries --> differ\n"
+        "an example, not a claim: `1.00<!-- demo.json:share -->`\n"
+        "```\n2.00<!-- demo.json:share -->\n```\n")
     return tmp_path
 
 
 def test_agreeing_text_passes_at_its_own_precision(tree: Path):
-    """64.875 is written 64.88 (half up), a fraction tagged *100 as percent, a list item picked by name."""
+    """64.875 is written 64.88 (half up), a fraction tagged *100 as percent, a list item picked by name; tags in
+    code spans and fenced blocks are examples, not claims."""
     assert mismatches(tree) == []
     assert [c.text for d in documents(tree) for c in find_claims(d, tree)] == [
         "70.81", "64.88", "3", "98.0", "1,372", "−8.12", "73.11", "0"]

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, bench_command, percent
+from benchlib import ROOT, bench_command, percent, write_result
 
 from embtune.config import to_dict
 from embtune.manifest import Provenance
@@ -120,7 +120,7 @@ def main() -> int:
                      "finetuned_vs_bm25": bool(vs_bm25 and vs_bm25["diff"] > 0 and vs_bm25["p_value"] < 0.01),
                      "wall_seconds": wall <= 480}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_result(args.out, record)
     print(f"wall {wall:.0f} s, cpu {cpu_seconds:.0f} s (stages {stage_wall}); nDCG@10 {record['ndcg@10']}; "
           f"finetuned vs base p={vs_base['p_value']:.2g}; met {record['met']} -> {args.out}")
     return 0

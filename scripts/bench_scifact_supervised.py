@@ -28,7 +28,7 @@ from embtune.cli import setup_logging  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import bench_command, percent, run_recipe, test_result  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, percent, run_recipe, test_result, write_result  # noqa: E402  (scripts/benchlib.py)
 
 # The distilled variant (issue 12, item 5): the labelled positives and mined negatives of the chosen settings, plus
 # MarginMSE toward a teacher that is the final phase's fine-tuned model fused with BM25 (data_prep.teacher.
@@ -101,7 +101,7 @@ def main() -> int:
                       choice, cfg, overrides, results, report, wall, start, provenance,
                       published={"all-MiniLM-L6-v2 (MTEB)": 64.51, "BM25 (BEIR)": 66.5, "GPL best": 68.9,
                                  "bge-small-en-v1.5": 71.3})
-    Path(args.out).write_text(json.dumps(out, indent=2))
+    write_result(args.out, out)
     print(json.dumps(out["results"], indent=1))
     return 0
 

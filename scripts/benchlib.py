@@ -110,3 +110,15 @@ def test_result(benchmark: str, description: str, choice: str, cfg, overrides: l
         "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
         **provenance.record(),
     }
+
+
+def write_result(path: str | Path, out: dict) -> Path:
+    """Write a result file, keeping what it held before: the previous run is appended to ``other_runs`` (appended,
+    never reordered, so a claim tagged ``other_runs[i]`` keeps pointing at the same run)."""
+    path = Path(path)
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        earlier = previous.pop("other_runs", [])
+        out = {**out, "other_runs": [*earlier, previous]}
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return path

@@ -49,8 +49,10 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
+from embtune.eval.deploy import hybrid_spec
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
-from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
+from embtune.eval.inputs import load_encoder, upstream
+from embtune.eval.run import score_run
 from embtune.eval.significance import compare_systems
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import cache_key, encode, encode_corpus
@@ -59,7 +61,6 @@ from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpe
 logger = logging.getLogger(__name__)
 
 RUN_PREFIX = "run:"
-METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 
 @dataclass

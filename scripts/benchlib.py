@@ -12,11 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.config import to_dict  # noqa: E402
+from embtune.eval import METRICS  # noqa: E402
 from embtune.manifest import machine, versions  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
-REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+REPORTED = METRICS  # what eval reports, the one tuple (embtune/retrieval/metrics.py)
 
 
 def bench_command(argv: list[str]) -> str:

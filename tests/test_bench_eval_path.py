@@ -57,3 +57,31 @@ def test_benchlib_base_row_is_a_scored_dense_run_to_depth(benchlib, tiny_beir, t
                             data.qrels, depth=7)
     assert set(row.run) == set(queries) and all(len(docs) == 7 for docs in row.run.values())
     assert set(row.metrics) == set(benchlib.REPORTED) and row.spec.dense is not None
+
+
+def test_labelfree_benchmarks_query_side_rows_score_through_the_entry(tmp_path, tiny_model_dir, monkeypatch):
+    """bench_scifact_labelfree's dev measurement on a tiny label-free run: each model's queries against data_prep's
+    index, the fused teacher and BM25, scored by ``embtune.eval``; the base row is ``evaluate`` on that index."""
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.eval import evaluate
+    from tests.test_labelfree import recipe, sentence_corpus
+
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import bench_scifact_labelfree as bench
+
+    corpus_dir = sentence_corpus(tmp_path / "beir", qrels=True)
+    (corpus_dir / "qrels" / "test.tsv").rename(corpus_dir / "qrels" / "train.tsv")
+    cfg = recipe(tmp_path, corpus_dir, tiny_model_dir, "data.dev_fraction=0.5")
+    run_data_prep(cfg)
+    out = bench.query_side_scores(cfg, "dev", {"base": str(tiny_model_dir)})
+    assert set(out["results"]) == {"base", "teacher", "bm25_top100"} and out["num_queries"] == 6
+    query_ids, query_texts, qrels = bench.labelled_queries(cfg, "dev")
+    setup = bench.base_index_and_teacher(cfg, query_texts)
+    from embtune.retrieval.encoder import load_encoder
+
+    model, _ = load_encoder(str(tiny_model_dir), cfg.eval.max_seq_length)
+    row = evaluate(setup["index"], dict(zip(query_ids, query_texts)), qrels, model=model, k=1000)
+    assert out["results"]["base"] == bench.percent(row.metrics)
+    assert out["per_query"]["base"] == row.per_query
+    sys.modules.pop("bench_scifact_labelfree", None)

@@ -16,7 +16,7 @@ For every dim in ``eval.sweep.dims`` the corpus and query embeddings are truncat
 ``ivfpq``   ``IndexIVFPQ`` (nlist, ``pq_bytes`` 8-bit subquantizers) at ``pq_nprobe``
 ==========  ===========================================================================================
 
-Each row: ``ndcg@10`` (pytrec_eval, as ``eval/metrics.py``), ``recall@10_vs_exact`` (mean overlap of the top 10
+Each row: ``ndcg@10`` (pytrec_eval, as ``embtune/retrieval/metrics.py``), ``recall@10_vs_exact`` (mean overlap of the top 10
 with the fp32 Flat top 10 at the same dim), ``qps`` (all queries in one batched search, best of 3, with
 ``eval.sweep.threads`` FAISS threads), ``index_bytes`` (``faiss.serialize_index``: codes plus centroids/graph),
 ``rescore_bytes`` (the int8 or fp32 vectors a rescoring row also keeps), ``bytes_per_vector``

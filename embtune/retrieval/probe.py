@@ -3,7 +3,7 @@
 A seeded set of passages each lose one sentence (or, for half of the titled ones, their title), which becomes the
 query; a retriever must find the passage *without* that text among the whole corpus. data_prep uses it to choose
 the label-free teacher's dense weight and whether training can pay (``data_prep/labelfree.py``); eval uses the same
-probe set, saved by data_prep, to choose what to ship when there are no labelled dev queries (``eval/run.py``).
+probe set, saved by data_prep, to choose what to ship when there are no labelled dev queries (``eval/deploy.py``).
 The probe's passages are held out of pseudo-query cutting, so the student is judged on passages it never saw a
 query of.
 

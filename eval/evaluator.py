@@ -69,12 +69,6 @@ class Queries:
             out = cls(out.ids, out.texts, encode_queries(model, out.texts, batch_size))
         return out
 
-    def judged(self, qrels: Qrels) -> "Queries":
-        """The queries ``qrels`` judges, in this order."""
-        keep = [i for i, qid in enumerate(self.ids) if qid in qrels]
-        return Queries([self.ids[i] for i in keep], [self.texts[i] for i in keep],
-                       None if self.emb is None else self.emb[keep])
-
 
 @dataclass
 class EvalRow:

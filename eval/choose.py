@@ -49,17 +49,18 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
+from embtune.eval.deploy import hybrid_spec
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
-from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
+from embtune.eval.inputs import load_encoder, upstream
 from embtune.eval.significance import compare_systems
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import cache_key, encode, encode_corpus
+from embtune.retrieval.metrics import METRICS, score_run
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 
 logger = logging.getLogger(__name__)
 
 RUN_PREFIX = "run:"
-METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 
 @dataclass
@@ -193,7 +194,7 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
     spec = RetrieverSpec(dense=DenseSpec(model=candidate.model, dim=int(doc_emb.shape[1])))
     retriever = Retriever(spec, doc_ids, doc_texts, doc_emb, bm25=bm25)
     run = retriever.search(query_texts, query_emb, cfg.eval.top_k, query_ids)
-    metrics, per_query = score_run(qrels, run, cfg)
+    metrics, per_query = score_run(qrels, run, METRICS, cfg.eval.ignore_identical_ids)
     fit = None
     if not endpoint and getattr(model, "tokenizer", None) is not None:
         fit = fit_check(model.tokenizer, [doc_texts[i] for i in fit_idx], model.max_seq_length)
@@ -254,7 +255,7 @@ def choose(cfg, candidates: list[str] | None = None, out_path: str | Path | None
         run = Retriever(RetrieverSpec(dense=None, bm25=cfg.bm25), doc_ids, doc_texts, bm25=bm25).search(
             query_texts, None, cfg.eval.top_k, query_ids)
         seconds = bm25_seconds + time.perf_counter() - start  # tokenize and index, then search
-        metrics, per_query["bm25"] = score_run(qrels, run, cfg)
+        metrics, per_query["bm25"] = score_run(qrels, run, METRICS, cfg.eval.ignore_identical_ids)
         rows["bm25"] = {"name": "bm25", "kind": "bm25", "spec": "bm25", "model": None, **metrics, "dim": None,
                         "bytes_per_vector": None, "encode_s_per_1k_docs": 1000 * seconds / len(doc_ids), "fit": None}
     for name in dense if settings.bm25 else []:
@@ -264,7 +265,7 @@ def choose(cfg, candidates: list[str] | None = None, out_path: str | Path | None
             # eval's hybrid rows: the same fusion settings through the same Retriever.
             run = retriever.search(query_texts, query_emb, cfg.eval.top_k, query_ids,
                                    spec=hybrid_spec(retriever.spec, cfg, method))
-            metrics, per_query[row] = score_run(qrels, run, cfg)
+            metrics, per_query[row] = score_run(qrels, run, METRICS, cfg.eval.ignore_identical_ids)
             rows[row] = {**rows[name], "name": row, "kind": "hybrid", **metrics}
             rows[row]["fit"] = None  # the dense row carries the fit check
     if not rows:

@@ -16,8 +16,8 @@ For every dim in ``eval.sweep.dims`` the corpus and query embeddings are truncat
 ``ivfpq``   ``IndexIVFPQ`` (nlist, ``pq_bytes`` 8-bit subquantizers) at ``pq_nprobe``
 ==========  ===========================================================================================
 
-Each row: ``ndcg@10`` (pytrec_eval, as ``eval/metrics.py``), ``recall@10_vs_exact`` (mean overlap of the top 10
-with the fp32 Flat top 10 at the same dim), ``qps`` (all queries in one batched search, best of 3, with
+Each row: ``ndcg@10`` (pytrec_eval, as ``embtune/retrieval/metrics.py``), ``recall@10_vs_exact`` (mean overlap of
+the top 10 with the fp32 Flat top 10 at the same dim), ``qps`` (all queries in one batched search, best of 3, with
 ``eval.sweep.threads`` FAISS threads), ``index_bytes`` (``faiss.serialize_index``: codes plus centroids/graph),
 ``rescore_bytes`` (the int8 or fp32 vectors a rescoring row also keeps), ``bytes_per_vector``
 (``(index_bytes + rescore_bytes) / n_docs``) and ``build_seconds`` (train + add).
@@ -38,9 +38,9 @@ from typing import Any, Callable
 import faiss
 import numpy as np
 
-from embtune.eval.metrics import evaluate
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.index import exact_search, to_run
+from embtune.retrieval.metrics import score_run
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def sweep_model(model: str, doc_emb: np.ndarray, query_emb: np.ndarray, doc_ids:
             _, exact_ids = exact_search(docs, queries, k)
             for conf in build_configurations(docs, cfg):
                 scores, ids, seconds = _timed_search(conf["search"], queries, k)
-                mean, _ = evaluate(qrels, to_run(query_ids, doc_ids, scores, ids), ndcg_k=(10,), mrr_k=(10,),
-                                   recall_k=(10,), map_k=(10,), ignore_identical_ids=ignore_identical_ids)
+                mean, _ = score_run(qrels, to_run(query_ids, doc_ids, scores, ids),
+                                    ("ndcg@10", "recall@10", "map@10", "mrr@10"), ignore_identical_ids)
                 total_bytes = conf["index_bytes"] + conf["rescore_bytes"]
                 rows.append({
                     "model": model, "dim": dim, "index": conf["index"], "precision": conf["precision"],

@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from embtune.retrieval.metrics import METRICS
+
 logger = logging.getLogger(__name__)
 
 STAGES = ("data_prep", "train", "eval", "export")
-METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 REPORT_DIR = "report"
 CONFIG_FILE = "config.yaml"
 DPI = 90

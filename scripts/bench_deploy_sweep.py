@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
-from embtune.eval.run import METRICS  # noqa: E402
+from embtune.eval import METRICS  # noqa: E402
 from embtune.eval.run import run as run_eval  # noqa: E402
 from embtune.eval.sweep import best_compact, label  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402

@@ -16,8 +16,9 @@ What is timed, each run from scratch (no embedding cache, the whole corpus):
 
 The machine is shared, so the runs alternate (torch, backend, torch, backend, ...; ``--rounds`` rounds) and every run
 is recorded with the load average when it started; ``ratio`` is the median over rounds of that round's backend
-docs/s over its torch docs/s. nDCG@10 on SciFact test (300 queries, exact search, pytrec_eval as eval does) comes from
-each backend's first-round corpus embeddings and its own query embeddings; ``ndcg_delta`` = backend - torch, points.
+docs/s over its torch docs/s. nDCG@10 on SciFact test (300 queries) is scored by eval's own entry
+(``embtune.eval.evaluate``: queries one per batch by role, exact search through the core ``Retriever``) from each
+backend's first-round corpus embeddings and its own query encoder; ``ndcg_delta`` = backend - torch, points.
 
 ``padding`` counts the padded tokens a batch of ``--batch-size`` would carry in sentence-transformers' order
 (character length) and in the ONNX encoder's (token length): how much the token-length buckets can save.
@@ -43,11 +44,11 @@ import torch  # noqa: E402
 from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
-from embtune.eval.metrics import evaluate  # noqa: E402
+from embtune.eval import evaluate  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import BACKENDS, ONNX_RECIPE, encode, load_encoder  # noqa: E402
-from embtune.retrieval.index import exact_search, to_run  # noqa: E402
+from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec  # noqa: E402
 
 
 def padded_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> int:
@@ -59,11 +60,11 @@ def padded_tokens(lengths: np.ndarray, order: np.ndarray, batch_size: int) -> in
     return total
 
 
-def ndcg10(doc_emb, query_emb, doc_ids, query_ids, qrels) -> float:
-    scores, indices = exact_search(doc_emb, query_emb, 100)
-    mean, _ = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices), ndcg_k=(10,), mrr_k=(10,),
-                       recall_k=(100,), map_k=(100,), ignore_identical_ids=True)
-    return round(100 * mean["ndcg@10"], 2)
+def ndcg10(doc_emb, model, doc_ids, doc_texts, queries, qrels) -> float:
+    """nDCG@10 (percent) of ``doc_emb`` searched with ``model``'s queries, through eval's entry (queries one per
+    batch by role, the core Retriever, the core metrics)."""
+    retriever = Retriever(RetrieverSpec(dense=DenseSpec()), doc_ids, doc_texts, doc_emb)
+    return evaluate(retriever, queries, qrels, model=model, k=100).percent()["ndcg@10"]
 
 
 def main() -> None:
@@ -153,11 +154,8 @@ def main() -> None:
     def score_quality(first_emb: dict[str, np.ndarray]) -> None:
         ndcg = {}
         for backend, doc_emb in first_emb.items():
-            if backend == "torch":
-                query_emb = plain.encode(query_texts, batch_size=args.batch_size, normalize_embeddings=True)
-            else:
-                query_emb = encode(encoders[backend], query_texts, args.batch_size)
-            ndcg[backend] = ndcg10(doc_emb, query_emb, doc_ids, query_ids, data.qrels)
+            model = plain if backend == "torch" else encoders[backend]
+            ndcg[backend] = ndcg10(doc_emb, model, doc_ids, doc_texts, dict(zip(query_ids, query_texts)), data.qrels)
             if backend != "torch":
                 cos = (first_emb["torch"] * doc_emb).sum(1)  # both L2-normalized: cosine per document
                 record.setdefault("doc_cosine_to_torch", {})[backend] = {"min": round(float(cos.min()), 4),

@@ -2,11 +2,13 @@
 
     python scripts/bench_export_parity.py                       # minilm, full dimension, float32
     python scripts/bench_export_parity.py --dim 256 --precision float16 --out benchmarks/results/x.json
+    python scripts/bench_export_parity.py --max-docs 300 --max-queries 20 --chroma-builds 0 --out /tmp/ep.json  # smoke
 
 Builds a bundle of the SciFact corpus (5,183 documents) the way the export stage does (``serve.bundle`` for the
 model, ``serve.vectordb.export_vectordb`` for Chroma and LanceDB; the corpus embeddings come from the shared cache),
-embeds the 300 test queries with the bundle's query encoder, and compares each target's top-10 with FAISS's exact
-top-10 over the same stored vectors. A query is mismatched when its ten ids or their order differ. nDCG@10 scores
+embeds the 300 test queries with the bundle's query encoder, and compares each target's top-10 with the exact top-10
+over the same stored vectors (the core ``Retriever``, as eval's entry ``embtune.eval.evaluate`` and ``/search`` run
+it). A query is mismatched when its ten ids or their order differ. nDCG@10 scores
 the order each target returned (rank-based scores, so pytrec_eval cannot reorder ties). Chroma is then rebuilt
 ``--chroma-builds`` times with the export's HNSW settings, with ef_search 200 and with Chroma's own defaults
 (ef_construction 100, ef_search 100, max_neighbors 16), counting the mismatched queries of each build.
@@ -28,11 +30,12 @@ import faiss
 from benchlib import ROOT, bench_command  # also puts the repo root on sys.path
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
-from embtune.eval.metrics import evaluate  # noqa: E402
+from embtune.eval import Queries, evaluate, score  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
-from embtune.retrieval.index import exact_search  # noqa: E402
+from embtune.retrieval.fusion import ranked  # noqa: E402
+from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec  # noqa: E402
 from embtune.sections.export import VectorDBConfig  # noqa: E402
 from embtune.serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle  # noqa: E402
 from embtune.serve.vectordb import (  # noqa: E402
@@ -55,7 +58,7 @@ def compare(name: str, top_ids: list[list[str]], expected: list[list[str]], quer
     mismatched = [qid for qid, got, want in zip(query_ids, top_ids, expected) if got != want]
     other_set = [qid for qid, got, want in zip(query_ids, top_ids, expected) if set(got) != set(want)]
     run = {qid: {doc: float(K - rank) for rank, doc in enumerate(ids)} for qid, ids in zip(query_ids, top_ids)}
-    metrics, _ = evaluate(qrels, run, ndcg_k=(K,), mrr_k=(K,), recall_k=(K,), map_k=(K,))
+    metrics = score(qrels, run, metrics=(f"ndcg@{K}", f"mrr@{K}", f"recall@{K}", f"map@{K}")).metrics
     row = {"queries": len(query_ids), "mismatched_queries": len(mismatched),
            "mismatched_sets": len(other_set), "mismatched_query_ids": mismatched[:20],
            "ndcg@10": round(100 * metrics["ndcg@10"], 2), "recall@10": round(100 * metrics["recall@10"], 2),
@@ -73,13 +76,15 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--dim", type=int, default=0, help="export.vectordb.dim (0 = the model's full dimension)")
     parser.add_argument("--precision", default="float32", choices=["float32", "float16"])
     parser.add_argument("--chroma-builds", type=int, default=5, help="Chroma rebuilds per HNSW setting")
+    parser.add_argument("--max-docs", type=int, default=0, help="first N documents only (smoke runs; 0 = all)")
+    parser.add_argument("--max-queries", type=int, default=0, help="first N queries only (smoke runs; 0 = all)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export_parity.json"))
     args = parser.parse_args(argv[1:])
     provenance = Provenance.start(bench_command(argv))
 
     data = load_beir(args.data, args.split)
-    docs = [{"_id": doc_id, **doc} for doc_id, doc in data.corpus.items()]
-    query_ids = list(data.queries)
+    docs = [{"_id": doc_id, **doc} for doc_id, doc in data.corpus.items()][: args.max_docs or None]
+    query_ids = list(data.queries)[: args.max_queries or None]
     model_dir = resolve_model(args.model)
     cfg = VectorDBConfig(dim=args.dim, precision=args.precision)
 
@@ -102,13 +107,19 @@ def main(argv: list[str]) -> None:
 
         settings = export_vectordb(bundle, model_dir, docs, ["chroma", "lancedb"], cfg, name="scifact")
         query_vectors = QueryEncoder(bundle)([data.queries[q] for q in query_ids])  # (n_queries, dim)
-        _, indices = exact_search(normalize(stored), normalize(query_vectors), K)
-        expected = [[docs[j]["_id"] for j in row] for row in indices]
+        # Exact top-10 over the stored vectors, through the core Retriever that eval and /search run.
+        doc_ids, doc_texts = [doc["_id"] for doc in docs], [document_text(doc) for doc in docs]
+        queries = Queries(query_ids, [data.queries[q] for q in query_ids], normalize(query_vectors))
+        spec = RetrieverSpec(dense=DenseSpec())
+        exact = evaluate(Retriever(spec, doc_ids, doc_texts, normalize(stored)), queries, data.qrels, k=K)
+        expected = [ranked(exact.run[qid], K) for qid in query_ids]
 
         targets = {}
         start = time.perf_counter()
-        _, found = faiss.read_index(str(bundle / INDEX_FILE)).search(normalize(query_vectors), K)
-        targets["faiss"] = compare("faiss", [[docs[j]["_id"] for j in row] for row in found], expected, query_ids,
+        # The faiss target as the server reads it: the bundle's index file searched by the same Retriever.
+        served = Retriever(spec, doc_ids, doc_texts, faiss.read_index(str(bundle / INDEX_FILE))).search(
+            queries.texts, queries.emb, K, query_ids)
+        targets["faiss"] = compare("faiss", [ranked(served[qid], K) for qid in query_ids], expected, query_ids,
                                    data.qrels, time.perf_counter() - start,
                                    {**faiss_write, "index": "IndexFlatIP (exact)"})
         for target, top_ids in (("chroma", chroma_top_ids), ("lancedb", lancedb_top_ids)):
@@ -149,6 +160,7 @@ def main(argv: list[str]) -> None:
         "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
         "split": args.split,
         "num_documents": len(docs),
+        "num_queries": len(query_ids),
         "model": args.model,
         "dim": int(stored.shape[1]),
         "precision": args.precision,

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchlib import bench_command  # noqa: E402
 
 from embtune.dataio import document_text, load_beir, split_dev  # noqa: E402
-from embtune.eval.metrics import evaluate  # noqa: E402
+from embtune.eval import encode_queries, score  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
 from embtune.retrieval.bm25 import BM25Config  # noqa: E402
 from embtune.retrieval.encoder import encode, load_encoder  # noqa: E402
@@ -63,7 +63,7 @@ class Members:
         self.row = {d: i for i, d in enumerate(doc_ids)}
 
     def runs(self, query_ids: list[str], query_texts: list[str]) -> dict:
-        query_emb = encode(self.model, query_texts, 64, desc="queries", role="query")  # (n_queries, dim)
+        query_emb = encode_queries(self.model, query_texts)  # (n_queries, dim), one per batch as eval encodes
         dense, sparse = self.retriever.member_runs(query_texts, query_emb, self.depth, query_ids)
         dense_index = self.retriever._dense_index(self.retriever.spec.dense)
         bm25_index = self.retriever._bm25_index(self.retriever.spec.bm25)
@@ -96,7 +96,7 @@ def fused_run(runs: dict, variant: str, weight: float, depth: int) -> dict:
 
 
 def per_query_ndcg(qrels: dict, run: dict) -> dict[str, float]:
-    _, per_query = evaluate(qrels, run)
+    per_query = score(qrels, run).per_query
     return {q: v["ndcg@10"] for q, v in per_query.items()}
 
 

@@ -11,8 +11,9 @@ Measured, each in its own process (peak RSS is per process) with its own empty e
 - ``local``: one process, ``encode_batch`` over all texts, onnxruntime at one thread;
 - ``ray_1`` / ``ray_2``: ``encode_corpus`` on a local Ray cluster, 1 or 2 actors of one thread each; docs/s over
   the whole call (actor start and model load included) and over the actors' encode time alone;
-- ``mismatched_queries``: SciFact train queries' dense top-10 from the local matrix (FAISS) against the Ray
-  shards (``dense_search``): queries whose ten rows differ;
+- ``mismatched_queries``: SciFact train queries' dense top-10 from the local matrix (the core ``Retriever``, one
+  query at a time, as eval and ``/search`` search) against the Ray shards (``dense_search``, one query at a time as
+  the ``Retriever`` searches shards): queries whose ten rows differ;
 - ``driver_rss``: the Ray driver's peak RSS at ``--small`` and at ``--large`` passages;
 - ``resume``: a Ray driver SIGKILLed (with the cluster it started) once 40% of the shards are written, then rerun:
   the shards it found (``resumed_shards``) and how many of those it wrote again (``reencoded_shards``, by inode and
@@ -82,15 +83,20 @@ def child_local(corpus: Path, arrays: Path, queries: int, backend: str) -> dict:
 
     from embtune.compute.shards import read_source
     from embtune.retrieval.encoder import encode_batch, load_encoder
-    from embtune.retrieval.index import exact_search
+    from embtune.retrieval.fusion import ranked
+    from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec
 
     model, _ = load_encoder(MODEL, SEQ, backend=backend, threads=1)
     _, texts = read_source({"kind": "jsonl", "path": str(corpus), "offset": 0, "length": corpus.stat().st_size}, 0)
     began = time.perf_counter()
     matrix = encode_batch(model, texts, 64, progress=True)  # (n, 384)
     seconds = time.perf_counter() - began
-    query_emb = encode_batch(model, train_queries(queries), 64)
-    _, top = exact_search(matrix, query_emb, 10)
+    query_texts = train_queries(queries)
+    query_emb = encode_batch(model, query_texts, 64)
+    # The exact top-10 as eval and /search compute it: the core Retriever, one query at a time.
+    doc_ids = [str(i) for i in range(len(texts))]
+    run = Retriever(RetrieverSpec(dense=DenseSpec()), doc_ids, texts, matrix).search(query_texts, query_emb, 10)
+    top = np.array([[int(d) for d in ranked(run[str(i)], 10)] for i in range(len(query_texts))], dtype=np.int64)
     np.save(f"{arrays}.top10.npy", top)
     np.save(f"{arrays}.queries.npy", query_emb)
     return {"passages": len(texts), "seconds": round(seconds, 1), "docs_per_s": round(len(texts) / seconds, 1),
@@ -117,7 +123,7 @@ def child_ray(corpus: Path, arrays: Path | None, workers: int, shard_rows: int, 
               "driver_peak_rss_mb": round(peak_rss_mb())}
     if queries_from and arrays is not None:
         query_emb = np.load(queries_from)
-        _, top = dense_search(shards, query_emb, 10, compute)
+        _, top = dense_search(shards, query_emb, 10, compute, one_at_a_time=True)  # as the Retriever searches shards
         np.save(f"{arrays}.top10.npy", top)
     return result
 

@@ -111,6 +111,7 @@ def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
     from embtune.data_prep.labelfree import FusedTeacher
     from embtune.dataio import document_text, load_corpus
     from embtune.retrieval.encoder import load_encoder
+    from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec
 
     manifest = json.loads((Path(cfg.run_dir) / "data_prep" / "manifest.json").read_text())
     outputs = manifest["outputs"]
@@ -118,47 +119,46 @@ def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
     doc_ids = json.loads((Path(outputs["corpus_embeddings"]).parent / "doc_ids.json").read_text())
     corpus = load_corpus(Path(outputs["eval_dataset"]) / "corpus.jsonl")
     base, _ = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    teacher = FusedTeacher(doc_ids, [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids], doc_emb,
-                           base, cfg.bm25)
+    doc_texts = [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids]
+    teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, base, cfg.bm25)
     dense, sparse, query_emb = teacher.runs(query_texts, 100)
+    # data_prep's index searched as eval searches: the core Retriever over the base model's corpus embeddings.
+    index = Retriever(RetrieverSpec(dense=DenseSpec(model=cfg.train.base_model)), doc_ids, doc_texts, doc_emb)
     return {"manifest": manifest, "doc_emb": doc_emb, "doc_ids": doc_ids, "dense": dense, "sparse": sparse,
-            "query_emb": query_emb, "weight": manifest["teacher"]["dense_weight"]}
+            "query_emb": query_emb, "weight": manifest["teacher"]["dense_weight"], "index": index}
 
 
 def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     """nDCG@10 etc. of each model's queries against data_prep's corpus embeddings (the base model's index), and of
     the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
-    from embtune.eval.metrics import evaluate
-    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.eval import Queries, evaluate, score
+    from embtune.retrieval.encoder import load_encoder
     from embtune.retrieval.fusion import MemberRun, ScoreStats, weighted_fuse
-    from embtune.retrieval.index import exact_search, to_run
 
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     setup = base_index_and_teacher(cfg, query_texts)
-    doc_emb, doc_ids, weight = setup["doc_emb"], setup["doc_ids"], setup["weight"]
+    doc_emb, weight = setup["doc_emb"], setup["weight"]
     out, per_query, runs, embeddings = {}, {}, {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
-        query_emb = encode(model, query_texts, 64, desc=f"{name} queries", role="query")
-        embeddings[name] = query_emb  # (n_queries, dim)
-        scores, indices = exact_search(doc_emb, query_emb, 1000)
-        runs[name] = to_run(query_ids, doc_ids, scores, indices)
-        mean, pq = evaluate(qrels, runs[name])
-        out[name], per_query[name] = percent(mean), pq
+        queries = Queries.of(dict(zip(query_ids, query_texts)), model)  # one per batch, role query: as eval
+        embeddings[name] = queries.emb  # (n_queries, dim)
+        row = evaluate(setup["index"], queries, qrels, name=name, k=1000)
+        runs[name] = row.run
+        out[name], per_query[name] = percent(row.metrics), row.per_query
     mapping = {str(i): q for i, q in enumerate(query_ids)}
     fused = {mapping[i]: docs for i, docs in weighted_fuse(setup["dense"], setup["sparse"], weight, 100).items()}
-    mean, pq = evaluate(qrels, fused)
-    out["teacher"], per_query["teacher"] = percent(mean), pq
+    row = score(qrels, fused, "teacher")
+    out["teacher"], per_query["teacher"] = percent(row.metrics), row.per_query
     bm25 = {mapping[i]: docs for i, docs in setup["sparse"].items()}
-    bm25_mean, pq = evaluate(qrels, bm25)
-    out["bm25_top100"], per_query["bm25"] = percent(bm25_mean), pq
+    row = score(qrels, bm25, "bm25_top100")
+    out["bm25_top100"], per_query["bm25"] = percent(row.metrics), row.per_query
     if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
         # The core fusion normalizes over the whole corpus: each member's per-query statistics come with it.
         dense = MemberRun(runs["finetuned"], {q: ScoreStats.of(doc_emb @ e)
                                               for q, e in zip(query_ids, embeddings["finetuned"])})
         sparse = MemberRun(bm25, {mapping[i]: stats for i, stats in setup["sparse"].stats.items()})
-        mean, _ = evaluate(qrels, weighted_fuse(dense, sparse, weight, 100))
-        out["next_round_teacher"] = percent(mean)
+        out["next_round_teacher"] = percent(score(qrels, weighted_fuse(dense, sparse, weight, 100)).metrics)
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
 
 
@@ -172,9 +172,8 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
     import torch
 
     from embtune.data_prep.labelfree import FusedTeacher
-    from embtune.eval.metrics import evaluate
+    from embtune.eval import Queries, evaluate
     from embtune.retrieval.fusion import ranked, weighted_fuse
-    from embtune.retrieval.index import exact_search, to_run
     from embtune.train.losses import build_query_loss, split_rows
 
     query_ids, query_texts, qrels = labelled_queries(cfg, "dev")
@@ -202,9 +201,8 @@ def query_side_ceiling(cfg, steps: int = 200) -> dict:
             value.backward()
             optimizer.step()
         fitted = torch.nn.functional.normalize(vectors.detach(), dim=-1).numpy()
-        scores, indices = exact_search(doc_emb, fitted, 1000)
-        mean, _ = evaluate(qrels, to_run(query_ids, doc_ids, scores, indices))
-        out[f"over_{over}"] = percent(mean)["ndcg@10"]
+        row = evaluate(setup["index"], Queries(query_ids, query_texts, fitted), qrels, k=1000)
+        out[f"over_{over}"] = percent(row.metrics)["ndcg@10"]
     return out
 
 

@@ -42,7 +42,7 @@ from embtune.manifest import Provenance  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-from benchlib import base_run, bench_command  # noqa: E402  (scripts/benchlib.py)
+from benchlib import base_row, bench_command  # noqa: E402  (scripts/benchlib.py)
 
 METHODS = ("random", "bm25", "dense", "hybrid")
 LOSSES = ("mnrl", "mnrl+margin_mse")
@@ -84,7 +84,7 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     """The base model's top-k on the evaluation split, reranked by the teacher (and the base ranking, for reference)."""
     from embtune.data_prep.run import run as data_prep_run
     from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
-    from embtune.eval.metrics import evaluate
+    from embtune.eval import score
     from embtune.eval.run import eval_inputs
     from embtune.retrieval.rerank import CrossEncoderScorer, rerank
 
@@ -98,7 +98,7 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
     doc_ids, query_ids = list(corpus), sorted(qrels)
     doc_texts = [document_text(corpus[d]) for d in doc_ids]
     start = time.time()
-    base = base_run(cfg.train.base_model, doc_ids, doc_texts, query_ids, [queries[q] for q in query_ids],
+    base = base_row(cfg.train.base_model, doc_ids, doc_texts, {q: queries[q] for q in query_ids}, qrels,
                     args.rerank_depth, cfg.eval.max_seq_length, cfg.eval.batch_size)
     if teacher_path == "hybrid":
         from embtune.data_prep.teacher import HybridTeacher
@@ -107,9 +107,8 @@ def teacher_rerank(args, teacher_path: str, split_overrides: list[str]) -> dict:
                                max_seq_length=cfg.mining.max_seq_length)
     else:
         scorer = CrossEncoderScorer(teacher_path, max_length=cfg.mining.teacher_max_length)
-    reranked = rerank(scorer, base, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
-    base_mean, _ = evaluate(qrels, base, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
-    rerank_mean, _ = evaluate(qrels, reranked, ndcg_k=(10,), mrr_k=(10,), recall_k=(10,), map_k=(100,))
+    reranked = rerank(scorer, base.run, queries, dict(zip(doc_ids, doc_texts)), args.rerank_depth)
+    base_mean, rerank_mean = base.metrics, score(qrels, reranked).metrics
     return {"depth": args.rerank_depth, "num_queries": len(query_ids),
             "base_ndcg@10": pct(base_mean["ndcg@10"]), "teacher_rerank_ndcg@10": pct(rerank_mean["ndcg@10"]),
             "teacher_max_length": cfg.mining.teacher_max_length, "wall_seconds": round(time.time() - start, 1)}

@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from embtune.config import to_dict  # noqa: E402
+from embtune.eval import METRICS  # noqa: E402
 from embtune.manifest import Provenance, command_line  # noqa: E402
 from embtune.pipeline import run as run_pipeline  # noqa: E402
 from embtune.schema import load_config  # noqa: E402
 
-REPORTED = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
+REPORTED = METRICS  # what eval reports, the one tuple (embtune/retrieval/metrics.py)
 
 
 def bench_command(argv: list[str]) -> str:
@@ -45,22 +46,23 @@ def run_recipe(config: str, overrides: list[str], stages=("data_prep", "train", 
     return cfg, results, report, wall
 
 
-def base_run(model_name: str, doc_ids: list[str], doc_texts: list[str], query_ids: list[str], query_texts: list[str],
-             depth: int, max_seq_length: int = 0, batch_size: int = 64) -> dict[str, dict[str, float]]:
-    """The base model's exact top-``depth`` per query as a pytrec_eval run: the candidates a teacher reranks. The
-    corpus embeddings come from the shared cache (``embtune.retrieval.encoder.load_encoder``'s key)."""
-    from embtune.retrieval.encoder import encode, load_encoder
-    from embtune.retrieval.index import exact_search, to_run
+def base_row(model_name: str, doc_ids: list[str], doc_texts: list[str], queries: dict[str, str], qrels: dict,
+             depth: int, max_seq_length: int = 0, batch_size: int = 64):
+    """The base model's dense row, top ``depth`` per query (``row.run``: the candidates a teacher reranks), scored
+    through eval's entry (``embtune.eval.evaluate``: queries one per batch by role, the core ``Retriever``). The corpus
+    embeddings come from the shared cache (``embtune.retrieval.encoder.load_encoder``'s key)."""
+    from embtune.eval import evaluate
+    from embtune.retrieval.encoder import encode_corpus, load_encoder
+    from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec
 
     model, key = load_encoder(model_name, max_seq_length)
-    doc_emb = encode(model, doc_texts, batch_size, cache_key=key)  # (n_docs, dim)
-    query_emb = encode(model, query_texts, batch_size)  # (n_queries, dim)
-    scores, indices = exact_search(doc_emb, query_emb, depth)
-    return to_run(query_ids, doc_ids, scores, indices)
+    doc_emb = encode_corpus(model, doc_texts, batch_size, cache_key=key, role="document")  # (n_docs, dim)
+    retriever = Retriever(RetrieverSpec(dense=DenseSpec(model=model_name)), doc_ids, doc_texts, doc_emb)
+    return evaluate(retriever, queries, qrels, model=model, name="base", k=depth, batch_size=batch_size)
 
 
-def plain_bm25(cfg, split: str = "test") -> tuple[dict, dict]:
-    """BM25 with plain ``\\w+`` tokens (no stemming, no stopwords) on a SciFact split: (metrics, per-query).
+def plain_bm25(cfg, split: str = "test"):
+    """BM25 with plain ``\\w+`` tokens (no stemming, no stopwords) on a SciFact split, as eval's row (an ``EvalRow``).
 
     The recipe's own BM25 row is the stronger stemmed + stopword configuration (the ``bm25`` section's default);
     this one is the weaker baseline that earlier result files reported, kept beside it as ``bm25_plain``.
@@ -68,17 +70,15 @@ def plain_bm25(cfg, split: str = "test") -> tuple[dict, dict]:
     from dataclasses import replace
 
     from embtune.dataio import document_text, load_beir
-    from embtune.eval.metrics import evaluate
-    from embtune.retrieval.bm25 import bm25_search
-    from embtune.retrieval.index import to_run
+    from embtune.eval import evaluate
+    from embtune.retrieval.spec import Retriever, RetrieverSpec
 
     data = load_beir(cfg.data.path, split)
-    doc_ids, query_ids = list(data.corpus), sorted(data.qrels)
-    scores, indices = bm25_search([document_text(data.corpus[d]) for d in doc_ids],
-                                  [data.queries[q] for q in query_ids], cfg.eval.top_k,
-                                  replace(cfg.bm25, stopwords="", stemmer=""))
-    return evaluate(data.qrels, to_run(query_ids, doc_ids, scores, indices),
-                    ignore_identical_ids=cfg.eval.ignore_identical_ids)
+    doc_ids = list(data.corpus)
+    spec = RetrieverSpec(dense=None, bm25=replace(cfg.bm25, stopwords="", stemmer=""))
+    retriever = Retriever(spec, doc_ids, [document_text(data.corpus[d]) for d in doc_ids])
+    return evaluate(retriever, {q: data.queries[q] for q in sorted(data.qrels)}, data.qrels, name="bm25_plain",
+                    k=cfg.eval.top_k, ignore_identical_ids=cfg.eval.ignore_identical_ids)
 
 
 def test_result(benchmark: str, description: str, choice: str, cfg, overrides: list[str], results: dict,
@@ -99,7 +99,7 @@ def test_result(benchmark: str, description: str, choice: str, cfg, overrides: l
         "config": to_dict(cfg),
         # Every row eval computed (bm25 is the recipe's stemmed + stopword BM25), plus the plain-token BM25.
         "results": {**{row: percent(metrics) for row, metrics in res.items()},
-                    "bm25_plain": percent(plain_bm25(cfg)[0])},
+                    "bm25_plain": percent(plain_bm25(cfg).metrics)},
         "bm25": {"results.bm25": to_dict(cfg.bm25), "results.bm25_plain": "the same with stopwords '' and stemmer ''"},
         # Paired tests of per-query nDCG@10 as eval wrote them (differences as fractions); "vs bm25" is the stemmed one.
         "significance": results.get("significance", {}),

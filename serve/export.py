@@ -31,11 +31,11 @@ import yaml
 from embtune.config import to_dict
 from embtune.dataio import load_corpus
 from embtune.manifest import Stage, versions
+from embtune.retrieval.metrics import METRICS
 from embtune.retrieval.spec import RetrieverSpec
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 
 def upstream(cfg, name: str) -> dict[str, str]:

@@ -115,7 +115,7 @@ def test_decide_keeps_the_base_without_headroom_and_says_why():
 
 
 def test_a_student_ships_only_when_it_beats_the_base_on_the_probe():
-    from embtune.eval.run import choose_on_evidence
+    from embtune.eval.deploy import choose_on_evidence
 
     scores = {"base": 60.0, "bm25": 55.0, "base+bm25_weighted": 70.0, "finetuned": 62.0,
               "finetuned+bm25_weighted": 70.5}

@@ -72,11 +72,11 @@ def test_choose_scores_a_router_through_its_query_route(tmp_path, tiny_beir, rou
     doc_ids = list(corpus)
     by_query_route, by_document_route = expected_rankings(
         router_dir, [document_text(corpus[d]) for d in doc_ids], [queries[q] for q in query_ids], k=10)
-    from embtune.eval.metrics import evaluate
+    from embtune.retrieval.metrics import score_run
 
     def ndcg(rankings):
         run = {q: {doc_ids[i]: float(10 - r) for r, i in enumerate(rows)} for q, rows in zip(query_ids, rankings)}
-        return evaluate(dev, run)[1]
+        return score_run(dev, run)[1]
 
     expected, wrong = ndcg(by_query_route), ndcg(by_document_route)
     assert any(abs(expected[q]["ndcg@10"] - wrong[q]["ndcg@10"]) > 1e-9 for q in query_ids)

@@ -3,7 +3,7 @@
 A seeded set of passages each lose one sentence (or, for half of the titled ones, their title), which becomes the
 query; a retriever must find the passage *without* that text among the whole corpus. data_prep uses it to choose
 the label-free teacher's dense weight and whether training can pay (``data_prep/labelfree.py``); eval uses the same
-probe set, saved by data_prep, to choose what to ship when there are no labelled dev queries (``eval/run.py``).
+probe set, saved by data_prep, to choose what to ship when there are no labelled dev queries (``eval/deploy.py``).
 The probe's passages are held out of pseudo-query cutting, so the student is judged on passages it never saw a
 query of.
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from embtune.dataio import document_text
-from embtune.retrieval.fusion import ranked
 from embtune.retrieval.language import count_words, split_sentences
+from embtune.retrieval.metrics import score_run
 
 
 @dataclass
@@ -74,11 +74,14 @@ class ClozeProbe:
         return [self.cut_texts.get(doc_id, text) for doc_id, text in zip(doc_ids, doc_texts)]
 
     def mrr(self, run: dict[str, dict[str, float]], k: int = 10) -> float:
-        """MRR@k (percent, 2 decimals) of each query's passage; query ids ``"0".."n-1"``."""
+        """MRR@k (percent, 2 decimals) of each query's passage, by the core metrics (pytrec_eval's reciprocal rank
+        over each query's top k); query ids ``"0".."n-1"``, a query the run does not answer counts 0."""
+        qrels = {qid: {target: 1} for qid, target in zip(self.query_ids(), self.targets)}
+        # A probe query id ("7") may equal a document id: never drop that document.
+        _, per_query = score_run(qrels, run, [f"mrr@{k}"], ignore_identical_ids=False)
         total = 0.0
-        for i, target in enumerate(self.targets):
-            top = ranked(run.get(str(i), {}), k)
-            total += 1.0 / (top.index(target) + 1) if target in top else 0.0
+        for qid in qrels:
+            total += per_query.get(qid, {}).get(f"mrr@{k}", 0.0)
         return round(100 * total / max(len(self.targets), 1), 2)
 
     def query_ids(self) -> list[str]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
-from typing import Callable, get_type_hints
+import types
+from typing import Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 from embtune.compute import activate
 from embtune.config import ConfigError
@@ -24,23 +26,101 @@ STAGES = {
     "pipeline": "run data_prep -> train -> eval -> export, skipping stages whose manifest matches",
     "train.cross_encoder": "train a cross-encoder teacher on data_prep's table (CrossEncoderTrainer)",
     "eval.choose": "rank candidate base models, BM25 and hybrids on your dev queries (before fine-tuning)",
+    "eval.rag": "answer-level check: retrieve, answer with the llm section's model, judge faithfulness",
 }
 
 
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field's comment in ``cls``'s source: its inline comment, else the ``#`` lines right above it.
+
+    dataclasses keep no per-field docs (PEP 224 was rejected), so the help reads them from the source, where the
+    project writes them anyway; a field without a comment gets none.
+    """
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    comments: dict[str, str] = {}
+    block: list[str] = []
+    for text in source.splitlines():
+        stripped = text.strip()
+        if stripped.startswith("#"):
+            block.append(stripped.lstrip("#").strip())
+            continue
+        field_name = re.match(r"\s+(\w+)\s*:(?!\s*$)", text)
+        if field_name and not stripped.startswith(("def ", "return", "raise", "if ", "for ", "elif ")):
+            inline = ""
+            try:  # a '#' outside any string literal
+                tokens = tokenize.generate_tokens(io.StringIO(stripped + "\n").readline)
+                inline = next((t.string.lstrip("#").strip() for t in tokens if t.type == tokenize.COMMENT), "")
+            except (tokenize.TokenError, SyntaxError):
+                pass
+            if inline or block:
+                comments.setdefault(field_name.group(1), inline or " ".join(block))
+        block = []
+    return comments
+
+
+def _one_line(text: str, width: int = 110) -> str:
+    """The first sentence of a comment, cut to ``width`` characters."""
+    text = text.strip("-# ").strip()
+    first = re.split(r"(?<!e\.g)(?<!i\.e)(?<=\.)\s", text, maxsplit=1)[0].rstrip(";:,")
+    return first if len(first) <= width else first[: width - 3].rstrip() + "..."
+
+
+def type_name(tp) -> str:
+    """A field's type as help shows it: a Literal's choices, ``X | None``, ``list[int]``."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else type_name(a) for a in get_args(tp))
+    if origin in (list, dict, tuple):
+        return f"{origin.__name__}[{', '.join(type_name(a) for a in get_args(tp))}]"
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def describe_class(cls: type, prefix: str) -> list[str]:
+    """Help lines for every key of section ``cls`` (dotted under ``prefix``), nested sections expanded."""
+    hints, comments = get_type_hints(cls), field_comments(cls)
+    lines, nested = [], []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            nested.append((f.name, tp))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        line = f"  {prefix}.{f.name} ({type_name(tp)}) = {default!r}"
+        if f.name in comments:
+            line += f"\n      {_one_line(comments[f.name])}"
+        lines.append(line)
+    for name, tp in nested:
+        lines.append(f"\n[{prefix}.{name}]  {(tp.__doc__ or '').strip().splitlines()[0]}")
+        lines += describe_class(tp, f"{prefix}.{name}")
+    return lines
+
+
 def describe_sections(sections: list[str]) -> str:
-    """Help text listing each config key of the given sections with its type and default."""
+    """Help text listing each key of the given sections (dotted), its type or choices, default and comment."""
     from embtune.schema import Config
 
     lines = []
     hints = get_type_hints(Config)
     for name in sections:
         cls = hints[name]
+        if not dataclasses.is_dataclass(cls):  # a top-level key such as run_dir or seed
+            continue
         lines.append(f"\n[{name}]  {(cls.__doc__ or '').strip().splitlines()[0]}")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            tp = get_type_hints(cls)[f.name]
-            tp_name = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-            lines.append(f"  {name}.{f.name} ({tp_name}) = {default!r}")
+        lines += describe_class(cls, name)
+    top = [f"{f.name} ({type_name(hints[f.name])}) = {f.default!r}" for f in dataclasses.fields(Config)
+           if f.init and not dataclasses.is_dataclass(hints[f.name])]
+    lines.append("\nTop-level keys: " + ", ".join(top) + ".")
     return "\n".join(lines)
 
 
@@ -50,13 +130,16 @@ def setup_logging() -> None:
     )
 
 
-def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] | None = None) -> int:
-    """Parse ``CONFIG [key=value ...]`` and call ``run(cfg, force=...)``; config errors exit 2 with the message."""
+def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] | None = None,
+               commands: str = "") -> int:
+    """Parse ``CONFIG [key=value ...]`` and call ``run(cfg, force=...)``; config errors exit 2 with the message.
+
+    ``sections`` are the ones ``--help`` lists (those the stage reads); ``commands`` describes sub-commands.
+    """
     parser = argparse.ArgumentParser(
         prog=f"python -m embtune.{stage}",
-        description=f"embtune {stage}: {STAGES[stage]}.",
-        epilog="Config keys (override any with section.key=value):" + describe_sections(sections)
-        + "\n\nTop-level keys: run_dir (str), seed (int).",
+        description=f"embtune {stage}: {STAGES[stage]}." + (f"\n\n{commands}" if commands else ""),
+        epilog="Config keys (override any with section.key=value):" + describe_sections(sections),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")

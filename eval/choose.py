@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
@@ -337,16 +337,11 @@ def format_table(ranking: list[dict[str, Any]], source: str, n_queries: int, n_d
 
 
 def _choose_keys() -> str:
+    from embtune.cli import describe_class
     from embtune.sections.eval import ChooseConfig
 
-    hints = get_type_hints(ChooseConfig)
-    lines = ["Config keys (override any with eval.choose.<key>=value):"]
-    for f in dataclasses.fields(ChooseConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        tp = hints[f.name]
-        lines.append(f"  eval.choose.{f.name} ({getattr(tp, '__name__', str(tp)).replace('typing.', '')}) "
-                     f"= {default!r}")
-    lines.append("Also read: data.path / data.format / data.dev_fraction / data.seed, bm25.*, eval.max_seq_length, "
+    lines = ["Config keys (override any with eval.choose.<key>=value):", *describe_class(ChooseConfig, "eval.choose")]
+    lines.append("Also read: data.path / data.format / data.dev_fraction / seed, bm25.*, eval.max_seq_length, "
                  "eval.batch_size, eval.top_k, eval.rrf_k, eval.hybrid_weight, eval.hybrid_depth, run_dir.")
     return "\n".join(lines)
 

@@ -374,10 +374,15 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m embtune.eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
-    from embtune.cli import exit_code, parse_config_args
+    from embtune.cli import describe_class, describe_sections, exit_code, parse_config_args
     from embtune.eval.run import upstream
+    from embtune.sections.eval import RAGConfig
 
-    parser = argparse.ArgumentParser(prog="python -m embtune.eval.rag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m embtune.eval.rag", description=__doc__.split("\n\n")[0],
+        epilog="Config keys (override any with section.key=value):\n[eval.rag]\n"
+        + "\n".join(describe_class(RAGConfig, "eval.rag")) + describe_sections(["llm"]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rag.sample_size=30")
     parser.add_argument("--base", help="base model (default: train.base_model)")

@@ -65,7 +65,12 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from embtune.cli import describe_sections
+    from embtune.schema import SECTIONS
+
     parser = argparse.ArgumentParser(prog="python -m embtune.pipeline", description=__doc__,
+                                     epilog="Config keys (override any with section.key=value):"
+                                     + describe_sections(list(SECTIONS)),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")

@@ -21,6 +21,15 @@ examples:
 /search serves the bundle's retriever.json (the retrieval system eval recommended); see docs/serve.md."""
 
 
+UP_COMMAND = """commands:
+  python -m embtune.serve CONFIG [key=value ...] [--force]
+      export the bundle (the last pipeline stage): reads the export section
+  python -m embtune.serve up [CONFIG] [serve.key=value ...] [--bundle DIR]
+      serve a bundle over HTTP: /v1/embeddings, /search, /health; reads the serve section
+      --bundle DIR   the export bundle folder (same as serve.bundle_dir=DIR)
+      (python -m embtune.serve up --help lists every serve.* key)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """``python -m embtune.serve up [CONFIG] [serve.key=value ...] [--bundle DIR]``: the recipe's ``serve`` section,
     with
@@ -79,7 +88,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "up":
         return up(argv[1:])
-    return stage_main("serve", run, ["export", "serve"], argv)
+    return stage_main("serve", run, ["export", "serve", "compute"], argv, commands=UP_COMMAND)
 
 
 if __name__ == "__main__":

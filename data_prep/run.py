@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from embtune.config import InputError
 from embtune.data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
@@ -98,6 +99,9 @@ def data_files(cfg) -> dict[str, str]:
 def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     """Load the configured data; returns the train-split dataset and the BEIR folder eval should read."""
     data = cfg.data
+    if data.path and not Path(data.path).exists():
+        raise InputError(f"data.path {data.path}: no such file or folder (set data.path to your BEIR folder, "
+                         "documents folder or table; `embtune init DIR` writes a recipe for one)")
     if data.format == "beir" and data.queries == "labelfree":
         return load_corpus_only(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "beir":

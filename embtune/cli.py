@@ -14,7 +14,7 @@ import types
 from typing import Callable, Literal, Union, get_args, get_origin, get_type_hints
 
 from embtune.compute import activate
-from embtune.config import ConfigError
+from embtune.config import ConfigError, InputError
 from embtune.dataio import DataError
 from embtune.schema import load_config
 
@@ -148,18 +148,26 @@ def stage_main(stage: str, run: Callable, sections: list[str], argv: list[str] |
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    return exit_code(lambda: run(cfg, force=args.force))
+    return exit_code(lambda: run(cfg, force=args.force), debug=args.debug)
 
 
-def exit_code(work: Callable[[], object]) -> int:
+def exit_code(work: Callable[[], object], debug: bool = False) -> int:
     """Run an entry point's work; an input problem is one line on stderr and exit code 2, not a traceback.
 
     Input problems are a recipe that does not fit its schema or its stage (:class:`ConfigError`), bad data
     (:class:`DataError`, whose message starts with ``file:line``) and a missing input file or upstream output
-    (``FileNotFoundError``, whose message names the path). Anything else is a bug and keeps its traceback.
+    (``FileNotFoundError``, whose message names the path), and an input an entry point cannot use
+    (:class:`InputError`: a bundle, a model that is not on disk). Anything else is a bug and keeps its traceback;
+    ``debug`` (the ``--debug`` flag) keeps it for input problems too.
     """
+    if debug:
+        work()
+        return 0
     try:
         work()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -180,6 +188,8 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None, s
     the only sections whose constraints are checked (see ``load_config``). Returns ``(args, cfg)``, with ``cfg``
     None after printing the config error (callers exit 2).
     """
+    if not any(action.dest == "debug" for action in parser._actions):
+        parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     args = parser.parse_args(argv)
     if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
         args.overrides.insert(0, args.config)
@@ -188,6 +198,8 @@ def parse_config_args(parser: argparse.ArgumentParser, argv: list[str] | None, s
     try:
         cfg = load_config(args.config, args.overrides, sections)
     except ConfigError as err:
+        if args.debug:
+            raise
         print(f"config error: {err}", file=sys.stderr)
         return args, None
     activate(cfg.compute)  # every corpus encode of this process goes through the recipe's engine

@@ -52,7 +52,7 @@ from embtune.dataio import document_text, load_corpus, load_qrels, load_queries,
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
 from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
 from embtune.eval.significance import compare_systems
-from embtune.models import resolve_model
+from embtune.models import ModelNotFoundError, resolve_model
 from embtune.retrieval.encoder import cache_key, encode, encode_corpus
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 
@@ -102,7 +102,11 @@ def resolve_candidates(specs: list[str]) -> tuple[list[Candidate], list[str]]:
         elif is_endpoint_spec(spec):
             candidates.append(Candidate(spec, spec, spec))
         else:
-            candidates.append(Candidate(spec, spec, resolve_model(spec)))
+            try:
+                model = resolve_model(spec)
+            except ModelNotFoundError:  # loading it fails the same way later, and the candidate is skipped
+                model = spec
+            candidates.append(Candidate(spec, spec, model))
     seen: set[str] = set()
     unique = []
     for candidate in candidates:  # the same model named twice (an alias and its folder) is evaluated once
@@ -347,7 +351,7 @@ def _choose_keys() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embtune.cli import parse_config_args
+    from embtune.cli import exit_code, parse_config_args
 
     parser = argparse.ArgumentParser(prog="python -m embtune.eval.choose", description=__doc__,
                                      epilog=_choose_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -359,8 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    choose(cfg, args.candidates, args.out)
-    return 0
+    return exit_code(lambda: choose(cfg, args.candidates, args.out), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -375,6 +375,7 @@ def print_summary(report: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``python -m embtune.eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
     from embtune.cli import describe_class, describe_sections, exit_code, parse_config_args
+    from embtune.config import InputError
     from embtune.eval.run import upstream
     from embtune.sections.eval import RAGConfig
 
@@ -391,18 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    retrievers = {"base": resolve_model(args.base or cfg.train.base_model)}
-    finetuned = args.finetuned or upstream(cfg, "train").get("model")
-    if finetuned:
-        if not Path(finetuned).is_dir():
-            print(f"--finetuned {finetuned}: no such model folder", file=sys.stderr)
-            return 2
-        retrievers["finetuned"] = finetuned
-    else:
-        logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model only",
-                       cfg.run_dir)
-    command = shlex.join(["python", "-m", "embtune.eval.rag", *(argv if argv is not None else sys.argv[1:])])
-    return exit_code(lambda: run_rag(cfg, retrievers, args.out, command=command))
+    def work():
+        retrievers = {"base": resolve_model(args.base or cfg.train.base_model)}
+        finetuned = args.finetuned or upstream(cfg, "train").get("model")
+        if finetuned:
+            if not Path(finetuned).is_dir():
+                raise InputError(f"--finetuned {finetuned}: no such model folder (give the train stage's "
+                                 "<run_dir>/train/model, or leave --finetuned out)")
+            retrievers["finetuned"] = finetuned
+        else:
+            logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model "
+                           "only", cfg.run_dir)
+        command = shlex.join(["python", "-m", "embtune.eval.rag", *(argv if argv is not None else sys.argv[1:])])
+        run_rag(cfg, retrievers, args.out, command=command)
+
+    return exit_code(work, debug=args.debug)
 
 
 if __name__ == "__main__":

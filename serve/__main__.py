@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from embtune.cli import describe_sections, parse_config_args, stage_main
+from embtune.cli import describe_sections, exit_code, parse_config_args, stage_main
 from embtune.sections.serve import ServeConfig
 from embtune.serve.export import run
 
@@ -74,14 +74,19 @@ def config_from_args(argv: list[str] | None) -> ServeConfig | None:
 
 
 def up(argv: list[str] | None = None) -> int:
-    """``python -m embtune.serve up ...``: serve until interrupted; 2 on a config error."""
+    """``python -m embtune.serve up ...``: serve until interrupted; 2 on a config error or an unusable bundle."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(argv)
     if cfg is None:
         return 2
     from embtune.serve.app import run_server
+    from embtune.serve.bundle import check_bundle
 
-    run_server(cfg)
-    return 0
+    def serve() -> None:
+        check_bundle(cfg.bundle_dir)
+        run_server(cfg)
+
+    return exit_code(serve, debug="--debug" in argv)
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from embtune.config import InputError
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
 from embtune.retrieval.encoder import (
@@ -189,6 +190,28 @@ class Bundle:
         if tokenizer is None:
             tokenizer = self._counting.tokenizer = copy.deepcopy(self.model.tokenizer)
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+
+
+def check_bundle(bundle_dir: str | Path) -> None:
+    """Raise :class:`InputError` (one line: what is missing and how to get it) unless ``bundle_dir`` is a whole bundle.
+
+    ``build_bundle`` writes ``manifest.json`` last, so a bundle without one is an export that did not finish.
+    """
+    bundle_dir = Path(bundle_dir)
+    export = "export one with `python -m embtune.serve CONFIG`, the pipeline's last stage"
+    if not bundle_dir.is_dir():
+        raise InputError(f"bundle {bundle_dir}: no such folder ({export}, or give --bundle an existing bundle)")
+    if not (bundle_dir / MODEL_DIR).is_dir():
+        raise InputError(f"bundle {bundle_dir}: no {MODEL_DIR}/ folder, so not a bundle ({export})")
+    manifest_path = bundle_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise InputError(f"bundle {bundle_dir}: no {MANIFEST_FILE}, so its export did not finish (rerun the export: "
+                         "`python -m embtune.serve CONFIG --force`)")
+    try:
+        json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{manifest_path}:{err.lineno}: not valid JSON ({err.msg}); rerun the export: "
+                         "`python -m embtune.serve CONFIG --force`") from None
 
 
 def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "",

@@ -73,7 +73,8 @@ def test_cli_exits_2_on_a_config_error(tmp_path, capsys):
     for stage in ("data_prep", "train", "eval", "serve", "pipeline"):
         assert main([stage, str(recipe)]) == 2, stage
         lines = error_lines(capsys.readouterr().err)
-        assert lines == [f"config error: {recipe}:4: unknown key 'train.lerning_rate' (known keys here: "
+        assert lines == [f"config error: {recipe}:4: unknown key 'train.lerning_rate'; did you mean "
+                         "'train.learning_rate'? (known keys here: "
                          + lines[0].split("(known keys here: ")[1]], (stage, lines)
     assert main(["nosuchstage"]) == 2
 

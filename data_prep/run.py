@@ -28,6 +28,7 @@ from typing import Any
 
 from embtune.config import InputError
 from embtune.data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
+from embtune.data_prep.sources import CORPUS_ONLY_FORMATS, documents, write_corpus
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
 from embtune.retrieval.bm25 import build_tokenizer
@@ -93,6 +94,8 @@ def data_files(cfg) -> dict[str, str]:
         return files
     if data.format in ("jsonl", "hf_disk"):
         return {"pairs": data.pairs_file}
+    if data.format in ("files", "table") or (data.format == "hf" and Path(data.path).exists()):
+        return {"documents": data.path}  # a changed file reruns the stage
     return {}
 
 
@@ -102,6 +105,8 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     if data.path and not Path(data.path).exists():
         raise InputError(f"data.path {data.path}: no such file or folder (set data.path to your BEIR folder, "
                          "documents folder or table; `embtune init DIR` writes a recipe for one)")
+    if data.format in CORPUS_ONLY_FORMATS:
+        return load_documents(cfg, stage_dir / "dataset")
     if data.format == "beir" and data.queries == "labelfree":
         return load_corpus_only(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "beir":
@@ -114,6 +119,41 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     dataset = (load_pairs_jsonl if data.format == "jsonl" else load_pairs_hf)(data.pairs_file, data.on_error)
     folder = write_beir(dataset, stage_dir / "dataset", split="train")
     return dataset, folder
+
+
+def load_documents(cfg, folder: Path) -> tuple[Dataset, Path]:
+    """``data.format`` files / table / hf: stream the documents into ``folder/corpus.jsonl`` (chunked when
+    ``chunking.max_tokens`` > 0), then load that corpus; there are no queries or qrels."""
+    from embtune.dataio import LoadReport, load_corpus
+
+    data = cfg.data
+    if data.queries == "labelfree":
+        logger.info("data.format %s brings documents only, no queries or qrels: taking the label-free route "
+                    "(data.queries: labelfree, docs/labelfree.md)", data.format)
+    chunker = None
+    if cfg.chunking.max_tokens:
+        from transformers import AutoTokenizer
+
+        from embtune.data_prep.chunking import chunk_text
+        from embtune.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+
+        def chunker(text: str) -> list[str]:
+            return chunk_text(text, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
+    elif data.format == "files":
+        logger.warning("chunking.max_tokens is 0: each file is one document, cut at the model's max_seq_length "
+                       "(set chunking.max_tokens, e.g. 256, to chunk long files)")
+    report = LoadReport()
+    rows = write_corpus(documents(data, report), folder, chunker)
+    if report.total:
+        logger.warning("%s: %s", data.path, report.summary())
+    if not rows:
+        raise InputError(f"data.path {data.path}: no document to read (every file or row was skipped: "
+                         f"{report.summary()})")
+    logger.info("%s: %d documents -> %s", data.path, rows, folder / "corpus.jsonl")
+    corpus = load_corpus(folder / "corpus.jsonl", data.on_error, LoadReport())
+    return Dataset(corpus, {}, {}, report), folder
 
 
 def load_corpus_only(folder: str | Path, split: str, on_error: str) -> Dataset:

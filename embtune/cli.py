@@ -19,6 +19,7 @@ from embtune.dataio import DataError
 from embtune.schema import load_config
 
 STAGES = {
+    "init": "look at a folder or file of your documents and write a commented recipe (embtune.yaml) for it",
     "data_prep": "load, validate, (synthesize,) chunk and mine hard negatives into a training table",
     "train": "fine-tune with sentence-transformers' trainer (run under `accelerate launch -m embtune.train`)",
     "eval": "FAISS retrieval eval with BEIR/MTEB metrics: base vs fine-tuned vs BM25",

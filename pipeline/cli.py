@@ -15,7 +15,9 @@ from embtune.cli import STAGES
 
 def entry_point(name: str) -> Callable[[list[str]], int]:
     """The ``main(argv)`` of one ``embtune <name>`` command."""
-    if name == "pipeline":
+    if name == "init":
+        from embtune.pipeline.init import main
+    elif name == "pipeline":
         from embtune.pipeline import main
     elif name == "data_prep":
         from embtune.data_prep.__main__ import main

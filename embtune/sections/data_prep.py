@@ -12,22 +12,36 @@ class DataConfig:
 
     ``format``:
       - ``beir``: a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``);
+      - ``files``: a folder of your own ``.txt`` / ``.md`` / ``.rst`` / ``.html`` documents (``path``, ``glob``);
+      - ``table``: a CSV, TSV, Parquet or JSONL file of documents (``id_column``, ``text_column``, ``title_column``);
+      - ``hf``: a ``datasets`` dataset, saved with ``save_to_disk`` or a hub name (``split``, same column keys);
       - ``jsonl``: a JSONL file of pairs (``pairs_file``, with ``query``/``positive`` fields);
-      - ``hf_disk``: a ``datasets`` table saved with ``save_to_disk`` (``pairs_file``), same columns;
+      - ``hf_disk``: a ``datasets`` table of pairs saved with ``save_to_disk`` (``pairs_file``), same columns;
       - ``pydoc``: the embedded demo corpus, built offline from the Python standard library's docstrings.
+    ``files``, ``table`` and ``hf`` bring documents only (data_prep/sources.py): ``queries: auto`` then takes the
+    label-free route.
     """
 
-    format: Literal["beir", "jsonl", "hf_disk", "pydoc"] = "beir"
+    # beir | files | table | hf read your corpus; jsonl | hf_disk read (query, positive) pairs; pydoc is the demo.
+    format: Literal["beir", "files", "table", "hf", "jsonl", "hf_disk", "pydoc"] = "beir"
+    # The BEIR folder (beir), the documents folder (files), the table file (table), or a saved dataset or hub name.
     path: str = ""
     pairs_file: str = ""
     train_split: str = "train"
+    glob: str = "**/*"  # files: which files under data.path are read (recursive; .txt .md .rst .html)
+    # table / hf: the columns holding each document's id, text and (optional, "" = none) title.
+    id_column: str = "id"
+    text_column: str = "text"
+    title_column: str = ""
+    split: str = "train"  # hf: the dataset split holding the documents
     # Where training queries come from: ``labelled`` (the dataset's train split), ``synthetic`` (written by the
     # LLM of the ``llm`` section for the corpus' passages; the dataset's labelled queries are then used only for
     # the dev split and eval), ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
     # table: a small labelled set plus questions in the users' own words; docs/synthesis.md) or ``labelfree``
     # (pseudo-queries cut from the corpus, labelled by a fused dense + BM25 teacher: section ``labelfree``,
-    # docs/labelfree.md; needs only ``corpus.jsonl``).
-    queries: Literal["labelled", "synthetic", "labelled+synthetic", "labelfree"] = "labelled"
+    # docs/labelfree.md; needs only ``corpus.jsonl``). ``auto``: labelfree for files / table / hf (no queries to
+    # train on), else labelled.
+    queries: Literal["auto", "labelled", "synthetic", "labelled+synthetic", "labelfree"] = "auto"
     # Queries carved out of the train split (seeded) to choose settings on; never the test split.
     dev_fraction: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"
@@ -35,9 +49,22 @@ class DataConfig:
     max_documents: int = 0
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        # Resolved where the recipe is built, so every stage (and every fingerprint) sees the route taken.
+        if self.queries == "auto":
+            self.queries = "labelfree" if self.format in ("files", "table", "hf") else "labelled"
+
     def validate(self) -> None:
-        if self.format == "beir" and not self.path:
-            raise ValueError("data.path must name a BEIR folder when data.format is 'beir'")
+        what = {"beir": "a BEIR folder", "files": "a folder of documents", "table": "a CSV/TSV/Parquet/JSONL file",
+                "hf": "a saved dataset folder or a hub dataset name"}
+        if self.format in what and not self.path:
+            raise ValueError(f"data.path must name {what[self.format]} when data.format is '{self.format}' "
+                             "(`embtune init DIR` writes a recipe for a folder or file)")
+        if self.format in ("files", "table", "hf") and self.queries in ("labelled", "labelled+synthetic"):
+            raise ValueError(f"data.queries={self.queries} needs labelled queries, which data.format "
+                             f"'{self.format}' does not have: use labelfree (or auto) or synthetic")
+        if self.format in ("table", "hf") and not (self.id_column and self.text_column):
+            raise ValueError("data.id_column and data.text_column must name the table's id and text columns")
         if self.format in ("jsonl", "hf_disk") and not self.pairs_file:
             raise ValueError(f"data.pairs_file must be set when data.format is '{self.format}'")
         if not 0.0 <= self.dev_fraction < 1.0:

@@ -43,7 +43,7 @@ def stage_config(cfg) -> dict[str, Any]:
     from embtune.config import to_dict
 
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining),
-               "bm25": to_dict(cfg.bm25),
+               "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
                # the Ray engine mines the same candidates up to ties and int8 batching (docs/scale.md): not bit-equal
                "compute_engine": cfg.compute.engine}
     if cfg.mining.method in ("dense", "hybrid"):
@@ -114,7 +114,7 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     if data.format == "pydoc":
         from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
-        folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=data.seed)
+        folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=cfg.seed)
         return load_beir(folder, "train", data.on_error), folder
     dataset = (load_pairs_jsonl if data.format == "jsonl" else load_pairs_hf)(data.pairs_file, data.on_error)
     folder = write_beir(dataset, stage_dir / "dataset", split="train")
@@ -207,7 +207,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if cfg.data.queries == "labelfree":
         return run_labelfree(cfg, stage, dataset, outputs)
     if cfg.data.dev_fraction > 0:
-        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.seed)
         write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
         outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
         logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(dataset.qrels))
@@ -246,7 +246,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if m.teacher:
         teacher = build_teacher(cfg, [doc_texts[d] for d in corpus])
     pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}  # mining.method: none
-    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, ranking=ranking, teacher=teacher,
+    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, seed=cfg.seed, ranking=ranking,
+                                         teacher=teacher,
                                          exclude=exclude, **pairs_only)
     (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
     print(mining_report.table())
@@ -279,7 +280,7 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
 
     dev_qrels: dict = {}
     if dataset.qrels and cfg.data.dev_fraction > 0:
-        _, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        _, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.seed)
         write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
         outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
         logger.info("dev split: %d labelled queries (never trained on in label-free mode)", len(dev_qrels))

@@ -180,6 +180,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: _Origin) -> Any:
             moved = getattr(cls, "moved_keys", {}).get(name)
             if moved:
                 raise ConfigError(f"key '{key}' has moved to '{moved}'", key, where(key))
+            removed = getattr(cls, "removed_keys", {}).get(name)
+            if removed:  # one key per thing: the duplicate is gone, the message names the one that stays
+                raise ConfigError(f"key '{key}' was removed: {removed}", key, where(key))
             known = ", ".join(sorted(fields))
             suggestion = closest_name(name, fields)
             hint = f"; did you mean '{prefix + '.' if prefix else ''}{suggestion}'?" if suggestion else ""

@@ -139,8 +139,8 @@ def choice_queries(cfg) -> ChoiceQueries:
             return ChoiceQueries("dev", str(data_out["dev_qrels"]), corpus, queries, qrels)
         train = folder / "qrels" / f"{cfg.data.train_split}.tsv"
         if cfg.data.dev_fraction > 0 and train.is_file():
-            _, dev = split_dev(load_qrels(train, corpus, queries, on_error), cfg.data.dev_fraction, cfg.data.seed)
-            return ChoiceQueries("dev", f"{train} (dev_fraction {cfg.data.dev_fraction}, seed {cfg.data.seed})",
+            _, dev = split_dev(load_qrels(train, corpus, queries, on_error), cfg.data.dev_fraction, cfg.seed)
+            return ChoiceQueries("dev", f"{train} (dev_fraction {cfg.data.dev_fraction}, seed {cfg.seed})",
                                  corpus, queries, dev)
         if wanted == "dev":
             raise ValueError("eval.choose.queries=dev: no dev split; set data.dev_fraction (e.g. 0.2) to carve it "

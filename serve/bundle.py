@@ -192,6 +192,14 @@ class Bundle:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
+def recorded_backend(bundle_dir: str | Path) -> str:
+    """The encoder backend that embedded the bundle's index (``manifest.json`` ``encoder_backend``; torch for a
+    bundle written before it was recorded): queries must be encoded the same way."""
+    manifest_path = Path(bundle_dir) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return manifest.get("encoder_backend") or "torch"
+
+
 def check_bundle(bundle_dir: str | Path) -> None:
     """Raise :class:`InputError` (one line: what is missing and how to get it) unless ``bundle_dir`` is a whole bundle.
 

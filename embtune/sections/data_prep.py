@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -47,7 +47,9 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     # pydoc demo corpus size limits
     max_documents: int = 0
-    seed: int = 42
+
+    # One seed per recipe: the top-level ``seed`` (dev split, samples, mining, training).
+    moved_keys: ClassVar[dict[str, str]] = {"seed": "seed"}
 
     def __post_init__(self) -> None:
         # Resolved where the recipe is built, so every stage (and every fingerprint) sees the route taken.
@@ -102,7 +104,6 @@ class MiningConfig:
     sampling: Literal["top", "random"] = "top"
     # Title + text is what is indexed for BM25 and what the model sees as a document.
     include_title: bool = True
-    seed: int = 42
     # A query whose window runs short: fill with random guarded documents (counted), or drop the query (counted).
     on_short: Literal["random", "drop"] = "random"
 
@@ -143,6 +144,8 @@ class MiningConfig:
     # Audit: this many kept negatives (seeded sample) are compared with their positive under the teacher.
     audit_size: int = 200
     audit_threshold: float | None = None  # also count audited negatives whose teacher score is >= this
+    # A random draw (sampling: random, random fills, the audit sample) is seeded by the recipe's ``seed``.
+    moved_keys: ClassVar[dict[str, str]] = {"seed": "seed"}
 
     def validate(self) -> None:
         if self.num_negatives < 0:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from embtune.pipeline import STAGE_ORDER, next_steps
 from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_demo_evaluates_on_queries_and_documents_it_never_trains_on(tmp_path):
     """The demo's +nDCG claim rests on this: its test queries, and the documents they point at, are not in train."""
     from embtune.data_prep.pydoc_corpus import build_pydoc_beir

@@ -27,6 +27,7 @@ def error_lines(err: str) -> list[str]:
             and not line.startswith("ModuleNotFoundError(")]
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_data_error_prints_one_line_and_exits_2(tmp_path, tiny_beir):
     folder = beir_without_train_qrels(tmp_path, tiny_beir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}

@@ -153,6 +153,7 @@ def test_bucketing_restores_input_order(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(got, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_vector_is_its_text_alone(tiny_model_dir, tmp_path):
     """Dynamic int8 takes a run's activation range over the whole input, so batched texts would move each other's
     vectors (the Ray engine's shards then differed from one process's encode). The int8 graph runs each text on

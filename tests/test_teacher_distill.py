@@ -113,6 +113,7 @@ def run_data_prep(tmp_path, tiny_beir, teacher_dir, extra=()):
     return overrides, run(load_config(None, overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["margin_mse", "distill_kl", "mnrl+margin_mse", "mnrl+distill_kl"])
 def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_model_dir, tiny_cross_encoder_dir,
                                              cache):
@@ -158,6 +159,7 @@ def test_distillation_labels_and_missing_teacher_columns(tmp_path, tiny_beir, ti
         training_dataset(table.remove_columns(["score_positive"]), train_section("train.loss=margin_mse"))
 
 
+@pytest.mark.slow
 def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_dir, cache):
     from sentence_transformers import CrossEncoder
 

@@ -102,7 +102,7 @@ def data_files(cfg) -> dict[str, str]:
 def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     """Load the configured data; returns the train-split dataset and the BEIR folder eval should read."""
     data = cfg.data
-    if data.path and not Path(data.path).exists():
+    if data.path and data.format != "hf" and not Path(data.path).exists():  # hf: a hub name is no path
         raise InputError(f"data.path {data.path}: no such file or folder (set data.path to your BEIR folder, "
                          "documents folder or table; `embtune init DIR` writes a recipe for one)")
     if data.format in CORPUS_ONLY_FORMATS:

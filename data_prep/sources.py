@@ -207,9 +207,11 @@ def hf_batches(name_or_path: str, split: str, batch_rows: int = 4096) -> Iterato
         return
     try:
         streamed = datasets.load_dataset(name_or_path, split=split, streaming=True)
-    except (FileNotFoundError, ConnectionError, ValueError) as err:
+    except Exception as err:  # datasets raises a different class per cause (offline, not found, gated, bad split)
+        first = str(err).splitlines()[0] if str(err) else ""
         raise InputError(f"data.path {name_or_path!r}: no such saved dataset, and the hub could not load it "
-                         f"({type(err).__name__}); give a save_to_disk folder or a reachable hub name") from None
+                         f"({type(err).__name__}: {first[:200]}); give a save_to_disk folder or a reachable hub "
+                         "name (HF_HUB_OFFLINE=1 allows only what the local cache has)") from None
     batch = []
     for row in streamed:
         batch.append(row)

@@ -103,10 +103,14 @@ def test_hf_format_reads_a_saved_dataset_split(tmp_path):
         list(hf_batches(str(tmp_path / "saved"), "train"))
 
 
-def test_corpus_only_formats_take_the_label_free_route_and_refuse_labelled():
+def test_corpus_only_formats_take_the_label_free_route_and_refuse_labelled(tmp_path):
     for fmt in ("files", "table", "hf"):
         assert load_config(None, [f"data.format={fmt}", "data.path=x"]).data.queries == "labelfree"
     assert load_config(None, ["data.path=x"]).data.queries == "labelled"  # beir keeps its labels
+    (tmp_path / "corpus.jsonl").write_text('{"_id": "a", "text": "alpha"}\n')  # a BEIR folder with a corpus alone
+    assert load_config(None, [f"data.path={tmp_path}"]).data.queries == "labelfree"
+    (tmp_path / "queries.jsonl").write_text("")
+    assert load_config(None, [f"data.path={tmp_path}"]).data.queries == "labelled"
     with pytest.raises(ValueError, match="needs labelled queries"):
         load_config(None, ["data.format=files", "data.path=x", "data.queries=labelled"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Literal
 
 
@@ -39,8 +40,8 @@ class DataConfig:
     # the dev split and eval), ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
     # table: a small labelled set plus questions in the users' own words; docs/synthesis.md) or ``labelfree``
     # (pseudo-queries cut from the corpus, labelled by a fused dense + BM25 teacher: section ``labelfree``,
-    # docs/labelfree.md; needs only ``corpus.jsonl``). ``auto``: labelfree for files / table / hf (no queries to
-    # train on), else labelled.
+    # docs/labelfree.md; needs only ``corpus.jsonl``). ``auto``: labelfree for files / table / hf and for a BEIR
+    # folder with a corpus alone (no queries to train on), else labelled.
     queries: Literal["auto", "labelled", "synthetic", "labelled+synthetic", "labelfree"] = "auto"
     # Queries carved out of the train split (seeded) to choose settings on; never the test split.
     dev_fraction: float = 0.0
@@ -54,7 +55,14 @@ class DataConfig:
     def __post_init__(self) -> None:
         # Resolved where the recipe is built, so every stage (and every fingerprint) sees the route taken.
         if self.queries == "auto":
-            self.queries = "labelfree" if self.format in ("files", "table", "hf") else "labelled"
+            self.queries = "labelfree" if self.format in ("files", "table", "hf") or self._corpus_alone() else \
+                "labelled"
+
+    def _corpus_alone(self) -> bool:
+        """A BEIR folder with corpus.jsonl and neither queries.jsonl nor qrels/: nothing labelled to train on."""
+        folder = Path(self.path) if self.format == "beir" and self.path else None
+        return bool(folder and (folder / "corpus.jsonl").is_file() and not (folder / "queries.jsonl").exists()
+                    and not (folder / "qrels").exists())
 
     def validate(self) -> None:
         what = {"beir": "a BEIR folder", "files": "a folder of documents", "table": "a CSV/TSV/Parquet/JSONL file",

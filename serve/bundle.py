@@ -229,7 +229,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     Args:
         backend: ``torch``, ``onnx`` or ``onnx-int8`` (``embtune.retrieval.encoder.BACKENDS``).
         onnx_file: the ONNX file under ``<bundle>/model`` for the ONNX backends; "" = the backend's own
-            (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` / ``export.onnx_int8`` write them).
+            (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` and ``eval.backend`` write them).
         threads: > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
 
     Raises:

@@ -177,7 +177,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
                        spec.describe())
         spec = None
-    # export.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
+    # eval.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
     build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.eval.backend)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:

@@ -184,7 +184,7 @@ class LabelFreeConfig:
     measures and serve serves) and labels each query's top ``depth`` candidates with its scores.
     """
 
-    # Passages to cut queries from (seeded sample, data.seed); 0 = every passage. The cap bounds the run on a large
+    # Passages to cut queries from (seeded sample: seed); 0 = every passage. The cap bounds the run on a large
     # corpus (up to ~50k queries, ~25 min of query-side training on 2 CPU cores); a smaller corpus gives all of it.
     documents: int = 10000
     # Sentences cut per passage (besides its title, when ``titles`` and the passage has one).

@@ -137,7 +137,8 @@ def load_documents(cfg, folder: Path) -> tuple[Dataset, Path]:
         from embtune.data_prep.chunking import chunk_text
         from embtune.models import resolve_model
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
 
         def chunker(text: str) -> list[str]:
             return chunk_text(text, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
@@ -339,7 +340,8 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
         from embtune.data_prep.chunking import chunk_corpus
         from embtune.models import resolve_model
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
         n_documents = len(corpus)
         corpus, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
         logger.info("chunking: %d documents -> %d chunks (max %d tokens, overlap %d)", n_documents, len(corpus),
@@ -408,7 +410,8 @@ def chunk_for_training(cfg, corpus, qrels, queries):
     from embtune.data_prep.mining import simple_tokenize
     from embtune.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
     chunks, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
     children: dict[str, list[str]] = {}
     for chunk_id, doc_id in parent.items():

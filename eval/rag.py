@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     def work():
-        retrievers = {"base": resolve_model(args.base or cfg.train.base_model)}
+        retrievers = {"base": resolve_model(args.base or cfg.train.base_model, must_exist=True)}
         finetuned = args.finetuned or upstream(cfg, "train").get("model")
         if finetuned:
             if not Path(finetuned).is_dir():

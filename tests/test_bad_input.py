@@ -69,3 +69,19 @@ def test_entry_point_answers_bad_input_with_one_line_and_exit_2(case, tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     done = run_entry(["embtune.serve", "up", "--bundle", "/nonexistent-bundle", "--debug"], tmp_path)
     assert done.returncode != 0 and "Traceback" in done.stderr and "InputError" in done.stderr
+
+
+def test_a_model_not_on_disk_is_refused_where_it_would_be_loaded(monkeypatch):
+    """Naming a model (a fingerprint, a report) checks nothing; loading one that is neither a folder nor in the
+    offline hub cache is one line naming the fix, and an OSError as transformers' own failure is."""
+    from huggingface_hub import constants
+
+    from embtune.models import ModelNotFoundError, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert resolve_model("no-such-org/no-such-model") == "no-such-org/no-such-model"
+    for name, reason in (("no-such-org/no-such-model", "not on disk and the hub is offline"),
+                         ("/no/such/model/folder", "no such folder")):
+        with pytest.raises(ModelNotFoundError, match=reason) as err:
+            resolve_model(name, must_exist=True)
+        assert isinstance(err.value, OSError)

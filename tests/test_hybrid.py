@@ -184,10 +184,8 @@ def test_rerank_on_an_unknown_row_fails_before_encoding(tiny_beir, tmp_path):
     from embtune.eval.run import run
     from embtune.schema import load_config
 
-    unloadable = tmp_path / "empty_model"  # a folder that exists (so it resolves) but that no loader could read
-    unloadable.mkdir()
     cfg = load_config(None, [f"run_dir={tmp_path}", "data.format=beir", f"data.path={tiny_beir}",
-                             f"train.base_model={unloadable}", "eval.reranker=some/cross-encoder",
+                             "train.base_model=/nonexistent/model", "eval.reranker=some/cross-encoder",
                              "eval.rerank_on=[finetuned]"])
     with pytest.raises(ValueError, match="eval.rerank_on.*finetuned"):
         run(cfg)

@@ -77,7 +77,7 @@ class CrossEncoderRecipe:
 
         c = self.ccfg
         set_seed(self.cfg.seed)
-        model = CrossEncoder(resolve_model(c.base_model), num_labels=1, max_length=c.max_length,
+        model = CrossEncoder(resolve_model(c.base_model, must_exist=True), num_labels=1, max_length=c.max_length,
                              device="cpu" if c.use_cpu else None)
         table = load_from_disk(self.table_dir)
         if c.loss == "bce":

@@ -78,7 +78,7 @@ class Recipe:
         config_kwargs = {}
         if t.attention_dropout is not None:
             config_kwargs["attention_probs_dropout_prob"] = t.attention_dropout
-        model = SentenceTransformer(resolve_model(t.base_model), device="cpu" if t.use_cpu else None,
+        model = SentenceTransformer(resolve_model(t.base_model, must_exist=True), device="cpu" if t.use_cpu else None,
                                     config_kwargs=config_kwargs)
         # train.max_seq_length truncates training texts; the saved model keeps the longer of it and the base's own
         # limit, so a model trained on short windows (label-free: 128) still reads whole documents at inference.

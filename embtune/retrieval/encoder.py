@@ -209,7 +209,7 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown encoder backend {backend!r}; expected one of {list(BACKENDS)}")
-    path = resolve_model(model_name)
+    path = resolve_model(model_name, must_exist=True)
     if backend == "torch":
         from sentence_transformers import SentenceTransformer
 

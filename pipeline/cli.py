@@ -29,6 +29,8 @@ def entry_point(name: str) -> Callable[[list[str]], int]:
         from embtune.eval.__main__ import main
     elif name == "eval.choose":
         from embtune.eval.choose import main
+    elif name == "eval.rag":
+        from embtune.eval.rag import main
     elif name == "serve":
         from embtune.serve.__main__ import main
     else:

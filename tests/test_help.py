@@ -48,9 +48,10 @@ def test_serve_help_shows_up_and_its_flags():
 
 def test_embtune_help_lists_the_stages(capsys):
     from embtune.cli import STAGES
-    from embtune.pipeline.cli import main
+    from embtune.pipeline.cli import entry_point, main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for name, text in STAGES.items():
         assert f"  {name}" in out and text in out
+        assert callable(entry_point(name))  # every command listed dispatches

@@ -30,11 +30,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(PY) scripts/lint_layers.py
 
+# Two tiers (a test's tier follows what it does: `slow` marks a test that trains a model, starts a server or a Ray
+# cluster, or takes more than ~5 s). pytest-timeout fails a hung test instead of hanging CI: 600 s per test in the
+# full suite (the end-to-end pipelines), 120 s in the fast one. scripts/bench_test_times.py times both.
 test: lint
-	WANDB_MODE=offline $(PY) -m pytest -q -ra
+	WANDB_MODE=offline $(PY) -m pytest -q -ra --timeout=600
 
 test-fast: lint
-	WANDB_MODE=offline $(PY) -m pytest -q -m "not slow"
+	WANDB_MODE=offline $(PY) -m pytest -q -ra -m "not slow" --timeout=120
 
 bench-supervised: install
 	$(PY) scripts/bench_scifact_supervised.py

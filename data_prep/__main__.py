@@ -8,7 +8,7 @@ from embtune.data_prep.run import run
 
 
 def main(argv=None) -> int:
-    return stage_main("data_prep", run, ["data", "chunking", "llm", "mining"], argv)
+    return stage_main("data_prep", run, ["data", "chunking", "llm", "labelfree", "mining", "bm25", "compute"], argv)
 
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     bm25_settings = dataclasses.replace(cfg.bm25, language=resolve_language(cfg.bm25, doc_texts))
     report["language"] = {**language, "bm25_language": bm25_settings.language}
     model, key = load_encoder(cfg.train.base_model, cfg.eval.max_seq_length)
-    sample = random.Random(cfg.data.seed).sample(doc_texts, min(lf.fit_documents, len(doc_texts)))
+    sample = random.Random(cfg.seed).sample(doc_texts, min(lf.fit_documents, len(doc_texts)))
     fit = tokenizer_fit(model.tokenizer, sample, model.max_seq_length)
     reads, fit_why = reads_corpus(fit, lf.max_unknown_share, lf.max_single_letter_share)
     report["tokenizer_fit"] = {**fit, "reads": reads, "why": fit_why}
@@ -248,7 +248,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     teacher = FusedTeacher(doc_ids, doc_texts, doc_emb, model, bm25_settings, cfg.mining.batch_size)
 
     n_probe = min(lf.probe_queries, max(1, int(lf.probe_max_share * len(corpus))))
-    probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.data.seed, include_title)
+    probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.seed, include_title)
     probe_set.save(out / "probe.json")
     probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights)
     decision = decide(reads, fit_why, probe, lf.min_headroom)
@@ -270,7 +270,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     logger.info("label-free decision: %s", decision["reason"])
 
     queries = cut_queries(corpus, lf.documents, lf.sentences_per_document, lf.titles, lf.min_words, lf.max_words,
-                          cfg.data.seed, tuple(lf.span_words) or None, exclude=set(probe_set.targets))
+                          cfg.seed, tuple(lf.span_words) or None, exclude=set(probe_set.targets))
     report.update({"queries": len(queries), "probe_passages_held_out": len(probe_set.targets),
                    "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span")},
                    "source": lf.source, "depth": lf.depth, "corpus_embeddings": str(out / "corpus_embeddings.npy"),

@@ -348,6 +348,7 @@ def mine_negatives(
     guards: Guards | None = None,
     tokenizer: BM25Tokenizer | None = None,
     bm25_backend: str = "fast",
+    seed: int = 42,
     **settings: Any,
 ) -> tuple[list[dict[str, Any]], MiningReport]:
     """One row per (query, positive) with ``num_negatives`` mined negatives.
@@ -358,7 +359,7 @@ def mine_negatives(
 
     Args:
         config: the mining section (``embtune.sections.data_prep.MiningConfig``: ``method``, ``num_negatives``,
-            ``rank_start``, ``rank_end``, ``sampling``, ``seed``, ``on_short``, the guard thresholds, ``audit_size``,
+            ``rank_start``, ``rank_end``, ``sampling``, ``on_short``, the guard thresholds, ``audit_size``,
             ``audit_threshold``); default the section's defaults. ``settings`` replace some of its fields
             (``mine_negatives(..., num_negatives=4, rank_end=30)``).
         ranking: the candidates for the judged queries in qrels order (``candidate_query_ids``); for
@@ -380,7 +381,7 @@ def mine_negatives(
     guards = guards or guards_of(config)
     if guards.uses_teacher and teacher is None:
         raise ValueError("teacher guards (mining.teacher_margin / teacher_max_score) need mining.teacher")
-    rng = random.Random(config.seed)
+    rng = random.Random(seed)
     docs = MiningCorpus.of(corpus, doc_texts)
     query_ids = candidate_query_ids(qrels)
     positives = query_positives(qrels, query_ids, doc_texts, exclude)
@@ -403,7 +404,7 @@ def mine_negatives(
 
     if teacher is not None and rows:
         add_teacher_scores(rows, teacher, config.num_negatives)
-        report.audit = audit(rows, config.num_negatives, config.audit_size, config.audit_threshold, config.seed,
+        report.audit = audit(rows, config.num_negatives, config.audit_size, config.audit_threshold, seed,
                              teacher_guard=guards.uses_teacher)
     return rows, report
 

@@ -26,7 +26,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from embtune.config import InputError
 from embtune.data_prep.mining import Ranking, bm25_ranking, candidate_query_ids, dense_ranking, fuse, mine_negatives
+from embtune.data_prep.sources import CORPUS_ONLY_FORMATS, documents, write_corpus
 from embtune.dataio import Dataset, document_text, load_beir, load_pairs_hf, load_pairs_jsonl, split_dev
 from embtune.manifest import Stage
 from embtune.retrieval.bm25 import build_tokenizer
@@ -41,7 +43,7 @@ def stage_config(cfg) -> dict[str, Any]:
     from embtune.config import to_dict
 
     section = {"data": to_dict(cfg.data), "chunking": to_dict(cfg.chunking), "mining": to_dict(cfg.mining),
-               "bm25": to_dict(cfg.bm25),
+               "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
                # the Ray engine mines the same candidates up to ties and int8 batching (docs/scale.md): not bit-equal
                "compute_engine": cfg.compute.engine}
     if cfg.mining.method in ("dense", "hybrid"):
@@ -92,12 +94,19 @@ def data_files(cfg) -> dict[str, str]:
         return files
     if data.format in ("jsonl", "hf_disk"):
         return {"pairs": data.pairs_file}
+    if data.format in ("files", "table") or (data.format == "hf" and Path(data.path).exists()):
+        return {"documents": data.path}  # a changed file reruns the stage
     return {}
 
 
 def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     """Load the configured data; returns the train-split dataset and the BEIR folder eval should read."""
     data = cfg.data
+    if data.path and data.format != "hf" and not Path(data.path).exists():  # hf: a hub name is no path
+        raise InputError(f"data.path {data.path}: no such file or folder (set data.path to your BEIR folder, "
+                         "documents folder or table; `embtune init DIR` writes a recipe for one)")
+    if data.format in CORPUS_ONLY_FORMATS:
+        return load_documents(cfg, stage_dir / "dataset")
     if data.format == "beir" and data.queries == "labelfree":
         return load_corpus_only(data.path, data.train_split, data.on_error), Path(data.path)
     if data.format == "beir":
@@ -105,11 +114,47 @@ def load_dataset(cfg, stage_dir: Path) -> tuple[Dataset, Path]:
     if data.format == "pydoc":
         from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
-        folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=data.seed)
+        folder = build_pydoc_beir(stage_dir / "dataset", max_documents=data.max_documents or 3000, seed=cfg.seed)
         return load_beir(folder, "train", data.on_error), folder
     dataset = (load_pairs_jsonl if data.format == "jsonl" else load_pairs_hf)(data.pairs_file, data.on_error)
     folder = write_beir(dataset, stage_dir / "dataset", split="train")
     return dataset, folder
+
+
+def load_documents(cfg, folder: Path) -> tuple[Dataset, Path]:
+    """``data.format`` files / table / hf: stream the documents into ``folder/corpus.jsonl`` (chunked when
+    ``chunking.max_tokens`` > 0), then load that corpus; there are no queries or qrels."""
+    from embtune.dataio import LoadReport, load_corpus
+
+    data = cfg.data
+    if data.queries == "labelfree":
+        logger.info("data.format %s brings documents only, no queries or qrels: taking the label-free route "
+                    "(data.queries: labelfree, docs/labelfree.md)", data.format)
+    chunker = None
+    if cfg.chunking.max_tokens:
+        from transformers import AutoTokenizer
+
+        from embtune.data_prep.chunking import chunk_text
+        from embtune.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
+
+        def chunker(text: str) -> list[str]:
+            return chunk_text(text, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
+    elif data.format == "files":
+        logger.warning("chunking.max_tokens is 0: each file is one document, cut at the model's max_seq_length "
+                       "(set chunking.max_tokens, e.g. 256, to chunk long files)")
+    report = LoadReport()
+    rows = write_corpus(documents(data, report), folder, chunker)
+    if report.total:
+        logger.warning("%s: %s", data.path, report.summary())
+    if not rows:
+        raise InputError(f"data.path {data.path}: no document to read (every file or row was skipped: "
+                         f"{report.summary()})")
+    logger.info("%s: %d documents -> %s", data.path, rows, folder / "corpus.jsonl")
+    corpus = load_corpus(folder / "corpus.jsonl", data.on_error, LoadReport())
+    return Dataset(corpus, {}, {}, report), folder
 
 
 def load_corpus_only(folder: str | Path, split: str, on_error: str) -> Dataset:
@@ -163,7 +208,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if cfg.data.queries == "labelfree":
         return run_labelfree(cfg, stage, dataset, outputs)
     if cfg.data.dev_fraction > 0:
-        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.seed)
         write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
         outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
         logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(dataset.qrels))
@@ -202,7 +247,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if m.teacher:
         teacher = build_teacher(cfg, [doc_texts[d] for d in corpus])
     pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}  # mining.method: none
-    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, ranking=ranking, teacher=teacher,
+    rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, seed=cfg.seed, ranking=ranking,
+                                         teacher=teacher,
                                          exclude=exclude, **pairs_only)
     (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
     print(mining_report.table())
@@ -235,7 +281,7 @@ def run_labelfree(cfg, stage: Stage, dataset: Dataset, outputs: dict) -> dict[st
 
     dev_qrels: dict = {}
     if dataset.qrels and cfg.data.dev_fraction > 0:
-        _, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.data.seed)
+        _, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.seed)
         write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
         outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
         logger.info("dev split: %d labelled queries (never trained on in label-free mode)", len(dev_qrels))
@@ -294,7 +340,8 @@ def synthesize_for_training(cfg, corpus, stage_dir: Path):
         from embtune.data_prep.chunking import chunk_corpus
         from embtune.models import resolve_model
 
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
         n_documents = len(corpus)
         corpus, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
         logger.info("chunking: %d documents -> %d chunks (max %d tokens, overlap %d)", n_documents, len(corpus),
@@ -363,7 +410,8 @@ def chunk_for_training(cfg, corpus, qrels, queries):
     from embtune.data_prep.mining import simple_tokenize
     from embtune.models import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model))
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.chunking.tokenizer or cfg.train.base_model,
+                                                                must_exist=True))
     chunks, parent = chunk_corpus(corpus, tokenizer, cfg.chunking.max_tokens, cfg.chunking.overlap)
     children: dict[str, list[str]] = {}
     for chunk_id, doc_id in parent.items():

@@ -111,11 +111,11 @@ def synthesize_corpus(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -
     include_title = cfg.mining.include_title
     passage_ids = list(corpus)
     passage_texts = [document_text(corpus[pid], include_title) for pid in passage_ids]
-    chosen = select_passages(passage_ids, llm.documents, cfg.data.seed)
+    chosen = select_passages(passage_ids, llm.documents, cfg.seed)
     position = {pid: i for i, pid in enumerate(passage_ids)}
     chosen_texts = [passage_texts[position[pid]] for pid in chosen]
     logger.info("synthesis: %d of %d passages (llm.documents=%d, seed %d), style %s, %d queries each",
-                len(chosen), len(passage_ids), llm.documents, cfg.data.seed, llm.style, llm.n_queries)
+                len(chosen), len(passage_ids), llm.documents, cfg.seed, llm.style, llm.n_queries)
 
     bm25 = dense = None
     if llm.round_trip != "none":

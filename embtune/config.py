@@ -39,6 +39,21 @@ class ConfigError(ValueError):
         super().__init__(f"{where}: {reason}" if where else reason)
 
 
+class InputError(ValueError):
+    """An input an entry point cannot use (a bundle, a model, a data path); the message names it and the fix.
+
+    Entry points answer it with one line and exit code 2 (``embtune.cli.exit_code``).
+    """
+
+
+def closest_name(name: str, known) -> str | None:
+    """The known name closest to a misspelt one (difflib), or None when nothing is close."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def _line_map(text: str) -> dict[str, int]:
     """Map each dotted key path in a YAML document to its 1-based line, for error messages."""
     lines: dict[str, int] = {}
@@ -79,6 +94,9 @@ class _Origin:
             prefix = ".".join(parts[:end])
             if prefix in self.overrides:
                 return f"{self.source} (override '{self.overrides[prefix]}')"
+            below = [text for name, text in self.overrides.items() if name.startswith(prefix + ".")]
+            if end == len(parts) and below:  # an unknown section that only an override names
+                return f"{self.source} (override '{below[0]}')"
             if prefix in self.lines:
                 return f"{self.source}:{self.lines[prefix]}"
         return self.source
@@ -162,8 +180,13 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: _Origin) -> Any:
             moved = getattr(cls, "moved_keys", {}).get(name)
             if moved:
                 raise ConfigError(f"key '{key}' has moved to '{moved}'", key, where(key))
+            removed = getattr(cls, "removed_keys", {}).get(name)
+            if removed:  # one key per thing: the duplicate is gone, the message names the one that stays
+                raise ConfigError(f"key '{key}' was removed: {removed}", key, where(key))
             known = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key '{key}' (known keys here: {known})", key, where(key))
+            suggestion = closest_name(name, fields)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{suggestion}'?" if suggestion else ""
+            raise ConfigError(f"unknown key '{key}'{hint} (known keys here: {known})", key, where(key))
         kwargs[name] = _coerce(value, hints[name], key, where)
     try:
         return cls(**kwargs)
@@ -240,12 +263,17 @@ def build(cls: type, data: dict[str, Any] | None, source: str = "<dict>", lines:
 def load_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"config file not found: {path} (the recipes are in configs/; `embtune init DIR` writes "
+                          "one for a folder of documents)")
     text = path.read_text()
     try:
         data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML: {err}", None, str(path)) from None
+    except yaml.YAMLError as err:  # one line: the problem and where (PyYAML's own text spans several lines)
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"invalid YAML: {problem} (check the indentation and the ':' after each key)", None,
+                          where) from None
     if not isinstance(data, dict):
         raise ConfigError("the top level must be a mapping of sections", None, str(path))
     return data, _line_map(text)

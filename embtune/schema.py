@@ -7,7 +7,7 @@ stage may not import another stage. The generic YAML-to-dataclass parsing is ``e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from embtune.compute import ComputeConfig
@@ -41,6 +41,9 @@ class Config:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     # Set by load_config: the recipe file this came from (not a YAML key).
     source: str | None = field(default=None, init=False, compare=False)
+
+
+SECTIONS = tuple(f.name for f in fields(Config) if f.init and f.name not in ("run_dir", "seed"))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None,

@@ -7,7 +7,7 @@ from embtune.eval.run import run
 
 
 def main(argv=None) -> int:
-    return stage_main("eval", run, ["eval", "tracking"], argv)
+    return stage_main("eval", run, ["eval", "bm25", "tracking", "compute"], argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
 from embtune.eval.deploy import hybrid_spec
@@ -103,7 +103,7 @@ def resolve_candidates(specs: list[str]) -> tuple[list[Candidate], list[str]]:
         elif is_endpoint_spec(spec):
             candidates.append(Candidate(spec, spec, spec))
         else:
-            candidates.append(Candidate(spec, spec, resolve_model(spec)))
+            candidates.append(Candidate(spec, spec, resolve_model(spec)))  # one not on disk is skipped when loaded
     seen: set[str] = set()
     unique = []
     for candidate in candidates:  # the same model named twice (an alias and its folder) is evaluated once
@@ -136,8 +136,8 @@ def choice_queries(cfg) -> ChoiceQueries:
             return ChoiceQueries("dev", str(data_out["dev_qrels"]), corpus, queries, qrels)
         train = folder / "qrels" / f"{cfg.data.train_split}.tsv"
         if cfg.data.dev_fraction > 0 and train.is_file():
-            _, dev = split_dev(load_qrels(train, corpus, queries, on_error), cfg.data.dev_fraction, cfg.data.seed)
-            return ChoiceQueries("dev", f"{train} (dev_fraction {cfg.data.dev_fraction}, seed {cfg.data.seed})",
+            _, dev = split_dev(load_qrels(train, corpus, queries, on_error), cfg.data.dev_fraction, cfg.seed)
+            return ChoiceQueries("dev", f"{train} (dev_fraction {cfg.data.dev_fraction}, seed {cfg.seed})",
                                  corpus, queries, dev)
         if wanted == "dev":
             raise ValueError("eval.choose.queries=dev: no dev split; set data.dev_fraction (e.g. 0.2) to carve it "
@@ -338,22 +338,17 @@ def format_table(ranking: list[dict[str, Any]], source: str, n_queries: int, n_d
 
 
 def _choose_keys() -> str:
+    from embtune.cli import describe_class
     from embtune.sections.eval import ChooseConfig
 
-    hints = get_type_hints(ChooseConfig)
-    lines = ["Config keys (override any with eval.choose.<key>=value):"]
-    for f in dataclasses.fields(ChooseConfig):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        tp = hints[f.name]
-        lines.append(f"  eval.choose.{f.name} ({getattr(tp, '__name__', str(tp)).replace('typing.', '')}) "
-                     f"= {default!r}")
-    lines.append("Also read: data.path / data.format / data.dev_fraction / data.seed, bm25.*, eval.max_seq_length, "
+    lines = ["Config keys (override any with eval.choose.<key>=value):", *describe_class(ChooseConfig, "eval.choose")]
+    lines.append("Also read: data.path / data.format / data.dev_fraction / seed, bm25.*, eval.max_seq_length, "
                  "eval.batch_size, eval.top_k, eval.rrf_k, eval.hybrid_weight, eval.hybrid_depth, run_dir.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from embtune.cli import parse_config_args
+    from embtune.cli import exit_code, parse_config_args
 
     parser = argparse.ArgumentParser(prog="python -m embtune.eval.choose", description=__doc__,
                                      epilog=_choose_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    choose(cfg, args.candidates, args.out)
-    return 0
+    return exit_code(lambda: choose(cfg, args.candidates, args.out), debug=args.debug)
 
 
 if __name__ == "__main__":

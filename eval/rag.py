@@ -374,10 +374,16 @@ def print_summary(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m embtune.eval.rag CONFIG [key=value ...] [--base PATH] [--finetuned PATH] [--out FILE]``."""
-    from embtune.cli import exit_code, parse_config_args
+    from embtune.cli import describe_class, describe_sections, exit_code, parse_config_args
+    from embtune.config import InputError
     from embtune.eval.run import upstream
+    from embtune.sections.eval import RAGConfig
 
-    parser = argparse.ArgumentParser(prog="python -m embtune.eval.rag", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m embtune.eval.rag", description=__doc__.split("\n\n")[0],
+        epilog="Config keys (override any with section.key=value):\n[eval.rag]\n"
+        + "\n".join(describe_class(RAGConfig, "eval.rag")) + describe_sections(["llm"]),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.rag.sample_size=30")
     parser.add_argument("--base", help="base model (default: train.base_model)")
@@ -386,18 +392,21 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config_args(parser, argv)
     if cfg is None:
         return 2
-    retrievers = {"base": resolve_model(args.base or cfg.train.base_model)}
-    finetuned = args.finetuned or upstream(cfg, "train").get("model")
-    if finetuned:
-        if not Path(finetuned).is_dir():
-            print(f"--finetuned {finetuned}: no such model folder", file=sys.stderr)
-            return 2
-        retrievers["finetuned"] = finetuned
-    else:
-        logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model only",
-                       cfg.run_dir)
-    command = shlex.join(["python", "-m", "embtune.eval.rag", *(argv if argv is not None else sys.argv[1:])])
-    return exit_code(lambda: run_rag(cfg, retrievers, args.out, command=command))
+    def work():
+        retrievers = {"base": resolve_model(args.base or cfg.train.base_model, must_exist=True)}
+        finetuned = args.finetuned or upstream(cfg, "train").get("model")
+        if finetuned:
+            if not Path(finetuned).is_dir():
+                raise InputError(f"--finetuned {finetuned}: no such model folder (give the train stage's "
+                                 "<run_dir>/train/model, or leave --finetuned out)")
+            retrievers["finetuned"] = finetuned
+        else:
+            logger.warning("no fine-tuned model (no train manifest in %s, no --finetuned): checking the base model "
+                           "only", cfg.run_dir)
+        command = shlex.join(["python", "-m", "embtune.eval.rag", *(argv if argv is not None else sys.argv[1:])])
+        run_rag(cfg, retrievers, args.out, command=command)
+
+    return exit_code(work, debug=args.debug)
 
 
 if __name__ == "__main__":

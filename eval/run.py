@@ -347,7 +347,7 @@ def rerank_rows(cfg, runs: dict[str, Any], models: dict[str, str], query_texts: 
     from sentence_transformers import CrossEncoder
 
     targets = cfg.eval.rerank_on or [next(m for m in ("finetuned", *models, "bm25") if m in runs)]
-    scorer = CrossEncoder(resolve_model(cfg.eval.reranker), device=None)
+    scorer = CrossEncoder(resolve_model(cfg.eval.reranker, must_exist=True), device=None)
     if cfg.eval.max_seq_length:
         scorer.max_length = cfg.eval.max_seq_length
     logger.info("reranking the top %d of %s with %s", cfg.eval.rerank_top_k, targets, cfg.eval.reranker)

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from embtune.cli import exit_code, parse_config_args
-from embtune.pipeline.report import build_report, write_config
 
 logger = logging.getLogger("embtune.pipeline")
 
@@ -37,8 +36,11 @@ class StageFailed(RuntimeError):
 
 def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", force: bool = False,
         stages: tuple[str, ...] = STAGE_ORDER) -> dict[str, float]:
+    # Imported here, not at the top: `python -m embtune.pipeline.report` would otherwise find its module already
+    # imported by this package and print runpy's RuntimeWarning before its own output.
     from embtune.data_prep.run import run as data_prep_run
     from embtune.eval.run import run as eval_run
+    from embtune.pipeline.report import build_report, write_config
     from embtune.serve.export import run as export_run
     from embtune.train.recipe import run as train_run
 
@@ -65,7 +67,12 @@ def run(cfg, config_path: str | None, overrides: list[str], launch: str = "", fo
 
 
 def main(argv: list[str] | None = None) -> int:
+    from embtune.cli import describe_sections
+    from embtune.schema import SECTIONS
+
     parser = argparse.ArgumentParser(prog="python -m embtune.pipeline", description=__doc__,
+                                     epilog="Config keys (override any with section.key=value):"
+                                     + describe_sections(list(SECTIONS)),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="YAML recipe (see configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=2")
@@ -81,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown stage(s) {sorted(unknown)}; stages are {', '.join(STAGE_ORDER)}")
     try:
         code = exit_code(lambda: run(cfg, args.config, args.overrides, launch=args.launch, force=args.force,
-                                     stages=stages))
+                                     stages=stages), debug=args.debug)
     except StageFailed as err:
         print(str(err), file=sys.stderr)
         return err.returncode

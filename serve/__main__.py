@@ -8,7 +8,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from embtune.cli import describe_sections, parse_config_args, stage_main
+from embtune.cli import describe_sections, exit_code, parse_config_args, stage_main
 from embtune.sections.serve import ServeConfig
 from embtune.serve.export import run
 
@@ -19,6 +19,15 @@ examples:
   python -m embtune.serve up configs/demo.yaml serve.port=8080 serve.threads=1 serve.microbatch=false
 
 /search serves the bundle's retriever.json (the retrieval system eval recommended); see docs/serve.md."""
+
+
+UP_COMMAND = """commands:
+  python -m embtune.serve CONFIG [key=value ...] [--force]
+      export the bundle (the last pipeline stage): reads the export section
+  python -m embtune.serve up [CONFIG] [serve.key=value ...] [--bundle DIR]
+      serve a bundle over HTTP: /v1/embeddings, /search, /health; reads the serve section
+      --bundle DIR   the export bundle folder (same as serve.bundle_dir=DIR)
+      (python -m embtune.serve up --help lists every serve.* key)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,21 +74,26 @@ def config_from_args(argv: list[str] | None) -> ServeConfig | None:
 
 
 def up(argv: list[str] | None = None) -> int:
-    """``python -m embtune.serve up ...``: serve until interrupted; 2 on a config error."""
+    """``python -m embtune.serve up ...``: serve until interrupted; 2 on a config error or an unusable bundle."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = config_from_args(argv)
     if cfg is None:
         return 2
     from embtune.serve.app import run_server
+    from embtune.serve.bundle import check_bundle
 
-    run_server(cfg)
-    return 0
+    def serve() -> None:
+        check_bundle(cfg.bundle_dir)
+        run_server(cfg)
+
+    return exit_code(serve, debug="--debug" in argv)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "up":
         return up(argv[1:])
-    return stage_main("serve", run, ["export", "serve"], argv)
+    return stage_main("serve", run, ["export", "serve", "compute"], argv, commands=UP_COMMAND)
 
 
 if __name__ == "__main__":

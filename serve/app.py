@@ -53,7 +53,7 @@ from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
 from embtune.sections.serve import ServeConfig
 from embtune.serve.batcher import LRUCache, MicroBatcher
-from embtune.serve.bundle import Bundle, load_bundle
+from embtune.serve.bundle import Bundle, load_bundle, recorded_backend
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,8 @@ class EmbeddingService:
 
     def __init__(self, bundle_dir: str | Path, cfg: ServeConfig):
         self.cfg = cfg
-        self.bundle: Bundle = load_bundle(bundle_dir, backend=cfg.backend, onnx_file=cfg.onnx_file,
+        self.backend = recorded_backend(bundle_dir)
+        self.bundle: Bundle = load_bundle(bundle_dir, backend=self.backend, onnx_file=cfg.onnx_file,
                                           device=cfg.device or None, batch_size=cfg.max_batch_size,
                                           threads=cfg.threads)
         self.model_name = cfg.model_name or Path(bundle_dir).resolve().name
@@ -384,7 +385,7 @@ class EmbeddingService:
         await self.batcher.start()
         self._search_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embtune-search")
         bundle = self.bundle
-        logger.info("serving %s (%s, dim %d, %s docs) microbatch=%s max_queue=%d", bundle.path, self.cfg.backend,
+        logger.info("serving %s (%s, dim %d, %s docs) microbatch=%s max_queue=%d", bundle.path, self.backend,
                     bundle.dim, bundle.index.ntotal if bundle.index is not None else "no", self.cfg.microbatch,
                     self.cfg.max_queue)
 
@@ -488,7 +489,7 @@ class EmbeddingService:
         return {
             "status": "ok",
             "model": self.model_name,
-            "backend": self.cfg.backend,
+            "backend": self.backend,
             "dim": bundle.dim,
             "dims": bundle.manifest.get("dims", [bundle.dim]),
             "index_size": int(bundle.index.ntotal) if bundle.index is not None else 0,

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from embtune.config import InputError
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
 from embtune.retrieval.encoder import (
@@ -191,6 +192,36 @@ class Bundle:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
+def recorded_backend(bundle_dir: str | Path) -> str:
+    """The encoder backend that embedded the bundle's index (``manifest.json`` ``encoder_backend``; torch for a
+    bundle written before it was recorded): queries must be encoded the same way."""
+    manifest_path = Path(bundle_dir) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    return manifest.get("encoder_backend") or "torch"
+
+
+def check_bundle(bundle_dir: str | Path) -> None:
+    """Raise :class:`InputError` (one line: what is missing and how to get it) unless ``bundle_dir`` is a whole bundle.
+
+    ``build_bundle`` writes ``manifest.json`` last, so a bundle without one is an export that did not finish.
+    """
+    bundle_dir = Path(bundle_dir)
+    export = "export one with `python -m embtune.serve CONFIG`, the pipeline's last stage"
+    if not bundle_dir.is_dir():
+        raise InputError(f"bundle {bundle_dir}: no such folder ({export}, or give --bundle an existing bundle)")
+    if not (bundle_dir / MODEL_DIR).is_dir():
+        raise InputError(f"bundle {bundle_dir}: no {MODEL_DIR}/ folder, so not a bundle ({export})")
+    manifest_path = bundle_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise InputError(f"bundle {bundle_dir}: no {MANIFEST_FILE}, so its export did not finish (rerun the export: "
+                         "`python -m embtune.serve CONFIG --force`)")
+    try:
+        json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{manifest_path}:{err.lineno}: not valid JSON ({err.msg}); rerun the export: "
+                         "`python -m embtune.serve CONFIG --force`") from None
+
+
 def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "",
                 device: str | None = None, batch_size: int = 64, threads: int = 0) -> Bundle:
     """Load ``<bundle>/model`` on an encoder backend, and the index and docs when the bundle has them.
@@ -198,7 +229,7 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
     Args:
         backend: ``torch``, ``onnx`` or ``onnx-int8`` (``embtune.retrieval.encoder.BACKENDS``).
         onnx_file: the ONNX file under ``<bundle>/model`` for the ONNX backends; "" = the backend's own
-            (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` / ``export.onnx_int8`` write them).
+            (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` and ``eval.backend`` write them).
         threads: > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
 
     Raises:

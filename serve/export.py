@@ -3,8 +3,8 @@
     <out_dir>/
       model/              SentenceTransformer(path) loads it
       model/README.md     the model card: metrics table, Matryoshka dims, training config
-      model/onnx/         model.onnx (+ model_qint8.onnx) when export.onnx (export.onnx_int8) is true, or
-                          export.backend is onnx (onnx-int8): the corpus index is then embedded with it
+      model/onnx/         model.onnx when export.onnx is true, and the file eval.backend needs (onnx: model.onnx,
+                          onnx-int8: model_qint8.onnx): the corpus index is embedded with eval.backend
       index/corpus.faiss  exact inner-product index of the eval corpus ("faiss" in export.targets)
       index/docs.jsonl    one {"_id", "title", "text"} per index row
       vectordb/chroma/    a persistent Chroma collection of the eval corpus ("chroma" in export.targets)
@@ -92,7 +92,8 @@ computed with pytrec_eval as BEIR/MTEB do (percent).
 def stage_config(cfg) -> dict[str, Any]:
     """The config the bundle depends on (its fingerprint): the export section, and the training and mining
     config the model card records (less train's bookkeeping keys, which change no weights)."""
-    return {"export": to_dict(cfg.export), "mining": to_dict(cfg.mining), "on_error": cfg.data.on_error,
+    return {"export": to_dict(cfg.export), "backend": cfg.eval.backend, "mining": to_dict(cfg.mining),
+            "on_error": cfg.data.on_error,
             "train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
 
 
@@ -176,8 +177,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
                        spec.describe())
         spec = None
-    # export.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
-    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.export.backend)
+    # eval.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
+    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.eval.backend)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         from embtune.serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
@@ -187,14 +188,11 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                         name=cfg.export.vectordb.name or cfg.export.model_name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
-    if cfg.export.onnx or cfg.export.onnx_int8:
-        from embtune.retrieval.onnx import FP32_FILE, INT8_FILE, ONNX_DIR, export_onnx, quantize_int8
+    if cfg.export.onnx:
+        from embtune.retrieval.onnx import FP32_FILE, ONNX_DIR, export_onnx
 
-        onnx_dir = out_dir / "model" / ONNX_DIR
-        if not (onnx_dir / FP32_FILE).is_file():
-            export_onnx(out_dir / "model", quantize=cfg.export.onnx_int8)
-        elif cfg.export.onnx_int8 and not (onnx_dir / INT8_FILE).is_file():
-            quantize_int8(onnx_dir / FP32_FILE, onnx_dir / INT8_FILE)
+        if not (out_dir / "model" / ONNX_DIR / FP32_FILE).is_file():
+            export_onnx(out_dir / "model", quantize=False)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions(),
                      "retriever_source": spec_source})

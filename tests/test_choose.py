@@ -44,7 +44,7 @@ def test_candidates_bm25_and_hybrids_are_ranked_on_the_dev_split(tmp_path, tiny_
 
     # Dev is the seeded split of the train queries that data_prep would carve; test queries never take part.
     train = load_qrels(tiny_beir / "qrels" / "train.tsv")
-    _, dev = split_dev(train, 0.5, cfg.data.seed)
+    _, dev = split_dev(train, 0.5, cfg.seed)
     assert result["queries"]["source"] == "dev" and result["queries"]["num_queries"] == len(dev)
     assert set(result["per_query"]["bm25"]) == set(dev)
     assert not set(dev) & set(load_qrels(tiny_beir / "qrels" / "test.tsv"))

@@ -110,3 +110,20 @@ def test_stage_help_lists_keys(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "mining.num_negatives" in out and "data.on_error" in out
+
+
+@pytest.mark.parametrize("old, new", [("train.seed=1", "'seed'"), ("data.seed=1", "'seed'"),
+                                      ("mining.seed=1", "'seed'"), ("cross_encoder.seed=1", "'seed'"),
+                                      ("train.num_negatives=2", "mining.num_negatives")])
+def test_one_key_per_thing_a_removed_key_names_its_replacement(old, new):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.path=/x", old])
+    assert err.value.key == old.split("=")[0] and new in err.value.reason
+
+
+def test_one_seed_reaches_every_stage_fingerprint():
+    from embtune.data_prep.run import stage_config as data_prep_config
+    from embtune.train.recipe import stage_config as train_config
+
+    a, b = (load_config(None, ["data.path=/x", f"seed={seed}"]) for seed in (1, 2))
+    assert data_prep_config(a) != data_prep_config(b) and train_config(a) != train_config(b)

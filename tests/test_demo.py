@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from embtune.pipeline import STAGE_ORDER, next_steps
 from embtune.schema import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_demo_evaluates_on_queries_and_documents_it_never_trains_on(tmp_path):
     """The demo's +nDCG claim rests on this: its test queries, and the documents they point at, are not in train."""
     from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.data.format == "pydoc" and cfg.eval.split == "test" and cfg.data.train_split == "train"
-    folder = build_pydoc_beir(tmp_path / "pydoc", max_documents=cfg.data.max_documents or 3000, seed=cfg.data.seed)
+    folder = build_pydoc_beir(tmp_path / "pydoc", max_documents=cfg.data.max_documents or 3000, seed=cfg.seed)
     queries = {row["_id"]: row["text"] for row in map(json.loads, (folder / "queries.jsonl").open())}
     corpus = {row["_id"]: row for row in map(json.loads, (folder / "corpus.jsonl").open())}
     split = {}

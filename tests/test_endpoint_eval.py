@@ -34,6 +34,7 @@ def embtune_server(tiny_model_dir, tmp_path_factory):
         yield f"{url}/v1", app
 
 
+@pytest.mark.slow
 def test_served_model_scores_like_the_local_model_and_is_cached(tmp_path, tiny_beir, tiny_model_dir, embtune_server):
     base_url, app = embtune_server
     overrides = [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", f"train.base_model={tiny_model_dir}",
@@ -77,6 +78,7 @@ def test_gives_up_after_max_attempts_and_names_the_reason():
         assert server.embedding_requests == 3
 
 
+@pytest.mark.slow
 def test_bad_request_is_not_retried(embtune_server):
     base_url, _ = embtune_server
     encoder = EndpointEncoder("tiny", base_url, use_cache=False)

@@ -27,6 +27,7 @@ def error_lines(err: str) -> list[str]:
             and not line.startswith("ModuleNotFoundError(")]
 
 
+@pytest.mark.slow
 def test_pipeline_on_a_data_error_prints_one_line_and_exits_2(tmp_path, tiny_beir):
     folder = beir_without_train_qrels(tmp_path, tiny_beir)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -73,7 +74,8 @@ def test_cli_exits_2_on_a_config_error(tmp_path, capsys):
     for stage in ("data_prep", "train", "eval", "serve", "pipeline"):
         assert main([stage, str(recipe)]) == 2, stage
         lines = error_lines(capsys.readouterr().err)
-        assert lines == [f"config error: {recipe}:4: unknown key 'train.lerning_rate' (known keys here: "
+        assert lines == [f"config error: {recipe}:4: unknown key 'train.lerning_rate'; did you mean "
+                         "'train.learning_rate'? (known keys here: "
                          + lines[0].split("(known keys here: ")[1]], (stage, lines)
     assert main(["nosuchstage"]) == 2
 

@@ -36,6 +36,7 @@ def encoded(tiny_beir):
     return data, doc_ids, query_ids, docs, queries
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [None, 64])
 def test_faiss_and_pytrec_match_brute_force(encoded, dim):
     data, doc_ids, query_ids, docs, queries = encoded

@@ -115,6 +115,7 @@ def test_rerank_orders_by_the_cross_encoder(tiny_cross_encoder_dir):
     assert [out[d] for d in ("d0", "d1", "d2", "d3")] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_eval_stage_adds_hybrid_rerank_significance_and_sweep(tiny_beir, minilm_dir, tiny_cross_encoder_dir,
                                                               tmp_path, monkeypatch):
     # MiniLM rather than the untrained tiny BERT: the tiny model scores every document the same, and a ranking of

@@ -96,6 +96,7 @@ def recipe(tmp_path, corpus_dir, model_dir, *extra):
                               "labelfree.min_headroom=0", *extra])
 
 
+@pytest.mark.slow
 def test_labelfree_runs_from_a_corpus_alone(tmp_path, tiny_model_dir):
     """A BEIR folder with only corpus.jsonl: data_prep cuts queries, probes and labels; train distils; eval says
     there is nothing to measure instead of failing."""
@@ -174,6 +175,7 @@ def test_probe_chooses_bm25_when_the_dense_model_cannot_read(tmp_path):
     assert probe["choice"] == 0.0
 
 
+@pytest.mark.slow
 def test_query_distill_loss_moves_the_student_toward_the_teacher(tiny_model_dir):
     """A few steps of query_kl on fixed document embeddings: the student's ranking of each query's candidates
     agrees more with the teacher's afterwards."""
@@ -250,6 +252,7 @@ def test_query_distill_loss_is_zero_only_when_the_student_matches(over):
         assert 0 < value < 5
 
 
+@pytest.mark.slow
 def test_symmetric_distillation_trains_the_document_side(tmp_path, tiny_model_dir):
     """train.query_distill_documents: m candidates per row (the teacher's top 2 first, the rest drawn in rank
     order) are encoded by the student, so one plain model comes out whose document embeddings moved."""

@@ -124,6 +124,7 @@ def test_a_student_ships_only_when_it_beats_the_base_on_the_probe():
     assert choose_on_evidence({"base": 50.0, "bm25": 50.0}, 1.0)[0] == "base"  # a tie goes to the simpler row
 
 
+@pytest.mark.slow
 def test_a_corpus_the_model_cannot_read_ships_bm25_and_says_why(tmp_path, tiny_model_dir):
     """Every character is the tiny model's unknown token: data_prep says so, no student is trained, eval and the
     bundle serve BM25 (on character bigrams)."""
@@ -153,6 +154,7 @@ def test_a_corpus_the_model_cannot_read_ships_bm25_and_says_why(tmp_path, tiny_m
     assert served["dense"] is None and served["bm25"] is not None
 
 
+@pytest.mark.slow
 def test_without_labels_the_probe_chooses_what_ships(tmp_path, tiny_model_dir):
     """A readable corpus, no queries: eval measures the rows on the held-out probe and the bundle serves the
     winner, with the evidence recorded."""
@@ -177,6 +179,7 @@ def test_without_labels_the_probe_chooses_what_ships(tmp_path, tiny_model_dir):
     assert manifest["retriever_source"]["evidence"] == recommended["evidence"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("favour", ["bm25", "base"])
 def test_the_deploy_choice_never_reads_the_reported_split(tmp_path, tiny_model_dir, favour):
     """Labelled queries with a dev split: the recommended row and its fusion weight come from dev. Rewriting the

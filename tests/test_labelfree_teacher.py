@@ -30,6 +30,7 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_a_cross_encoder_teacher_labels_the_candidates_alone_or_fused(tmp_path, tiny_model_dir,
                                                                        tiny_cross_encoder_dir, cache):  # noqa: F811
     import torch

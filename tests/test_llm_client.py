@@ -187,6 +187,7 @@ _CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_rerun_loses_nothing_and_repeats_nothing(tmp_path):
     n = 60  # 30 waves of 0.1 s: the kill lands well before the child could finish
     cache_path = tmp_path / "cache.jsonl"

@@ -112,11 +112,11 @@ def test_minilm_fp32_and_int8_match_torch(tmp_path):
 
 
 def test_server_with_onnx_backend_matches_torch(tiny_model_dir, tmp_path):
+    """The server encodes with the backend the bundle records (no serve key for it)."""
     bundle = build_bundle(tiny_model_dir, [{"_id": "a", "text": "the cat"}, {"_id": "b", "text": "a dog"}],
-                          tmp_path / "bundle", device="cpu")
-    export_onnx(bundle / "model")
+                          tmp_path / "bundle", device="cpu", backend="onnx")
     expected = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(TEXTS[:3], normalize_embeddings=True)
-    with TestClient(create_app(bundle, ServeConfig(backend="onnx"))) as client:
+    with TestClient(create_app(bundle, ServeConfig())) as client:
         response = client.post("/v1/embeddings", json={"input": TEXTS[:3]})
         assert response.status_code == 200, response.text
         got = np.array([d["embedding"] for d in response.json()["data"]])
@@ -153,6 +153,7 @@ def test_bucketing_restores_input_order(tiny_model_dir, tmp_path):
     np.testing.assert_allclose(got, alone, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_int8_vector_is_its_text_alone(tiny_model_dir, tmp_path):
     """Dynamic int8 takes a run's activation range over the whole input, so batched texts would move each other's
     vectors (the Ray engine's shards then differed from one process's encode). The int8 graph runs each text on
@@ -233,24 +234,26 @@ def test_int8_bundle_is_built_and_served_with_int8(tiny_model_dir, tmp_path):
     assert indices[:, 0].tolist() == list(range(len(TEXTS)))
 
 
-def test_backend_settings_are_config_keys(tiny_model_dir, tmp_path, monkeypatch):
-    """eval.backend picks the encoder eval measures with; a wrong value names the key and the choices."""
+def test_backend_is_one_config_key(tiny_model_dir, tmp_path, monkeypatch):
+    """eval.backend picks the encoder eval measures with (and export indexes with); a wrong value names the key and
+    the choices; the keys it replaced name it."""
     from embtune.config import ConfigError
     from embtune.eval.run import load_encoder as eval_encoder
     from embtune.schema import load_config
 
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
-    cfg = load_config(None, ["data.path=/x", "eval.backend=onnx-int8", "eval.threads=1", "export.backend=onnx"])
-    assert (cfg.eval.backend, cfg.export.backend) == ("onnx-int8", "onnx")
+    cfg = load_config(None, ["data.path=/x", "eval.backend=onnx-int8", "eval.threads=1"])
     assert isinstance(eval_encoder(str(tiny_model_dir), cfg), OnnxEncoder)
-    for key in ("eval.backend", "export.backend"):
-        with pytest.raises(ConfigError, match=rf"{key}.*'onnx-int8'"):
-            load_config(None, ["data.path=/x", f"{key}=tensorrt"])
-    assert ServeConfig(backend="onnx-int8").onnx_file == ""  # "" = the backend's own file
+    with pytest.raises(ConfigError, match=r"eval.backend.*'onnx-int8'"):
+        load_config(None, ["data.path=/x", "eval.backend=tensorrt"])
+    for removed in ("export.backend=onnx", "serve.backend=onnx", "export.onnx_int8=true"):
+        with pytest.raises(ConfigError, match=rf"key '{removed.split('=')[0]}' was removed: .*eval.backend"):
+            load_config(None, ["data.path=/x", removed])
+    assert ServeConfig().onnx_file == ""  # "" = the backend's own file
 
 
 def test_export_stage_indexes_with_its_backend(tiny_model_dir, tiny_beir, tmp_path):
-    """export.backend=onnx-int8: the export stage writes both ONNX files, embeds the bundle's index with int8 and
+    """eval.backend=onnx-int8: the export stage writes both ONNX files, embeds the bundle's index with int8 and
     records it; serving the bundle on that backend finds a document by its own text."""
     import json
 
@@ -266,7 +269,7 @@ def test_export_stage_indexes_with_its_backend(tiny_model_dir, tiny_beir, tmp_pa
                            "eval": {"results": str(results)}}.items():
         (run_dir / stage).mkdir(parents=True)
         (run_dir / stage / "manifest.json").write_text(json.dumps({"outputs": outputs}))
-    cfg = load_config(None, [f"data.path={tiny_beir}", f"run_dir={run_dir}", "export.backend=onnx-int8"])
+    cfg = load_config(None, [f"data.path={tiny_beir}", f"run_dir={run_dir}", "eval.backend=onnx-int8"])
     bundle_dir = Path(export_run(cfg)["bundle"])
     assert sorted(p.name for p in (bundle_dir / "model" / "onnx").iterdir()) == ["model.onnx", "model_qint8.onnx"]
     assert json.loads((bundle_dir / "manifest.json").read_text())["encoder_backend"] == "onnx-int8"

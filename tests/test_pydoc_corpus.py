@@ -1,9 +1,12 @@
 import json
 
+import pytest
+
 from embtune.data_prep.pydoc_corpus import build_pydoc_beir
 from embtune.dataio import load_beir
 
 
+@pytest.mark.slow
 def test_demo_dataset_is_valid_beir_and_queries_are_not_in_their_documents(tmp_path):
     folder = build_pydoc_beir(tmp_path / "pydoc", max_documents=400, test_queries=50)
     train = load_beir(folder, "train")

@@ -67,7 +67,7 @@ def test_choose_scores_a_router_through_its_query_route(tmp_path, tiny_beir, rou
     result = choose(cfg, [str(router_dir)])
     corpus = load_corpus(tiny_beir / "corpus.jsonl")
     queries = load_queries(tiny_beir / "queries.jsonl")
-    _, dev = split_dev(load_qrels(tiny_beir / "qrels" / "train.tsv", corpus, queries), 0.5, cfg.data.seed)
+    _, dev = split_dev(load_qrels(tiny_beir / "qrels" / "train.tsv", corpus, queries), 0.5, cfg.seed)
     query_ids = sorted(dev)
     doc_ids = list(corpus)
     by_query_route, by_document_route = expected_rankings(

@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import TOPICS
 
+# Every test here runs on a real local Ray cluster: the slow tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 ray = pytest.importorskip("ray")
 
 SHARD_ROWS = 40

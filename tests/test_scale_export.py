@@ -19,6 +19,9 @@ import pytest
 
 from tests.test_vectordb_export import _docs, _queries
 
+# Every test here runs on a real local Ray cluster: the slow tier (make test-fast skips it).
+pytestmark = pytest.mark.slow
+
 ray = pytest.importorskip("ray")
 
 SHARD_ROWS = 20  # the fixture's 72 documents: 4 shards, the last one partial

@@ -112,6 +112,7 @@ def _expected(reference_model, texts, dims=None):
 
 # --- OpenAI compatibility, through the real client and a real server -------------------------------------------
 
+@pytest.mark.slow
 def test_openai_client_float_and_base64_match_encode(live_server, reference_model):
     base_url, _ = live_server
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
@@ -139,6 +140,7 @@ def test_base64_is_little_endian_float32(client, reference_model):
     np.testing.assert_allclose(np.stack(rows), _expected(reference_model, TEXTS[:2]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dimensions_truncates_and_renormalizes(live_server, reference_model):
     base_url, _ = live_server
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=API_KEY, max_retries=0)
@@ -149,6 +151,7 @@ def test_dimensions_truncates_and_renormalizes(live_server, reference_model):
     np.testing.assert_allclose(got, _expected(reference_model, TEXTS, dims=8), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_wrong_api_key_is_refused_by_openai_client(live_server):
     base_url, _ = live_server
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="wrong", max_retries=0)
@@ -158,6 +161,7 @@ def test_wrong_api_key_is_refused_by_openai_client(live_server):
 
 # --- micro-batching ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_microbatched_vectors_equal_unbatched(live_server, reference_model):
     """Concurrent single-text requests share forward passes and get exactly what one-at-a-time encoding gives."""
     base_url, app = live_server

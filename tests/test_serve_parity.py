@@ -59,6 +59,7 @@ def served_top10(bundle, spec: RetrieverSpec, queries: dict[str, str], qids) -> 
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("row", ["base", "base+bm25_weighted"])
 def test_served_top10_equals_eval_ranking(measured, row):
     results, rankings, bundle, queries = measured
@@ -71,6 +72,7 @@ def test_served_top10_equals_eval_ranking(measured, row):
     assert not mismatched, f"{len(mismatched)} of {len(expected)} queries differ, e.g. {next(iter(mismatched.items()))}"
 
 
+@pytest.mark.slow
 def test_the_parity_check_can_fail(measured):
     """The check separates fusions: RRF over the same members (the old server's hybrid) serves another top 10
     for some query, and the hybrid ranking is not the dense one."""

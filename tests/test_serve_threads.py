@@ -9,6 +9,7 @@ import sys
 import threading
 
 import numpy as np
+import pytest
 
 from embtune.serve.bundle import build_bundle, load_bundle
 from tests.conftest import FILLER, TOPICS
@@ -21,6 +22,7 @@ def _texts(rng: random.Random, n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_counting_tokens_while_encoding_on_another_thread(tiny_model_dir, tmp_path):
     bundle = load_bundle(build_bundle(tiny_model_dir, None, tmp_path / "bundle", device="cpu"), device="cpu")
     rng = random.Random(0)

@@ -47,6 +47,7 @@ def largest_file(path: Path) -> Path:
     return path if path.is_file() else max((p for p in path.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
+@pytest.mark.slow
 def test_export_killed_after_the_index_before_metrics_is_redone(finished_run, monkeypatch):
     """The issue's case: the bundle folder removed, the re-export killed after the model and index were written and
     before metrics.json; the next run must not call that bundle up to date."""

@@ -26,6 +26,7 @@ def row(rows, dim, index, precision, **params):
                 and all(r["params"].get(k) == v for k, v in params.items()))
 
 
+@pytest.mark.slow
 def test_every_family_at_every_dim(sweep_rows):
     families = {(r["index"], r["precision"]) for r in sweep_rows if r["dim"] == 32}
     assert families == {("flat", "fp32"), ("flat", "int8"), ("flat", "int4"), ("flat", "binary"),

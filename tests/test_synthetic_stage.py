@@ -60,7 +60,7 @@ def test_synthetic_queries_become_the_training_set(tmp_path, tiny_beir, tiny_mod
 
         # The files: every query judged relevant to exactly the passage it was written for, one of the sample.
         corpus_ids = [json.loads(line)["_id"] for line in open(tiny_beir / "corpus.jsonl")]
-        chosen = set(select_passages(corpus_ids, 20, cfg.data.seed))
+        chosen = set(select_passages(corpus_ids, 20, cfg.seed))
         assert set(queries) == set(qrels) and len(queries) == report["queries"] > 0
         assert all(len(judged) == 1 and set(judged) <= chosen for judged in qrels.values())
         assert report["documents"] == 20 and report["passages"] == len(corpus_ids)

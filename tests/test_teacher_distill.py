@@ -113,6 +113,7 @@ def run_data_prep(tmp_path, tiny_beir, teacher_dir, extra=()):
     return overrides, run(load_config(None, overrides))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["margin_mse", "distill_kl", "mnrl+margin_mse", "mnrl+distill_kl"])
 def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_model_dir, tiny_cross_encoder_dir,
                                              cache):
@@ -124,7 +125,7 @@ def test_distillation_losses_train_two_steps(loss, tmp_path, tiny_beir, tiny_mod
     shutil.copytree(tiny_model_dir, base)
     overrides, _ = run_data_prep(tmp_path, tiny_beir, tiny_cross_encoder_dir)
     cfg = load_config(None, [*overrides, f"train.base_model={base}", f"train.loss={loss}", "train.max_steps=2",
-                             "train.batch_size=4", "train.learning_rate=1e-3", "train.num_negatives=2",
+                             "train.batch_size=4", "train.learning_rate=1e-3",
                              "train.matryoshka_dims=[32,16]", "tracking.report_to=none", "train.use_cpu=true"])
     outputs = train_run(cfg)
     manifest = json.loads((tmp_path / "run" / "train" / "manifest.json").read_text())
@@ -145,9 +146,9 @@ def test_distillation_labels_and_missing_teacher_columns(tmp_path, tiny_beir, ti
     def train_section(*overrides):
         return load_config(None, [f"data.path={tiny_beir}", *overrides]).train
 
-    margin = training_dataset(table, train_section("train.loss=margin_mse", "train.num_negatives=2",
+    margin = training_dataset(table, train_section("train.loss=margin_mse",
                                                    "train.margin_mse_scale=0.5"))
-    kl = training_dataset(table, train_section("train.loss=distill_kl", "train.num_negatives=2"))
+    kl = training_dataset(table, train_section("train.loss=distill_kl"))
     assert margin.column_names == ["query", "positive", "negative_1", "negative_2", "label"]
     row = table[0]
     np.testing.assert_allclose(margin[0]["label"], [0.5 * (row["score_positive"] - row["score_negative_1"]),
@@ -158,6 +159,7 @@ def test_distillation_labels_and_missing_teacher_columns(tmp_path, tiny_beir, ti
         training_dataset(table.remove_columns(["score_positive"]), train_section("train.loss=margin_mse"))
 
 
+@pytest.mark.slow
 def test_cross_encoder_teacher_trains_and_loads(tmp_path, tiny_beir, tiny_model_dir, cache):
     from sentence_transformers import CrossEncoder
 
@@ -240,7 +242,7 @@ def test_hybrid_teacher_feeds_margin_mse_through_the_stage(tmp_path, tiny_beir, 
     np.testing.assert_allclose(teacher.score([(table[0]["query"], table[0]["positive"])]),
                                [table[0]["score_positive"]], atol=1e-5)
     margin = training_dataset(table, load_config(None, [*overrides, "train.loss=margin_mse",
-                                                        "train.num_negatives=2", "train.margin_mse_scale=1"]).train)
+                                                        "train.margin_mse_scale=1"]).train)
     row = table[0]
     np.testing.assert_allclose(margin[0]["label"][0], row["score_positive"] - row["score_negative_1"], rtol=1e-6)
     report = json.loads(Path(outputs["mining_report"]).read_text())

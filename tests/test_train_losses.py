@@ -53,3 +53,17 @@ def test_cached_mnrl_uses_mini_batches(tiny_model_dir):
     assert type(loss).__name__ == "CachedMultipleNegativesRankingLoss" and loss.mini_batch_size == 3
     wrapped = build_loss(model, tcfg(loss="cached_mnrl", matryoshka_dims=[32, 16]))
     assert type(wrapped).__name__ == "MatryoshkaLoss" and list(wrapped.matryoshka_dims) == [32, 16]
+
+
+def test_the_loss_sees_every_mined_negative():
+    """One negatives count (mining.num_negatives): train reads every negative column the table has."""
+    from embtune.schema import load_config
+    from embtune.train.losses import training_columns
+
+    columns = ["query", "positive", "negative_1", "negative_2", "negative_1_id", "negative_2_id"]
+    train = load_config(None, ["data.path=/x"]).train
+    assert training_columns(train, columns) == ["query", "positive", "negative_1", "negative_2"]
+    assert training_columns(train, ["query", "positive"]) == ["query", "positive"]  # pairs only
+    distill = load_config(None, ["data.path=/x", "train.loss=distill_kl"]).train
+    with pytest.raises(ValueError, match="mining.num_negatives >= 1"):
+        training_columns(distill, ["query", "positive"])

@@ -59,7 +59,7 @@ class CrossEncoderRecipe:
         self.cfg = cfg
         self.ccfg = cfg.cross_encoder
         self.table_dir = upstream_table(cfg)
-        self.stage = Stage("cross_encoder", cfg.run_dir, config={"cross_encoder": cfg.cross_encoder},
+        self.stage = Stage("cross_encoder", cfg.run_dir, config={"cross_encoder": cfg.cross_encoder, "seed": cfg.seed},
                            inputs={"train_table": self.table_dir})
         self.trainer = None
         self.checkpoint_dir = self.stage.dir / f"checkpoints-{self.stage.fingerprint()}"
@@ -76,8 +76,8 @@ class CrossEncoderRecipe:
         from transformers import set_seed
 
         c = self.ccfg
-        set_seed(c.seed)
-        model = CrossEncoder(resolve_model(c.base_model), num_labels=1, max_length=c.max_length,
+        set_seed(self.cfg.seed)
+        model = CrossEncoder(resolve_model(c.base_model, must_exist=True), num_labels=1, max_length=c.max_length,
                              device="cpu" if c.use_cpu else None)
         table = load_from_disk(self.table_dir)
         if c.loss == "bce":
@@ -103,8 +103,8 @@ class CrossEncoderRecipe:
             learning_rate=c.learning_rate,
             warmup_ratio=c.warmup_ratio,
             weight_decay=c.weight_decay,
-            seed=c.seed,
-            data_seed=c.seed,
+            seed=self.cfg.seed,
+            data_seed=self.cfg.seed,
             bf16=c.bf16,
             use_cpu=c.use_cpu,
             batch_sampler=sampler,

@@ -48,27 +48,26 @@ def distillation_part(loss_name: str) -> str | None:
 
 
 def training_columns(tcfg, available: list[str]) -> list[str]:
-    """The table columns the loss reads, in the order sentence-transformers expects (anchor, positive, negatives)."""
-    wanted = 1 if tcfg.loss == "triplet" else tcfg.num_negatives
-    negatives = [f"negative_{i}" for i in range(1, wanted + 1)]
-    missing = [c for c in negatives if c not in available]
-    if missing:
-        have = sorted(c for c in available if c.startswith("negative_") and not c.endswith("_id"))
-        raise ValueError(
-            f"train.num_negatives={wanted} needs columns {missing}, the table has {have}: "
-            "raise mining.num_negatives or lower train.num_negatives"
-        )
-    return ["query", "positive", *negatives]
+    """The table columns the loss reads, in the order sentence-transformers expects (anchor, positive, negatives):
+    every negative column data_prep mined (``mining.num_negatives``; the triplet loss takes the first)."""
+    mined = 0
+    while f"negative_{mined + 1}" in available:
+        mined += 1
+    wanted = min(1, mined) if tcfg.loss == "triplet" else mined
+    if wanted < 1 and (tcfg.loss == "triplet" or tcfg.loss.endswith(("margin_mse", "distill_kl"))):
+        raise ValueError(f"train.loss={tcfg.loss} needs mined negatives, and the table has none: set "
+                         "mining.num_negatives >= 1 (and a mining.method other than none)")
+    return ["query", "positive", *[f"negative_{i}" for i in range(1, wanted + 1)]]
 
 
-def training_dataset(table, tcfg, doc_texts: list[str] | None = None):
+def training_dataset(table, tcfg, doc_texts: list[str] | None = None, seed: int = 42):
     """The columns the loss reads (:func:`training_columns`), plus a ``label`` column for distillation losses.
 
     - ``margin_mse``: label = ``margin_mse_scale * (score_positive - score_negative_i)`` for i in 1..k, (k,) per row;
     - ``distill_kl``: label = ``[score_positive, score_negative_1, ..., score_negative_k]``, (k + 1,) per row.
     """
     if is_labelfree_table(table.column_names):
-        return labelfree_dataset(table, doc_texts, tcfg.query_distill_documents, tcfg.seed)
+        return labelfree_dataset(table, doc_texts, tcfg.query_distill_documents, seed)
     columns = training_columns(tcfg, table.column_names)
     part = distillation_part(tcfg.loss)
     if part is None:

@@ -37,7 +37,8 @@ def stage_config(cfg) -> dict[str, Any]:
     """The config the trained model depends on (the stage fingerprint): the train section less its bookkeeping
     keys (logging, checkpoint cadence), so changing those reruns nothing and a run resumes from the same checkpoint
     folder. Tracking is its own section, never in it."""
-    return {"train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
+    return {"train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys},
+            "seed": cfg.seed}
 
 
 def upstream_table(cfg) -> str:
@@ -73,18 +74,19 @@ class Recipe:
         from transformers import set_seed
 
         t = self.tcfg
-        set_seed(t.seed)
+        set_seed(self.cfg.seed)
         config_kwargs = {}
         if t.attention_dropout is not None:
             config_kwargs["attention_probs_dropout_prob"] = t.attention_dropout
-        model = SentenceTransformer(resolve_model(t.base_model), device="cpu" if t.use_cpu else None,
+        model = SentenceTransformer(resolve_model(t.base_model, must_exist=True), device="cpu" if t.use_cpu else None,
                                     config_kwargs=config_kwargs)
         # train.max_seq_length truncates training texts; the saved model keeps the longer of it and the base's own
         # limit, so a model trained on short windows (label-free: 128) still reads whole documents at inference.
         self.saved_max_seq_length = max(t.max_seq_length, model.max_seq_length or 0)
         model.max_seq_length = t.max_seq_length
         table = load_from_disk(self.table_dir)
-        train_dataset = training_dataset(table, t, self.corpus_texts() if t.query_distill_documents else None)
+        train_dataset = training_dataset(table, t, self.corpus_texts() if t.query_distill_documents else None,
+                                         seed=self.cfg.seed)
         logger.info("training on %d rows, columns %s", len(train_dataset), train_dataset.column_names)
 
         if t.group_by_length:
@@ -103,8 +105,8 @@ class Recipe:
             warmup_ratio=t.warmup_ratio,
             weight_decay=t.weight_decay,
             lr_scheduler_type=t.lr_scheduler,
-            seed=t.seed,
-            data_seed=t.seed,
+            seed=self.cfg.seed,
+            data_seed=self.cfg.seed,
             bf16=t.bf16,
             fp16=t.fp16,
             use_cpu=t.use_cpu,

@@ -28,7 +28,7 @@ class LLMConfig:
       - a URL such as ``http://127.0.0.1:8000/v1`` (vLLM, Ollama's ``/v1``, any OpenAI-compatible server).
     """
 
-    # --- which passages (data.queries: synthetic): a seeded sample (data.seed) of this many; 0 = every passage
+    # --- which passages (data.queries: synthetic): a seeded sample (the recipe's seed) of this many; 0 = every passage
     documents: int = 0
     # --- where the model is
     endpoint: str = ""

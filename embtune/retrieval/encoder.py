@@ -20,12 +20,16 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
+# The encoder backends, in one place: eval.backend's choices (the one key that picks the backend; export builds the
+# bundle's index with it and the server uses what the bundle records) and what load_encoder / build_bundle accept.
+Backend = Literal["torch", "onnx", "onnx-int8"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def cache_dir() -> Path:
@@ -205,7 +209,7 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
 
     if backend not in BACKENDS:
         raise ValueError(f"unknown encoder backend {backend!r}; expected one of {list(BACKENDS)}")
-    path = resolve_model(model_name)
+    path = resolve_model(model_name, must_exist=True)
     if backend == "torch":
         from sentence_transformers import SentenceTransformer
 

@@ -58,7 +58,7 @@ class CrossEncoderScorer:
                  device: str | None = None) -> None:
         from embtune.models import resolve_model
 
-        self.name_or_path = resolve_model(name_or_path)
+        self.name_or_path = resolve_model(name_or_path, must_exist=True)
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = device

@@ -461,7 +461,7 @@ class Retriever:
 
                     from embtune.models import resolve_model
 
-                    self._scorers[rerank_spec.model] = CrossEncoder(resolve_model(rerank_spec.model),
+                    self._scorers[rerank_spec.model] = CrossEncoder(resolve_model(rerank_spec.model, must_exist=True),
                                                                     device=self.device)
             return self._scorers[rerank_spec.model]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -12,32 +13,68 @@ class DataConfig:
 
     ``format``:
       - ``beir``: a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``);
+      - ``files``: a folder of your own ``.txt`` / ``.md`` / ``.rst`` / ``.html`` documents (``path``, ``glob``);
+      - ``table``: a CSV, TSV, Parquet or JSONL file of documents (``id_column``, ``text_column``, ``title_column``);
+      - ``hf``: a ``datasets`` dataset, saved with ``save_to_disk`` or a hub name (``split``, same column keys);
       - ``jsonl``: a JSONL file of pairs (``pairs_file``, with ``query``/``positive`` fields);
-      - ``hf_disk``: a ``datasets`` table saved with ``save_to_disk`` (``pairs_file``), same columns;
+      - ``hf_disk``: a ``datasets`` table of pairs saved with ``save_to_disk`` (``pairs_file``), same columns;
       - ``pydoc``: the embedded demo corpus, built offline from the Python standard library's docstrings.
+    ``files``, ``table`` and ``hf`` bring documents only (data_prep/sources.py): ``queries: auto`` then takes the
+    label-free route.
     """
 
-    format: Literal["beir", "jsonl", "hf_disk", "pydoc"] = "beir"
+    # beir | files | table | hf read your corpus; jsonl | hf_disk read (query, positive) pairs; pydoc is the demo.
+    format: Literal["beir", "files", "table", "hf", "jsonl", "hf_disk", "pydoc"] = "beir"
+    # The BEIR folder (beir), the documents folder (files), the table file (table), or a saved dataset or hub name.
     path: str = ""
     pairs_file: str = ""
     train_split: str = "train"
+    glob: str = "**/*"  # files: which files under data.path are read (recursive; .txt .md .rst .html)
+    # table / hf: the columns holding each document's id, text and (optional, "" = none) title.
+    id_column: str = "id"
+    text_column: str = "text"
+    title_column: str = ""
+    split: str = "train"  # hf: the dataset split holding the documents
     # Where training queries come from: ``labelled`` (the dataset's train split), ``synthetic`` (written by the
     # LLM of the ``llm`` section for the corpus' passages; the dataset's labelled queries are then used only for
     # the dev split and eval), ``labelled+synthetic`` (the train split's pairs and the LLM's queries in one
     # table: a small labelled set plus questions in the users' own words; docs/synthesis.md) or ``labelfree``
     # (pseudo-queries cut from the corpus, labelled by a fused dense + BM25 teacher: section ``labelfree``,
-    # docs/labelfree.md; needs only ``corpus.jsonl``).
-    queries: Literal["labelled", "synthetic", "labelled+synthetic", "labelfree"] = "labelled"
+    # docs/labelfree.md; needs only ``corpus.jsonl``). ``auto``: labelfree for files / table / hf and for a BEIR
+    # folder with a corpus alone (no queries to train on), else labelled.
+    queries: Literal["auto", "labelled", "synthetic", "labelled+synthetic", "labelfree"] = "auto"
     # Queries carved out of the train split (seeded) to choose settings on; never the test split.
     dev_fraction: float = 0.0
     on_error: Literal["raise", "skip"] = "raise"
     # pydoc demo corpus size limits
     max_documents: int = 0
-    seed: int = 42
+
+    # One seed per recipe: the top-level ``seed`` (dev split, samples, mining, training).
+    moved_keys: ClassVar[dict[str, str]] = {"seed": "seed"}
+
+    def __post_init__(self) -> None:
+        # Resolved where the recipe is built, so every stage (and every fingerprint) sees the route taken.
+        if self.queries == "auto":
+            self.queries = "labelfree" if self.format in ("files", "table", "hf") or self._corpus_alone() else \
+                "labelled"
+
+    def _corpus_alone(self) -> bool:
+        """A BEIR folder with corpus.jsonl and neither queries.jsonl nor qrels/: nothing labelled to train on."""
+        folder = Path(self.path) if self.format == "beir" and self.path else None
+        return bool(folder and (folder / "corpus.jsonl").is_file() and not (folder / "queries.jsonl").exists()
+                    and not (folder / "qrels").exists())
 
     def validate(self) -> None:
-        if self.format == "beir" and not self.path:
-            raise ValueError("data.path must name a BEIR folder when data.format is 'beir'")
+        what = {"beir": "a BEIR folder", "files": "a folder of documents", "table": "a CSV/TSV/Parquet/JSONL file",
+                "hf": "a saved dataset folder or a hub dataset name"}
+        if self.format in what and not self.path:
+            raise ValueError(f"data.path must name {what[self.format]} when data.format is '{self.format}' "
+                             "(`embtune init DIR` writes a recipe for a folder or file)")
+        if self.format in ("files", "table", "hf") and self.queries in ("labelled", "labelled+synthetic"):
+            raise ValueError(f"data.queries={self.queries} needs labelled queries, which data.format "
+                             f"'{self.format}' does not have: use labelfree (or auto) or synthetic")
+        if self.format in ("table", "hf") and not (self.id_column and self.text_column):
+            raise ValueError("data.id_column and data.text_column must name the table's id and text columns")
         if self.format in ("jsonl", "hf_disk") and not self.pairs_file:
             raise ValueError(f"data.pairs_file must be set when data.format is '{self.format}'")
         if not 0.0 <= self.dev_fraction < 1.0:
@@ -75,7 +112,6 @@ class MiningConfig:
     sampling: Literal["top", "random"] = "top"
     # Title + text is what is indexed for BM25 and what the model sees as a document.
     include_title: bool = True
-    seed: int = 42
     # A query whose window runs short: fill with random guarded documents (counted), or drop the query (counted).
     on_short: Literal["random", "drop"] = "random"
 
@@ -116,6 +152,8 @@ class MiningConfig:
     # Audit: this many kept negatives (seeded sample) are compared with their positive under the teacher.
     audit_size: int = 200
     audit_threshold: float | None = None  # also count audited negatives whose teacher score is >= this
+    # A random draw (sampling: random, random fills, the audit sample) is seeded by the recipe's ``seed``.
+    moved_keys: ClassVar[dict[str, str]] = {"seed": "seed"}
 
     def validate(self) -> None:
         if self.num_negatives < 0:
@@ -146,7 +184,7 @@ class LabelFreeConfig:
     measures and serve serves) and labels each query's top ``depth`` candidates with its scores.
     """
 
-    # Passages to cut queries from (seeded sample, data.seed); 0 = every passage. The cap bounds the run on a large
+    # Passages to cut queries from (seeded sample: seed); 0 = every passage. The cap bounds the run on a large
     # corpus (up to ~50k queries, ~25 min of query-side training on 2 CPU cores); a smaller corpus gives all of it.
     documents: int = 10000
     # Sentences cut per passage (besides its title, when ``titles`` and the passage has one).

@@ -13,7 +13,7 @@ Example (YAML)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 EXPORT_TARGETS = ("faiss", "chroma", "lancedb")
 
@@ -53,11 +53,16 @@ class ExportConfig:
     # [] = a bundle with the model only.
     targets: list[str] = field(default_factory=lambda: ["faiss"])
     vectordb: VectorDBConfig = field(default_factory=VectorDBConfig)
-    onnx: bool = False  # also write model/onnx/model.onnx (needs onnx + onnxruntime)
-    onnx_int8: bool = False  # and a dynamic int8-quantized model_qint8.onnx (written with model.onnx)
-    # Encoder that embeds the index corpus (embtune/retrieval/encoder.py); serve the bundle with the same
-    # serve.backend. The ONNX backends write the ONNX file they need whatever export.onnx says.
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # Also write model/onnx/model.onnx (needs onnx + onnxruntime). The index is embedded with eval.backend, which
+    # writes the ONNX file it needs (model_qint8.onnx for onnx-int8) whatever this says.
+    onnx: bool = False
+
+    # One key per thing: the encoder backend is eval.backend, recorded in the bundle (manifest.json encoder_backend).
+    removed_keys: ClassVar[dict[str, str]] = {
+        "backend": "the encoder backend is chosen once, with eval.backend (export embeds the index with it)",
+        "onnx_int8": "set eval.backend: onnx-int8 (the bundle's index is embedded with int8 and ships "
+                     "model_qint8.onnx); export.onnx: true writes the fp32 model.onnx",
+    }
 
     def validate(self) -> None:
         for i, target in enumerate(self.targets):

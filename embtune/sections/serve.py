@@ -14,7 +14,7 @@ Example (YAML)::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 @dataclass
@@ -27,10 +27,8 @@ class ServeConfig:
     # Bearer token required on every route except /health; empty = none. EMBTUNE_API_KEY overrides an empty value.
     api_key: str = ""
     model_name: str = ""  # the `model` reported in responses; default: the bundle folder's name
-    # Encoder backend (embtune/retrieval/encoder.py): torch, onnx (fp32) or onnx-int8 (int8 dynamic quantization;
-    # the bundle needs export.onnx / export.onnx_int8). Serve with the backend that built the bundle's index
-    # (manifest.json "encoder_backend") so queries and documents come from one encoder.
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    # The encoder backend is not a serve key: queries are encoded with the backend that built the bundle's index
+    # (manifest.json "encoder_backend", chosen by eval.backend at export), so queries and documents share one encoder.
     onnx_file: str = ""  # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx)
     device: str = ""  # "" = cuda when available, else cpu
     # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
@@ -63,6 +61,11 @@ class ServeConfig:
     rerank_candidates: int = 50  # first-stage hits the cross-encoder rescores
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = False  # log every request (costs throughput)
+
+    removed_keys: ClassVar[dict[str, str]] = {
+        "backend": "the server encodes with the backend the bundle records (manifest.json encoder_backend); choose it "
+                   "with eval.backend before the export",
+    }
 
     def validate(self) -> None:
         if not 0 <= self.port <= 65535:

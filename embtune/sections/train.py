@@ -49,7 +49,6 @@ class TrainConfig:
     matryoshka_dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     triplet_margin: float = 5.0
     mnrl_scale: float = 20.0
-    num_negatives: int = 1  # how many mined negative columns the loss sees
     # With several processes (GPUs, nodes), score each query against every process's documents: the in-batch
     # negatives are the global batch (batch_size x processes), not the per-device one. No effect on one process.
     gather_across_devices: bool = True
@@ -65,7 +64,6 @@ class TrainConfig:
     # materializing the attention matrix for the dropout mask: faster and leaner on CPU (benchmarks/results/
     # train_throughput.json).
     attention_dropout: float | None = None
-    seed: int = 42
     save_steps: int = 0  # 0 = one checkpoint per epoch
     save_total_limit: int = 2
     logging_steps: int = 10
@@ -88,7 +86,11 @@ class TrainConfig:
     # Keys that moved to another section: an old recipe's error says where they went.
     moved_keys: ClassVar[dict[str, str]] = {"report_to": "tracking.report_to",
                                             "wandb_project": "tracking.wandb_project",
-                                            "wandb_log_model": "tracking.wandb_log_model"}
+                                            "wandb_log_model": "tracking.wandb_log_model",
+                                            "seed": "seed"}
+    # One key per thing: the loss sees every negative column data_prep mined.
+    removed_keys: ClassVar[dict[str, str]] = {
+        "num_negatives": "the loss sees every mined negative: set mining.num_negatives"}
 
     def validate(self) -> None:
         if self.batch_size < 1:
@@ -101,8 +103,6 @@ class TrainConfig:
             raise ValueError("train.eval_steps must be >= 0")
         if self.loss.endswith(("margin_mse", "distill_kl")) and self.distill_weight <= 0:
             raise ValueError("train.distill_weight must be > 0")
-        if self.loss.endswith("distill_kl") and self.num_negatives < 1:
-            raise ValueError("train.loss distill_kl needs train.num_negatives >= 1")
         if self.matryoshka_dims and sorted(self.matryoshka_dims, reverse=True) != self.matryoshka_dims:
             raise ValueError("train.matryoshka_dims must be in decreasing order")
         if self.query_distill_documents < 0 or self.query_distill_documents == 1:
@@ -138,11 +138,12 @@ class CrossEncoderConfig:
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
     max_length: int = 256
-    seed: int = 42
     logging_steps: int = 10
     report_to: str = "none"
     bf16: bool = False
     use_cpu: bool = False
+
+    moved_keys: ClassVar[dict[str, str]] = {"seed": "seed"}
 
     def validate(self) -> None:
         if self.batch_size < 1:

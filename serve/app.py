@@ -460,9 +460,11 @@ class EmbeddingService:
                                    f"than serve.drop_after_ms ({err.limit_s * 1000:.0f}); retry after "
                                    f"{self.cfg.retry_after_s} s", code="overloaded",
                                    retry_after_s=self.cfg.retry_after_s) from None
-            by_text = {text: (row, count) for text, row, count in zip(missing, fresh, counts)}
-            for text, (row, count) in by_text.items():
+            for text, row, count in zip(missing, fresh, counts):
                 self.cache.put(text, row, count)
+            if len(missing) == len(texts):  # nothing cached, no repeats: the batcher's rows as they are
+                return fresh, counts
+            by_text = {text: (row, count) for text, row, count in zip(missing, fresh, counts)}
             found = [by_text[t] if f is None else f for t, f in zip(texts, found)]
         return np.stack([row for row, _ in found]).astype(np.float32, copy=False), [count for _, count in found]
 

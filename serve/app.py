@@ -685,6 +685,11 @@ class ServeApp(FastAPI):
         admission = service.admission
         refusal = admission.refusal()
         if refusal is not None:
+            # The body is read (not parsed), so the keep-alive connection stays usable on every HTTP implementation
+            # (uvicorn's h11 one cannot start the next request on a connection with an unread body).
+            message = {"more_body": True}
+            while message.get("more_body", False):
+                message = await receive()
             err = RequestError(503, f"{refusal}; retry after {admission.retry_after_s} s", code="overloaded",
                                retry_after_s=admission.retry_after_s)
             await _send_json(send, *err.response())

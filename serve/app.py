@@ -300,7 +300,7 @@ class Admission:
     a new request would wait for its forward pass (``MicroBatcher.expected_wait``: the queue ahead of it at the
     recent cost per text, or the oldest request's wait so far). The second follows the machine's speed: when forward
     passes slow down (a busy CPU, long inputs), fewer requests are admitted, before any waits too long.
-    Only the event loop's thread touches it (the middleware runs there), so plain integers need no lock.
+    Only the event loop's thread touches it (:class:`ServeApp` admits there), so plain integers need no lock.
     """
 
     def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float]):

@@ -647,7 +647,13 @@ async def _fast_embeddings(app: FastAPI, service: EmbeddingService, scope, recei
     # Cancelling this task when the client goes cancels its queued request: the batcher drops it unencoded.
     watcher = asyncio.ensure_future(_until_disconnect(receive))
     task = asyncio.current_task()
-    watcher.add_done_callback(lambda w: w.cancelled() or task.cancel())
+    waiting = True  # only the wait for the answer is cancelled: never the writing of it
+
+    def client_gone(w: asyncio.Future) -> None:
+        if waiting and not w.cancelled():
+            task.cancel()
+
+    watcher.add_done_callback(client_gone)
     try:
         answer = await embedding_response(request, service)
     except asyncio.CancelledError:
@@ -663,6 +669,7 @@ async def _fast_embeddings(app: FastAPI, service: EmbeddingService, scope, recei
         await _send_json(send, 500, orjson.dumps(_error_body("internal server error", "server_error")))
         return
     finally:
+        waiting = False
         watcher.cancel()
     await _send_json(send, 200, answer)
 

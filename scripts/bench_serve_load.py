@@ -3,10 +3,10 @@
 Each server runs as a subprocess pinned to one core (``taskset -c --server-core``) on 127.0.0.1 and serves the same
 model (all-MiniLM-L6-v2 from ``resolve_model``); this process, the load generator, pins itself to another core
 (``--client-core``). For each level it keeps exactly ``in_flight`` requests open (closed loop: ``in_flight`` workers,
-each on its own keep-alive connection, sending its next request when the last is answered, or ``Retry-After``
-seconds after a refusal, 1 s when the refusal names none) until ``--requests`` answers have come back. Every request
-embeds one query, a distinct phrase of 5 SciFact words plus a unique tag, and both servers get the same texts, so
-no cache answers. A level records, per server:
+each on its own keep-alive connection, sending its next request when the last is answered, or, after a refusal,
+when the server said: ``retry-after-ms``, else ``Retry-After``, as the openai client reads them, else 1 s) until
+``--requests`` answers have come back. Every request embeds one query, a distinct phrase of 5 SciFact words plus a
+unique tag, and both servers get the same texts, so no cache answers. A level records, per server:
 
 - ``goodput_per_s``: 200s per second of the level's wall time;
 - ``p50_ms`` / ``p99_ms``: latency of the 200s, from send to the last byte;
@@ -93,7 +93,9 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
             try:
                 async with session.post(url, json={"input": text, "model": model}) as response:
                     body = await response.read()
-                    status, retry_after = response.status, response.headers.get("Retry-After")
+                    status = response.status
+                    # As the openai client reads them: retry-after-ms first, then Retry-After (seconds).
+                    retry_ms, retry_s = response.headers.get("retry-after-ms"), response.headers.get("Retry-After")
             except (asyncio.TimeoutError, aiohttp.ClientError) as err:
                 kind = "timeout" if isinstance(err, asyncio.TimeoutError) else "connection"
                 errors[kind] = errors.get(kind, 0) + 1
@@ -105,8 +107,8 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
                 ok_ms.append(ms)
             elif status in REFUSALS:
                 refused_ms.append(ms)
-                # As the openai client does: wait what Retry-After says before the next request.
-                await asyncio.sleep(float(retry_after) if retry_after else 1.0)
+                # As the openai client does: wait what the server says before the next request (1 s if nothing).
+                await asyncio.sleep(float(retry_ms) / 1000 if retry_ms else float(retry_s) if retry_s else 1.0)
             else:
                 errors[str(status)] = errors.get(str(status), 0) + 1
                 examples.setdefault(str(status), body[:300].decode(errors="replace"))
@@ -324,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
             "traffic": "POST one query per request ({'input': text}); texts: 5 random SciFact words + a unique tag, "
                        "the same texts for every server",
             "client": "aiohttp on uvloop, one keep-alive connection per request in flight (closed loop); a refused "
-                      "worker waits Retry-After (1 s when absent) before its next request",
+                      "worker waits retry-after-ms, else Retry-After, else 1 s, before its next request (as the "
+                      "openai client does)",
             "levels": args.levels, "requests": args.requests, "warmup": args.warmup,
         },
         "levels": levels,

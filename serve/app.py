@@ -41,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -86,7 +87,14 @@ class RequestError(Exception):
         """(status, JSON body, extra headers) in OpenAI's error shape."""
         kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
             self.status, "invalid_request_error")
-        headers = [(b"retry-after", str(self.retry_after_s).encode())] if self.retry_after_s else []
+        headers = []
+        if self.retry_after_s:
+            # Retry-After is whole seconds, so every client refused in one burst would come back in the same
+            # instant, be refused together again, and keep the herd in step. retry-after-ms (the openai client
+            # prefers it) spreads them over 0.5-1.5 x the wait, the same on average.
+            spread_ms = int(self.retry_after_s * 1000 * (0.5 + random.random()))
+            headers = [(b"retry-after", str(self.retry_after_s).encode()),
+                       (b"retry-after-ms", str(spread_ms).encode())]
         return self.status, orjson.dumps(_error_body(self.message, kind, self.param, self.code)), headers
 
 

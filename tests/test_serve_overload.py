@@ -68,6 +68,7 @@ def test_a_refused_request_never_reaches_the_encoder_nor_the_parser(bundle_dir):
     with uvicorn_in_thread(app) as base_url:
         refused, not_json, batcher, admitted = asyncio.run(fire(base_url))
     assert refused.status_code == not_json.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert 500 <= int(refused.headers["retry-after-ms"]) <= 1500
     assert admitted.status_code == 200
     assert encoded == ["the cat"] and batcher["requests"] == 0  # nothing of the refused ones was queued
     assert counted_on == {"embtune-encode"}  # tokens are counted in the encode thread, never on the event loop
@@ -175,3 +176,18 @@ def test_a_lone_request_pays_no_batching_wait_and_late_ones_are_dropped():
     alone_s, passes = asyncio.run(scenario())
     assert alone_s < 0.05
     assert passes == [["alone"], ["hold"]]
+
+
+def test_refused_clients_are_told_to_come_back_at_spread_times():
+    """A burst refused at once must not come back at once: retry-after-ms (read first by the openai client) spreads
+    the wait over 0.5-1.5 x Retry-After, the same on average."""
+    from embtune.serve.app import RequestError
+
+    waits = []
+    for _ in range(400):
+        _, _, headers = RequestError(503, "busy", retry_after_s=2).response()
+        assert dict(headers)[b"retry-after"] == b"2"
+        waits.append(int(dict(headers)[b"retry-after-ms"]))
+    assert 1000 <= min(waits) and max(waits) <= 3000
+    assert np.percentile(waits, 90) - np.percentile(waits, 10) > 1000  # spread over most of the 2 s range
+    assert 1800 < np.mean(waits) < 2200

@@ -71,8 +71,10 @@ def queries(n: int, words: list[str], seed: int, tag: str) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(5)) + f" {tag}{i}" for i in range(n)]
 
 
-async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_s: float) -> dict:
-    """Send one embeddings request per text with ``in_flight`` open at all times; what came back."""
+async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_s: float,
+                seconds: float = 0.0) -> dict:
+    """Send one embeddings request per text with ``in_flight`` open at all times, until the texts run out or, with
+    ``seconds``, no new request is sent after that long; what came back."""
     import aiohttp
 
     next_index = 0
@@ -85,8 +87,8 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
     timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def worker(session) -> None:
-        nonlocal next_index
-        while next_index < len(texts):
+        nonlocal next_index, last_answer
+        while next_index < len(texts) and not (seconds and time.perf_counter() - started_level > seconds):
             text = texts[next_index]
             next_index += 1
             started = time.perf_counter()
@@ -113,15 +115,15 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
                 errors[str(status)] = errors.get(str(status), 0) + 1
                 examples.setdefault(str(status), body[:300].decode(errors="replace"))
 
-    started = time.perf_counter()
+    started_level = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*[worker(session) for _ in range(in_flight)])
-    wall = (last_answer or time.perf_counter()) - started
+    wall = (last_answer or time.perf_counter()) - started_level
 
     def pct(values: list[float], q: float) -> float | None:
         return round(float(np.percentile(values, q)), 1) if values else None
 
-    return {"in_flight": in_flight, "requests": len(texts), "goodput_per_s": round(len(ok_ms) / wall, 1),
+    return {"in_flight": in_flight, "requests": next_index, "goodput_per_s": round(len(ok_ms) / wall, 1),
             "p50_ms": pct(ok_ms, 50), "p99_ms": pct(ok_ms, 99), "ok": len(ok_ms), "refused": len(refused_ms),
             "refusal_p50_ms": pct(refused_ms, 50), "refusal_p99_ms": pct(refused_ms, 99),
             "errors": errors, "error_examples": examples, "wall_s": round(wall, 2)}
@@ -211,7 +213,7 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
             texts = queries(requests, words, level, f"q{level}x")  # the same texts for every server
             load_before = [round(x, 2) for x in os.getloadavg()]
             cpu_before = thread_cpu(server.pid)
-            result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s))
+            result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s, args.seconds))
             cpu = {key: value - cpu_before.get(key, 0.0) for key, value in thread_cpu(server.pid).items()}
             # CPU seconds the server spent, on its event-loop thread and on all others (the encoder's): with the
             # machine shared, the cost of a request and of a refusal, which the latencies only show with noise.
@@ -259,8 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", nargs="+", default=["embtune", "infinity"], choices=["embtune", "infinity"])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 32, 200, 1000], help="requests in flight")
-    parser.add_argument("--requests", type=int, nargs="+", default=[300, 2000, 2000, 2000],
-                        help="requests per level (one number per level)")
+    parser.add_argument("--requests", type=int, nargs="+", default=[5000, 20000, 20000, 40000],
+                        help="the most requests per level (one number per level): distinct texts generated")
+    parser.add_argument("--seconds", type=float, default=15.0,
+                        help="no new request after this long in a level (0 = send every request): a level long "
+                             "enough that its start (1,000 connections opened at once) does not decide its rate")
     parser.add_argument("--backends", nargs="+", default=["onnx-int8", "torch"],
                         help="embtune's serve.backend, one server each; the targets are checked on the first")
     parser.add_argument("--bundle", default="runs/serve_load_bundle", help="embtune's bundle (built when missing)")
@@ -328,7 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
             "client": "aiohttp on uvloop, one keep-alive connection per request in flight (closed loop); a refused "
                       "worker waits retry-after-ms, else Retry-After, else 1 s, before its next request (as the "
                       "openai client does)",
-            "levels": args.levels, "requests": args.requests, "warmup": args.warmup,
+            "levels": args.levels, "requests_at_most": args.requests, "seconds_per_level": args.seconds,
+            "warmup": args.warmup,
         },
         "levels": levels,
         "passed": passed,

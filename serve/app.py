@@ -16,6 +16,14 @@ Admission control: at most ``serve.max_queue`` requests to ``/v1/embeddings`` an
 once, and none is admitted that would wait longer than ``serve.max_queue_wait_ms`` for the model; past
 either a request is answered 503 with ``Retry-After`` at once instead of queueing without bound.
 
+Under overload the server's one core is shared by the event loop (HTTP, JSON, admission) and the encode thread, and
+every millisecond the loop spends on a request the encoder does not spend encoding. So: admission is decided first,
+in :class:`ServeApp`, before FastAPI's stack or the body is looked at, and a refusal is a few hundred bytes written
+back; ``POST /v1/embeddings``, the hot route, is answered by :func:`_fast_embeddings` (orjson and the same pydantic
+model, without FastAPI's routing and dependency layers; anything unusual falls back to the FastAPI route, which
+owns every error message); token counting and encoding run in the micro-batcher's thread; and a request whose
+client has gone, or that waited past ``serve.drop_after_ms``, is dropped before its forward pass.
+
 The shape: pydantic request models check each field's type, :class:`EmbeddingService` (the core the routes call)
 checks the limits that depend on the bundle and the config and does the work, and each route handler does only
 validate → call the core → shape the response.
@@ -33,6 +41,7 @@ import hmac
 import json
 import logging
 import os
+import random
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -40,9 +49,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -52,7 +62,7 @@ from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
 from embtune.sections.serve import ServeConfig
-from embtune.serve.batcher import LRUCache, MicroBatcher
+from embtune.serve.batcher import Expired, LRUCache, MicroBatcher, TooManyTokens
 from embtune.serve.bundle import Bundle, load_bundle, recorded_backend
 
 logger = logging.getLogger(__name__)
@@ -67,9 +77,25 @@ REFUSED = "embtune_refused"  # the pydantic error type of a request field refuse
 class RequestError(Exception):
     """A request the server refuses; becomes ``{"error": {...}}`` with ``status``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after_s: int = 0):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after_s = retry_after_s  # > 0: sent as Retry-After (a 503)
+
+    def response(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """(status, JSON body, extra headers) in OpenAI's error shape."""
+        kind = {401: "authentication_error", 404: "not_found_error", 503: "server_error"}.get(
+            self.status, "invalid_request_error")
+        headers = []
+        if self.retry_after_s:
+            # Retry-After is whole seconds, so every client refused in one burst would come back in the same
+            # instant, be refused together again, and keep the herd in step. retry-after-ms (the openai client
+            # prefers it) spreads them over 0.5-1.5 x the wait, the same on average.
+            spread_ms = int(self.retry_after_s * 1000 * (0.5 + random.random()))
+            headers = [(b"retry-after", str(self.retry_after_s).encode()),
+                       (b"retry-after-ms", str(spread_ms).encode())]
+        return self.status, orjson.dumps(_error_body(self.message, kind, self.param, self.code)), headers
 
 
 def _error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -282,7 +308,7 @@ class Admission:
     a new request would wait for its forward pass (``MicroBatcher.expected_wait``: the queue ahead of it at the
     recent cost per text, or the oldest request's wait so far). The second follows the machine's speed: when forward
     passes slow down (a busy CPU, long inputs), fewer requests are admitted, before any waits too long.
-    Only the event loop's thread touches it (the middleware runs there), so plain integers need no lock.
+    Only the event loop's thread touches it (:class:`ServeApp` admits there), so plain integers need no lock.
     """
 
     def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float]):
@@ -312,45 +338,12 @@ class Admission:
                 "shed_slow": self.shed_slow}
 
 
-class AdmissionControl:
-    """ASGI middleware: answer a work request 503 + ``Retry-After`` at once when :class:`Admission` refuses it.
-
-    Not uvicorn's ``limit_concurrency``: that counts open connections, idle keep-alive ones included (a pool of
-    1,000 connections would be refused whole), and its 503 carries no ``Retry-After``.
-    """
-
-    def __init__(self, app, admission: Admission):
-        self.app, self.admission = app, admission
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] not in WORK_ROUTES:
-            await self.app(scope, receive, send)
-            return
-        admission = self.admission
-        refusal = admission.refusal()
-        if refusal is not None:
-            message = {"more_body": True}
-            while message.get("more_body", False):  # read the body, so the keep-alive connection stays usable
-                message = await receive()
-            response = JSONResponse(
-                _error_body(f"{refusal}; retry after {admission.retry_after_s} s", "server_error", code="overloaded"),
-                status_code=503, headers={"Retry-After": str(admission.retry_after_s)})
-            await response(scope, receive, send)
-            return
-        admission.in_flight += 1
-        admission.admitted += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            admission.in_flight -= 1
-
-
 class EmbeddingService:
     """The loaded bundle and what serves it: the micro-batcher, the cache, the retriever, the limits.
 
-    Threads: forward passes run in the micro-batcher's one thread, searches in one search thread (the retriever's
-    BM25 tokenizer and cross-encoder are not shared across threads), token counting on the event loop with its
-    own tokenizer copy (``Bundle.count_tokens``).
+    Threads: token counting and forward passes run in the micro-batcher's one thread, searches in one search
+    thread (the retriever's BM25 tokenizer and cross-encoder are not shared across threads); the event loop only
+    parses, checks what is cheap (counts and characters) and answers.
     """
 
     def __init__(self, bundle_dir: str | Path, cfg: ServeConfig):
@@ -364,7 +357,9 @@ class EmbeddingService:
         self.api_key = cfg.api_key or os.environ.get("EMBTUNE_API_KEY", "")
         self.cache = LRUCache(cfg.cache_size)
         self.batcher = MicroBatcher(self.bundle.encode, max_batch_size=cfg.max_batch_size,
-                                    max_wait_ms=cfg.max_wait_ms, enabled=cfg.microbatch)
+                                    max_wait_ms=cfg.max_wait_ms, enabled=cfg.microbatch,
+                                    count_tokens=self.bundle.count_tokens, max_tokens=self.max_tokens,
+                                    max_batch_tokens=cfg.max_batch_tokens, drop_after_ms=cfg.drop_after_ms)
         self.admission = Admission(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.retry_after_s,
                                    self.batcher.expected_wait)
         self.metadata = _metadata_rows(self.bundle.docs)
@@ -396,8 +391,9 @@ class EmbeddingService:
 
     # validation that depends on the bundle and the config
 
-    def check_texts(self, texts: list[str], names: list[str], param: str) -> list[int]:
-        """Refuse empty and over-long texts (characters first: cheap; then tokens); return each text's tokens."""
+    def check_texts(self, texts: list[str], names: list[str], param: str) -> None:
+        """Refuse empty texts and texts over ``serve.max_input_chars`` (cheap, on the event loop). Tokens are
+        counted where the text is encoded, in the micro-batcher's thread (:meth:`embed`)."""
         max_chars = self.cfg.max_input_chars
         for name, text in zip(names, texts):
             if not text.strip():
@@ -405,23 +401,21 @@ class EmbeddingService:
             if len(text) > max_chars:
                 raise RequestError(400, f"{name} has {len(text)} characters; at most {max_chars} "
                                    "(serve.max_input_chars)", param=param)
-        counts = self.bundle.count_tokens(texts)
-        for name, count in zip(names, counts):
-            if count > self.max_tokens:
-                raise RequestError(400, f"{name} has {count} tokens; the model reads at most {self.max_tokens} "
-                                   "(serve.max_input_tokens); split the text, it is not truncated silently",
-                                   param=param)
-        return counts
 
-    def check_embedding_request(self, request: EmbeddingRequest) -> tuple[list[str], list[int]]:
-        """The request's texts and their token counts, or a RequestError naming the limit it breaks."""
+    def too_many_tokens(self, name: str, count: int, param: str) -> RequestError:
+        return RequestError(400, f"{name} has {count} tokens; the model reads at most {self.max_tokens} "
+                            "(serve.max_input_tokens); split the text, it is not truncated silently", param=param)
+
+    def check_embedding_request(self, request: EmbeddingRequest) -> tuple[list[str], list[str]]:
+        """The request's texts and their names, or a RequestError naming the limit it breaks."""
         texts, names = request.texts()
         if len(texts) > self.cfg.max_inputs:
             raise RequestError(400, f"'input' has {len(texts)} items; at most {self.cfg.max_inputs} per request "
                                "(serve.max_inputs)", param="input")
         if request.dimensions is not None:
             _check_range(request.dimensions, "dimensions", 1, self.bundle.dim, "the model's dimension")
-        return texts, self.check_texts(texts, names, "input")
+        self.check_texts(texts, names, "input")
+        return texts, names
 
     def check_search_request(self, request: SearchRequest) -> tuple[int, RetrieverSpec, np.ndarray | None]:
         """``k``, the spec this request runs, and the rows its filter allows (None = all)."""
@@ -456,23 +450,42 @@ class EmbeddingService:
 
     # the work
 
-    async def embed(self, texts: list[str]) -> np.ndarray:
-        """Full-dimension normalized embeddings, (len(texts), dim): cache first, the rest in one batcher call."""
-        rows: list[np.ndarray | None] = [self.cache.get(t) for t in texts]
-        missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))  # unique, in order
+    async def embed(self, texts: list[str], names: list[str] | None = None,
+                    param: str = "input") -> tuple[np.ndarray, list[int]]:
+        """Full-dimension normalized embeddings, (len(texts), dim), and each text's tokens: cache first, the rest
+        in one batcher call. A text over the token limit is a 400 naming it (``names``, default ``input[i]``); a
+        request dropped for waiting past ``serve.drop_after_ms`` is a 503 with Retry-After."""
+        found = [self.cache.get(t) for t in texts]  # (row, tokens) or None
+        missing = list(dict.fromkeys(t for t, f in zip(texts, found) if f is None))  # unique, in order
         if missing:
-            fresh = await self.batcher.encode(missing)  # (len(missing), dim)
-            by_text = dict(zip(missing, fresh))
-            for text, row in by_text.items():
-                self.cache.put(text, row)
-            rows = [by_text[t] if r is None else r for t, r in zip(texts, rows)]
-        return np.stack(rows).astype(np.float32, copy=False)
+            try:
+                fresh, counts = await self.batcher.encode_counted(missing)  # (len(missing), dim)
+            except TooManyTokens as err:
+                position = texts.index(missing[err.position])
+                name = names[position] if names else f"input[{position}]"
+                raise self.too_many_tokens(name, err.tokens, param) from None
+            except Expired as err:
+                raise RequestError(503, f"the request waited {err.waited_s * 1000:.0f} ms for the model, more "
+                                   f"than serve.drop_after_ms ({err.limit_s * 1000:.0f}); retry after "
+                                   f"{self.cfg.retry_after_s} s", code="overloaded",
+                                   retry_after_s=self.cfg.retry_after_s) from None
+            for text, row, count in zip(missing, fresh, counts):
+                self.cache.put(text, row, count)
+            if len(missing) == len(texts):  # nothing cached, no repeats: the batcher's rows as they are
+                return fresh, counts
+            by_text = {text: (row, count) for text, row, count in zip(missing, fresh, counts)}
+            found = [by_text[t] if f is None else f for t, f in zip(texts, found)]
+        return np.stack([row for row, _ in found]).astype(np.float32, copy=False), [count for _, count in found]
 
     async def search(self, query: str, k: int, spec: RetrieverSpec, allowed: np.ndarray | None) -> list[dict]:
         """The top ``k`` hits of ``query`` under ``spec`` among ``allowed`` rows, each with its document."""
         docs: dict[str, float] = {}
+        if spec.dense is None or not (allowed is None or allowed.size):  # no embedding counts the query's tokens
+            count = self.bundle.count_tokens([query])[0]
+            if count > self.max_tokens:
+                raise self.too_many_tokens("query", count, "query")
         if allowed is None or allowed.size:
-            query_emb = await self.embed([query]) if spec.dense is not None else None  # (1, dim)
+            query_emb = (await self.embed([query], ["query"], "query"))[0] if spec.dense is not None else None
             run = await asyncio.get_running_loop().run_in_executor(
                 self._search_thread, lambda: self.retriever.search([query], query_emb, k, spec=spec, allowed=allowed))
             docs = run["0"]
@@ -506,13 +519,14 @@ class EmbeddingService:
 router = APIRouter()
 
 
-def service_of(request: Request) -> EmbeddingService:
+async def service_of(request: Request) -> EmbeddingService:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per request for one attribute
     return request.app.state.service
 
 
 async def require_key(request: Request) -> None:
     """Every route but /health needs ``Authorization: Bearer <serve.api_key>`` when a key is set."""
-    api_key = service_of(request).api_key
+    api_key = request.app.state.service.api_key
     if not api_key:
         return
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
@@ -530,15 +544,25 @@ async def models(service: EmbeddingService = Depends(service_of)) -> dict[str, A
     return {"object": "list", "data": [{"id": service.model_name, "object": "model", "owned_by": "embtune"}]}
 
 
-@router.post("/v1/embeddings", dependencies=[Depends(require_key)])
-async def embeddings(body: EmbeddingRequest, service: EmbeddingService = Depends(service_of)) -> JSONResponse:
-    texts, counts = service.check_embedding_request(body)
-    rows = _truncate(await service.embed(texts), body.dimensions)  # (n, dimensions or dim)
-    data = [{"object": "embedding", "index": i, "embedding": _encode_row(row, body.encoding_format)}
-            for i, row in enumerate(rows)]
+async def embedding_response(body: EmbeddingRequest, service: EmbeddingService) -> bytes:
+    """The JSON of the answer to ``body`` (checks, cache, batcher), or a RequestError."""
+    texts, names = service.check_embedding_request(body)
+    rows, counts = await service.embed(texts, names)
+    rows = _truncate(rows, body.dimensions)  # (n, dimensions or dim)
+    if body.encoding_format == "base64":
+        vectors: Any = [_encode_row(row, "base64") for row in rows]
+    else:  # float64 first: the same decimal digits as row.tolist() (the float32 value, exactly), at orjson's speed
+        vectors = rows.astype(np.float64)
+    data = [{"object": "embedding", "index": i, "embedding": vector} for i, vector in enumerate(vectors)]
     tokens = int(sum(counts))
-    return JSONResponse({"object": "list", "data": data, "model": service.model_name,
-                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+    return orjson.dumps({"object": "list", "data": data, "model": service.model_name,
+                         "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+                        option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+@router.post("/v1/embeddings", dependencies=[Depends(require_key)])
+async def embeddings(body: EmbeddingRequest, service: EmbeddingService = Depends(service_of)) -> Response:
+    return Response(await embedding_response(body, service), media_type="application/json")
 
 
 @router.post("/search", dependencies=[Depends(require_key)])
@@ -549,9 +573,10 @@ async def search(body: SearchRequest, service: EmbeddingService = Depends(servic
             "hits": hits}
 
 
-async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(err.status, "invalid_request_error")
-    return JSONResponse(_error_body(err.message, kind, err.param, err.code), status_code=err.status)
+async def _request_error(request: Request, err: RequestError) -> Response:
+    status, body, headers = err.response()
+    return Response(body, status_code=status, media_type="application/json",
+                    headers={name.decode(): value.decode() for name, value in headers})
 
 
 async def _validation_error(request: Request, err: RequestValidationError) -> JSONResponse:
@@ -571,6 +596,131 @@ async def _validation_error(request: Request, err: RequestValidationError) -> JS
     return JSONResponse(_error_body(message, "invalid_request_error", param), status_code=400)
 
 
+# --- the front door: admission first, and the hot route without FastAPI's layers ----------------------------------
+
+async def _send_json(send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return b""
+
+
+def _key_ok(scope, api_key: str) -> bool:
+    scheme, _, token = _header(scope, b"authorization").decode("latin-1").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())
+
+
+async def _until_disconnect(receive) -> None:
+    """Returns when the client has gone (or the response is complete: then it is cancelled first)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _fast_embeddings(app: FastAPI, service: EmbeddingService, scope, receive, send) -> None:
+    """``POST /v1/embeddings`` for a well-formed JSON request: orjson, the same pydantic model and service, and the
+    answer written straight to the connection. A request this path does not take (another content type, invalid
+    JSON, a field the model refuses) is replayed into the FastAPI route, so every error message has one home."""
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    body = b"".join(chunks)
+    request = None
+    if _header(scope, b"content-type").split(b";")[0].strip().lower() == b"application/json":
+        try:
+            request = EmbeddingRequest.model_validate(orjson.loads(body))
+        except (orjson.JSONDecodeError, ValueError):  # pydantic's ValidationError is a ValueError
+            request = None
+    if request is None or (service.api_key and not _key_ok(scope, service.api_key)):
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await FastAPI.__call__(app, scope, replay, send)
+        return
+    # Cancelling this task when the client goes cancels its queued request: the batcher drops it unencoded.
+    watcher = asyncio.ensure_future(_until_disconnect(receive))
+    task = asyncio.current_task()
+    waiting = True  # only the wait for the answer is cancelled: never the writing of it
+
+    def client_gone(w: asyncio.Future) -> None:
+        if waiting and not w.cancelled():
+            task.cancel()
+
+    watcher.add_done_callback(client_gone)
+    try:
+        answer = await embedding_response(request, service)
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled():
+            return  # the client has gone: nobody to answer
+        raise
+    except RequestError as err:
+        status, payload, headers = err.response()
+        await _send_json(send, status, payload, headers)
+        return
+    except Exception:
+        logger.exception("POST /v1/embeddings failed")
+        await _send_json(send, 500, orjson.dumps(_error_body("internal server error", "server_error")))
+        return
+    finally:
+        waiting = False
+        watcher.cancel()
+    await _send_json(send, 200, answer)
+
+
+class ServeApp(FastAPI):
+    """The FastAPI app behind a front door for the work routes (``WORK_ROUTES``).
+
+    Admission is the first thing a work request meets, before FastAPI's middleware, routing, dependencies or the
+    body: a refused request costs the server one small write. Not uvicorn's ``limit_concurrency``: that counts open
+    connections, idle keep-alive ones included (a pool of 1,000 connections would be refused whole), and its 503
+    carries no ``Retry-After``. ``POST /v1/embeddings`` is then answered by :func:`_fast_embeddings`; the other
+    work routes by FastAPI.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] not in WORK_ROUTES:
+            await super().__call__(scope, receive, send)
+            return
+        service: EmbeddingService = self.state.service
+        admission = service.admission
+        refusal = admission.refusal()
+        if refusal is not None:
+            # The body is read (not parsed), so the keep-alive connection stays usable on every HTTP implementation
+            # (uvicorn's h11 one cannot start the next request on a connection with an unread body).
+            message = {"more_body": True}
+            while message.get("more_body", False):
+                message = await receive()
+            err = RequestError(503, f"{refusal}; retry after {admission.retry_after_s} s", code="overloaded",
+                               retry_after_s=admission.retry_after_s)
+            await _send_json(send, *err.response())
+            return
+        admission.in_flight += 1
+        admission.admitted += 1
+        try:
+            if scope["path"] == "/v1/embeddings" and scope["method"] == "POST":
+                await _fast_embeddings(self, service, scope, receive, send)
+            else:
+                await super().__call__(scope, receive, send)
+        finally:
+            admission.in_flight -= 1
+
+
 def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAPI:
     """Load the bundle at ``bundle_dir`` and return the FastAPI app that serves it (run it with uvicorn).
 
@@ -587,13 +737,12 @@ def create_app(bundle_dir: str | Path, cfg: ServeConfig | None = None) -> FastAP
         yield
         await service.stop()
 
-    app = FastAPI(title="embtune serve", lifespan=lifespan)
+    app = ServeApp(title="embtune serve", lifespan=lifespan)
     app.state.service = service
     app.state.bundle, app.state.cache, app.state.batcher = service.bundle, service.cache, service.batcher
     app.include_router(router)
     app.add_exception_handler(RequestError, _request_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_middleware(AdmissionControl, admission=service.admission)
     return app
 
 

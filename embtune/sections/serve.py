@@ -34,11 +34,14 @@ class ServeConfig:
     # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
     # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.
     threads: int = 0
-    # Micro-batching: concurrent requests wait up to max_wait_ms to share one forward pass of up to
-    # max_batch_size texts. Off = one request per forward pass (the benchmark baseline).
+    # Micro-batching: the requests that queued while the encoder was busy share its next forward pass, up to
+    # max_batch_size texts and max_batch_tokens tokens (a pass costs about its tokens; 0 = no token bound); with
+    # max_wait_ms > 0 the first request on an idle encoder waits that long for others (0: a lone request pays no
+    # wait). Off = one request per forward pass (the benchmark baseline).
     microbatch: bool = True
     max_batch_size: int = 64
-    max_wait_ms: float = 5.0
+    max_batch_tokens: int = 4096
+    max_wait_ms: float = 0.0
     cache_size: int = 4096  # LRU of full-dimension embeddings keyed by text; 0 = off
     # Request limits, answered with a 400 that names the limit.
     max_inputs: int = 256
@@ -52,6 +55,10 @@ class ServeConfig:
     max_queue: int = 32
     max_queue_wait_ms: float = 500.0
     retry_after_s: int = 1
+    # An admitted request still waiting for its forward pass this long after it arrived is answered 503 without
+    # being encoded (by then its answer is late; the pass goes to requests that can still be answered in time);
+    # a request whose client has gone is dropped unencoded at any age. 0 = never drop for age.
+    drop_after_ms: float = 1000.0
     # Seconds an idle keep-alive connection stays open. Longer than clients' pool idle timeouts (httpx 5 s, aiohttp
     # 15 s) and load balancers' (often 60 s): a server that closes first races a client reusing the connection,
     # and the client sees a dropped connection. uvicorn's own default is 5 s.
@@ -76,6 +83,10 @@ class ServeConfig:
             raise ValueError(f"serve.threads must be >= 0 (0 = library default), got {self.threads}")
         if self.max_batch_size < 1:
             raise ValueError(f"serve.max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_batch_tokens < 0:
+            raise ValueError(f"serve.max_batch_tokens must be >= 0 (0 = no bound), got {self.max_batch_tokens}")
+        if self.drop_after_ms < 0:
+            raise ValueError(f"serve.drop_after_ms must be >= 0 (0 = never), got {self.drop_after_ms}")
         if self.max_wait_ms < 0:
             raise ValueError(f"serve.max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.cache_size < 0:

@@ -1,0 +1,193 @@
+"""serve under overload: what a refused, a late and an abandoned request cost the encoder (nothing), where tokens are
+counted (the encode thread, not the event loop), and passes sized by tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from embtune.sections.serve import ServeConfig
+from embtune.serve.app import create_app
+from embtune.serve.batcher import Expired, MicroBatcher
+from embtune.serve.bundle import build_bundle
+from tests.conftest import uvicorn_in_thread
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tiny_model_dir, tmp_path_factory):
+    return build_bundle(tiny_model_dir, None, tmp_path_factory.mktemp("overload") / "bundle", device="cpu")
+
+
+def _recording_app(bundle_dir, **cfg):
+    """An app whose encoder holds each pass until ``release`` is set, and records every text it encodes and the
+    thread that counted tokens."""
+    app = create_app(bundle_dir, ServeConfig(cache_size=0, **cfg))
+    batcher = app.state.batcher
+    release, encoded, counted_on = threading.Event(), [], set()
+    encode, count = batcher._encode, batcher.count_tokens
+
+    def held_encode(texts):
+        release.wait(timeout=30)
+        encoded.extend(texts)
+        return encode(texts)
+
+    def recording_count(texts):
+        counted_on.add(threading.current_thread().name)
+        return count(texts)
+
+    batcher._encode, batcher.count_tokens = held_encode, recording_count
+    return app, release, encoded, counted_on
+
+
+async def _until_in_flight(http: httpx.AsyncClient, n: int) -> None:
+    while (await http.get("/health")).json()["queue"]["in_flight"] < n:
+        await asyncio.sleep(0.01)
+
+
+def test_a_refused_request_never_reaches_the_encoder_nor_the_parser(bundle_dir):
+    """At max_queue the next request is refused before its body is read: even invalid JSON gets the 503, not a
+    400, and neither its tokens nor its text reach the batcher."""
+    app, release, encoded, counted_on = _recording_app(bundle_dir, max_queue=1, max_queue_wait_ms=60_000)
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            admitted = asyncio.create_task(http.post("/v1/embeddings", json={"input": "the cat"}))
+            await _until_in_flight(http, 1)
+            refused = await http.post("/v1/embeddings", json={"input": "refused text"})
+            not_json = await http.post("/v1/embeddings", content=b"{not json", headers={
+                "content-type": "application/json"})
+            batcher = (await http.get("/health")).json()["batcher"]
+            release.set()
+            return refused, not_json, batcher, await admitted
+
+    with uvicorn_in_thread(app) as base_url:
+        refused, not_json, batcher, admitted = asyncio.run(fire(base_url))
+    assert refused.status_code == not_json.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert 500 <= int(refused.headers["retry-after-ms"]) <= 1500
+    assert admitted.status_code == 200
+    assert encoded == ["the cat"] and batcher["requests"] == 0  # nothing of the refused ones was queued
+    assert counted_on == {"embtune-encode"}  # tokens are counted in the encode thread, never on the event loop
+
+
+def test_a_request_whose_client_left_is_dropped_before_encoding(bundle_dir):
+    app, release, encoded, _ = _recording_app(bundle_dir, max_queue=8, max_queue_wait_ms=60_000)
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            held = asyncio.create_task(http.post("/v1/embeddings", json={"input": "the cat"}))
+            await _until_in_flight(http, 1)
+            async with httpx.AsyncClient(base_url=base_url, timeout=0.3) as impatient:
+                with pytest.raises(httpx.ReadTimeout):  # gives up while its request waits behind the held pass
+                    await impatient.post("/v1/embeddings", json={"input": "a dog in the river"})
+            while (await http.get("/health")).json()["queue"]["in_flight"] > 1:  # the server saw it go
+                await asyncio.sleep(0.01)
+            release.set()
+            answered = await held
+            after = await http.post("/v1/embeddings", json={"input": "a fish"})
+            return answered, after, (await http.get("/health")).json()["batcher"]
+
+    with uvicorn_in_thread(app) as base_url:
+        answered, after, batcher = asyncio.run(fire(base_url))
+    assert answered.status_code == after.status_code == 200
+    assert encoded == ["the cat", "a fish"]  # the abandoned text never reached the model
+    assert batcher["dropped_client_gone"] == 1
+
+
+def test_a_request_past_drop_after_ms_gets_503_without_being_encoded(bundle_dir):
+    app, release, encoded, _ = _recording_app(bundle_dir, max_queue=8, max_queue_wait_ms=60_000,
+                                              drop_after_ms=100)
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            held = asyncio.create_task(http.post("/v1/embeddings", json={"input": "the cat"}))
+            await _until_in_flight(http, 1)
+            late = asyncio.create_task(http.post("/v1/embeddings", json={"input": "a dog in the river"}))
+            await _until_in_flight(http, 2)
+            await asyncio.sleep(0.3)  # the second has now waited past drop_after_ms behind the held pass
+            release.set()
+            return await held, await late, (await http.get("/health")).json()["batcher"]
+
+    with uvicorn_in_thread(app) as base_url:
+        held, late, batcher = asyncio.run(fire(base_url))
+    assert held.status_code == 200
+    assert late.status_code == 503 and late.headers["retry-after"] == "1"
+    assert "serve.drop_after_ms" in late.json()["error"]["message"]
+    assert encoded == ["the cat"] and batcher["dropped_late"] == 1
+
+
+def _word_batcher(**kwargs):
+    """A batcher over a fake model whose tokens are words; records each pass's texts; the first pass holds."""
+    release, passes = threading.Event(), []
+
+    def encode(texts):
+        if texts == ["hold"]:
+            release.wait(timeout=30)
+        passes.append(list(texts))
+        return np.zeros((len(texts), 2), dtype=np.float32)
+
+    batcher = MicroBatcher(encode, count_tokens=lambda texts: [len(t.split()) for t in texts], **kwargs)
+    return batcher, release, passes
+
+
+def test_passes_are_sized_by_tokens_and_overlong_texts_refused():
+    async def scenario():
+        batcher, release, passes = _word_batcher(max_batch_size=64, max_batch_tokens=6, max_tokens=5)
+        await batcher.start()
+        held = asyncio.ensure_future(batcher.encode(["hold"]))
+        await asyncio.sleep(0.05)
+        texts = ["a b c", "d e", "f g h i", "j", "k l m n o"]  # 3, 2, 4, 1, 5 tokens
+        queued = [asyncio.ensure_future(batcher.encode_counted([t])) for t in texts]
+        too_long = asyncio.ensure_future(batcher.encode(["1 2 3 4 5 6"]))
+        await asyncio.sleep(0.01)
+        release.set()
+        results = await asyncio.gather(held, *queued, too_long, return_exceptions=True)
+        await batcher.stop()
+        return passes, results
+
+    passes, results = asyncio.run(scenario())
+    assert passes == [["hold"], ["a b c", "d e"], ["f g h i", "j"], ["k l m n o"]]  # at most 6 tokens a pass
+    assert [r[1] for r in results[1:6]] == [[3], [2], [4], [1], [5]]
+    assert type(results[-1]).__name__ == "TooManyTokens" and results[-1].position == 0
+
+
+def test_a_lone_request_pays_no_batching_wait_and_late_ones_are_dropped():
+    async def scenario():
+        batcher, release, passes = _word_batcher(max_batch_size=64, drop_after_ms=50)
+        await batcher.start()
+        started = time.perf_counter()
+        await batcher.encode(["alone"])
+        alone_s = time.perf_counter() - started
+        held = asyncio.ensure_future(batcher.encode(["hold"]))
+        await asyncio.sleep(0.02)
+        late = asyncio.ensure_future(batcher.encode(["late"]))
+        await asyncio.sleep(0.1)
+        release.set()
+        await held
+        with pytest.raises(Expired):
+            await late
+        await batcher.stop()
+        return alone_s, passes
+
+    alone_s, passes = asyncio.run(scenario())
+    assert alone_s < 0.05
+    assert passes == [["alone"], ["hold"]]
+
+
+def test_refused_clients_are_told_to_come_back_at_spread_times():
+    """A burst refused at once must not come back at once: retry-after-ms (read first by the openai client) spreads
+    the wait over 0.5-1.5 x Retry-After, the same on average."""
+    from embtune.serve.app import RequestError
+
+    waits = []
+    for _ in range(400):
+        _, _, headers = RequestError(503, "busy", retry_after_s=2).response()
+        assert dict(headers)[b"retry-after"] == b"2"
+        waits.append(int(dict(headers)[b"retry-after-ms"]))
+    assert 1000 <= min(waits) and max(waits) <= 3000
+    assert np.percentile(waits, 90) - np.percentile(waits, 10) > 1000  # spread over most of the 2 s range
+    assert 1800 < np.mean(waits) < 2200

@@ -216,8 +216,9 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     report; writes the corpus embeddings and the probe set (``labelfree/probe.json``, read by eval)."""
     import dataclasses
 
+    from embtune.compute.encoding import encode_corpus
     from embtune.retrieval.bm25 import resolve_language
-    from embtune.retrieval.encoder import encode_corpus, load_encoder, save_matrix
+    from embtune.retrieval.encoder import load_encoder, save_matrix
     from embtune.retrieval.language import detect_language, reads_corpus, tokenizer_fit
 
     lf = cfg.labelfree

@@ -125,7 +125,8 @@ def encode_for_mining(model_name: str, doc_texts: list[str], query_texts: list[s
     Document embeddings come from the shared cache (``embtune.retrieval.encoder``), so mining and evaluating the
     same base model encode the corpus once.
     """
-    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.compute.encoding import encode
+    from embtune.retrieval.encoder import load_encoder
 
     model, key = load_encoder(model_name, max_seq_length)
     if getattr(model, "similarity_fn_name", "cosine") not in (None, "cosine"):

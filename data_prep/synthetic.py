@@ -79,7 +79,8 @@ def dense_retriever(model_path: str, passage_texts: list[str], k: int, max_seq_l
                     batch_size: int = 64) -> Retriever:
     """The base model through the core (embeddings cached on disk, exact search, queries and passages encoded by
     their roles): (queries) -> top-k passage indices per query."""
-    from embtune.retrieval.encoder import cache_key, encode, encode_corpus, load_encoder
+    from embtune.compute.encoding import encode_corpus
+    from embtune.retrieval.encoder import cache_key, encode, load_encoder
     from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 
     model, _ = load_encoder(model_path, max_seq_length)

@@ -60,8 +60,9 @@ class HybridTeacher:
 
     def _encoder(self):
         if self._model is None:
+            from embtune.compute.encoding import encode_corpus
             from embtune.models import resolve_model
-            from embtune.retrieval.encoder import cache_key, encode_corpus, load_encoder
+            from embtune.retrieval.encoder import cache_key, load_encoder
 
             self._model, _ = load_encoder(self.model_name, self.max_seq_length)
             key = cache_key(resolve_model(self.model_name), self._model.max_seq_length, role="document")

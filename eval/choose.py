@@ -48,13 +48,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from embtune.compute.encoding import encode_corpus
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries, split_dev
 from embtune.eval.deploy import hybrid_spec
 from embtune.eval.endpoint import EndpointEncoder, is_endpoint_spec
 from embtune.eval.inputs import load_encoder, upstream
 from embtune.eval.significance import compare_systems
 from embtune.models import resolve_model
-from embtune.retrieval.encoder import cache_key, encode, encode_corpus
+from embtune.retrieval.encoder import cache_key, encode
 from embtune.retrieval.metrics import METRICS, score_run
 from embtune.retrieval.spec import BM25Index, DenseSpec, Retriever, RetrieverSpec
 

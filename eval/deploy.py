@@ -16,10 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embtune.compute.encoding import encode_corpus
 from embtune.dataio import load_qrels, load_queries
 from embtune.eval.evaluator import Queries, encode_queries, evaluate
 from embtune.eval.inputs import eval_inputs, load_encoder, upstream
-from embtune.retrieval.encoder import cache_key, encode, encode_corpus
+from embtune.retrieval.encoder import cache_key, encode
 from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, Retriever, RetrieverSpec, replace_rows
 
 # Dense weights of the weighted fusion tried on the dev split (0 = BM25 alone ... 1 = dense alone).

@@ -38,11 +38,12 @@ from typing import Any
 
 import numpy as np
 
+from embtune.compute.encoding import encode_corpus
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.llm.client import ChatRequest, generate_all
 from embtune.manifest import machine, versions
 from embtune.models import resolve_model
-from embtune.retrieval.encoder import encode, encode_corpus
+from embtune.retrieval.encoder import encode
 
 logger = logging.getLogger(__name__)
 

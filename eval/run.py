@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from embtune.compute.encoding import encode_corpus
 from embtune.config import ConfigError
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.eval.deploy import chosen_weight, deploy_choice, dev_rows, hybrid_spec, recommendation
@@ -44,7 +45,7 @@ from embtune.eval.significance import default_pairs, format_significance, signif
 from embtune.manifest import Stage
 from embtune.models import resolve_model
 from embtune.retrieval.bm25 import bm25_search
-from embtune.retrieval.encoder import cache_key, encode_corpus
+from embtune.retrieval.encoder import cache_key
 from embtune.retrieval.index import to_run
 from embtune.retrieval.metrics import METRICS
 from embtune.retrieval.rerank import rerank

@@ -51,8 +51,9 @@ def base_row(model_name: str, doc_ids: list[str], doc_texts: list[str], queries:
     """The base model's dense row, top ``depth`` per query (``row.run``: the candidates a teacher reranks), scored
     through eval's entry (``embtune.eval.evaluate``: queries one per batch by role, the core ``Retriever``). The corpus
     embeddings come from the shared cache (``embtune.retrieval.encoder.load_encoder``'s key)."""
+    from embtune.compute.encoding import encode_corpus
     from embtune.eval import evaluate
-    from embtune.retrieval.encoder import encode_corpus, load_encoder
+    from embtune.retrieval.encoder import load_encoder
     from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec
 
     model, key = load_encoder(model_name, max_seq_length)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from embtune.compute.encoding import encode_corpus
 from embtune.config import InputError
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
@@ -37,7 +38,6 @@ from embtune.retrieval.encoder import (
     BACKENDS,
     cache_key,
     encode,
-    encode_corpus,
     normalize,
     remember_loaded,
     uses_cosine,

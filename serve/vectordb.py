@@ -16,7 +16,7 @@ Query it the way the export embedded the corpus (same model, Matryoshka dimensio
     table.search("what is dense retrieval?").limit(10).to_list()  # embedded by the table's embedding function
     table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type("cosine")...
 
-The document vectors come from the shared embedding cache (:func:`embtune.retrieval.encoder.encode_corpus` with the
+The document vectors come from the shared embedding cache (:func:`embtune.compute.encoding.encode_corpus` with the
 source model's key), so export does not encode the corpus again after eval did. With ``compute.engine: ray`` they
 are the corpus's Parquet shards: LanceDB is written from them shard by shard, Chroma only up to
 ``CHROMA_MAX_ROWS`` rows (it keeps the whole collection in memory).
@@ -42,9 +42,10 @@ from chromadb.utils.embedding_functions import register_embedding_function
 from lancedb.embeddings import EmbeddingFunctionConfig, TextEmbeddingFunction, register
 from pydantic import PrivateAttr
 
+from embtune.compute.encoding import encode_corpus
 from embtune.compute.shards import ShardSet
 from embtune.dataio import document_text
-from embtune.retrieval.encoder import cache_key, encode, encode_corpus, load_encoder, normalize, truncate
+from embtune.retrieval.encoder import cache_key, encode, load_encoder, normalize, truncate
 
 logger = logging.getLogger(__name__)
 

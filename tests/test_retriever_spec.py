@@ -154,3 +154,49 @@ def test_duplicate_document_ids_are_refused(corpus):
     doc_ids, doc_texts, doc_emb, *_ = corpus
     with pytest.raises(ValueError, match="'d000' occurs more than once"):
         Retriever(RetrieverSpec(), ["d000", *doc_ids[1:-1], "d000"], doc_texts, doc_emb)
+
+
+class _Held:
+    """Embeddings that only implement ``ShardedEmbeddings`` (as the Ray engine's ``ShardSet`` does), over a matrix:
+    the core takes them without naming the engine that keeps them."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix, self.built = matrix, []
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.matrix.shape
+
+    def dense_index(self, dim: int, precision: str):
+        from embtune.retrieval.spec import DenseIndex
+
+        self.built.append((dim, precision))
+        return DenseIndex(self.matrix, dim, precision)
+
+    def with_rows(self, rows, vectors) -> "_Held":
+        out = self.matrix.copy()
+        out[list(rows)] = vectors
+        return _Held(out)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.matrix[rows]
+
+
+def test_sharded_embeddings_are_searched_through_their_own_index(corpus, tmp_path):
+    from embtune.retrieval.encoder import save_matrix
+    from embtune.retrieval.spec import replace_rows, row_vectors
+
+    doc_ids, doc_texts, doc_emb, query_texts, query_emb = corpus
+    held = replace_rows(_Held(doc_emb), [5], doc_emb[[6]])
+    assert isinstance(held, _Held) and np.array_equal(row_vectors(held, [5, 6]), doc_emb[[6, 6]])
+    want = replace_rows(doc_emb, [5], doc_emb[[6]])
+    for spec in (RetrieverSpec(dense=DenseSpec(dim=16)), hybrid()):
+        assert (Retriever(spec, doc_ids, doc_texts, held).search(query_texts, query_emb, 10)
+                == Retriever(spec, doc_ids, doc_texts, want).search(query_texts, query_emb, 10))
+    assert held.built == [(16, "fp32"), (32, "fp32")]
+
+    class Shards(_Held):  # save_matrix reads what is not a matrix shard by shard: (start, ids, vectors)
+        def __iter__(self):
+            yield from ((start, [], self.matrix[start:start + 150]) for start in range(0, len(self.matrix), 150))
+
+    np.testing.assert_array_equal(np.load(save_matrix(Shards(doc_emb), tmp_path / "m.npy")), doc_emb)

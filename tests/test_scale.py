@@ -77,7 +77,8 @@ def test_ray_embeddings_equal_the_local_engine(encoded, corpus, cluster):
     import pyarrow.parquet as pq
 
     from embtune.compute import ComputeConfig, activate
-    from embtune.retrieval.encoder import cache_dir, encode
+    from embtune.compute.encoding import encode
+    from embtune.retrieval.encoder import cache_dir
 
     texts, _ = corpus
     shards = encoded["shards"]

@@ -1,8 +1,9 @@
 """Where the corpus is encoded, searched and mined: this process (``local``) or a Ray cluster (``ray``).
 
 The ``compute`` section (:class:`ComputeConfig`) picks the engine; the stages' command lines make it the process's
-engine (:func:`activate`, called where the recipe is loaded), so every corpus encode (``embtune.retrieval.encoder.
-encode`` with a cache key) goes through it without a stage passing it along. ``local`` is today's behaviour: one
+engine (:func:`activate`, called where the recipe is loaded), so every corpus encode (``embtune.compute.encoding.
+encode`` / ``encode_corpus`` with a cache key) goes through it without a stage passing it along; ``embtune.retrieval``
+sits below this package and never imports it (an import-linter contract). ``local`` is today's behaviour: one
 process, one ``.npy`` per corpus. ``ray``:
 
 - ``shards``: the corpus in fixed row ranges (``shard_rows``), each encoded by a Ray Data actor that loads the

@@ -26,6 +26,7 @@ import numpy as np
 from embtune.compute import ComputeConfig
 from embtune.compute.shards import ShardSet, apply_overrides, read_shard_file, read_source
 from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order
+from embtune.retrieval.fusion import ScoreStats
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,43 @@ def dense_score_stats(shards: ShardSet, query_emb: np.ndarray, compute: ComputeC
         count = total
         low, high = np.minimum(low, lo), np.maximum(high, hi)
     return np.stack([low, high, mean, np.sqrt(squares / np.maximum(count, 1))], axis=1)
+
+
+class ShardedDenseIndex:
+    """The core ``Retriever``'s dense member over a :class:`ShardSet` (``ShardSet.dense_index``): exact search and
+    whole-corpus score statistics computed shard by shard on the engine, with ``embtune.retrieval.spec.DenseIndex``'s
+    arithmetic, so this process holds the queries and the running top-k, never the matrix.
+
+    Only exact fp32 (an int8 index's quantizer is trained on the whole matrix) and no row filter (``allowed``,
+    a served request's metadata filter).
+    """
+
+    def __init__(self, shards: ShardSet, dim: int, precision: str, compute: ComputeConfig) -> None:
+        if precision != "fp32":
+            raise ValueError(f"dense.precision {precision!r} on a sharded corpus (compute.engine: ray): only fp32 is "
+                             "searched shard by shard; use the local engine for an int8 index")
+        if dim > shards.dim:
+            raise ValueError(f"dense.dim {dim} is larger than the embeddings' dimension {shards.dim}")
+        self.shards = shards
+        self.full_dim = shards.dim
+        self.dim = dim or shards.dim
+        self.compute = compute
+
+    def _dim(self) -> int:
+        return self.dim if self.dim < self.full_dim else 0
+
+    def search(self, query_emb: np.ndarray, k: int,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        if allowed is not None:
+            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
+        return dense_search(self.shards, query_emb, min(k, self.shards.num_rows), self.compute, dim=self._dim(),
+                            one_at_a_time=True)
+
+    def score_stats(self, query_emb: np.ndarray, allowed: np.ndarray | None = None) -> list[ScoreStats]:
+        if allowed is not None:
+            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
+        return [ScoreStats(*map(float, row))
+                for row in dense_score_stats(self.shards, query_emb, self.compute, dim=self._dim())]
 
 
 def dense_candidates(model_name: str, doc_texts: list[str], query_texts: list[str], depth: int,

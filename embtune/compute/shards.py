@@ -33,7 +33,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from embtune.compute import ComputeConfig
+from embtune.compute import ComputeConfig, active
 from embtune.retrieval.encoder import LOADED_AS, cache_dir, encode_batch
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class ShardSet:
     # Corpus row -> a vector that replaces the stored one (the probe's passages with their query cut out): a few
     # rows, kept by the driver and applied wherever a shard is read.
     overrides: dict[int, np.ndarray] = field(default_factory=dict)
+    # The engine that searches these shards (the one that encoded them); None: the process's (``compute.active``).
+    compute: ComputeConfig | None = None
 
     @property
     def num_rows(self) -> int:
@@ -95,9 +97,17 @@ class ShardSet:
 
     def with_rows(self, rows: Sequence[int], vectors: np.ndarray) -> "ShardSet":
         """A view of these shards with some rows' vectors replaced (the files are not touched)."""
-        view = ShardSet(self.directory, self.starts, self.rows, self.dim, list(self.encoded), dict(self.overrides))
+        view = ShardSet(self.directory, self.starts, self.rows, self.dim, list(self.encoded), dict(self.overrides),
+                        self.compute)
         view.overrides.update({int(row): np.asarray(vector, dtype=np.float32) for row, vector in zip(rows, vectors)})
         return view
+
+    def dense_index(self, dim: int, precision: str):
+        """The core ``Retriever``'s dense member over these shards, searched shard by shard on the engine
+        (:class:`embtune.compute.search.ShardedDenseIndex`)."""
+        from embtune.compute.search import ShardedDenseIndex  # search imports this module
+
+        return ShardedDenseIndex(self, dim, precision, self.compute or active())
 
     def shard_overrides(self, start: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(rows within the shard, vectors) of the overrides that fall in the shard beginning at ``start``; None
@@ -326,7 +336,7 @@ def encode_items(loaded_as: dict[str, Any], items: list[dict[str, Any]], directo
     from tqdm.auto import tqdm
 
     directory.mkdir(parents=True, exist_ok=True)
-    shards = ShardSet(directory, [i["start"] for i in items], [i["rows"] for i in items], dim)
+    shards = ShardSet(directory, [i["start"] for i in items], [i["rows"] for i in items], dim, compute=compute)
     missing = [item for item in items if not shards.path(item["start"]).is_file()]
     logger.info("%s: %d rows in %d shards of %d under %s; %d cached, %d to encode", desc, shards.num_rows,
                 len(items), compute.shard_rows, directory, len(items) - len(missing), len(missing))

@@ -10,8 +10,9 @@ fp32, run by onnxruntime) and ``onnx-int8`` (the same graph fused and int8 dynam
 batch texts by token length (``embtune/retrieval/onnx.py``). Speed and nDCG@10 of each on SciFact:
 ``scripts/bench_encode_speed.py``.
 
-With ``compute.engine: ray`` (:mod:`embtune.compute`), a corpus encode (one with a cache key, of an encoder that
-:func:`load_encoder` made) runs on a Ray cluster instead, in Parquet shards under the same cache key.
+This module encodes in this process and knows no engine: with ``compute.engine: ray`` a corpus encode goes through
+``embtune.compute.encoding`` (which sits above this package) onto a Ray cluster, in Parquet shards under the same
+cache key.
 """
 
 from __future__ import annotations
@@ -69,12 +70,6 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
         if path.is_file():
             logger.info("embeddings cache hit: %s", path)
             return np.load(path)
-        from embtune.compute import active
-
-        if active().engine == "ray" and LOADED_AS in vars(model):
-            from embtune.compute.shards import encode_texts
-
-            return encode_texts(model, texts, stem, active(), role=role, desc=desc).matrix()
     # The server encodes each request through here too: a log line per request only at debug level.
     (logger.info if len(texts) >= 100 else logger.debug)("encoding %d %s texts", len(texts), desc)
     embeddings = encode_batch(model, texts, batch_size, role, progress=len(texts) > 1000)
@@ -86,33 +81,14 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     return embeddings
 
 
-def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "",
-                  role: str | None = "document"):
-    """A corpus's embeddings as the engine keeps them: the (n, dim) float32 matrix on the local engine, or, with
-    ``compute.engine: ray``, the :class:`embtune.compute.shards.ShardSet` of its Parquet shards, which a caller
-    searches (:class:`embtune.retrieval.spec.Retriever`), indexes (``embtune.compute.export``) or reads row by row
-    without the driver ever holding the whole matrix. Same arguments as :func:`encode`.
-    """
-    from embtune.compute import active
-
-    if cache_key and active().engine == "ray" and LOADED_AS in vars(model):
-        path = cache_dir() / f"{cache_stem(model, cache_key, texts)}.npy"
-        if not path.is_file():  # a matrix the local engine already wrote is used as it is
-            from embtune.compute.shards import encode_texts
-
-            return encode_texts(model, texts, cache_stem(model, cache_key, texts), active(), role=role, desc=desc)
-    return encode(model, texts, batch_size, cache_key=cache_key, desc=desc, role=role)
-
-
 def save_matrix(embeddings, path: str | Path) -> Path:
-    """Write a corpus's embeddings as one ``.npy`` file: a matrix as it is; a ``ShardSet`` shard by shard into a
-    memory-mapped file, so the process writing it never holds every vector (the pages go to disk as they fill).
-    Written under a temporary name and renamed: a file at ``path`` is whole."""
-    from embtune.compute.shards import ShardSet
-
+    """Write a corpus's embeddings as one ``.npy`` file: a matrix as it is; shards (``embtune.compute.shards.
+    ShardSet``: ``shape`` and ``(start, ids, vectors)`` per shard) one by one into a memory-mapped file, so the
+    process writing it never holds every vector (the pages go to disk as they fill). Written under a temporary name
+    and renamed: a file at ``path`` is whole."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.npy")
-    if isinstance(embeddings, ShardSet):
+    if not isinstance(embeddings, np.ndarray):
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=embeddings.shape)
         for start, _, vectors in embeddings:
             out[start:start + len(vectors)] = vectors

@@ -43,7 +43,7 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -297,64 +297,38 @@ class DenseIndex:
         return scores, indices
 
 
-class ShardedDenseIndex:
-    """The dense member over a corpus kept as Parquet shards (``compute.engine: ray``, see ``encoder.encode_corpus``):
-    exact search and whole-corpus score statistics computed shard by shard on the engine, with
-    :class:`DenseIndex`'s arithmetic, so this process holds the queries and the running top-k, never the matrix.
+@runtime_checkable
+class ShardedEmbeddings(Protocol):
+    """A corpus's embeddings kept outside this process's memory (``embtune.compute.shards.ShardSet``, the Ray
+    engine's Parquet shards), which :class:`Retriever` and the functions below take in place of a matrix. The
+    engine that holds them searches them: this package never names it (``embtune.compute`` sits above it)."""
 
-    Only exact fp32 (an int8 index's quantizer is trained on the whole matrix) and no row filter (``allowed``,
-    a served request's metadata filter).
-    """
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, dim), as the matrix's."""
 
-    def __init__(self, shards, dim: int, precision: str) -> None:
-        from embtune.compute import active
+    def dense_index(self, dim: int, precision: str) -> Any:
+        """The dense member over these embeddings: ``search`` and ``score_stats`` as :class:`DenseIndex`'s."""
 
-        if precision != "fp32":
-            raise ValueError(f"dense.precision {precision!r} on a sharded corpus (compute.engine: ray): only fp32 is "
-                             "searched shard by shard; use the local engine for an int8 index")
-        if dim > shards.dim:
-            raise ValueError(f"dense.dim {dim} is larger than the embeddings' dimension {shards.dim}")
-        self.shards = shards
-        self.full_dim = shards.dim
-        self.dim = dim or shards.dim
-        self.compute = active()
+    def with_rows(self, rows: Sequence[int], vectors: np.ndarray) -> "ShardedEmbeddings":
+        """A view with some rows' vectors replaced; the original is untouched."""
 
-    def _dim(self) -> int:
-        return self.dim if self.dim < self.full_dim else 0
-
-    def search(self, query_emb: np.ndarray, k: int,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        from embtune.compute.search import dense_search
-
-        if allowed is not None:
-            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return dense_search(self.shards, query_emb, min(k, self.shards.num_rows), self.compute, dim=self._dim(),
-                            one_at_a_time=True)
-
-    def score_stats(self, query_emb: np.ndarray, allowed: np.ndarray | None = None) -> list[ScoreStats]:
-        from embtune.compute.search import dense_score_stats
-
-        if allowed is not None:
-            raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return [ScoreStats(*map(float, row))
-                for row in dense_score_stats(self.shards, query_emb, self.compute, dim=self._dim())]
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of some rows, (len(rows), dim) float32."""
 
 
-def dense_index(doc_emb: Any, dim: int = 0, precision: str = "fp32") -> "DenseIndex | ShardedDenseIndex":
-    """The dense member over a corpus's embeddings as the engine keeps them: a matrix, or a ``ShardSet``."""
-    from embtune.compute.shards import ShardSet
-
-    if isinstance(doc_emb, ShardSet):
-        return ShardedDenseIndex(doc_emb, dim, precision)
+def dense_index(doc_emb: "np.ndarray | ShardedEmbeddings", dim: int = 0, precision: str = "fp32") -> DenseIndex:
+    """The dense member over a corpus's embeddings as the engine keeps them: a matrix, or :class:`ShardedEmbeddings`
+    (which build their own, with :class:`DenseIndex`'s ``search`` and ``score_stats``)."""
+    if isinstance(doc_emb, ShardedEmbeddings):
+        return doc_emb.dense_index(dim, precision)
     return DenseIndex(doc_emb, dim, precision)
 
 
 def replace_rows(doc_emb: Any, rows: Sequence[int], vectors: np.ndarray) -> Any:
-    """A copy of the corpus's embeddings (a matrix, or a ``ShardSet`` view) with some rows' vectors replaced (the
-    probe's passages with their query cut out); the original is untouched."""
-    from embtune.compute.shards import ShardSet
-
-    if isinstance(doc_emb, ShardSet):
+    """A copy of the corpus's embeddings (a matrix, or a :class:`ShardedEmbeddings` view) with some rows' vectors
+    replaced (the probe's passages with their query cut out); the original is untouched."""
+    if isinstance(doc_emb, ShardedEmbeddings):
         return doc_emb.with_rows(rows, vectors)
     out = doc_emb.copy()
     if len(rows):
@@ -364,9 +338,7 @@ def replace_rows(doc_emb: Any, rows: Sequence[int], vectors: np.ndarray) -> Any:
 
 def row_vectors(doc_emb: Any, rows: Sequence[int]) -> np.ndarray:
     """The embeddings of some rows, (len(rows), dim), from a matrix or read from the shards that hold them."""
-    from embtune.compute.shards import ShardSet
-
-    if isinstance(doc_emb, ShardSet):
+    if isinstance(doc_emb, ShardedEmbeddings):
         return doc_emb.vectors(np.asarray(rows, dtype=np.int64))
     return doc_emb[list(rows)]
 
@@ -379,8 +351,8 @@ class Retriever:
             (serve's request overrides), building only the members it lacks, once.
         doc_ids, doc_texts: the corpus, in index row order (texts feed BM25 and the rerank).
         doc_emb: (n_docs, full dim) normalized float32 embeddings, a FAISS flat index holding them (a bundle's
-            ``index/corpus.faiss``), or the ``ShardSet`` of a corpus encoded on the Ray engine (searched shard by
-            shard, :class:`ShardedDenseIndex`); None when no spec searched here has a dense member.
+            ``index/corpus.faiss``), or :class:`ShardedEmbeddings` (the ``ShardSet`` of a corpus encoded on the Ray
+            engine, searched shard by shard there); None when no spec searched here has a dense member.
         scorer: a cross-encoder with ``predict(pairs)`` for ``rerank``; default: ``CrossEncoder(spec.rerank.model)``
             loaded on first use.
         device: the device of that default cross-encoder.
@@ -424,20 +396,17 @@ class Retriever:
 
     def _embeddings(self) -> Any:
         """The corpus's embeddings as :func:`dense_index` takes them: the matrix (read out of a FAISS flat index
-        once), or the Ray engine's ``ShardSet`` as it is."""
-        from embtune.compute.shards import ShardSet
-
+        once), or :class:`ShardedEmbeddings` as they are."""
         if self._doc_emb is None:
             raise ValueError("this retriever has no document embeddings: a spec with a dense member cannot run")
-        if not isinstance(self._doc_emb, (np.ndarray, ShardSet)):  # a FAISS flat index: its vectors are the embeddings
+        # Anything else is a FAISS flat index: its vectors are the embeddings.
+        if not isinstance(self._doc_emb, (np.ndarray, ShardedEmbeddings)):
             self._doc_emb = self._doc_emb.reconstruct_n(0, self._doc_emb.ntotal)
         return self._doc_emb
 
-    def _dense_index(self, dense: DenseSpec) -> "DenseIndex | ShardedDenseIndex":
-        from embtune.compute.shards import ShardSet
-
+    def _dense_index(self, dense: DenseSpec) -> DenseIndex:
         with self._lock:
-            full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, (np.ndarray, ShardSet))
+            full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, (np.ndarray, ShardedEmbeddings))
                     else getattr(self._doc_emb, "d", 0))
             key = (dense.dim if dense.dim and dense.dim != full else 0, dense.precision)
             if key not in self._dense:

@@ -95,14 +95,14 @@ def models_to_evaluate(cfg) -> dict[str, str]:
     return models
 
 
-def load_encoder(model_path: str, cfg):
-    """The core encoder on ``eval.backend`` (torch, onnx, onnx-int8), or an :class:`EndpointEncoder` for
-    ``openai:<model>[@<base_url>]`` specs."""
+def load_encoder(model_path: str, cfg, calibration_texts: list[str] | None = None):
+    """The core encoder on ``eval.backend`` (``embtune.retrieval.encoder.BACKENDS``; ``openvino-int8`` calibrates
+    on ``calibration_texts``, the corpus), or an :class:`EndpointEncoder` for ``openai:<model>[@<base_url>]`` specs."""
     if is_endpoint_spec(model_path):
         return EndpointEncoder.from_spec(model_path, api_key_env=cfg.eval.endpoint_api_key_env,
                                          batch_size=cfg.eval.endpoint_batch_size, retry=cfg.llm)
     model, _ = load_core_encoder(model_path, cfg.eval.max_seq_length, backend=cfg.eval.backend,
-                                 threads=cfg.eval.threads)
+                                 threads=cfg.eval.threads, calibration_texts=calibration_texts)
     return model
 
 
@@ -118,7 +118,7 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     Every dim is searched through one :class:`Retriever` (the one the server runs), which is returned for the
     hybrid rows of this model.
     """
-    model = load_encoder(model_path, cfg)
+    model = load_encoder(model_path, cfg, calibration_texts=doc_texts)
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:
@@ -504,7 +504,7 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
     for name in ("base", "finetuned"):
         if name not in models:
             continue
-        model = load_encoder(models[name], cfg)
+        model = load_encoder(models[name], cfg, calibration_texts=doc_texts)
         key = cache_key(models[name], model.max_seq_length, role="document")
         doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
                                 role="document")  # (n_docs, dim) or a ShardSet; the cached full corpus
@@ -612,7 +612,7 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
     for name in ("base", "finetuned"):
         if name not in models:
             continue
-        model = load_encoder(models[name], cfg)
+        model = load_encoder(models[name], cfg, calibration_texts=doc_texts)
         key = cache_key(models[name], model.max_seq_length, role="document")
         doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
                                 role="document")

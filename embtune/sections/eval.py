@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from embtune.retrieval.encoder import BACKENDS
+
 HYBRID_METHODS = ("rrf", "weighted")
 SWEEP_INDEXES = ("flat", "int8", "int4", "binary", "ivf", "hnsw", "ivfpq")
 
@@ -136,10 +138,11 @@ class EvalConfig:
     dims: list[int] = field(default_factory=lambda: [384, 256, 128, 64])
     batch_size: int = 64
     max_seq_length: int = 0  # 0 = the model's own
-    # Encoder backend (embtune/retrieval/encoder.py): torch (sentence-transformers), onnx (fp32) or onnx-int8
-    # (int8 dynamic quantization; faster on CPU, embeddings differ slightly: scripts/bench_encode_speed.py).
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    threads: int = 0  # onnxruntime intra-op threads for the onnx backends; 0 = all cores
+    # Encoder backend (embtune/retrieval/encoder.py): torch (sentence-transformers), onnx (fp32), onnx-int8
+    # (int8 dynamic quantization), openvino (fp32 IR) or openvino-int8 (NNCF static int8, calibrated on this eval's
+    # corpus); the int8 ones are faster on CPU and their embeddings differ slightly: scripts/bench_encode_speed.py.
+    backend: Literal[BACKENDS] = "torch"  # embtune.retrieval.encoder.BACKENDS, the one list
+    threads: int = 0  # onnxruntime / OpenVINO threads for the onnx and openvino backends; 0 = all cores
     top_k: int = 1000
     compare_base: bool = True
     compare_bm25: bool = True

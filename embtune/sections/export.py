@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from embtune.retrieval.encoder import BACKENDS
+
 EXPORT_TARGETS = ("faiss", "chroma", "lancedb")
 
 
@@ -57,7 +59,7 @@ class ExportConfig:
     onnx_int8: bool = False  # and a dynamic int8-quantized model_qint8.onnx (written with model.onnx)
     # Encoder that embeds the index corpus (embtune/retrieval/encoder.py); serve the bundle with the same
     # serve.backend. The ONNX backends write the ONNX file they need whatever export.onnx says.
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
+    backend: Literal[BACKENDS] = "torch"  # embtune.retrieval.encoder.BACKENDS, the one list
 
     def validate(self) -> None:
         for i, target in enumerate(self.targets):

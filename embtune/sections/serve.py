@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from embtune.retrieval.encoder import BACKENDS
+
 
 @dataclass
 class ServeConfig:
@@ -27,11 +29,13 @@ class ServeConfig:
     # Bearer token required on every route except /health; empty = none. EMBTUNE_API_KEY overrides an empty value.
     api_key: str = ""
     model_name: str = ""  # the `model` reported in responses; default: the bundle folder's name
-    # Encoder backend (embtune/retrieval/encoder.py): torch, onnx (fp32) or onnx-int8 (int8 dynamic quantization;
-    # the bundle needs export.onnx / export.onnx_int8). Serve with the backend that built the bundle's index
+    # Encoder backend (embtune/retrieval/encoder.py): torch, onnx (fp32), onnx-int8 (int8 dynamic quantization;
+    # the bundle needs export.onnx / export.onnx_int8), openvino or openvino-int8 (the bundle's model/openvino/ IR,
+    # which export.backend writes). Serve with the backend that built the bundle's index
     # (manifest.json "encoder_backend") so queries and documents come from one encoder.
-    backend: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    onnx_file: str = ""  # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx)
+    backend: Literal[BACKENDS] = "torch"  # embtune.retrieval.encoder.BACKENDS, the one list
+    # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx, openvino/*.xml)
+    onnx_file: str = ""
     device: str = ""  # "" = cuda when available, else cpu
     # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
     # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.

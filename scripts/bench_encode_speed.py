@@ -138,6 +138,8 @@ def main() -> None:
                         help="time the rounds on the first N documents (0 = all); nDCG still on the whole corpus")
     parser.add_argument("--ray-workers", type=int, default=2, help="0 = skip the Ray check")
     parser.add_argument("--ray-shard-rows", type=int, default=500)
+    parser.add_argument("--ray-check-only", action="store_true",
+                        help="only openvino_ray_mismatched_queries (no timing), written to --out with its command")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "encode_speed.json"))
     args = parser.parse_args()
 
@@ -158,6 +160,18 @@ def main() -> None:
         encoders[backend], _ = load_encoder(args.model, backend=backend, threads=args.threads,
                                             calibration_texts=doc_texts if backend in CALIBRATED_BACKENDS else None)
         export_seconds[backend] = round(time.perf_counter() - start, 1)  # export (first time only) + session load
+
+    if args.ray_check_only:  # a loaded machine: the Ray check beside a timing run, in its own file
+        model = encoders["openvino-int8"]
+        local = encode(model, doc_texts, args.batch_size, cache_key=cache_key(path, model.max_seq_length))
+        mismatched = ray_mismatches(model, local, doc_ids, doc_texts, query_ids, query_texts, path, args)
+        Path(args.out).write_text(json.dumps({
+            "openvino_ray_mismatched_queries": mismatched, "num_queries": len(query_ids),
+            "num_documents": len(doc_texts), "ray_workers": args.ray_workers, "ray_shard_rows": args.ray_shard_rows,
+            "openvino_int8_ir": str(model.model_file), "command": bench_command(sys.argv), "machine": machine(),
+            "versions": versions()}, indent=2) + "\n")
+        print("openvino_ray_mismatched_queries", mismatched, "->", args.out)
+        return
 
     lengths = encoders[args.backends[0]].token_lengths(doc_texts)
     char_order = np.argsort([-len(t) for t in doc_texts], kind="stable")  # sentence-transformers' order

@@ -164,9 +164,12 @@ def main() -> None:
     if args.ray_check_only:  # a loaded machine: the Ray check beside a timing run, in its own file
         model = encoders["openvino-int8"]
         local = encode(model, doc_texts, args.batch_size, cache_key=cache_key(path, model.max_seq_length))
+        query_emb = encode(model, query_texts, args.batch_size)  # (n_queries, dim)
+        ndcg = {"openvino-int8": ndcg10(local, query_emb, doc_ids, query_ids, data.qrels)}
+        print("ndcg@10", ndcg, flush=True)
         mismatched = ray_mismatches(model, local, doc_ids, doc_texts, query_ids, query_texts, path, args)
         Path(args.out).write_text(json.dumps({
-            "openvino_ray_mismatched_queries": mismatched, "num_queries": len(query_ids),
+            "openvino_ray_mismatched_queries": mismatched, "ndcg@10": ndcg, "num_queries": len(query_ids),
             "num_documents": len(doc_texts), "ray_workers": args.ray_workers, "ray_shard_rows": args.ray_shard_rows,
             "openvino_int8_ir": str(model.model_file), "command": bench_command(sys.argv), "machine": machine(),
             "versions": versions()}, indent=2) + "\n")

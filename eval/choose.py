@@ -177,7 +177,7 @@ def evaluate_candidate(candidate: Candidate, doc_ids, doc_texts, query_ids, quer
 
     Documents are encoded by the document role and queries by the query role (``encode(..., role=)``), so an
     asymmetric model (a label-free Router) is scored through its query route, as eval and serve score it."""
-    model = load_encoder(candidate.model, cfg)
+    model = load_encoder(candidate.model, cfg, calibration_texts=doc_texts)
     endpoint = isinstance(model, EndpointEncoder)
     sample = [doc_texts[i] for i in sample_idx]
     cached_before = model.stats.cached_batches if endpoint else 0

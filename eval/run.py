@@ -80,7 +80,7 @@ def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, qu
     hybrid rows of this model. Returns ``{"row": EvalRow (full dim; ``extra`` holds ``dims``, ``dim``), "metrics",
     "per_query", "run", "doc_emb", "query_emb", "queries", "cosine", "spec", "retriever"}``.
     """
-    model = load_encoder(model_path, cfg)
+    model = load_encoder(model_path, cfg, calibration_texts=doc_texts)
     if isinstance(model, EndpointEncoder):
         key = None  # the endpoint encoder caches per batch itself
     else:

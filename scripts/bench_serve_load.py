@@ -135,22 +135,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_bundle(folder: Path, model: str) -> Path:
-    """An embeddings-only bundle of ``model`` with its ONNX files (fp32 and int8), built once; without an index,
-    every backend serves it."""
-    if (folder / "model" / "onnx" / "model_qint8.onnx").is_file():
+def ensure_bundle(folder: Path, model: str, backend: str) -> Path:
+    """An embeddings-only bundle of ``model`` encoding with ``backend``, built once: the server encodes with the
+    backend its bundle records, so each backend gets a bundle of its own (``<folder>/<backend>``)."""
+    folder = folder / backend
+    if (folder / "manifest.json").is_file():
         return folder
     from embtune.serve.bundle import build_bundle
 
-    return build_bundle(resolve_model(model), None, folder, device="cpu", backend="onnx-int8")
+    return build_bundle(resolve_model(model), None, folder, device="cpu", backend=backend)
 
 
 def server_command(name: str, args: argparse.Namespace, port: int) -> tuple[list[str], str]:
     """The pinned command line that serves the model, and the embeddings URL it answers on."""
     pin = ["taskset", "-c", str(args.server_core)]
     if name == "embtune":
-        command = [sys.executable, "-m", "embtune.serve", "up", "--bundle", str(args.bundle), "serve.host=127.0.0.1",
-                   f"serve.port={port}", "serve.log_level=warning", f"serve.backend={args.backend}",
+        command = [sys.executable, "-m", "embtune.serve", "up", "--bundle", str(args.bundle / args.backend),
+                   "serve.host=127.0.0.1", f"serve.port={port}", "serve.log_level=warning",
                    "serve.threads=1", "serve.model_name=minilm", "serve.device=cpu", *args.serve]
         return pin + command, f"http://127.0.0.1:{port}/v1/embeddings"
     infinity = Path(args.infinity_venv) / "bin" / "infinity_emb"
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="no new request after this long in a level (0 = send every request): a level long "
                              "enough that its start (1,000 connections opened at once) does not decide its rate")
     parser.add_argument("--backends", nargs="+", default=["onnx-int8", "torch"],
-                        help="embtune's serve.backend, one server each; the targets are checked on the first")
+                        help="embtune's encoder backends (eval.backend), one bundle and server each; the targets "
+                             "are checked on the first")
     parser.add_argument("--bundle", default="runs/serve_load_bundle", help="embtune's bundle (built when missing)")
     parser.add_argument("--model", default="minilm", help="SentenceTransformer folder or alias, for both servers")
     parser.add_argument("--serve", nargs="*", default=[], help="more serve.key=value overrides for embtune")
@@ -295,8 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
         pass
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.bundle = REPO / args.bundle if not Path(args.bundle).is_absolute() else Path(args.bundle)
-    if "embtune" in args.servers:
-        ensure_bundle(args.bundle, args.model)
+    for backend in args.backends if "embtune" in args.servers else []:
+        ensure_bundle(args.bundle, args.model, backend)
     os.sched_setaffinity(0, {args.client_core})
     words = vocabulary(Path(args.corpus))
     levels = []
@@ -320,8 +322,8 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_end": [round(x, 2) for x in os.getloadavg()],
         "setup": {
             "model": f"{args.model} ({resolve_model(args.model)})",
-            "embtune": f"python -m embtune.serve up, serve.backend in {args.backends}, serve.threads=1, overrides "
-                       f"{args.serve}, bundle {args.bundle.name}",
+            "embtune": f"python -m embtune.serve up, a bundle per backend in {args.backends}, serve.threads=1, "
+                       f"overrides {args.serve}, bundles under {args.bundle.name}",
             "infinity": f"infinity_emb v2 --engine torch --device cpu {' '.join(args.infinity_args)}",
             "pinning": f"server taskset -c {args.server_core}, load generator sched_setaffinity {{{args.client_core}}}",
             "traffic": "POST one query per request ({'input': text}); texts: 5 random SciFact words + a unique tag, "

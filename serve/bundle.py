@@ -62,6 +62,11 @@ def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str 
         model = SentenceTransformer(str(model_dir), device=device or None)
         model.eval()
         return model
+    if backend.startswith("openvino"):
+        from embtune.retrieval.openvino import BACKEND_FILES as IR_FILES
+        from embtune.retrieval.openvino import OpenVINOEncoder
+
+        return OpenVINOEncoder(model_dir, onnx_file or IR_FILES[backend], threads=threads)
     from embtune.retrieval.onnx import BACKEND_FILES, OnnxEncoder
 
     return OnnxEncoder(model_dir, onnx_file or BACKEND_FILES[backend], threads=threads)
@@ -83,9 +88,10 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         copy_model: False when ``model_dir`` already is ``<out_dir>/model``.
         spec: the retrieval system ``/search`` serves, written to ``retriever.json`` (its dense member searches
             this bundle's model, so ``dense.model`` is written as ``"model"``); None = dense at the full dim.
-        backend: the encoder backend that embeds ``docs`` (``torch``, ``onnx``, ``onnx-int8``); the ONNX ones
-            write ``model/onnx/`` first (:func:`embtune.retrieval.onnx.export_onnx`). Serve the bundle with the
-            same backend, so queries and documents come from one encoder.
+        backend: the encoder backend that embeds ``docs`` (``embtune.retrieval.encoder.BACKENDS``); the ONNX ones
+            write ``model/onnx/`` first (:func:`embtune.retrieval.onnx.export_onnx`), the OpenVINO ones
+            ``model/openvino/`` (:func:`embtune.retrieval.openvino.export_openvino`, int8 calibrated on ``docs``).
+            Serve the bundle with the same backend, so queries and documents come from one encoder.
 
     With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
     is filled one shard at a time (``embtune.compute.export.write_faiss_index``): the same exact index, without the
@@ -105,7 +111,19 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         if target_model.exists():
             shutil.rmtree(target_model)
         shutil.copytree(model_dir, target_model)
-    if backend != "torch" and not (target_model / BACKEND_FILES[backend]).is_file():
+    if backend.startswith("openvino"):
+        from embtune.retrieval.encoder import CALIBRATED_BACKENDS
+        from embtune.retrieval.openvino import BACKEND_FILES as IR_FILES
+        from embtune.retrieval.openvino import export_openvino
+
+        if not (target_model / IR_FILES[backend]).is_file():
+            # The int8 IR is calibrated on the documents the bundle indexes (its recipe lands beside the IR).
+            docs = list(docs) if docs is not None else None
+            if backend in CALIBRATED_BACKENDS and not docs:
+                raise ValueError(f"backend {backend!r} calibrates on the bundle's documents, and it has none")
+            export_openvino(target_model, calibration_texts=[d["text"] for d in docs]
+                            if backend in CALIBRATED_BACKENDS else None)
+    elif backend != "torch" and not (target_model / BACKEND_FILES[backend]).is_file():
         export_onnx(target_model, quantize=backend == "onnx-int8")
     # Ray workers (compute.engine: ray) load the bundle's copy of the model, with the same backend.
     model = remember_loaded(_load_model(target_model, backend, device=device), str(target_model.resolve()), backend)

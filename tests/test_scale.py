@@ -98,6 +98,20 @@ def test_ray_embeddings_equal_the_local_engine(encoded, corpus, cluster):
     assert len(list(cache_dir().glob("*.npy"))) == 1
 
 
+def test_ray_openvino_int8_equals_the_local_engine(cluster, corpus, tiny_model_dir):
+    """openvino-int8 on Ray: each worker loads the driver's very IR (its calibration) from LOADED_AS and writes
+    the bits one process computes, whatever the shard split (the IR runs fixed shapes per text)."""
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from embtune.compute.shards import encode_texts
+    from embtune.retrieval.encoder import cache_stem, encode_batch, load_encoder
+
+    texts, _ = corpus
+    model, key = load_encoder(str(tiny_model_dir), backend="openvino-int8", calibration_texts=texts, threads=1)
+    shards = encode_texts(model, texts, cache_stem(model, key, texts), compute(shard_rows=SHARD_ROWS + 7))
+    np.testing.assert_array_equal(shards.matrix(), encode_batch(model, texts, 16))
+
+
 def test_dense_and_bm25_top_k_equal_one_process(encoded, corpus):
     """Per-shard top-k merged on Ray == one exact search over the whole matrix (scores, rows, tie order), and
     sharded BM25 with corpus-wide statistics == FastBM25 over the whole corpus."""

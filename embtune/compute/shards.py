@@ -294,7 +294,8 @@ class ShardEncoder:
         torch.set_num_threads(threads)
         device = "cuda" if gpus > 0 and loaded_as["backend"] == "torch" else "cpu"
         self.model, _ = load_encoder(loaded_as["model_name"], loaded_as["max_seq_length"], device=device,
-                                     backend=loaded_as["backend"], threads=threads)
+                                     backend=loaded_as["backend"], threads=threads,
+                                     model_file=loaded_as.get("model_file", ""))
         self.directory = Path(directory)
         self.role = role
         self.batch_size = batch_size

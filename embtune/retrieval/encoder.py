@@ -5,10 +5,11 @@ export of one model encode a corpus once. The key is the model's content hash (a
 then the max sequence length; the backend's tag (none for torch, ``onnx-<hash of the ONNX file>`` otherwise) and
 the text hash complete the file name, so fp32 and int8 embeddings of one model never mix.
 
-Backends (:func:`load_encoder`): ``torch`` (sentence-transformers), ``onnx`` (the transformer exported to ONNX,
-fp32, run by onnxruntime) and ``onnx-int8`` (the same graph fused and int8 dynamic-quantized); both ONNX backends
-batch texts by token length (``embtune/retrieval/onnx.py``). Speed and nDCG@10 of each on SciFact:
-``scripts/bench_encode_speed.py``.
+Backends (:func:`load_encoder`, the one list of them is ``BACKENDS``): ``torch`` (sentence-transformers), ``onnx``
+(the transformer exported to ONNX, fp32, run by onnxruntime), ``onnx-int8`` (the same graph fused and int8
+dynamic-quantized; ``embtune/retrieval/onnx.py``), ``openvino`` (the graph as OpenVINO IR, fp32) and
+``openvino-int8`` (NNCF static int8, calibrated on corpus passages; ``embtune/retrieval/openvino.py``). Speed and
+nDCG@10 of each on SciFact: ``scripts/bench_encode_speed.py``.
 
 This module encodes in this process and knows no engine: with ``compute.engine: ray`` a corpus encode goes through
 ``embtune.compute.encoding`` (which sits above this package) onto a Ray cluster, in Parquet shards under the same
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 # The encoder backends, in one place: eval.backend's choices (the one key that picks the backend; export builds the
 # bundle's index with it and the server uses what the bundle records) and what load_encoder / build_bundle accept.
-Backend = Literal["torch", "onnx", "onnx-int8"]
+Backend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-int8"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
+# The backends whose int8 file is calibrated on corpus passages (load_encoder's calibration_texts).
+CALIBRATED_BACKENDS = ("openvino-int8",)
 
 
 def cache_dir() -> Path:
@@ -151,7 +154,10 @@ def remember_loaded(model, model_path: str, backend: str = "torch"):
     """Record on ``model`` how to load it again (``LOADED_AS``), so that with ``compute.engine: ray`` its corpus
     encodes run on Ray workers that load the same encoder; for an encoder built without :func:`load_encoder`.
     Returns ``model``."""
-    setattr(model, LOADED_AS, {"model_name": model_path, "max_seq_length": model.max_seq_length, "backend": backend})
+    loaded_as = {"model_name": model_path, "max_seq_length": model.max_seq_length, "backend": backend}
+    if getattr(model, "model_file", None):  # an OpenVINO IR: the workers run this very file (its calibration)
+        loaded_as["model_file"] = str(model.model_file)
+    setattr(model, LOADED_AS, loaded_as)
     return model
 
 
@@ -165,8 +171,53 @@ def onnx_export_dir(model_path: str) -> Path:
     return cache_dir().parent / "onnx" / f"{cache_key(model_path, 0).removesuffix('_0')}-{ONNX_RECIPE}"
 
 
+# Bumped when embtune.retrieval.openvino converts or quantizes differently.
+OPENVINO_RECIPE = "v1"
+
+
+def openvino_export_dir(model_path: str, calibration_texts: list[str] | None = None) -> Path:
+    """Where :func:`load_encoder` writes a model's OpenVINO IR when its folder ships none: by content hash and
+    recipe, and for the int8 IR also by the calibration sample's hash (another corpus, another IR)."""
+    from embtune.retrieval.openvino import calibration_hash
+
+    base = cache_dir().parent / "openvino" / f"{cache_key(model_path, 0).removesuffix('_0')}-{OPENVINO_RECIPE}"
+    return base / (f"calib-{calibration_hash(calibration_texts)}" if calibration_texts is not None else "fp32")
+
+
+def _load_openvino(path: str, backend: str, max_seq_length: int, threads: int, model_file: str,
+                   calibration_texts: list[str] | None):
+    import os
+    import shutil
+    import tempfile
+
+    from embtune.retrieval.openvino import BACKEND_FILES, OpenVINOEncoder, export_openvino
+
+    if model_file:
+        return OpenVINOEncoder(path, model_file, threads=threads, max_seq_length=max_seq_length)
+    own = Path(path) / BACKEND_FILES[backend]
+    if own.is_file():
+        return OpenVINOEncoder(path, own, threads=threads, max_seq_length=max_seq_length)
+    if backend in CALIBRATED_BACKENDS and calibration_texts is None:
+        raise ValueError(f"backend {backend!r}: {path} has no {BACKEND_FILES[backend]}, and the int8 IR is calibrated "
+                         "on corpus passages: pass calibration_texts (eval and export pass their corpus)")
+    export_dir = openvino_export_dir(path, calibration_texts if backend in CALIBRATED_BACKENDS else None)
+    target = export_dir / Path(BACKEND_FILES[backend]).name
+    if not target.is_file():  # written in a temporary folder and renamed: concurrent callers never read half a file
+        export_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=export_dir.name + ".", dir=export_dir.parent))
+        try:
+            export_openvino(path, tmp, calibration_texts if backend in CALIBRATED_BACKENDS else None, max_seq_length)
+            try:
+                os.replace(tmp, export_dir)
+            except OSError:  # a concurrent export got there first: its files are the same recipe
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return OpenVINOEncoder(path, target, threads=threads, max_seq_length=max_seq_length)
+
+
 def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = None, backend: str = "torch",
-                 threads: int = 0):
+                 threads: int = 0, calibration_texts: list[str] | None = None, model_file: str = ""):
     """(encoder, embedding cache key) for a folder, hub name or ``embtune.models`` alias.
 
     Args:
@@ -176,8 +227,14 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
         backend: ``torch`` (a SentenceTransformer), ``onnx`` or ``onnx-int8`` (an ``OnnxEncoder`` over
             ``<model>/onnx/model.onnx`` / ``model_qint8.onnx``, exported once into :func:`onnx_export_dir` when
             the folder has none).
-        threads: onnxruntime intra-op threads for the ONNX backends (0 = all cores). torch's count is
-            process-wide: set it with ``torch.set_num_threads``.
+            ``openvino`` / ``openvino-int8``: an ``OpenVINOEncoder`` over ``<model>/openvino/openvino_model.xml`` /
+            ``openvino_model_qint8_quantized.xml``, converted (and quantized) once into :func:`openvino_export_dir`
+            when the folder has none.
+        threads: onnxruntime intra-op (OpenVINO inference) threads for those backends (0 = all cores). torch's
+            count is process-wide: set it with ``torch.set_num_threads``.
+        calibration_texts: corpus passages that ``openvino-int8`` calibrates on when it quantizes (a fixed sample
+            of them, ``embtune.retrieval.openvino.calibration_sample``); not needed when the IR exists.
+        model_file: the exact OpenVINO IR to run (what a Ray worker gets from the driver's ``LOADED_AS``).
 
     Pass the encoder to :func:`encode` with the key: the cache file name adds the backend's tag itself.
     """
@@ -192,6 +249,10 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
         model = SentenceTransformer(path, device=device)
         if max_seq_length:
             model.max_seq_length = max_seq_length
+    elif backend.startswith("openvino"):
+        if device and not str(device).startswith("cpu"):
+            logger.warning("backend %s runs on CPU; device %r is ignored", backend, device)
+        model = _load_openvino(path, backend, max_seq_length, threads, model_file, calibration_texts)
     else:
         from embtune.retrieval.onnx import OnnxEncoder, onnx_file_for
 

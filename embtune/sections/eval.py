@@ -139,11 +139,12 @@ class EvalConfig:
     batch_size: int = 64
     max_seq_length: int = 0  # 0 = the model's own
     # Encoder backend (embtune/retrieval/encoder.py), the one key for it: eval measures with it, export embeds the
-    # bundle's index with it (and writes the ONNX file it needs), and the server uses the backend the bundle
-    # records. torch (sentence-transformers), onnx (fp32) or onnx-int8 (int8 dynamic quantization; faster on CPU,
-    # embeddings differ slightly: scripts/bench_encode_speed.py).
+    # bundle's index with it (and writes the ONNX file or OpenVINO IR it needs), and the server uses the backend the
+    # bundle records. torch (sentence-transformers), onnx (fp32), onnx-int8 (int8 dynamic quantization), openvino
+    # (fp32 IR) or openvino-int8 (NNCF static int8, calibrated on the corpus); the int8 ones are faster on CPU and
+    # their embeddings differ slightly: scripts/bench_encode_speed.py.
     backend: Backend = "torch"
-    threads: int = 0  # onnxruntime intra-op threads for the onnx backends; 0 = all cores
+    threads: int = 0  # onnxruntime / OpenVINO threads for the onnx and openvino backends; 0 = all cores
     top_k: int = 1000
     compare_base: bool = True
     compare_bm25: bool = True

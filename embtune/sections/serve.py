@@ -29,7 +29,8 @@ class ServeConfig:
     model_name: str = ""  # the `model` reported in responses; default: the bundle folder's name
     # The encoder backend is not a serve key: queries are encoded with the backend that built the bundle's index
     # (manifest.json "encoder_backend", chosen by eval.backend at export), so queries and documents share one encoder.
-    onnx_file: str = ""  # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx)
+    # relative to <bundle>/model; "" = the backend's own (onnx/model.onnx, onnx/model_qint8.onnx, openvino/*.xml)
+    onnx_file: str = ""
     device: str = ""  # "" = cuda when available, else cpu
     # CPU threads per forward pass (torch intra-op, or onnxruntime); 0 = the library default (all cores). On a
     # small shared machine 1 is often much faster: idle cores are rare and OpenMP threads spin waiting for each other.

@@ -193,9 +193,10 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
     section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
     names = {name: None if Path(path).exists() else path for name, path in models.items()}
     # The deploy choice reads these (deploy_choice); the probe set and the dev qrels are inputs.
-    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries}
+    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries,
+              "probe_weights": cfg.labelfree.probe_weights}
     return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
-            "on_error": cfg.data.on_error, "deploy_choice": choice}
+            "on_error": cfg.data.on_error, "deploy_choice": choice, "include_title": cfg.mining.include_title}
 
 
 def run(cfg, force: bool = False) -> dict[str, str]:
@@ -224,7 +225,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("eval.max_queries=%d: a quick look only, not a reportable number", cfg.eval.max_queries)
     qrels = {q: qrels[q] for q in query_ids}
     doc_ids = list(corpus)
-    doc_texts = [document_text(corpus[d]) for d in doc_ids]
+    # Titles as data_prep mined with them and the bundle embeds them (mining.include_title).
+    doc_texts = [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids]
     query_texts = [queries[q] for q in query_ids]
     logger.info("eval on split '%s': %d queries, %d documents", cfg.eval.split, len(query_ids), len(doc_ids))
 
@@ -281,8 +283,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             runs[row] = run_
             results[row], per_query[row] = score_run(qrels, run_, cfg)
             target = row[: -len(">rerank")]
-            specs[row] = specs[target].replace(rerank=RerankSpec(model=cfg.eval.reranker,
-                                                                 top_k=cfg.eval.rerank_top_k))
+            specs[row] = specs[target].replace(rerank=RerankSpec(model=cfg.eval.reranker, top_k=cfg.eval.rerank_top_k,
+                                                                 max_length=cfg.eval.max_seq_length))
         wall["rerank"] = round(time.time() - start, 1)
     recommended = recommendation(deploy, results, specs, cfg.eval.split)
 
@@ -424,7 +426,8 @@ def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     doc_ids = list(corpus)
     models = models_to_evaluate(cfg)
-    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d]) for d in doc_ids], None)
+    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d], cfg.mining.include_title)
+                                                  for d in doc_ids], None)
     recommended = {**deploy, "split": cfg.eval.split, "ndcg@10": None}
     print(recommended["why"])
     stage.dir.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,14 @@ def up(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 2
     from embtune.serve.app import run_server
+    from embtune.serve.bundle import BundleMismatch, check_backend
 
-    run_server(cfg)
+    try:
+        check_backend(cfg.bundle_dir, cfg.backend)  # before the server logs anything: the refusal is one line
+        run_server(cfg)
+    except BundleMismatch as err:  # which setting differs from the bundle's, and what to set
+        print(f"embtune serve up: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

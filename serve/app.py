@@ -46,7 +46,6 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from embtune.dataio import document_text
 from embtune.retrieval.bm25 import BM25Config
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
@@ -375,7 +374,7 @@ class EmbeddingService:
             # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
             doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
                 str(row) for row in range(bundle.index.ntotal)]
-            doc_texts = [document_text(d) for d in bundle.docs] or [""] * len(doc_ids)
+            doc_texts = bundle.doc_texts or [""] * len(doc_ids)  # titles as the index embedded them
             self.retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
             self.row_of = {doc_id: row for row, doc_id in enumerate(self.retriever.doc_ids)}
             logger.info("/search serves %s", bundle.spec.describe())

@@ -193,8 +193,9 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
     section = {k: v for k, v in to_dict(cfg.eval).items() if k != "rag"}
     names = {name: None if Path(path).exists() else path for name, path in models.items()}
     # The deploy choice reads these (deploy_choice); the probe set and the dev qrels are inputs.
-    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries,
-              "probe_weights": cfg.labelfree.probe_weights}
+    choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries}
+    if cfg.data.queries == "labelfree":  # the probe tries these weights (probe_rows); no other path reads them
+        choice["probe_weights"] = cfg.labelfree.probe_weights
     return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
             "on_error": cfg.data.on_error, "deploy_choice": choice, "include_title": cfg.mining.include_title}
 

@@ -218,7 +218,7 @@ def test_the_relative_margin_guard_holds_for_negative_scores():
 def test_eval_fingerprints_the_probe_weights_and_the_title_handling(tiny_beir):
     from embtune.eval.run import stage_config
 
-    common = ["data.format=beir", f"data.path={tiny_beir}"]
+    common = ["data.format=beir", f"data.path={tiny_beir}", "data.queries=labelfree"]
     base = stage_config(load_config(None, common), {})
     for override in ("labelfree.probe_weights=[0.5,1.0]", "mining.include_title=false"):
         assert stage_config(load_config(None, [*common, override]), {}) != base, override

@@ -455,7 +455,7 @@ class EmbeddingService:
     # the work
 
     async def embed(self, texts: list[str]) -> np.ndarray:
-        """Full-dimension normalized embeddings, (len(texts), dim): cache first, the rest in one batcher call."""
+        """Full-dimension embeddings as eval encodes queries, (len(texts), dim): cache first, the rest in one batch."""
         rows: list[np.ndarray | None] = [self.cache.get(t) for t in texts]
         missing = list(dict.fromkeys(t for t, r in zip(texts, rows) if r is None))  # unique, in order
         if missing:

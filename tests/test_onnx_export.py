@@ -112,9 +112,9 @@ def test_minilm_fp32_and_int8_match_torch(tmp_path):
 
 
 def test_server_with_onnx_backend_matches_torch(tiny_model_dir, tmp_path):
+    # The index embedded by the backend that serves it (another one is refused: tests/test_parity_settings.py).
     bundle = build_bundle(tiny_model_dir, [{"_id": "a", "text": "the cat"}, {"_id": "b", "text": "a dog"}],
-                          tmp_path / "bundle", device="cpu")
-    export_onnx(bundle / "model")
+                          tmp_path / "bundle", device="cpu", backend="onnx")
     expected = SentenceTransformer(str(tiny_model_dir), device="cpu").encode(TEXTS[:3], normalize_embeddings=True)
     with TestClient(create_app(bundle, ServeConfig(backend="onnx"))) as client:
         response = client.post("/v1/embeddings", json={"input": TEXTS[:3]})

@@ -50,7 +50,9 @@ CORPORA = {
     "pydoc": "pydoc demo corpus (data.format=pydoc, data.max_documents=500: Python standard-library docstrings, "
              "summary line -> docstring; its test split)",
     "manpages-de": "German manual pages (scripts/manpages_corpus.py --language de --max-pages 400, from the "
-                   "installed manpages-de package; NAME description -> rest of the page)",
+                   "installed manpages-de package; NAME description -> rest of the page); its queries split in "
+                   "two by position (odd: qrels/train.tsv, which data_prep requires and nothing trains on; even: "
+                   "qrels/test.tsv, the ones measured and served)",
 }
 COMMON = ["eval.dims=[]", "eval.significance_resamples=0", "eval.save_runs=10", "eval.hybrid=[weighted]",
           "eval.hybrid_weight=0.7", "eval.hybrid_depth=100", "mining.method=none", "mining.num_negatives=0",
@@ -129,9 +131,19 @@ def cross_encoder(folder: Path) -> Path:
 
 
 def german_corpus(folder: Path, log: Path) -> Path:
-    if not (folder / "corpus.jsonl").is_file():
-        sh([sys.executable, "scripts/manpages_corpus.py", "--language", "de", "--out", str(folder),
+    """The German man-page BEIR folder, its judged queries split into train (odd positions) and test (even):
+    data_prep reads a train split, and the test queries are the ones measured."""
+    source = folder.with_name(folder.name + "-all")
+    if not (source / "corpus.jsonl").is_file():
+        sh([sys.executable, "scripts/manpages_corpus.py", "--language", "de", "--out", str(source),
             "--max-pages", "400"], log)
+    if not (folder / "qrels" / "train.tsv").is_file():
+        (folder / "qrels").mkdir(parents=True, exist_ok=True)
+        for name in ("corpus.jsonl", "queries.jsonl"):
+            shutil.copy(source / name, folder / name)
+        header, *rows = (source / "qrels" / "test.tsv").read_text().splitlines()
+        for split, part in (("train", rows[1::2]), ("test", rows[0::2])):
+            (folder / "qrels" / f"{split}.tsv").write_text("\n".join([header, *part]) + "\n")
     return folder
 
 
@@ -286,6 +298,8 @@ def main() -> None:
     parser.add_argument("--work", default=str(ROOT / "runs" / "serve_parity"), help="run folders and the cache")
     parser.add_argument("--only", default="", help="comma-separated run names (" + ", ".join(r.name for r in RUNS)
                         + "); default all")
+    parser.add_argument("--update", action="store_true", help="keep the specs of --out's runs not rerun here (each "
+                        "spec records its own commit)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -299,6 +313,9 @@ def main() -> None:
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.is_file() else None
     specs, failed = [], []
+    if args.update and previous is not None:
+        rerun = {name for r in chosen for name in r.specs}
+        specs = [s for s in previous["specs"] if s["name"] not in rerun]
     for done, run in enumerate(chosen, 1):
         try:
             specs += run_one(run, work, commit)

@@ -10,7 +10,7 @@ Guards, in the order they apply to each candidate in the window (each drop is co
 - ``duplicate_of_positive``: the same normalized text as a positive (a duplicate passage under another id);
 - ``duplicate_negative``: the same normalized text as a negative already kept for the query;
 - ``max_score``: retriever score above ``Guards.max_score``;
-- ``margin``: retriever score >= (lowest positive score) * (1 - ``Guards.margin``);
+- ``margin``: retriever score >= (lowest positive score) - |that score| * ``Guards.margin`` (:func:`margin_floor`);
 - ``teacher_max_score`` / ``teacher_margin``: the same, with the cross-encoder teacher's logits (additive margin).
 
 Guard scores are the retriever's own: BM25 scores for BM25, cosine for dense, and cosine for hybrid too (an RRF
@@ -440,13 +440,20 @@ def window_candidates(docs: MiningCorpus, positives: list[QueryPositives], ranki
                     report.dropped["duplicate_negative"] += 1
                 elif guards.max_score is not None and score > guards.max_score:
                     report.dropped["max_score"] += 1
-                elif positive_score is not None and score >= positive_score * (1 - guards.margin):
+                elif positive_score is not None and score >= margin_floor(positive_score, guards.margin):
                     report.dropped["margin"] += 1
                 else:
                     kept_hashes.add(docs.hashes[index])
                     passed.append(index)
         passed_per_query.append(passed)
     return passed_per_query, window_sizes
+
+
+def margin_floor(positive_score: float, margin: float) -> float:
+    """The score from which a candidate counts as too close to the positive: ``margin`` of the positive's magnitude
+    below it. ``positive * (1 - margin)`` is that for a positive score only; for a negative one (a dot-product
+    model) it lies above the positive and would keep the candidates that outscore it."""
+    return positive_score - abs(positive_score) * margin
 
 
 def teacher_guards(docs: MiningCorpus, queries: dict[str, str], query_ids: list[str],

@@ -383,11 +383,11 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
 
         if m.method in ("bm25", "hybrid"):
             scores, indices, score_docs = bm25_candidates(texts, query_texts, depth, cfg.bm25, cfg.compute)
-            bm25 = Ranking(indices, scores, score_docs, "bm25")
+            bm25 = Ranking(indices, scores, score_docs, "bm25", len(texts))  # fusion normalizes over every doc
         if m.method in ("dense", "hybrid"):
             scores, indices, score_docs = dense_candidates(m.model or cfg.train.base_model, texts, query_texts, depth,
                                                            cfg.compute, m.batch_size, m.max_seq_length)
-            dense = Ranking(indices, scores, score_docs, "cosine")
+            dense = Ranking(indices, scores, score_docs, "cosine", len(texts))
     if m.method in ("bm25", "hybrid") and bm25 is None:
         bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25, texts),
                             cfg.bm25.k1, cfg.bm25.b)

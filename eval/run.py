@@ -140,8 +140,10 @@ def stage_config(cfg, models: dict[str, str]) -> dict[str, Any]:
     names = {name: None if Path(path).exists() else path for name, path in models.items()}
     # The deploy choice reads these (deploy_choice); the probe set and the dev qrels are inputs.
     choice = {"min_student_gain": cfg.labelfree.min_student_gain, "queries": cfg.data.queries}
+    if cfg.data.queries == "labelfree":  # the probe tries these weights (probe_rows); no other path reads them
+        choice["probe_weights"] = cfg.labelfree.probe_weights
     return {"eval": section, "models": names, "bm25": to_dict(cfg.bm25), "seed": cfg.seed,
-            "on_error": cfg.data.on_error, "deploy_choice": choice}
+            "on_error": cfg.data.on_error, "deploy_choice": choice, "include_title": cfg.mining.include_title}
 
 
 def run(cfg, force: bool = False) -> dict[str, str]:
@@ -170,7 +172,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("eval.max_queries=%d: a quick look only, not a reportable number", cfg.eval.max_queries)
     qrels = {q: qrels[q] for q in query_ids}
     doc_ids = list(corpus)
-    doc_texts = [document_text(corpus[d]) for d in doc_ids]
+    # Titles as data_prep mined with them and the bundle embeds them (mining.include_title).
+    doc_texts = [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids]
     query_texts = [queries[q] for q in query_ids]
     logger.info("eval on split '%s': %d queries, %d documents", cfg.eval.split, len(query_ids), len(doc_ids))
 
@@ -220,7 +223,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                                dict(zip(query_ids, query_texts)), dict(zip(doc_ids, doc_texts)))
         for target, run_ in reranked.items():
             row = f"{target}>rerank"
-            spec = rows[target].spec.replace(rerank=RerankSpec(model=cfg.eval.reranker, top_k=cfg.eval.rerank_top_k))
+            spec = rows[target].spec.replace(rerank=RerankSpec(model=cfg.eval.reranker, top_k=cfg.eval.rerank_top_k,
+                                                                max_length=cfg.eval.max_seq_length))
             rows[row] = score(qrels, run_, row, spec, ignore_identical_ids=cfg.eval.ignore_identical_ids)
         wall["rerank"] = round(time.time() - start, 1)
     results = {name: {**row.metrics, **row.extra} for name, row in rows.items()}
@@ -319,7 +323,8 @@ def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
     doc_ids = list(corpus)
     models = models_to_evaluate(cfg)
-    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d]) for d in doc_ids], None)
+    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d], cfg.mining.include_title)
+                                                  for d in doc_ids], None)
     recommended = {**deploy, "split": cfg.eval.split, "ndcg@10": None}
     print(recommended["why"])
     stage.dir.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from embtune.dataio import document_text
 from embtune.retrieval.bm25 import BM25Config
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
@@ -371,7 +370,7 @@ class EmbeddingService:
             # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
             doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
                 str(row) for row in range(bundle.index.ntotal)]
-            doc_texts = [document_text(d) for d in bundle.docs] or [""] * len(doc_ids)
+            doc_texts = bundle.doc_texts or [""] * len(doc_ids)  # titles as the index embedded them
             self.retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
             self.row_of = {doc_id: row for row, doc_id in enumerate(self.retriever.doc_ids)}
             logger.info("/search serves %s", bundle.spec.describe())
@@ -452,9 +451,9 @@ class EmbeddingService:
 
     async def embed(self, texts: list[str], names: list[str] | None = None,
                     param: str = "input") -> tuple[np.ndarray, list[int]]:
-        """Full-dimension normalized embeddings, (len(texts), dim), and each text's tokens: cache first, the rest
-        in one batcher call. A text over the token limit is a 400 naming it (``names``, default ``input[i]``); a
-        request dropped for waiting past ``serve.drop_after_ms`` is a 503 with Retry-After."""
+        """Full-dimension embeddings as eval encodes queries, (len(texts), dim), and each text's tokens: cache first,
+        the rest in one batcher call. A text over the token limit is a 400 naming it (``names``, default
+        ``input[i]``); a request dropped for waiting past ``serve.drop_after_ms`` is a 503 with Retry-After."""
         found = [self.cache.get(t) for t in texts]  # (row, tokens) or None
         missing = list(dict.fromkeys(t for t, f in zip(texts, found) if f is None))  # unique, in order
         if missing:

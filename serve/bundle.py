@@ -4,16 +4,23 @@ Layout::
 
     <bundle>/
       model/               # SentenceTransformer(path) loads it
-      index/corpus.faiss   # optional: IndexFlatIP over normalized embeddings (inner product = cosine)
+      index/corpus.faiss   # optional: IndexFlatIP over the embeddings eval searched (inner product: the model's
+                           # similarity, cosine for a normalized model, dot for a dot-product one)
       index/docs.jsonl     # optional: one {"_id", "title", "text", ...metadata} per index row, same order
       retriever.json       # optional: the RetrieverSpec /search serves (embtune/retrieval/spec.py); default dense
-      manifest.json        # {"dims": [...], "metric": "cosine", "corpus_hash": ..., "versions": {...}}
+      manifest.json        # {"dims": [...], "metric": "cosine", "corpus_hash": ..., "versions": {...}, and the
+                           # settings the index was built with: SERVING_KEYS}
 
 Example::
 
     build_bundle("runs/x/train/model", docs, "runs/x/export")
     bundle = load_bundle("runs/x/export")
-    bundle.encode(["a query"])  # (1, dim) float32, L2-normalized
+    bundle.encode(["a query"])  # (1, dim) float32, as eval encodes a query (L2-normalized for a cosine model)
+
+The bundle ranks as eval measured: the model's own similarity (a dot-product model is not renormalized into a
+cosine one), the encoder backend, token limit and title handling that embedded the index, and the BM25 language
+its documents resolve to. ``manifest.json`` records them (``SERVING_KEYS``); :func:`load_bundle` serves with them
+and refuses, in one line naming the setting (:class:`BundleMismatch`), to serve otherwise.
 """
 
 from __future__ import annotations
@@ -34,14 +41,8 @@ from embtune.compute.encoding import encode_corpus
 from embtune.config import InputError
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
-from embtune.retrieval.encoder import (
-    BACKENDS,
-    cache_key,
-    encode,
-    normalize,
-    remember_loaded,
-    uses_cosine,
-)
+from embtune.retrieval.bm25 import resolve_language
+from embtune.retrieval.encoder import BACKENDS, cache_key, encode, remember_loaded
 from embtune.retrieval.spec import SPEC_FILE, DenseSpec, RetrieverSpec
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,38 @@ MODEL_DIR = "model"
 INDEX_FILE = "index/corpus.faiss"
 DOCS_FILE = "index/docs.jsonl"
 MANIFEST_FILE = "manifest.json"
+# What the index was built with and what serving must match; a bundle written before these were recorded has none.
+SERVING_KEYS = ("similarity_fn_name", "encoder_backend", "max_seq_length", "include_title", "bm25_language")
 
 
-def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str | None = None, threads: int = 0):
-    """A SentenceTransformer (torch) or an OnnxEncoder over the bundle model's own ONNX file."""
+class BundleMismatch(InputError, ValueError):
+    """A bundle would be served with another setting than the one it was built and measured with (one line)."""
+
+
+def check_setting(bundle_dir: Path, manifest: dict[str, Any], key: str, serving: Any, setting: str) -> None:
+    """Raise :class:`BundleMismatch` when the manifest records ``key`` and ``serving`` differs from it."""
+    if key in manifest and manifest[key] != serving:
+        raise BundleMismatch(f"bundle {bundle_dir}: built with {key}={manifest[key]!r} ({MANIFEST_FILE}) but would be "
+                             f"served with {serving!r}; set {setting}={manifest[key]} or rebuild the bundle")
+
+
+def check_backend(bundle_dir: str | Path, backend: str) -> None:
+    """Refuse (:class:`BundleMismatch`) to serve a bundle on another encoder backend than the one that embedded
+    its index: the query vectors would come from another encoder than the documents'."""
+    manifest_path = Path(bundle_dir) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    check_setting(Path(bundle_dir), manifest, "encoder_backend", backend, "backend")
+
+
+def similarity_of(model) -> str:
+    """The model's similarity function as sentence-transformers names it (None = its default, cosine)."""
+    return getattr(model, "similarity_fn_name", None) or "cosine"
+
+
+def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str | None = None, threads: int = 0,
+                max_seq_length: int = 0):
+    """A SentenceTransformer (torch) or an OnnxEncoder over the bundle model's own ONNX file; ``max_seq_length``
+    > 0 truncates there (eval's ``eval.max_seq_length``), 0 = the model's own."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (expected one of {list(BACKENDS)})")
     if backend == "torch":
@@ -61,6 +90,8 @@ def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str 
 
         model = SentenceTransformer(str(model_dir), device=device or None)
         model.eval()
+        if max_seq_length:
+            model.max_seq_length = max_seq_length
         return model
     if backend.startswith("openvino"):
         from embtune.retrieval.openvino import BACKEND_FILES as IR_FILES
@@ -69,12 +100,13 @@ def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str 
         return OpenVINOEncoder(model_dir, onnx_file or IR_FILES[backend], threads=threads)
     from embtune.retrieval.onnx import BACKEND_FILES, OnnxEncoder
 
-    return OnnxEncoder(model_dir, onnx_file or BACKEND_FILES[backend], threads=threads)
+    return OnnxEncoder(model_dir, onnx_file or BACKEND_FILES[backend], threads=threads, max_seq_length=max_seq_length)
 
 
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
                  batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
-                 copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch") -> Path:
+                 copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch",
+                 include_title: bool = True, max_seq_length: int = 0) -> Path:
     """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
 
     Args:
@@ -92,7 +124,11 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
             write ``model/onnx/`` first (:func:`embtune.retrieval.onnx.export_onnx`), the OpenVINO ones
             ``model/openvino/`` (:func:`embtune.retrieval.openvino.export_openvino`, int8 calibrated on ``docs``).
             Serve the bundle with the same backend, so queries and documents come from one encoder.
+        include_title: documents are embedded (and BM25 / the rerank read them) as title + text, or the text alone
+            (``mining.include_title``, as eval read them).
+        max_seq_length: the encoder's token limit eval used (``eval.max_seq_length``); 0 = the model's own.
 
+    The manifest records the settings (``SERVING_KEYS``) that :func:`load_bundle` then serves with.
     With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
     is filled one shard at a time (``embtune.compute.export.write_faiss_index``): the same exact index, without the
     whole matrix in this process. The workers load ``<out_dir>/model``, so a remote cluster must see that path.
@@ -126,11 +162,13 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
     elif backend != "torch" and not (target_model / BACKEND_FILES[backend]).is_file():
         export_onnx(target_model, quantize=backend == "onnx-int8")
     # Ray workers (compute.engine: ray) load the bundle's copy of the model, with the same backend.
-    model = remember_loaded(_load_model(target_model, backend, device=device), str(target_model.resolve()), backend)
+    model = remember_loaded(_load_model(target_model, backend, device=device, max_seq_length=max_seq_length),
+                            str(target_model.resolve()), backend)
     dim = model.get_embedding_dimension()
 
-    manifest: dict[str, Any] = {"dims": dims or [dim], "metric": "cosine", "corpus_hash": None, "num_docs": 0,
-                                "encoder_backend": backend}
+    manifest: dict[str, Any] = {"dims": dims or [dim], "metric": similarity_of(model), "corpus_hash": None,
+                                "num_docs": 0, "similarity_fn_name": similarity_of(model), "encoder_backend": backend,
+                                "max_seq_length": int(model.max_seq_length or 0), "include_title": include_title}
     index_dir = out_dir / "index"
     if index_dir.exists():
         shutil.rmtree(index_dir)
@@ -149,20 +187,19 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
         # Documents take the model's document route (an asymmetric label-free model's is the base model's).
         key = cache_key(str(model_dir), model.max_seq_length, role="document")
-        embeddings = encode_corpus(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+        doc_texts = [document_text(d, include_title) for d in docs]
+        # eval's vectors as they are: encode normalizes a cosine model's, and a dot-product model is searched by
+        # its raw inner product (normalizing would serve a cosine ranking eval never measured).
+        embeddings = encode_corpus(model, doc_texts, batch_size, cache_key=key,
                                    desc="bundle corpus", role="document")  # (n, dim), or its shards on Ray
-        # encode normalized cosine models already; twice would move the last bits
-        renormalize = None if uses_cosine(model) else normalize
         if isinstance(embeddings, np.ndarray):
-            if renormalize is not None:
-                embeddings = renormalize(embeddings)
             index = faiss.IndexFlatIP(dim)
             index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
             faiss.write_index(index, str(out_dir / INDEX_FILE))
         else:  # the same exact index, filled one shard at a time: the whole matrix is never in this process
             from embtune.compute.export import write_faiss_index
 
-            write_faiss_index(embeddings, out_dir / INDEX_FILE, kind="flat", transform=renormalize)
+            write_faiss_index(embeddings, out_dir / INDEX_FILE, kind="flat")
         manifest["corpus_hash"] = hash_path(out_dir / DOCS_FILE)
         manifest["num_docs"] = len(docs)
     spec = spec or RetrieverSpec(dense=DenseSpec(dim=dim))
@@ -170,6 +207,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         spec = spec.replace(dense=DenseSpec(model=MODEL_DIR, dim=spec.dense.dim or dim, precision=spec.dense.precision))
     if (spec.bm25 is not None or spec.rerank is not None) and docs is None:
         raise ValueError(f"spec {spec.describe()!r} needs the documents' text: pass docs")
+    if spec.bm25 is not None:
+        manifest["bm25_language"] = resolve_language(spec.bm25, doc_texts)
     spec.save(out_dir / SPEC_FILE)
     manifest["retriever"] = spec.describe()
     manifest["versions"] = versions()
@@ -180,7 +219,8 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
 
 @dataclass
 class Bundle:
-    """A loaded bundle. ``encode`` returns L2-normalized float32 embeddings, shape (len(texts), dim).
+    """A loaded bundle. ``encode`` returns eval's query embeddings (float32, (len(texts), dim)); ``doc_texts``
+    are the documents as the index embedded them (title handling from the manifest).
 
     Thread safety: a Hugging Face fast tokenizer keeps its padding and truncation settings as mutable state that
     every call sets, so one tokenizer used by two threads at once builds batches from another call's settings
@@ -196,6 +236,7 @@ class Bundle:
     index: Any = None  # faiss index or None
     docs: list[dict[str, Any]] = field(default_factory=list)
     spec: RetrieverSpec = field(default_factory=RetrieverSpec)  # retriever.json, or dense at the full dim
+    doc_texts: list[str] = field(default_factory=list)  # what BM25 and the rerank read, as eval read it
     encode: Callable[[list[str]], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
     _counting: threading.local = field(default_factory=threading.local, init=False, repr=False)
 
@@ -254,18 +295,21 @@ def _counting_tokenizer(tokenizer):
     return backend
 
 
-def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str = "",
+def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: str = "",
                 device: str | None = None, batch_size: int = 64, threads: int = 0) -> Bundle:
-    """Load ``<bundle>/model`` on an encoder backend, and the index and docs when the bundle has them.
+    """Load ``<bundle>/model`` on an encoder backend, and the index and docs when the bundle has them, with the
+    settings the manifest records (``SERVING_KEYS``).
 
     Args:
-        backend: ``torch``, ``onnx`` or ``onnx-int8`` (``embtune.retrieval.encoder.BACKENDS``).
+        backend: ``torch``, ``onnx`` or ``onnx-int8`` (``embtune.retrieval.encoder.BACKENDS``); None = the one that
+            embedded the index (manifest ``encoder_backend``, else torch). Another one than that is refused.
         onnx_file: the ONNX file under ``<bundle>/model`` for the ONNX backends; "" = the backend's own
             (``onnx/model.onnx``, ``onnx/model_qint8.onnx``; ``export.onnx`` and ``eval.backend`` write them).
         threads: > 0 caps the CPU threads of each forward pass (set in whichever thread calls ``encode``).
 
     Raises:
         FileNotFoundError: the bundle, its model folder or the ONNX file is missing.
+        BundleMismatch: ``backend`` or the model's similarity function is not the one the index was built with.
         ValueError: an unknown backend, or the index and docs disagree (row counts, dimension).
     """
     bundle_dir = Path(bundle_dir)
@@ -274,7 +318,11 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         raise FileNotFoundError(f"bundle {bundle_dir}: no model folder at {model_dir}")
     manifest_path = bundle_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    model = _load_model(model_dir, backend, onnx_file, device, threads)
+    backend = backend or manifest.get("encoder_backend", "torch")
+    check_setting(bundle_dir, manifest, "encoder_backend", backend, "backend")
+    model = _load_model(model_dir, backend, onnx_file, device, threads, int(manifest.get("max_seq_length") or 0))
+    check_setting(bundle_dir, manifest, "similarity_fn_name", similarity_of(model),
+                  f"similarity_fn_name in {model_dir}/config_sentence_transformers.json")
     dim = model.get_embedding_dimension()
     # The model and its tokenizer serve one encode call at a time (see Bundle); two forward passes at once would
     # only share the same cores anyway. The server's micro-batcher calls from one thread, so it never waits here.
@@ -285,11 +333,11 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         # ONNX backends, the pooling) runs; onnxruntime's is the session's own.
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        # The core's encode, as eval's: the same normalization and the query route, so a query alone gets eval's
-        # vector bit for bit (an asymmetric model encodes queries and documents with different routes).
+        # The core's encode, as eval's: the same normalization (none for a dot-product model) and the query route,
+        # so a query alone gets eval's vector bit for bit (an asymmetric model encodes queries and documents with
+        # different routes).
         with encode_lock:
-            rows = encode(model, texts, batch_size, role="query")  # (n, dim)
-        return rows if uses_cosine(model) else normalize(rows)
+            return encode(model, texts, batch_size, role="query")  # (n, dim)
 
     index, docs = None, []
     if (bundle_dir / INDEX_FILE).is_file():
@@ -318,6 +366,10 @@ def load_bundle(bundle_dir: str | Path, backend: str = "torch", onnx_file: str =
         raise ValueError(f"{spec_path}: dense.dim {spec.dense.dim} is larger than the model's dimension {dim}")
     if (spec.bm25 is not None or spec.rerank is not None) and not docs:
         raise ValueError(f"{spec_path}: {spec.describe()!r} needs {bundle_dir / DOCS_FILE} (the documents' text)")
+    doc_texts = [document_text(d, manifest.get("include_title", True)) for d in docs]
+    if spec.bm25 is not None:
+        check_setting(bundle_dir, manifest, "bm25_language", resolve_language(spec.bm25, doc_texts),
+                      f"bm25.language in {spec_path}")
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
                   max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode_texts,
-                  spec=spec)
+                  spec=spec, doc_texts=doc_texts)

@@ -92,9 +92,10 @@ computed with pytrec_eval as BEIR/MTEB do (percent).
 def stage_config(cfg) -> dict[str, Any]:
     """The config the bundle depends on (its fingerprint): the export section, and the training and mining
     config the model card records (less train's bookkeeping keys, which change no weights)."""
-    return {"export": to_dict(cfg.export), "backend": cfg.eval.backend, "mining": to_dict(cfg.mining),
-            "on_error": cfg.data.on_error,
-            "train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys}}
+    return {"export": to_dict(cfg.export), "mining": to_dict(cfg.mining), "on_error": cfg.data.on_error,
+            "train": {k: v for k, v in to_dict(cfg.train).items() if k not in cfg.train.bookkeeping_keys},
+            # the encoder as eval measured it, which the bundle reproduces and records
+            "eval": {"max_seq_length": cfg.eval.max_seq_length, "backend": cfg.eval.backend}}
 
 
 def bundle_spec(results: dict[str, Any], model_dir: str) -> tuple[RetrieverSpec | None, dict[str, Any]]:
@@ -177,15 +178,17 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
                        spec.describe())
         spec = None
-    # eval.backend != torch: build_bundle writes model/onnx/ first and embeds the corpus with it.
-    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.eval.backend)
+    # eval.backend != torch: build_bundle writes the model's ONNX file or OpenVINO IR first and embeds the corpus
+    # with it. Titles and the token limit as eval read the corpus, so the bundle ranks what eval measured.
+    build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.eval.backend,
+                 include_title=cfg.mining.include_title, max_seq_length=cfg.eval.max_seq_length)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         from embtune.serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
 
         # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
         export_vectordb(out_dir, model_dir, docs, vector_targets, cfg.export.vectordb,
-                        name=cfg.export.vectordb.name or cfg.export.model_name)
+                        name=cfg.export.vectordb.name or cfg.export.model_name, include_title=cfg.mining.include_title)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
     if cfg.export.onnx:
@@ -195,7 +198,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
             export_onnx(out_dir / "model", quantize=False)
     manifest = json.loads((out_dir / MANIFEST_FILE).read_text())
     manifest.update({"base_model": cfg.train.base_model, "metrics_split": results.get("split"), "versions": versions(),
-                     "retriever_source": spec_source})
+                     "retriever_source": spec_source, "evaluated_with": {"encoder_backend": cfg.eval.backend}})
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     from embtune.tracking import log_export_artifact  # the bundle as a wandb artifact, when tracking.report_to has it
 

@@ -298,7 +298,7 @@ def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: lis
 
 
 def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[dict[str, Any]], targets: list[str],
-                    cfg, name: str, batch_size: int = 64) -> dict[str, Any]:
+                    cfg, name: str, batch_size: int = 64, include_title: bool = True) -> dict[str, Any]:
     """Write ``docs`` with the model's embeddings to each of ``targets`` (``chroma``, ``lancedb``) under
     ``<bundle_dir>/vectordb/``; return the manifest's ``vectordb`` entry (which the bundle must then record, since
     the query embedding functions read dim and precision from it).
@@ -310,6 +310,7 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         targets: a subset of ``VECTOR_TARGETS``.
         cfg: an ``ExportConfig.vectordb`` section (dim, precision, Chroma HNSW settings).
         name: the Chroma collection and LanceDB table name.
+        include_title: embed title + text or the text alone, as eval read the corpus (``mining.include_title``).
     """
     unknown = [t for t in targets if t not in VECTOR_TARGETS]
     if unknown:
@@ -320,7 +321,7 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     bundle_dir = Path(bundle_dir).resolve()
     model, _ = load_encoder(str(model_dir))
     key = cache_key(str(model_dir), model.max_seq_length, role="document")
-    embeddings = encode_corpus(model, [document_text(d) for d in docs], batch_size, cache_key=key,
+    embeddings = encode_corpus(model, [document_text(d, include_title) for d in docs], batch_size, cache_key=key,
                                desc="vectordb corpus", role="document")  # (n, full dim), or its shards on Ray
     shards, vectors = None, None
     if isinstance(embeddings, np.ndarray):

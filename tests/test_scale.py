@@ -416,3 +416,58 @@ def test_eval_and_labelfree_on_ray_give_the_local_results(cluster, tiny_beir, ti
         assert got["query"] == want["query"] and got["candidates"] == want["candidates"]
         np.testing.assert_allclose(got["teacher_scores"], want["teacher_scores"], atol=1e-5)
         np.testing.assert_allclose(got["base_scores"], want["base_scores"], atol=1e-5)
+
+
+GERMAN = {"Datei": ["Datei", "Dateien"], "Verzeichnis": ["Verzeichnis", "Verzeichnisse", "Verzeichnissen"],
+          "Befehl": ["Befehl", "Befehle", "Befehlen"], "kopieren": ["kopieren", "kopiert", "kopierte"],
+          "Rechner": ["Rechner", "Rechners", "Rechnern"], "Sicherung": ["Sicherung", "Sicherungen"],
+          "Benutzer": ["Benutzer", "Benutzern", "Benutzers"], "Zeichen": ["Zeichen", "Zeichens"]}
+
+
+def test_ray_mining_tokenizes_a_german_corpus_as_one_process(cluster, tmp_path):
+    """bm25.language: auto on the Ray engine: the whole corpus decides (German stemmer, no English stop words), as
+    in one process; the workers alone would have fallen back to English."""
+    from embtune.data_prep.run import build_ranking
+    from embtune.schema import load_config
+
+    rng = random.Random(1)
+    function = "die der und ist mit dem den das nicht auch auf ein eine wird".split()
+    texts = [" ".join(rng.choice(rng.choice(list(GERMAN.values()))) if rng.random() < 0.4 else rng.choice(function)
+                      for _ in range(14)) for _ in range(200)]
+    doc_ids = [f"d{i}" for i in range(len(texts))]
+    queries = {f"q{i}": " ".join(rng.choice(forms) for forms in rng.sample(list(GERMAN.values()), 2))
+               for i in range(20)}
+    qrels = {q: {doc_ids[(11 * i) % 200]: 1} for i, q in enumerate(queries)}
+    rankings = {}
+    for engine, language in (("local", "auto"), ("ray", "auto"), ("local", "english")):
+        cfg = load_config(None, ["mining.method=bm25", "mining.rank_end=10", f"compute.engine={engine}",
+                                 f"compute.shard_rows={SHARD_ROWS}", f"bm25.language={language}"],
+                          sections=["mining", "compute", "bm25"])
+        rankings[engine, language] = build_ranking(cfg, dict.fromkeys(doc_ids), dict(zip(doc_ids, texts)), queries,
+                                                   qrels)
+    np.testing.assert_array_equal(rankings["local", "auto"].indices, rankings["ray", "auto"].indices)
+    np.testing.assert_array_equal(rankings["local", "auto"].scores, rankings["ray", "auto"].scores)
+    assert not np.array_equal(rankings["local", "auto"].scores, rankings["local", "english"].scores)
+
+
+def test_ray_mining_normalizes_the_weighted_fusion_over_the_whole_corpus(encoded, corpus, tiny_model_dir):
+    """The engine's candidate lists know the corpus size, so the weighted fusion's whole-corpus statistics cover
+    every document, also those no candidate list reaches (40 documents of other words at the end here)."""
+    from embtune.data_prep.run import build_ranking
+    from embtune.schema import load_config
+
+    texts, queries = corpus
+    texts = texts[:380] + [" ".join(f"w{(7 * i + j) % 64}" for j in range(5)) for i in range(40)]
+    doc_ids = [f"d{i}" for i in range(len(texts))]
+    query_dict = {f"q{i}": q for i, q in enumerate(queries)}
+    qrels = {f"q{i}": {doc_ids[(7 * i) % 380]: 1} for i in range(len(queries))}
+    rankings = {}
+    for method in ("hybrid", "dense"):
+        for engine in ("local", "ray"):
+            cfg = load_config(None, [f"mining.method={method}", "mining.fusion=weighted", "mining.rank_end=10",
+                                     f"train.base_model={tiny_model_dir}", f"compute.engine={engine}",
+                                     f"compute.shard_rows={SHARD_ROWS}"], sections=["mining", "compute"])
+            rankings[method, engine] = build_ranking(cfg, dict.fromkeys(doc_ids), dict(zip(doc_ids, texts)),
+                                                     query_dict, qrels)
+    assert rankings["dense", "ray"].num_docs == rankings["hybrid", "ray"].num_docs == len(texts)
+    np.testing.assert_array_equal(rankings["hybrid", "local"].indices, rankings["hybrid", "ray"].indices)

@@ -34,7 +34,7 @@ def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str 
     """
     compute = compute or active()
     if cache_key and compute.engine == "ray" and LOADED_AS in vars(model):
-        stem = cache_stem(model, cache_key, texts)
+        stem = cache_stem(model, cache_key, texts, role)
         if not (cache_dir() / f"{stem}.npy").is_file():
             from embtune.compute.shards import encode_texts
 

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from embtune.compute import ComputeConfig
 from embtune.compute.shards import ShardSet, apply_overrides, read_shard_file, read_source
-from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order
+from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer, rank_order, resolve_language
 from embtune.retrieval.fusion import ScoreStats
 
 logger = logging.getLogger(__name__)
@@ -344,6 +344,9 @@ def bm25_candidates(doc_texts: list[str], query_texts: list[str], depth: int, se
     returns them (``score_docs`` sums each query token's weight in each document, in query token order)."""
     from embtune.compute.shards import plan_texts
 
+    # bm25.language: auto is resolved here, on the whole corpus, as one process's build_tokenizer(settings, texts)
+    # resolves it: the workers see one shard each, and without the texts auto would mean English.
+    settings = replace(settings, language=resolve_language(settings, doc_texts))
     items = plan_texts(doc_texts, compute.shard_rows)
     stats = bm25_stats(items, settings, compute)
     scores, indices = bm25_search(items, query_texts, depth, settings, compute, stats)

@@ -68,7 +68,7 @@ def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None 
     """
     path = None
     if cache_key:
-        stem = cache_stem(model, cache_key, texts)
+        stem = cache_stem(model, cache_key, texts, role)
         path = cache_dir() / f"{stem}.npy"
         if path.is_file():
             logger.info("embeddings cache hit: %s", path)
@@ -116,11 +116,28 @@ def encode_batch(model, texts: list[str], batch_size: int, role: str | None = No
     return normalize(embeddings) if uses_cosine(model) else embeddings
 
 
-def cache_stem(model, cache_key: str, texts: list[str]) -> str:
-    """The cache entry's name: key, the backend's tag (the ONNX encoder's file; none for torch) and the text hash."""
+def role_route(model, role: str | None) -> str:
+    """``role`` when encoding by it differs from a plain ``encode`` of ``model``, else "": a prompt for the role,
+    or a ``Router`` route other than its default (label-free's asymmetric models take the document route by
+    default, so their document encodes and plain encodes are one entry)."""
+    if not role:
+        return ""
+    if (getattr(model, "prompts", None) or {}).get(role):
+        return role
+    for module in model if hasattr(model, "__iter__") else ():
+        routes = getattr(module, "sub_modules", None)
+        if routes is not None and role in routes and role != getattr(module, "default_route", None):
+            return role
+    return ""
+
+
+def cache_stem(model, cache_key: str, texts: list[str], role: str | None = None) -> str:
+    """The cache entry's name: key, the backend's tag (the ONNX encoder's file; none for torch), the route when the
+    role changes the encode (:func:`role_route`: a query-route and a plain encode of one text are two entries) and
+    the text hash."""
     text_hash = hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
-    tag = getattr(model, "cache_tag", "")
-    return f"{cache_key}{'_' + tag if tag else ''}_{text_hash}"
+    tags = [t for t in (getattr(model, "cache_tag", ""), role_route(model, role)) if t]
+    return "_".join([cache_key, *tags, text_hash])
 
 
 # Written into an asymmetric model's folder by label-free training: its document route is this base model,

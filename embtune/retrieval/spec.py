@@ -109,12 +109,16 @@ class RerankSpec:
 
     model: str = ""  # CrossEncoder folder, hub name or alias
     top_k: int = 100
+    # Truncation of each (query, document) pair in tokens, as eval scored it (eval.max_seq_length); 0 = the model's.
+    max_length: int = 0
 
     def validate(self) -> None:
         if not self.model:
             raise ValueError("rerank.model must name a CrossEncoder (or set rerank to null)")
         if self.top_k < 1:
             raise ValueError(f"rerank.top_k must be >= 1, got {self.top_k}")
+        if self.max_length < 0:
+            raise ValueError(f"rerank.max_length must be >= 0 (0 = the model's own), got {self.max_length}")
 
 
 @dataclass
@@ -343,6 +347,10 @@ def row_vectors(doc_emb: Any, rows: Sequence[int]) -> np.ndarray:
     return doc_emb[list(rows)]
 
 
+def _scorer_key(rerank_spec: RerankSpec) -> tuple[str, int]:
+    return rerank_spec.model, rerank_spec.max_length
+
+
 class Retriever:
     """Runs a :class:`RetrieverSpec` over one corpus; eval and serve both search through it.
 
@@ -375,7 +383,8 @@ class Retriever:
         self.doc_texts = list(doc_texts)
         self._text_of = dict(zip(self.doc_ids, self.doc_texts))
         self._doc_emb = doc_emb
-        self._scorers: dict[str, Any] = {spec.rerank.model: scorer} if scorer is not None and spec.rerank else {}
+        self._scorers: dict[tuple[str, int], Any] = ({_scorer_key(spec.rerank): scorer}
+                                                     if scorer is not None and spec.rerank else {})
         self._default_scorer = scorer
         self.device = device
         self._dense: dict[tuple[int, str], DenseIndex] = {}
@@ -422,17 +431,19 @@ class Retriever:
 
     def _scorer(self, rerank_spec: RerankSpec):
         with self._lock:
-            if rerank_spec.model not in self._scorers:
+            key = _scorer_key(rerank_spec)
+            if key not in self._scorers:
                 if self._default_scorer is not None:
-                    self._scorers[rerank_spec.model] = self._default_scorer
+                    self._scorers[key] = self._default_scorer
                 else:
                     from sentence_transformers import CrossEncoder
 
                     from embtune.models import resolve_model
 
-                    self._scorers[rerank_spec.model] = CrossEncoder(resolve_model(rerank_spec.model, must_exist=True),
-                                                                    device=self.device)
-            return self._scorers[rerank_spec.model]
+                    self._scorers[key] = CrossEncoder(resolve_model(rerank_spec.model, must_exist=True),
+                                                      max_length=rerank_spec.max_length or None,
+                                                      device=self.device)
+            return self._scorers[key]
 
     def search(self, query_texts: Sequence[str], query_emb: np.ndarray | None, k: int,
                query_ids: Sequence[str] | None = None, spec: RetrieverSpec | None = None,

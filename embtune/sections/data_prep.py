@@ -133,8 +133,8 @@ class MiningConfig:
     dense_weight: float = 0.5
     candidate_depth: int = 0
 
-    # False-negative guards (None = off). A candidate is dropped when score >= positive score * (1 - margin),
-    # or when score > max_score.
+    # False-negative guards (None = off). A candidate is dropped when score >= positive score - |positive score|
+    # * margin (within margin of the positive, whatever the score's sign), or when score > max_score.
     margin: float | None = None
     max_score: float | None = None
 

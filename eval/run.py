@@ -44,6 +44,7 @@ from embtune.retrieval.bm25 import bm25_search
 from embtune.retrieval.encoder import cache_key, encode, encode_corpus
 from embtune.retrieval.encoder import load_encoder as load_core_encoder
 from embtune.retrieval.index import to_run
+from embtune.retrieval.probe import lexical_check
 from embtune.retrieval.rerank import rerank
 from embtune.retrieval.spec import (
     BM25Index,
@@ -482,13 +483,17 @@ def labelfree_evidence(cfg) -> dict[str, Any] | None:
 
 
 def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str], evidence: dict[str, Any]
-               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float]]:
+               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float], dict[str, Any]]:
     """MRR@10 on data_prep's inverse-cloze probe (no labels) of every row the deploy choice compares: each model
     dense, BM25, and each model fused with BM25 at its best weight on the probe (``labelfree.probe_weights``; the
     student's best weight need not be the base model's). The corpus is searched with the probe passages cut (their
     text without the query), through the core ``Retriever`` and its fusion, queries by role.
 
-    Returns (MRR@10 by row, spec by row, each model's fusion weight)."""
+    A fusion weight is chosen among those passing the probe's lexical check against the model alone
+    (``embtune.retrieval.probe``: beat it on the probe queries sharing the fewest terms with their passage too).
+
+    Returns (MRR@10 by row, spec by row, each model's fusion weight, ``{"queries", "mrr@10"}`` of every row on the
+    least lexical probe queries)."""
     probe = evidence["probe"]
     texts = probe.corpus_texts(doc_ids, doc_texts)
     position = {d: i for i, d in enumerate(doc_ids)}
@@ -499,8 +504,11 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
     weights: dict[str, float] = {}
     specs: dict[str, RetrieverSpec] = {}
     ids = probe.query_ids()
+    low = probe.least_lexical(bm25.tokenizer)  # the lexical check's queries (embtune.retrieval.probe)
+    low_mrr: dict[str, float] = {}
     specs["bm25"] = RetrieverSpec(dense=None, bm25=cfg.bm25)
-    mrr["bm25"] = probe.mrr(Retriever(specs["bm25"], doc_ids, texts, bm25=bm25).search(probe.queries, None, 10, ids))
+    bm25_run = Retriever(specs["bm25"], doc_ids, texts, bm25=bm25).search(probe.queries, None, 10, ids)
+    mrr["bm25"], low_mrr["bm25"] = probe.mrr(bm25_run), probe.mrr(bm25_run, only=low)
     for name in ("base", "finetuned"):
         if name not in models:
             continue
@@ -514,18 +522,22 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
         query_emb = encode(model, probe.queries, cfg.eval.batch_size, desc=f"{name} probe queries", role="query")
         specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
         retriever = Retriever(specs[name], doc_ids, texts, doc_emb, bm25=bm25)
-        mrr[name] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids))
-        by_weight = {}
+        dense_run = retriever.search(probe.queries, query_emb, 10, ids)
+        mrr[name], low_mrr[name] = probe.mrr(dense_run), probe.mrr(dense_run, only=low)
+        by_weight, by_weight_low = {1.0: mrr[name]}, {1.0: low_mrr[name]}
         for w in cfg.labelfree.probe_weights:
             spec = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
                 method="weighted", dense_weight=w, rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
-            by_weight[w] = probe.mrr(retriever.search(probe.queries, query_emb, 10, ids, spec=spec))
-        weights[name] = max(by_weight, key=lambda w: (by_weight[w], w))  # ties go to the denser
+            run_ = retriever.search(probe.queries, query_emb, 10, ids, spec=spec)
+            by_weight[w], by_weight_low[w] = probe.mrr(run_), probe.mrr(run_, only=low)
+        # only weights passing the lexical check against this model alone; ties go to the denser
+        passing = [w for w in by_weight if w >= 1 or by_weight_low[w] > low_mrr[name]]
+        weights[name] = max(passing, key=lambda w: (by_weight[w], w))
         fused = f"{name}+bm25_weighted"
         specs[fused] = specs[name].replace(bm25=cfg.bm25, fusion=FusionSpec(
             method="weighted", dense_weight=weights[name], rrf_k=cfg.eval.rrf_k, depth=cfg.eval.hybrid_depth))
-        mrr[fused] = by_weight[weights[name]]
-    return mrr, specs, weights
+        mrr[fused], low_mrr[fused] = by_weight[weights[name]], by_weight_low[weights[name]]
+    return mrr, specs, weights, {"queries": len(low), "mrr@10": low_mrr}
 
 
 def choose_on_evidence(scores: dict[str, float], min_student_gain: float) -> tuple[str, str]:
@@ -544,6 +556,17 @@ def choose_on_evidence(scores: dict[str, float], min_student_gain: float) -> tup
     students = [r for r in scores if r.startswith("finetuned") and r not in eligible]
     note = (f"; student rows {students} do not beat the base model's by {min_student_gain:g}" if students else "")
     return best, note
+
+
+def lexically_checked(mrr: dict[str, float], least_lexical: dict[str, Any]) -> dict[str, float]:
+    """The probe's rows that may ship: BM25 alone only when it also beats the base model on the probe's least
+    lexical queries (``embtune.retrieval.probe.lexical_check``; the fused rows' weights passed it in
+    :func:`probe_rows`), so that verbatim overlap alone never ships BM25 over the dense base."""
+    low = least_lexical["mrr@10"]
+    if "bm25" in mrr and "base" in low and not lexical_check(low["bm25"], low["base"], least_lexical["queries"])[
+            "passes"]:
+        return {row: score for row, score in mrr.items() if row != "bm25"}
+    return mrr
 
 
 def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
@@ -566,19 +589,21 @@ def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: li
                        f"({dev['num_queries']} labelled queries carved from train, never the reported split){note}"}
     evidence = labelfree_evidence(cfg) if cfg.data.queries == "labelfree" else None
     if evidence is not None:
-        mrr, specs, weights = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
+        mrr, specs, weights, least_lexical = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
         decision = evidence["decision"]
         if decision["decision"] == "bm25":
             best, why = "bm25", decision["reason"]
             chosen_by = "tokenizer fit"
         else:
-            best, note = choose_on_evidence(mrr, min_gain)
+            best, note = choose_on_evidence(lexically_checked(mrr, least_lexical), min_gain)
             chosen_by = "probe"
             why = (f"the best row on the inverse-cloze probe (MRR@10 {mrr[best]}, {len(evidence['probe'])} queries "
                    f"from passages held out of training, no labels){note}")
         return {"row": best, "spec": specs[best].to_dict(), "chosen_by": chosen_by,
                 "evidence": {"metric": "MRR@10 on the inverse-cloze probe (percent)", **mrr},
                 "dense_weight": weights, "weight_from": "probe", "decision": decision,
+                "lexical_check": {"metric": "MRR@10 on the probe queries sharing the fewest terms with their passage",
+                                  **least_lexical},
                 "why": f"deploy {best} ({specs[best].describe()}): {why}"}
     row = "finetuned" if "finetuned" in models else next(iter(models), "bm25")
     spec = RetrieverSpec(dense=None, bm25=cfg.bm25) if row == "bm25" else RetrieverSpec(

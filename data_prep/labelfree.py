@@ -15,7 +15,10 @@ the dense model for others), and queries cut verbatim from a passage favour BM25
 word. The probe therefore asks the inverse-cloze question (Lee et al., 2019): a sentence (or a title) is cut out
 of its passage, and each fusion weight must find the passage *without that sentence* among the whole corpus. The
 weight with the best MRR@10 is the teacher's; weights 0 and 1 (BM25 alone, dense alone) are candidates, so on the
-probe the teacher is never below its best member. The probe's table is written into the stage report.
+probe the teacher is never below its best member. A weight that adds BM25 must pass the probe's lexical check
+(``embtune.retrieval.probe.lexical_check``: it beats the dense model alone on the probe queries that share the
+fewest terms with their passage too), so that verbatim overlap alone cannot pull the teacher off the dense model.
+The probe's table is written into the stage report.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import numpy as np
 from embtune.dataio import document_text
 from embtune.retrieval.fusion import DEFAULT_NORMALIZATION, weighted_fuse
 from embtune.retrieval.language import count_words, crop_words, split_sentences
-from embtune.retrieval.probe import ClozeProbe
+from embtune.retrieval.probe import ClozeProbe, lexical_check
 from embtune.retrieval.spec import replace_rows, row_vectors
 
 logger = logging.getLogger(__name__)
@@ -172,11 +175,25 @@ def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str]
                                   desc="probe passages"))
     bm25 = teacher.index(texts)
     dense, sparse, _ = teacher.runs(probe.queries, depth, doc_emb=doc_emb, bm25=bm25)
-    mrr = {f"{w:g}": probe.mrr(weighted_fuse(dense, sparse, w, depth)) for w in weights}
-    best = max(weights, key=lambda w: (mrr[f"{w:g}"], w))  # ties go to the denser teacher (the student's own side)
+    fused = {w: weighted_fuse(dense, sparse, w, depth) for w in weights}
+    mrr = {f"{w:g}": probe.mrr(fused[w]) for w in weights}
+    # The lexical check (embtune.retrieval.probe): a weight that adds BM25 must also beat the dense model alone on
+    # the probe queries sharing the fewest terms with their passage; dense alone always passes.
+    low = probe.least_lexical(bm25.tokenizer)
+    dense_low = probe.mrr(dense, only=low)
+    mrr_low = {f"{w:g}": probe.mrr(fused[w], only=low) for w in weights}
+    passing = [w for w in weights if w >= 1 or lexical_check(mrr_low[f"{w:g}"], dense_low, len(low))["passes"]]
+    unchecked = max(weights, key=lambda w: (mrr[f"{w:g}"], w))  # ties go to the denser teacher (the student's side)
+    best = max(passing or [1.0], key=lambda w: (mrr.get(f"{w:g}", -1.0), w))
+    if f"{best:g}" not in mrr:  # dense alone was not among probe_weights
+        mrr[f"{best:g}"], mrr_low[f"{best:g}"] = probe.mrr(dense), dense_low
+    check = lexical_check(mrr_low[f"{unchecked:g}"], dense_low, len(low))
     return {"queries": len(probe), "kinds": probe.counts(),
             "metric": "MRR@10 of the passage the query was cut out of (the query's text removed from it)",
             "dense_alone": probe.mrr(dense), "bm25_alone": probe.mrr(sparse), "fused_by_dense_weight": mrr,
+            "least_lexical": {"queries": len(low), "dense_alone": dense_low, "fused_by_dense_weight": mrr_low},
+            "lexical_check": {"best_on_probe": unchecked, **check,
+                              "choice": "kept" if best == unchecked else f"dense weight {best:g} instead"},
             "choice": best, "choice_mrr": mrr[f"{best:g}"]}
 
 

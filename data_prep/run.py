@@ -318,6 +318,10 @@ def labelfree_table(report: dict) -> str:
         lines.append(f"probe ({choice['queries']} queries {choice['kinds']}, MRR@10): dense alone "
                      f"{choice['dense_alone']}, BM25 alone {choice['bm25_alone']}; by dense weight "
                      + ", ".join(f"{w}: {v}" for w, v in choice["fused_by_dense_weight"].items()))
+    if "lexical_check" in choice:
+        check = choice["lexical_check"]
+        lines.append(f"lexical check (best on the probe: dense weight {check['best_on_probe']:g}; {check['choice']}): "
+                     f"{check['why']}")
     language = report["language"]
     lines.append(f"corpus language: {language['language']} ({language['why']}); BM25 tokenises as "
                  f"{language['bm25_language']}; base model: {report['tokenizer_fit']['why']}")

@@ -21,6 +21,7 @@ from embtune.dataio import load_qrels, load_queries
 from embtune.eval.evaluator import Queries, encode_queries, evaluate
 from embtune.eval.inputs import eval_inputs, load_encoder, upstream
 from embtune.retrieval.encoder import cache_key, encode
+from embtune.retrieval.probe import lexical_check
 from embtune.retrieval.spec import BM25Index, DenseSpec, FusionSpec, Retriever, RetrieverSpec, replace_rows
 
 # Dense weights of the weighted fusion tried on the dev split (0 = BM25 alone ... 1 = dense alone).
@@ -61,8 +62,9 @@ def labelfree_evidence(cfg) -> dict[str, Any] | None:
 
 def compare_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str], bm25: BM25Index,
                  queries: Queries, weights: tuple[float, ...], embed: Callable[[str, Any], tuple[Any, Any]],
-                 measure: Callable[[Retriever, Queries, RetrieverSpec], float]
-                 ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float]]:
+                 measure: Callable[[Retriever, Queries, RetrieverSpec], float],
+                 check: Callable[[Retriever, Queries, RetrieverSpec], float] | None = None
+                 ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float], dict[str, float]]:
     """Every deploy row's score (higher is better): BM25, each of base and finetuned alone, and each fused with BM25
     at its best of ``weights`` (ties go to the denser).
 
@@ -71,35 +73,54 @@ def compare_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: lis
         queries: the queries' ids and texts (``embed`` gives each model's embeddings of them).
         embed: ``embed(name, encoder) -> (corpus embeddings, query embeddings)`` of one model.
         measure: ``measure(retriever, queries, spec)``, one row's score (nDCG@10 on dev, MRR@10 on the probe).
+        check: a second score that a fused weight must raise over the model alone to be chosen (the probe's
+            lexical check, :func:`embtune.retrieval.probe.lexical_check`); the model alone (weight 1) is then a
+            candidate too. None: every weight is a candidate.
 
-    Returns (score by row, spec by row, each model's fusion weight)."""
+    Returns (score by row, spec by row, each model's fusion weight, each row's ``check`` score when given)."""
     specs: dict[str, RetrieverSpec] = {"bm25": RetrieverSpec(dense=None, bm25=cfg.bm25)}
-    scores = {"bm25": measure(Retriever(specs["bm25"], doc_ids, doc_texts, bm25=bm25), queries, specs["bm25"])}
+    bm25_retriever = Retriever(specs["bm25"], doc_ids, doc_texts, bm25=bm25)
+    scores = {"bm25": measure(bm25_retriever, queries, specs["bm25"])}
+    checked = {"bm25": check(bm25_retriever, queries, specs["bm25"])} if check else {}
     chosen: dict[str, float] = {}
     for name in ("base", "finetuned"):
         if name not in models:
             continue
-        doc_emb, query_emb = embed(name, load_encoder(models[name], cfg))
+        doc_emb, query_emb = embed(name, load_encoder(models[name], cfg, calibration_texts=doc_texts))
         encoded = Queries(queries.ids, queries.texts, query_emb)
         specs[name] = RetrieverSpec(dense=DenseSpec(model=models[name], dim=doc_emb.shape[1]))
         retriever = Retriever(specs[name], doc_ids, doc_texts, doc_emb, bm25=bm25)
         scores[name] = measure(retriever, encoded, specs[name])
         by_weight = {w: measure(retriever, encoded, hybrid_spec(specs[name], cfg, "weighted", w)) for w in weights}
-        chosen[name] = max(by_weight, key=lambda w: (by_weight[w], w))
+        candidates = list(by_weight)
+        if check:
+            checked[name] = check(retriever, encoded, specs[name])
+            by_check = {w: check(retriever, encoded, hybrid_spec(specs[name], cfg, "weighted", w)) for w in weights}
+            by_weight.setdefault(1.0, scores[name])
+            by_check.setdefault(1.0, checked[name])
+            # only the weights that beat the model alone on the check's queries too (and the model alone)
+            candidates = [w for w in by_weight if w >= 1 or by_check[w] > checked[name]]
+        chosen[name] = max(candidates, key=lambda w: (by_weight[w], w))
         fused = f"{name}+bm25_weighted"
         specs[fused] = hybrid_spec(specs[name], cfg, "weighted", chosen[name])
         scores[fused] = by_weight[chosen[name]]
-    return scores, specs, chosen
+        if check:
+            checked[fused] = by_check[chosen[name]]
+    return scores, specs, chosen, checked
 
 
 def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str], evidence: dict[str, Any]
-               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float]]:
+               ) -> tuple[dict[str, float], dict[str, RetrieverSpec], dict[str, float], dict[str, Any]]:
     """MRR@10 on data_prep's inverse-cloze probe (no labels) of every row the deploy choice compares: each model
     dense, BM25, and each model fused with BM25 at its best weight on the probe (``labelfree.probe_weights``; the
     student's best weight need not be the base model's). The corpus is searched with the probe passages cut (their
     text without the query), through the core ``Retriever`` and its fusion, queries by role.
 
-    Returns (MRR@10 by row, spec by row, each model's fusion weight)."""
+    A fusion weight is chosen among those passing the probe's lexical check against the model alone
+    (``embtune.retrieval.probe``: beat it on the probe queries sharing the fewest terms with their passage too).
+
+    Returns (MRR@10 by row, spec by row, each model's fusion weight, ``{"queries", "mrr@10"}`` of every row on the
+    least lexical probe queries)."""
     probe = evidence["probe"]
     texts = probe.corpus_texts(doc_ids, doc_texts)
     position = {d: i for i, d in enumerate(doc_ids)}
@@ -115,12 +136,19 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
                                                              desc=f"{name} probe passages", role="document"))
         return doc_emb, encode(model, probe.queries, cfg.eval.batch_size, desc=f"{name} probe queries", role="query")
 
+    bm25 = BM25Index(texts, cfg.bm25)
+    low = probe.least_lexical(bm25.tokenizer)  # the lexical check's queries (embtune.retrieval.probe)
+
     def measure(retriever: Retriever, queries: Queries, spec: RetrieverSpec) -> float:
         return probe.mrr(retriever.search(queries.texts, queries.emb, 10, queries.ids, spec=spec))
 
+    def check(retriever: Retriever, queries: Queries, spec: RetrieverSpec) -> float:
+        return probe.mrr(retriever.search(queries.texts, queries.emb, 10, queries.ids, spec=spec), only=low)
+
     queries = Queries(ids=probe.query_ids(), texts=list(probe.queries))
-    return compare_rows(cfg, models, doc_ids, texts, BM25Index(texts, cfg.bm25), queries,
-                        tuple(cfg.labelfree.probe_weights), embed, measure)
+    mrr, specs, weights, low_mrr = compare_rows(cfg, models, doc_ids, texts, bm25, queries,
+                                                tuple(cfg.labelfree.probe_weights), embed, measure, check)
+    return mrr, specs, weights, {"queries": len(low), "mrr@10": low_mrr}
 
 
 def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
@@ -146,8 +174,8 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
         return evaluate(retriever, queries, qrels, spec=spec, k=cfg.eval.top_k,
                         ignore_identical_ids=cfg.eval.ignore_identical_ids).percent()["ndcg@10"]
 
-    scores, specs, weights = compare_rows(cfg, models, doc_ids, doc_texts, bm25 or BM25Index(doc_texts, cfg.bm25),
-                                          dev, DEV_WEIGHTS, embed, measure)
+    scores, specs, weights, _ = compare_rows(cfg, models, doc_ids, doc_texts,
+                                             bm25 or BM25Index(doc_texts, cfg.bm25), dev, DEV_WEIGHTS, embed, measure)
     return {"ndcg@10": scores, "specs": specs, "dense_weight": weights, "num_queries": len(dev.ids)}
 
 
@@ -167,6 +195,17 @@ def choose_on_evidence(scores: dict[str, float], min_student_gain: float) -> tup
     students = [r for r in scores if r.startswith("finetuned") and r not in eligible]
     note = (f"; student rows {students} do not beat the base model's by {min_student_gain:g}" if students else "")
     return best, note
+
+
+def lexically_checked(mrr: dict[str, float], least_lexical: dict[str, Any]) -> dict[str, float]:
+    """The probe's rows that may ship: BM25 alone only when it also beats the base model on the probe's least
+    lexical queries (``embtune.retrieval.probe.lexical_check``; the fused rows' weights passed it in
+    :func:`probe_rows`), so that verbatim overlap alone never ships BM25 over the dense base."""
+    low = least_lexical["mrr@10"]
+    if "bm25" in mrr and "base" in low and not lexical_check(low["bm25"], low["base"],
+                                                             least_lexical["queries"])["passes"]:
+        return {row: score for row, score in mrr.items() if row != "bm25"}
+    return mrr
 
 
 def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[str],
@@ -189,19 +228,21 @@ def deploy_choice(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: li
                        f"({dev['num_queries']} labelled queries carved from train, never the reported split){note}"}
     evidence = labelfree_evidence(cfg) if cfg.data.queries == "labelfree" else None
     if evidence is not None:
-        mrr, specs, weights = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
+        mrr, specs, weights, least_lexical = probe_rows(cfg, models, doc_ids, doc_texts, evidence)
         decision = evidence["decision"]
         if decision["decision"] == "bm25":
             best, why = "bm25", decision["reason"]
             chosen_by = "tokenizer fit"
         else:
-            best, note = choose_on_evidence(mrr, min_gain)
+            best, note = choose_on_evidence(lexically_checked(mrr, least_lexical), min_gain)
             chosen_by = "probe"
             why = (f"the best row on the inverse-cloze probe (MRR@10 {mrr[best]}, {len(evidence['probe'])} queries "
                    f"from passages held out of training, no labels){note}")
         return {"row": best, "spec": specs[best].to_dict(), "chosen_by": chosen_by,
                 "evidence": {"metric": "MRR@10 on the inverse-cloze probe (percent)", **mrr},
                 "dense_weight": weights, "weight_from": "probe", "decision": decision,
+                "lexical_check": {"metric": "MRR@10 on the probe queries sharing the fewest terms with their passage",
+                                  **least_lexical},
                 "why": f"deploy {best} ({specs[best].describe()}): {why}"}
     row = "finetuned" if "finetuned" in models else next(iter(models), "bm25")
     spec = RetrieverSpec(dense=None, bm25=cfg.bm25) if row == "bm25" else RetrieverSpec(

@@ -47,13 +47,14 @@ def models_to_evaluate(cfg) -> dict[str, str]:
     return models
 
 
-def load_encoder(model_path: str, cfg):
-    """The core encoder on ``eval.backend`` (torch, onnx, onnx-int8), or an :class:`EndpointEncoder` for
-    ``openai:<model>[@<base_url>]`` specs."""
+def load_encoder(model_path: str, cfg, calibration_texts: list[str] | None = None):
+    """The core encoder on ``eval.backend`` (``embtune.retrieval.encoder.BACKENDS``; ``openvino-int8`` calibrates
+    on ``calibration_texts``, the corpus), or an :class:`EndpointEncoder` for ``openai:<model>[@<base_url>]``
+    specs."""
     if is_endpoint_spec(model_path):
         return EndpointEncoder.from_spec(model_path, api_key_env=cfg.eval.endpoint_api_key_env,
                                          batch_size=cfg.eval.endpoint_batch_size, retry=cfg.llm)
     model, _ = load_core_encoder(model_path, cfg.eval.max_seq_length, backend=cfg.eval.backend,
-                                 threads=cfg.eval.threads)
+                                 threads=cfg.eval.threads, calibration_texts=calibration_texts)
     return model
 

@@ -1,10 +1,12 @@
 """Label-free on corpora nobody tuned on, in several languages and scripts: does it ever lose?
 
-    apt-get install -y man-db manpages-zh manpages-ja manpages-ru manpages-de manpages-fr
-    nice python scripts/bench_labelfree_corpora.py [--corpora pydoc,man-zh_CN,man-ru,man-de,man-fr] [--max-pages 300]
+    apt-get update -o Acquire::Languages=en && apt-get install -y man-db manpages-zh manpages-ru manpages-de manpages-fr
+    nice python scripts/bench_labelfree_corpora.py [--corpora pydoc,man-zh_CN,man-ru,man-de,man-fr,debian-packages]
 
-Each corpus is a BEIR folder with judged queries: the pydoc demo corpus (docstring summary lines) and Debian's
-translated manual pages (scripts/manpages_corpus.py: a page per command, its NAME line's description the query).
+Each corpus is a BEIR folder with judged queries: the pydoc demo corpus (docstring summary lines), Debian's
+translated manual pages (scripts/manpages_corpus.py: a page per command, its NAME line's description the query) and
+Debian's package descriptions, an entity search (scripts/debian_packages_corpus.py: a record per package titled by
+its name, keyword queries from its synopsis).
 The whole pipeline (configs/scifact_labelfree.yaml: data_prep, train, eval, export) runs on ``corpus.jsonl`` alone,
 with no query, and decides what to ship (data_prep's tokenizer fit and probe, eval's probe after training); the
 judged queries are read afterwards, by this script (scripts/labelfree_measure.py). Writes
@@ -13,13 +15,16 @@ judged queries are read afterwards, by this script (scripts/labelfree_measure.py
     {"corpora": [{"name", "language", "passages", "pseudo_queries", "probe", "decision", "reason", "base", "bm25",
                   "student", "shipped", ...}, ...], "targets": {...}, "machine", "versions", "command"}
 
-nDCG@10 in percent on each corpus's judged queries; ``student`` is null where no student was trained.
+nDCG@10 in percent on each corpus's judged queries; ``student`` is null where no student was trained. Each entry
+and the file record the commit, whether the tree was clean and the load average; a file written at another commit
+is kept whole under ``other_runs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchlib import bench_command, run_recipe  # noqa: E402  (scripts/benchlib.py)
+from debian_packages_corpus import build as build_debian_packages  # noqa: E402  (scripts/debian_packages_corpus.py)
 from labelfree_measure import measure_run  # noqa: E402  (scripts/labelfree_measure.py)
 from manpages_corpus import build as build_manpages  # noqa: E402  (scripts/manpages_corpus.py)
 
@@ -36,7 +42,7 @@ from embtune.manifest import Provenance  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LANGUAGES = {"pydoc": "English", "man-zh_CN": "Chinese", "man-ja": "Japanese", "man-ru": "Russian",
-             "man-de": "German", "man-fr": "French"}
+             "man-de": "German", "man-fr": "French", "debian-packages": "English"}
 
 
 def judged_folder(name: str, root: Path, max_pages: int) -> tuple[Path, Path, str]:
@@ -52,6 +58,10 @@ def judged_folder(name: str, root: Path, max_pages: int) -> tuple[Path, Path, st
         if not (corpus_only / "corpus.jsonl").is_file():
             (corpus_only / "corpus.jsonl").write_text((folder / "corpus.jsonl").read_text())
         return folder, corpus_only, "test"
+    if name == "debian-packages":
+        if not (corpus_only / "corpus.jsonl").is_file():
+            build_debian_packages(folder)
+        return folder, corpus_only, "test"
     if not (corpus_only / "corpus.jsonl").is_file():
         build_manpages(name.removeprefix("man-"), folder, max_pages)
     return folder, corpus_only, "test"
@@ -59,7 +69,7 @@ def judged_folder(name: str, root: Path, max_pages: int) -> tuple[Path, Path, st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpora", default="pydoc,man-zh_CN,man-ru,man-de,man-fr")
+    parser.add_argument("--corpora", default="pydoc,man-zh_CN,man-ru,man-de,man-fr,debian-packages")
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_labelfree.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "labelfree_corpora"))
     parser.add_argument("--max-pages", type=int, default=300, help="manual pages per language (seeded sample)")
@@ -71,6 +81,12 @@ def main() -> int:
     setup_logging()
     out_path = Path(args.out)
     previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    state = {k: provenance.git.get(k) for k in ("commit", "tree_clean")}  # each corpus records them
+    other_runs = previous.get("other_runs", [])
+    if previous and previous.get("commit") != state["commit"]:
+        # a run at another commit: kept whole under other_runs, and this run starts the file's corpora afresh
+        other_runs = [*other_runs, {k: v for k, v in previous.items() if k != "other_runs"}]
+        previous = {}
     entries = {e["name"]: e for e in previous.get("corpora", [])}
     for name in args.corpora.split(","):
         folder, corpus_only, split = judged_folder(name, Path(args.run_root), args.max_pages)
@@ -99,6 +115,8 @@ def main() -> int:
             "post_training_probe_mrr@10": measured["shipped"]["evidence"],
             "judged_queries": measured["num_queries"], "dense_weight": measured["dense_weight"],
             "wall_seconds": {**wall, "total": round(time.time() - start, 1)}, "overrides": overrides,
+            "probe_lexical_check": probe.get("lexical_check"), "deploy_lexical_check": measured["shipped"][
+                "lexical_check"], **state, "load_average": [round(x, 2) for x in os.getloadavg()],
         }
         e = entries[name]
         best_member = max(v for v in (e["base"], e["bm25"]) if v is not None)
@@ -118,7 +136,7 @@ def main() -> int:
                            "no_student_below_base_shipped": not any(c["student_shipped_below_base"]
                                                                     for c in corpora)},
                "commands": sorted({*previous.get("commands", []), bench_command(sys.argv)}),
-               **provenance.record()}
+               **provenance.record(), "other_runs": other_runs}
         out_path.write_text(json.dumps(out, indent=2, ensure_ascii=False))
     return 0
 

@@ -60,5 +60,6 @@ def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str
     return {"rows": out, "shipped": {"row": recommended["row"], "ndcg@10": shipped,
                                      "chosen_by": recommended["chosen_by"], "why": recommended["why"],
                                      "evidence": recommended.get("evidence", {}),
+                                     "lexical_check": recommended.get("lexical_check"),
                                      "bundle_retriever": bundle_spec.to_dict() if bundle_spec else None},
             "num_queries": len(query_ids), "num_documents": len(doc_ids), "dense_weight": weight}

@@ -29,7 +29,7 @@ def test_compare_rows_scores_every_row_and_picks_each_models_best_weight(monkeyp
     from embtune.schema import load_config
 
     cfg = load_config(None, ["data.path=/x"])
-    monkeypatch.setattr(deploy, "load_encoder", lambda path, cfg: path)  # the "encoder" is the model's name
+    monkeypatch.setattr(deploy, "load_encoder", lambda path, cfg, **_: path)  # the "encoder" is the model's name
     doc_ids, doc_texts = ["a", "b", "c"], ["alpha", "beta", "gamma"]
     rng = np.random.default_rng(0)
 
@@ -50,17 +50,49 @@ def test_compare_rows_scores_every_row_and_picks_each_models_best_weight(monkeyp
 
     from embtune.retrieval.spec import BM25Index
 
-    scores, specs, weights = deploy.compare_rows(
+    scores, specs, weights, checked = deploy.compare_rows(
         cfg, {"base": "/models/base", "finetuned": "/models/finetuned"}, doc_ids, doc_texts,
         BM25Index(doc_texts, cfg.bm25), Queries(["q1", "q2"], ["alpha?", "gamma?"]), (0.0, 0.3, 0.6, 0.9), embed,
         measure)
-    assert weights == {"base": 0.6, "finetuned": 0.9}
+    assert weights == {"base": 0.6, "finetuned": 0.9} and checked == {}
     assert scores == {"bm25": 10.0, "base": 20.0, "base+bm25_weighted": 50.0, "finetuned": 20.0,
                       "finetuned+bm25_weighted": 50.0}
     assert specs["base+bm25_weighted"].fusion.dense_weight == 0.6
     assert specs["finetuned+bm25_weighted"].fusion.method == "weighted"
     assert specs["finetuned+bm25_weighted"].fusion.depth == cfg.eval.hybrid_depth
     assert len(seen) == 1 + 2 * (1 + 4)  # bm25, then each model alone and at each weight
+
+
+def test_compare_rows_takes_only_weights_that_pass_the_check(monkeypatch):
+    """With a check (the probe's least lexical queries), a weight that wins on the whole probe but does not beat the
+    model alone on the check's queries is never chosen; when none passes, the model alone (weight 1) is."""
+    from embtune.eval import Queries, deploy
+    from embtune.retrieval.spec import BM25Index
+    from embtune.schema import load_config
+
+    cfg = load_config(None, ["data.path=/x"])
+    monkeypatch.setattr(deploy, "load_encoder", lambda path, cfg, **_: path)
+    doc_ids, doc_texts = ["a", "b", "c"], ["alpha", "beta", "gamma"]
+    rng = np.random.default_rng(0)
+
+    def embed(name, encoder):
+        return rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(2, 4)).astype(np.float32)
+
+    def measure(retriever, queries, spec):  # the whole probe: more BM25 always looks better
+        return 10.0 if spec.dense is None else 20.0 if not spec.hybrid else 50.0 - 10 * spec.fusion.dense_weight
+
+    def check(retriever, queries, spec):  # the least lexical queries: base gains only at 0.6; finetuned never
+        if spec.dense is None or not spec.hybrid:
+            return 15.0
+        return 16.0 if spec.dense.model == "/models/base" and spec.fusion.dense_weight == 0.6 else 14.0
+
+    scores, specs, weights, checked = deploy.compare_rows(
+        cfg, {"base": "/models/base", "finetuned": "/models/finetuned"}, doc_ids, doc_texts,
+        BM25Index(doc_texts, cfg.bm25), Queries(["q1", "q2"], ["alpha?", "gamma?"]), (0.0, 0.3, 0.6, 0.9), embed,
+        measure, check)
+    assert weights == {"base": 0.6, "finetuned": 1.0}
+    assert scores["base+bm25_weighted"] == 44.0 and checked["base+bm25_weighted"] == 16.0
+    assert scores["finetuned+bm25_weighted"] == scores["finetuned"] == 20.0
 
 
 @pytest.mark.parametrize("scores, expected", [

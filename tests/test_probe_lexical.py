@@ -94,7 +94,7 @@ def test_a_fusion_gaining_on_verbatim_queries_alone_does_not_move_the_teacher_of
 
 
 def test_bm25_alone_ships_over_the_base_only_when_it_beats_it_on_the_least_lexical_queries():
-    from embtune.eval.run import choose_on_evidence, lexically_checked
+    from embtune.eval.deploy import choose_on_evidence, lexically_checked
 
     mrr = {"base": 50.0, "bm25": 60.0, "base+bm25_weighted": 50.0}
     verbatim = {"queries": 300, "mrr@10": {"base": 40.0, "bm25": 20.0, "base+bm25_weighted": 40.0}}

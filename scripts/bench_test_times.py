@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from embtune.manifest import machine  # noqa: E402
+from embtune.manifest import Provenance  # noqa: E402
 
 
 def git(*args: str, cwd: Path = ROOT) -> str:
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast-only", action="store_true", help="time make test-fast only")
     parser.add_argument("--keep", action="store_true", help="keep the temporary checkout (its logs are there)")
     args = parser.parse_args(argv)
-
+    provenance = Provenance.start(shlex.join(["python", "scripts/bench_test_times.py",
+                                              *(argv if argv is not None else sys.argv[1:])]))
     commit = git("rev-parse", args.ref)
     clean = git("status", "--porcelain") == ""
     scratch = Path(tempfile.mkdtemp(prefix="embtune-test-times-"))
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             cwd=checkout, capture_output=True, text=True, check=True).stdout)
         tiers = [fast] + ([full] if full else [])
         result = {
+            **provenance.record(),  # machine (CPU model, vector flags), load average, command; versions below
             "fast_s": fast["seconds"],
             "full_s": full["seconds"] if full else None,
             "passed": all(t["returncode"] == 0 for t in tiers),
@@ -92,13 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             "install_s": install["seconds"],
             "fast": fast,
             "full": full,
-            "machine": machine(),
-            "load_average": {"before": [round(x, 2) for x in load_before],
-                             "after": [round(x, 2) for x in load_after]},
-            "versions": versions,
-            "command": shlex.join(["python", "scripts/bench_test_times.py", *(argv if argv is not None
-                                                                              else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "load_average_around_tests": {"before": [round(x, 2) for x in load_before],
+                                          "after": [round(x, 2) for x in load_after]},
+            "versions": versions,  # the clone's own venv
         }
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 # Importable from here as before (choose.py, tests, scripts/labelfree_measure.py).
 __all__ = ["METRICS", "eval_inputs", "load_encoder", "models_to_evaluate", "upstream", "run", "evaluate_dense",
-           "encode_queries", "hybrid_spec", "read_run", "run_file_name", "score_run"]
+           "encode_queries", "hybrid_spec", "read_run", "run_file_name"]
 
 
 def eval_row(name: str, retriever: Retriever, queries: Queries, qrels, cfg, spec: RetrieverSpec | None = None
@@ -63,13 +63,6 @@ def eval_row(name: str, retriever: Retriever, queries: Queries, qrels, cfg, spec
     """One row of the table: :func:`embtune.eval.evaluate` with eval's depth and identical-id rule."""
     return evaluate(retriever, queries, qrels, spec=spec, name=name, k=cfg.eval.top_k,
                     ignore_identical_ids=cfg.eval.ignore_identical_ids)
-
-
-def score_run(qrels, run, cfg) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """(mean, per-query) metrics of a run made elsewhere, with eval's identical-id rule. Kept for its callers
-    outside this branch (scripts/labelfree_measure.py); new code calls :func:`embtune.eval.score`."""
-    row = score(qrels, run, ignore_identical_ids=cfg.eval.ignore_identical_ids)
-    return row.metrics, row.per_query
 
 
 def evaluate_dense(name: str, model_path: str, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg,

@@ -13,8 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
-from embtune.eval.run import evaluate_dense, score_run
+from embtune.eval import score
+from embtune.eval.run import evaluate_dense
 from embtune.retrieval.spec import BM25Index, FusionSpec, Retriever, RetrieverSpec
+
+
+def ndcg10(qrels, run, cfg) -> float:
+    """nDCG@10 (percent, 2 decimals) of ``run`` through the eval path, with eval's identical-id rule."""
+    return round(100 * score(qrels, run, ignore_identical_ids=cfg.eval.ignore_identical_ids).metrics["ndcg@10"], 2)
 
 
 def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str, Any]:
@@ -43,10 +49,9 @@ def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str
                                                                       rrf_k=cfg.eval.rrf_k,
                                                                       depth=cfg.eval.hybrid_depth))
         run_ = row["retriever"].search(query_texts, row["query_emb"], cfg.eval.top_k, query_ids, spec=fused)
-        out[f"{name}+bm25_weighted"] = round(100 * score_run(qrels, run_, cfg)[0]["ndcg@10"], 2)
+        out[f"{name}+bm25_weighted"] = ndcg10(qrels, run_, cfg)
     bm25_retriever = Retriever(bm25_spec, doc_ids, doc_texts, bm25=bm25)
-    out["bm25"] = round(100 * score_run(qrels, bm25_retriever.search(query_texts, None, cfg.eval.top_k, query_ids),
-                                        cfg)[0]["ndcg@10"], 2)
+    out["bm25"] = ndcg10(qrels, bm25_retriever.search(query_texts, None, cfg.eval.top_k, query_ids), cfg)
     spec = RetrieverSpec.from_dict(recommended["spec"])
     bundle_spec = RetrieverSpec.load(run_dir / "bundle" / "retriever.json") if (
         run_dir / "bundle" / "retriever.json").is_file() else None
@@ -56,7 +61,7 @@ def measure_run(cfg, run_dir: Path, judged_folder: Path, split: str) -> dict[str
         owner = next(name for name, path in models.items() if path == spec.dense.model)
         row = measured[owner]
         run_ = row["retriever"].search(query_texts, row["query_emb"], cfg.eval.top_k, query_ids, spec=spec)
-        shipped = round(100 * score_run(qrels, run_, cfg)[0]["ndcg@10"], 2)
+        shipped = ndcg10(qrels, run_, cfg)
     return {"rows": out, "shipped": {"row": recommended["row"], "ndcg@10": shipped,
                                      "chosen_by": recommended["chosen_by"], "why": recommended["why"],
                                      "evidence": recommended.get("evidence", {}),

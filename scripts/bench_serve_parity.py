@@ -299,7 +299,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     provenance = Provenance.start(bench_command(sys.argv))
-    commit = provenance.record()["commit"]
+    commit = provenance.git.get("commit")
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()

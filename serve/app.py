@@ -347,10 +347,10 @@ class EmbeddingService:
 
     def __init__(self, bundle_dir: str | Path, cfg: ServeConfig):
         self.cfg = cfg
-        self.backend = recorded_backend(bundle_dir)
-        self.bundle: Bundle = load_bundle(bundle_dir, backend=self.backend, onnx_file=cfg.onnx_file,
-                                          device=cfg.device or None, batch_size=cfg.max_batch_size,
-                                          threads=cfg.threads)
+        # No backend asked: load_bundle encodes with the one the bundle records.
+        self.bundle: Bundle = load_bundle(bundle_dir, onnx_file=cfg.onnx_file, device=cfg.device or None,
+                                          batch_size=cfg.max_batch_size, threads=cfg.threads)
+        self.backend = recorded_backend(self.bundle.manifest)
         self.model_name = cfg.model_name or Path(bundle_dir).resolve().name
         self.max_tokens = cfg.max_input_tokens or self.bundle.max_seq_length
         self.api_key = cfg.api_key or os.environ.get("EMBTUNE_API_KEY", "")

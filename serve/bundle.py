@@ -66,14 +66,6 @@ def check_setting(bundle_dir: Path, manifest: dict[str, Any], key: str, serving:
                              f"served with {serving!r}; set {setting}={manifest[key]} or rebuild the bundle")
 
 
-def check_backend(bundle_dir: str | Path, backend: str) -> None:
-    """Refuse (:class:`BundleMismatch`) to serve a bundle on another encoder backend than the one that embedded
-    its index: the query vectors would come from another encoder than the documents'."""
-    manifest_path = Path(bundle_dir) / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    check_setting(Path(bundle_dir), manifest, "encoder_backend", backend, "backend")
-
-
 def similarity_of(model) -> str:
     """The model's similarity function as sentence-transformers names it (None = its default, cosine)."""
     return getattr(model, "similarity_fn_name", None) or "cosine"
@@ -253,11 +245,9 @@ class Bundle:
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
 
 
-def recorded_backend(bundle_dir: str | Path) -> str:
+def recorded_backend(manifest: dict[str, Any]) -> str:
     """The encoder backend that embedded the bundle's index (``manifest.json`` ``encoder_backend``; torch for a
     bundle written before it was recorded): queries must be encoded the same way."""
-    manifest_path = Path(bundle_dir) / MANIFEST_FILE
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     return manifest.get("encoder_backend") or "torch"
 
 
@@ -318,7 +308,7 @@ def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: s
         raise FileNotFoundError(f"bundle {bundle_dir}: no model folder at {model_dir}")
     manifest_path = bundle_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    backend = backend or manifest.get("encoder_backend", "torch")
+    backend = backend or recorded_backend(manifest)
     check_setting(bundle_dir, manifest, "encoder_backend", backend, "backend")
     model = _load_model(model_dir, backend, onnx_file, device, threads, int(manifest.get("max_seq_length") or 0))
     check_setting(bundle_dir, manifest, "similarity_fn_name", similarity_of(model),

@@ -57,6 +57,8 @@ from rank_bm25 import BM25Okapi
 
 # Run as a file from a checkout (embtune need not be installed): the repository root holds the packages.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchlib import write_result  # noqa: E402  (scripts/benchlib.py)
+
 from embtune.manifest import Provenance
 from embtune.retrieval.bm25 import BM25Tokenizer, FastBM25, rank_order
 
@@ -392,11 +394,7 @@ def main(argv: list[str] | None = None) -> None:
         "wall_s_whole_run": round(time.perf_counter() - started, 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.out.is_file():  # keep the previous run and its own history
-        previous = json.loads(args.out.read_text())
-        earlier = previous.pop("other_runs", [])
-        result["other_runs"] = [*earlier, previous]  # appended: a claim tagged other_runs[i] keeps its run
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result)  # the previous run kept under other_runs
     log(f"wrote {args.out}")
 
 

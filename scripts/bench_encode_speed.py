@@ -194,8 +194,7 @@ def main() -> None:
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).is_file() else {}
     other_runs = previous.get("other_runs", [])
     if previous.get("runs"):
-        other_runs = [*other_runs, {k: previous.get(k) for k in ("ratio", "ndcg_delta", "onnx_recipe", "runs",
-                                                                 "complete", "command", "versions")}]
+        other_runs = [*other_runs, {k: v for k, v in previous.items() if k != "other_runs"}]  # kept whole
     runs, first_emb, full_emb = [], {}, {}
     record = {
         "benchmark": "encode_speed",

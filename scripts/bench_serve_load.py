@@ -47,6 +47,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from benchlib import write_result  # noqa: E402  (scripts/benchlib.py)
+
 from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
 
@@ -342,11 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.is_file():  # keep the previous run and its own history
-        previous = json.loads(out.read_text())
-        history = previous.pop("other_runs", [])
-        result["other_runs"] = [*history, previous]  # appended: other_runs[i] keeps its run
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)  # the previous run kept under other_runs
     print(f"{args.backends[0]}: {passed} -> wrote {out}")
     return result
 

@@ -115,7 +115,7 @@ def test_ray_openvino_int8_equals_the_local_engine(cluster, corpus, tiny_model_d
 def test_dense_and_bm25_top_k_equal_one_process(encoded, corpus):
     """Per-shard top-k merged on Ray == one exact search over the whole matrix (scores, rows, tie order), and
     sharded BM25 with corpus-wide statistics == FastBM25 over the whole corpus."""
-    from embtune.compute.search import bm25_search, dense_search
+    from embtune.compute.search import bm25_search, dense_search, texts_hash
     from embtune.compute.shards import plan_texts
     from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer
     from embtune.retrieval.index import exact_search
@@ -131,12 +131,46 @@ def test_dense_and_bm25_top_k_equal_one_process(encoded, corpus):
     np.testing.assert_array_equal(indices, want_indices)
 
     for settings in (BM25Config(), BM25Config(stemmer="", stopwords="", k1=1.2, b=0.5)):
-        scores, indices = bm25_search(plan_texts(texts, SHARD_ROWS), queries, 25, settings, compute())
+        scores, indices = bm25_search(plan_texts(texts, SHARD_ROWS), queries, 25, settings, compute(),
+                                      texts_hash(texts))
         tokenizer = build_tokenizer(settings)
         full = FastBM25(tokenizer.tokenize_many(texts), k1=settings.k1, b=settings.b)
         want_scores, want_indices = full.search(list(tokenizer.tokenize_many(queries)), 25)
         np.testing.assert_array_equal(indices, want_indices)
         np.testing.assert_array_equal(scores, want_scores)
+
+
+def test_sharded_bm25_is_built_once_and_searched_without_the_texts(cluster, corpus, tmp_path):
+    """The BM25 index of a corpus file is tokenized once (one folder of memory-mapped counts per shard): a second
+    index over the same file builds nothing, and with the file gone it still ranks as ``FastBM25`` over the whole
+    corpus does, score for score, and scores any rows as ``BM25Okapi.get_scores`` (the mining guards' scores)."""
+    from rank_bm25 import BM25Okapi
+
+    from embtune.compute.search import ShardedBM25
+    from embtune.compute.shards import plan_jsonl
+    from embtune.retrieval.bm25 import BM25Config, FastBM25, build_tokenizer
+
+    texts, queries = corpus
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    items, corpus_hash = plan_jsonl(path, SHARD_ROWS)
+    settings = BM25Config()
+    first = ShardedBM25(items, corpus_hash, settings, compute())
+    assert first.built == [item["start"] for item in items]
+    path.unlink()  # nothing below may read the texts again
+    index = ShardedBM25(items, corpus_hash, settings, compute())
+    assert index.built == []
+    scores, indices = index.search(queries, 25)
+    tokenizer = build_tokenizer(settings)
+    full = FastBM25(tokenizer.tokenize_many(texts))
+    want_scores, want_indices = full.search(list(tokenizer.tokenize_many(queries)), 25)
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_array_equal(scores, want_scores)
+    reference = BM25Okapi(list(tokenizer.tokenize_many(texts)))
+    rows = np.array([0, 3, 41, 200, 399, 5])
+    for query in queries[:5]:
+        tokens = tokenizer(query)
+        np.testing.assert_array_equal(index.doc_scores(tokens, rows), reference.get_scores(tokens)[rows])
 
 
 def test_mined_negatives_are_identical(encoded, corpus, tiny_model_dir):

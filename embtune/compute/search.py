@@ -17,7 +17,6 @@ vocabulary with its frequencies: its size, not the corpus's, is the limit (docs/
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -206,23 +205,109 @@ def dense_candidates(model_name: str, doc_texts: list[str], query_texts: list[st
 
 # --- BM25 -----------------------------------------------------------------------------------------------------------
 
-def _bm25_counts(start: int, source: str, settings: BM25Config) -> tuple[list[str], np.ndarray, int, int]:
-    """One shard's (terms in first-appearance order, their document frequencies, tokens, documents)."""
+BM25_DIR_SUFFIX = ".bm25"
+
+
+def _bm25_build_shard(start: int, source: str, settings: BM25Config, directory: str) -> int:
+    """Tokenize one shard once and save its term-frequency matrix beside the others: ``<start>.bm25/`` holds
+    ``indptr``/``indices``/``data`` of the (shard terms, shard docs) CSR counts (float32, docs ascending within a
+    term, as FastBM25 builds them), ``doc_len``, and the shard's terms sorted (``terms``) with their ids in
+    first-appearance order (``term_ids``), so a search looks a query term up by binary search in a memory map."""
     import json
+    import os
+    import shutil
+    import uuid
+    from array import array
+    from pathlib import Path
+
+    import scipy.sparse as sp
 
     tokenizer = build_tokenizer(settings)
     _, texts = read_source(json.loads(source), start)
-    first_seen: dict[str, int] = {}
-    doc_freq: list[int] = []
-    tokens = 0
+    vocab: dict[str, int] = {}
+    term_ids = array("i")
+    doc_len: list[int] = []
     for document in tokenizer.tokenize_many(texts):
-        tokens += len(document)
-        for term in dict.fromkeys(document):  # distinct, in order
-            position = first_seen.setdefault(term, len(first_seen))
-            if position == len(doc_freq):
-                doc_freq.append(0)
-            doc_freq[position] += 1
-    return list(first_seen), np.asarray(doc_freq, dtype=np.int64), tokens, len(texts)
+        term_ids.extend(vocab.setdefault(token, len(vocab)) for token in document)
+        doc_len.append(len(document))
+    lengths = np.asarray(doc_len, dtype=np.int64)
+    docs = np.repeat(np.arange(len(texts), dtype=np.int32), lengths)
+    term_freq = sp.csr_matrix((np.ones(len(term_ids), dtype=np.float32),
+                               (np.frombuffer(term_ids, dtype=np.int32), docs)), shape=(len(vocab), len(texts)))
+    term_freq.sum_duplicates()  # (shard terms, shard docs)
+    terms = np.asarray(list(vocab), dtype=str) if vocab else np.zeros(0, dtype="<U1")
+    order = np.argsort(terms, kind="stable")
+    final = Path(directory) / f"{start:012d}{BM25_DIR_SUFFIX}"
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    np.save(tmp / "indptr.npy", term_freq.indptr.astype(np.int64))
+    np.save(tmp / "indices.npy", term_freq.indices.astype(np.int32))
+    np.save(tmp / "data.npy", term_freq.data.astype(np.float32))
+    np.save(tmp / "doc_len.npy", lengths)
+    np.save(tmp / "terms.npy", terms[order])
+    np.save(tmp / "term_ids.npy", order.astype(np.int64))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another task wrote the same shard first: its files are the same
+        shutil.rmtree(tmp, ignore_errors=True)
+    return start
+
+
+def _shard_counts(path) -> tuple[list[str], np.ndarray, int, int]:
+    """A saved shard's (terms in first-appearance order, document frequencies, tokens, documents)."""
+    terms = np.load(path / "terms.npy")
+    first_seen = np.empty(len(terms), dtype=np.int64)
+    first_seen[np.load(path / "term_ids.npy")] = np.arange(len(terms))
+    doc_len = np.load(path / "doc_len.npy")
+    doc_freq = np.diff(np.load(path / "indptr.npy", mmap_mode="r"))
+    return terms[first_seen].tolist(), doc_freq, int(doc_len.sum()), len(doc_len)
+
+
+def _lookup(path, terms: np.ndarray) -> np.ndarray:
+    """The shard's ids of ``terms`` (-1: not in the shard), by binary search in its sorted terms."""
+    sorted_terms = np.load(path / "terms.npy", mmap_mode="r")
+    if not len(sorted_terms) or not len(terms):
+        return np.full(len(terms), -1, dtype=np.int64)
+    position = np.minimum(np.searchsorted(sorted_terms, terms), len(sorted_terms) - 1)
+    found = sorted_terms[position] == terms
+    return np.where(found, np.load(path / "term_ids.npy", mmap_mode="r")[position], -1)
+
+
+def _term_rows(path, local: np.ndarray, docs: int):
+    """The (len(local), docs) CSR of the saved counts for these shard term ids (-1: an empty row), read from
+    the memory-mapped postings of those terms only."""
+    import scipy.sparse as sp
+
+    indptr = np.load(path / "indptr.npy", mmap_mode="r")
+    indices = np.load(path / "indices.npy", mmap_mode="r")
+    data = np.load(path / "data.npy", mmap_mode="r")
+    begin = np.where(local >= 0, indptr[np.maximum(local, 0)], 0)
+    end = np.where(local >= 0, indptr[np.maximum(local, 0) + 1], 0)
+    out_indptr = np.concatenate([[0], np.cumsum(end - begin)])
+    out_indices = np.concatenate([indices[b:e] for b, e in zip(begin, end)] or [np.zeros(0, np.int32)])
+    out_data = np.concatenate([data[b:e] for b, e in zip(begin, end)] or [np.zeros(0, np.float32)])
+    return sp.csr_matrix((out_data, out_indices, out_indptr), shape=(len(local), docs))
+
+
+def _bm25_shard(directory: str, start: int, k: int, k1: float, b: float, terms: np.ndarray, idf: np.ndarray,
+                avgdl: float, query_tokens: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """One saved shard's top-``k`` per query under corpus-wide statistics: (scores float64, corpus rows). Reads
+    only the postings of the query terms; no text is read or tokenized."""
+    from pathlib import Path
+
+    path = Path(directory) / f"{start:012d}{BM25_DIR_SUFFIX}"
+    doc_len = np.load(path / "doc_len.npy").astype(np.float64)
+    term_freq = _term_rows(path, _lookup(path, terms), len(doc_len))  # (query terms, shard docs)
+    # FastBM25.__init__'s weights, with the corpus's idf and average length
+    doc_of_entry = term_freq.indices
+    tf = term_freq.data.astype(np.float64)
+    length_norm = k1 * (1 - b + b * doc_len[doc_of_entry] / avgdl)
+    term_of_entry = np.repeat(np.arange(len(terms)), np.diff(term_freq.indptr))
+    term_freq.data = idf[term_of_entry] * (tf * (k1 + 1) / (tf + length_norm))
+    term_of = {str(term): i for i, term in enumerate(terms)}
+    index = FastBM25.from_weights(term_of, term_freq, np.diff(term_freq.indptr), k1=k1, b=b)
+    scores, indices = index.search(query_tokens, k)  # ties by lower row within the shard
+    return scores, indices + start
 
 
 @dataclass
@@ -260,38 +345,85 @@ class BM25Stats:
         return sorted({t for query in query_tokens for t in query if t in self.vocab}, key=self.vocab.__getitem__)
 
 
-def _bm25_shard(start: int, source: str, settings: BM25Config, k: int, terms: list[str], idf: np.ndarray,
-                avgdl: float, query_tokens: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's top-``k`` per query under corpus-wide statistics: (scores float64, corpus rows)."""
-    import json
+class ShardedBM25:
+    """BM25Okapi over a sharded corpus, built once: each shard tokenized by one task and its term counts saved as
+    memory-mapped arrays (``_bm25_build_shard``) under the embedding cache; the corpus-wide statistics merged once
+    in the driver from those files; each search scores the shards from their saved postings (Ray tasks) and merges
+    the per-shard top-k by ``rank_order``. Equal to ``FastBM25`` over the whole corpus, score for score.
 
-    import scipy.sparse as sp
+    The driver holds the vocabulary with its idf (one entry per distinct term), never the texts. A rerun finds the
+    shard folders and tokenizes only the missing ones.
+    """
 
-    tokenizer = build_tokenizer(settings)
-    _, texts = read_source(json.loads(source), start)
-    term_of = {term: i for i, term in enumerate(terms)}
-    rows, cols, doc_len = [], [], []
-    for doc, document in enumerate(tokenizer.tokenize_many(texts)):
-        doc_len.append(len(document))
-        for token in document:
-            term = term_of.get(token)
-            if term is not None:
-                rows.append(term)
-                cols.append(doc)
-    doc_len = np.asarray(doc_len, dtype=np.float64)
-    term_freq = sp.csr_matrix((np.ones(len(rows), dtype=np.float32), (np.asarray(rows, dtype=np.int32),
-                                                                      np.asarray(cols, dtype=np.int32))),
-                              shape=(len(terms), len(texts)))
-    term_freq.sum_duplicates()
-    # FastBM25.__init__'s weights, with the corpus's idf and average length
-    doc_of_entry = term_freq.indices
-    tf = term_freq.data.astype(np.float64)
-    length_norm = settings.k1 * (1 - settings.b + settings.b * doc_len[doc_of_entry] / avgdl)
-    term_of_entry = np.repeat(np.arange(len(terms)), np.diff(term_freq.indptr))
-    term_freq.data = idf[term_of_entry] * (tf * (settings.k1 + 1) / (tf + length_norm))
-    index = FastBM25.from_weights(term_of, term_freq, np.diff(term_freq.indptr), k1=settings.k1, b=settings.b)
-    scores, indices = index.search(query_tokens, k)  # ties by lower row within the shard
-    return scores, indices + start
+    def __init__(self, items: list[dict[str, Any]], corpus_hash: str, settings: BM25Config,
+                 compute: ComputeConfig) -> None:
+        import json
+        from hashlib import sha256
+
+        from embtune.retrieval.encoder import cache_dir
+
+        self.settings, self.compute = settings, compute
+        self.starts = [item["start"] for item in items]
+        tokenizer_hash = sha256(json.dumps(build_tokenizer(settings).describe(), sort_keys=True).encode()).hexdigest()
+        shard_rows = max((item["rows"] for item in items), default=0)
+        self.directory = cache_dir() / f"bm25_{corpus_hash}_{tokenizer_hash[:12]}.shards{shard_rows}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        missing = [(item["start"], item["source"]) for item in items if not self._path(item["start"]).is_dir()]
+        logger.info("BM25 index %s: %d shards, %d to build", self.directory, len(items), len(missing))
+        self.built = sorted(map_shards(_bm25_build_shard, missing, compute,
+                                       {"settings": settings, "directory": str(self.directory)}))
+        self.stats = BM25Stats.merge(_shard_counts(self._path(start)) for start in self.starts)
+        self.tokenizer = build_tokenizer(settings)
+
+    def _path(self, start: int):
+        return self.directory / f"{start:012d}{BM25_DIR_SUFFIX}"
+
+    def tokenize(self, query_texts: Sequence[str]) -> list[list[str]]:
+        return [list(q) for q in self.tokenizer.tokenize_many(query_texts)]
+
+    def search(self, query_texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` per query: (scores float64, corpus rows int64), each (n_queries, min(k, rows))."""
+        query_tokens = self.tokenize(query_texts)
+        terms = self.stats.query_terms(query_tokens)
+        idf = self.stats.idf[[self.stats.vocab[t] for t in terms]] if terms else np.zeros(0)
+        shared = {"k": k, "k1": self.settings.k1, "b": self.settings.b, "terms": np.asarray(terms, dtype=str),
+                  "idf": idf, "avgdl": self.stats.avgdl, "query_tokens": query_tokens}
+        best = None
+        calls = [(str(self.directory), start) for start in self.starts]
+        for scores, indices in map_shards(_bm25_shard, calls, self.compute, shared):
+            best = merge_bm25(best, scores, indices, k)
+        return best
+
+    def doc_scores(self, query_tokens: Sequence[str], rows: np.ndarray) -> np.ndarray:
+        """BM25 scores of some corpus rows for one tokenized query (float64, (len(rows),)), from the saved
+        counts: each query token's weight summed in query token order, as ``BM25Okapi.get_scores``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        k1, b, avgdl = self.settings.k1, self.settings.b, self.stats.avgdl
+        known = [token for token in query_tokens if token in self.stats.vocab]
+        out = np.zeros(len(rows))
+        if not known or not len(rows):
+            return out
+        bounds = np.asarray(self.starts, dtype=np.int64)
+        shard_of = np.searchsorted(bounds, rows, side="right") - 1
+        distinct = np.asarray(sorted(set(known)), dtype=str)
+        tf = np.zeros((len(rows), len(distinct)))  # (rows, distinct known query terms)
+        doc_len = np.zeros(len(rows))
+        for shard in np.unique(shard_of):
+            mine = np.flatnonzero(shard_of == shard)
+            path = self._path(int(bounds[shard]))
+            lengths = np.load(path / "doc_len.npy", mmap_mode="r")
+            counts = _term_rows(path, _lookup(path, distinct), len(lengths)).T.tocsr()  # (shard docs, terms)
+            local = rows[mine] - bounds[shard]
+            tf[mine] = counts[local].toarray()
+            doc_len[mine] = lengths[local]
+        column = {term: i for i, term in enumerate(distinct.tolist())}
+        length_norm = k1 * (1 - b + b * doc_len / avgdl)
+        for token in known:
+            freq = tf[:, column[token]]
+            hit = freq > 0
+            idf = self.stats.idf[self.stats.vocab[token]]
+            out[hit] += idf * (freq[hit] * (k1 + 1) / (freq[hit] + length_norm[hit]))
+        return out
 
 
 def merge_bm25(best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, indices: np.ndarray,
@@ -309,33 +441,19 @@ def merge_bm25(best: tuple[np.ndarray, np.ndarray] | None, scores: np.ndarray, i
     return out_scores, out_indices
 
 
-def bm25_stats(items: list[dict[str, Any]], settings: BM25Config, compute: ComputeConfig) -> BM25Stats:
-    """Corpus-wide statistics from every shard (``embtune.compute.shards.plan_*`` items)."""
-    calls = [(item["start"], item["source"]) for item in items]
-    counts = dict(map_shards(_bm25_counts_with_start, calls, compute, {"settings": settings}))  # start -> counts
-    return BM25Stats.merge(counts[item["start"]] for item in items)
+def texts_hash(texts: Sequence[str]) -> str:
+    """The content hash of texts held in memory (``encoder.cache_stem``'s)."""
+    import hashlib
 
-
-def _bm25_counts_with_start(start: int, source: str, settings: BM25Config):
-    return start, _bm25_counts(start, source, settings)
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:16]
 
 
 def bm25_search(items: list[dict[str, Any]], query_texts: Sequence[str], k: int, settings: BM25Config,
-                compute: ComputeConfig, stats: BM25Stats | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` BM25Okapi documents per query over sharded texts, equal to ``FastBM25.search`` over the whole
-    corpus: (scores float64, corpus rows int64), each (n_queries, min(k, rows))."""
-    stats = stats or bm25_stats(items, settings, compute)
-    tokenizer = build_tokenizer(settings)
-    query_tokens = [list(q) for q in tokenizer.tokenize_many(query_texts)]
-    terms = stats.query_terms(query_tokens)
-    idf = stats.idf[[stats.vocab[t] for t in terms]] if terms else np.zeros(0)
-    calls = [(item["start"], item["source"]) for item in items]
-    best = None
-    for scores, indices in map_shards(_bm25_shard, calls, compute,
-                                      {"settings": settings, "k": k, "terms": terms, "idf": idf,
-                                       "avgdl": stats.avgdl, "query_tokens": query_tokens}):
-        best = merge_bm25(best, scores, indices, k)
-    return best
+                compute: ComputeConfig, corpus_hash: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` BM25Okapi documents per query over sharded texts (``embtune.compute.shards.plan_*`` items whose
+    content hashes to ``corpus_hash``), equal to ``FastBM25.search`` over the whole corpus: (scores float64, corpus
+    rows int64), each (n_queries, min(k, rows)). The index is built on the first call and reused after."""
+    return ShardedBM25(items, corpus_hash, settings, compute).search(query_texts, k)
 
 
 def bm25_candidates(doc_texts: list[str], query_texts: list[str], depth: int, settings: BM25Config,
@@ -347,26 +465,17 @@ def bm25_candidates(doc_texts: list[str], query_texts: list[str], depth: int, se
     # bm25.language: auto is resolved here, on the whole corpus, as one process's build_tokenizer(settings, texts)
     # resolves it: the workers see one shard each, and without the texts auto would mean English.
     settings = replace(settings, language=resolve_language(settings, doc_texts))
-    items = plan_texts(doc_texts, compute.shard_rows)
-    stats = bm25_stats(items, settings, compute)
-    scores, indices = bm25_search(items, query_texts, depth, settings, compute, stats)
-    tokenizer = build_tokenizer(settings)
-    query_tokens = [list(q) for q in tokenizer.tokenize_many(query_texts)]
-    k1, b = settings.k1, settings.b
+    index = ShardedBM25(plan_texts(doc_texts, compute.shard_rows), texts_hash(doc_texts), settings, compute)
+    return bm25_index_candidates(index, query_texts, depth)
+
+
+def bm25_index_candidates(index: ShardedBM25, query_texts: list[str], depth: int,
+                          ) -> tuple[np.ndarray, np.ndarray, Callable[[int, np.ndarray], np.ndarray]]:
+    """``bm25_candidates`` from a built index: the guards' scores come from its saved counts, not from texts."""
+    scores, indices = index.search(query_texts, depth)
+    query_tokens = index.tokenize(query_texts)
 
     def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(docs))
-        documents = [tokenizer(doc_texts[int(d)]) for d in docs]
-        counts = [Counter(document) for document in documents]
-        for token in query_tokens[row]:
-            term = stats.vocab.get(token)
-            if term is None:
-                continue
-            for j, (document, count) in enumerate(zip(documents, counts)):
-                tf = float(count.get(token, 0))
-                if tf:
-                    length_norm = k1 * (1 - b + b * len(document) / stats.avgdl)
-                    out[j] += stats.idf[term] * (tf * (k1 + 1) / (tf + length_norm))
-        return out
+        return index.doc_scores(query_tokens[row], docs)
 
     return scores, indices, score_docs

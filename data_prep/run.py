@@ -382,7 +382,7 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
     query_texts = [queries[q] for q in candidate_query_ids(qrels)]
     depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
     bm25 = dense = None
-    if cfg.compute.engine == "ray" and m.faiss_index == "flat":  # sharded on the cluster, the same candidates
+    if cfg.compute.engine == "ray":  # sharded on the cluster: flat gives the same candidates, ivf approximates them
         from embtune.compute.search import bm25_candidates, dense_candidates
 
         if m.method in ("bm25", "hybrid"):
@@ -390,7 +390,8 @@ def build_ranking(cfg, corpus, doc_texts, queries, qrels) -> Ranking | None:
             bm25 = Ranking(indices, scores, score_docs, "bm25", len(texts))  # fusion normalizes over every doc
         if m.method in ("dense", "hybrid"):
             scores, indices, score_docs = dense_candidates(m.model or cfg.train.base_model, texts, query_texts, depth,
-                                                           cfg.compute, m.batch_size, m.max_seq_length)
+                                                           cfg.compute, m.batch_size, m.max_seq_length,
+                                                           m.faiss_index, m.ivf_nlist, m.ivf_nprobe)
             dense = Ranking(indices, scores, score_docs, "cosine", len(texts))
     if m.method in ("bm25", "hybrid") and bm25 is None:
         bm25 = bm25_ranking(texts, query_texts, depth, cfg.bm25.backend, build_tokenizer(cfg.bm25, texts),

@@ -173,6 +173,27 @@ def test_sharded_bm25_is_built_once_and_searched_without_the_texts(cluster, corp
         np.testing.assert_array_equal(index.doc_scores(tokens, rows), reference.get_scores(tokens)[rows])
 
 
+def test_ivf_on_shards_is_trained_once_filled_per_shard_and_probing_every_list_is_exact(encoded, cluster):
+    """ShardedIVF: one quantizer trained on a sample, each shard filled into its own saved index (a second open
+    fills nothing); probing every list finds exact search's top-10 with its scores, probing one list finds fewer."""
+    from embtune.compute.search import ShardedIVF, dense_search
+
+    shards, queries = encoded["shards"], encoded["queries"]
+    ivf = ShardedIVF(shards, compute(), nlist=8)
+    assert ivf.filled == shards.starts
+    assert ShardedIVF(shards, compute(), nlist=8).filled == []
+    want_scores, want_rows = dense_search(shards, queries, 10, compute())
+
+    def recall(rows):
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), want_rows.tolist())])
+
+    scores, rows = ivf.search(queries, 10, nprobe=8)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    assert recall(rows) >= 0.97  # rows of equal score (the duplicated passages) may swap at the 10th place
+    _, rows_one = ivf.search(queries, 10, nprobe=1)
+    assert recall(rows_one) < recall(rows)
+
+
 def test_mined_negatives_are_identical(encoded, corpus, tiny_model_dir):
     """mine_negatives over the engine's candidates (dense with the margin guard, BM25) == over one process's."""
     from embtune.compute import ComputeConfig, activate

@@ -184,23 +184,138 @@ class ShardedDenseIndex:
 
 
 def dense_candidates(model_name: str, doc_texts: list[str], query_texts: list[str], depth: int,
-                     compute: ComputeConfig, batch_size: int = 64, max_seq_length: int = 0,
+                     compute: ComputeConfig, batch_size: int = 64, max_seq_length: int = 0, index: str = "flat",
+                     nlist: int = 0, nprobe: int = 16,
                      ) -> tuple[np.ndarray, np.ndarray, Callable[[int, np.ndarray], np.ndarray]]:
     """Mining's dense candidates on the engine: the corpus encoded into shards (cached as ``encode`` caches it),
-    searched shard by shard; ``(scores, rows, score_docs)`` with ``score_docs(query_row, rows)`` the inner products
+    searched shard by shard (``index``: ``flat`` exact, ``ivf`` a :class:`ShardedIVF` with ``nlist`` lists probed
+    ``nprobe`` at a time); ``(scores, rows, score_docs)`` with ``score_docs(query_row, rows)`` the inner products
     of any documents (guards read a positive's), read from their shards."""
     from embtune.compute.shards import encode_texts
-    from embtune.retrieval.encoder import cache_stem, encode, load_encoder
+    from embtune.retrieval.encoder import cache_stem, load_encoder
 
     model, key = load_encoder(model_name, max_seq_length)
     shards = encode_texts(model, doc_texts, cache_stem(model, key, doc_texts), compute, desc="mining corpus")
+    return shard_candidates(model, shards, query_texts, depth, compute, batch_size, index, nlist, nprobe)
+
+
+def shard_candidates(model, shards: ShardSet, query_texts: list[str], depth: int, compute: ComputeConfig,
+                     batch_size: int = 64, index: str = "flat", nlist: int = 0, nprobe: int = 16,
+                     ) -> tuple[np.ndarray, np.ndarray, Callable[[int, np.ndarray], np.ndarray]]:
+    """``dense_candidates`` over shards already encoded (e.g. from a corpus file the driver never read)."""
+    from embtune.retrieval.encoder import encode
+
     query_emb = encode(model, query_texts, batch_size, desc="mining query")  # (n_queries, dim)
-    scores, indices = dense_search(shards, query_emb, depth, compute)
+    if index == "ivf":
+        scores, indices = ShardedIVF(shards, compute, nlist).search(query_emb, depth, nprobe)
+    elif index == "flat":
+        scores, indices = dense_search(shards, query_emb, depth, compute)
+    else:
+        raise ValueError(f"mining.faiss_index must be 'flat' or 'ivf', got {index!r}")
 
     def score_docs(row: int, docs: np.ndarray) -> np.ndarray:
         return (shards.vectors(docs) @ query_emb[row]).astype(np.float64)  # (len(docs),)
 
     return scores, indices, score_docs
+
+
+# --- IVF (approximate dense search for mining) -----------------------------------------------------------------
+
+def _ivf_train(shards: ShardSet, rows: np.ndarray, nlist: int, seed: int, threads: int, path: str) -> str:
+    """Train an empty ``IndexIVFFlat`` (inner product) on the given sampled corpus rows and save it: one task, so the
+    sample never passes through the driver."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    sample = np.ascontiguousarray(shards.vectors(rows), dtype=np.float32)  # (train rows, dim)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(shards.dim), shards.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed
+    index.train(sample)
+    _write_index_atomically(index, path)
+    return path
+
+
+def _write_index_atomically(index, path: str) -> None:
+    import os
+    import uuid
+
+    import faiss
+
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    faiss.write_index(index, tmp)
+    os.replace(tmp, path)
+
+
+def _ivf_fill(shard_path: str, start: int, trained: str, out: str, threads: int) -> int:
+    """One shard's vectors added (with their corpus rows as ids) to a copy of the trained index, saved beside it."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.read_index(trained)
+    _, vectors = read_shard_file(shard_path)
+    index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                       np.arange(start, start + len(vectors), dtype=np.int64))
+    _write_index_atomically(index, out)
+    return start
+
+
+def _ivf_shard(path: str, k: int, nprobe: int, queries: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's approximate top-``k`` per query: (scores float32, corpus rows; -1 past the lists probed)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.read_index(path, faiss.IO_FLAG_MMAP)
+    index.nprobe = nprobe
+    return index.search(queries, k)
+
+
+class ShardedIVF:
+    """An IVF index over a :class:`ShardSet`, the FAISS recipe for corpora past one machine (autofaiss's): the
+    coarse quantizer trained once, by one task, on a seeded sample of rows drawn from every shard; each shard then
+    added to a copy of it by its own task and saved beside the shards (``ivf<nlist>_seed<seed>/<start>.faiss``,
+    ids = corpus rows); a search runs each shard's index in a task (``nprobe`` lists) and merges the top-k as
+    :func:`dense_search` does. Every shard shares the quantizer, so a query probes the same lists in each.
+
+    Approximate: its recall against :func:`dense_search` is measured (``scripts/bench_scale.py --pipeline``), not
+    assumed. A rerun reuses the trained quantizer and the filled shards it finds.
+    """
+
+    def __init__(self, shards: ShardSet, compute: ComputeConfig, nlist: int = 0, train_rows: int = 0,
+                 seed: int = 42) -> None:
+        import math
+
+        if shards.overrides:
+            raise ValueError("an IVF index over shards with replaced rows: the saved lists hold the stored vectors")
+        self.shards, self.compute = shards, compute
+        self.nlist = min(nlist or max(1, int(4 * math.sqrt(shards.num_rows))), shards.num_rows)
+        self.directory = shards.directory / f"ivf{self.nlist}_seed{seed}"
+        self.directory.mkdir(exist_ok=True)
+        trained = self.directory / "trained.faiss"
+        if not trained.is_file():
+            rng = np.random.default_rng(seed)
+            count = min(shards.num_rows, train_rows or 64 * self.nlist)
+            rows = np.sort(rng.choice(shards.num_rows, size=count, replace=False))
+            list(map_shards(_ivf_train, [(shards, rows, self.nlist, seed, compute.threads_per_worker, str(trained))],
+                            compute))
+            logger.info("IVF: %d lists trained on %d sampled rows", self.nlist, count)
+        missing = [(str(shards.path(start)), start, str(trained), str(self._path(start)), compute.threads_per_worker)
+                   for start in shards.starts if not self._path(start).is_file()]
+        self.filled = sorted(map_shards(_ivf_fill, missing, compute))
+
+    def _path(self, start: int):
+        return self.directory / f"{start:012d}.faiss"
+
+    def search(self, query_emb: np.ndarray, k: int, nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """Approximate top-``k`` by inner product: (scores float32, corpus rows int64, -1 where fewer were found),
+        each (n_queries, k)."""
+        query_emb = np.ascontiguousarray(query_emb, dtype=np.float32)  # (n_queries, dim)
+        calls = [(str(self._path(start)),) for start in self.shards.starts]
+        shared = {"k": k, "nprobe": min(nprobe, self.nlist), "queries": query_emb,
+                  "threads": self.compute.threads_per_worker}
+        best = None
+        for scores, indices in map_shards(_ivf_shard, calls, self.compute, shared):
+            best = merge_dense(best, scores, indices, k)
+        return best
 
 
 # --- BM25 -----------------------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def test_ray_embeddings_equal_the_local_engine(encoded, corpus, cluster):
     import pyarrow.parquet as pq
 
     from embtune.compute import ComputeConfig, activate
-    from embtune.compute.encoding import encode
+    from embtune.compute.encoding import encode, encode_corpus
+    from embtune.compute.shards import ShardSet
     from embtune.retrieval.encoder import cache_dir
 
     texts, _ = corpus
@@ -96,6 +97,12 @@ def test_ray_embeddings_equal_the_local_engine(encoded, corpus, cluster):
     assert not list(cache_dir().glob("*.npy"))
     encode(encoded["model"], texts, 16, cache_key=encoded["key"])  # local: today's .npy
     assert len(list(cache_dir().glob("*.npy"))) == 1
+    activate(compute())
+    try:  # with the local engine's .npy present, Ray still hands back the shards, not the matrix file
+        again = encode_corpus(encoded["model"], texts, 16, cache_key=encoded["key"])
+    finally:
+        activate(ComputeConfig())
+    assert isinstance(again, ShardSet) and again.directory == shards.directory and again.encoded == []
 
 
 def test_ray_openvino_int8_equals_the_local_engine(cluster, corpus, tiny_model_dir):

@@ -7,11 +7,15 @@ without a stage passing it along; ``embtune.retrieval`` itself knows no engine (
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from embtune.compute import ComputeConfig, active
 from embtune.retrieval.encoder import LOADED_AS, cache_dir, cache_stem
 from embtune.retrieval.encoder import encode as encode_here
+
+logger = logging.getLogger(__name__)
 
 
 def encode(model, texts: list[str], batch_size: int = 64, cache_key: str | None = None, desc: str = "",
@@ -29,14 +33,17 @@ def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str 
     searches (:class:`embtune.retrieval.spec.Retriever`), indexes (``embtune.compute.export``) or reads row by row
     without the driver ever holding the whole matrix. Same arguments as :func:`encode`.
 
-    Only a corpus encode (one with a cache key, of an encoder ``load_encoder`` made) goes to Ray, and not when the
-    local engine already wrote its matrix as one ``.npy`` (that file is used as it is).
+    Only a corpus encode (one with a cache key, of an encoder ``load_encoder`` made) goes to Ray. A ``.npy`` the
+    local engine wrote for the same key is not used there: loading it would put the whole matrix in the driver
+    (what the engine is for avoiding) and hand back a matrix where the caller asked the engine for shards.
     """
     compute = compute or active()
     if cache_key and compute.engine == "ray" and LOADED_AS in vars(model):
-        stem = cache_stem(model, cache_key, texts, role)
-        if not (cache_dir() / f"{stem}.npy").is_file():
-            from embtune.compute.shards import encode_texts
+        from embtune.compute.shards import encode_texts
 
-            return encode_texts(model, texts, stem, compute, role=role, desc=desc)
+        stem = cache_stem(model, cache_key, texts, role)
+        if (cache_dir() / f"{stem}.npy").is_file():
+            logger.info("compute.engine ray: the local engine's %s.npy is not read (shards keep the matrix out of "
+                        "the driver); encoding into shards", stem)
+        return encode_texts(model, texts, stem, compute, role=role, desc=desc)
     return encode_here(model, texts, batch_size, cache_key=cache_key, desc=desc, role=role)

@@ -66,6 +66,25 @@ def write_corpus(path: Path, n: int, seed: int = 0) -> None:
             handle.write(json.dumps({"_id": f"p{i}", "title": "", "text": text}) + "\n")
 
 
+def write_mixed_corpus(path: Path, n: int, seed: int = 0) -> None:
+    """The --pipeline corpus: past the first pass over the sentences, a passage is a sentence with three of its
+    words replaced by words of other sentences, shuffled. A mean-pooled static encoder ignores word order, so
+    ``write_corpus``'s reshuffled copies would be hundreds of identical vectors (ties everywhere in the ANN
+    recall); these are distinct near-duplicates instead."""
+    rng = random.Random(seed)
+    pool = sentences()
+    with open(path, "w") as handle:
+        for i in range(n):
+            text = pool[i % len(pool)]
+            if i >= len(pool):
+                words = text.split()
+                for _ in range(3):
+                    words[rng.randrange(len(words))] = rng.choice(rng.choice(pool).split())
+                rng.shuffle(words)
+                text = " ".join(words)
+            handle.write(json.dumps({"_id": f"p{i}", "title": "", "text": text}) + "\n")
+
+
 def train_queries(n: int) -> list[str]:
     train = {line.split("\t")[0] for line in (SCIFACT / "qrels" / "train.tsv").read_text().splitlines()[1:]}
     queries = [json.loads(line) for line in open(SCIFACT / "queries.jsonl")]
@@ -126,6 +145,194 @@ def child_ray(corpus: Path, arrays: Path | None, workers: int, shard_rows: int, 
         _, top = dense_search(shards, query_emb, 10, compute, one_at_a_time=True)  # as the Retriever searches shards
         np.save(f"{arrays}.top10.npy", top)
     return result
+
+
+# --- the pipeline on shards (--pipeline) ---------------------------------------------------------------------------
+
+def build_static_encoder(folder: Path) -> Path:
+    """A cheap encoder for the plumbing runs: sentence-transformers' ``StaticEmbedding`` over MiniLM's tokenizer and
+    MiniLM's own input word-embedding table (mean of the token vectors, normalized), saved as a model folder that
+    ``load_encoder`` (driver and Ray actors alike) loads like any other."""
+    if (folder / "modules.json").is_file():
+        return folder
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, StaticEmbedding
+
+    from embtune.models import resolve_model
+
+    base = SentenceTransformer(resolve_model(MODEL, must_exist=True), device="cpu")
+    table = base[0].auto_model.embeddings.word_embeddings.weight.detach().cpu().numpy()  # (vocab, 384)
+    SentenceTransformer(modules=[StaticEmbedding(base.tokenizer, embedding_weights=table), Normalize()],
+                        device="cpu").save(str(folder))
+    return folder
+
+
+def child_pipeline(corpus: Path, encoder: str, shard_rows: int, queries: int, scratch: Path, nprobe: int,
+                   lancedb: bool) -> dict:
+    """data_prep mining, eval and export of a corpus file on the Ray engine, the driver holding shard plans, ids
+    and the rows it needs, never the corpus: the compute functions the stages call on Ray, timed stage by stage."""
+    import math
+    import random
+
+    import numpy as np
+
+    from embtune.compute import ComputeConfig
+    from embtune.compute.export import write_ivf_ondisk, write_lancedb_table
+    from embtune.compute.search import ShardedBM25, ShardedIVF, bm25_index_candidates, dense_search, shard_candidates
+    from embtune.compute.shards import encode_corpus, plan_corpus, read_rows, start_local
+    from embtune.eval import score
+    from embtune.retrieval.bm25 import BM25Config
+    from embtune.retrieval.encoder import encode_batch, load_encoder
+
+    compute = ComputeConfig(engine="ray", workers=2, threads_per_worker=1, shard_rows=shard_rows, batch_size=512)
+    seconds: dict[str, float] = {}
+    first = time.perf_counter()
+
+    def timed(name: str, began: float) -> None:
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - began, 1)
+
+    began = time.perf_counter()
+    start_local(num_cpus=2, object_store_mb=300)
+    timed("cluster_start", began)
+    began = time.perf_counter()
+    items, corpus_hash = plan_corpus(corpus, shard_rows)  # one streaming pass: line offsets and the content hash
+    timed("plan", began)
+    began = time.perf_counter()
+    shards = encode_corpus(encoder, corpus, compute)
+    timed("encode", began)
+    n = shards.num_rows
+
+    # Queries: a few words of seeded passages (read by row); the passage is the query's one relevant document.
+    rng = random.Random(0)
+    query_rows = sorted(rng.sample(range(n), queries))
+    query_ids, query_sources = read_rows(items, query_rows)
+    query_texts = [" ".join(rng.sample(text.split(), min(5, len(text.split())))) for text in query_sources]
+    qrels = {f"q{i}": {doc_id: 1} for i, doc_id in enumerate(query_ids)}
+    model, _ = load_encoder(encoder)
+
+    # data_prep mining: BM25 built once, IVF dense candidates, the guard (a negative scores below the positive),
+    # and the texts of the chosen negatives read by row.
+    began = time.perf_counter()
+    bm25 = ShardedBM25(items, corpus_hash, BM25Config(language="english"), compute)
+    seconds["bm25_build"] = round(time.perf_counter() - began, 1)
+    bm25_scores, bm25_rows, _ = bm25_index_candidates(bm25, query_texts, 30)
+    nlist = max(1, int(math.sqrt(n)))
+    began_ivf = time.perf_counter()
+    ivf = ShardedIVF(shards, compute, nlist=nlist, train_rows=40 * nlist)
+    seconds["ivf_train_and_fill"] = round(time.perf_counter() - began_ivf, 1)
+    dense_scores, dense_rows, score_docs = shard_candidates(model, shards, query_texts, 30, compute, index="ivf",
+                                                            nlist=nlist, nprobe=nprobe)
+    negatives: list[list[int]] = []
+    for row, positive in enumerate(query_rows):
+        ceiling = score_docs(row, np.asarray([positive]))[0]
+        picked = [int(d) for d, s in zip(dense_rows[row][2:], dense_scores[row][2:])
+                  if d >= 0 and d != positive and s < ceiling][:4]
+        negatives.append(picked)
+    _, negative_texts = read_rows(items, [d for picked in negatives for d in picked])
+    out_rows, cursor = [], 0
+    for text, source, picked in zip(query_texts, query_sources, negatives):
+        row = {"query": text, "positive": source}
+        for j in range(len(picked)):
+            row[f"negative_{j + 1}"] = negative_texts[cursor + j]
+        cursor += len(picked)
+        out_rows.append(row)
+    (scratch / f"mined_{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
+    timed("data_prep_mining", began)
+
+    # eval: the dense (exact) and BM25 rows over every shard, scored by the core metrics (embtune.eval.score).
+    began = time.perf_counter()
+    query_emb = encode_batch(model, query_texts, 64)  # (queries, dim)
+    exact_scores, exact_rows = dense_search(shards, query_emb, 100, compute)
+    # ANN recall: the mined candidates' top-10 against this exact search over every shard.
+    recall = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
+                            for a, b in zip(dense_rows.tolist(), exact_rows.tolist())]))
+    # The same, counting a row whose score reaches the exact 10th score as found (rows of equal score are
+    # interchangeable, and which of them a top-10 keeps is arbitrary).
+    recall_by_score = float(np.mean((dense_scores[:, :10] >= exact_scores[:, 9:10] - 1e-6).sum(axis=1) / 10))
+    by_nprobe = {}
+    for probes in (8, 16, 32, 64, 128):
+        _, rows = ivf.search(query_emb, 10, min(probes, nlist))
+        by_nprobe[str(probes)] = round(float(np.mean([len(set(a) & set(b[:10])) / 10
+                                                     for a, b in zip(rows.tolist(), exact_rows.tolist())])), 4)
+    began_bm25 = time.perf_counter()
+    bm25_scores, bm25_rows = bm25.search(query_texts, 100)
+    bm25_seconds = time.perf_counter() - began_bm25
+    metrics = {}
+    for name, (scores, rows) in {"dense": (exact_scores, exact_rows), "bm25": (bm25_scores, bm25_rows)}.items():
+        ids = shards.ids(rows.reshape(-1))
+        run = {f"q{i}": {ids[i * rows.shape[1] + j]: float(scores[i, j]) for j in range(rows.shape[1])
+                         if rows[i, j] >= 0} for i in range(len(rows))}
+        metrics[name] = score(qrels, run, name=name).percent()
+    timed("eval", began)
+
+    # export: one on-disk IVF index merged from the filled shards (a task), a LanceDB table appended shard by shard.
+    began = time.perf_counter()
+    exported = write_ivf_ondisk(ivf, scratch / f"index_{n}.faiss")
+    if lancedb:
+        write_lancedb_table(shards, scratch / f"lancedb_{n}", "corpus")
+    timed("export", began)
+    # stage_seconds: data_prep_mining includes bm25_build and ivf_train_and_fill
+    return {"passages": n, "shards": len(shards.starts), "shard_rows": shard_rows, "queries": queries,
+            "driver_peak_rss_mb": round(peak_rss_mb()), "seconds": round(time.perf_counter() - first, 1),
+            "stage_seconds": seconds, "bm25_ms_per_query": round(1000 * bm25_seconds / queries, 2),
+            "bm25_vocab": len(bm25.stats.vocab), "ivf_nlist": nlist, "ivf_nprobe": nprobe,
+            "ivf_train_rows": 40 * nlist, "ann_mining_recall@10": round(recall, 4),
+            "ann_mining_recall@10_by_score": round(recall_by_score, 4), "ann_recall@10_by_nprobe": by_nprobe,
+            "exported_vectors": exported,
+            "lancedb": lancedb, "metrics": metrics,
+            "negatives_per_query": round(sum(map(len, negatives)) / queries, 2)}
+
+
+def pipeline_runs(args, provenance) -> None:
+    """``--pipeline``: the whole pipeline on the Ray engine at each size, into scale.json's ``pipeline_runs``."""
+    from scripts.benchlib import write_result
+
+    scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_scale_pipeline_"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    encoder = build_static_encoder(scratch / "static_minilm")
+    out_path = Path(args.out)
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    headline = {key: value for key, value in previous.items() if key != "other_runs"}
+    runs = []
+    deadline = 0.0
+    if args.deadline:
+        import datetime as dt
+
+        hour, minute = map(int, args.deadline.split(":"))
+        deadline = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0).timestamp()
+    for passages in args.pipeline:
+        corpus = scratch / f"corpus_{passages}.jsonl"
+        if not corpus.is_file():
+            write_mixed_corpus(corpus, passages)
+        work = scratch / f"run_{passages}"
+        work.mkdir(exist_ok=True)
+        run = run_child(["pipeline", str(corpus), "--encoder", str(encoder), "--shard-rows", str(args.shard_rows),
+                         "--queries", str(args.queries), "--scratch", str(work), "--nprobe", str(args.nprobe),
+                         *(["--lancedb"] if args.lancedb else [])], scratch / f"cache_{passages}", deadline)
+        runs.append({"passages": passages, **run})
+        print(json.dumps(runs[-1], indent=2), flush=True)
+        if run.get("killed_at_deadline"):
+            break
+    done = [r for r in runs if not r.get("killed_at_deadline")]
+    small = next((r for r in done if r["passages"] == min(args.pipeline)), None)
+    largest = max(done, key=lambda r: r["passages"]) if done else None
+    out = {**headline, "pipeline_runs": runs,
+           "pipeline_provenance": provenance.record(),
+           "pipeline_note": args.note + " Synthetic passages (SciFact corpus sentences, words reshuffled past the "
+           "first pass) and a StaticEmbedding encoder (MiniLM's tokenizer and word-embedding table, mean-pooled): "
+           "what is measured is the plumbing (driver RSS, seconds per stage, BM25 and IVF on shards), not retrieval "
+           "quality. Driver peak RSS is the sampled RSS of the driver process alone (Ray's workers are other "
+           "processes).",
+           "pipeline_encoder": "StaticEmbedding(minilm word embeddings)"}
+    if small and largest:
+        out["pipeline_driver_rss_ratio"] = round(largest["driver_sampled_peak_rss_mb"]
+                                                 / small["driver_sampled_peak_rss_mb"], 2)
+        out["pipeline_largest_passages"] = largest["passages"]
+        out["bm25_ms_per_query_largest"] = largest["bm25_ms_per_query"]
+        out["ann_mining_recall@10"] = min(r["ann_mining_recall@10"] for r in done)
+        if largest["passages"] >= 3_000_000:
+            out["bm25_ms_per_query_3m"] = largest["bm25_ms_per_query"]
+    write_result(out_path, out)
 
 
 def share_onnx_export(cache: Path) -> None:
@@ -213,11 +420,22 @@ def main() -> None:
     parser.add_argument("--backend", default=BACKEND, help=argparse.SUPPRESS)
     parser.add_argument("--fp32-control", type=int, default=5_000,
                         help="passages for the same top-10 comparison with fp32 ONNX (batch-independent vectors)")
+    parser.add_argument("--pipeline", type=int, nargs="*", default=None,
+                        help="instead: the pipeline on shards at these corpus sizes (e.g. 30000 300000 3000000) "
+                             "into scale.json's pipeline_runs, the first size being the RSS ratio's base")
+    parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query in --pipeline mining")
+    parser.add_argument("--lancedb", action="store_true", help="--pipeline export also writes a LanceDB table")
+    parser.add_argument("--encoder", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         kind, corpus = args.child[0], Path(args.child[1])
         arrays = Path(args.arrays) if args.arrays else None
+        if kind == "pipeline":
+            result = child_pipeline(corpus, args.encoder, args.shard_rows, args.queries, Path(args.scratch),
+                                    args.nprobe, args.lancedb)
+            Path(args.child_out).write_text(json.dumps(result))
+            return
         result = (child_local(corpus, arrays, args.queries, args.backend) if kind == "local"
                   else child_ray(corpus, arrays, args.workers, args.shard_rows, args.queries_from, args.backend))
         Path(args.child_out).write_text(json.dumps(result))
@@ -229,6 +447,9 @@ def main() -> None:
     from scripts.benchlib import bench_command
 
     provenance = Provenance.start(bench_command(sys.argv))
+    if args.pipeline:
+        pipeline_runs(args, provenance)
+        return
     scratch = Path(args.scratch or tempfile.mkdtemp(prefix="bench_scale_"))
     scratch.mkdir(parents=True, exist_ok=True)
     small = scratch / f"corpus_{args.small}.jsonl"

@@ -99,3 +99,26 @@ def id_and_vector(start: int, ids: list[str], vectors: np.ndarray):
     dim = vectors.shape[1]
     return pa.table({"id": pa.array(ids, type=pa.string()),
                      "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), dim)})
+
+
+def _merge_ivf(trained: str, shard_files: list[str], path: str) -> int:
+    """FAISS's on-disk merge (``faiss.contrib.ondisk.merge_ondisk``) of the shards' filled IVF indexes into one
+    index at ``path`` whose lists live in ``<path>.ivfdata``; the shards are memory-mapped, never loaded whole."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.read_index(trained)
+    merge_ondisk(index, shard_files, f"{path}.ivfdata")
+    faiss.write_index(index, path)
+    return int(index.ntotal)
+
+
+def write_ivf_ondisk(ivf, path: str | Path) -> int:
+    """One served IVF index from a :class:`embtune.compute.search.ShardedIVF`'s filled shards (ids = corpus rows),
+    merged on disk by a task on the engine, so neither the driver nor that task holds the vectors; the number of
+    vectors written. Load it with ``faiss.read_index(path, faiss.IO_FLAG_MMAP)`` beside its ``.ivfdata``."""
+    from embtune.compute.search import map_shards
+
+    files = [str(ivf._path(start)) for start in ivf.shards.starts]
+    call = (str(ivf.directory / "trained.faiss"), files, str(Path(path).resolve()))
+    return next(iter(map_shards(_merge_ivf, [call], ivf.compute)))

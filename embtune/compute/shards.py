@@ -138,6 +138,20 @@ class ShardSet:
         return np.concatenate([vectors for _, _, vectors in self]) if self.starts else np.zeros((0, self.dim),
                                                                                                  np.float32)
 
+    def ids(self, rows: np.ndarray) -> list[str]:
+        """The doc ids of some corpus rows, in the order given; reads only the ``doc_id`` column of their shards."""
+        import pyarrow.parquet as pq
+
+        rows = np.asarray(rows, dtype=np.int64)
+        out = [""] * len(rows)
+        bounds = np.asarray(self.starts, dtype=np.int64)
+        shard_of = np.searchsorted(bounds, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            ids = pq.read_table(self.path(int(bounds[shard])), columns=["doc_id"]).column("doc_id").to_pylist()
+            for position in np.flatnonzero(shard_of == shard):
+                out[position] = ids[int(rows[position] - bounds[shard])]
+        return out
+
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The vectors of some corpus rows (n, dim), in the order given; reads only the shards that hold them."""
         rows = np.asarray(rows, dtype=np.int64)
@@ -242,6 +256,33 @@ def plan_parquet(files: Sequence[str | Path], shard_rows: int, id_column: str = 
                  "id_column": id_column, "text_columns": list(text_columns)})})
             start += rows
     return items, digest.hexdigest()[:16]
+
+
+def plan_corpus(corpus: str | Path | Sequence[str | Path], shard_rows: int) -> tuple[list[dict[str, Any]], str]:
+    """Shards of a corpus file the driver does not read: a BEIR ``corpus.jsonl`` (:func:`plan_jsonl`) or Parquet
+    file(s) with ``_id``, ``title`` and ``text`` columns (:func:`plan_parquet`); and the corpus's content hash."""
+    files = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    if len(files) == 1 and str(files[0]).endswith(".jsonl"):
+        return plan_jsonl(files[0], shard_rows)
+    return plan_parquet(files, shard_rows)
+
+
+def read_rows(items: list[dict[str, Any]], rows: Sequence[int]) -> tuple[list[str], list[str]]:
+    """(doc ids, texts) of some corpus rows, in the order given, read from the shards that hold them (a shard's
+    byte range or Parquet slice): what a stage needs of the texts (a mined negative's, a hit's) without the
+    corpus in memory."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts = np.asarray([item["start"] for item in items], dtype=np.int64)
+    shard_of = np.searchsorted(starts, rows, side="right") - 1
+    ids: list[str] = [""] * len(rows)
+    texts: list[str] = [""] * len(rows)
+    for shard in np.unique(shard_of):
+        item = items[int(shard)]
+        shard_ids, shard_texts = read_source(json.loads(item["source"]), item["start"])
+        for position in np.flatnonzero(shard_of == shard):
+            local = int(rows[position] - item["start"])
+            ids[position], texts[position] = shard_ids[local], shard_texts[local]
+    return ids, texts
 
 
 def read_source(source: dict[str, Any], start: int) -> tuple[list[str], list[str]]:
@@ -387,10 +428,7 @@ def encode_corpus(model_name: str, corpus: str | Path | Sequence[str | Path], co
 
     model, key = load_encoder(model_name, max_seq_length, device="cpu", backend=backend)
     files = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    if len(files) == 1 and str(files[0]).endswith(".jsonl"):
-        items, corpus_hash = plan_jsonl(files[0], compute.shard_rows)
-    else:
-        items, corpus_hash = plan_parquet(files, compute.shard_rows)
+    items, corpus_hash = plan_corpus(files, compute.shard_rows)
     tag = getattr(model, "cache_tag", "")
     stem = f"{key}{'_' + tag if tag else ''}_{corpus_hash}"
     return encode_items(vars(model)[LOADED_AS], items, shard_directory(stem, compute.shard_rows), compute,

@@ -264,7 +264,9 @@ def load_encoder(model_name: str, max_seq_length: int = 0, device: str | None = 
         from sentence_transformers import SentenceTransformer
 
         model = SentenceTransformer(path, device=device)
-        if max_seq_length:
+        # A worker reloads with the driver's recorded length: a model without a settable one (StaticEmbedding,
+        # whose length is inf) is already at it.
+        if max_seq_length and max_seq_length != model.max_seq_length:
             model.max_seq_length = max_seq_length
     elif backend.startswith("openvino"):
         if device and not str(device).startswith("cpu"):

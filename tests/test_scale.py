@@ -201,6 +201,38 @@ def test_ivf_on_shards_is_trained_once_filled_per_shard_and_probing_every_list_i
     assert recall(rows_one) < recall(rows)
 
 
+def test_a_corpus_file_is_read_by_row_and_its_ivf_exported_on_disk(cluster, corpus, tiny_model_dir, tmp_path):
+    """What a stage needs of a corpus file the driver never loads: texts and ids of given rows (read from their
+    shard's byte range) equal to the file's, and the shards' IVF merged on disk into one index that finds what
+    the sharded IVF finds."""
+    import faiss
+
+    from embtune.compute.export import write_ivf_ondisk
+    from embtune.compute.search import ShardedIVF
+    from embtune.compute.shards import encode_corpus, plan_corpus, read_rows
+    from embtune.retrieval.encoder import encode_batch, load_encoder
+
+    texts, queries = corpus
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
+    items, _ = plan_corpus(path, SHARD_ROWS)
+    rows = [399, 0, 41, 40, 7]
+    ids, got = read_rows(items, rows)
+    assert ids == [f"d{r}" for r in rows] and got == [texts[r] for r in rows]
+    shards = encode_corpus(str(tiny_model_dir), path, compute())
+    assert shards.ids(np.array(rows)) == ids
+    ivf = ShardedIVF(shards, compute(), nlist=8)
+    assert write_ivf_ondisk(ivf, tmp_path / "index.faiss") == len(texts)
+    index = faiss.read_index(str(tmp_path / "index.faiss"))  # its lists stay in the .ivfdata file
+    index.nprobe = 3
+    model, _ = load_encoder(str(tiny_model_dir))
+    query_emb = encode_batch(model, queries, 16)
+    merged_scores, merged_rows = index.search(query_emb, 10)
+    sharded_scores, sharded_rows = ivf.search(query_emb, 10, nprobe=3)
+    np.testing.assert_allclose(merged_scores, sharded_scores, atol=1e-5)
+    assert np.mean([set(a) == set(b) for a, b in zip(merged_rows.tolist(), sharded_rows.tolist())]) >= 0.9
+
+
 def test_mined_negatives_are_identical(encoded, corpus, tiny_model_dir):
     """mine_negatives over the engine's candidates (dense with the margin guard, BM25) == over one process's."""
     from embtune.compute import ComputeConfig, activate

@@ -116,7 +116,7 @@ def _merge_ivf(trained: str, shard_files: list[str], path: str) -> int:
 def write_ivf_ondisk(ivf, path: str | Path) -> int:
     """One served IVF index from a :class:`embtune.compute.search.ShardedIVF`'s filled shards (ids = corpus rows),
     merged on disk by a task on the engine, so neither the driver nor that task holds the vectors; the number of
-    vectors written. Load it with ``faiss.read_index(path, faiss.IO_FLAG_MMAP)`` beside its ``.ivfdata``."""
+    vectors written. ``faiss.read_index(path)`` maps its lists from ``<path>.ivfdata`` (not into memory)."""
     from embtune.compute.search import map_shards
 
     files = [str(ivf._path(start)) for start in ivf.shards.starts]

@@ -250,7 +250,7 @@ def child_pipeline(corpus: Path, encoder: str, shard_rows: int, queries: int, sc
     # interchangeable, and which of them a top-10 keeps is arbitrary).
     recall_by_score = float(np.mean((dense_scores[:, :10] >= exact_scores[:, 9:10] - 1e-6).sum(axis=1) / 10))
     by_nprobe = {}
-    for probes in (8, 16, 32, 64, 128):
+    for probes in (8, 16, 32, 64, 128, 256, 512):
         _, rows = ivf.search(query_emb, 10, min(probes, nlist))
         by_nprobe[str(probes)] = round(float(np.mean([len(set(a) & set(b[:10])) / 10
                                                      for a, b in zip(rows.tolist(), exact_rows.tolist())])), 4)

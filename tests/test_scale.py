@@ -370,6 +370,15 @@ def test_data_prep_mines_the_same_candidates_on_either_engine(encoded, corpus, t
         rankings.append(build_ranking(cfg, dict.fromkeys(doc_ids), dict(zip(doc_ids, texts)), query_dict, qrels))
     np.testing.assert_array_equal(rankings[0].indices, rankings[1].indices)
     np.testing.assert_array_equal(rankings[0].scores, rankings[1].scores)
+    # mining.faiss_index: ivf on Ray searches the shards' IVF (not the matrix in the driver); probing every list
+    # finds the exact dense candidates
+    dense = ["mining.method=dense", f"train.base_model={tiny_model_dir}", "mining.rank_end=20", "compute.engine=ray",
+             f"compute.shard_rows={SHARD_ROWS}"]
+    exact, ivf = (build_ranking(load_config(None, [*dense, *extra], sections=["mining", "compute"]),
+                                dict.fromkeys(doc_ids), dict(zip(doc_ids, texts)), query_dict, qrels)
+                  for extra in ([], ["mining.faiss_index=ivf", "mining.ivf_nlist=8", "mining.ivf_nprobe=8"]))
+    np.testing.assert_allclose(ivf.scores, exact.scores, atol=1e-5)
+    assert np.mean([set(a) == set(b) for a, b in zip(ivf.indices.tolist(), exact.indices.tolist())]) >= 0.9
 
 
 def test_faiss_and_lancedb_written_from_shards(encoded, tmp_path):

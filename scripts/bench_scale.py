@@ -2,6 +2,14 @@
 
     python scripts/bench_scale.py                       # 30k and 300k passages -> benchmarks/results/scale.json
     python scripts/bench_scale.py --small 3000 --large 0 --out /tmp/scale.json   # a quick look
+    python scripts/bench_scale.py --pipeline 30000 300000 3000000 --shard-rows 25000 --nprobe 256 --lancedb \
+        --deadline 12:10                            # the pipeline on shards -> scale.json's pipeline_runs
+
+``--pipeline`` (``child_pipeline``): per corpus size, one driver process runs data_prep's mining, eval and export
+on the Ray engine from a corpus file it never loads, with a ``StaticEmbedding`` encoder built from MiniLM's
+tokenizer and word table (the plumbing, not retrieval quality), recording the driver's sampled peak RSS, seconds
+per stage, BM25 ms per query and the IVF candidates' recall@10 against exact search; the file's other keys are kept
+(``benchlib.write_result``).
 
 The corpus: SciFact corpus sentences (read from /work/shared at run time, never copied into the repo), shuffled
 with a seed; past the first pass over the sentences each passage is a sentence with its words shuffled, so passages

@@ -147,3 +147,20 @@ def test_docstore_reads_rows_and_ids_and_refuses_duplicate_ids(tmp_path):
     with pytest.raises(ValueError, match="'d3' occurs at rows 3 and 50"):
         write_store(docs + [dict(docs[3])], tmp_path / "dup.jsonl")
     assert json.loads((tmp_path / "docs.jsonl").read_text().splitlines()[17]) == docs[17]
+
+
+def test_retune_changes_the_served_search_settings_without_a_rebuild(bundles, tmp_path):
+    import shutil
+
+    import faiss
+
+    from embtune.serve.bundle import retune_bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundles["ivf_pq_seeded"], copy)
+    before = (copy / "index" / "corpus.faiss").read_bytes()
+    assert retune_bundle(copy, nprobe=3, k_factor=2)["nprobe"] == 3
+    bundle = load_bundle(copy, device="cpu")
+    assert faiss.extract_index_ivf(bundle.index).nprobe == 3
+    assert faiss.downcast_index(bundle.index).k_factor == 2
+    assert (copy / "index" / "corpus.faiss").read_bytes() == before

@@ -28,8 +28,9 @@ class IndexConfig:
     kind: Literal["flat", "ivf_pq", "hnsw"] = "flat"  # flat: exact, in RAM; ivf_pq: memory-mapped; hnsw: in RAM
     factory: str = ""  # a faiss.index_factory string instead of the kind's own (embtune.retrieval.index.ann_factory)
     nprobe: int = 32  # ivf_pq: IVF lists searched per query
-    # ivf_pq: PQ candidates re-scored with the 8-bit vectors, as a multiple of k. PQ alone ranks coarsely: on the
-    # 100k-vector synthetic bundle of scripts/bench_serve_scale.py 8 found about 0.8 of the exact top-10, 32 about 0.98.
+    # ivf_pq: PQ candidates re-scored with the 8-bit vectors, as a multiple of k. PQ alone ranks coarsely, and the
+    # denser the corpus the more candidates a top-10 needs: the 10M bundle of benchmarks/results/serve_scale.json
+    # needed 384 where 32 was enough at 100k. Retune a built bundle with embtune.serve.bundle.retune_bundle.
     k_factor: float = 32.0
     ef_search: int = 128  # hnsw: the graph search's beam width
     train_rows: int = 0  # ivf_pq: vectors sampled to train the quantizers; 0 = 64 per IVF list

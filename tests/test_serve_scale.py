@@ -164,3 +164,21 @@ def test_retune_changes_the_served_search_settings_without_a_rebuild(bundles, tm
     assert faiss.extract_index_ivf(bundle.index).nprobe == 3
     assert faiss.downcast_index(bundle.index).k_factor == 2
     assert (copy / "index" / "corpus.faiss").read_bytes() == before
+
+
+def test_a_bundle_written_before_offsets_and_saved_bm25_still_serves_alike(bundles, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(bundles["flat"], old)
+    for name in ("docs.offsets.npy", "docs.idhash.npy"):
+        (old / "index" / name).unlink()
+    shutil.rmtree(old / "index" / "bm25")
+    legacy, current = load_bundle(old, device="cpu"), load_bundle(bundles["flat"], device="cpu")
+    assert isinstance(legacy.docs, list) and legacy.bm25 is None and isinstance(current.docs, DocStore)
+    query = "a query the tiny model encodes"
+    with TestClient(create_app(old, ServeConfig())) as client_old, \
+            TestClient(create_app(bundles["flat"], ServeConfig())) as client_new:
+        hits_old = client_old.post("/search", json={"query": query, "k": 10}).json()["hits"]
+        hits_new = client_new.post("/search", json={"query": query, "k": 10}).json()["hits"]
+    assert hits_old == hits_new and len(hits_new) == 10

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -57,6 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 
 from embtune.retrieval.bm25 import BM25Config
+from embtune.retrieval.docstore import DocStore
 from embtune.retrieval.encoder import truncate
 from embtune.retrieval.fusion import ranked
 from embtune.retrieval.spec import FusionSpec, RerankSpec, Retriever, RetrieverSpec
@@ -300,6 +302,30 @@ def _metadata_rows(docs: list[dict[str, Any]]) -> dict[str, dict[str, np.ndarray
             for key, values in table.items()}
 
 
+def rss_gb() -> float:
+    """This process's resident memory (``VmRSS``: its anonymous pages and the mapped file pages it has touched)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024 ** 2
+    except OSError:  # not Linux
+        pass
+    return float("nan")
+
+
+def startup_report() -> dict[str, float]:
+    """Seconds since this process started (from /proc, so the interpreter's and imports' time counts) and RSS."""
+    process_s = float("nan")
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22: start time
+        process_s = float(open("/proc/uptime").read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"process_s": round(process_s, 2), "rss_gb": round(rss_gb(), 3),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
 class Admission:
     """Whether the server takes one more work request, and counters for ``/health``.
 
@@ -361,19 +387,30 @@ class EmbeddingService:
                                     max_batch_tokens=cfg.max_batch_tokens, drop_after_ms=cfg.drop_after_ms)
         self.admission = Admission(cfg.max_queue, cfg.max_queue_wait_ms / 1000, cfg.retry_after_s,
                                    self.batcher.expected_wait)
-        self.metadata = _metadata_rows(self.bundle.docs)
-        self.retriever: Retriever | None = None
-        self.row_of: dict[str, int] = {}
-        self._search_thread: ThreadPoolExecutor | None = None
         bundle = self.bundle
+        on_disk = isinstance(bundle.docs, DocStore)
+        # Filters index the metadata fields at start; a store whose export recorded none is not read at all.
+        scan = not on_disk or bundle.manifest.get("metadata_fields", True)
+        self.metadata = _metadata_rows(bundle.docs) if scan else {}
+        self.retriever: Retriever | None = None
+        self.row_of: Callable[[str], int] = {}.__getitem__
+        self._search_thread: ThreadPoolExecutor | None = None
         if bundle.index is not None:
-            # Built once here (FastBM25 too, when the spec fuses with it), not on a request.
-            doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
-                str(row) for row in range(bundle.index.ntotal)]
-            doc_texts = bundle.doc_texts or [""] * len(doc_ids)  # titles as the index embedded them
-            self.retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None)
-            self.row_of = {doc_id: row for row, doc_id in enumerate(self.retriever.doc_ids)}
+            # Built once here (BM25 loaded from the bundle, or built when it has none), not on a request.
+            if on_disk:  # ids and texts stay on disk; a hit's row is found by the store's id index
+                doc_ids, doc_texts = bundle.docs.ids, bundle.doc_texts
+                self.row_of = bundle.docs.row_of
+            else:
+                doc_ids = [d.get("_id", str(row)) for row, d in enumerate(bundle.docs)] or [
+                    str(row) for row in range(bundle.index.ntotal)]
+                doc_texts = bundle.doc_texts or [""] * len(doc_ids)  # titles as the index embedded them
+                self.row_of = {doc_id: row for row, doc_id in enumerate(doc_ids)}.__getitem__
+            self.retriever = Retriever(bundle.spec, doc_ids, doc_texts, bundle.index, device=cfg.device or None,
+                                       bm25=bundle.bm25)
             logger.info("/search serves %s", bundle.spec.describe())
+        self.startup = startup_report()
+        logger.info("ready: %.2f s since the process started, RSS %.3f GB (index %s)", self.startup["process_s"],
+                    self.startup["rss_gb"], bundle.manifest.get("index", {}).get("factory", "Flat"))
 
     async def start(self) -> None:
         await self.batcher.start()
@@ -490,7 +527,7 @@ class EmbeddingService:
             docs = run["0"]
         hits = []
         for doc_id in ranked(docs):
-            doc = self.bundle.docs[self.row_of[doc_id]] if self.bundle.docs else {"_id": doc_id}
+            doc = self.bundle.docs[self.row_of(doc_id)] if self.bundle.docs else {"_id": doc_id}
             hits.append({"id": doc_id, "score": docs[doc_id], "title": doc.get("title", ""),
                          "text": doc.get("text", ""),
                          "metadata": {key: v for key, v in doc.items() if key not in TEXT_FIELDS | {"_id"}}})
@@ -505,6 +542,9 @@ class EmbeddingService:
             "dim": bundle.dim,
             "dims": bundle.manifest.get("dims", [bundle.dim]),
             "index_size": int(bundle.index.ntotal) if bundle.index is not None else 0,
+            "index": bundle.manifest.get("index", {"kind": "flat"}) if bundle.index is not None else None,
+            "startup": self.startup,
+            "rss_gb": round(rss_gb(), 3),
             "retriever": bundle.spec.to_dict(),
             "microbatch": self.cfg.microbatch,
             "queue": self.admission.stats(),

@@ -4,9 +4,12 @@ Layout::
 
     <bundle>/
       model/               # SentenceTransformer(path) loads it
-      index/corpus.faiss   # optional: IndexFlatIP over the embeddings eval searched (inner product: the model's
-                           # similarity, cosine for a normalized model, dot for a dot-product one)
+      index/corpus.faiss   # optional: an inner-product FAISS index over the embeddings eval searched (the model's
+                           # similarity, cosine for a normalized model, dot for a dot-product one): export.index
+                           # flat (exact, IndexFlatIP), ivf_pq or hnsw (manifest "index": kind, factory, nprobe...)
       index/docs.jsonl     # optional: one {"_id", "title", "text", ...metadata} per index row, same order
+      index/docs.offsets.npy, index/docs.idhash.npy   # row -> byte offset, id -> row (embtune.retrieval.docstore)
+      index/bm25/          # optional: the BM25 index retriever.json fuses with, built once at export
       retriever.json       # optional: the RetrieverSpec /search serves (embtune/retrieval/spec.py); default dense
       manifest.json        # {"dims": [...], "metric": "cosine", "corpus_hash": ..., "versions": {...}, and the
                            # settings the index was built with: SERVING_KEYS}
@@ -30,6 +33,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -42,14 +46,17 @@ from embtune.config import InputError
 from embtune.dataio import document_text
 from embtune.manifest import hash_path, versions
 from embtune.retrieval.bm25 import resolve_language
+from embtune.retrieval.docstore import DocStore, offsets_path, write_store
 from embtune.retrieval.encoder import BACKENDS, cache_key, encode, remember_loaded
-from embtune.retrieval.spec import SPEC_FILE, DenseSpec, RetrieverSpec
+from embtune.retrieval.index import ANN_KINDS, read_index, set_search_params
+from embtune.retrieval.spec import SPEC_FILE, BM25Index, DenseSpec, RetrieverSpec
 
 logger = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 INDEX_FILE = "index/corpus.faiss"
 DOCS_FILE = "index/docs.jsonl"
+BM25_DIR = "index/bm25"
 MANIFEST_FILE = "manifest.json"
 # What the index was built with and what serving must match; a bundle written before these were recorded has none.
 SERVING_KEYS = ("similarity_fn_name", "encoder_backend", "max_seq_length", "include_title", "bm25_language")
@@ -98,7 +105,9 @@ def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str 
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
                  batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
                  copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch",
-                 include_title: bool = True, max_seq_length: int = 0) -> Path:
+                 include_title: bool = True, max_seq_length: int = 0, index: str = "flat", index_factory: str = "",
+                 nprobe: int = 32, ef_search: int = 128, k_factor: float = 32.0, train_rows: int = 0,
+                 embeddings: Any = None, train_sample: np.ndarray | None = None) -> Path:
     """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
 
     Args:
@@ -119,6 +128,13 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         include_title: documents are embedded (and BM25 / the rerank read them) as title + text, or the text alone
             (``mining.include_title``, as eval read them).
         max_seq_length: the encoder's token limit eval used (``eval.max_seq_length``); 0 = the model's own.
+        index: ``flat`` (exact), ``ivf_pq`` or ``hnsw`` (``embtune.retrieval.index.ANN_KINDS``); ``index_factory``
+            overrides the FAISS factory string the kind picks (``ann_factory``); ``nprobe``, ``ef_search`` and
+            ``k_factor`` are the search settings recorded in the manifest and served; ``train_rows`` the IVF
+            training sample (0 = 64 per list).
+        embeddings: the documents' vectors already computed (``ShardSet``-like: ``num_rows``, ``dim``, iterating
+            ``(start, ids, vectors)`` shards), in ``docs`` order; ``docs`` is then streamed to disk, never held.
+        train_sample: vectors to train an approximate index on (default: sampled from ``embeddings``).
 
     The manifest records the settings (``SERVING_KEYS``) that :func:`load_bundle` then serves with.
     With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
@@ -164,49 +180,90 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
     index_dir = out_dir / "index"
     if index_dir.exists():
         shutil.rmtree(index_dir)
+    if index not in ANN_KINDS:
+        raise ValueError(f"export.index must be one of {list(ANN_KINDS)}, got {index!r}")
+    doc_texts: Any = None
     if docs is not None:
         import faiss  # only bundles with an index need it
 
-        docs = list(docs)
-        for line, doc in enumerate(docs, 1):
-            if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not isinstance(doc.get("text"), str):
-                raise ValueError(f"docs[{line - 1}]: expected a dict with string '_id' and 'text', got {doc!r:.200}")
         index_dir.mkdir(parents=True)
-        with open(out_dir / DOCS_FILE, "w") as handle:
-            for doc in docs:
-                handle.write(json.dumps(doc, ensure_ascii=False) + "\n")
-        # The source model's cache key: eval encoded this corpus with the same weights minutes before (the
-        # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
-        # Documents take the model's document route (an asymmetric label-free model's is the base model's).
-        key = cache_key(str(model_dir), model.max_seq_length, role="document")
-        doc_texts = [document_text(d, include_title) for d in docs]
-        # eval's vectors as they are: encode normalizes a cosine model's, and a dot-product model is searched by
-        # its raw inner product (normalizing would serve a cosine ranking eval never measured).
-        embeddings = encode_corpus(model, doc_texts, batch_size, cache_key=key,
-                                   desc="bundle corpus", role="document")  # (n, dim), or its shards on Ray
-        if isinstance(embeddings, np.ndarray):
-            index = faiss.IndexFlatIP(dim)
-            index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
-            faiss.write_index(index, str(out_dir / INDEX_FILE))
-        else:  # the same exact index, filled one shard at a time: the whole matrix is never in this process
+        if embeddings is None:
+            docs = list(docs)
+            num_docs, fields = write_store(docs, out_dir / DOCS_FILE)  # refuses a malformed document, naming its row
+            # The source model's cache key: eval encoded this corpus with the same weights minutes before (the
+            # cache file name adds the backend's tag, so an ONNX bundle never reads torch's embeddings).
+            # Documents take the model's document route (an asymmetric label-free model's is the base model's).
+            key = cache_key(str(model_dir), model.max_seq_length, role="document")
+            doc_texts = [document_text(d, include_title) for d in docs]
+            # eval's vectors as they are: encode normalizes a cosine model's, and a dot-product model is searched
+            # by its raw inner product (normalizing would serve a cosine ranking eval never measured).
+            embeddings = encode_corpus(model, doc_texts, batch_size, cache_key=key,
+                                       desc="bundle corpus", role="document")  # (n, dim), or its shards on Ray
+        else:  # vectors computed elsewhere: the documents go straight to disk
+            num_docs, fields = write_store(docs, out_dir / DOCS_FILE)
+            if num_docs != embeddings.shape[0]:
+                raise ValueError(f"build_bundle: {num_docs} documents but {embeddings.shape[0]} embeddings")
+        started = time.perf_counter()
+        if isinstance(embeddings, np.ndarray) and index == "flat":
+            flat = faiss.IndexFlatIP(dim)
+            flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+            faiss.write_index(flat, str(out_dir / INDEX_FILE))
+        else:  # filled one shard at a time: the whole matrix is never in this process
             from embtune.compute.export import write_faiss_index
 
-            write_faiss_index(embeddings, out_dir / INDEX_FILE, kind="flat")
+            shards = _OneShard(embeddings) if isinstance(embeddings, np.ndarray) else embeddings
+            built = write_faiss_index(shards, out_dir / INDEX_FILE, kind=index, factory=index_factory,
+                                      nprobe=nprobe, train_rows=train_rows, sample=train_sample)
+            del built
+        from embtune.retrieval.index import ann_factory
+
+        rows = embeddings.shape[0]
+        manifest["index"] = {"kind": index, "factory": index_factory or ann_factory(index, rows, dim),
+                             "build_s": round(time.perf_counter() - started, 1),
+                             **_search_settings(index, nprobe, ef_search, k_factor)}
         manifest["corpus_hash"] = hash_path(out_dir / DOCS_FILE)
-        manifest["num_docs"] = len(docs)
+        manifest["num_docs"] = num_docs
+        manifest["metadata_fields"] = fields  # the server indexes these for filters at start (none: no scan)
     spec = spec or RetrieverSpec(dense=DenseSpec(dim=dim))
     if spec.dense is not None:
         spec = spec.replace(dense=DenseSpec(model=MODEL_DIR, dim=spec.dense.dim or dim, precision=spec.dense.precision))
     if (spec.bm25 is not None or spec.rerank is not None) and docs is None:
         raise ValueError(f"spec {spec.describe()!r} needs the documents' text: pass docs")
     if spec.bm25 is not None:
+        if doc_texts is None:
+            doc_texts = [document_text(d, include_title) for d in DocStore(out_dir / DOCS_FILE)]
         manifest["bm25_language"] = resolve_language(spec.bm25, doc_texts)
+        # Built once here and memory-mapped by the server, instead of rebuilt from docs.jsonl at every start.
+        BM25Index(doc_texts, spec.bm25).save(out_dir / BM25_DIR)
     spec.save(out_dir / SPEC_FILE)
     manifest["retriever"] = spec.describe()
     manifest["versions"] = versions()
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
     logger.info("wrote bundle %s (%d docs, dim %d)", out_dir, manifest["num_docs"], dim)
     return out_dir
+
+
+def _search_settings(kind: str, nprobe: int, ef_search: int, k_factor: float) -> dict[str, float]:
+    """The search-time settings of an index kind, as the manifest records them and the server sets them."""
+    if kind == "ivf_pq":
+        return {"nprobe": nprobe, "k_factor": k_factor}
+    if kind == "hnsw":
+        return {"efSearch": ef_search}
+    return {}
+
+
+class _OneShard:
+    """An in-memory matrix as one shard, for the shard-by-shard index writer."""
+
+    def __init__(self, matrix: np.ndarray) -> None:
+        self.matrix = np.ascontiguousarray(matrix, dtype=np.float32)  # (n, dim)
+        self.num_rows, self.dim = self.matrix.shape
+
+    def __iter__(self):
+        yield 0, [], self.matrix
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self.matrix[rows]
 
 
 @dataclass
@@ -226,9 +283,10 @@ class Bundle:
     dim: int
     max_seq_length: int
     index: Any = None  # faiss index or None
-    docs: list[dict[str, Any]] = field(default_factory=list)
+    docs: Any = field(default_factory=list)  # a DocStore (rows read on demand), or a list for an older bundle
     spec: RetrieverSpec = field(default_factory=RetrieverSpec)  # retriever.json, or dense at the full dim
-    doc_texts: list[str] = field(default_factory=list)  # what BM25 and the rerank read, as eval read it
+    doc_texts: Any = field(default_factory=list)  # what BM25 and the rerank read, as eval read it (on demand)
+    bm25: BM25Index | None = None  # index/bm25, the spec's BM25 as export built it
     encode: Callable[[list[str]], np.ndarray] = field(default=None, repr=False)  # type: ignore[assignment]
     _counting: threading.local = field(default_factory=threading.local, init=False, repr=False)
 
@@ -331,12 +389,17 @@ def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: s
 
     index, docs = None, []
     if (bundle_dir / INDEX_FILE).is_file():
-        import faiss  # only bundles with an index need it
-
-        index = faiss.read_index(str(bundle_dir / INDEX_FILE))
+        # Memory-mapped where FAISS can (IVF lists, flat and SQ codes): the file's pages are read as searches
+        # touch them, so start-up does not read the index and the server's memory holds what it searches.
+        index = read_index(bundle_dir / INDEX_FILE, mmap=True)
+        set_search_params(index, **_search_keywords(manifest.get("index", {})))
         if index.d != dim:
             raise ValueError(f"{bundle_dir / INDEX_FILE}: index dimension {index.d} != model dimension {dim}")
-        if (bundle_dir / DOCS_FILE).is_file():
+        if offsets_path(bundle_dir / DOCS_FILE).is_file():
+            docs = DocStore(bundle_dir / DOCS_FILE)
+            if len(docs) != index.ntotal:
+                raise ValueError(f"{bundle_dir}: {DOCS_FILE} has {len(docs)} rows but {INDEX_FILE} has {index.ntotal}")
+        elif (bundle_dir / DOCS_FILE).is_file():  # a bundle written before the offsets were
             with open(bundle_dir / DOCS_FILE) as handle:
                 for line, text in enumerate(handle, 1):
                     if not text.strip():
@@ -356,10 +419,36 @@ def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: s
         raise ValueError(f"{spec_path}: dense.dim {spec.dense.dim} is larger than the model's dimension {dim}")
     if (spec.bm25 is not None or spec.rerank is not None) and not docs:
         raise ValueError(f"{spec_path}: {spec.describe()!r} needs {bundle_dir / DOCS_FILE} (the documents' text)")
-    doc_texts = [document_text(d, manifest.get("include_title", True)) for d in docs]
-    if spec.bm25 is not None:
+    include_title = manifest.get("include_title", True)
+    doc_texts = (docs.texts(include_title) if isinstance(docs, DocStore)
+                 else [document_text(d, include_title) for d in docs])
+    bm25 = None
+    if spec.bm25 is not None and (bundle_dir / BM25_DIR).is_dir():
+        bm25 = BM25Index.load(bundle_dir / BM25_DIR, spec.bm25)  # its tokenizer is the one export resolved
+    elif spec.bm25 is not None:  # an older bundle: BM25 is rebuilt from the documents at start
         check_setting(bundle_dir, manifest, "bm25_language", resolve_language(spec.bm25, doc_texts),
                       f"bm25.language in {spec_path}")
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
                   max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode_texts,
-                  spec=spec, doc_texts=doc_texts)
+                  spec=spec, doc_texts=doc_texts, bm25=bm25)
+
+
+def retune_bundle(bundle_dir: str | Path, nprobe: int = 0, ef_search: int = 0, k_factor: float = 0) -> dict:
+    """Change the search settings a bundle's approximate index is served with (0 = keep), in its manifest: they are
+    search-time parameters, so the index is not rebuilt. Returns the manifest's new ``index`` entry."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    manifest = json.loads(path.read_text())
+    recorded = manifest.get("index")
+    if not recorded or recorded["kind"] == "flat":
+        raise InputError(f"{path}: the bundle has no approximate index to retune (index kind "
+                         f"{(recorded or {}).get('kind', 'flat')})")
+    changes = {"nprobe": nprobe, "efSearch": ef_search, "k_factor": k_factor}
+    recorded.update({key: value for key, value in changes.items() if value and key in recorded})
+    path.write_text(json.dumps(manifest, indent=2))
+    return recorded
+
+
+def _search_keywords(recorded: dict[str, Any]) -> dict[str, float]:
+    """The manifest's ``index`` search settings as ``set_search_params`` keywords."""
+    return {"nprobe": int(recorded.get("nprobe", 0)), "ef_search": int(recorded.get("efSearch", 0)),
+            "k_factor": float(recorded.get("k_factor", 0))}

@@ -181,7 +181,10 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     # eval.backend != torch: build_bundle writes the model's ONNX file or OpenVINO IR first and embeds the corpus
     # with it. Titles and the token limit as eval read the corpus, so the bundle ranks what eval measured.
     build_bundle(model_dir, faiss_docs, out_dir, dims=dims or None, spec=spec, backend=cfg.eval.backend,
-                 include_title=cfg.mining.include_title, max_seq_length=cfg.eval.max_seq_length)
+                 include_title=cfg.mining.include_title, max_seq_length=cfg.eval.max_seq_length,
+                 index=cfg.export.index.kind, index_factory=cfg.export.index.factory, nprobe=cfg.export.index.nprobe,
+                 ef_search=cfg.export.index.ef_search, k_factor=cfg.export.index.k_factor,
+                 train_rows=cfg.export.index.train_rows)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         from embtune.serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them

@@ -34,15 +34,20 @@ def sample_rows(shards: ShardSet, n: int, seed: int = 0) -> np.ndarray:
 
 def write_faiss_index(shards: ShardSet, path: str | Path, kind: str = "flat", nlist: int = 0, nprobe: int = 16,
                       train_rows: int = 0, seed: int = 42,
-                      transform: Callable[[np.ndarray], np.ndarray] | None = None):
+                      transform: Callable[[np.ndarray], np.ndarray] | None = None, factory: str = "",
+                      sample: np.ndarray | None = None):
     """Write a FAISS inner-product index of every shard to ``path``; returns the index.
 
     ``ivf``: ``nlist`` lists (default ``4 * sqrt(rows)``, as ``embtune.retrieval.index.search`` picks), trained on
     ``train_rows`` sampled vectors (default ``64 * nlist``, above FAISS's 39-per-centroid warning).
     ``transform``: a row-wise map (rows, dim) -> (rows, dim) applied to each shard (and to the IVF training sample)
     before it is added, e.g. ``normalize`` for a model that does not score by cosine; None adds the vectors as stored.
+    ``ivf_pq`` / ``hnsw``: the ``factory`` string (default ``embtune.retrieval.index.ann_factory``), trained when it
+    needs training on ``sample`` (default: ``train_rows`` rows sampled from the shards, 64 per IVF list).
     """
     import faiss
+
+    from embtune.retrieval.index import ann_factory, new_index, set_search_params
 
     def prepared(vectors: np.ndarray) -> np.ndarray:
         vectors = transform(vectors) if transform is not None else vectors  # (rows, dim)
@@ -58,8 +63,26 @@ def write_faiss_index(shards: ShardSet, path: str | Path, kind: str = "flat", nl
         index.train(prepared(sample))
         index.nprobe = min(nprobe, nlist)
         logger.info("IVF index: %d lists trained on %d sampled vectors, nprobe %d", nlist, len(sample), index.nprobe)
+    elif kind in ("ivf_pq", "hnsw"):
+        factory = factory or ann_factory(kind, shards.num_rows, shards.dim, nlist=nlist)
+        index = new_index(factory, shards.dim)
+        if not index.is_trained:
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.cp.seed = seed
+            if ivf is not None and isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+                ivf = faiss.downcast_index(ivf)
+                # The factory turns on polysemous training (a simulated annealing of the PQ codes for Hamming
+                # filtering, which this search never uses): most of the training time, for nothing here.
+                ivf.do_polysemous_training = False
+            lists = ivf.nlist if ivf is not None else 256
+            if sample is None:
+                sample = sample_rows(shards, train_rows or 64 * lists, seed)
+            index.train(prepared(sample))
+            logger.info("%s trained on %d vectors", factory, len(sample))
+        set_search_params(index, nprobe=nprobe)
     else:
-        raise ValueError(f"index kind must be 'flat' or 'ivf', got {kind!r}")
+        raise ValueError(f"index kind must be 'flat', 'ivf', 'ivf_pq' or 'hnsw', got {kind!r}")
     for _, _, vectors in shards:
         index.add(prepared(vectors))
     faiss.write_index(index, str(path))

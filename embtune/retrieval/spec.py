@@ -209,6 +209,50 @@ class BM25Index:
         self.index = FastBM25(self.tokenizer.tokenize_many(doc_texts), k1=settings.k1, b=settings.b)
         logger.info("built BM25 over %d documents (%s)", self.index.corpus_size, self.tokenizer.describe())
 
+    def save(self, directory: str | Path) -> Path:
+        """Write the index (its weights as ``.npy`` arrays, the vocabulary, the resolved tokenizer) to a folder
+        that :meth:`load` reads back without the documents."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = self.index.weights  # (vocab, docs) CSR
+        for name in ("data", "indices", "indptr"):
+            np.save(directory / f"{name}.npy", getattr(weights, name))
+        np.save(directory / "doc_freq.npy", self.index.doc_freq)
+        vocab = sorted(self.index.vocab, key=self.index.vocab.__getitem__)  # tokens in id order
+        meta = {"settings": dataclasses.asdict(self.settings), "tokenizer": self.tokenizer.describe(),
+                "num_docs": int(self.index.corpus_size), "k1": self.index.k1, "b": self.index.b,
+                "epsilon": self.index.epsilon}
+        (directory / "bm25.json").write_text(json.dumps(meta, indent=1))
+        (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, settings: BM25Config) -> "BM25Index":
+        """The index :meth:`save` wrote, its weights memory-mapped; ``settings`` must be the ones it was built
+        with (an ``InputError``-style ``ValueError`` names the folder otherwise)."""
+        import scipy.sparse as sp
+
+        from embtune.retrieval.bm25 import BM25Tokenizer
+
+        directory = Path(directory)
+        meta = json.loads((directory / "bm25.json").read_text())
+        if _bm25_key(BM25Config(**meta["settings"])) != _bm25_key(settings):
+            raise ValueError(f"{directory}: BM25 index built with {meta['settings']}, asked for "
+                             f"{dataclasses.asdict(settings)}; rebuild the bundle")
+        vocab = json.loads((directory / "vocab.json").read_text())
+        arrays = {name: np.load(directory / f"{name}.npy", mmap_mode="r") for name in ("data", "indices", "indptr")}
+        weights = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]),
+                                shape=(len(vocab), meta["num_docs"]), copy=False)
+        out = cls.__new__(cls)
+        out.settings = settings
+        # The tokenizer as it was resolved at build time (language: auto read the documents then).
+        out.tokenizer = BM25Tokenizer(**meta["tokenizer"])
+        out.index = FastBM25.from_weights({token: i for i, token in enumerate(vocab)}, weights,
+                                          np.load(directory / "doc_freq.npy"), k1=meta["k1"], b=meta["b"],
+                                          epsilon=meta["epsilon"])
+        logger.info("loaded BM25 over %d documents from %s", out.index.corpus_size, directory)
+        return out
+
     def all_scores(self, query_text: str) -> np.ndarray:
         """(n_docs,) float64 BM25 scores of one query against every document."""
         return self.index.get_scores(self.tokenizer(query_text))
@@ -258,9 +302,22 @@ class DenseIndex:
             raise ValueError(f"dense.precision must be one of {PRECISIONS}, got {precision!r}")
         self.index.add(vectors)
 
+    @classmethod
+    def prebuilt(cls, index: Any) -> "DenseIndex":
+        """A dense member over a FAISS index built elsewhere (a bundle's ``ivf_pq`` or ``hnsw``), searched as it
+        is, one query at a time. It holds no vectors, so a whole-corpus fusion normalization cannot read it."""
+        out = cls.__new__(cls)
+        out.dim = out.full_dim = index.d
+        out.index, out.vectors = index, None
+        return out
+
     def all_scores(self, query_emb: np.ndarray) -> np.ndarray:
         """(n_docs,) float32 inner products of one (full dim) query embedding with every document at this dim
         (exact fp32 also for an int8 index: the statistics of a whole-corpus normalization, not a ranking)."""
+        if self.vectors is None:
+            raise ValueError("a whole-corpus score normalization reads every document's vector, and this index "
+                             "(approximate, prebuilt) holds none: use a top-k fusion normalization or export.index: "
+                             "flat")
         query = truncate(query_emb[None], self.dim)[0] if self.dim < query_emb.shape[0] else query_emb
         return self.vectors @ np.asarray(query, dtype=np.float32)
 
@@ -275,11 +332,11 @@ class DenseIndex:
     def search(self, query_emb: np.ndarray, k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices), each (n_queries, <= k); FAISS pads a short result with index -1."""
-        from embtune.retrieval.index import faiss, numpy_exact
+        from embtune.retrieval.index import numpy_exact
 
         queries = truncate(query_emb, self.dim) if self.dim < query_emb.shape[1] else query_emb
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (n_queries, dim)
-        limit = len(self.vectors) if self.index is None else self.index.ntotal
+        limit = self.index.ntotal if self.index is not None else len(self.vectors)
         limit = limit if allowed is None else int(allowed.size)
         k = min(k, limit)
         if self.index is None:  # numpy, one query at a time like FAISS below; a subset only when one is asked for
@@ -290,7 +347,9 @@ class DenseIndex:
                 s, i = numpy_exact(vectors, queries[row:row + 1], k)
                 scores[row], indices[row] = s[0], (i[0] if allowed is None else allowed[i[0]])
             return scores, indices
-        params = None if allowed is None else faiss.SearchParameters(sel=faiss.IDSelectorBatch(allowed))
+        from embtune.retrieval.index import filtered_params
+
+        params = None if allowed is None else filtered_params(self.index, allowed)
         scores = np.empty((len(queries), k), dtype=np.float32)
         indices = np.empty((len(queries), k), dtype=np.int64)
         if k == 0:
@@ -347,6 +406,15 @@ def row_vectors(doc_emb: Any, rows: Sequence[int]) -> np.ndarray:
     return doc_emb[list(rows)]
 
 
+def is_approximate(index: Any) -> bool:
+    """A FAISS index that is not a flat one (whose vectors are the embeddings): searched as it is."""
+    from embtune.retrieval.index import faiss
+
+    if faiss is None or isinstance(index, (np.ndarray, ShardedEmbeddings)) or index is None:
+        return False
+    return not isinstance(faiss.downcast_index(index), faiss.IndexFlat)
+
+
 def _scorer_key(rerank_spec: RerankSpec) -> tuple[str, int]:
     return rerank_spec.model, rerank_spec.max_length
 
@@ -374,14 +442,17 @@ class Retriever:
         spec.validate()
         if len(doc_ids) != len(doc_texts):
             raise ValueError(f"Retriever: {len(doc_ids)} doc ids but {len(doc_texts)} doc texts")
-        if len(set(doc_ids)) != len(doc_ids):
+        # Ids read from disk on demand (a bundle's DocStore column, unique by construction) stay on disk: at 10M
+        # documents a list of them is about a gigabyte.
+        on_disk = getattr(doc_ids, "unique", False)
+        if not on_disk and len(set(doc_ids)) != len(doc_ids):
             seen: set[str] = set()
             duplicate = next(d for d in doc_ids if d in seen or seen.add(d))
             raise ValueError(f"Retriever: document id {duplicate!r} occurs more than once; runs are keyed by id")
         self.spec = spec
-        self.doc_ids = list(doc_ids)
-        self.doc_texts = list(doc_texts)
-        self._text_of = dict(zip(self.doc_ids, self.doc_texts))
+        self.doc_ids = doc_ids if on_disk else list(doc_ids)
+        self.doc_texts = doc_texts if on_disk else list(doc_texts)
+        self._text_of_map: dict[str, str] | None = None
         self._doc_emb = doc_emb
         self._scorers: dict[tuple[str, int], Any] = ({_scorer_key(spec.rerank): scorer}
                                                      if scorer is not None and spec.rerank else {})
@@ -396,6 +467,14 @@ class Retriever:
     def num_docs(self) -> int:
         return len(self.doc_ids)
 
+    @property
+    def _text_of(self) -> dict[str, str]:
+        # The rerank reads documents by id; built on its first use, not at start-up (a dense-only server never
+        # needs it).
+        if self._text_of_map is None:
+            self._text_of_map = dict(zip(self.doc_ids, self.doc_texts))
+        return self._text_of_map
+
     def prepare(self, spec: RetrieverSpec) -> None:
         """Build the members ``spec`` needs that are not built yet (a startup cost, not a request's)."""
         if spec.dense is not None:
@@ -408,8 +487,9 @@ class Retriever:
         once), or :class:`ShardedEmbeddings` as they are."""
         if self._doc_emb is None:
             raise ValueError("this retriever has no document embeddings: a spec with a dense member cannot run")
-        # Anything else is a FAISS flat index: its vectors are the embeddings.
-        if not isinstance(self._doc_emb, (np.ndarray, ShardedEmbeddings)):
+        # Anything else is a FAISS index: a flat one's vectors are the embeddings; an approximate one is searched
+        # as it is (see _dense_index).
+        if not isinstance(self._doc_emb, (np.ndarray, ShardedEmbeddings)) and not is_approximate(self._doc_emb):
             self._doc_emb = self._doc_emb.reconstruct_n(0, self._doc_emb.ntotal)
         return self._doc_emb
 
@@ -418,6 +498,12 @@ class Retriever:
             full = (self._doc_emb.shape[1] if isinstance(self._doc_emb, (np.ndarray, ShardedEmbeddings))
                     else getattr(self._doc_emb, "d", 0))
             key = (dense.dim if dense.dim and dense.dim != full else 0, dense.precision)
+            if key not in self._dense and is_approximate(self._doc_emb):
+                if key != (0, "fp32"):
+                    raise ValueError(f"this retriever searches a prebuilt approximate index at its full dim: "
+                                     f"dense.dim {dense.dim} / precision {dense.precision!r} would need the "
+                                     "vectors, which it does not hold; rebuild the bundle with export.index: flat")
+                self._dense[key] = DenseIndex.prebuilt(self._doc_emb)
             if key not in self._dense:
                 self._dense[key] = dense_index(self._embeddings(), dense.dim, dense.precision)
             return self._dense[key]

@@ -5,6 +5,7 @@ Example (YAML)::
     export:
       model_name: minilm-scifact-embtune
       targets: [faiss, chroma, lancedb]   # where the corpus and its embeddings go (see docs/serve.md)
+      index: {kind: ivf_pq, nprobe: 32}   # flat (exact) | ivf_pq (memory-mapped) | hnsw
       vectordb:
         dim: 256            # Matryoshka truncation for Chroma and LanceDB; 0 = the model's full dimension
         precision: float16  # LanceDB stores half the bytes; Chroma keeps the float16-rounded values as float32
@@ -16,6 +17,32 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 EXPORT_TARGETS = ("faiss", "chroma", "lancedb")
+INDEX_KINDS = ("flat", "ivf_pq", "hnsw")  # embtune.retrieval.index.ANN_KINDS
+
+
+@dataclass
+class IndexConfig:
+    """The bundle's FAISS index (``index/corpus.faiss``): its kind, and the settings recorded in the manifest and
+    served. Sizing and what each kind costs: docs/serve.md ("Indexes that scale")."""
+
+    kind: Literal["flat", "ivf_pq", "hnsw"] = "flat"  # flat: exact, in RAM; ivf_pq: memory-mapped; hnsw: in RAM
+    factory: str = ""  # a faiss.index_factory string instead of the kind's own (embtune.retrieval.index.ann_factory)
+    nprobe: int = 32  # ivf_pq: IVF lists searched per query
+    # ivf_pq: PQ candidates re-scored with the 8-bit vectors, as a multiple of k. PQ alone ranks coarsely, and the
+    # denser the corpus the more candidates a top-10 needs: the 10M bundle of benchmarks/results/serve_scale.json
+    # needed 384 where 32 was enough at 100k. Retune a built bundle with embtune.serve.bundle.retune_bundle.
+    k_factor: float = 32.0
+    ef_search: int = 128  # hnsw: the graph search's beam width
+    train_rows: int = 0  # ivf_pq: vectors sampled to train the quantizers; 0 = 64 per IVF list
+
+    def validate(self) -> None:
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"export.index.kind must be one of {list(INDEX_KINDS)}, got {self.kind!r}")
+        for key in ("nprobe", "k_factor", "ef_search"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"export.index.{key} must be >= 1, got {getattr(self, key)}")
+        if self.train_rows < 0:
+            raise ValueError(f"export.index.train_rows must be >= 0 (0 = 64 per IVF list), got {self.train_rows}")
 
 
 @dataclass
@@ -53,6 +80,7 @@ class ExportConfig:
     # [] = a bundle with the model only.
     targets: list[str] = field(default_factory=lambda: ["faiss"])
     vectordb: VectorDBConfig = field(default_factory=VectorDBConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)  # the FAISS index of the "faiss" target
     # Also write model/onnx/model.onnx (needs onnx + onnxruntime). The index is embedded with eval.backend, which
     # writes the ONNX file it needs (model_qint8.onnx for onnx-int8) whatever this says.
     onnx: bool = False

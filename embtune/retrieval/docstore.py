@@ -1,0 +1,154 @@
+"""Documents on disk, read one row at a time: what a served index returns without the corpus in memory.
+
+A store is the bundle's ``docs.jsonl`` (one JSON object per index row) and two arrays beside it, written once:
+
+- ``docs.offsets.npy``: (rows + 1,) int64 byte offset of each line, so row ``i`` is one ``pread``;
+- ``docs.idhash.npy``: (rows, 2) int64, each row's ``(hash of its _id, row)`` sorted by hash, so an id is found by a
+  binary search and one read (no dict of every id: at 10M rows that dict alone is about a gigabyte).
+
+Both arrays are memory-mapped, so opening a store reads nothing but their headers.
+
+Example::
+
+    write_store(docs, "bundle/index/docs.jsonl")       # docs: an iterable of {"_id", "text", ...}, streamed
+    store = DocStore("bundle/index/docs.jsonl")
+    store[3]["text"]; store.ids[3]; store.row_of("doc-17")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+TEXT_FIELDS = {"_id", "title", "text"}
+
+
+def offsets_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".offsets.npy")
+
+
+def idhash_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".jsonl") + ".idhash.npy")
+
+
+def id_hash(doc_id: str) -> int:
+    """A 63-bit hash of a document id, the same in every process (Python's ``hash`` of a str is salted)."""
+    return int.from_bytes(hashlib.blake2b(doc_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def write_store(docs: Iterable[dict[str, Any]], path: str | Path) -> tuple[int, list[str]]:
+    """Write ``docs`` (streamed, never held) as JSONL with its offsets and id index; returns the row count and the
+    metadata fields seen (keys other than ``_id``, ``title``, ``text`` with a scalar value: what filters read).
+
+    Raises ``ValueError`` naming the row for a document without string ``_id`` and ``text``, or an id that occurs
+    twice (runs are keyed by id).
+    """
+    path = Path(path)
+    offsets = [0]
+    hashes: list[int] = []
+    fields: set[str] = set()
+    with open(path, "wb") as handle:
+        for row, doc in enumerate(docs):
+            if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) or not isinstance(doc.get("text"), str):
+                raise ValueError(f"docs[{row}]: expected a dict with string '_id' and 'text', got {doc!r:.200}")
+            line = (json.dumps(doc, ensure_ascii=False) + "\n").encode()
+            handle.write(line)
+            offsets.append(offsets[-1] + len(line))
+            hashes.append(id_hash(doc["_id"]))
+            if len(doc) > 3 or not doc.keys() <= TEXT_FIELDS:
+                fields.update(k for k, v in doc.items() if k not in TEXT_FIELDS and not isinstance(v, (list, dict)))
+    np.save(offsets_path(path), np.asarray(offsets, dtype=np.int64))
+    table = np.stack([np.asarray(hashes, dtype=np.int64), np.arange(len(hashes), dtype=np.int64)], axis=1)
+    table = table[np.argsort(table[:, 0], kind="stable")] if len(table) else table.reshape(0, 2)
+    store = DocStore(path)
+    for at in np.flatnonzero(table[1:, 0] == table[:-1, 0]):  # equal hashes: the same id, or (rarely) a collision
+        first, second = int(table[at, 1]), int(table[at + 1, 1])
+        if store[first]["_id"] == store[second]["_id"]:
+            raise ValueError(f"{path}: document id {store[first]['_id']!r} occurs at rows {first} and {second}; "
+                             "runs are keyed by id")
+    np.save(idhash_path(path), table)
+    return len(hashes), sorted(fields)
+
+
+class DocStore(Sequence):
+    """The documents of a store written by :func:`write_store`, read on demand; ``store[row]`` is a dict."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not offsets_path(self.path).is_file():
+            raise FileNotFoundError(f"{self.path}: no {offsets_path(self.path).name} beside it (write it with "
+                                    "embtune.retrieval.docstore.write_store)")
+        self.offsets = np.load(offsets_path(self.path), mmap_mode="r")  # (rows + 1,)
+        table = idhash_path(self.path)
+        self._idhash = np.load(table, mmap_mode="r") if table.is_file() else None  # (rows, 2)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        self.ids = _Column(self, lambda doc: doc["_id"])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, row: int) -> dict[str, Any]:  # type: ignore[override]
+        if not -len(self) <= row < len(self):
+            raise IndexError(f"{self.path}: row {row} out of range ({len(self)} rows)")
+        row = row % len(self)
+        start, end = int(self.offsets[row]), int(self.offsets[row + 1])
+        line = os.pread(self._fd, end - start, start)
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.path}:{row + 1}: invalid JSON: {err}") from None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as handle:
+            for line in handle:
+                yield json.loads(line)
+
+    def texts(self, include_title: bool = True) -> "_Column":
+        """Each row's text as a model and BM25 read it (``embtune.dataio.document_text``), on demand."""
+        from embtune.dataio import document_text
+
+        return _Column(self, lambda doc: document_text(doc, include_title))
+
+    def row_of(self, doc_id: str) -> int:
+        """The row of ``doc_id``; ``KeyError`` when the store has no such id."""
+        if self._idhash is None:
+            raise KeyError(f"{doc_id!r}: {self.path} has no id index ({idhash_path(self.path).name})")
+        hashes = self._idhash[:, 0]
+        h = id_hash(doc_id)
+        at = int(np.searchsorted(hashes, h))
+        while at < len(hashes) and hashes[at] == h:
+            row = int(self._idhash[at, 1])
+            if self[row]["_id"] == doc_id:
+                return row
+            at += 1
+        raise KeyError(doc_id)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+class _Column(Sequence):
+    """A value of every row, read on demand (``store.ids[row]``): what the ``Retriever`` takes as ids and texts."""
+
+    unique = True  # write_store refused duplicate ids (the Retriever's check, done once at write time)
+
+    def __init__(self, store: DocStore, value: Callable[[dict[str, Any]], Any]) -> None:
+        self.store, self.value = store, value
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __getitem__(self, row: int):  # type: ignore[override]
+        return self.value(self.store[row])
+
+    def __iter__(self) -> Iterator[Any]:
+        return (self.value(doc) for doc in self.store)

@@ -52,6 +52,7 @@ BACKEND_FILES = {"openvino": f"{IR_DIR}/{FP32_FILE}", "openvino-int8": f"{IR_DIR
 CALIBRATION_SIZE = 300
 BUCKET_TOKENS = 16
 ROWS_PER_RUN = 16
+TOKENIZE_CHUNK = 1024  # texts tokenized at once by encode()
 
 
 def _require_openvino() -> None:
@@ -192,28 +193,61 @@ class OpenVINOEncoder(OnnxEncoder):
         ``batch_size`` is unused (accepted like ``SentenceTransformer.encode``'s other keyword arguments).
         """
         out = np.zeros((len(texts), self.get_embedding_dimension()), dtype=np.float32)
-        if not texts:
-            return out
-        buckets = -(-self.token_lengths(texts) // BUCKET_TOKENS) * BUCKET_TOKENS  # (n,) padded length of each text
+        progress = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(texts), desc="Encoding")
+        with self.lock:  # one encode at a time: the queue's callback and the request are the encoder's own
+            # Tokenized once, a chunk at a time (the token arrays of a whole corpus would not fit): a text's bucket
+            # depends on its own length only, so chunking changes nothing in what each text runs with.
+            for start in range(0, len(texts), TOKENIZE_CHUNK):
+                chunk = texts[start:start + TOKENIZE_CHUNK]
+                features = self.model.preprocess(chunk)  # padded to the chunk's longest text
+                tokens = {name: features[name].numpy().astype(np.int64) for name in self.input_names}
+                lengths = features["attention_mask"].sum(1).numpy()  # (len(chunk),)
+                self._encode_runs(tokens, self._runs(lengths), out[start:start + len(chunk)])
+                if progress is not None:
+                    progress.update(len(chunk))
+        if progress is not None:
+            progress.close()
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    @staticmethod
+    def _runs(lengths: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``(bucket, rows)`` runs: texts of one length bucket, ``ROWS_PER_RUN`` at most, longest bucket first."""
+        buckets = -(-lengths // BUCKET_TOKENS) * BUCKET_TOKENS  # (n,) padded length of each text
         order = np.argsort(-buckets, kind="stable")  # longest bucket first, input order within a bucket
         runs = []
         for bucket in np.unique(buckets)[::-1]:
             rows = order[buckets[order] == bucket]
             runs += [(int(bucket), rows[i:i + ROWS_PER_RUN]) for i in range(0, len(rows), ROWS_PER_RUN)]
-        with self.lock:  # one encode at a time: the queue's callback and the request are the encoder's own
-            if len(runs) == 1:  # a lone query: no queue to fill
-                bucket, rows = runs[0]
-                inputs = self._padded_inputs([texts[i] for i in rows], bucket)
-                out[rows] = self._pool(inputs, self.request.infer(inputs)[self.compiled.output(0)])
-            else:
-                self._encode_runs(texts, runs, out, show_progress_bar)
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
+        return runs
 
-    def _encode_runs(self, texts: list[str], runs, out: np.ndarray, show_progress_bar: bool = False) -> None:
+    def _run_inputs(self, tokens: dict[str, np.ndarray], rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The model's inputs for ``rows`` of ``tokens``, padded (or cut: only padding lies past a text's own
+        length) to ``length``: {name: (len(rows), length) int64}."""
+        pad_id = self.tokenizer.pad_token_id or 0
+        filled = {}
+        for name, values in tokens.items():
+            values = values[rows, :length]
+            if values.shape[1] < length:
+                padded = np.full((len(rows), length), pad_id if name == "input_ids" else 0, dtype=np.int64)
+                padded[:, :values.shape[1]] = values
+                values = padded
+            filled[name] = np.ascontiguousarray(values)
+        return filled
+
+    def _encode_runs(self, tokens: dict[str, np.ndarray], runs, out: np.ndarray) -> None:
         """Run every ``(bucket, rows)`` run on the streams; pool each finished run into ``out[rows]`` while the next
         ones run, so at most a few runs' token states are held at once."""
+        if len(runs) == 1:  # a lone query: no queue to fill
+            bucket, rows = runs[0]
+            inputs = self._run_inputs(tokens, rows, bucket)
+            out[rows] = self._pool(inputs, self.request.infer(inputs)[self.compiled.output(0)])
+            return
         done: dict[int, np.ndarray] = {}  # run index -> its token states, filled by OpenVINO's callback thread
 
         def finished(request, index: int) -> None:
@@ -226,33 +260,12 @@ class OpenVINOEncoder(OnnxEncoder):
             for index in list(done):
                 out[runs[index][1]] = self._pool(inputs.pop(index), done.pop(index))
 
-        progress = None
-        if show_progress_bar:
-            from tqdm.auto import tqdm
-
-            progress = tqdm(total=len(runs), desc="Batches")
         for index, (bucket, rows) in enumerate(runs):
-            inputs[index] = self._padded_inputs([texts[i] for i in rows], bucket)
+            inputs[index] = self._run_inputs(tokens, rows, bucket)
             self.queue.start_async(inputs[index], index)  # waits for a free stream
             pool_finished()
-            if progress is not None:
-                progress.update()
         self.queue.wait_all()
         pool_finished()
-        if progress is not None:
-            progress.close()
-
-    def _padded_inputs(self, texts: list[str], length: int) -> dict[str, np.ndarray]:
-        """The model's inputs for ``texts``, padded to ``length`` tokens: {name: (len(texts), length) int64}."""
-        features = self.model.preprocess(texts)
-        pad_id = self.tokenizer.pad_token_id or 0
-        filled = {}
-        for name in self.input_names:
-            values = features[name].numpy().astype(np.int64)  # (rows, longest in this run)
-            padded = np.full((len(texts), length), pad_id if name == "input_ids" else 0, dtype=np.int64)
-            padded[:, :values.shape[1]] = values
-            filled[name] = padded
-        return filled
 
     def _pool(self, inputs: dict[str, np.ndarray], hidden) -> np.ndarray:
         """The model's own modules after the transformer over its token states; (rows, dim)."""

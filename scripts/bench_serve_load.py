@@ -74,23 +74,28 @@ def queries(n: int, words: list[str], seed: int, tag: str) -> list[str]:
 
 
 async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_s: float,
-                seconds: float = 0.0) -> dict:
+                seconds: float = 0.0, ramp_s: float = 0.0) -> dict:
     """Send one embeddings request per text with ``in_flight`` open at all times, until the texts run out or, with
-    ``seconds``, no new request is sent after that long; what came back."""
+    ``seconds``, until the measured window ends; what came back.
+
+    The workers start one by one over ``ramp_s`` (each opens its connection with its first request), and the
+    measured window is the ``seconds`` after that: its goodput counts the 200s answered inside it, its latencies
+    the requests sent inside it. ``whole_level`` keeps the same figures over everything sent, the ramp included.
+    """
     import aiohttp
 
     next_index = 0
-    last_answer = 0.0  # the level ends with its last answer, not with a refused worker's final Retry-After wait
-    ok_ms: list[float] = []
-    refused_ms: list[float] = []
+    sent: list[tuple[float, float, int]] = []  # (sent at, answered at, status), seconds into the level
     errors: dict[str, int] = {}
     examples: dict[str, str] = {}
     connector = aiohttp.TCPConnector(limit=in_flight, keepalive_timeout=60)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
+    window_end = ramp_s + seconds
 
-    async def worker(session) -> None:
-        nonlocal next_index, last_answer
-        while next_index < len(texts) and not (seconds and time.perf_counter() - started_level > seconds):
+    async def worker(session, index: int) -> None:
+        nonlocal next_index
+        await asyncio.sleep(ramp_s * index / in_flight)
+        while next_index < len(texts) and not (seconds and time.perf_counter() - started_level > window_end):
             text = texts[next_index]
             next_index += 1
             started = time.perf_counter()
@@ -105,30 +110,44 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
                 errors[kind] = errors.get(kind, 0) + 1
                 examples.setdefault(kind, f"{type(err).__name__}: {err}")
                 continue
-            last_answer = time.perf_counter()
-            ms = (last_answer - started) * 1000
-            if status == 200:
-                ok_ms.append(ms)
-            elif status in REFUSALS:
-                refused_ms.append(ms)
+            sent.append((started - started_level, time.perf_counter() - started_level, status))
+            if status in REFUSALS:
                 # As the openai client does: wait what the server says before the next request (1 s if nothing).
                 await asyncio.sleep(float(retry_ms) / 1000 if retry_ms else float(retry_s) if retry_s else 1.0)
-            else:
+            elif status != 200:
                 errors[str(status)] = errors.get(str(status), 0) + 1
                 examples.setdefault(str(status), body[:300].decode(errors="replace"))
 
     started_level = time.perf_counter()
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        await asyncio.gather(*[worker(session) for _ in range(in_flight)])
-    wall = (last_answer or time.perf_counter()) - started_level
+        await asyncio.gather(*[worker(session, i) for i in range(in_flight)])
+    table = np.array(sent, dtype=np.float64).reshape(-1, 3)  # (requests, 3)
+    at, answered, status = table[:, 0], table[:, 1], table[:, 2]
+    ms = (answered - at) * 1000
+    ok, refused = status == 200, np.isin(status, REFUSALS)
 
-    def pct(values: list[float], q: float) -> float | None:
-        return round(float(np.percentile(values, q)), 1) if values else None
+    def pct(values: np.ndarray, q: float) -> float | None:
+        return round(float(np.percentile(values, q)), 1) if len(values) else None
 
-    return {"in_flight": in_flight, "requests": next_index, "goodput_per_s": round(len(ok_ms) / wall, 1),
-            "p50_ms": pct(ok_ms, 50), "p99_ms": pct(ok_ms, 99), "ok": len(ok_ms), "refused": len(refused_ms),
-            "refusal_p50_ms": pct(refused_ms, 50), "refusal_p99_ms": pct(refused_ms, 99),
-            "errors": errors, "error_examples": examples, "wall_s": round(wall, 2)}
+    def figures(chosen: np.ndarray, goodput: float) -> dict:
+        return {"goodput_per_s": round(float(goodput), 1), "p50_ms": pct(ms[chosen & ok], 50),
+                "p99_ms": pct(ms[chosen & ok], 99), "ok": int((chosen & ok).sum()),
+                "refused": int((chosen & refused).sum()), "refusal_p50_ms": pct(ms[chosen & refused], 50),
+                "refusal_p99_ms": pct(ms[chosen & refused], 99)}
+
+    def by_second(kind: np.ndarray) -> list[dict]:
+        second = np.floor(at[kind]).astype(int)
+        return [{"second": int(t), "n": int((second == t).sum()), "p99_ms": pct(ms[kind][second == t], 99)}
+                for t in np.unique(second)]
+
+    wall = float(answered.max()) if len(answered) else 0.0  # the level ends with its last answer
+    in_window = (at >= ramp_s) & (at <= window_end) if seconds else np.ones(len(at), dtype=bool)
+    window_s = seconds if seconds else wall - ramp_s
+    goodput = ((answered >= ramp_s) & (answered <= ramp_s + window_s) & ok).sum() / max(window_s, 1e-9)
+    return {"in_flight": in_flight, "requests": next_index, **figures(in_window, goodput),
+            "errors": errors, "error_examples": examples, "ramp_s": ramp_s, "window_s": round(window_s, 2),
+            "wall_s": round(wall, 2), "whole_level": figures(np.ones(len(at), dtype=bool), ok.sum() / max(wall, 1e-9)),
+            "timeline": {"ok": by_second(ok), "refused": by_second(refused)}}
 
 
 def free_port() -> int:
@@ -216,7 +235,7 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
             texts = queries(requests, words, level, f"q{level}x")  # the same texts for every server
             load_before = [round(x, 2) for x in os.getloadavg()]
             cpu_before = thread_cpu(server.pid)
-            result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s, args.seconds))
+            result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s, args.seconds, args.ramp_s))
             cpu = {key: value - cpu_before.get(key, 0.0) for key, value in thread_cpu(server.pid).items()}
             # CPU seconds the server spent, on its event-loop thread and on all others (the encoder's): with the
             # machine shared, the cost of a request and of a refusal, which the latencies only show with noise.
@@ -267,8 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests", type=int, nargs="+", default=[5000, 20000, 20000, 40000],
                         help="the most requests per level (one number per level): distinct texts generated")
     parser.add_argument("--seconds", type=float, default=15.0,
-                        help="no new request after this long in a level (0 = send every request): a level long "
-                             "enough that its start (1,000 connections opened at once) does not decide its rate")
+                        help="the measured window of a level, after its ramp (0 = send every request)")
+    parser.add_argument("--ramp-s", type=float, default=2.0,
+                        help="the workers of a level start one by one over this long, before its measured window "
+                             "(whole_level in each level's record includes the ramp)")
     parser.add_argument("--backends", nargs="+", default=["onnx-int8", "torch"],
                         help="embtune's encoder backends (eval.backend), one bundle and server each; the targets "
                              "are checked on the first")
@@ -334,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "worker waits retry-after-ms, else Retry-After, else 1 s, before its next request (as the "
                       "openai client does)",
             "levels": args.levels, "requests_at_most": args.requests, "seconds_per_level": args.seconds,
+            "ramp_s": args.ramp_s,
             "warmup": args.warmup,
         },
         "levels": levels,

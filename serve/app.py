@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hmac
 import json
 import logging
@@ -794,6 +795,13 @@ def run_server(cfg: ServeConfig) -> None:
     if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.api_key or os.environ.get("EMBTUNE_API_KEY")):
         logger.warning("binding %s without an API key: anyone who can reach this port can use the model", cfg.host)
     logger.info("config: %s", {k: ("***" if k == "api_key" and v else v) for k, v in asdict(cfg).items()})
+    from embtune.serve.front import admission_protocol
+
     app = create_app(cfg.bundle_dir, cfg)
+    # Everything loaded so far (the model, the index, the tokenizer) lives as long as the server: frozen, the
+    # collector's full passes under load (a request makes garbage) do not walk it again.
+    gc.freeze()
+    # Most refusals are written by the HTTP protocol, before a request becomes an ASGI task (serve/front.py).
+    http = admission_protocol(app.state.service.admission, WORK_ROUTES)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=cfg.access_log,
-                timeout_keep_alive=cfg.timeout_keep_alive)
+                timeout_keep_alive=cfg.timeout_keep_alive, http=http)

@@ -104,14 +104,15 @@ def minilm_dir() -> Path:
 
 
 @contextlib.contextmanager
-def uvicorn_in_thread(app):
-    """Serve a FastAPI app on 127.0.0.1 (a free port) in a thread; yields ``http://127.0.0.1:<port>``."""
+def uvicorn_in_thread(app, **config):
+    """Serve a FastAPI app on 127.0.0.1 (a free port) in a thread; yields ``http://127.0.0.1:<port>``. ``config``:
+    more ``uvicorn.Config`` arguments (``http=`` a protocol class)."""
     import threading
     import time
 
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -4,6 +4,7 @@ counted (the encode thread, not the event loop), and passes sized by tokens."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 
@@ -72,6 +73,57 @@ def test_a_refused_request_never_reaches_the_encoder_nor_the_parser(bundle_dir):
     assert admitted.status_code == 200
     assert encoded == ["the cat"] and batcher["requests"] == 0  # nothing of the refused ones was queued
     assert counted_on == {"embtune-encode"}  # tokens are counted in the encode thread, never on the event loop
+
+
+def test_the_protocol_refuses_before_the_app_and_keeps_the_connection(bundle_dir):
+    """With serve/front.py's protocol (what ``embtune.serve up`` runs), a refused request never becomes an ASGI call:
+    the 503 (Retry-After, the OpenAI error body) is written by the protocol, its body is dropped unread, and the same
+    keep-alive connection then serves an admitted request."""
+    from embtune.serve.app import WORK_ROUTES
+    from embtune.serve.front import admission_protocol
+
+    app, release, encoded, _ = _recording_app(bundle_dir, max_queue=1, max_queue_wait_ms=60_000)
+    calls = []
+    app_call = type(app).__call__
+
+    async def counting_call(scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in WORK_ROUTES:
+            calls.append(scope["path"])
+        await app_call(app, scope, receive, send)
+
+    app_proxy = counting_call  # uvicorn takes any ASGI callable (lifespan included: it is passed on)
+    protocol = admission_protocol(app.state.service.admission, WORK_ROUTES)
+    assert protocol != "auto"  # httptools is installed (uvicorn[standard])
+
+    async def exchange(reader, writer, payload: dict) -> tuple[int, dict[str, str], dict]:
+        body = json.dumps(payload).encode()
+        writer.write(b"POST /v1/embeddings HTTP/1.1\r\nhost: test\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        head = (await reader.readuntil(b"\r\n\r\n")).decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in head[1:] if line)
+        return int(head[0].split()[1]), headers, json.loads(await reader.readexactly(int(headers["content-length"])))
+
+    async def fire(base_url):
+        async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+            held = asyncio.create_task(http.post("/v1/embeddings", json={"input": "the cat"}))
+            await _until_in_flight(http, 1)
+            # One raw connection for the refused request and the next: the second answer proves it stayed usable.
+            reader, writer = await asyncio.open_connection("127.0.0.1", int(base_url.rsplit(":", 1)[1]))
+            refused = await exchange(reader, writer, {"input": "refused " * 2000})  # a body of 16 kB
+            release.set()
+            await held
+            admitted = await exchange(reader, writer, {"input": "a fish"})
+            writer.close()
+            return refused, admitted, (await http.get("/health")).json()
+
+    with uvicorn_in_thread(app_proxy, http=protocol) as base_url:
+        (status, headers, error), (ok, _, answer), health = asyncio.run(fire(base_url))
+    assert status == 503 and headers["retry-after"] == "1" and 500 <= int(headers["retry-after-ms"]) <= 1500
+    assert error["error"]["code"] == "overloaded" and "serve.max_queue" in error["error"]["message"]
+    assert ok == 200 and len(answer["data"]) == 1
+    assert calls == ["/v1/embeddings", "/v1/embeddings"]  # the held one and the admitted one: not the refused one
+    assert encoded == ["the cat", "a fish"]
+    assert health["queue"]["shed_full"] == 1
 
 
 def test_a_request_whose_client_left_is_dropped_before_encoding(bundle_dir):

@@ -29,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,7 @@ BACKEND_FILES = {"openvino": f"{IR_DIR}/{FP32_FILE}", "openvino-int8": f"{IR_DIR
 CALIBRATION_SIZE = 300
 BUCKET_TOKENS = 16
 ROWS_PER_RUN = 16
+TOKENIZE_CHUNK = 1024  # texts tokenized at once by encode()
 
 
 def _require_openvino() -> None:
@@ -160,12 +163,18 @@ class OpenVINOEncoder(OnnxEncoder):
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         # f32: the CPU plugin's default on AMX/avx512_bf16 machines is bf16, which is not the fp32 model (and for the
-        # int8 IR, its float parts). LATENCY: one stream on all threads, one run at a time (the runs are sequential).
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
+        # int8 IR, its float parts). Streams: one per thread, each a single-threaded executor, and the runs of an
+        # encode go to whichever stream is free (AsyncInferQueue). A run of 16 short texts is too small to split
+        # across cores without the threads waiting on each other; whole runs in parallel cost less CPU per text
+        # (scripts/bench_encode_speed.py, benchmarks/results/encode_speed.json). Every stream runs the same
+        # single-threaded kernels, so a vector does not depend on which stream ran it, nor on ``threads``.
+        self.streams = threads or len(os.sched_getaffinity(0)) or 1
+        config = {"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": self.streams,
+                  "INFERENCE_NUM_THREADS": self.streams, "INFERENCE_PRECISION_HINT": "f32"}
         self.compiled = ov.Core().compile_model(str(ir_path), "CPU", config)
+        self.queue = ov.AsyncInferQueue(self.compiled, self.streams)
         self.request = self.compiled.create_infer_request()
+        self.lock = threading.Lock()
         self.input_names = [port.get_any_name() for port in self.compiled.inputs]
         self.per_text = False
         self.threads = threads
@@ -184,37 +193,85 @@ class OpenVINOEncoder(OnnxEncoder):
         ``batch_size`` is unused (accepted like ``SentenceTransformer.encode``'s other keyword arguments).
         """
         out = np.zeros((len(texts), self.get_embedding_dimension()), dtype=np.float32)
-        if not texts:
-            return out
-        buckets = -(-self.token_lengths(texts) // BUCKET_TOKENS) * BUCKET_TOKENS  # (n,) padded length of each text
+        progress = None
+        if show_progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=len(texts), desc="Encoding")
+        with self.lock:  # one encode at a time: the queue's callback and the request are the encoder's own
+            # Tokenized once, a chunk at a time (the token arrays of a whole corpus would not fit): a text's bucket
+            # depends on its own length only, so chunking changes nothing in what each text runs with.
+            for start in range(0, len(texts), TOKENIZE_CHUNK):
+                chunk = texts[start:start + TOKENIZE_CHUNK]
+                features = self.model.preprocess(chunk)  # padded to the chunk's longest text
+                tokens = {name: features[name].numpy().astype(np.int64) for name in self.input_names}
+                lengths = features["attention_mask"].sum(1).numpy()  # (len(chunk),)
+                self._encode_runs(tokens, self._runs(lengths), out[start:start + len(chunk)])
+                if progress is not None:
+                    progress.update(len(chunk))
+        if progress is not None:
+            progress.close()
+        if normalize_embeddings:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    @staticmethod
+    def _runs(lengths: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """``(bucket, rows)`` runs: texts of one length bucket, ``ROWS_PER_RUN`` at most, longest bucket first."""
+        buckets = -(-lengths // BUCKET_TOKENS) * BUCKET_TOKENS  # (n,) padded length of each text
         order = np.argsort(-buckets, kind="stable")  # longest bucket first, input order within a bucket
         runs = []
         for bucket in np.unique(buckets)[::-1]:
             rows = order[buckets[order] == bucket]
             runs += [(int(bucket), rows[i:i + ROWS_PER_RUN]) for i in range(0, len(rows), ROWS_PER_RUN)]
-        if show_progress_bar:
-            from tqdm.auto import tqdm
+        return runs
 
-            runs = tqdm(runs, desc="Batches")
-        for bucket, rows in runs:
-            out[rows] = self._embed_padded([texts[i] for i in rows], bucket)
-        if normalize_embeddings:
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-        return out
-
-    def _embed_padded(self, texts: list[str], length: int) -> np.ndarray:
-        """Run ``texts`` padded to ``length`` tokens in one run; their (len(texts), dim)."""
-        features = self.model.preprocess(texts)
+    def _run_inputs(self, tokens: dict[str, np.ndarray], rows: np.ndarray, length: int) -> dict[str, np.ndarray]:
+        """The model's inputs for ``rows`` of ``tokens``, padded (or cut: only padding lies past a text's own
+        length) to ``length``: {name: (len(rows), length) int64}."""
         pad_id = self.tokenizer.pad_token_id or 0
         filled = {}
-        for name in self.input_names:
-            values = features[name].numpy().astype(np.int64)  # (rows, longest in this run)
-            padded = np.full((len(texts), length), pad_id if name == "input_ids" else 0, dtype=np.int64)
-            padded[:, :values.shape[1]] = values
-            filled[name] = padded
-        hidden = self.request.infer(filled)[self.compiled.output(0)]  # (rows, length, hidden)
-        features = {name: torch.from_numpy(filled[name]) for name in self.input_names}
-        features["token_embeddings"] = torch.from_numpy(np.array(hidden, dtype=np.float32))
-        for module in list(self.model)[1:]:
-            features = module(features)
+        for name, values in tokens.items():
+            values = values[rows, :length]
+            if values.shape[1] < length:
+                padded = np.full((len(rows), length), pad_id if name == "input_ids" else 0, dtype=np.int64)
+                padded[:, :values.shape[1]] = values
+                values = padded
+            filled[name] = np.ascontiguousarray(values)
+        return filled
+
+    def _encode_runs(self, tokens: dict[str, np.ndarray], runs, out: np.ndarray) -> None:
+        """Run every ``(bucket, rows)`` run on the streams; pool each finished run into ``out[rows]`` while the next
+        ones run, so at most a few runs' token states are held at once."""
+        if len(runs) == 1:  # a lone query: no queue to fill
+            bucket, rows = runs[0]
+            inputs = self._run_inputs(tokens, rows, bucket)
+            out[rows] = self._pool(inputs, self.request.infer(inputs)[self.compiled.output(0)])
+            return
+        done: dict[int, np.ndarray] = {}  # run index -> its token states, filled by OpenVINO's callback thread
+
+        def finished(request, index: int) -> None:
+            done[index] = np.array(request.get_output_tensor(0).data, dtype=np.float32)  # copied: the request is reused
+
+        self.queue.set_callback(finished)
+        inputs: dict[int, dict[str, np.ndarray]] = {}
+
+        def pool_finished() -> None:
+            for index in list(done):
+                out[runs[index][1]] = self._pool(inputs.pop(index), done.pop(index))
+
+        for index, (bucket, rows) in enumerate(runs):
+            inputs[index] = self._run_inputs(tokens, rows, bucket)
+            self.queue.start_async(inputs[index], index)  # waits for a free stream
+            pool_finished()
+        self.queue.wait_all()
+        pool_finished()
+
+    def _pool(self, inputs: dict[str, np.ndarray], hidden) -> np.ndarray:
+        """The model's own modules after the transformer over its token states; (rows, dim)."""
+        features = {name: torch.from_numpy(inputs[name]) for name in self.input_names}
+        features["token_embeddings"] = torch.from_numpy(np.array(hidden, dtype=np.float32))  # (rows, length, hidden)
+        with torch.no_grad():
+            for module in list(self.model)[1:]:
+                features = module(features)
         return features["sentence_embedding"].float().numpy()  # (rows, dim)

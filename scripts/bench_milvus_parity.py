@@ -19,6 +19,7 @@ different rankers and no parity is expected. Writes benchmarks/results/milvus_pa
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -144,31 +145,39 @@ def main(argv: list[str]) -> None:
     query_ids = list(data.queries)[: args.max_queries or None]
     query_texts = [data.queries[q] for q in query_ids]
     work = Path(tempfile.mkdtemp(prefix="milvus_parity_"))
+    models = [("minilm", lambda: resolve_model("minilm"))]
+    if args.dot:
+        models.append(("minilm-dot", lambda: str(dot_model(work / "dot-minilm"))))
+    rows: list[dict] = []
     try:
-        rows = [measure("minilm", resolve_model("minilm"), docs, query_ids, query_texts, data.qrels, work)]
-        if args.dot:
-            model = str(dot_model(work / "dot-minilm"))
-            rows.append(measure("minilm-dot", model, docs, query_ids, query_texts, data.qrels, work))
+        for done, (name, model) in enumerate(models, 1):
+            rows.append(measure(name, model(), docs, query_ids, query_texts, data.qrels, work))
+            # after each model, so that a run stopped during the next one keeps what it measured
+            result = {
+                "benchmark": "milvus_parity",
+                "description": __doc__.split("\n\n")[2].replace("\n", " "),
+                "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
+                "split": args.split,
+                "num_documents": len(docs),
+                "num_queries": len(query_ids),
+                "k": K,
+                "target": ">= 99% of queries with the same top-10 (ids and order) as /search",
+                "met": all(row["same_top10_fraction"] >= 0.99 for row in rows),
+                "models": {row["model"]: row for row in rows},
+                "models_not_yet_done": [n for n, _ in models[done:]],
+                "note": args.note,
+                **provenance.record(packages=("pymilvus", "milvus-lite", "faiss-cpu")),
+            }
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            if done == 1:
+                write_result(args.out, result)  # keeps the file's previous run under other_runs
+            else:  # the same run, one more model: replace this run's own record, keep the earlier runs
+                previous = json.loads(Path(args.out).read_text()).get("other_runs")
+                Path(args.out).write_text(json.dumps({**result, **({"other_runs": previous} if previous else {})},
+                                                     indent=2) + "\n")
+            print(f"wrote {args.out}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-    result = {
-        "benchmark": "milvus_parity",
-        "description": __doc__.split("\n\n")[2].replace("\n", " "),
-        "dataset": "BEIR SciFact (../shared/data/beir/scifact)",
-        "split": args.split,
-        "num_documents": len(docs),
-        "num_queries": len(query_ids),
-        "k": K,
-        "target": ">= 99% of queries with the same top-10 (ids and order) as /search",
-        "met": all(row["same_top10_fraction"] >= 0.99 for row in rows),
-        "models": {row["model"]: row for row in rows},
-        "note": args.note,
-        **provenance.record(packages=("pymilvus", "milvus-lite", "faiss-cpu")),
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    write_result(args.out, result)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

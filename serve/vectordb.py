@@ -113,14 +113,14 @@ def export_vectors(embeddings: np.ndarray, dim: int = 0, precision: str = "float
 
 
 def read_settings(bundle_dir: str | Path) -> dict[str, Any]:
-    """The manifest's ``vectordb`` entry; a bundle exported without chroma or lancedb has none."""
+    """The manifest's ``vectordb`` entry; a bundle exported without chroma, lancedb or milvus has none."""
     manifest_path = Path(bundle_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(f"bundle {bundle_dir}: no {MANIFEST_FILE}")
     settings = json.loads(manifest_path.read_text()).get("vectordb")
     if not settings:
-        raise ValueError(f"{manifest_path}: no 'vectordb' entry; export with export.targets including chroma or "
-                         f"lancedb")
+        raise ValueError(f"{manifest_path}: no 'vectordb' entry; export with export.targets including chroma, "
+                         f"lancedb or milvus")
     return settings
 
 

@@ -238,7 +238,7 @@ def test_a_killed_export_is_completed_by_the_rerun(tiny_model_dir, tiny_beir, tm
 @pytest.mark.parametrize("override, message", [
     ("export.targets=[faiss, weaviate]", "export.targets[1]: unknown target 'weaviate'"),
     ("export.milvus.batch_size=0", "export.milvus.batch_size must be >= 1"),
-    ("export.milvus.index_type=HNSW", "export.milvus.index_type: unknown index type 'HNSW'"),
+    ("export.milvus.index_type=HNSW", "key 'export.milvus.index_type' expects one of 'FLAT' | 'AUTOINDEX', got 'HNSW'"),
     ("export.milvus.urii=x", "export.milvus.urii"),
 ])
 def test_config_errors_name_the_key(override, message, tiny_beir):

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 EXPORT_TARGETS = ("faiss", "chroma", "lancedb", "milvus")
-MILVUS_INDEX_TYPES = ("FLAT", "AUTOINDEX")
 
 
 @dataclass
@@ -60,7 +59,7 @@ class MilvusConfig:
     batch_size: int = 1000  # rows per insert call; a rerun after a kill inserts only the rows not yet stored
     # FLAT = exact inner product, the served route's ranking (FAISS IndexFlatIP over the same vectors);
     # AUTOINDEX = the server picks an approximate index (Zilliz Cloud accepts only it).
-    index_type: str = "FLAT"
+    index_type: Literal["FLAT", "AUTOINDEX"] = "FLAT"
     # Milvus's own full-text search: a BM25 function fills a sparse field from the analyzed text. It is Milvus's
     # tokenizer and BM25, not embtune's, so its ranking is not the served BM25's. Needs Milvus >= 2.5 or milvus-lite.
     bm25: bool = True
@@ -68,9 +67,6 @@ class MilvusConfig:
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"export.milvus.batch_size must be >= 1, got {self.batch_size}")
-        if self.index_type not in MILVUS_INDEX_TYPES:
-            raise ValueError(f"export.milvus.index_type: unknown index type {self.index_type!r}; expected one of "
-                             f"{list(MILVUS_INDEX_TYPES)}")
 
 
 @dataclass

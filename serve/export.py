@@ -9,6 +9,8 @@
       index/docs.jsonl    one {"_id", "title", "text"} per index row
       vectordb/chroma/    a persistent Chroma collection of the eval corpus ("chroma" in export.targets)
       vectordb/lancedb/   a LanceDB table of the eval corpus ("lancedb" in export.targets)
+      vectordb/milvus.db  milvus-lite's folder: a Milvus collection of the eval corpus ("milvus" in export.targets,
+                          unless export.milvus.uri names another file or a Milvus server)
       retriever.json      the retrieval system /search serves: eval's recommended row for this model (see below)
       metrics.json        eval/results.json without per-query rows
       manifest.json       dims, metric, corpus hash, versions, which eval row retriever.json is
@@ -187,11 +189,13 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                  train_rows=cfg.export.index.train_rows)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
-        from embtune.serve.vectordb import export_vectordb  # chromadb and lancedb load only when a target needs them
+        # chromadb, lancedb and pymilvus load only when a target needs them
+        from embtune.serve.vectordb import export_vectordb
 
         # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
         export_vectordb(out_dir, model_dir, docs, vector_targets, cfg.export.vectordb,
-                        name=cfg.export.vectordb.name or cfg.export.model_name, include_title=cfg.mining.include_title)
+                        name=cfg.export.vectordb.name or cfg.export.model_name, include_title=cfg.mining.include_title,
+                        milvus=cfg.export.milvus)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
     if cfg.export.onnx:

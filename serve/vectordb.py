@@ -1,10 +1,13 @@
-"""Vector-database export: the corpus and the model's embeddings in a persistent Chroma collection and a LanceDB
-table, and embedding functions that load the bundle's model so that queries are embedded as the corpus was.
+"""Vector-database export: the corpus and the model's embeddings in a persistent Chroma collection, a LanceDB
+table and a Milvus collection, and embedding functions that load the bundle's model so that queries are embedded as
+the corpus was.
 
 Layout inside a bundle (``export.targets`` names which are written)::
 
     <bundle>/vectordb/chroma/    chromadb.PersistentClient(path=...): one collection, cosine space
     <bundle>/vectordb/lancedb/   lancedb.connect(...): one table (id, title, text, metadata..., vector)
+    <bundle>/vectordb/milvus.db  milvus-lite's folder (export.milvus.uri, default): one collection (id, title, text,
+                                 metadata JSON, vector; sparse = Milvus's BM25 of text), or a Milvus server's URI
     <bundle>/manifest.json       "vectordb": {"name", "dim", "precision", "metric": "cosine", "chroma": {...}, ...}
 
 Query it the way the export embedded the corpus (same model, Matryoshka dimension and precision)::
@@ -15,20 +18,31 @@ Query it the way the export embedded the corpus (same model, Matryoshka dimensio
     table = open_lancedb("runs/x/bundle")
     table.search("what is dense retrieval?").limit(10).to_list()  # embedded by the table's embedding function
     table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type("cosine")...
+    milvus = open_milvus("runs/x/bundle")               # client, collection name and the bundle's query encoder
+    milvus.search(["what is dense retrieval?"], k=10)   # or milvus.client.search(milvus.collection, ...)
+    milvus.close()                                      # stops milvus-lite's in-process server
 
 The document vectors come from the shared embedding cache (:func:`embtune.compute.encoding.encode_corpus` with the
 source model's key), so export does not encode the corpus again after eval did. With ``compute.engine: ray`` they
 are the corpus's Parquet shards: LanceDB is written from them shard by shard, Chroma only up to
-``CHROMA_MAX_ROWS`` rows (it keeps the whole collection in memory).
+``CHROMA_MAX_ROWS`` rows (it keeps the whole collection in memory), Milvus in batches of each shard.
+
+Milvus stores the vectors the served route searches: inner product (``IP``) over the model's own vectors, so a
+cosine model's are normalized and a dot-product model's are not (Chroma and LanceDB renormalize every model's into a
+cosine space). Its export resumes: the collection's description records a fingerprint of what it holds, and a rerun
+with the same fingerprint (after a killed export, say) inserts only the ids not yet stored.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +59,8 @@ from pydantic import PrivateAttr
 from embtune.compute.encoding import encode_corpus
 from embtune.compute.shards import ShardSet
 from embtune.dataio import document_text
-from embtune.retrieval.encoder import cache_key, encode, load_encoder, normalize, truncate
+from embtune.retrieval.encoder import cache_key, encode, load_encoder, normalize, truncate, uses_cosine
+from embtune.sections.export import MilvusConfig
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +68,13 @@ MANIFEST_FILE = "manifest.json"  # the bundle's (serve.bundle.MANIFEST_FILE)
 MODEL_DIR = "model"
 CHROMA_DIR = "vectordb/chroma"
 LANCEDB_DIR = "vectordb/lancedb"
-VECTOR_TARGETS = ("chroma", "lancedb")
+MILVUS_LITE_FILE = "vectordb/milvus.db"  # export.milvus.uri's default: milvus-lite's data folder
+VECTOR_TARGETS = ("chroma", "lancedb", "milvus")
+# Milvus's rule for collection names; the default (export.vectordb.name or model_name) is made to follow it.
+MILVUS_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+MILVUS_MAX_VARCHAR = 65535  # bytes: Milvus's largest VARCHAR, for the title and the text
+MILVUS_MAX_ID = 512  # bytes of a document id (the VARCHAR primary key)
+FINGERPRINT_PROPERTY = "embtune.fingerprint"  # the collection property that says which export it holds
 # Chroma's rule for collection names; LanceDB accepts a superset of it.
 NAME_PATTERN = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]$")
 RESERVED_FIELDS = ("_id", "text")  # become the row id and the document; every other field is metadata
@@ -70,13 +91,20 @@ def chroma_settings() -> Settings:
     return Settings(anonymized_telemetry=False)
 
 
-def export_vectors(embeddings: np.ndarray, dim: int = 0, precision: str = "float32") -> np.ndarray:
+def export_vectors(embeddings: np.ndarray, dim: int = 0, precision: str = "float32",
+                   renormalize: bool = True) -> np.ndarray:
     """The vectors a target stores, as float32 (n, dim): truncated to ``dim`` (0 = all) and renormalized, then
-    rounded to ``precision`` ("float16" values are exactly representable in float16)."""
+    rounded to ``precision`` ("float16" values are exactly representable in float16).
+
+    ``renormalize=False`` keeps a dot-product model's norms (Milvus searches the served route's inner product):
+    the first ``dim`` values as they are."""
     full = embeddings.shape[1]
     if dim > full:
         raise ValueError(f"export.vectordb.dim {dim} is larger than the model's dimension {full}")
-    out = truncate(embeddings, dim) if dim and dim < full else normalize(embeddings)  # (n, dim)
+    if renormalize:
+        out = truncate(embeddings, dim) if dim and dim < full else normalize(embeddings)  # (n, dim)
+    else:
+        out = np.ascontiguousarray(embeddings[:, : dim or full], dtype=np.float32)  # (n, dim)
     if precision == "float16":
         out = out.astype(np.float16).astype(np.float32)
     elif precision != "float32":
@@ -85,14 +113,14 @@ def export_vectors(embeddings: np.ndarray, dim: int = 0, precision: str = "float
 
 
 def read_settings(bundle_dir: str | Path) -> dict[str, Any]:
-    """The manifest's ``vectordb`` entry; a bundle exported without chroma or lancedb has none."""
+    """The manifest's ``vectordb`` entry; a bundle exported without chroma, lancedb or milvus has none."""
     manifest_path = Path(bundle_dir) / MANIFEST_FILE
     if not manifest_path.is_file():
         raise FileNotFoundError(f"bundle {bundle_dir}: no {MANIFEST_FILE}")
     settings = json.loads(manifest_path.read_text()).get("vectordb")
     if not settings:
-        raise ValueError(f"{manifest_path}: no 'vectordb' entry; export with export.targets including chroma or "
-                         f"lancedb")
+        raise ValueError(f"{manifest_path}: no 'vectordb' entry; export with export.targets including chroma, "
+                         f"lancedb or milvus")
     return settings
 
 
@@ -100,13 +128,17 @@ class QueryEncoder:
     """Embed texts as the export embedded the corpus: the bundle's model, then the same dimension and precision.
 
     The model is loaded on the first call. ``__call__(texts)`` returns float32 (len(texts), dim).
+    ``renormalize=False``: a dot-product model's query vectors keep their norms, as Milvus's documents do
+    (:func:`open_milvus` passes what the export recorded).
     """
 
-    def __init__(self, bundle_dir: str | Path, device: str | None = None, batch_size: int = 64):
+    def __init__(self, bundle_dir: str | Path, device: str | None = None, batch_size: int = 64,
+                 renormalize: bool = True):
         settings = read_settings(bundle_dir)
         self.bundle_dir = Path(bundle_dir)
         self.dim = int(settings["dim"])
         self.precision = settings["precision"]
+        self.renormalize = renormalize
         self.device = device
         self.batch_size = batch_size
         self._model = None
@@ -115,7 +147,7 @@ class QueryEncoder:
         if self._model is None:
             self._model, _ = load_encoder(str(self.bundle_dir / MODEL_DIR), device=self.device)
         embeddings = encode(self._model, list(texts), self.batch_size, desc="query", role="query")  # (n, full dim)
-        return export_vectors(embeddings, self.dim, self.precision)  # (n, dim)
+        return export_vectors(embeddings, self.dim, self.precision, self.renormalize)  # (n, dim)
 
 
 @register_embedding_function
@@ -298,10 +330,11 @@ def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: lis
 
 
 def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[dict[str, Any]], targets: list[str],
-                    cfg, name: str, batch_size: int = 64, include_title: bool = True) -> dict[str, Any]:
-    """Write ``docs`` with the model's embeddings to each of ``targets`` (``chroma``, ``lancedb``) under
-    ``<bundle_dir>/vectordb/``; return the manifest's ``vectordb`` entry (which the bundle must then record, since
-    the query embedding functions read dim and precision from it).
+                    cfg, name: str, batch_size: int = 64, include_title: bool = True,
+                    milvus: MilvusConfig | None = None) -> dict[str, Any]:
+    """Write ``docs`` with the model's embeddings to each of ``targets`` (``chroma``, ``lancedb`` under
+    ``<bundle_dir>/vectordb/``, ``milvus`` at ``milvus.uri``); return the manifest's ``vectordb`` entry (which the
+    bundle must then record, since the query embedding functions read dim and precision from it).
 
     Args:
         bundle_dir: the bundle folder (its ``model/`` is what the query embedding functions load).
@@ -309,8 +342,10 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         docs: dicts with ``_id`` and ``text``; ``title`` and any other field are kept as metadata.
         targets: a subset of ``VECTOR_TARGETS``.
         cfg: an ``ExportConfig.vectordb`` section (dim, precision, Chroma HNSW settings).
-        name: the Chroma collection and LanceDB table name.
+        name: the Chroma collection and LanceDB table name (and Milvus's, made to fit its rule, unless
+            ``milvus.collection`` names one).
         include_title: embed title + text or the text alone, as eval read the corpus (``mining.include_title``).
+        milvus: the ``export.milvus`` section (default: its defaults).
     """
     unknown = [t for t in targets if t not in VECTOR_TARGETS]
     if unknown:
@@ -338,12 +373,33 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     metadata = metadata_columns(docs)
     settings: dict[str, Any] = {"name": name, "dim": dim, "precision": cfg.precision,
                                 "metric": "cosine", "num_docs": len(docs)}
+    if "milvus" in targets:
+        milvus = milvus or MilvusConfig()
+        milvus_name = milvus.collection or milvus_collection_name(name)
+        if not MILVUS_NAME_PATTERN.match(milvus_name):
+            raise ValueError(f"export.milvus.collection {milvus_name!r}: expected 1-255 characters from "
+                             f"[A-Za-z0-9_], not starting with a digit (Milvus's rule for collection names)")
+        check_milvus_fields(docs)
+        renormalize = uses_cosine(model)
+
+        def milvus_chunks():
+            """(first row, vectors) of each part of the corpus: the whole matrix, or each shard on Ray."""
+            if shards is None:
+                yield 0, export_vectors(embeddings, cfg.dim, cfg.precision, renormalize)  # (n, dim)
+            else:
+                for start, _ids, part in shards:
+                    yield start, export_vectors(part, cfg.dim, cfg.precision, renormalize)  # (rows, dim)
     # The embedding functions read dim and precision from the manifest: record them before anything calls one.
     manifest_path = bundle_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest["vectordb"] = settings
     manifest_path.write_text(json.dumps(manifest, indent=2))
     for target in targets:
+        if target == "milvus":
+            settings["milvus"] = export_milvus(bundle_dir, milvus, milvus_name, docs, milvus_chunks, dim, cfg.precision,
+                                               similarity=getattr(model, "similarity_fn_name", None) or "cosine",
+                                               renormalize=renormalize)
+            continue
         folder = bundle_dir / (CHROMA_DIR if target == "chroma" else LANCEDB_DIR)
         if target == "chroma":
             forget_chroma(folder)
@@ -421,3 +477,223 @@ def lancedb_top_ids(table, query_vectors: np.ndarray, k: int) -> list[list[str]]
                 .select(["id", "_distance"]))
         out.append(hits.to_arrow()["id"].to_pylist())
     return out
+
+
+def milvus_collection_name(name: str) -> str:
+    """``name`` as a Milvus collection name: every character outside [A-Za-z0-9_] becomes "_", and a leading digit
+    gets a "_" before it (Chroma's and LanceDB's names allow "-" and ".", Milvus's do not)."""
+    out = re.sub(r"[^A-Za-z0-9_]", "_", name)[:255]
+    return out if re.match(r"[A-Za-z_]", out) else ("_" + out)[:255]
+
+
+def check_milvus_fields(docs: list[dict[str, Any]]) -> None:
+    """Refuse, naming the document, an id or a title or text longer than Milvus's VARCHAR holds (nothing is cut)."""
+    for doc in docs:
+        for key, limit in (("_id", MILVUS_MAX_ID), ("title", MILVUS_MAX_VARCHAR), ("text", MILVUS_MAX_VARCHAR)):
+            size = len(str(doc.get(key) or "").encode("utf-8"))
+            if size > limit:
+                raise ValueError(f"export.targets milvus: document {str(doc['_id'])[:80]!r} has a {size}-byte {key}; "
+                                 f"Milvus's VARCHAR holds at most {limit} bytes (split the document, or drop milvus "
+                                 f"from export.targets)")
+
+
+def milvus_uri(bundle_dir: Path, uri: str) -> tuple[str, str]:
+    """(what pymilvus connects to, what the manifest records) for ``export.milvus.uri``: "" = milvus-lite in the
+    bundle, recorded relative to it so the bundle can move; another ``.db`` path absolute; a server's URI as is."""
+    if not uri:
+        return str(bundle_dir / MILVUS_LITE_FILE), MILVUS_LITE_FILE
+    if "://" in uri or uri.startswith("unix:"):
+        return uri, uri
+    path = str(Path(uri).resolve())
+    return path, path
+
+
+def is_milvus_lite(uri: str) -> bool:
+    return uri.endswith(".db") and "://" not in uri
+
+
+def milvus_client(uri: str, token_env: str = ""):
+    """A ``pymilvus.MilvusClient`` for ``uri``: milvus-lite for a ``.db`` path (a server in this process), else a
+    Milvus server, with the token from the environment variable ``token_env`` when it is set."""
+    from pymilvus import MilvusClient
+
+    if is_milvus_lite(uri):
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    token = os.environ.get(token_env, "") if token_env else ""
+    return MilvusClient(uri=uri, token=token)
+
+
+def release_milvus(client, uri: str) -> None:
+    """Close ``client``; for milvus-lite also stop the in-process server that holds ``uri``'s folder, so that
+    another process can open it (pymilvus keeps it until this process exits)."""
+    client.close()
+    if is_milvus_lite(uri):
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+
+
+def milvus_fingerprint(docs: list[dict[str, Any]], chunks, fixed: dict[str, Any]) -> str:
+    """A hash of every row Milvus is to hold (id, title, text, metadata, stored vector) and of the collection's
+    settings: a collection whose description carries it holds (part of) this very export."""
+    digest = hashlib.sha256(json.dumps(fixed, sort_keys=True).encode())
+    for start, vectors in chunks():
+        for doc, vector in zip(docs[start:start + len(vectors)], vectors):
+            row = [doc["_id"], doc.get("title") or "", doc.get("text") or "", milvus_metadata(doc)]
+            digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode())
+            digest.update(np.ascontiguousarray(vector, dtype=np.float32).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def milvus_metadata(doc: dict[str, Any]) -> dict[str, Any]:
+    """Every field but the id, title and text: a JSON field holds any mix of types, so values are kept as they are."""
+    return {key: value for key, value in doc.items() if key not in ("_id", "title", "text")}
+
+
+def create_milvus_collection(client, name: str, dim: int, index_type: str, bm25: bool, fingerprint: str) -> None:
+    """Collection ``name``: id (VARCHAR primary key), title, text, metadata (JSON), vector (FLOAT_VECTOR, IP) and,
+    with ``bm25``, sparse: Milvus's BM25 function of the analyzed text. Its ``FINGERPRINT_PROPERTY`` property
+    records ``fingerprint``."""
+    from pymilvus import DataType, Function, FunctionType
+
+    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MILVUS_MAX_ID)
+    schema.add_field("title", DataType.VARCHAR, max_length=MILVUS_MAX_VARCHAR)
+    schema.add_field("text", DataType.VARCHAR, max_length=MILVUS_MAX_VARCHAR, enable_analyzer=bm25)
+    schema.add_field("metadata", DataType.JSON)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+    index = client.prepare_index_params()
+    index.add_index("vector", index_type=index_type, metric_type="IP")
+    if bm25:
+        schema.add_field("sparse", DataType.SPARSE_FLOAT_VECTOR)
+        schema.add_function(Function(name="text_bm25", function_type=FunctionType.BM25, input_field_names=["text"],
+                                     output_field_names=["sparse"]))
+        index.add_index("sparse", index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
+    try:
+        client.create_collection(name, schema=schema, index_params=index,
+                                 properties={FINGERPRINT_PROPERTY: fingerprint})
+    except Exception as err:  # pymilvus raises MilvusException subclasses; name the setting that may be at fault
+        hint = "; a Milvus older than 2.5 has no BM25 function: set export.milvus.bm25: false" if bm25 else ""
+        raise ValueError(f"export.milvus: creating collection {name!r} failed ({err}){hint}") from err
+
+
+def milvus_stored_ids(client, name: str, ids: list[str]) -> set[str]:
+    """Which of ``ids`` collection ``name`` already holds. Asked batch by batch (a get by primary key), not with
+    a query iterator over the whole collection: milvus-lite does not implement the timestamp call the iterator
+    makes first."""
+    return {row["id"] for row in client.get(name, ids=ids, output_fields=["id"])}
+
+
+def milvus_count(client, name: str) -> int:
+    return int(client.query(name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"])
+
+
+def export_milvus(bundle_dir: Path, cfg: MilvusConfig, name: str, docs: list[dict[str, Any]], chunks, dim: int,
+                  precision: str, similarity: str, renormalize: bool) -> dict[str, Any]:
+    """Write ``docs`` and their vectors (``chunks()`` yields (first row, (rows, dim) vectors)) into Milvus
+    collection ``name``, ``cfg.batch_size`` rows per insert; return the manifest's ``vectordb.milvus`` entry.
+
+    Resumable: the collection's ``FINGERPRINT_PROPERTY`` records :func:`milvus_fingerprint`. When the collection
+    exists with the same fingerprint (an export killed mid-write), only the ids it does not hold yet are inserted;
+    with another one (another model, corpus or setting) it is dropped and written again. The count is checked at
+    the end.
+    """
+    uri, recorded_uri = milvus_uri(bundle_dir, cfg.uri)
+    fixed = {"dim": dim, "precision": precision, "renormalize": renormalize, "index_type": cfg.index_type,
+             "bm25": cfg.bm25, "metric": "IP"}
+    fingerprint = milvus_fingerprint(docs, chunks, fixed)
+    start_time = time.perf_counter()
+    client = milvus_client(uri, cfg.token_env)
+    try:
+        resuming = False
+        if client.has_collection(name):
+            recorded = client.describe_collection(name).get("properties", {}).get(FINGERPRINT_PROPERTY)
+            if recorded == fingerprint:
+                resuming = True
+                client.load_collection(name)
+                logger.info("milvus %s: collection %s holds part of this export (one that did not finish): "
+                            "inserting the rows it lacks", recorded_uri, name)
+            else:
+                logger.warning("milvus %s: collection %s holds another export (fingerprint %r, this one %r); "
+                               "dropped and written again", recorded_uri, name, recorded, fingerprint)
+                client.drop_collection(name)
+        if not resuming:
+            create_milvus_collection(client, name, dim, cfg.index_type, cfg.bm25, fingerprint)
+        written = already = 0
+        for first, vectors in chunks():
+            for offset in range(0, len(vectors), cfg.batch_size):
+                batch = docs[first + offset:first + offset + cfg.batch_size]
+                stored = milvus_stored_ids(client, name, [doc["_id"] for doc in batch]) if resuming else set()
+                rows = [{"id": doc["_id"], "title": doc.get("title") or "", "text": doc.get("text") or "",
+                         "metadata": milvus_metadata(doc), "vector": vector.tolist()}
+                        for doc, vector in zip(batch, vectors[offset:offset + cfg.batch_size])
+                        if doc["_id"] not in stored]
+                already += len(stored)
+                if rows:
+                    client.insert(name, rows)
+                    written += len(rows)
+        client.flush(name)
+        count = milvus_count(client, name)
+        if count != len(docs):
+            raise RuntimeError(f"milvus {recorded_uri}: collection {name} holds {count} rows after the export, "
+                               f"expected {len(docs)}; rerun the export (the collection is rewritten when it differs)")
+    finally:
+        release_milvus(client, uri)
+    seconds = time.perf_counter() - start_time
+    entry = {"uri": recorded_uri, "lite": is_milvus_lite(uri), "token_env": cfg.token_env, "collection": name,
+             "metric": "IP", "similarity_fn_name": similarity, "renormalized": renormalize,
+             "index_type": cfg.index_type, "num_rows": count, "batch_size": cfg.batch_size,
+             "rows_written": written, "rows_already_stored": already,
+             "bm25": {"field": "sparse", "input_field": "text", "metric": "BM25",
+                      "note": "Milvus's own analyzer and BM25 (not embtune's bm25s ranking)"} if cfg.bm25 else None,
+             "write_seconds": round(seconds, 3), "fingerprint": fingerprint}
+    if is_milvus_lite(uri):
+        entry["bytes"] = dir_bytes(uri)
+    logger.info("wrote milvus %s collection %s: %d rows (%d written now, %d already stored), dim %d, %.1fs",
+                recorded_uri, name, count, written, already, dim, seconds)
+    return entry
+
+
+@dataclass
+class MilvusCollection:
+    """An exported Milvus collection: the client, the collection's name, and the bundle's query encoder (embeds
+    texts as the export embedded the corpus). ``close()`` stops milvus-lite's in-process server."""
+
+    client: Any
+    collection: str
+    encoder: QueryEncoder
+    uri: str
+
+    def search(self, queries: list[str], k: int = 10) -> list[list[dict[str, Any]]]:
+        """The top ``k`` documents of each query text by the dense vectors: ``{"id", "score", "title", "text",
+        "metadata"}`` best first."""
+        hits = self.client.search(self.collection, data=self.encoder(queries).tolist(), anns_field="vector",
+                                  limit=k, search_params={"metric_type": "IP"},
+                                  output_fields=["title", "text", "metadata"])
+        return [[{"id": h["id"], "score": h["distance"], **h["entity"]} for h in row] for row in hits]
+
+    def close(self) -> None:
+        release_milvus(self.client, self.uri)
+
+
+def open_milvus(bundle_dir: str | Path, device: str | None = None) -> MilvusCollection:
+    """The bundle's Milvus collection, connected as the export recorded (milvus-lite in the bundle, or the server's
+    URI with the token from the recorded environment variable), with the query encoder the export implies."""
+    settings = read_settings(bundle_dir)
+    entry = settings.get("milvus")
+    if not entry:
+        raise ValueError(f"bundle {bundle_dir} has no Milvus collection (export.targets did not include milvus)")
+    uri = entry["uri"]
+    if uri == MILVUS_LITE_FILE:
+        uri = str((Path(bundle_dir) / MILVUS_LITE_FILE).resolve())
+    client = milvus_client(uri, entry.get("token_env", ""))
+    client.load_collection(entry["collection"])
+    encoder = QueryEncoder(bundle_dir, device=device, renormalize=entry["renormalized"])
+    return MilvusCollection(client, entry["collection"], encoder, uri)
+
+
+def milvus_top_ids(client, name: str, query_vectors: np.ndarray, k: int) -> list[list[str]]:
+    """Milvus's top-``k`` document ids per query vector (inner product), best first."""
+    hits = client.search(name, data=np.asarray(query_vectors, dtype=np.float32).tolist(), anns_field="vector",
+                         limit=k, search_params={"metric_type": "IP"}, output_fields=["id"])
+    return [[h["id"] for h in row] for row in hits]

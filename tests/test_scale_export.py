@@ -75,13 +75,15 @@ def docs(tiny_beir) -> list[dict]:
 
 def export(tiny_model_dir: Path, docs: list[dict], root: Path) -> dict[str, Path]:
     """A bundle with chroma and lancedb at the full dim and float32; one with lancedb alone at dim 16 and float16."""
-    from embtune.sections.export import VectorDBConfig
+    from embtune.sections.export import MilvusConfig, VectorDBConfig
     from embtune.serve.bundle import build_bundle
     from embtune.serve.vectordb import export_vectordb
 
     full, half = root / "bundle", root / "bundle16"
     build_bundle(tiny_model_dir, docs, full, device="cpu")
-    export_vectordb(full, tiny_model_dir, docs, ["chroma", "lancedb"], VectorDBConfig(), "tiny-corpus")
+    # milvus in inserts of 8 rows: batches inside each 20-row shard, the last one of each shard partial
+    export_vectordb(full, tiny_model_dir, docs, ["chroma", "lancedb", "milvus"], VectorDBConfig(), "tiny-corpus",
+                    milvus=MilvusConfig(batch_size=8))
     build_bundle(tiny_model_dir, None, half, device="cpu")  # the model its QueryEncoder loads; no index
     export_vectordb(half, tiny_model_dir, docs, ["lancedb"], VectorDBConfig(dim=16, precision="float16"),
                     "tiny-corpus")
@@ -141,6 +143,9 @@ def test_lancedb_on_ray_equals_the_local_one(exported, docs, tiny_beir, variant)
     for entry in settings:
         entry["lancedb"] = {k: v for k, v in entry["lancedb"].items() if k == "path"}  # timings, sizes, shards
         entry.pop("chroma", None)
+        if "milvus" in entry:  # timings and sizes; the fingerprint hashes the vectors, equal within 1e-6 only
+            entry["milvus"] = {k: v for k, v in entry["milvus"].items()
+                               if k not in ("write_seconds", "bytes", "fingerprint")}
     assert settings[0] == settings[1]
 
 
@@ -155,6 +160,29 @@ def test_chroma_on_ray_below_the_limit_equals_the_local_one(exported, docs):
         want_vector, want_text, want_meta = by_id[1][doc_id]
         assert np.abs(np.asarray(vector) - np.asarray(want_vector)).max() <= 1e-6
         assert (text, meta) == (want_text, want_meta)
+
+
+def test_milvus_on_ray_equals_the_local_one(exported, docs, tiny_beir):
+    """Written shard by shard: the same rows (title, text, metadata), vectors within 1e-6, the same top-10."""
+    from embtune.serve.vectordb import milvus_top_ids, open_milvus
+
+    rows, top = [], []
+    for where in ("ray", "local"):
+        milvus = open_milvus(exported[where]["full"])
+        try:
+            stored = milvus.client.query(milvus.collection, filter="", limit=1000,
+                                         output_fields=["id", "title", "text", "metadata", "vector"])
+            rows.append({row["id"]: row for row in stored})
+            top.append(milvus_top_ids(milvus.client, milvus.collection, milvus.encoder(_queries(tiny_beir)), K))
+        finally:
+            milvus.close()
+    assert sorted(rows[0]) == sorted(rows[1]) == sorted(d["_id"] for d in docs)
+    for doc_id, row in rows[0].items():
+        want = rows[1][doc_id]
+        assert (row["title"], row["text"], row["metadata"]) == (want["title"], want["text"], want["metadata"])
+        assert np.abs(np.asarray(row["vector"]) - np.asarray(want["vector"])).max() <= 1e-6
+    assert rows[0]["finance-0"]["metadata"].get("note") is None and rows[0][docs[-1]["_id"]]["metadata"]["note"]
+    assert top[0] == top[1]
 
 
 def test_chroma_on_ray_above_the_limit_is_refused_before_anything_is_written(cluster, tiny_model_dir, docs, tmp_path,

@@ -4,11 +4,14 @@ Example (YAML)::
 
     export:
       model_name: minilm-scifact-embtune
-      targets: [faiss, chroma, lancedb]   # where the corpus and its embeddings go (see docs/serve.md)
+      targets: [faiss, chroma, lancedb, milvus]   # where the corpus and its embeddings go (see docs/serve.md)
       index: {kind: ivf_pq, nprobe: 32}   # flat (exact) | ivf_pq (memory-mapped) | hnsw
       vectordb:
-        dim: 256            # Matryoshka truncation for Chroma and LanceDB; 0 = the model's full dimension
-        precision: float16  # LanceDB stores half the bytes; Chroma keeps the float16-rounded values as float32
+        dim: 256            # Matryoshka truncation for Chroma, LanceDB and Milvus; 0 = the model's full dimension
+        precision: float16  # LanceDB stores half the bytes; Chroma and Milvus keep the rounded values as float32
+      milvus:
+        uri: http://milvus.internal:19530   # default: a milvus-lite file inside the bundle (vectordb/milvus.db)
+        token_env: MILVUS_TOKEN             # the environment variable holding the cluster's token, if it needs one
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-EXPORT_TARGETS = ("faiss", "chroma", "lancedb")
+EXPORT_TARGETS = ("faiss", "chroma", "lancedb", "milvus")
 INDEX_KINDS = ("flat", "ivf_pq", "hnsw")  # embtune.retrieval.index.ANN_KINDS
 
 
@@ -69,6 +72,31 @@ class VectorDBConfig:
 
 
 @dataclass
+class MilvusConfig:
+    """Where and how the corpus is written into Milvus (``serve/vectordb.py``, ``export.targets: [milvus]``)."""
+
+    # "" = milvus-lite: a local Milvus in the file <bundle>/vectordb/milvus.db, served by this process. Any other
+    # value goes to pymilvus as it is: a path ending in .db (another milvus-lite file) or a server's URI
+    # (http://host:19530); the same code writes both.
+    uri: str = ""
+    # The token is a secret, so the config names the environment variable that holds it ("user:password" or an
+    # API key); the manifest records the variable's name, never its value. Unset or empty: no token.
+    token_env: str = "MILVUS_TOKEN"
+    collection: str = ""  # default: export.vectordb.name, else export.model_name
+    batch_size: int = 1000  # rows per insert call; a rerun after a kill inserts only the rows not yet stored
+    # FLAT = exact inner product, the served route's ranking (FAISS IndexFlatIP over the same vectors);
+    # AUTOINDEX = the server picks an approximate index (Zilliz Cloud accepts only it).
+    index_type: Literal["FLAT", "AUTOINDEX"] = "FLAT"
+    # Milvus's own full-text search: a BM25 function fills a sparse field from the analyzed text. It is Milvus's
+    # tokenizer and BM25, not embtune's, so its ranking is not the served BM25's. Needs Milvus >= 2.5 or milvus-lite.
+    bm25: bool = True
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"export.milvus.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
 class ExportConfig:
     """Bundle the fine-tuned model with its metrics and a model card, and write the corpus to each target."""
 
@@ -76,11 +104,13 @@ class ExportConfig:
     model_name: str = "embtune-model"
     # Where the eval corpus and its embeddings go: "faiss" = index/corpus.faiss (what `python -m embtune.serve`
     # searches),
-    # "chroma" = a persistent Chroma collection, "lancedb" = a LanceDB table, both under <bundle>/vectordb/.
+    # "chroma" = a persistent Chroma collection, "lancedb" = a LanceDB table, both under <bundle>/vectordb/,
+    # "milvus" = a Milvus collection (export.milvus.uri: milvus-lite in <bundle>/vectordb/milvus.db by default).
     # [] = a bundle with the model only.
     targets: list[str] = field(default_factory=lambda: ["faiss"])
     vectordb: VectorDBConfig = field(default_factory=VectorDBConfig)
     index: IndexConfig = field(default_factory=IndexConfig)  # the FAISS index of the "faiss" target
+    milvus: MilvusConfig = field(default_factory=MilvusConfig)
     # Also write model/onnx/model.onnx (needs onnx + onnxruntime). The index is embedded with eval.backend, which
     # writes the ONNX file it needs (model_qint8.onnx for onnx-int8) whatever this says.
     onnx: bool = False

@@ -22,6 +22,7 @@ import pytest
 
 from embtune.config import ConfigError
 from embtune.manifest import Stage
+from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 from embtune.schema import load_config
 from embtune.sections.export import MilvusConfig, VectorDBConfig
 from embtune.serve.bundle import MANIFEST_FILE, build_bundle
@@ -104,6 +105,25 @@ def test_the_dot_product_parity_can_fail(dot_bundle, tiny_beir):
     finally:
         milvus.close()
     assert sum(got != want for got, want in zip(found, ids_of(served))) > 0
+
+
+def test_a_truncated_dot_product_model_ranks_as_the_served_search(tiny_model_dir, tiny_beir, tmp_path):
+    """export.vectordb.dim below a dot-product model's: /search serving that dim (retriever.json dense.dim)
+    renormalizes the prefix, so Milvus stores it renormalized and ranks as /search does."""
+    docs, queries = _docs(tiny_beir), _queries(tiny_beir)
+    model_dir = dot_model(tiny_model_dir, tmp_path / "dot-model")
+    bundle = build_bundle(model_dir, docs, tmp_path / "bundle", device="cpu",
+                          spec=RetrieverSpec(dense=DenseSpec(dim=16)))
+    export_vectordb(bundle, model_dir, docs, ["milvus"], VectorDBConfig(dim=16), "tiny-corpus")
+    served = served_top10(bundle, queries)
+    milvus = open_milvus(bundle)
+    try:
+        found = milvus.search(queries, K)
+    finally:
+        milvus.close()
+    assert all(only_ties(got, want) for got, want in zip(found, served))
+    entry = json.loads((bundle / MANIFEST_FILE).read_text())["vectordb"]["milvus"]
+    assert (entry["similarity_fn_name"], entry["renormalized"]) == ("dot", True)
 
 
 def test_documents_metadata_and_bm25_are_stored(tiny_model_dir, tiny_beir, tmp_path):

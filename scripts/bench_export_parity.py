@@ -33,7 +33,7 @@ from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval import Queries, evaluate, score  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
 from embtune.models import resolve_model  # noqa: E402
-from embtune.retrieval.encoder import encode, load_encoder, normalize  # noqa: E402
+from embtune.retrieval.encoder import encode, load_encoder, normalize, uses_cosine  # noqa: E402
 from embtune.retrieval.fusion import ranked  # noqa: E402
 from embtune.retrieval.spec import DenseSpec, Retriever, RetrieverSpec  # noqa: E402
 from embtune.sections.export import VectorDBConfig  # noqa: E402
@@ -93,6 +93,9 @@ def main(argv: list[str]) -> None:
         bundle = build_bundle(model_dir, None, work / "bundle")  # the model only; each target is timed below
         # The faiss target as build_bundle writes it (IndexFlatIP over the stored vectors, docs.jsonl beside it).
         model, key = load_encoder(model_dir)
+        if not uses_cosine(model):  # its reference below is a cosine ranking
+            raise SystemExit(f"{args.model} scores by {model.similarity_fn_name}: this script compares cosine "
+                             "rankings; use scripts/bench_vectordb_dot.py for a dot-product model")
         stored = export_vectors(encode(model, [document_text(d) for d in docs], 64, cache_key=key),
                                 args.dim, args.precision)  # (n_docs, dim)
         start = time.perf_counter()

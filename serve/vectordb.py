@@ -4,11 +4,12 @@ the corpus was.
 
 Layout inside a bundle (``export.targets`` names which are written)::
 
-    <bundle>/vectordb/chroma/    chromadb.PersistentClient(path=...): one collection, cosine space
+    <bundle>/vectordb/chroma/    chromadb.PersistentClient(path=...): one collection, cosine (or ip) space
     <bundle>/vectordb/lancedb/   lancedb.connect(...): one table (id, title, text, metadata..., vector)
     <bundle>/vectordb/milvus.db  milvus-lite's folder (export.milvus.uri, default): one collection (id, title, text,
                                  metadata JSON, vector; sparse = Milvus's BM25 of text), or a Milvus server's URI
-    <bundle>/manifest.json       "vectordb": {"name", "dim", "precision", "metric": "cosine", "chroma": {...}, ...}
+    <bundle>/manifest.json       "vectordb": {"name", "dim", "precision", "metric", "renormalized",
+                                 "chroma": {"metric", ...}, "lancedb": {"metric", ...}, "milvus": {...}}
 
 Query it the way the export embedded the corpus (same model, Matryoshka dimension and precision)::
 
@@ -17,7 +18,8 @@ Query it the way the export embedded the corpus (same model, Matryoshka dimensio
     collection.query(query_texts=["what is dense retrieval?"], n_results=10)
     table = open_lancedb("runs/x/bundle")
     table.search("what is dense retrieval?").limit(10).to_list()  # embedded by the table's embedding function
-    table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type("cosine")...
+    table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type(
+        read_settings("runs/x/bundle")["lancedb"]["metric"])...   # "cosine", or "dot" for a dot-product model
     milvus = open_milvus("runs/x/bundle")               # client, collection name and the bundle's query encoder
     milvus.search(["what is dense retrieval?"], k=10)   # or milvus.client.search(milvus.collection, ...)
     milvus.close()                                      # stops milvus-lite's in-process server
@@ -27,10 +29,16 @@ source model's key), so export does not encode the corpus again after eval did. 
 are the corpus's Parquet shards: LanceDB is written from them shard by shard, Chroma only up to
 ``CHROMA_MAX_ROWS`` rows (it keeps the whole collection in memory), Milvus in batches of each shard.
 
-Milvus stores the vectors the served route searches: inner product (``IP``) over the model's own vectors, so a
-cosine model's are normalized and a dot-product model's are not (Chroma and LanceDB renormalize every model's into a
-cosine space). Its export resumes: the collection's description records a fingerprint of what it holds, and a rerun
-with the same fingerprint (after a killed export, say) inserts only the ids not yet stored.
+Every target stores the vectors the served route (``/search``, the core Retriever) searches, and ranks them as it
+does: a cosine model's normalized (Chroma's ``cosine`` space, LanceDB's ``distance_type("cosine")``, Milvus's
+``IP``), a dot-product model's with their norms kept, ranked by the raw inner product (Chroma's ``ip`` space, whose
+distance is 1 - dot, LanceDB's ``distance_type("dot")``, Milvus's ``IP``). A Matryoshka prefix
+(``export.vectordb.dim`` below the model's) is renormalized for every model, because the served route ranks a
+truncated dot-product model by cosine too (``embtune.retrieval.spec.DenseIndex``, as eval measured it). The
+manifest records which (``renormalized``, and each target's ``metric``), and the query embedding functions read it.
+
+Milvus's export resumes: the collection's description records a fingerprint of what it holds, and a rerun with the
+same fingerprint (after a killed export, say) inserts only the ids not yet stored.
 """
 
 from __future__ import annotations
@@ -84,6 +92,9 @@ RESERVED_FIELDS = ("_id", "text")  # become the row id and the document; every o
 # Below it the vectors are gathered into one matrix and written as on the local engine; above it the export stops
 # before writing anything and says to use lancedb.
 CHROMA_MAX_ROWS = 1_000_000
+# Each target's name for the two ways the served route ranks: cosine (normalized vectors) and the raw inner product.
+CHROMA_SPACE = {True: "cosine", False: "ip"}
+LANCEDB_METRIC = {True: "cosine", False: "dot"}
 
 
 def chroma_settings() -> Settings:
@@ -96,8 +107,8 @@ def export_vectors(embeddings: np.ndarray, dim: int = 0, precision: str = "float
     """The vectors a target stores, as float32 (n, dim): truncated to ``dim`` (0 = all) and renormalized, then
     rounded to ``precision`` ("float16" values are exactly representable in float16).
 
-    ``renormalize=False`` keeps a dot-product model's norms (Milvus searches the served route's inner product):
-    the first ``dim`` values as they are."""
+    ``renormalize=False`` keeps a dot-product model's norms (the served route's inner product): the first ``dim``
+    values as they are (:func:`export_vectordb` truncates only renormalized vectors)."""
     full = embeddings.shape[1]
     if dim > full:
         raise ValueError(f"export.vectordb.dim {dim} is larger than the model's dimension {full}")
@@ -128,17 +139,18 @@ class QueryEncoder:
     """Embed texts as the export embedded the corpus: the bundle's model, then the same dimension and precision.
 
     The model is loaded on the first call. ``__call__(texts)`` returns float32 (len(texts), dim).
-    ``renormalize=False``: a dot-product model's query vectors keep their norms, as Milvus's documents do
-    (:func:`open_milvus` passes what the export recorded).
+    ``renormalize``: None = as the export stored the documents (the manifest's ``renormalized``: False keeps a
+    dot-product model's query norms); True or False forces it.
     """
 
     def __init__(self, bundle_dir: str | Path, device: str | None = None, batch_size: int = 64,
-                 renormalize: bool = True):
+                 renormalize: bool | None = None):
         settings = read_settings(bundle_dir)
         self.bundle_dir = Path(bundle_dir)
         self.dim = int(settings["dim"])
         self.precision = settings["precision"]
-        self.renormalize = renormalize
+        # A bundle exported before dot-product models kept their norms has no "renormalized": it renormalized all.
+        self.renormalize = settings.get("renormalized", True) if renormalize is None else renormalize
         self.device = device
         self.batch_size = batch_size
         self._model = None
@@ -184,7 +196,7 @@ class ChromaEmbeddingFunction(EmbeddingFunction[Documents]):
         return "cosine"
 
     def supported_spaces(self) -> list[str]:
-        return ["cosine"]
+        return list(CHROMA_SPACE.values())  # ip: a dot-product model's collection
 
 
 @register("embtune")
@@ -254,14 +266,15 @@ def dir_bytes(path: str | Path) -> int:
 
 def write_chroma(path: str | Path, name: str, ids: list[str], texts: list[str], metadata: dict[str, list[Any]],
                  vectors: np.ndarray, embedding_function: EmbeddingFunction, ef_construction: int = 200,
-                 ef_search: int = 200, max_neighbors: int = 32) -> None:
-    """(Re)create collection ``name`` in a persistent Chroma at ``path``: cosine space, the given HNSW settings."""
+                 ef_search: int = 200, max_neighbors: int = 32, space: str = "cosine") -> None:
+    """(Re)create collection ``name`` in a persistent Chroma at ``path``: HNSW in ``space`` (``CHROMA_SPACE``) with
+    the given settings."""
     client = chromadb.PersistentClient(path=str(Path(path).resolve()), settings=chroma_settings())
     if name in {c.name for c in client.list_collections()}:
         client.delete_collection(name)
     collection = client.create_collection(
         name, embedding_function=embedding_function,
-        configuration={"hnsw": {"space": "cosine", "ef_construction": ef_construction, "ef_search": ef_search,
+        configuration={"hnsw": {"space": space, "ef_construction": ef_construction, "ef_search": ef_search,
                                 "max_neighbors": max_neighbors}})
     rows = [{k: column[i] for k, column in metadata.items() if column[i] is not None} or None
             for i in range(len(ids))]
@@ -311,7 +324,7 @@ def write_lancedb(path: str | Path, name: str, ids: list[str], texts: list[str],
 
 def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: list[str],
                          metadata: dict[str, list[Any]], shards: ShardSet, dim: int, precision: str,
-                         embedding_function: TextEmbeddingFunction) -> None:
+                         embedding_function: TextEmbeddingFunction, renormalize: bool = True) -> None:
     """:func:`write_lancedb` from a corpus's shards: the table created from the first shard and appended with each
     next one, each shard's vectors passed through :func:`export_vectors` on its own (it is row-wise: truncation,
     renormalization and float16 rounding need no statistics of the whole corpus). The same rows and schema as
@@ -323,8 +336,8 @@ def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: lis
     def shard_rows(start: int, _ids: list[str], vectors: np.ndarray) -> pa.Table:
         stop = start + len(vectors)
         part = {key: values[start:stop] for key, values in metadata.items()}
-        return lancedb_rows(ids[start:stop], texts[start:stop], part, export_vectors(vectors, dim, precision),
-                            precision, types)
+        return lancedb_rows(ids[start:stop], texts[start:stop], part,
+                            export_vectors(vectors, dim, precision, renormalize), precision, types)
 
     write_lancedb_table(shards, path, name, batch=shard_rows, embedding_functions=lance_functions(embedding_function))
 
@@ -358,21 +371,27 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     key = cache_key(str(model_dir), model.max_seq_length, role="document")
     embeddings = encode_corpus(model, [document_text(d, include_title) for d in docs], batch_size, cache_key=key,
                                desc="vectordb corpus", role="document")  # (n, full dim), or its shards on Ray
+    full = embeddings.shape[1] if isinstance(embeddings, np.ndarray) else embeddings.dim
+    # What the served route searches (embtune.retrieval.spec.DenseIndex): a dot-product model's own vectors at its
+    # full dim, but a Matryoshka prefix renormalized for every model, so a truncated dot model ranks by cosine there.
+    renormalize = uses_cosine(model) or 0 < cfg.dim < full
+    similarity = getattr(model, "similarity_fn_name", None) or "cosine"
     shards, vectors = None, None
     if isinstance(embeddings, np.ndarray):
-        vectors = export_vectors(embeddings, cfg.dim, cfg.precision)  # (n, dim)
+        vectors = export_vectors(embeddings, cfg.dim, cfg.precision, renormalize)  # (n, dim)
         dim = int(vectors.shape[1])
     else:
         shards = embeddings
         # checks dim and precision before anything is written, as export_vectors of the matrix does
         dim = int(export_vectors(np.zeros((0, shards.dim), np.float32), cfg.dim, cfg.precision).shape[1])
         if "chroma" in targets:
-            vectors = chroma_vectors(shards, cfg.dim, cfg.precision)
+            vectors = chroma_vectors(shards, cfg.dim, cfg.precision, renormalize)
     ids = [d["_id"] for d in docs]
     texts = [d.get("text") or "" for d in docs]
     metadata = metadata_columns(docs)
     settings: dict[str, Any] = {"name": name, "dim": dim, "precision": cfg.precision,
-                                "metric": "cosine", "num_docs": len(docs)}
+                                "metric": "cosine" if renormalize else "dot", "similarity_fn_name": similarity,
+                                "renormalized": renormalize, "num_docs": len(docs)}
     if "milvus" in targets:
         milvus = milvus or MilvusConfig()
         milvus_name = milvus.collection or milvus_collection_name(name)
@@ -380,16 +399,16 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
             raise ValueError(f"export.milvus.collection {milvus_name!r}: expected 1-255 characters from "
                              f"[A-Za-z0-9_], not starting with a digit (Milvus's rule for collection names)")
         check_milvus_fields(docs)
-        renormalize = uses_cosine(model)
 
         def milvus_chunks():
             """(first row, vectors) of each part of the corpus: the whole matrix, or each shard on Ray."""
             if shards is None:
-                yield 0, export_vectors(embeddings, cfg.dim, cfg.precision, renormalize)  # (n, dim)
+                yield 0, vectors  # (n, dim)
             else:
                 for start, _ids, part in shards:
                     yield start, export_vectors(part, cfg.dim, cfg.precision, renormalize)  # (rows, dim)
-    # The embedding functions read dim and precision from the manifest: record them before anything calls one.
+    # The embedding functions read dim, precision and renormalized from the manifest: record them before anything
+    # calls one.
     manifest_path = bundle_dir / MANIFEST_FILE
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     manifest["vectordb"] = settings
@@ -397,8 +416,7 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     for target in targets:
         if target == "milvus":
             settings["milvus"] = export_milvus(bundle_dir, milvus, milvus_name, docs, milvus_chunks, dim, cfg.precision,
-                                               similarity=getattr(model, "similarity_fn_name", None) or "cosine",
-                                               renormalize=renormalize)
+                                               similarity=similarity, renormalize=renormalize)
             continue
         folder = bundle_dir / (CHROMA_DIR if target == "chroma" else LANCEDB_DIR)
         if target == "chroma":
@@ -409,17 +427,20 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         start = time.perf_counter()
         if target == "chroma":
             write_chroma(folder, name, ids, texts, metadata, vectors, ChromaEmbeddingFunction(str(bundle_dir)),
-                         cfg.chroma_ef_construction, cfg.chroma_ef_search, cfg.chroma_max_neighbors)
-            extra = {"hnsw": {"ef_construction": cfg.chroma_ef_construction, "ef_search": cfg.chroma_ef_search,
+                         cfg.chroma_ef_construction, cfg.chroma_ef_search, cfg.chroma_max_neighbors,
+                         CHROMA_SPACE[renormalize])
+            extra = {"metric": CHROMA_SPACE[renormalize],
+                     "hnsw": {"ef_construction": cfg.chroma_ef_construction, "ef_search": cfg.chroma_ef_search,
                               "max_neighbors": cfg.chroma_max_neighbors}}
         elif shards is None:
             write_lancedb(folder, name, ids, texts, metadata, vectors, cfg.precision,
                           LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)))
-            extra = {"index": "none (exact search)"}
+            extra = {"metric": LANCEDB_METRIC[renormalize], "index": "none (exact search)"}
         else:
             write_lancedb_shards(folder, name, ids, texts, metadata, shards, cfg.dim, cfg.precision,
-                                 LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)))
-            extra = {"index": "none (exact search)", "written_in_shards": len(shards.starts)}
+                                 LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)), renormalize)
+            extra = {"metric": LANCEDB_METRIC[renormalize], "index": "none (exact search)",
+                     "written_in_shards": len(shards.starts)}
         seconds = time.perf_counter() - start
         settings[target] = {"path": str(folder.relative_to(bundle_dir)), "write_seconds": round(seconds, 3),
                             "bytes": dir_bytes(folder), **extra}
@@ -430,7 +451,7 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     return settings
 
 
-def chroma_vectors(shards: ShardSet, dim: int, precision: str) -> np.ndarray:
+def chroma_vectors(shards: ShardSet, dim: int, precision: str, renormalize: bool = True) -> np.ndarray:
     """Chroma's vectors (n, dim) from a corpus's shards, gathered into one matrix: allowed up to
     ``CHROMA_MAX_ROWS`` rows, a ValueError naming ``export.targets`` above it."""
     if shards.num_rows > CHROMA_MAX_ROWS:
@@ -441,7 +462,7 @@ def chroma_vectors(shards: ShardSet, dim: int, precision: str) -> np.ndarray:
     logger.warning("export.targets chroma on compute.engine ray: the %d rows' vectors are gathered into one matrix "
                    "in this process (Chroma keeps its whole index in memory); lancedb is written shard by shard",
                    shards.num_rows)
-    return export_vectors(shards.matrix(), dim, precision)  # (n, dim)
+    return export_vectors(shards.matrix(), dim, precision, renormalize)  # (n, dim)
 
 
 def open_chroma(bundle_dir: str | Path, device: str | None = None):
@@ -469,11 +490,12 @@ def chroma_top_ids(collection, query_vectors: np.ndarray, k: int) -> list[list[s
     return result["ids"]
 
 
-def lancedb_top_ids(table, query_vectors: np.ndarray, k: int) -> list[list[str]]:
-    """LanceDB's exact top-``k`` document ids per query vector (cosine), best first."""
+def lancedb_top_ids(table, query_vectors: np.ndarray, k: int, metric: str = "cosine") -> list[list[str]]:
+    """LanceDB's exact top-``k`` document ids per query vector by ``metric`` (the manifest's
+    ``vectordb.lancedb.metric``: "cosine", or "dot" for a dot-product model), best first."""
     out = []
     for vector in np.asarray(query_vectors, dtype=np.float32):
-        hits = (table.search(vector, vector_column_name="vector").distance_type("cosine").limit(k)
+        hits = (table.search(vector, vector_column_name="vector").distance_type(metric).limit(k)
                 .select(["id", "_distance"]))
         out.append(hits.to_arrow()["id"].to_pylist())
     return out

@@ -19,14 +19,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
 
 from embtune.config import ConfigError
 from embtune.manifest import Stage
+from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 from embtune.schema import load_config
 from embtune.sections.export import MilvusConfig, VectorDBConfig
-from embtune.sections.serve import ServeConfig
-from embtune.serve.app import create_app
 from embtune.serve.bundle import MANIFEST_FILE, build_bundle
 from embtune.serve.export import run as run_export
 from embtune.serve.vectordb import (
@@ -37,44 +35,13 @@ from embtune.serve.vectordb import (
     milvus_top_ids,
     open_milvus,
 )
+from tests.served_route import dot_model, ids_of, only_ties, served_top10
 from tests.test_vectordb_export import _docs, _queries
 
 K = 10
 ROOT = Path(__file__).resolve().parents[1]
 KILL_AFTER_BATCHES = 3
 BATCH = 10  # the fixture's 72 documents: 8 inserts, the last one partial
-
-
-def dot_model(tiny_model_dir: Path, folder: Path) -> Path:
-    """The tiny model without its Normalize module, scoring by dot product: its vectors' norms differ."""
-    from sentence_transformers import SentenceTransformer
-
-    tiny = SentenceTransformer(str(tiny_model_dir), device="cpu")
-    modules = [module for module in tiny if type(module).__name__ != "Normalize"]
-    SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="dot").save(str(folder))
-    return folder
-
-
-def served_top10(bundle: Path, queries: list[str]) -> list[list[dict]]:
-    """The served route: the bundle's /search, as a client calls it; each query's hits ({"id", "score", ...})."""
-    with TestClient(create_app(bundle, ServeConfig(threads=1, cache_size=0))) as client:
-        out = []
-        for query in queries:
-            response = client.post("/search", json={"query": query, "k": K})
-            assert response.status_code == 200, response.text
-            out.append(response.json()["hits"])
-    return out
-
-
-def ids_of(hits: list[list[dict]]) -> list[list[str]]:
-    return [[hit["id"] for hit in row] for row in hits]
-
-
-def only_ties(got: list[dict], want: list[dict], tolerance: float = 1e-5) -> bool:
-    """The two rankings differ only where their scores at the same rank agree to ``tolerance`` (relative)."""
-    return len(got) == len(want) and all(
-        a["id"] == b["id"] or abs(a["score"] - b["score"]) <= tolerance * max(1.0, abs(b["score"]))
-        for a, b in zip(got, want))
 
 
 def export_stage(model_dir: Path, tiny_beir: Path, run_dir: Path, *overrides: str) -> Path:
@@ -127,8 +94,8 @@ def test_milvus_top10_equals_the_served_search(which, cosine_bundle, dot_bundle,
 
 
 def test_the_dot_product_parity_can_fail(dot_bundle, tiny_beir):
-    """Query vectors renormalized into a cosine space (what Chroma and LanceDB search) rank otherwise than the
-    dot-product /search for some query, so the dot parity above does not hold by accident."""
+    """Query vectors renormalized into a cosine space rank otherwise than the dot-product /search for some query, so
+    the dot parity above does not hold by accident."""
     queries = _queries(tiny_beir)
     served = served_top10(dot_bundle, queries)
     milvus = open_milvus(dot_bundle)
@@ -138,6 +105,25 @@ def test_the_dot_product_parity_can_fail(dot_bundle, tiny_beir):
     finally:
         milvus.close()
     assert sum(got != want for got, want in zip(found, ids_of(served))) > 0
+
+
+def test_a_truncated_dot_product_model_ranks_as_the_served_search(tiny_model_dir, tiny_beir, tmp_path):
+    """export.vectordb.dim below a dot-product model's: /search serving that dim (retriever.json dense.dim)
+    renormalizes the prefix, so Milvus stores it renormalized and ranks as /search does."""
+    docs, queries = _docs(tiny_beir), _queries(tiny_beir)
+    model_dir = dot_model(tiny_model_dir, tmp_path / "dot-model")
+    bundle = build_bundle(model_dir, docs, tmp_path / "bundle", device="cpu",
+                          spec=RetrieverSpec(dense=DenseSpec(dim=16)))
+    export_vectordb(bundle, model_dir, docs, ["milvus"], VectorDBConfig(dim=16), "tiny-corpus")
+    served = served_top10(bundle, queries)
+    milvus = open_milvus(bundle)
+    try:
+        found = milvus.search(queries, K)
+    finally:
+        milvus.close()
+    assert all(only_ties(got, want) for got, want in zip(found, served))
+    entry = json.loads((bundle / MANIFEST_FILE).read_text())["vectordb"]["milvus"]
+    assert (entry["similarity_fn_name"], entry["renormalized"]) == ("dot", True)
 
 
 def test_documents_metadata_and_bm25_are_stored(tiny_model_dir, tiny_beir, tmp_path):

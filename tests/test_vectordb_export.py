@@ -2,6 +2,8 @@
 
 The ground truth is FAISS's exact top-10 over the vectors the export stored (the faiss target's own index at the
 full dimension): for every fixture query Chroma's and LanceDB's top-10 must be the same ids in the same order.
+For a dot-product model the reference is the served route itself (the bundle's ``/search``): the same top-10 from
+the same query text, a swap allowed only where both routes' scores tie to 1e-5.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chromadb
 import faiss
 import numpy as np
 import pytest
@@ -22,19 +25,24 @@ from embtune.dataio import document_text, load_corpus, load_queries
 from embtune.manifest import Stage
 from embtune.retrieval.encoder import encode, load_encoder, normalize
 from embtune.retrieval.index import exact_search
+from embtune.retrieval.spec import DenseSpec, RetrieverSpec
 from embtune.schema import load_config
 from embtune.sections.export import VectorDBConfig
 from embtune.serve.bundle import DOCS_FILE, INDEX_FILE, build_bundle
 from embtune.serve.export import run as run_export
 from embtune.serve.vectordb import (
+    ChromaEmbeddingFunction,
     QueryEncoder,
+    chroma_settings,
     chroma_top_ids,
     export_vectordb,
     export_vectors,
     lancedb_top_ids,
     open_chroma,
     open_lancedb,
+    write_chroma,
 )
+from tests.served_route import dot_model, only_ties, served_top10
 
 K = 10
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +72,9 @@ def _exact_top_ids(tiny_model_dir: Path, docs: list[dict], query_vectors: np.nda
     return [[docs[j]["_id"] for j in row] for row in indices]
 
 
-def _export(tiny_model_dir: Path, docs: list[dict], bundle_dir: Path, **settings) -> Path:
-    build_bundle(tiny_model_dir, docs, bundle_dir, device="cpu")
+def _export(tiny_model_dir: Path, docs: list[dict], bundle_dir: Path, spec: RetrieverSpec | None = None,
+            **settings) -> Path:
+    build_bundle(tiny_model_dir, docs, bundle_dir, device="cpu", spec=spec)
     export_vectordb(bundle_dir, tiny_model_dir, docs, ["chroma", "lancedb"], VectorDBConfig(**settings), "tiny-corpus")
     return bundle_dir
 
@@ -73,6 +82,16 @@ def _export(tiny_model_dir: Path, docs: list[dict], bundle_dir: Path, **settings
 @pytest.fixture(scope="module")
 def full_bundle(tiny_model_dir, tiny_beir, tmp_path_factory) -> Path:
     return _export(tiny_model_dir, _docs(tiny_beir), tmp_path_factory.mktemp("vdb") / "bundle")
+
+
+@pytest.fixture(scope="module")
+def dot_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return dot_model(tiny_model_dir, tmp_path_factory.mktemp("dot") / "dot-model")
+
+
+@pytest.fixture(scope="module")
+def dot_bundle(dot_model_dir, tiny_beir, tmp_path_factory) -> Path:
+    return _export(dot_model_dir, _docs(tiny_beir), tmp_path_factory.mktemp("vdb_dot") / "bundle")
 
 
 @pytest.mark.parametrize("dim, precision", [(0, "float32"), (16, "float16")])
@@ -199,3 +218,100 @@ def test_exporting_again_in_one_process_replaces_the_stores(tiny_model_dir, tiny
     assert first.count() == 72
     export_vectordb(bundle, tiny_model_dir, docs[:10], ["chroma", "lancedb"], VectorDBConfig(), "tiny-corpus")
     assert open_chroma(bundle).count() == 10 and open_lancedb(bundle).count_rows() == 10
+
+
+def _by_text(bundle: Path, queries: list[str]) -> dict[str, list[list[dict]]]:
+    """Chroma's and LanceDB's top-K for query texts, embedded by the embedding functions the stores carry, searched
+    in the metric the manifest records: hits {"id", "score"} with the served route's score (1 - distance: Chroma's
+    ip distance is 1 - dot, LanceDB's dot and both cosine distances likewise)."""
+    settings = json.loads((bundle / "manifest.json").read_text())["vectordb"]
+    result = open_chroma(bundle).query(query_texts=queries, n_results=K, include=["distances"])
+    chroma = [[{"id": i, "score": 1 - d} for i, d in zip(ids, distances)]
+              for ids, distances in zip(result["ids"], result["distances"])]
+    table = open_lancedb(bundle)
+    lance = [[{"id": row["id"], "score": 1 - row["_distance"]}
+              for row in table.search(q).distance_type(settings["lancedb"]["metric"]).limit(K).to_list()]
+             for q in queries]
+    return {"chroma": chroma, "lancedb": lance}
+
+
+def _not_ties(found: list[list[dict]], served: list[list[dict]]) -> list[int]:
+    """The queries whose top-K differs from the served one other than by a float32 tie."""
+    return [i for i, (got, want) in enumerate(zip(found, served)) if not only_ties(got, want)]
+
+
+@pytest.mark.parametrize("dim", [0, 16])
+def test_dot_product_model_ranks_as_the_served_search(dot_model_dir, dot_bundle, tiny_beir, tmp_path, dim):
+    """A dot-product model: at its full dim the stores hold its own vectors and rank by the raw inner product (ip,
+    dot); a Matryoshka prefix is renormalized, as /search serving that dim (retriever.json dense.dim) does."""
+    queries = _queries(tiny_beir)
+    bundle = dot_bundle if dim == 0 else _export(dot_model_dir, _docs(tiny_beir), tmp_path / "bundle",
+                                                 spec=RetrieverSpec(dense=DenseSpec(dim=dim)), dim=dim)
+    served = served_top10(bundle, queries)
+    assert len(served) == 72 and all(len(row) == K for row in served)
+    differ = {target: len(_not_ties(found, served)) for target, found in _by_text(bundle, queries).items()}
+    assert differ == {"chroma": 0, "lancedb": 0}, f"queries ranked otherwise than /search: {differ}"
+    settings = json.loads((bundle / "manifest.json").read_text())["vectordb"]
+    metrics = (settings["metric"], settings["renormalized"], settings["chroma"]["metric"],
+               settings["lancedb"]["metric"])
+    assert metrics == (("dot", False, "ip", "dot") if dim == 0 else ("cosine", True, "cosine", "cosine"))
+    assert settings["similarity_fn_name"] == "dot"
+
+
+def test_dot_product_vectors_keep_their_norms(dot_model_dir, dot_bundle, tiny_beir):
+    """Both stores hold the model's own document vectors bit for bit, and queries keep their norms too."""
+    docs = _docs(tiny_beir)
+    model, key = load_encoder(str(dot_model_dir))
+    own = encode(model, [document_text(d) for d in docs], cache_key=key)  # (72, 32), not normalized
+    assert np.ptp(np.linalg.norm(own, axis=1)) > 0.01
+    rows = {row["id"]: row["vector"] for row in open_lancedb(dot_bundle).to_arrow().to_pylist()}
+    assert np.array_equal(np.array([rows[d["_id"]] for d in docs], np.float32), own)
+    stored = open_chroma(dot_bundle).get(ids=[d["_id"] for d in docs], include=["embeddings"])
+    assert np.array_equal(np.asarray(stored["embeddings"], np.float32), own)
+    queries = _queries(tiny_beir)[:5]
+    assert np.array_equal(QueryEncoder(dot_bundle)(queries), encode(model, queries, role="query"))
+
+
+def test_the_dot_product_parity_can_fail(dot_model_dir, dot_bundle, tiny_beir, tmp_path):
+    """What the stores searched before, a cosine space (documents and queries renormalized), ranks otherwise than the
+    dot-product /search for many queries beyond a tie, so the parity above does not hold by accident.
+
+    Renormalizing only the queries is no control: it scales each query's inner products by one factor, so an
+    inner-product store ranks as before (checked below). A differing hit counts only when its served score (the dot
+    product) differs from the served hit's at that rank by more than a tie."""
+    queries = _queries(tiny_beir)
+    served = served_top10(dot_bundle, queries)
+    docs = _docs(tiny_beir)
+    model, key = load_encoder(str(dot_model_dir))
+    own = encode(model, [document_text(d) for d in docs], cache_key=key)  # (72, 32): what /search holds
+    row = {d["_id"]: i for i, d in enumerate(docs)}
+    query_vectors = QueryEncoder(dot_bundle)(queries)  # (72, 32) with their norms, as /search embeds them
+    cosine_queries = normalize(query_vectors)
+
+    def rescored(top_ids: list[list[str]]) -> list[list[dict]]:
+        return [[{"id": i, "score": float(q @ own[row[i]])} for i in ids] for q, ids in zip(query_vectors, top_ids)]
+
+    write_chroma(tmp_path / "chroma", "cosine-space", list(row), [d["text"] for d in docs], {}, export_vectors(own),
+                 ChromaEmbeddingFunction(str(dot_bundle)), ef_search=1000)
+    collection = chromadb.PersistentClient(path=str((tmp_path / "chroma").resolve()),
+                                           settings=chroma_settings()).get_collection("cosine-space")
+    chroma_cosine = _not_ties(rescored(chroma_top_ids(collection, cosine_queries, K)), served)
+    table = open_lancedb(dot_bundle)
+    lance_cosine = _not_ties(rescored(lancedb_top_ids(table, cosine_queries, K, metric="cosine")), served)
+    assert min(len(chroma_cosine), len(lance_cosine)) >= len(queries) // 2, (len(chroma_cosine), len(lance_cosine))
+    assert not _not_ties(rescored(lancedb_top_ids(table, cosine_queries, K, metric="dot")), served)
+
+
+def test_cosine_vectors_are_unchanged(tiny_model_dir, full_bundle, tiny_beir):
+    """A cosine model's stores hold its normalized vectors bit for bit, as before dot-product models kept norms."""
+    docs = _docs(tiny_beir)
+    model, key = load_encoder(str(tiny_model_dir))
+    want = normalize(encode(model, [document_text(d) for d in docs], cache_key=key))  # (72, 32)
+    rows = {row["id"]: row["vector"] for row in open_lancedb(full_bundle).to_arrow().to_pylist()}
+    assert np.array_equal(np.array([rows[d["_id"]] for d in docs], np.float32), want)
+    stored = open_chroma(full_bundle).get(ids=[d["_id"] for d in docs], include=["embeddings"])
+    # Chroma normalizes a cosine space's vectors once more itself, so they agree to float32 rounding, not bits.
+    np.testing.assert_allclose(np.asarray(stored["embeddings"], np.float32), want, rtol=0, atol=1e-6)
+    settings = json.loads((full_bundle / "manifest.json").read_text())["vectordb"]
+    assert (settings["metric"], settings["renormalized"], settings["chroma"]["metric"],
+            settings["lancedb"]["metric"]) == ("cosine", True, "cosine", "cosine")

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embtune.config import ConfigError
@@ -32,7 +33,6 @@ from embtune.serve.vectordb import (
     export_vectordb,
     milvus_collection_name,
     milvus_count,
-    milvus_top_ids,
     open_milvus,
 )
 from tests.served_route import dot_model, ids_of, only_ties, served_top10
@@ -94,17 +94,27 @@ def test_milvus_top10_equals_the_served_search(which, cosine_bundle, dot_bundle,
 
 
 def test_the_dot_product_parity_can_fail(dot_bundle, tiny_beir):
-    """Query vectors renormalized into a cosine space rank otherwise than the dot-product /search for some query, so
-    the dot parity above does not hold by accident."""
+    """The export before the fix stored every model's documents renormalized (a cosine space). Searched that way,
+    the very vectors Milvus holds rank otherwise than the dot-product /search for some query beyond ties, so the dot
+    parity above does not hold by accident. (Renormalizing only the queries could not show it: a query's scale
+    multiplies all of its inner products alike.)"""
     queries = _queries(tiny_beir)
-    served = served_top10(dot_bundle, queries)
+    served = ids_of(served_top10(dot_bundle, queries))
     milvus = open_milvus(dot_bundle)
     try:
-        cosine_vectors = QueryEncoder(dot_bundle, renormalize=True)(queries)
-        found = milvus_top_ids(milvus.client, milvus.collection, cosine_vectors, K)
+        rows = milvus.client.query(milvus.collection, filter='id != ""', output_fields=["id", "vector"], limit=1000)
+        query_vectors = QueryEncoder(dot_bundle, renormalize=True)(queries)  # (n_queries, dim)
     finally:
         milvus.close()
-    assert sum(got != want for got, want in zip(found, ids_of(served))) > 0
+    ids = [row["id"] for row in rows]
+    documents = np.asarray([row["vector"] for row in rows], dtype=np.float32)  # (n_docs, dim), with their norms
+    assert len(ids) == 72 and np.ptp(np.linalg.norm(documents, axis=1)) > 1e-3  # not unit vectors
+    documents /= np.linalg.norm(documents, axis=1, keepdims=True)  # what the old export stored
+    scores = query_vectors @ documents.T  # (n_queries, n_docs) cosine
+    cosine_top = [[ids[i] for i in np.argsort(-row, kind="stable")[:K]] for row in scores]
+    differ = [q for q, (got, want) in enumerate(zip(cosine_top, served)) if got != want]
+    margin = np.sort(scores, axis=1)[:, -K - 1:]  # a swap by a tie would need two scores within float noise
+    assert any(np.diff(margin[q]).min() > 1e-5 for q in differ)
 
 
 def test_a_truncated_dot_product_model_ranks_as_the_served_search(tiny_model_dir, tiny_beir, tmp_path):

@@ -54,6 +54,15 @@ VARIANTS = {
     "small_titles": ["labelfree.documents=0", "labelfree.sentences_per_document=0"],  # every title, no sentence
     "span4-12": ["labelfree.span_words=[4,12]"],
     "previous_default": PREVIOUS,
+    # issue 32: the query side trained through the fused score (train.loss query_fused: the cut-out passage's
+    # cross-entropy among the candidates, each scored w * z(student) + (1 - w) * z(BM25)); screened at a small
+    # scale (2,000 passages, the title and 1 sentence each: ~4k queries, each with its cut passage encoded)
+    "small_fused": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
+                    "train.loss=query_fused"],
+    "small_fused_t0.5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
+                         "labelfree.positives=cut", "train.loss=query_fused", "train.query_fused_temperature=0.5"],
+    "small_fused_kl": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut"],
+    "fused": ["labelfree.sentences_per_document=1", "labelfree.positives=cut", "train.loss=query_fused"],
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
     "keep_source": [*PREVIOUS, "labelfree.source=keep"],
@@ -158,7 +167,8 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
         dense = MemberRun(runs["finetuned"], {q: ScoreStats.of(doc_emb @ e)
                                               for q, e in zip(query_ids, embeddings["finetuned"])})
         sparse = MemberRun(bm25, {mapping[i]: stats for i, stats in setup["sparse"].stats.items()})
-        out["next_round_teacher"] = percent(score(qrels, weighted_fuse(dense, sparse, weight, 100)).metrics)
+        row = score(qrels, weighted_fuse(dense, sparse, weight, 100), "finetuned+bm25")
+        out["next_round_teacher"], per_query["finetuned+bm25"] = percent(row.metrics), row.per_query
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
 
 
@@ -357,6 +367,12 @@ def main() -> int:
             scores = query_side_scores(cfg, "dev", {"base": cfg.train.base_model, "finetuned": model})
             entry = {"overrides": overrides, "query_side": scores["results"],
                      "significance_vs_base": significance(scores["per_query"], "finetuned", "base"),
+                     # what the student adds to the system it ships in: student + BM25 against base + BM25, both
+                     # at the teacher's weight, on the same dev queries
+                     "fused_vs_base_fused": {
+                         "student+bm25": scores["results"]["next_round_teacher"]["ndcg@10"],
+                         "base+bm25": scores["results"]["teacher"]["ndcg@10"],
+                         "significance": significance(scores["per_query"], "finetuned+bm25", "teacher")},
                      "data": data_summary(run_dir), "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
                      "num_queries": scores["num_queries"]}
             if args.symmetric:
@@ -365,7 +381,7 @@ def main() -> int:
             out["variants"][name] = entry
             r = scores["results"]
             print(f"dev {name}: query-side finetuned {r['finetuned']['ndcg@10']} (base {r['base']['ndcg@10']}, "
-                  f"teacher {r['teacher']['ndcg@10']})"
+                  f"teacher {r['teacher']['ndcg@10']}); student+bm25 {r['next_round_teacher']['ndcg@10']}"
                   + (f"; symmetric {entry['symmetric']['finetuned']['ndcg@10']}" if args.symmetric else ""),
                   flush=True)
             dev_path.write_text(json.dumps(out, indent=2))

@@ -158,7 +158,7 @@ def bring_teacher(cfg, query_texts: list[str], fused: dict, doc_text: dict[str, 
 
 
 def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str], weights: list[float],
-                  depth: int = 100) -> dict[str, Any]:
+                  depth: int = 100, cache_key: str | None = None) -> dict[str, Any]:
     """Measure every dense weight on the inverse-cloze probe (``embtune.retrieval.probe``) and choose the
     teacher's: BM25 and the dense index are rebuilt over the corpus with the probe passages cut. Returns the MRR@10
     of every weight, of each member alone, the choice and the counts; ``choice`` None when there is no probe query."""
@@ -172,7 +172,7 @@ def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str]
     cut_ids = list(probe.cut_texts)
     doc_emb = replace_rows(teacher.doc_emb, [position[d] for d in cut_ids],
                            encode(teacher.model, [probe.cut_texts[d] for d in cut_ids], teacher.batch_size,
-                                  desc="probe passages"))
+                                  cache_key=cache_key, desc="probe passages"))
     bm25 = teacher.index(texts)
     dense, sparse, _ = teacher.runs(probe.queries, depth, doc_emb=doc_emb, bm25=bm25)
     fused = {w: weighted_fuse(dense, sparse, w, depth) for w in weights}
@@ -268,7 +268,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     n_probe = min(lf.probe_queries, max(1, int(lf.probe_max_share * len(corpus))))
     probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.seed, include_title)
     probe_set.save(out / "probe.json")
-    probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights)
+    probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights, cache_key=key)
     decision = decide(reads, fit_why, probe, lf.min_headroom)
     if decision["decision"] == "bm25":
         dense_weight, by = 0.0, "tokenizer fit: the base model cannot read the corpus"

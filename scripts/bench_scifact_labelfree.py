@@ -67,6 +67,8 @@ VARIANTS = {
                     "train.loss=query_fused"],  # = configs/scifact_labelfree_fused.yaml
     "small_fused_t0.5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
                          "labelfree.positives=cut", "train.loss=query_fused", "train.query_fused_temperature=0.5"],
+    "small_fused_lr1e-5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
+                           "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=1e-5"],
     # the same data, the query_kl loss (the control: what the fused loss changes)
     "small_fused_kl": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
                        "train.loss=query_kl"],

@@ -158,7 +158,7 @@ def bring_teacher(cfg, query_texts: list[str], fused: dict, doc_text: dict[str, 
 
 
 def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str], weights: list[float],
-                  depth: int = 100) -> dict[str, Any]:
+                  depth: int = 100, cache_key: str | None = None) -> dict[str, Any]:
     """Measure every dense weight on the inverse-cloze probe (``embtune.retrieval.probe``) and choose the
     teacher's: BM25 and the dense index are rebuilt over the corpus with the probe passages cut. Returns the MRR@10
     of every weight, of each member alone, the choice and the counts; ``choice`` None when there is no probe query."""
@@ -172,7 +172,7 @@ def probe_teacher(teacher: FusedTeacher, probe: ClozeProbe, doc_texts: list[str]
     cut_ids = list(probe.cut_texts)
     doc_emb = replace_rows(teacher.doc_emb, [position[d] for d in cut_ids],
                            encode(teacher.model, [probe.cut_texts[d] for d in cut_ids], teacher.batch_size,
-                                  desc="probe passages"))
+                                  cache_key=cache_key, desc="probe passages"))
     bm25 = teacher.index(texts)
     dense, sparse, _ = teacher.runs(probe.queries, depth, doc_emb=doc_emb, bm25=bm25)
     fused = {w: weighted_fuse(dense, sparse, w, depth) for w in weights}
@@ -268,7 +268,7 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     n_probe = min(lf.probe_queries, max(1, int(lf.probe_max_share * len(corpus))))
     probe_set = ClozeProbe.build(corpus, n_probe, lf.min_words, lf.max_words, cfg.seed, include_title)
     probe_set.save(out / "probe.json")
-    probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights)
+    probe = probe_teacher(teacher, probe_set, doc_texts, lf.probe_weights, cache_key=key)
     decision = decide(reads, fit_why, probe, lf.min_headroom)
     if decision["decision"] == "bm25":
         dense_weight, by = 0.0, "tokenizer fit: the base model cannot read the corpus"
@@ -324,11 +324,51 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
                      "kind": query.kind,
                      "candidates": rows_idx, "teacher_scores": FusedTeacher.labels(fused[str(i)], top),
                      "base_scores": [round(s, 6) for s in base]})
+    if lf.positives == "cut":
+        cut_positives(rows, queries, corpus, teacher, model, key, include_title, out, cfg.mining.batch_size, report)
     ranks = np.array(source_ranks)
     report["source_rank_under_teacher"] = {"top1": round(float((ranks == 0).mean()), 4),
                                            f"top{lf.depth}": round(float((ranks < lf.depth).mean()), 4)}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return rows, report
+
+
+def cut_passage(doc: dict[str, str], query: PseudoQuery, include_title: bool) -> str:
+    """The passage ``query`` was cut from, without it (the title gone for a title query, else the sentence):
+    the inverse-cloze positive, a pair as real as the probe's."""
+    if query.kind == "title":
+        return document_text({"text": doc.get("text") or ""}, include_title)
+    text = (doc.get("text") or "").replace(query.text, " ", 1)
+    return document_text({**doc, "text": " ".join(text.split())}, include_title)
+
+
+def cut_positives(rows: list[dict[str, Any]], queries: list[PseudoQuery], corpus: dict[str, dict[str, str]],
+                  teacher: FusedTeacher, model, cache_key: str, include_title: bool, out: Path, batch_size: int,
+                  report: dict[str, Any]) -> None:
+    """``labelfree.positives: cut``: what ``train.loss: query_fused`` reads, added to each row in place.
+
+    - ``labelfree/positive_embeddings.npy`` (n_rows, dim): the base model's embedding of each query's passage
+      with the query cut out (row i for table row i; the student's fixed positive, as the corpus embeddings are its
+      fixed negatives);
+    - ``bm25_z`` (k) and ``bm25_z_positive``: BM25's score of each candidate and of the cut passage as z-scores
+      over the query's scores on the whole corpus, the ``corpus_zscore`` normalization the deployed fusion applies
+      (``embtune.retrieval.fusion``), so the loss can add BM25's share of the hybrid score as a constant.
+    """
+    from embtune.retrieval.encoder import encode, save_matrix
+
+    texts = [cut_passage(corpus[q.source], q, include_title) for q in queries]
+    save_matrix(encode(model, texts, batch_size, cache_key=cache_key, desc="cut passages"),
+                out / "positive_embeddings.npy")  # (n_rows, dim)
+    for i, (row, query, text) in enumerate(zip(rows, queries, texts)):
+        scores = teacher.bm25.all_scores(query.text)  # (n_docs,) float64
+        mean, std = float(scores.mean()), float(scores.std()) or 1.0
+        row["positive_row"] = i
+        row["bm25_z"] = [round((float(scores[r]) - mean) / std, 5) for r in row["candidates"]]
+        row["bm25_z_positive"] = round((teacher.bm25.score_outside(query.text, text) - mean) / std, 5)
+    z = np.array([r["bm25_z_positive"] for r in rows])
+    top = np.array([max(r["bm25_z"]) for r in rows])
+    report["cut_positives"] = {"rows": len(rows), "bm25_z_positive_median": round(float(np.median(z)), 3),
+                               "bm25_beats_positive_share": round(float((top > z).mean()), 4)}
 
 
 def tqdm_iter(items, desc: str):

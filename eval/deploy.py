@@ -132,7 +132,9 @@ def probe_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[
         doc_emb = encode_corpus(model, doc_texts, cfg.eval.batch_size, cache_key=key, desc=f"{name} corpus",
                                 role="document")  # (n_docs, dim) or a ShardSet; the cached full corpus
         if cut_rows:
-            doc_emb = replace_rows(doc_emb, cut_rows, encode(model, cut_texts, cfg.eval.batch_size,
+            # cached like the corpus: the probe's passages are the same for every model whose document side is
+            # the base model's (a label-free student's), so a rerun encodes them once
+            doc_emb = replace_rows(doc_emb, cut_rows, encode(model, cut_texts, cfg.eval.batch_size, cache_key=key,
                                                              desc=f"{name} probe passages", role="document"))
         return doc_emb, encode(model, probe.queries, cfg.eval.batch_size, desc=f"{name} probe queries", role="query")
 

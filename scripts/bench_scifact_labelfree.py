@@ -40,20 +40,41 @@ from benchlib import bench_command, percent, run_recipe, write_result  # noqa: E
 
 # Dotted overrides on configs/scifact_labelfree.yaml, grouped by the data_prep they need: variants of one group
 # share a run folder (and its data_prep), so only their training runs.
+# The query_kl recipe (the default); the variants measured with it keep it if the default changes.
+QUERY_KL = ["labelfree.documents=10000", "labelfree.sentences_per_document=4", "labelfree.positives=none",
+            "train.loss=query_kl"]
 # The recipe before commit 9328c5f; the variants recorded then are pinned to it so that they reproduce by name.
-PREVIOUS = ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"]
+PREVIOUS = [*QUERY_KL, "labelfree.documents=2000", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"]
 VARIANTS = {
     "default": [],  # configs/scifact_labelfree.yaml as it is
-    "default_ep2": ["train.epochs=2"],
-    "depth64": ["labelfree.depth=64"],
-    "s8": ["labelfree.sentences_per_document=8"],
+    "default_ep2": [*QUERY_KL, "train.epochs=2"],
+    "depth64": [*QUERY_KL, "labelfree.depth=64"],
+    "s8": [*QUERY_KL, "labelfree.sentences_per_document=8"],
     # query style at a small scale (2,000 passages, 2 sentences each: ~6k queries, ~190 steps)
-    "small": ["labelfree.documents=2000", "labelfree.sentences_per_document=2"],
-    "small_span4-12": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[4,12]"],
-    "small_span8-16": ["labelfree.documents=2000", "labelfree.sentences_per_document=2", "labelfree.span_words=[8,16]"],
-    "small_titles": ["labelfree.documents=0", "labelfree.sentences_per_document=0"],  # every title, no sentence
-    "span4-12": ["labelfree.span_words=[4,12]"],
+    "small": [*QUERY_KL, "labelfree.documents=2000", "labelfree.sentences_per_document=2"],
+    "small_span4-12": [*QUERY_KL, "labelfree.documents=2000", "labelfree.sentences_per_document=2",
+                       "labelfree.span_words=[4,12]"],
+    "small_span8-16": [*QUERY_KL, "labelfree.documents=2000", "labelfree.sentences_per_document=2",
+                       "labelfree.span_words=[8,16]"],
+    # every title, no sentence
+    "small_titles": [*QUERY_KL, "labelfree.documents=0", "labelfree.sentences_per_document=0"],
+    "span4-12": [*QUERY_KL, "labelfree.span_words=[4,12]"],
     "previous_default": PREVIOUS,
+    # issue 32: the query side trained through the fused score (train.loss query_fused: the cut-out passage's
+    # cross-entropy among the candidates, each scored w * z(student) + (1 - w) * z(BM25)); screened at a small
+    # scale (2,000 passages, the title and 1 sentence each: ~4k queries, each with its cut passage encoded)
+    "small_fused": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
+                    "train.loss=query_fused"],  # = configs/scifact_labelfree_fused.yaml
+    "small_fused_t0.5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
+                         "labelfree.positives=cut", "train.loss=query_fused", "train.query_fused_temperature=0.5"],
+    "small_fused_lr1e-5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
+                           "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=1e-5"],
+    # the same data, the query_kl loss (the control: what the fused loss changes)
+    "small_fused_kl": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
+                       "train.loss=query_kl"],
+    # small_fused on every passage (~9k queries and cut passages)
+    "fused_all": ["labelfree.documents=0", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
+                  "train.loss=query_fused"],
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
     "keep_source": [*PREVIOUS, "labelfree.source=keep"],
@@ -61,11 +82,13 @@ VARIANTS = {
     "lr5e-5": [*PREVIOUS, "train.learning_rate=5e-5"],
     "lr1e-4": [*PREVIOUS, "train.learning_rate=1e-4"],
     "ep3": [*PREVIOUS, "train.epochs=3"],
-    "docs_all": ["labelfree.documents=0", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"],
-    "docs_all_lr5e-5": ["labelfree.documents=0", "labelfree.sentences_per_document=2"],
-    "docs_all_lr5e-5_tt0.05": ["labelfree.documents=0", "labelfree.sentences_per_document=2",
+    "docs_all": [*QUERY_KL, "labelfree.documents=0", "labelfree.sentences_per_document=2",
+                 "train.learning_rate=2e-5"],
+    "docs_all_lr5e-5": [*QUERY_KL, "labelfree.documents=0", "labelfree.sentences_per_document=2"],
+    "docs_all_lr5e-5_tt0.05": [*QUERY_KL, "labelfree.documents=0", "labelfree.sentences_per_document=2",
                                "train.query_teacher_temperature=0.05"],
-    "docs_all_s4_lr5e-5": ["labelfree.documents=0"],  # = the shipped default on a corpus under 10,000 passages
+    # = the query_kl default on a corpus under 10,000 passages
+    "docs_all_s4_lr5e-5": [*QUERY_KL, "labelfree.documents=0"],
     # symmetric: the student encodes m candidates per query too, so its document side trains (--symmetric)
     # (the softmax over each query's own m passages; its dev score is in scifact_labelfree_dev.json variants.sym_m4)
     "sym_m4": [*PREVIOUS, "train.document_side=student", "train.query_distill_documents=4",
@@ -158,7 +181,8 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
         dense = MemberRun(runs["finetuned"], {q: ScoreStats.of(doc_emb @ e)
                                               for q, e in zip(query_ids, embeddings["finetuned"])})
         sparse = MemberRun(bm25, {mapping[i]: stats for i, stats in setup["sparse"].stats.items()})
-        out["next_round_teacher"] = percent(score(qrels, weighted_fuse(dense, sparse, weight, 100)).metrics)
+        row = score(qrels, weighted_fuse(dense, sparse, weight, 100), "finetuned+bm25")
+        out["next_round_teacher"], per_query["finetuned+bm25"] = percent(row.metrics), row.per_query
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}
 
 
@@ -357,6 +381,12 @@ def main() -> int:
             scores = query_side_scores(cfg, "dev", {"base": cfg.train.base_model, "finetuned": model})
             entry = {"overrides": overrides, "query_side": scores["results"],
                      "significance_vs_base": significance(scores["per_query"], "finetuned", "base"),
+                     # what the student adds to the system it ships in: student + BM25 against base + BM25, both
+                     # at the teacher's weight, on the same dev queries
+                     "fused_vs_base_fused": {
+                         "student+bm25": scores["results"]["next_round_teacher"]["ndcg@10"],
+                         "base+bm25": scores["results"]["teacher"]["ndcg@10"],
+                         "significance": significance(scores["per_query"], "finetuned+bm25", "teacher")},
                      "data": data_summary(run_dir), "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
                      "num_queries": scores["num_queries"]}
             if args.symmetric:
@@ -365,7 +395,7 @@ def main() -> int:
             out["variants"][name] = entry
             r = scores["results"]
             print(f"dev {name}: query-side finetuned {r['finetuned']['ndcg@10']} (base {r['base']['ndcg@10']}, "
-                  f"teacher {r['teacher']['ndcg@10']})"
+                  f"teacher {r['teacher']['ndcg@10']}); student+bm25 {r['next_round_teacher']['ndcg@10']}"
                   + (f"; symmetric {entry['symmetric']['finetuned']['ndcg@10']}" if args.symmetric else ""),
                   flush=True)
             dev_path.write_text(json.dumps(out, indent=2))

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 DISTILL_LOSSES = ("margin_mse", "distill_kl")
-QUERY_LOSSES = ("query_kl", "query_margin_mse")
+QUERY_LOSSES = ("query_kl", "query_margin_mse", "query_fused")
 LABELFREE_COLUMNS = ("query", "candidates", "teacher_scores", "base_scores")
+FUSED_COLUMNS = ("positive_row", "bm25_z", "bm25_z_positive")  # labelfree.positives: cut
 # The collator turns a label into a float32 tensor, which holds every integer below 2**24 exactly and no more:
 # a corpus row id is written as two parts below it (high, low), exact up to 2**48 rows.
 ROW_PART = 1 << 24
@@ -67,6 +68,8 @@ def training_dataset(table, tcfg, doc_texts: list[str] | None = None, seed: int 
     - ``distill_kl``: label = ``[score_positive, score_negative_1, ..., score_negative_k]``, (k + 1,) per row.
     """
     if is_labelfree_table(table.column_names):
+        if tcfg.loss == "query_fused":
+            return fused_dataset(table)
         return labelfree_dataset(table, doc_texts, tcfg.query_distill_documents, seed)
     columns = training_columns(tcfg, table.column_names)
     part = distillation_part(tcfg.loss)
@@ -121,6 +124,22 @@ def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int 
 
     dataset = table.map(add_label, batched=True, desc="teacher labels")
     return dataset.select_columns(["query", "label"])
+
+
+def fused_dataset(table):
+    """``query`` and one ``label`` per row for :class:`QueryFusedLoss`: ``[positive row (2), candidate rows (2k),
+    BM25 z-scores of the candidates (k), BM25 z-score of the positive (1)]`` (rows as :func:`split_rows` writes
+    them; the positive row indexes ``labelfree/positive_embeddings.npy``)."""
+    missing = [c for c in FUSED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"train.loss=query_fused needs the columns {missing}, which data_prep writes with "
+                         "labelfree.positives: cut; set it and rerun data_prep")
+
+    def add_label(batch: dict[str, list]) -> dict[str, list]:
+        return {"label": [[*split_rows([p]), *split_rows(rows), *z, z_pos] for p, rows, z, z_pos in
+                          zip(batch["positive_row"], batch["candidates"], batch["bm25_z"], batch["bm25_z_positive"])]}
+
+    return table.map(add_label, batched=True, desc="fused labels").select_columns(["query", "label"])
 
 
 def symmetric_dataset(table, doc_texts: list[str], documents: int, seed: int):
@@ -256,6 +275,66 @@ def in_batch_teacher(labels: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.
     return teacher, unscored
 
 
+class QueryFusedLoss(nn.Module):
+    """Train the query side as the dense half of the hybrid it will ship in: the loss sees the fused score.
+
+    Each pseudo-query's candidates (the fused teacher's top k, its uncut source left out) and its positive (the
+    source passage with the query cut out, embedded by the base model: an inverse-cloze pair) are scored as the
+    deployed weighted fusion scores them (``embtune.retrieval.fusion``, ``corpus_zscore``)::
+
+        fused = w * (cosine - mean) / std + (1 - w) * z_bm25
+
+    with the mean and standard deviation of the student's cosines over the whole fixed corpus index (computed in
+    the step, so differentiable, as serve computes them per query), and BM25's z-scores precomputed by data_prep.
+    The loss is the cross-entropy of the positive among them (``fused / temperature``). BM25's share is a constant:
+    where it already ranks the positive first the gradient is small, where it ranks a wrong passage high the
+    student must outscore it, so the student learns what BM25 does not give.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        doc_embeddings: (n_docs, dim) normalized base-model corpus embeddings (the index the student is fused over).
+        positive_embeddings: (n_rows, dim) normalized base-model embeddings of each row's cut passage.
+        dense_weight: w, the deploy weight (the probe-chosen teacher's).
+        temperature: divides the fused logits.
+
+    Inputs: one text column (the query); label (batch, 3 + 3k) from :func:`fused_dataset`.
+    """
+
+    def __init__(self, model, doc_embeddings: torch.Tensor, positive_embeddings: torch.Tensor, dense_weight: float,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("doc_embeddings", doc_embeddings, persistent=False)  # (n_docs, dim)
+        self.register_buffer("positive_embeddings", positive_embeddings, persistent=False)  # (n_rows, dim)
+        self.dense_weight = dense_weight
+        self.temperature = temperature
+
+    def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
+        from sentence_transformers.base.losses.merged_forward import embed_columns
+
+        return self.compute_loss_from_embeddings(embed_columns(self.model, sentence_features), labels)
+
+    def fused_scores(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """(batch, 1 + k) fused scores: the positive first, then the candidates."""
+        query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
+        k = (labels.shape[1] - 3) // 3
+        positive = join_rows(labels[:, :2])[:, 0]  # (batch,)
+        rows = join_rows(labels[:, 2:2 + 2 * k])  # (batch, k)
+        bm25 = torch.cat([labels[:, -1:], labels[:, 2 + 2 * k:2 + 3 * k]], dim=1)  # (batch, 1 + k)
+        docs = self.doc_embeddings.to(query.device)
+        everything = query @ docs.T  # (batch, n_docs): the corpus statistics the deployed fusion normalizes by
+        mean = everything.mean(1, keepdim=True)
+        std = everything.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)  # numpy's std, as ScoreStats
+        cosine = torch.cat([(query * self.positive_embeddings.to(query.device)[positive]).sum(-1, keepdim=True),
+                            torch.einsum("bd,bkd->bk", query, docs[rows])], dim=1)  # (batch, 1 + k)
+        return self.dense_weight * (cosine - mean) / std + (1.0 - self.dense_weight) * bm25
+
+    def compute_loss_from_embeddings(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        fused = self.fused_scores(embeddings, labels) / self.temperature  # (batch, 1 + k)
+        target = torch.zeros(len(fused), dtype=torch.long, device=fused.device)  # the positive is column 0
+        return torch.nn.functional.cross_entropy(fused, target)
+
+
 class WeightedLossSum(nn.Module):
     """``sum_i weight_i * loss_i`` on one batch, with the columns embedded once.
 
@@ -283,8 +362,14 @@ class WeightedLossSum(nn.Module):
                    for loss, weight in zip(self.parts, self.weights))
 
 
-def build_query_loss(model, tcfg, doc_embeddings) -> QueryDistillLoss:
-    """The label-free loss: ``query_kl`` (also when train.loss is another name) or ``query_margin_mse``."""
+def build_query_loss(model, tcfg, doc_embeddings, positive_embeddings=None,
+                     dense_weight: float | None = None) -> nn.Module:
+    """The label-free loss: ``query_kl`` (also when train.loss is another name), ``query_margin_mse``, or
+    ``query_fused`` (which needs the cut passages' embeddings and the deploy weight)."""
+    if tcfg.loss == "query_fused":
+        return QueryFusedLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
+                              torch.as_tensor(positive_embeddings, dtype=torch.float32), dense_weight,
+                              tcfg.query_fused_temperature)
     return QueryDistillLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
                             objective="margin_mse" if tcfg.loss == "query_margin_mse" else "kl",
                             student_temperature=tcfg.query_student_temperature,

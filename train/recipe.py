@@ -153,7 +153,16 @@ class Recipe:
         import numpy as np
 
         outputs = self.data_prep_outputs()
-        return build_query_loss(model, t, np.load(outputs["corpus_embeddings"]))
+        doc_emb = np.load(outputs["corpus_embeddings"])
+        if t.loss != "query_fused":
+            return build_query_loss(model, t, doc_emb)
+        # the deploy weight: the probe-chosen teacher's, which eval's hybrid rows start from
+        manifest = json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())
+        positives = Path(outputs["corpus_embeddings"]).parent / "positive_embeddings.npy"
+        if not positives.is_file():
+            raise ConfigError("train.loss=query_fused needs the cut passages' embeddings: set labelfree.positives: "
+                              "cut and rerun data_prep", "train.loss", self.cfg.source)
+        return build_query_loss(model, t, doc_emb, np.load(positives), manifest["teacher"]["dense_weight"])
 
     def data_prep_outputs(self) -> dict[str, str]:
         return json.loads((Path(self.cfg.run_dir) / "data_prep" / "manifest.json").read_text())["outputs"]

@@ -226,6 +226,23 @@ class FastBM25:
         matrix.sum_duplicates()  # a repeated query token counts once per occurrence, as in rank-bm25
         return matrix
 
+    def score_outside(self, query_tokens: Sequence[str], document_tokens: Sequence[str]) -> float:
+        """BM25 score of one document that is not in the index (e.g. a passage with a sentence cut out), with the
+        index's idf and average length: what ``get_scores`` would give it as one more document whose addition
+        left the corpus statistics unchanged."""
+        if not hasattr(self, "idf"):
+            raise ValueError("FastBM25.score_outside needs the index's own statistics (not a from_weights shard)")
+        counts: dict[str, int] = {}
+        for token in document_tokens:
+            counts[token] = counts.get(token, 0) + 1
+        norm = self.k1 * (1 - self.b + self.b * len(document_tokens) / self.avgdl)
+        score = 0.0
+        for token in query_tokens:  # a repeated query token counts once per occurrence, as in get_scores
+            tf = counts.get(token, 0)
+            if tf and token in self.vocab:
+                score += float(self.idf[self.vocab[token]]) * (tf * (self.k1 + 1) / (tf + norm))
+        return score
+
     def get_scores(self, query_tokens: Sequence[str]) -> np.ndarray:
         """(docs,) float64 BM25 scores of one tokenized query, equal to ``BM25Okapi.get_scores``."""
         return (self._query_matrix([query_tokens]) @ self.weights).toarray()[0]

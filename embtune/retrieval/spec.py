@@ -257,6 +257,10 @@ class BM25Index:
         """(n_docs,) float64 BM25 scores of one query against every document."""
         return self.index.get_scores(self.tokenizer(query_text))
 
+    def score_outside(self, query_text: str, document_text: str) -> float:
+        """BM25 score of ``query_text`` against a text outside the index, with the index's statistics."""
+        return self.index.score_outside(self.tokenizer(query_text), self.tokenizer(document_text))
+
     def search(self, query_texts: Sequence[str], k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices), each (n_queries, <= k), in ``rank_order``; ``allowed`` restricts to those rows."""

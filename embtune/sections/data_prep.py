@@ -199,6 +199,10 @@ class LabelFreeConfig:
     # The passage a query was cut from contains it verbatim: "drop" removes it from the query's candidates (the
     # teacher then teaches which *other* passages answer it), "keep" leaves it where the teacher ranks it.
     source: Literal["drop", "keep"] = "drop"
+    # "cut": each pseudo-query also gets its passage with the query cut out (the inverse-cloze positive, as the
+    # probe cuts it), encoded by the base model, and every candidate's BM25 z-score over the corpus: what
+    # train.loss query_fused reads. "none": the fused teacher's labels alone (query_kl / query_margin_mse).
+    positives: Literal["none", "cut"] = "none"
     # Candidates per query that the teacher scores (and the loss sees).
     depth: int = 32
     # The teacher's dense weight; null = chosen per corpus without labels by the inverse-cloze probe below.
@@ -243,6 +247,9 @@ class LabelFreeConfig:
             raise ValueError(f"labelfree.span_words must be [] or [lo, hi] with 0 < lo <= hi, got {self.span_words}")
         if self.depth < 2:
             raise ValueError(f"labelfree.depth must be >= 2, got {self.depth}")
+        if self.positives == "cut" and self.source != "drop":
+            raise ValueError("labelfree.positives: cut needs labelfree.source: drop (the uncut source passage holds "
+                             "the query verbatim: it is neither the positive nor a negative)")
         if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
             raise ValueError(f"labelfree.dense_weight must be in [0, 1] (or null: chosen per corpus), "
                              f"got {self.dense_weight}")

@@ -19,7 +19,7 @@ class TrainConfig:
     # "query_kl" / "query_margin_mse" train on a label-free table (data.queries: labelfree): the query side
     # against the base model's fixed corpus embeddings (train/losses.py: QueryDistillLoss).
     loss: Literal["mnrl", "cached_mnrl", "triplet", "margin_mse", "distill_kl", "mnrl+margin_mse",
-                  "mnrl+distill_kl", "query_kl", "query_margin_mse"] = "mnrl"
+                  "mnrl+distill_kl", "query_kl", "query_margin_mse", "query_fused"] = "mnrl"
     mini_batch_size: int = 32
     distill_weight: float = 1.0
     # MarginMSE label = margin_mse_scale * (teacher(q, pos) - teacher(q, neg_i)): the student's margin is a cosine
@@ -32,6 +32,10 @@ class TrainConfig:
     # query_student_temperature); the fused score is min-max normalized per query, so lies in [0, 1].
     query_student_temperature: float = 0.05
     query_teacher_temperature: float = 0.1
+    # query_fused (needs labelfree.positives: cut): cross-entropy of the cut-out passage among the query's
+    # candidates, each scored as the deployed hybrid scores it, w * z(student cosine) + (1 - w) * z(BM25), z-scores
+    # over the corpus, w the teacher's dense weight; the logits are divided by this temperature.
+    query_fused_temperature: float = 1.0
     # The student's softmax over the teacher's candidates, or over the whole corpus (every other passage, the
     # query's source excepted, must then score below them too).
     query_distill_over: Literal["candidates", "corpus"] = "candidates"
@@ -110,8 +114,10 @@ class TrainConfig:
         if self.query_distill_documents and self.document_side != "student":
             raise ValueError("train.query_distill_documents > 0 trains the document side: set "
                              "train.document_side: student")
-        if self.query_distill_documents and self.loss == "query_margin_mse":
-            raise ValueError("train.query_distill_documents > 0 is a form of query_kl, not query_margin_mse")
+        if self.query_distill_documents and self.loss in ("query_margin_mse", "query_fused"):
+            raise ValueError(f"train.query_distill_documents > 0 is a form of query_kl, not {self.loss}")
+        if self.query_fused_temperature <= 0:
+            raise ValueError(f"train.query_fused_temperature must be > 0, got {self.query_fused_temperature}")
         if self.query_distill_documents and self.query_distill_over == "corpus":
             raise ValueError("train.query_distill_documents > 0 scores the encoded candidates only: "
                              "train.query_distill_over must be candidates")

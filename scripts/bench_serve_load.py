@@ -4,14 +4,21 @@ Each server runs as a subprocess pinned to one core (``taskset -c --server-core`
 model (all-MiniLM-L6-v2 from ``resolve_model``); this process, the load generator, pins itself to another core
 (``--client-core``). For each level it keeps exactly ``in_flight`` requests open (closed loop: ``in_flight`` workers,
 each on its own keep-alive connection, sending its next request when the last is answered, or, after a refusal,
-when the server said: ``retry-after-ms``, else ``Retry-After``, as the openai client reads them, else 1 s) until
-``--requests`` answers have come back. Every request embeds one query, a distinct phrase of 5 SciFact words plus a
-unique tag, and both servers get the same texts, so no cache answers. A level records, per server:
+when the server said: ``retry-after-ms``, else ``Retry-After``, as the openai client reads them, else 1 s). The
+workers start one by one over ``--ramp-s`` (2 s), each opening its connection with its first request, and the level
+is measured over the ``--seconds`` (15) after that ramp; no request is sent after the window (or after the level's
+``--requests`` texts run out). Every request embeds one query, a distinct phrase of 5 SciFact words plus a unique
+tag, and both servers get the same texts, so no cache answers. A level records, per server:
 
-- ``goodput_per_s``: 200s per second of the level's wall time;
-- ``p50_ms`` / ``p99_ms``: latency of the 200s, from send to the last byte;
+- ``goodput_per_s``: 200s answered inside the window, per second of it;
+- ``p50_ms`` / ``p99_ms``: latency of the 200s sent inside the window, from send to the last byte;
 - ``refused``: 503 or 429 answers; ``refusal_p99_ms``: their latency (what a refusal costs the client);
-- ``errors``: anything else (other statuses, dropped connections, timeouts).
+- ``errors``: anything else (other statuses, dropped connections, timeouts);
+- ``whole_level``: the same figures over every request, the ramp included; ``timeline``: per second of the level,
+  the 200s and refusals sent and their p99.
+
+``--ramp-s 0`` starts every worker at once: a thousand connections and requests arrive in the same instant, and the
+refusals at the back of that burst wait for the ones ahead of them on the server's one event loop.
 
 embtune: ``python -m embtune.serve up`` over an embeddings-only bundle (built once under ``runs/``), once per
 ``--backends`` entry: onnx-int8 (the fastest backend here, on which the targets are checked) and torch (the engine
@@ -142,7 +149,8 @@ async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_
 
     wall = float(answered.max()) if len(answered) else 0.0  # the level ends with its last answer
     in_window = (at >= ramp_s) & (at <= window_end) if seconds else np.ones(len(at), dtype=bool)
-    window_s = seconds if seconds else wall - ramp_s
+    # The window ends when sending stops: at its set length, or earlier where the level's texts ran out.
+    window_s = min(seconds, wall - ramp_s) if seconds else wall - ramp_s
     goodput = ((answered >= ramp_s) & (answered <= ramp_s + window_s) & ok).sum() / max(window_s, 1e-9)
     return {"in_flight": in_flight, "requests": next_index, **figures(in_window, goodput),
             "errors": errors, "error_examples": examples, "ramp_s": ramp_s, "window_s": round(window_s, 2),
@@ -283,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--servers", nargs="+", default=["embtune", "infinity"], choices=["embtune", "infinity"])
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 32, 200, 1000], help="requests in flight")
-    parser.add_argument("--requests", type=int, nargs="+", default=[5000, 20000, 20000, 40000],
+    parser.add_argument("--requests", type=int, nargs="+", default=[10000, 20000, 20000, 40000],
                         help="the most requests per level (one number per level): distinct texts generated")
     parser.add_argument("--seconds", type=float, default=15.0,
                         help="the measured window of a level, after its ramp (0 = send every request)")

@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 TEXT_FIELDS = {"title", "text"}
 # The routes that do work (a forward pass, a search); admission control counts and sheds only these.
 WORK_ROUTES = ("/v1/embeddings", "/search")
+MAX_RETRY_STRETCH = 10.0  # Admission.retry_after_ms: at most 10 x serve.retry_after_s
 REFUSED = "embtune_refused"  # the pydantic error type of a request field refused with one of our own messages
 
 
@@ -80,10 +81,11 @@ class RequestError(Exception):
     """A request the server refuses; becomes ``{"error": {...}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 retry_after_s: int = 0):
+                 retry_after_s: int = 0, retry_after_ms: int = 0):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.retry_after_s = retry_after_s  # > 0: sent as Retry-After (a 503)
+        self.retry_after_ms = retry_after_ms  # > 0: the retry-after-ms to send (Admission.retry_after_ms)
 
     def response(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
         """(status, JSON body, extra headers) in OpenAI's error shape."""
@@ -94,7 +96,7 @@ class RequestError(Exception):
             # Retry-After is whole seconds, so every client refused in one burst would come back in the same
             # instant, be refused together again, and keep the herd in step. retry-after-ms (the openai client
             # prefers it) spreads them over 0.5-1.5 x the wait, the same on average.
-            spread_ms = int(self.retry_after_s * 1000 * (0.5 + random.random()))
+            spread_ms = self.retry_after_ms or int(self.retry_after_s * 1000 * (0.5 + random.random()))
             headers = [(b"retry-after", str(self.retry_after_s).encode()),
                        (b"retry-after-ms", str(spread_ms).encode())]
         return self.status, orjson.dumps(_error_body(self.message, kind, self.param, self.code)), headers
@@ -337,16 +339,56 @@ class Admission:
     Only the event loop's thread touches it (:class:`ServeApp` admits there), so plain integers need no lock.
     """
 
-    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float]):
+    def __init__(self, max_queue: int, max_wait_s: float, retry_after_s: int, expected_wait: Callable[[], float],
+                 clock: Callable[[], float] = time.monotonic):
         self.max_queue, self.max_wait_s, self.retry_after_s = max_queue, max_wait_s, retry_after_s
         self.expected_wait = expected_wait
         self.in_flight = 0
         self.admitted = 0
         self.shed_full = 0
         self.shed_slow = 0
+        self.clock = clock
+        self.pressure = 0.0  # refusals per admission over the last whole second
+        self._second, self._admitted_at, self._shed_at = clock(), 0, 0
+
+    def retry_after(self) -> tuple[int, int]:
+        """A refusal's (Retry-After seconds, retry-after-ms): ``retry_after_s`` stretched by the overload, the
+        milliseconds spread at random.
+
+        A refused client that comes back while the server is still full is refused again, and every refusal takes
+        the event loop from the encoder on the same core. When the last second refused k requests per admission,
+        the server is asking ~k+1 times as many clients as it can take to come back each second, so the wait is
+        (1 + k) x ``retry_after_s`` (at most ``MAX_RETRY_STRETCH`` x), spread over 0.5-1.5 x so that a burst
+        refused together does not come back together.
+        """
+        stretch = min(1.0 + self.pressure, MAX_RETRY_STRETCH)
+        return (max(1, round(self.retry_after_s * stretch)),
+                int(self.retry_after_s * 1000 * stretch * (0.5 + random.random())))
+
+    def _count(self, shed: bool) -> None:
+        now = self.clock()
+        if now - self._second >= 1.0:
+            self.pressure = self._shed_at / max(1, self._admitted_at)
+            self._second, self._admitted_at, self._shed_at = now, 0, 0
+        if shed:
+            self._shed_at += 1
+        else:
+            self._admitted_at += 1
+
+    def admit(self) -> None:
+        """Count a request admitted (the caller decrements ``in_flight`` when it is answered)."""
+        self.in_flight += 1
+        self.admitted += 1
+        self._count(shed=False)
 
     def refusal(self) -> str | None:
         """Why the next request is refused (for its 503), or None to admit it."""
+        refused = self._refusal()
+        if refused is not None:
+            self._count(shed=True)
+        return refused
+
+    def _refusal(self) -> str | None:
         if self.in_flight >= self.max_queue:
             self.shed_full += 1
             return f"the server has {self.in_flight} requests in progress, its limit (serve.max_queue)"
@@ -361,7 +403,7 @@ class Admission:
         return {"in_flight": self.in_flight, "max_queue": self.max_queue,
                 "expected_wait_ms": round(self.expected_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
                 "admitted": self.admitted, "shed_503": self.shed_full + self.shed_slow, "shed_full": self.shed_full,
-                "shed_slow": self.shed_slow}
+                "shed_slow": self.shed_slow, "refusals_per_admission": round(self.pressure, 2)}
 
 
 class EmbeddingService:
@@ -746,12 +788,12 @@ class ServeApp(FastAPI):
             message = {"more_body": True}
             while message.get("more_body", False):
                 message = await receive()
-            err = RequestError(503, f"{refusal}; retry after {admission.retry_after_s} s", code="overloaded",
-                               retry_after_s=admission.retry_after_s)
+            seconds, ms = admission.retry_after()
+            err = RequestError(503, f"{refusal}; retry after {seconds} s", code="overloaded", retry_after_s=seconds,
+                               retry_after_ms=ms)
             await _send_json(send, *err.response())
             return
-        admission.in_flight += 1
-        admission.admitted += 1
+        admission.admit()
         try:
             if scope["path"] == "/v1/embeddings" and scope["method"] == "POST":
                 await _fast_embeddings(self, service, scope, receive, send)

@@ -50,8 +50,9 @@ def admission_protocol(admission: Admission, work_routes: tuple[str, ...]) -> ty
 
         def _refuse(self, cycle, refusal: str) -> None:
             """Write the 503 that ServeApp would have sent, and end the request as uvicorn ends a response."""
-            err = RequestError(503, f"{refusal}; retry after {admission.retry_after_s} s", code="overloaded",
-                               retry_after_s=admission.retry_after_s)
+            seconds, ms = admission.retry_after()
+            err = RequestError(503, f"{refusal}; retry after {seconds} s", code="overloaded", retry_after_s=seconds,
+                               retry_after_ms=ms)
             status, body, extra = err.response()
             head = [STATUS_LINE[status]]
             for name, value in [*self.server_state.default_headers, (b"content-type", b"application/json"),

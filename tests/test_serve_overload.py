@@ -243,3 +243,26 @@ def test_refused_clients_are_told_to_come_back_at_spread_times():
     assert 1000 <= min(waits) and max(waits) <= 3000
     assert np.percentile(waits, 90) - np.percentile(waits, 10) > 1000  # spread over most of the 2 s range
     assert 1800 < np.mean(waits) < 2200
+
+
+def test_retry_after_stretches_with_the_overload():
+    """A second that refused k requests per admission asks the next refused clients to wait (1 + k) x
+    serve.retry_after_s (spread 0.5-1.5 x, at most 10 x): fewer of them come back only to be refused again."""
+    from embtune.serve.app import MAX_RETRY_STRETCH, Admission
+
+    now = [0.0]
+    admission = Admission(max_queue=2, max_wait_s=60.0, retry_after_s=1, expected_wait=lambda: 0.0,
+                          clock=lambda: now[0])
+    assert all(admission.retry_after()[0] == 1 and 500 <= admission.retry_after()[1] <= 1500
+               for _ in range(50))  # nothing measured yet
+    admission.admit(), admission.admit()
+    for _ in range(6):
+        assert admission.refusal() is not None  # full: 6 refused against 2 admitted in this second
+    now[0] = 1.5
+    admission.refusal()  # the first event of the next second closes the last one
+    assert admission.pressure == 3.0 and admission.stats()["refusals_per_admission"] == 3.0
+    assert admission.retry_after()[0] == 4
+    waits = [admission.retry_after()[1] for _ in range(200)]
+    assert 2000 <= min(waits) and max(waits) <= 6000 and np.mean(waits) > 3000
+    admission.pressure = 100.0
+    assert max(admission.retry_after()[1] for _ in range(200)) <= 1500 * MAX_RETRY_STRETCH

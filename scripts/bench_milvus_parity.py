@@ -27,7 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import ROOT, bench_command, write_result  # also puts the repo root on sys.path
+from benchlib import (  # also puts the repo root on sys.path
+    ROOT,
+    bench_command,
+    dot_minilm,
+    only_ties,
+    rank_run,
+    served_hits,
+    write_result,
+)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval import evaluate, score  # noqa: E402
@@ -36,8 +44,6 @@ from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.bm25 import BM25Config  # noqa: E402
 from embtune.retrieval.spec import Retriever, RetrieverSpec  # noqa: E402
 from embtune.sections.export import MilvusConfig, VectorDBConfig  # noqa: E402
-from embtune.sections.serve import ServeConfig  # noqa: E402
-from embtune.serve.app import create_app  # noqa: E402
 from embtune.serve.bundle import build_bundle  # noqa: E402
 from embtune.serve.vectordb import export_vectordb, open_milvus  # noqa: E402
 
@@ -45,30 +51,8 @@ K = 10
 METRICS = (f"ndcg@{K}", f"recall@{K}")
 
 
-def only_ties(got: list[dict], want: list[dict], tolerance: float = 1e-5) -> bool:
-    return all(a["id"] == b["id"] or abs(a["score"] - b["score"]) <= tolerance * max(1.0, abs(b["score"]))
-               for a, b in zip(got, want))
-
-
-def rank_run(query_ids: list[str], hits: list[list[dict]]) -> dict[str, dict[str, float]]:
-    """A run whose scores are the ranks (K, K-1, ...): pytrec_eval scores the returned order, ties cannot move."""
-    return {qid: {hit["id"]: float(K - rank) for rank, hit in enumerate(row)} for qid, row in zip(query_ids, hits)}
-
-
-def dot_model(folder: Path) -> Path:
-    """MiniLM with its Normalize module removed, scoring by dot product (as tests/test_parity_settings.py builds it)."""
-    from sentence_transformers import SentenceTransformer
-
-    minilm = SentenceTransformer(resolve_model("minilm"), device="cpu")
-    modules = [module for module in minilm if type(module).__name__ != "Normalize"]
-    SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="dot").save(str(folder))
-    return folder
-
-
 def measure(name: str, model_dir: str, docs: list[dict], query_ids: list[str], query_texts: list[str], qrels,
             work: Path) -> dict:
-    from fastapi.testclient import TestClient
-
     start = time.perf_counter()
     bundle = build_bundle(model_dir, docs, work / name / "bundle", device="cpu")
     bundle_seconds = time.perf_counter() - start
@@ -77,12 +61,7 @@ def measure(name: str, model_dir: str, docs: list[dict], query_ids: list[str], q
     entry = settings["milvus"]
 
     start = time.perf_counter()
-    with TestClient(create_app(bundle, ServeConfig(threads=1, cache_size=0))) as client:
-        served = []
-        for text in query_texts:
-            response = client.post("/search", json={"query": text, "k": K})
-            response.raise_for_status()
-            served.append(response.json()["hits"])
+    served = served_hits(bundle, query_texts, K)
     served_seconds = time.perf_counter() - start
 
     milvus = open_milvus(bundle)
@@ -100,7 +79,7 @@ def measure(name: str, model_dir: str, docs: list[dict], query_ids: list[str], q
               if [h["id"] for h in got] != [h["id"] for h in want]]
     other_sets = [i for i in differ if {h["id"] for h in found[i]} != {h["id"] for h in served[i]}]
     ties = [i for i in differ if only_ties(found[i], served[i])]
-    scored = {route: score(qrels, rank_run(query_ids, hits), metrics=METRICS).metrics
+    scored = {route: score(qrels, rank_run(query_ids, hits, K), metrics=METRICS).metrics
               for route, hits in (("served", served), ("milvus", found), ("milvus_bm25", bm25))}
     doc_ids = [d["_id"] for d in docs]
     embtune_bm25 = evaluate(Retriever(RetrieverSpec(dense=None, bm25=BM25Config()), doc_ids,
@@ -147,7 +126,7 @@ def main(argv: list[str]) -> None:
     work = Path(tempfile.mkdtemp(prefix="milvus_parity_"))
     models = [("minilm", lambda: resolve_model("minilm"))]
     if args.dot:
-        models.append(("minilm-dot", lambda: str(dot_model(work / "dot-minilm"))))
+        models.append(("minilm-dot", lambda: str(dot_minilm(work / "dot-minilm"))))
     rows: list[dict] = []
     try:
         for done, (name, model) in enumerate(models, 1):

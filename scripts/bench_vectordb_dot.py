@@ -27,17 +27,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-from benchlib import ROOT, bench_command, write_result  # also puts the repo root on sys.path
+from benchlib import (  # also puts the repo root on sys.path
+    ROOT,
+    bench_command,
+    dot_minilm,
+    only_ties,
+    rank_run,
+    served_hits,
+    write_result,
+)
 
 from embtune.dataio import load_beir  # noqa: E402
 from embtune.eval import score  # noqa: E402
 from embtune.manifest import Provenance  # noqa: E402
-from embtune.models import resolve_model  # noqa: E402
 from embtune.retrieval.encoder import normalize  # noqa: E402
 from embtune.retrieval.spec import DenseSpec, RetrieverSpec  # noqa: E402
 from embtune.sections.export import VectorDBConfig  # noqa: E402
-from embtune.sections.serve import ServeConfig  # noqa: E402
-from embtune.serve.app import create_app  # noqa: E402
 from embtune.serve.bundle import build_bundle  # noqa: E402
 from embtune.serve.vectordb import QueryEncoder, export_vectordb, open_chroma, open_lancedb  # noqa: E402
 
@@ -45,30 +50,10 @@ K = 10
 METRICS = (f"ndcg@{K}", f"recall@{K}")
 
 
-def dot_model(folder: Path) -> Path:
-    """MiniLM with its Normalize module removed, scoring by dot product (as scripts/bench_milvus_parity.py)."""
-    from sentence_transformers import SentenceTransformer
-
-    minilm = SentenceTransformer(resolve_model("minilm"), device="cpu")
-    modules = [module for module in minilm if type(module).__name__ != "Normalize"]
-    SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="dot").save(str(folder))
-    return folder
-
-
-def only_ties(got: list[dict], want: list[dict], tolerance: float = 1e-5) -> bool:
-    return all(a["id"] == b["id"] or abs(a["score"] - b["score"]) <= tolerance * max(1.0, abs(b["score"]))
-               for a, b in zip(got, want))
-
-
-def rank_run(query_ids: list[str], hits: list[list[dict]]) -> dict[str, dict[str, float]]:
-    """A run whose scores are the ranks (K, K-1, ...): pytrec_eval scores the returned order, ties cannot move."""
-    return {qid: {hit["id"]: float(K - rank) for rank, hit in enumerate(row)} for qid, row in zip(query_ids, hits)}
-
-
 def compare(found: list[list[dict]], served: list[list[dict]], query_ids: list[str], qrels, seconds: float) -> dict:
     differ = [i for i, (got, want) in enumerate(zip(found, served))
               if [h["id"] for h in got] != [h["id"] for h in want]]
-    metrics = score(qrels, rank_run(query_ids, found), metrics=METRICS).metrics
+    metrics = score(qrels, rank_run(query_ids, found, K), metrics=METRICS).metrics
     return {"same_top10": len(query_ids) - len(differ), "mismatched_queries": len(differ),
             "mismatched_ties_only": sum(only_ties(found[i], served[i]) for i in differ),
             "mismatched_query_ids": [query_ids[i] for i in differ][:20],
@@ -78,8 +63,6 @@ def compare(found: list[list[dict]], served: list[list[dict]], query_ids: list[s
 
 def measure(model_dir: str, dim: int, docs: list[dict], query_ids: list[str], query_texts: list[str], qrels,
             work: Path) -> dict:
-    from fastapi.testclient import TestClient
-
     start = time.perf_counter()
     bundle = build_bundle(model_dir, docs, work / f"bundle-{dim}", device="cpu",
                           spec=RetrieverSpec(dense=DenseSpec(dim=dim)))
@@ -88,12 +71,7 @@ def measure(model_dir: str, dim: int, docs: list[dict], query_ids: list[str], qu
                                name="scifact")
 
     start = time.perf_counter()
-    with TestClient(create_app(bundle, ServeConfig(threads=1, cache_size=0))) as client:
-        served = []
-        for text in query_texts:
-            response = client.post("/search", json={"query": text, "k": K})
-            response.raise_for_status()
-            served.append(response.json()["hits"])
+    served = served_hits(bundle, query_texts, K)
     routes = {"served": compare(served, served, query_ids, qrels, time.perf_counter() - start)}
 
     # Chroma's ip distance is 1 - dot, LanceDB's dot distance likewise, and both cosine distances 1 - cosine.
@@ -152,7 +130,7 @@ def main(argv: list[str]) -> None:
     query_texts = [data.queries[q] for q in query_ids]
     work = Path(tempfile.mkdtemp(prefix="vectordb_dot_"))
     try:
-        model_dir = str(dot_model(work / "dot-minilm"))
+        model_dir = str(dot_minilm(work / "dot-minilm"))
         rows = {}
         for dim in args.dims:
             row = measure(model_dir, dim, docs, query_ids, query_texts, data.qrels, work)

@@ -113,6 +113,46 @@ def test_result(benchmark: str, description: str, choice: str, cfg, overrides: l
     }
 
 
+def dot_minilm(folder: Path) -> Path:
+    """MiniLM with its Normalize module removed, scoring by dot product (its vectors' norms differ), saved to
+    ``folder``: the dot-product model of the vector-database parity benchmarks."""
+    from sentence_transformers import SentenceTransformer
+
+    from embtune.models import resolve_model
+
+    minilm = SentenceTransformer(resolve_model("minilm"), device="cpu")
+    modules = [module for module in minilm if type(module).__name__ != "Normalize"]
+    SentenceTransformer(modules=modules, device="cpu", similarity_fn_name="dot").save(str(folder))
+    return folder
+
+
+def served_hits(bundle: Path, texts: list[str], k: int) -> list[list[dict]]:
+    """The served route: the bundle's ``/search`` for each text, as a client calls it; each query's hits."""
+    from fastapi.testclient import TestClient
+
+    from embtune.sections.serve import ServeConfig
+    from embtune.serve.app import create_app
+
+    with TestClient(create_app(bundle, ServeConfig(threads=1, cache_size=0))) as client:
+        served = []
+        for text in texts:
+            response = client.post("/search", json={"query": text, "k": k})
+            response.raise_for_status()
+            served.append(response.json()["hits"])
+    return served
+
+
+def only_ties(got: list[dict], want: list[dict], tolerance: float = 1e-5) -> bool:
+    """Two rankings differ only where their scores at the same rank agree to ``tolerance`` (relative)."""
+    return all(a["id"] == b["id"] or abs(a["score"] - b["score"]) <= tolerance * max(1.0, abs(b["score"]))
+               for a, b in zip(got, want))
+
+
+def rank_run(query_ids: list[str], hits: list[list[dict]], k: int) -> dict[str, dict[str, float]]:
+    """A run whose scores are the ranks (k, k-1, ...): pytrec_eval scores the returned order, ties cannot move."""
+    return {qid: {hit["id"]: float(k - rank) for rank, hit in enumerate(row)} for qid, row in zip(query_ids, hits)}
+
+
 def write_result(path: str | Path, out: dict) -> Path:
     """Write a result file, keeping what it held before: the previous run is appended to ``other_runs`` (appended,
     never reordered, so a claim tagged ``other_runs[i]`` keeps pointing at the same run)."""

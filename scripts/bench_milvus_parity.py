@@ -64,16 +64,13 @@ def measure(name: str, model_dir: str, docs: list[dict], query_ids: list[str], q
     served = served_hits(bundle, query_texts, K)
     served_seconds = time.perf_counter() - start
 
-    milvus = open_milvus(bundle)
-    try:
+    with open_milvus(bundle) as milvus:
         start = time.perf_counter()
         found = milvus.search(query_texts, K)
         milvus_seconds = time.perf_counter() - start
         bm25_hits = milvus.client.search(milvus.collection, data=query_texts, anns_field="sparse", limit=K,
                                          search_params={"metric_type": "BM25"}, output_fields=["id"])
         bm25 = [[{"id": h["id"], "score": h["distance"]} for h in row] for row in bm25_hits]
-    finally:
-        milvus.close()
 
     differ = [i for i, (got, want) in enumerate(zip(found, served))
               if [h["id"] for h in got] != [h["id"] for h in want]]

@@ -20,9 +20,9 @@ Query it the way the export embedded the corpus (same model, Matryoshka dimensio
     table.search("what is dense retrieval?").limit(10).to_list()  # embedded by the table's embedding function
     table.search(QueryEncoder("runs/x/bundle")(["what is dense retrieval?"])[0]).distance_type(
         read_settings("runs/x/bundle")["lancedb"]["metric"])...   # "cosine", or "dot" for a dot-product model
-    milvus = open_milvus("runs/x/bundle")               # client, collection name and the bundle's query encoder
-    milvus.search(["what is dense retrieval?"], k=10)   # or milvus.client.search(milvus.collection, ...)
-    milvus.close()                                      # stops milvus-lite's in-process server
+    with open_milvus("runs/x/bundle") as milvus:        # client, collection name and the bundle's query encoder
+        milvus.search(["what is dense retrieval?"], k=10)   # or milvus.client.search(milvus.collection, ...)
+    # leaving the block (or milvus.close()) stops milvus-lite's in-process server
 
 The document vectors come from the shared embedding cache (:func:`embtune.compute.encoding.encode_corpus` with the
 source model's key), so export does not encode the corpus again after eval did. With ``compute.engine: ray`` they
@@ -679,7 +679,8 @@ def export_milvus(bundle_dir: Path, cfg: MilvusConfig, name: str, docs: list[dic
 @dataclass
 class MilvusCollection:
     """An exported Milvus collection: the client, the collection's name, and the bundle's query encoder (embeds
-    texts as the export embedded the corpus). ``close()`` stops milvus-lite's in-process server."""
+    texts as the export embedded the corpus). ``close()``, or leaving a ``with`` block, stops milvus-lite's
+    in-process server."""
 
     client: Any
     collection: str
@@ -696,6 +697,12 @@ class MilvusCollection:
 
     def close(self) -> None:
         release_milvus(self.client, self.uri)
+
+    def __enter__(self) -> MilvusCollection:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def open_milvus(bundle_dir: str | Path, device: str | None = None) -> MilvusCollection:

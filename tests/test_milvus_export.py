@@ -76,11 +76,8 @@ def test_milvus_top10_equals_the_served_search(which, cosine_bundle, dot_bundle,
     bundle = cosine_bundle if which == "cosine" else dot_bundle
     queries = _queries(tiny_beir)
     served = served_top10(bundle, queries)
-    milvus = open_milvus(bundle)
-    try:
+    with open_milvus(bundle) as milvus:
         found = milvus.search(queries, K)
-    finally:
-        milvus.close()
     assert len(served) == 72 and all(len(ids) == K for ids in ids_of(served))
     differ = [i for i, (got, want) in enumerate(zip(ids_of(found), ids_of(served))) if got != want]
     not_ties = [(queries[i], ids_of(found)[i], ids_of(served)[i]) for i in differ if not only_ties(found[i], served[i])]
@@ -100,12 +97,9 @@ def test_the_dot_product_parity_can_fail(dot_bundle, tiny_beir):
     multiplies all of its inner products alike.)"""
     queries = _queries(tiny_beir)
     served = ids_of(served_top10(dot_bundle, queries))
-    milvus = open_milvus(dot_bundle)
-    try:
+    with open_milvus(dot_bundle) as milvus:
         rows = milvus.client.query(milvus.collection, filter='id != ""', output_fields=["id", "vector"], limit=1000)
         query_vectors = QueryEncoder(dot_bundle, renormalize=True)(queries)  # (n_queries, dim)
-    finally:
-        milvus.close()
     ids = [row["id"] for row in rows]
     documents = np.asarray([row["vector"] for row in rows], dtype=np.float32)  # (n_docs, dim), with their norms
     assert len(ids) == 72 and np.ptp(np.linalg.norm(documents, axis=1)) > 1e-3  # not unit vectors
@@ -126,11 +120,8 @@ def test_a_truncated_dot_product_model_ranks_as_the_served_search(tiny_model_dir
                           spec=RetrieverSpec(dense=DenseSpec(dim=16)))
     export_vectordb(bundle, model_dir, docs, ["milvus"], VectorDBConfig(dim=16), "tiny-corpus")
     served = served_top10(bundle, queries)
-    milvus = open_milvus(bundle)
-    try:
+    with open_milvus(bundle) as milvus:
         found = milvus.search(queries, K)
-    finally:
-        milvus.close()
     assert all(only_ties(got, want) for got, want in zip(found, served))
     entry = json.loads((bundle / MANIFEST_FILE).read_text())["vectordb"]["milvus"]
     assert (entry["similarity_fn_name"], entry["renormalized"]) == ("dot", True)
@@ -144,8 +135,7 @@ def test_documents_metadata_and_bm25_are_stored(tiny_model_dir, tiny_beir, tmp_p
     entry = settings["milvus"]
     assert entry["uri"] == "vectordb/milvus.db" and entry["lite"] and entry["collection"] == "tiny_corpus"
     assert (entry["rows_written"], entry["rows_already_stored"], entry["bytes"] > 0) == (72, 0, True)
-    milvus = open_milvus(bundle)
-    try:
+    with open_milvus(bundle) as milvus:
         rows = milvus.client.query(milvus.collection, filter="", output_fields=["id", "title", "text", "metadata"],
                                    limit=1000)
         by_id = {row["id"]: row for row in rows}
@@ -159,8 +149,6 @@ def test_documents_metadata_and_bm25_are_stored(tiny_model_dir, tiny_beir, tmp_p
         hits = milvus.client.search(milvus.collection, data=[target["text"]], anns_field="sparse", limit=3,
                                     search_params={"metric_type": "BM25"}, output_fields=["id"])
         assert hits[0][0]["id"] == target["_id"]
-    finally:
-        milvus.close()
 
 
 def test_a_different_export_replaces_the_collection(tiny_model_dir, tiny_beir, tmp_path):
@@ -222,12 +210,9 @@ def test_a_killed_export_is_completed_by_the_rerun(tiny_model_dir, tiny_beir, tm
     rerun = export_vectordb(bundle, tiny_model_dir, docs, ["milvus"], VectorDBConfig(), "tiny-corpus",
                             milvus=MilvusConfig(batch_size=BATCH))["milvus"]
     assert (rerun["rows_already_stored"], rerun["rows_written"], rerun["num_rows"]) == (30, 42, 72)
-    milvus = open_milvus(bundle)
-    try:
+    with open_milvus(bundle) as milvus:
         ids = [row["id"] for row in milvus.client.query(milvus.collection, filter="", output_fields=["id"],
                                                         limit=1000)]
-    finally:
-        milvus.close()
     assert sorted(ids) == sorted(doc["_id"] for doc in docs)  # every id, none twice
 
 

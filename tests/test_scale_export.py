@@ -168,14 +168,11 @@ def test_milvus_on_ray_equals_the_local_one(exported, docs, tiny_beir):
 
     rows, top = [], []
     for where in ("ray", "local"):
-        milvus = open_milvus(exported[where]["full"])
-        try:
+        with open_milvus(exported[where]["full"]) as milvus:
             stored = milvus.client.query(milvus.collection, filter="", limit=1000,
                                          output_fields=["id", "title", "text", "metadata", "vector"])
             rows.append({row["id"]: row for row in stored})
             top.append(milvus_top_ids(milvus.client, milvus.collection, milvus.encoder(_queries(tiny_beir)), K))
-        finally:
-            milvus.close()
     assert sorted(rows[0]) == sorted(rows[1]) == sorted(d["_id"] for d in docs)
     for doc_id, row in rows[0].items():
         want = rows[1][doc_id]

@@ -388,6 +388,15 @@ class Admission:
             self._count(shed=True)
         return refused
 
+    def refusal_error(self) -> RequestError | None:
+        """The 503 refusing the next request (with its Retry-After), or None to admit it."""
+        refusal = self.refusal()
+        if refusal is None:
+            return None
+        seconds, ms = self.retry_after()
+        return RequestError(503, f"{refusal}; retry after {seconds} s", code="overloaded", retry_after_s=seconds,
+                            retry_after_ms=ms)
+
     def _refusal(self) -> str | None:
         if self.in_flight >= self.max_queue:
             self.shed_full += 1
@@ -781,16 +790,13 @@ class ServeApp(FastAPI):
             return
         service: EmbeddingService = self.state.service
         admission = service.admission
-        refusal = admission.refusal()
-        if refusal is not None:
+        err = admission.refusal_error()
+        if err is not None:
             # The body is read (not parsed), so the keep-alive connection stays usable on every HTTP implementation
             # (uvicorn's h11 one cannot start the next request on a connection with an unread body).
             message = {"more_body": True}
             while message.get("more_body", False):
                 message = await receive()
-            seconds, ms = admission.retry_after()
-            err = RequestError(503, f"{refusal}; retry after {seconds} s", code="overloaded", retry_after_s=seconds,
-                               retry_after_ms=ms)
             await _send_json(send, *err.response())
             return
         admission.admit()

@@ -21,7 +21,7 @@ import logging
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from embtune.serve.app import Admission
+    from embtune.serve.app import Admission, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -36,23 +36,17 @@ def admission_protocol(admission: Admission, work_routes: tuple[str, ...]) -> ty
         logger.info("httptools is not installed: refusals are written by the app, not by the protocol")
         return "auto"
 
-    from embtune.serve.app import RequestError
-
     class AdmissionProtocol(HttpToolsProtocol):
         def _start_asgi_task(self, cycle, app) -> None:
-            scope = cycle.scope
-            if scope["path"] in work_routes:
-                refusal = admission.refusal()
-                if refusal is not None:
-                    self._refuse(cycle, refusal)
+            if cycle.scope["path"] in work_routes:
+                err = admission.refusal_error()
+                if err is not None:
+                    self._refuse(cycle, err)
                     return
             super()._start_asgi_task(cycle, app)
 
-        def _refuse(self, cycle, refusal: str) -> None:
+        def _refuse(self, cycle, err: RequestError) -> None:
             """Write the 503 that ServeApp would have sent, and end the request as uvicorn ends a response."""
-            seconds, ms = admission.retry_after()
-            err = RequestError(503, f"{refusal}; retry after {seconds} s", code="overloaded", retry_after_s=seconds,
-                               retry_after_ms=ms)
             status, body, extra = err.response()
             head = [STATUS_LINE[status]]
             for name, value in [*self.server_state.default_headers, (b"content-type", b"application/json"),

@@ -152,7 +152,8 @@ def dense_ranking(doc_emb: np.ndarray, query_emb: np.ndarray, depth: int, index:
 
 
 def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: int = 60,
-         bm25_weight: float = 0.5, dense_weight: float = 0.5) -> Ranking:
+         bm25_weight: float = 0.5, dense_weight: float = 0.5,
+         stats: dict[str, list[ScoreStats]] | None = None) -> Ranking:
     """Hybrid candidates: both lists fused by the retrieval core's formula; guard scores are the dense ones.
 
     - ``rrf``: ``embtune.retrieval.fusion.rrf_fuse`` with weights ``bm25_weight`` and ``dense_weight``;
@@ -160,7 +161,8 @@ def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: 
       ``dense_weight / (dense_weight + bm25_weight)`` and the core's default normalization over each retriever's
       whole-corpus scores (``Ranking.score_docs`` of every document), as the ``Retriever`` eval and serve run.
     Ties are broken by document index. The corpus size is ``num_docs`` of the rankings (else the largest index
-    seen + 1).
+    seen + 1). ``stats`` (``{"sparse": [...], "dense": [...]}``, one :class:`ScoreStats` per query): the
+    whole-corpus statistics already computed (on shards), instead of scoring every document here.
     """
     if fusion not in ("rrf", "weighted"):
         raise ValueError(f"mining.fusion must be 'rrf' or 'weighted', got {fusion!r}")
@@ -179,12 +181,14 @@ def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: 
             fused = rrf_fuse([{"q": runs["sparse"]}, {"q": runs["dense"]}], k=rrf_k, depth=width,
                              weights=[bm25_weight, dense_weight])["q"]
         else:
-            stats = None
-            if needs_stats(DEFAULT_NORMALIZATION):
-                stats = {name: {"q": ScoreStats.of(ranking.score_docs(row, all_docs))}  # over (num_docs,) scores
-                         for name, ranking in (("sparse", bm25), ("dense", dense))}
+            query_stats = None
+            if needs_stats(DEFAULT_NORMALIZATION) and stats is not None:
+                query_stats = {name: {"q": stats[name][row]} for name in ("sparse", "dense")}
+            elif needs_stats(DEFAULT_NORMALIZATION):
+                query_stats = {name: {"q": ScoreStats.of(ranking.score_docs(row, all_docs))}  # (num_docs,) scores
+                               for name, ranking in (("sparse", bm25), ("dense", dense))}
             weight = dense_weight / (dense_weight + bm25_weight)
-            fused = weighted_fuse({"q": runs["dense"]}, {"q": runs["sparse"]}, weight, width, stats=stats)["q"]
+            fused = weighted_fuse({"q": runs["dense"]}, {"q": runs["sparse"]}, weight, width, stats=query_stats)["q"]
         union = np.array([int(d) for d in fused], dtype=np.int64)
         scores = np.array([fused[str(d)] for d in union])
         top = rank_order(scores, union, depth)

@@ -21,6 +21,7 @@ Outputs, each named in ``<run_dir>/data_prep/manifest.json``:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -81,6 +82,11 @@ def input_files(cfg) -> dict[str, str]:
 
 def data_files(cfg) -> dict[str, str]:
     data = cfg.data
+    if data.format == "parquet":
+        folder = Path(data.path)
+        corpus = folder / "corpus.parquet" if (folder / "corpus.parquet").is_file() else folder / "corpus"
+        return {"corpus": str(corpus), "queries": str(folder / "queries.jsonl"),
+                "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv")}
     if data.format == "beir":
         folder = Path(data.path)
         files = {
@@ -199,6 +205,11 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         return stage.outputs()
     stage.begin()
     stage.dir.mkdir(parents=True, exist_ok=True)
+    if cfg.data.format == "parquet":  # the BEIR folder with its corpus in Parquet, streamed once into a JSONL store
+        folder = parquet_to_beir(cfg.data.path, stage.dir / "dataset")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(folder), format="beir"))
+    if on_shards(cfg):
+        return run_on_shards(cfg, stage)
 
     dataset, eval_folder = load_dataset(cfg, stage.dir)
     logger.info("loaded %d documents, %d queries, %d judged queries (%s)", len(dataset.corpus),
@@ -435,3 +446,183 @@ def chunk_for_training(cfg, corpus, qrels, queries):
     logger.info("chunking: %d documents -> %d chunks (max %d tokens, overlap %d)", len(corpus), len(chunks),
                 cfg.chunking.max_tokens, cfg.chunking.overlap)
     return chunks, new_qrels, exclude
+
+
+# --- the corpus on shards (compute.engine: ray) ---------------------------------------------------------------------
+
+def on_shards(cfg) -> bool:
+    """Whether data_prep reads the corpus by row from its file (``compute.engine: ray``) rather than into a dict:
+    labelled BEIR data mined by BM25, dense, hybrid or random negatives, without chunking or a teacher. The other
+    routes (synthetic or label-free queries, chunking, a cross-encoder teacher) read the corpus into the driver,
+    and the log says so."""
+    if cfg.compute.engine != "ray":
+        return False
+    simple = (cfg.data.format == "beir" and cfg.data.queries == "labelled" and not cfg.chunking.max_tokens
+              and not cfg.mining.teacher)
+    if not simple:
+        logger.warning("compute.engine ray: data_prep holds the corpus in this process for this recipe (only "
+                       "labelled BEIR data without chunking or a mining teacher is read by row; docs/scale.md)")
+    return simple
+
+
+def parquet_to_beir(folder: str | Path, out: Path) -> Path:
+    """``data.format: parquet``: a BEIR folder whose corpus is ``corpus.parquet`` or a ``corpus/`` folder of
+    ``.parquet`` parts (columns ``_id``, ``text``, optional ``title``), written as a BEIR folder under ``out``:
+    the corpus streamed batch by batch into ``corpus.jsonl`` with its row and id index
+    (``embtune.retrieval.docstore.write_store``: a repeated id is an error naming it), the queries and qrels
+    copied. Nothing holds the corpus."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from embtune.retrieval.docstore import write_store
+
+    folder = Path(folder)
+    parts = [folder / "corpus.parquet"] if (folder / "corpus.parquet").is_file() else \
+        sorted((folder / "corpus").glob("*.parquet"))
+    if not parts:
+        raise InputError(f"data.path {folder}: data.format parquet needs corpus.parquet or corpus/*.parquet there")
+    for part in parts:
+        names = set(pq.ParquetFile(part).schema_arrow.names)
+        if not {"_id", "text"} <= names:
+            raise InputError(f"{part}: a corpus part needs columns '_id' and 'text' (and optionally 'title'); it "
+                             f"has {sorted(names)}")
+
+    def docs():
+        for part in parts:
+            handle = pq.ParquetFile(part)
+            columns = [c for c in ("_id", "title", "text") if c in handle.schema_arrow.names]
+            for batch in handle.iter_batches(batch_size=10_000, columns=columns):
+                values = batch.to_pydict()
+                for i, doc_id in enumerate(values["_id"]):
+                    yield {"_id": str(doc_id), "title": str(values.get("title", [""] * (i + 1))[i] or ""),
+                           "text": str(values["text"][i] or "")}
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows, _ = write_store(docs(), out / "corpus.jsonl")
+    for name in ("queries.jsonl", "qrels"):
+        source = folder / name
+        if source.is_dir():
+            shutil.copytree(source, out / name, dirs_exist_ok=True)
+        elif source.is_file():
+            shutil.copy2(source, out / name)
+    logger.info("%s: %d Parquet rows -> %s", folder, rows, out / "corpus.jsonl")
+    return out
+
+
+def run_on_shards(cfg, stage: Stage) -> dict[str, str]:
+    """Labelled mining with the corpus read by row (``embtune.compute.corpus.CorpusFile``): the candidates come
+    from indexes the engine builds on the corpus file's shards (BM25 counts, encoded Parquet shards, an IVF), and
+    :func:`mine_negatives` runs, as on the local engine, over the rows it reads: the positives, every candidate and
+    a seeded random sample (what ``on_short: random`` and ``method: random`` draw from). Its corpus counts
+    (empty and duplicate documents) are over those rows."""
+    import random
+
+    import numpy as np
+    from datasets import Dataset as HFDataset
+
+    from embtune.compute.corpus import open_corpus
+    from embtune.dataio import LoadReport, load_qrels, load_queries
+
+    data, m = cfg.data, cfg.mining
+    folder = Path(data.path)
+    if not folder.exists():
+        raise InputError(f"data.path {data.path}: no such file or folder (set data.path to your BEIR folder)")
+    load = LoadReport()
+    corpus = open_corpus(folder / "corpus.jsonl", data.on_error)
+    queries = load_queries(folder / "queries.jsonl", data.on_error, load)
+    qrels = load_qrels(folder / "qrels" / f"{data.train_split}.tsv", corpus, queries, data.on_error, load)
+    logger.info("corpus %s: %d documents, read by row; %d queries, %d judged (%s)", folder / "corpus.jsonl",
+                len(corpus), len(queries), len(qrels), load.summary())
+    outputs: dict[str, str | Path] = {"eval_dataset": folder}
+    train_qrels, dev_qrels = qrels, {}
+    if data.dev_fraction > 0:
+        train_qrels, dev_qrels = split_dev(qrels, data.dev_fraction, cfg.seed)
+        write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
+        outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
+        logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(qrels))
+    texts = corpus.texts(m.include_title)
+    query_ids = candidate_query_ids(train_qrels)
+    num_negatives = m.num_negatives if m.method != "none" else 0
+    ranking = build_ranking_on_shards(cfg, texts, [queries[q] for q in query_ids]) if num_negatives else None
+
+    # The rows mining reads: positives, candidates, and a seeded sample of the corpus to draw random ones from.
+    needed = {corpus.row_of(d) for q in query_ids for d in train_qrels[q]}
+    if ranking is not None:
+        needed.update(int(r) for r in np.unique(ranking.indices) if r >= 0)
+    pool = min(len(corpus), max(1000, 4 * len(query_ids) * max(num_negatives, 1)))
+    needed.update(random.Random(cfg.seed).sample(range(len(corpus)), pool))
+    rows_read = np.asarray(sorted(needed), dtype=np.int64)
+    sub_ids = [corpus.ids[int(r)] for r in rows_read]
+    sub_texts = dict(zip(sub_ids, (texts[int(r)] for r in rows_read)))
+    if ranking is not None:
+        ranking = on_rows(ranking, rows_read)
+    pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}
+    rows, mining_report = mine_negatives(dict.fromkeys(sub_ids), queries, train_qrels, sub_texts, m, seed=cfg.seed,
+                                         ranking=ranking, **pairs_only)
+    (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
+    print(mining_report.table())
+    if not rows:
+        raise RuntimeError(f"data_prep produced no training rows; see {stage.dir / 'mining_report.json'}")
+    table_dir = stage.dir / "train_table"
+    HFDataset.from_list(rows).save_to_disk(str(table_dir))
+    report = {"load": load.to_dict(), "mining": mining_report.to_dict(), "train_queries": len(train_qrels),
+              "labelled_train_queries": len(train_qrels), "dev_queries": len(dev_qrels), "rows": len(rows),
+              "corpus": {"documents": len(corpus), "read_by_row": True, "rows_mining_read": len(rows_read)}}
+    (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
+    logger.info("training table: %d rows, %d negatives each -> %s (mining read %d of %d documents)", len(rows),
+                num_negatives, table_dir, len(rows_read), len(corpus))
+    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
+                    "mining_report": stage.dir / "mining_report.json"})
+    return stage.finish(outputs)
+
+
+def on_rows(ranking: Ranking, rows) -> Ranking:
+    """``ranking`` (corpus rows) over a subset of the corpus, ``rows`` ascending: indices become positions in
+    ``rows`` (every ranked row must be among them), and ``score_docs`` maps positions back to corpus rows."""
+    import numpy as np
+
+    indices = np.where(ranking.indices >= 0, np.searchsorted(rows, ranking.indices), -1)
+
+    def score_docs(query_row: int, positions: np.ndarray) -> np.ndarray:
+        return ranking.score_docs(query_row, rows[np.asarray(positions, dtype=np.int64)])
+
+    return Ranking(indices, ranking.scores, score_docs, ranking.score_name, len(rows))
+
+
+def build_ranking_on_shards(cfg, texts, query_texts: list[str]) -> Ranking | None:
+    """:func:`build_ranking` over a corpus file's texts on the engine: BM25 built once on the file's shards, the
+    corpus encoded from the file into Parquet shards (the cache eval's base-model encode reuses), and a weighted
+    fusion normalized by whole-corpus statistics merged from the shards, as the core ``Retriever`` fuses."""
+    from embtune.compute.corpus import ShardedBM25Index
+    from embtune.compute.encoding import encode_corpus
+    from embtune.compute.search import bm25_index_candidates, dense_score_stats, shard_candidates
+    from embtune.retrieval.encoder import encode, load_encoder
+    from embtune.retrieval.fusion import ScoreStats
+
+    m = cfg.mining
+    if m.method not in ("bm25", "dense", "hybrid"):
+        return None
+    depth = max(m.candidate_depth, m.rank_end) if m.method == "hybrid" else m.rank_end
+    weighted = m.method == "hybrid" and m.fusion == "weighted"
+    bm25 = dense = None
+    stats: dict[str, list[ScoreStats]] = {}
+    if m.method in ("bm25", "hybrid"):
+        index = ShardedBM25Index(texts, cfg.bm25, cfg.compute)
+        scores, indices, score_docs = bm25_index_candidates(index.sharded, query_texts, depth)
+        bm25 = Ranking(indices, scores, score_docs, "bm25", len(texts))
+        if weighted:
+            stats["sparse"] = index.score_stats(query_texts)
+    if m.method in ("dense", "hybrid"):
+        model, key = load_encoder(m.model or cfg.train.base_model, m.max_seq_length)
+        shards = encode_corpus(model, texts, m.batch_size, cache_key=key, desc="mining corpus", role="document")
+        scores, indices, score_docs = shard_candidates(model, shards, query_texts, depth, cfg.compute, m.batch_size,
+                                                       m.faiss_index, m.ivf_nlist, m.ivf_nprobe)
+        dense = Ranking(indices, scores, score_docs, "cosine", len(texts))
+        if weighted:
+            query_emb = encode(model, query_texts, m.batch_size, desc="mining query")
+            stats["dense"] = [ScoreStats(*map(float, row))
+                              for row in dense_score_stats(shards, query_emb, cfg.compute)]
+    if m.method == "hybrid":
+        return fuse(bm25, dense, m.rank_end, m.fusion, m.rrf_k, m.bm25_weight, m.dense_weight, stats=stats or None)
+    return bm25 if m.method == "bm25" else dense

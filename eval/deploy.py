@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from embtune.compute.corpus import bm25_index
 from embtune.compute.encoding import encode_corpus
 from embtune.dataio import load_qrels, load_queries
 from embtune.eval.evaluator import Queries, encode_queries, evaluate
@@ -161,7 +162,7 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
     if cfg.eval.split == "dev" or "dev_qrels" not in data_out:
         return None
     folder = Path(eval_inputs(cfg)["corpus"]).parent
-    corpus = {d: None for d in doc_ids}
+    corpus = doc_ids if getattr(doc_ids, "unique", False) else set(doc_ids)  # ids on disk: looked up, not copied
     queries = load_queries(folder / "queries.jsonl", cfg.data.on_error)
     qrels = load_qrels(data_out["dev_qrels"], corpus, queries, cfg.data.on_error)
     dev = Queries(ids=sorted(qrels), texts=[queries[q] for q in sorted(qrels)])
@@ -177,7 +178,7 @@ def dev_rows(cfg, models: dict[str, str], doc_ids: list[str], doc_texts: list[st
                         ignore_identical_ids=cfg.eval.ignore_identical_ids).percent()["ndcg@10"]
 
     scores, specs, weights, _ = compare_rows(cfg, models, doc_ids, doc_texts,
-                                             bm25 or BM25Index(doc_texts, cfg.bm25), dev, DEV_WEIGHTS, embed, measure)
+                                             bm25 or bm25_index(doc_texts, cfg.bm25), dev, DEV_WEIGHTS, embed, measure)
     return {"ndcg@10": scores, "specs": specs, "dense_weight": weights, "num_queries": len(dev.ids)}
 
 

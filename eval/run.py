@@ -34,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from embtune.compute.corpus import bm25_index, open_corpus
 from embtune.compute.encoding import encode_corpus
 from embtune.config import ConfigError
-from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
+from embtune.dataio import load_qrels, load_queries
 from embtune.eval.deploy import chosen_weight, deploy_choice, dev_rows, hybrid_spec, recommendation
 from embtune.eval.endpoint import EndpointEncoder
 from embtune.eval.evaluator import EvalRow, Queries, encode_queries, evaluate, score
@@ -156,7 +157,8 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if not Path(inputs["qrels"]).is_file() or not Path(inputs["queries"]).is_file():
         return no_labelled_queries(cfg, stage, inputs)
 
-    corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
+    # A dict on the local engine; on Ray the file read by row, never held (embtune.compute.corpus).
+    corpus = open_corpus(inputs["corpus"], cfg.data.on_error)
     queries = load_queries(inputs["queries"], cfg.data.on_error)
     qrels = load_qrels(inputs["qrels"], corpus, queries, cfg.data.on_error)
     query_ids = sorted(qrels)
@@ -164,9 +166,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         query_ids = query_ids[: cfg.eval.max_queries]
         logger.warning("eval.max_queries=%d: a quick look only, not a reportable number", cfg.eval.max_queries)
     qrels = {q: qrels[q] for q in query_ids}
-    doc_ids = list(corpus)
+    doc_ids = corpus.ids
     # Titles as data_prep mined with them and the bundle embeds them (mining.include_title).
-    doc_texts = [document_text(corpus[d], cfg.mining.include_title) for d in doc_ids]
+    doc_texts = corpus.texts(cfg.mining.include_title)
     query_texts = [queries[q] for q in query_ids]
     logger.info("eval on split '%s': %d queries, %d documents", cfg.eval.split, len(query_ids), len(doc_ids))
 
@@ -176,7 +178,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     encoded: dict[str, Queries] = {}
     sweep_rows: list[dict[str, Any]] = []
     # One BM25 index for the BM25 row and every model's hybrid rows.
-    bm25 = BM25Index(doc_texts, cfg.bm25) if cfg.eval.compare_bm25 else None
+    bm25 = bm25_index(doc_texts, cfg.bm25) if cfg.eval.compare_bm25 else None
     for name, path in models.items():
         start = time.time()
         out = evaluate_dense(name, path, doc_ids, doc_texts, query_ids, query_texts, qrels, cfg, bm25=bm25)
@@ -213,7 +215,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if cfg.eval.reranker:
         start = time.time()
         reranked = rerank_rows(cfg, {name: row.run for name, row in rows.items()}, models,
-                               dict(zip(query_ids, query_texts)), dict(zip(doc_ids, doc_texts)))
+                               dict(zip(query_ids, query_texts)), corpus.text_by_id(cfg.mining.include_title))
         for target, run_ in reranked.items():
             row = f"{target}>rerank"
             spec = rows[target].spec.replace(rerank=RerankSpec(model=cfg.eval.reranker, top_k=cfg.eval.rerank_top_k,
@@ -313,11 +315,10 @@ def no_labelled_queries(cfg, stage, inputs: dict[str, str]) -> dict[str, str]:
             "corpus alone, and no judged query measured it. Add judged queries (BEIR qrels/<split>.tsv) to measure "
             "it.")
     print(note)
-    corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
-    doc_ids = list(corpus)
+    corpus = open_corpus(inputs["corpus"], cfg.data.on_error)
+    doc_ids = corpus.ids
     models = models_to_evaluate(cfg)
-    deploy = deploy_choice(cfg, models, doc_ids, [document_text(corpus[d], cfg.mining.include_title)
-                                                  for d in doc_ids], None)
+    deploy = deploy_choice(cfg, models, doc_ids, corpus.texts(cfg.mining.include_title), None)
     recommended = {**deploy, "split": cfg.eval.split, "ndcg@10": None}
     print(recommended["why"])
     stage.dir.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from embtune.compute.corpus import bm25_index
 from embtune.compute.encoding import encode_corpus
 from embtune.config import InputError
 from embtune.dataio import document_text
@@ -107,7 +108,7 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
                  copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch",
                  include_title: bool = True, max_seq_length: int = 0, index: str = "flat", index_factory: str = "",
                  nprobe: int = 32, ef_search: int = 128, k_factor: float = 32.0, train_rows: int = 0,
-                 embeddings: Any = None, train_sample: np.ndarray | None = None) -> Path:
+                 embeddings: Any = None, train_sample: np.ndarray | None = None, doc_texts: Any = None) -> Path:
     """Write a bundle: copy the model, embed ``docs`` into an exact inner-product index, write the manifest.
 
     Args:
@@ -135,6 +136,9 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         embeddings: the documents' vectors already computed (``ShardSet``-like: ``num_rows``, ``dim``, iterating
             ``(start, ids, vectors)`` shards), in ``docs`` order; ``docs`` is then streamed to disk, never held.
         train_sample: vectors to train an approximate index on (default: sampled from ``embeddings``).
+        doc_texts: the documents' texts as the engine reads them, in ``docs`` order (``embtune.compute.corpus``: on
+            the Ray engine a corpus file's column, whose shards the actors encode from the file); ``docs`` is then
+            streamed to disk, never held, and BM25 is built on the file's shards.
 
     The manifest records the settings (``SERVING_KEYS``) that :func:`load_bundle` then serves with.
     With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
@@ -182,12 +186,16 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         shutil.rmtree(index_dir)
     if index not in ANN_KINDS:
         raise ValueError(f"export.index must be one of {list(ANN_KINDS)}, got {index!r}")
-    doc_texts: Any = None
     if docs is not None:
         import faiss  # only bundles with an index need it
 
         index_dir.mkdir(parents=True)
-        if embeddings is None:
+        if embeddings is None and doc_texts is not None:  # texts the engine reads: the documents are streamed
+            num_docs, fields = write_store(docs, out_dir / DOCS_FILE)
+            key = cache_key(str(model_dir), model.max_seq_length, role="document")
+            embeddings = encode_corpus(model, doc_texts, batch_size, cache_key=key, desc="bundle corpus",
+                                       role="document")
+        elif embeddings is None:
             docs = list(docs)
             num_docs, fields = write_store(docs, out_dir / DOCS_FILE)  # refuses a malformed document, naming its row
             # The source model's cache key: eval encoded this corpus with the same weights minutes before (the
@@ -233,8 +241,9 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
         if doc_texts is None:
             doc_texts = [document_text(d, include_title) for d in DocStore(out_dir / DOCS_FILE)]
         manifest["bm25_language"] = resolve_language(spec.bm25, doc_texts)
-        # Built once here and memory-mapped by the server, instead of rebuilt from docs.jsonl at every start.
-        BM25Index(doc_texts, spec.bm25).save(out_dir / BM25_DIR)
+        # Built once here and memory-mapped by the server, instead of rebuilt from docs.jsonl at every start (on
+        # the engine's shards for a corpus file's texts).
+        bm25_index(doc_texts, spec.bm25).save(out_dir / BM25_DIR)
     spec.save(out_dir / SPEC_FILE)
     manifest["retriever"] = spec.describe()
     manifest["versions"] = versions()

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
+from embtune.compute.corpus import open_corpus
 from embtune.config import to_dict
-from embtune.dataio import load_corpus
 from embtune.manifest import Stage, versions
 from embtune.retrieval.metrics import METRICS
 from embtune.retrieval.spec import RetrieverSpec
@@ -166,16 +166,17 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if out_dir.exists():
         shutil.rmtree(out_dir)
     targets = cfg.export.targets
-    docs = None
+    corpus = None
     if targets:
         corpus_file = Path(upstream(cfg, "data_prep").get("eval_dataset") or cfg.data.path) / "corpus.jsonl"
-        docs = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(corpus_file, cfg.data.on_error).items()]
+        # A dict on the local engine; on Ray the file read by row, streamed into the bundle, encoded by the actors.
+        corpus = open_corpus(corpus_file, cfg.data.on_error)
     spec, spec_source = bundle_spec(results, model_dir)
     if bundle_model(spec, model_dir) != model_dir:
         logger.info("the bundle ships %s, the model the chosen retriever searches (%s), not %s",
                     bundle_model(spec, model_dir), spec_source.get("why"), model_dir)
         model_dir = bundle_model(spec, model_dir)
-    faiss_docs = docs if "faiss" in targets else None
+    faiss_docs = corpus.docs() if corpus is not None and "faiss" in targets else None
     if spec is not None and faiss_docs is None and (spec.bm25 is not None or spec.rerank is not None):
         logger.warning("'faiss' is not in export.targets: the bundle has no documents, so it serves no %s",
                        spec.describe())
@@ -186,14 +187,15 @@ def run(cfg, force: bool = False) -> dict[str, str]:
                  include_title=cfg.mining.include_title, max_seq_length=cfg.eval.max_seq_length,
                  index=cfg.export.index.kind, index_factory=cfg.export.index.factory, nprobe=cfg.export.index.nprobe,
                  ef_search=cfg.export.index.ef_search, k_factor=cfg.export.index.k_factor,
-                 train_rows=cfg.export.index.train_rows)
+                 train_rows=cfg.export.index.train_rows,
+                 doc_texts=corpus.texts(cfg.mining.include_title) if faiss_docs is not None else None)
     vector_targets = [t for t in targets if t != "faiss"]
     if vector_targets:
         # chromadb, lancedb and pymilvus load only when a target needs them
         from embtune.serve.vectordb import export_vectordb
 
         # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
-        export_vectordb(out_dir, model_dir, docs, vector_targets, cfg.export.vectordb,
+        export_vectordb(out_dir, model_dir, list(corpus.docs()), vector_targets, cfg.export.vectordb,
                         name=cfg.export.vectordb.name or cfg.export.model_name, include_title=cfg.mining.include_title,
                         milvus=cfg.export.milvus)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

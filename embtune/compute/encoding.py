@@ -39,8 +39,13 @@ def encode_corpus(model, texts: list[str], batch_size: int = 64, cache_key: str 
     """
     compute = compute or active()
     if cache_key and compute.engine == "ray" and LOADED_AS in vars(model):
-        from embtune.compute.shards import encode_texts
+        from embtune.compute.shards import encode_items, encode_texts, shard_directory
 
+        if hasattr(texts, "shard_items"):  # a corpus file's texts (embtune.compute.corpus): the actors read the file
+            stem = cache_stem(model, cache_key, [texts.content_key], role)
+            return encode_items(vars(model)[LOADED_AS], texts.shard_items(),
+                                shard_directory(stem, compute.shard_rows), compute, model.get_embedding_dimension(),
+                                role, desc=desc or "corpus")
         stem = cache_stem(model, cache_key, texts, role)
         if (cache_dir() / f"{stem}.npy").is_file():
             logger.info("compute.engine ray: the local engine's %s.npy is not read (shards keep the matrix out of "

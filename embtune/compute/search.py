@@ -16,8 +16,9 @@ vocabulary with its frequencies: its size, not the corpus's, is the limit (docs/
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -130,20 +131,7 @@ def dense_score_stats(shards: ShardSet, query_emb: np.ndarray, compute: ComputeC
     calls = [(str(shards.path(start)), start, shards.shard_overrides(start))
              for start in shards.starts]
     parts = dict(map_shards(_stats_shard, calls, compute, {"queries": query_emb, "dim": dim}))
-    count = np.zeros(len(query_emb))
-    mean = np.zeros(len(query_emb))
-    squares = np.zeros(len(query_emb))
-    low = np.full(len(query_emb), np.inf)
-    high = np.full(len(query_emb), -np.inf)
-    for start in shards.starts:  # in row order, so the result does not depend on which task finished first
-        n, m, m2, lo, hi = parts[start].T
-        total = count + n
-        delta = m - mean
-        mean = mean + delta * n / total
-        squares = squares + m2 + delta ** 2 * count * n / total
-        count = total
-        low, high = np.minimum(low, lo), np.maximum(high, hi)
-    return np.stack([low, high, mean, np.sqrt(squares / np.maximum(count, 1))], axis=1)
+    return merge_stats([parts[start] for start in shards.starts], len(query_emb))
 
 
 class ShardedDenseIndex:
@@ -408,6 +396,90 @@ def _bm25_shard(directory: str, start: int, k: int, k1: float, b: float, terms: 
                 avgdl: float, query_tokens: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     """One saved shard's top-``k`` per query under corpus-wide statistics: (scores float64, corpus rows). Reads
     only the postings of the query terms; no text is read or tokenized."""
+    index = _shard_index(directory, start, k1, b, terms, idf, avgdl)
+    scores, indices = index.search(query_tokens, k)  # ties by lower row within the shard
+    return scores, indices + start
+
+
+def _bm25_stats_shard(directory: str, start: int, k1: float, b: float, terms: np.ndarray, idf: np.ndarray,
+                      avgdl: float, query_tokens: list[list[str]]) -> tuple[int, np.ndarray]:
+    """Per query: (count, mean, sum of squared deviations, min, max) of its BM25 scores over one saved shard."""
+    index = _shard_index(directory, start, k1, b, terms, idf, avgdl)
+    out = np.empty((len(query_tokens), 5))
+    for row, tokens in enumerate(query_tokens):
+        scores = index.get_scores(tokens)  # (shard docs,) float64, FastBM25's sum in query-token order
+        mean = scores.mean()
+        out[row] = (len(scores), mean, float(((scores - mean) ** 2).sum()), scores.min(), scores.max())
+    return start, out
+
+
+def merge_stats(parts: Sequence[np.ndarray], n_queries: int) -> np.ndarray:
+    """Per-shard (count, mean, squared deviations, min, max) rows merged in shard order (Chan et al.):
+    (n_queries, 4) low, high, mean, std, ``ScoreStats.of`` over the whole corpus to float64 rounding."""
+    count = np.zeros(n_queries)
+    mean = np.zeros(n_queries)
+    squares = np.zeros(n_queries)
+    low = np.full(n_queries, np.inf)
+    high = np.full(n_queries, -np.inf)
+    for part in parts:  # in row order, so the result does not depend on which task finished first
+        n, m, m2, lo, hi = part.T
+        total = count + n
+        delta = m - mean
+        mean = mean + delta * n / np.maximum(total, 1)
+        squares = squares + m2 + delta ** 2 * count * n / np.maximum(total, 1)
+        count = total
+        low, high = np.minimum(low, lo), np.maximum(high, hi)
+    return np.stack([low, high, mean, np.sqrt(squares / np.maximum(count, 1))], axis=1)
+
+
+def _bm25_merge(directory: str, starts: list[int], target: str, vocab: list[str], idf: np.ndarray, avgdl: float,
+                k1: float, b: float) -> int:
+    """Write the (vocab, docs) CSR of BM25 weights of every saved shard as ``BM25Index.save`` lays it out: a
+    term's postings are its postings in each shard in shard order, so each shard's entries land in one run per
+    term. Run as a task: the output arrays are memory-mapped in that process, not the driver."""
+    from pathlib import Path
+
+    from numpy.lib.format import open_memmap
+
+    position = {term: i for i, term in enumerate(vocab)}
+    shards = [Path(directory) / f"{start:012d}{BM25_DIR_SUFFIX}" for start in starts]
+    global_of = []
+    doc_freq = np.zeros(len(vocab), dtype=np.int64)
+    docs = 0
+    for path in shards:
+        terms, frequencies, _, shard_docs = _shard_counts(path)
+        ids = np.fromiter((position[t] for t in terms), dtype=np.int64, count=len(terms))
+        global_of.append(ids)
+        np.add.at(doc_freq, ids, frequencies)
+        docs += shard_docs
+    indptr = np.concatenate([[0], np.cumsum(doc_freq)]).astype(np.int64)
+    target = Path(target)
+    np.save(target / "indptr.npy", indptr)
+    np.save(target / "doc_freq.npy", doc_freq.astype(np.float64))
+    data = open_memmap(target / "data.npy", mode="w+", dtype=np.float64, shape=(int(indptr[-1]),))
+    indices = open_memmap(target / "indices.npy", mode="w+", dtype=np.int32, shape=(int(indptr[-1]),))
+    cursor = indptr[:-1].copy()
+    for path, start, ids in zip(shards, starts, global_of):
+        local_indptr = np.load(path / "indptr.npy")
+        counts = np.diff(local_indptr)
+        term_of_entry = np.repeat(ids, counts)
+        # each entry's place: its term's cursor, plus its rank among that term's entries in this shard
+        destination = np.repeat(cursor[ids] - local_indptr[:-1], counts) + np.arange(int(local_indptr[-1]))
+        doc = np.load(path / "indices.npy")
+        tf = np.load(path / "data.npy").astype(np.float64)
+        doc_len = np.load(path / "doc_len.npy").astype(np.float64)
+        length_norm = k1 * (1 - b + b * doc_len[doc] / avgdl)
+        data[destination] = idf[term_of_entry] * (tf * (k1 + 1) / (tf + length_norm))  # _bm25_shard's arithmetic
+        indices[destination] = doc + start
+        cursor[ids] += counts
+    data.flush()
+    indices.flush()
+    return docs
+
+
+def _shard_index(directory: str, start: int, k1: float, b: float, terms: np.ndarray, idf: np.ndarray,
+                 avgdl: float) -> FastBM25:
+    """A saved shard as a ``FastBM25`` over the query terms only, with corpus-wide idf and average length."""
     from pathlib import Path
 
     path = Path(directory) / f"{start:012d}{BM25_DIR_SUFFIX}"
@@ -420,9 +492,7 @@ def _bm25_shard(directory: str, start: int, k: int, k1: float, b: float, terms: 
     term_of_entry = np.repeat(np.arange(len(terms)), np.diff(term_freq.indptr))
     term_freq.data = idf[term_of_entry] * (tf * (k1 + 1) / (tf + length_norm))
     term_of = {str(term): i for i, term in enumerate(terms)}
-    index = FastBM25.from_weights(term_of, term_freq, np.diff(term_freq.indptr), k1=k1, b=b)
-    scores, indices = index.search(query_tokens, k)  # ties by lower row within the shard
-    return scores, indices + start
+    return FastBM25.from_weights(term_of, term_freq, np.diff(term_freq.indptr), k1=k1, b=b)
 
 
 @dataclass
@@ -498,16 +568,46 @@ class ShardedBM25:
 
     def search(self, query_texts: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` per query: (scores float64, corpus rows int64), each (n_queries, min(k, rows))."""
-        query_tokens = self.tokenize(query_texts)
-        terms = self.stats.query_terms(query_tokens)
-        idf = self.stats.idf[[self.stats.vocab[t] for t in terms]] if terms else np.zeros(0)
-        shared = {"k": k, "k1": self.settings.k1, "b": self.settings.b, "terms": np.asarray(terms, dtype=str),
-                  "idf": idf, "avgdl": self.stats.avgdl, "query_tokens": query_tokens}
+        shared = {"k": k, **self._shared(query_texts)}
         best = None
         calls = [(str(self.directory), start) for start in self.starts]
         for scores, indices in map_shards(_bm25_shard, calls, self.compute, shared):
             best = merge_bm25(best, scores, indices, k)
         return best
+
+    def _shared(self, query_texts: Sequence[str]) -> dict[str, Any]:
+        query_tokens = self.tokenize(query_texts)
+        terms = self.stats.query_terms(query_tokens)
+        idf = self.stats.idf[[self.stats.vocab[t] for t in terms]] if terms else np.zeros(0)
+        return {"k1": self.settings.k1, "b": self.settings.b, "terms": np.asarray(terms, dtype=str), "idf": idf,
+                "avgdl": self.stats.avgdl, "query_tokens": query_tokens}
+
+    def score_stats(self, query_texts: Sequence[str]) -> np.ndarray:
+        """Each query's BM25 score statistics over every document, (n_queries, 4): low, high, mean, std
+        (population), merged from the shards as :func:`dense_score_stats` merges them."""
+        calls = [(str(self.directory), start) for start in self.starts]
+        parts = dict(map_shards(_bm25_stats_shard, calls, self.compute, self._shared(query_texts)))
+        return merge_stats([parts[start] for start in self.starts], len(query_texts))
+
+    def save(self, directory, settings: BM25Config):
+        """The whole corpus's index as ``embtune.retrieval.spec.BM25Index.save`` writes it (weights, doc_freq,
+        vocabulary, the resolved tokenizer), merged from the saved shards by one task, so ``BM25Index.load``
+        serves it memory-mapped. ``settings``: the section as asked (``language: auto`` kept, as a bundle records
+        it)."""
+        from pathlib import Path
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        call = [(str(self.directory), self.starts, str(directory))]
+        shared = {"vocab": list(self.stats.vocab), "idf": self.stats.idf, "avgdl": self.stats.avgdl,
+                  "k1": self.settings.k1, "b": self.settings.b}
+        (total,) = map_shards(_bm25_merge, call, self.compute, shared)
+        meta = {"settings": asdict(settings), "tokenizer": self.tokenizer.describe(), "num_docs": total,
+                "k1": self.settings.k1, "b": self.settings.b, "epsilon": 0.25}
+        (directory / "bm25.json").write_text(json.dumps(meta, indent=1))
+        (directory / "vocab.json").write_text(json.dumps(list(self.stats.vocab), ensure_ascii=False))
+        logger.info("BM25 index of %d documents merged from %d shards into %s", total, len(self.starts), directory)
+        return directory
 
     def doc_scores(self, query_tokens: Sequence[str], rows: np.ndarray) -> np.ndarray:
         """BM25 scores of some corpus rows for one tokenized query (float64, (len(rows),)), from the saved

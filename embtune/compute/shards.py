@@ -286,7 +286,8 @@ def read_rows(items: list[dict[str, Any]], rows: Sequence[int]) -> tuple[list[st
 
 
 def read_source(source: dict[str, Any], start: int) -> tuple[list[str], list[str]]:
-    """(doc ids, texts) of one shard; texts as ``embtune.dataio.document_text`` builds them (title + " " + text)."""
+    """(doc ids, texts) of one shard; texts as ``embtune.dataio.document_text`` builds them (title + " " + text, or
+    the text alone for a source with ``"include_title": false``)."""
     from embtune.dataio import document_text
 
     kind = source["kind"]
@@ -305,7 +306,8 @@ def read_source(source: dict[str, Any], start: int) -> tuple[list[str], list[str
             except json.JSONDecodeError as error:
                 raise ValueError(f"{source['path']}: row {start + number}: not JSON ({error})") from None
             ids.append(str(row["_id"]))
-            texts.append(document_text({"title": str(row.get("title") or ""), "text": str(row.get("text") or "")}))
+            texts.append(document_text({"title": str(row.get("title") or ""), "text": str(row.get("text") or "")},
+                                       source.get("include_title", True)))
         return ids, texts
     if kind == "parquet":
         import pyarrow.parquet as pq

@@ -6,7 +6,9 @@ A store is the bundle's ``docs.jsonl`` (one JSON object per index row) and two a
 - ``docs.idhash.npy``: (rows, 2) int64, each row's ``(hash of its _id, row)`` sorted by hash, so an id is found by a
   binary search and one read (no dict of every id: at 10M rows that dict alone is about a gigabyte).
 
-Both arrays are memory-mapped, so opening a store reads nothing but their headers.
+Both arrays are memory-mapped, so opening a store reads nothing but their headers. A corpus file that exists
+already (a BEIR ``corpus.jsonl``) gets the same two arrays in a folder of their own (:func:`index_jsonl`), so the
+stages read it by row on the Ray engine without copying it.
 
 Example::
 
@@ -28,14 +30,16 @@ import numpy as np
 TEXT_FIELDS = {"_id", "title", "text"}
 
 
-def offsets_path(path: str | Path) -> Path:
+def offsets_path(path: str | Path, index_dir: str | Path | None = None) -> Path:
     path = Path(path)
-    return path.with_name(path.name.removesuffix(".jsonl") + ".offsets.npy")
+    name = path.name.removesuffix(".jsonl") + ".offsets.npy"
+    return Path(index_dir) / name if index_dir else path.with_name(name)
 
 
-def idhash_path(path: str | Path) -> Path:
+def idhash_path(path: str | Path, index_dir: str | Path | None = None) -> Path:
     path = Path(path)
-    return path.with_name(path.name.removesuffix(".jsonl") + ".idhash.npy")
+    name = path.name.removesuffix(".jsonl") + ".idhash.npy"
+    return Path(index_dir) / name if index_dir else path.with_name(name)
 
 
 def id_hash(doc_id: str) -> int:
@@ -65,31 +69,68 @@ def write_store(docs: Iterable[dict[str, Any]], path: str | Path) -> tuple[int, 
             if len(doc) > 3 or not doc.keys() <= TEXT_FIELDS:
                 fields.update(k for k, v in doc.items() if k not in TEXT_FIELDS and not isinstance(v, (list, dict)))
     np.save(offsets_path(path), np.asarray(offsets, dtype=np.int64))
+    _write_id_table(path, None, hashes)
+    return len(hashes), sorted(fields)
+
+
+def _write_id_table(path: Path, index_dir: Path | None, hashes: list[int] | np.ndarray) -> None:
+    """The sorted ``(id hash, row)`` table, after checking that equal hashes are not the same id."""
     table = np.stack([np.asarray(hashes, dtype=np.int64), np.arange(len(hashes), dtype=np.int64)], axis=1)
     table = table[np.argsort(table[:, 0], kind="stable")] if len(table) else table.reshape(0, 2)
-    store = DocStore(path)
+    store = DocStore(path, index_dir)
     for at in np.flatnonzero(table[1:, 0] == table[:-1, 0]):  # equal hashes: the same id, or (rarely) a collision
         first, second = int(table[at, 1]), int(table[at + 1, 1])
         if store[first]["_id"] == store[second]["_id"]:
             raise ValueError(f"{path}: document id {store[first]['_id']!r} occurs at rows {first} and {second}; "
                              "runs are keyed by id")
-    np.save(idhash_path(path), table)
-    return len(hashes), sorted(fields)
+    np.save(idhash_path(path, index_dir), table)
+
+
+def index_jsonl(path: str | Path, index_dir: str | Path) -> int:
+    """Offsets and id index for a JSONL corpus that already exists (a BEIR ``corpus.jsonl``), written under
+    ``index_dir``; the file itself is not copied or changed. Rows are its non-blank lines, as
+    ``embtune.dataio.load_corpus`` and the Ray engine's shard plans count them. Returns the row count.
+
+    Raises ``ValueError`` naming the file and line of a row that is not a JSON object with string ``_id`` and
+    ``text``, or of an id that occurs twice.
+    """
+    path, index_dir = Path(path), Path(index_dir)
+    index_dir.mkdir(parents=True, exist_ok=True)
+    offsets: list[int] = []
+    hashes: list[int] = []
+    position = 0
+    with open(path, "rb") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    doc = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno}: invalid JSON: {err}") from None
+                if not isinstance(doc, dict) or not isinstance(doc.get("_id"), str) \
+                        or not isinstance(doc.get("text"), str):
+                    raise ValueError(f"{path}:{lineno}: expected an object with string '_id' and 'text'")
+                offsets.append(position)
+                hashes.append(id_hash(doc["_id"]))
+            position += len(line)
+    offsets.append(position)
+    np.save(offsets_path(path, index_dir), np.asarray(offsets, dtype=np.int64))
+    _write_id_table(path, index_dir, hashes)
+    return len(hashes)
 
 
 class DocStore(Sequence):
     """The documents of a store written by :func:`write_store`, read on demand; ``store[row]`` is a dict."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, index_dir: str | Path | None = None) -> None:
         self.path = Path(path)
-        if not offsets_path(self.path).is_file():
-            raise FileNotFoundError(f"{self.path}: no {offsets_path(self.path).name} beside it (write it with "
-                                    "embtune.retrieval.docstore.write_store)")
-        self.offsets = np.load(offsets_path(self.path), mmap_mode="r")  # (rows + 1,)
-        table = idhash_path(self.path)
+        if not offsets_path(self.path, index_dir).is_file():
+            raise FileNotFoundError(f"{self.path}: no {offsets_path(self.path, index_dir)} (write it with "
+                                    "embtune.retrieval.docstore.write_store or index_jsonl)")
+        self.offsets = np.load(offsets_path(self.path, index_dir), mmap_mode="r")  # (rows + 1,)
+        table = idhash_path(self.path, index_dir)
         self._idhash = np.load(table, mmap_mode="r") if table.is_file() else None  # (rows, 2)
         self._fd = os.open(self.path, os.O_RDONLY)
-        self.ids = _Column(self, lambda doc: doc["_id"])
+        self.ids = _IdColumn(self, lambda doc: doc["_id"])
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -108,7 +149,8 @@ class DocStore(Sequence):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         with open(self.path, "rb") as handle:
             for line in handle:
-                yield json.loads(line)
+                if line.strip():  # an indexed corpus file may have blank lines; they are no rows
+                    yield json.loads(line)
 
     def texts(self, include_title: bool = True) -> "_Column":
         """Each row's text as a model and BM25 read it (``embtune.dataio.document_text``), on demand."""
@@ -152,3 +194,14 @@ class _Column(Sequence):
 
     def __iter__(self) -> Iterator[Any]:
         return (self.value(doc) for doc in self.store)
+
+
+class _IdColumn(_Column):
+    """The ids, with ``in`` by the id index (one binary search and a read, not a scan)."""
+
+    def __contains__(self, doc_id: object) -> bool:
+        try:
+            self.store.row_of(str(doc_id))
+        except KeyError:
+            return False
+        return True

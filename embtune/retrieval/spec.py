@@ -437,7 +437,8 @@ class Retriever:
             loaded on first use.
         device: the device of that default cross-encoder.
         bm25: a :class:`BM25Index` already built over these documents, to share (eval's retrievers of several
-            models fuse with one BM25).
+            models fuse with one BM25), or one with its ``search`` and a batched ``score_stats`` (the engine's
+            index over a corpus file's shards, ``embtune.compute.corpus.ShardedBM25Index``).
     """
 
     def __init__(self, spec: RetrieverSpec, doc_ids: Sequence[str], doc_texts: Sequence[str],
@@ -585,6 +586,9 @@ class Retriever:
         dense_index, bm25_index = self._dense_index(spec.dense), self._bm25_index(spec.bm25)
         stats: dict[str, dict[str, ScoreStats]] = {"dense": dict(zip(query_ids, dense_index.score_stats(
             np.asarray(query_emb), allowed))), "sparse": {}}
+        if hasattr(bm25_index, "score_stats"):  # an index over shards merges each shard's statistics
+            stats["sparse"] = dict(zip(query_ids, bm25_index.score_stats(query_texts, allowed)))
+            return stats
         for i, qid in enumerate(query_ids):
             scores = bm25_index.all_scores(query_texts[i])  # (n_docs,)
             stats["sparse"][qid] = ScoreStats.of(scores if allowed is None else scores[allowed])

@@ -13,6 +13,9 @@ class DataConfig:
 
     ``format``:
       - ``beir``: a BEIR folder (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``);
+      - ``parquet``: a BEIR folder whose corpus is Parquet (``corpus.parquet`` or ``corpus/*.parquet``, columns
+        ``_id``, ``text``, optional ``title``): data_prep streams it once into a JSONL store that the Ray engine
+        reads by row (docs/scale.md);
       - ``files``: a folder of your own ``.txt`` / ``.md`` / ``.rst`` / ``.html`` documents (``path``, ``glob``);
       - ``table``: a CSV, TSV, Parquet or JSONL file of documents (``id_column``, ``text_column``, ``title_column``);
       - ``hf``: a ``datasets`` dataset, saved with ``save_to_disk`` or a hub name (``split``, same column keys);
@@ -23,8 +26,9 @@ class DataConfig:
     label-free route.
     """
 
-    # beir | files | table | hf read your corpus; jsonl | hf_disk read (query, positive) pairs; pydoc is the demo.
-    format: Literal["beir", "files", "table", "hf", "jsonl", "hf_disk", "pydoc"] = "beir"
+    # beir | parquet | files | table | hf read your corpus; jsonl | hf_disk read (query, positive) pairs; pydoc is
+    # the demo.
+    format: Literal["beir", "parquet", "files", "table", "hf", "jsonl", "hf_disk", "pydoc"] = "beir"
     # The BEIR folder (beir), the documents folder (files), the table file (table), or a saved dataset or hub name.
     path: str = ""
     pairs_file: str = ""
@@ -65,7 +69,8 @@ class DataConfig:
                     and not (folder / "qrels").exists())
 
     def validate(self) -> None:
-        what = {"beir": "a BEIR folder", "files": "a folder of documents", "table": "a CSV/TSV/Parquet/JSONL file",
+        what = {"beir": "a BEIR folder", "parquet": "a BEIR folder with corpus.parquet",
+                "files": "a folder of documents", "table": "a CSV/TSV/Parquet/JSONL file",
                 "hf": "a saved dataset folder or a hub dataset name"}
         if self.format in what and not self.path:
             raise ValueError(f"data.path must name {what[self.format]} when data.format is '{self.format}' "

@@ -103,6 +103,13 @@ def _load_model(model_dir: Path, backend: str, onnx_file: str = "", device: str 
     return OnnxEncoder(model_dir, onnx_file or BACKEND_FILES[backend], threads=threads, max_seq_length=max_seq_length)
 
 
+def finite_length(max_seq_length: Any) -> int:
+    """A model's token limit as the manifest records it: 0 for none (a ``StaticEmbedding`` model's is infinite)."""
+    import math
+
+    return int(max_seq_length) if max_seq_length and math.isfinite(max_seq_length) else 0
+
+
 def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, out_dir: str | Path,
                  batch_size: int = 64, dims: list[int] | None = None, device: str | None = None,
                  copy_model: bool = True, spec: RetrieverSpec | None = None, backend: str = "torch",
@@ -180,7 +187,7 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
 
     manifest: dict[str, Any] = {"dims": dims or [dim], "metric": similarity_of(model), "corpus_hash": None,
                                 "num_docs": 0, "similarity_fn_name": similarity_of(model), "encoder_backend": backend,
-                                "max_seq_length": int(model.max_seq_length or 0), "include_title": include_title}
+                                "max_seq_length": finite_length(model.max_seq_length), "include_title": include_title}
     index_dir = out_dir / "index"
     if index_dir.exists():
         shutil.rmtree(index_dir)
@@ -437,8 +444,10 @@ def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: s
     elif spec.bm25 is not None:  # an older bundle: BM25 is rebuilt from the documents at start
         check_setting(bundle_dir, manifest, "bm25_language", resolve_language(spec.bm25, doc_texts),
                       f"bm25.language in {spec_path}")
+    # A model without a token limit (StaticEmbedding) is served at 512 tokens an input (serve.max_input_tokens
+    # sets another bound).
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
-                  max_seq_length=int(model.max_seq_length or 512), index=index, docs=docs, encode=encode_texts,
+                  max_seq_length=finite_length(model.max_seq_length) or 512, index=index, docs=docs, encode=encode_texts,
                   spec=spec, doc_texts=doc_texts, bm25=bm25)
 
 

@@ -530,3 +530,21 @@ def test_bundle_dir_defaults_to_the_recipes_export(tmp_path):
     assert config_from_args([f"run_dir={tmp_path}"]).bundle_dir == str(tmp_path / "bundle")
     assert config_from_args([f"run_dir={tmp_path}", "export.out_dir=elsewhere"]).bundle_dir == "elsewhere"
     assert config_from_args(["--bundle", "b", "serve.bundle_dir=a"]).bundle_dir == "b"
+
+
+def test_a_static_embedding_model_is_bundled_and_served(tiny_model_dir, tiny_beir, tmp_path):
+    """sentence-transformers' StaticEmbedding has no token limit (max_seq_length is infinite): the bundle records
+    0 (the model's own) and serves its vectors."""
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    from embtune.serve.bundle import MANIFEST_FILE, load_bundle
+    from tests.test_vectordb_export import _docs
+
+    tokenizer = SentenceTransformer(str(tiny_model_dir), device="cpu").tokenizer
+    static = SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=8), Normalize()], device="cpu")
+    static.save(str(tmp_path / "static"))
+    out = build_bundle(tmp_path / "static", _docs(tiny_beir), tmp_path / "bundle", device="cpu")
+    manifest = __import__("json").loads((out / MANIFEST_FILE).read_text())
+    assert manifest["max_seq_length"] == 0 and manifest["num_docs"] == 72
+    bundle = load_bundle(out, device="cpu")
+    np.testing.assert_allclose(bundle.encode(["alpha beta"]), static.encode(["alpha beta"]), atol=1e-6)

@@ -169,7 +169,7 @@ def fuse(bm25: Ranking, dense: Ranking, depth: int, fusion: str = "rrf", rrf_k: 
     n_queries = bm25.indices.shape[0]
     width = max(bm25.indices.shape[1], dense.indices.shape[1])
     num_docs = max(bm25.num_docs, dense.num_docs) or int(max(bm25.indices.max(), dense.indices.max())) + 1
-    all_docs = np.arange(num_docs)
+    all_docs = np.arange(num_docs) if stats is None else None  # scored one query at a time when no stats are given
     out_indices = np.full((n_queries, depth), -1, dtype=np.int64)
     out_scores = np.full((n_queries, depth), -np.inf)
     for row in range(n_queries):

@@ -2,14 +2,16 @@
 
     python scripts/bench_scale.py                       # 30k and 300k passages -> benchmarks/results/scale.json
     python scripts/bench_scale.py --small 3000 --large 0 --out /tmp/scale.json   # a quick look
-    python scripts/bench_scale.py --pipeline 30000 300000 3000000 --shard-rows 25000 --nprobe 256 --lancedb \
-        --deadline 12:10                            # the pipeline on shards -> scale.json's pipeline_runs
+    python scripts/bench_scale.py --pipeline 30000 300000 3000000 --shard-rows 25000 --nprobe 256 \
+        --deadline 12:10                            # the stages on the Ray engine -> scale.json's pipeline_runs
 
-``--pipeline`` (``child_pipeline``): per corpus size, one driver process runs data_prep's mining, eval and export
-on the Ray engine from a corpus file it never loads, with a ``StaticEmbedding`` encoder built from MiniLM's
-tokenizer and word table (the plumbing, not retrieval quality), recording the driver's sampled peak RSS, seconds
-per stage, BM25 ms per query and the IVF candidates' recall@10 against exact search; the file's other keys are kept
-(``benchlib.write_result``).
+``--pipeline`` (``child_pipeline``): per corpus size, one driver process runs the stages' entry points, data_prep
+(hybrid mining: BM25 and an IVF on shards), eval (the encoder, BM25 and their weighted fusion, the fusion weight
+chosen on a dev split) and export (an IVF-PQ bundle, with BM25 merged from the shards when the chosen retriever
+fuses it), with ``compute.engine: ray`` on a BEIR folder written for the size, with a ``StaticEmbedding`` encoder
+built from MiniLM's tokenizer and word table (the plumbing, not retrieval quality). It records the driver's sampled
+peak RSS, seconds per stage, BM25 ms per query and the mining IVF's recall@10 against exact search; the file's
+other keys are kept (``benchlib.write_result``).
 
 The corpus: SciFact corpus sentences (read from /work/shared at run time, never copied into the repo), shuffled
 with a seed; past the first pass over the sentences each passage is a sentence with its words shuffled, so passages
@@ -36,6 +38,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,24 +178,56 @@ def build_static_encoder(folder: Path) -> Path:
     return folder
 
 
-def child_pipeline(corpus: Path, encoder: str, shard_rows: int, queries: int, scratch: Path, nprobe: int,
-                   lancedb: bool) -> dict:
-    """data_prep mining, eval and export of a corpus file on the Ray engine, the driver holding shard plans, ids
-    and the rows it needs, never the corpus: the compute functions the stages call on Ray, timed stage by stage."""
+def write_beir_folder(folder: Path, passages: int, queries: int, seed: int = 0) -> Path:
+    """The --pipeline dataset as a BEIR folder: ``write_mixed_corpus`` passages, and 2 x ``queries`` queries (five
+    words of a seeded passage each, that passage their one relevant document), half in qrels/train.tsv (mined,
+    a dev share carved from them) and half in qrels/test.tsv (eval's split). Queries are read by byte offset from
+    a first pass over the file, so writing them never holds the corpus either."""
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.jsonl"
+    if not corpus.is_file():
+        write_mixed_corpus(corpus, passages)
+    rng = random.Random(seed)
+    rows = set(rng.sample(range(passages), 2 * queries))
+    picked: dict[int, dict] = {}
+    with open(corpus) as handle:
+        for row, line in enumerate(handle):
+            if row in rows:
+                picked[row] = json.loads(line)
+    (folder / "qrels").mkdir(exist_ok=True)
+    with open(folder / "queries.jsonl", "w") as q_out, open(folder / "qrels" / "train.tsv", "w") as train, \
+            open(folder / "qrels" / "test.tsv", "w") as test:
+        for out in (train, test):
+            out.write("query-id\tcorpus-id\tscore\n")
+        for i, row in enumerate(sorted(picked)):
+            words = picked[row]["text"].split()
+            q_out.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.sample(words, min(5, len(words))))}) + "\n")
+            (train if i % 2 == 0 else test).write(f"q{i}\t{picked[row]['_id']}\t1\n")
+    return folder
+
+
+def child_pipeline(folder: Path, encoder: str, shard_rows: int, scratch: Path, nprobe: int) -> dict:
+    """data_prep, eval and export through their entry points (``embtune.data_prep.run.run``, ``embtune.eval.run.run``,
+    ``embtune.serve.export.run``) on the Ray engine, the corpus read by row from its file
+    (``embtune.compute.corpus``), timed stage by stage. Train is not run (it reads the mined table, not the
+    corpus): its manifest names the encoder, so eval measures it as ``finetuned`` and export ships it. Then,
+    from what the stages left in the cache: BM25 ms per query and the mining IVF's recall@10 against exact search."""
     import math
-    import random
 
     import numpy as np
 
-    from embtune.compute import ComputeConfig
-    from embtune.compute.export import write_ivf_ondisk, write_lancedb_table
-    from embtune.compute.search import ShardedBM25, ShardedIVF, bm25_index_candidates, dense_search, shard_candidates
-    from embtune.compute.shards import encode_corpus, plan_corpus, read_rows, start_local
-    from embtune.eval import score
-    from embtune.retrieval.bm25 import BM25Config
+    from embtune.compute import activate
+    from embtune.compute.corpus import ShardedBM25Index, open_corpus
+    from embtune.compute.search import ShardedIVF, dense_search
+    from embtune.compute.shards import start_local
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.dataio import load_qrels, load_queries
+    from embtune.eval.run import run as run_eval
+    from embtune.manifest import Stage
     from embtune.retrieval.encoder import encode_batch, load_encoder
+    from embtune.schema import load_config
+    from embtune.serve.export import run as run_export
 
-    compute = ComputeConfig(engine="ray", workers=2, threads_per_worker=1, shard_rows=shard_rows, batch_size=512)
     seconds: dict[str, float] = {}
     first = time.perf_counter()
 
@@ -202,93 +237,70 @@ def child_pipeline(corpus: Path, encoder: str, shard_rows: int, queries: int, sc
     began = time.perf_counter()
     start_local(num_cpus=2, object_store_mb=300)
     timed("cluster_start", began)
+    passages = sum(1 for line in open(folder / "corpus.jsonl", "rb") if line.strip())
+    nlist = max(1, int(math.sqrt(passages)))
+    cfg = load_config(None, [
+        f"run_dir={scratch / 'run'}", "data.format=beir", f"data.path={folder}", "data.dev_fraction=0.2",
+        f"train.base_model={encoder}", "mining.method=hybrid", "mining.faiss_index=ivf", f"mining.ivf_nlist={nlist}",
+        f"mining.ivf_nprobe={nprobe}", "mining.rank_end=30", "mining.num_negatives=4", "mining.batch_size=512",
+        "eval.compare_base=false", "eval.dims=[]", "eval.hybrid=[weighted]", "eval.batch_size=512",
+        "export.targets=[faiss]", "export.index.kind=ivf_pq", "tracking.report_to=none", "compute.engine=ray",
+        "compute.workers=2", "compute.threads_per_worker=1", f"compute.shard_rows={shard_rows}",
+        "compute.batch_size=512"])
+    activate(cfg.compute)
     began = time.perf_counter()
-    items, corpus_hash = plan_corpus(corpus, shard_rows)  # one streaming pass: line offsets and the content hash
-    timed("plan", began)
+    prepared = run_data_prep(cfg)
+    timed("data_prep", began)
+    Stage("train", cfg.run_dir, config={}).finish({"model": encoder})
     began = time.perf_counter()
-    shards = encode_corpus(encoder, corpus, compute)
-    timed("encode", began)
-    n = shards.num_rows
+    evaluated = run_eval(cfg)
+    timed("eval", began)
+    began = time.perf_counter()
+    exported = run_export(cfg)
+    timed("export", began)
+    stages_seconds = round(time.perf_counter() - first, 1)
+    peak_after_stages = round(peak_rss_mb())
 
-    # Queries: a few words of seeded passages (read by row); the passage is the query's one relevant document.
-    rng = random.Random(0)
-    query_rows = sorted(rng.sample(range(n), queries))
-    query_ids, query_sources = read_rows(items, query_rows)
-    query_texts = [" ".join(rng.sample(text.split(), min(5, len(text.split())))) for text in query_sources]
-    qrels = {f"q{i}": {doc_id: 1} for i, doc_id in enumerate(query_ids)}
-    model, _ = load_encoder(encoder)
-
-    # data_prep mining: BM25 built once, IVF dense candidates, the guard (a negative scores below the positive),
-    # and the texts of the chosen negatives read by row.
+    # What the stages built, read back from the cache: BM25 on shards and the mining IVF against exact search.
+    corpus = open_corpus(folder / "corpus.jsonl")
+    texts = corpus.texts(True)
+    queries = load_queries(folder / "queries.jsonl")
+    test = load_qrels(folder / "qrels" / "test.tsv", corpus, queries)
+    query_texts = [queries[q] for q in sorted(test)]
+    bm25 = ShardedBM25Index(texts, cfg.bm25, cfg.compute)  # built by data_prep: only the statistics are merged
     began = time.perf_counter()
-    bm25 = ShardedBM25(items, corpus_hash, BM25Config(language="english"), compute)
-    seconds["bm25_build"] = round(time.perf_counter() - began, 1)
-    bm25_scores, bm25_rows, _ = bm25_index_candidates(bm25, query_texts, 30)
-    nlist = max(1, int(math.sqrt(n)))
-    began_ivf = time.perf_counter()
-    ivf = ShardedIVF(shards, compute, nlist=nlist, train_rows=40 * nlist)
-    seconds["ivf_train_and_fill"] = round(time.perf_counter() - began_ivf, 1)
-    dense_scores, dense_rows, score_docs = shard_candidates(model, shards, query_texts, 30, compute, index="ivf",
-                                                            nlist=nlist, nprobe=nprobe)
-    negatives: list[list[int]] = []
-    for row, positive in enumerate(query_rows):
-        ceiling = score_docs(row, np.asarray([positive]))[0]
-        picked = [int(d) for d, s in zip(dense_rows[row][2:], dense_scores[row][2:])
-                  if d >= 0 and d != positive and s < ceiling][:4]
-        negatives.append(picked)
-    _, negative_texts = read_rows(items, [d for picked in negatives for d in picked])
-    out_rows, cursor = [], 0
-    for text, source, picked in zip(query_texts, query_sources, negatives):
-        row = {"query": text, "positive": source}
-        for j in range(len(picked)):
-            row[f"negative_{j + 1}"] = negative_texts[cursor + j]
-        cursor += len(picked)
-        out_rows.append(row)
-    (scratch / f"mined_{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in out_rows))
-    timed("data_prep_mining", began)
+    bm25.sharded.search(query_texts, 100)
+    bm25_seconds = time.perf_counter() - began
+    from embtune.compute.encoding import encode_corpus
 
-    # eval: the dense (exact) and BM25 rows over every shard, scored by the core metrics (embtune.eval.score).
-    began = time.perf_counter()
-    query_emb = encode_batch(model, query_texts, 64)  # (queries, dim)
-    exact_scores, exact_rows = dense_search(shards, query_emb, 100, compute)
-    # ANN recall: the mined candidates' top-10 against this exact search over every shard.
-    recall = float(np.mean([len(set(a[:10]) & set(b[:10])) / 10
-                            for a, b in zip(dense_rows.tolist(), exact_rows.tolist())]))
-    # The same, counting a row whose score reaches the exact 10th score as found (rows of equal score are
-    # interchangeable, and which of them a top-10 keeps is arbitrary).
-    recall_by_score = float(np.mean((dense_scores[:, :10] >= exact_scores[:, 9:10] - 1e-6).sum(axis=1) / 10))
+    model, key = load_encoder(encoder)
+    shards = encode_corpus(model, texts, 512, cache_key=key, role="document")  # the shards the stages wrote
+    query_emb = encode_batch(model, query_texts, 64)
+    exact_scores, exact_rows = dense_search(shards, query_emb, 10, cfg.compute)
+    ivf = ShardedIVF(shards, cfg.compute, nlist)  # the one mining trained and filled
     by_nprobe = {}
     for probes in (8, 16, 32, 64, 128, 256, 512):
         _, rows = ivf.search(query_emb, 10, min(probes, nlist))
-        by_nprobe[str(probes)] = round(float(np.mean([len(set(a) & set(b[:10])) / 10
+        by_nprobe[str(probes)] = round(float(np.mean([len(set(a) & set(b)) / 10
                                                      for a, b in zip(rows.tolist(), exact_rows.tolist())])), 4)
-    began_bm25 = time.perf_counter()
-    bm25_scores, bm25_rows = bm25.search(query_texts, 100)
-    bm25_seconds = time.perf_counter() - began_bm25
-    metrics = {}
-    for name, (scores, rows) in {"dense": (exact_scores, exact_rows), "bm25": (bm25_scores, bm25_rows)}.items():
-        ids = shards.ids(rows.reshape(-1))
-        run = {f"q{i}": {ids[i * rows.shape[1] + j]: float(scores[i, j]) for j in range(rows.shape[1])
-                         if rows[i, j] >= 0} for i in range(len(rows))}
-        metrics[name] = score(qrels, run, name=name).percent()
-    timed("eval", began)
-
-    # export: one on-disk IVF index merged from the filled shards (a task), a LanceDB table appended shard by shard.
-    began = time.perf_counter()
-    exported = write_ivf_ondisk(ivf, scratch / f"index_{n}.faiss")
-    if lancedb:
-        write_lancedb_table(shards, scratch / f"lancedb_{n}", "corpus")
-    timed("export", began)
-    # stage_seconds: data_prep_mining includes bm25_build and ivf_train_and_fill
-    return {"passages": n, "shards": len(shards.starts), "shard_rows": shard_rows, "queries": queries,
-            "driver_peak_rss_mb": round(peak_rss_mb()), "seconds": round(time.perf_counter() - first, 1),
-            "stage_seconds": seconds, "bm25_ms_per_query": round(1000 * bm25_seconds / queries, 2),
-            "bm25_vocab": len(bm25.stats.vocab), "ivf_nlist": nlist, "ivf_nprobe": nprobe,
-            "ivf_train_rows": 40 * nlist, "ann_mining_recall@10": round(recall, 4),
-            "ann_mining_recall@10_by_score": round(recall_by_score, 4), "ann_recall@10_by_nprobe": by_nprobe,
-            "exported_vectors": exported,
-            "lancedb": lancedb, "metrics": metrics,
-            "negatives_per_query": round(sum(map(len, negatives)) / queries, 2)}
+    results = json.loads(Path(evaluated["results"]).read_text())
+    report = json.loads(Path(prepared["report"]).read_text())
+    manifest = json.loads((Path(exported["bundle"]) / "manifest.json").read_text())
+    return {"passages": passages, "shards": len(shards.starts), "shard_rows": shard_rows,
+            "test_queries": len(query_texts), "train_queries": report["train_queries"],
+            "dev_queries": report["dev_queries"], "driver_peak_rss_mb": round(peak_rss_mb()),
+            "driver_peak_rss_mb_after_stages": peak_after_stages, "seconds": stages_seconds,
+            "stage_seconds": seconds, "entry_points": ["embtune.data_prep.run.run", "embtune.eval.run.run",
+                                                       "embtune.serve.export.run"],
+            "mining_rows_read": report["corpus"]["rows_mining_read"], "training_rows": report["rows"],
+            "bm25_ms_per_query": round(1000 * bm25_seconds / len(query_texts), 2),
+            "bm25_vocab": len(bm25.sharded.stats.vocab), "ivf_nlist": nlist, "ivf_nprobe": nprobe,
+            "ann_mining_recall@10": by_nprobe.get(str(nprobe)) if nprobe <= nlist else by_nprobe[str(512)],
+            "ann_recall@10_by_nprobe": by_nprobe,
+            "metrics": {row: {m: round(100 * v, 2) for m, v in values.items() if isinstance(v, float)}
+                        for row, values in results["results"].items()},
+            "deployed": results["recommended"]["row"], "bundle_retriever": manifest.get("retriever"),
+            "bundle_index": manifest.get("index"), "exported_vectors": manifest.get("num_docs")}
 
 
 def pipeline_runs(args, provenance) -> None:
@@ -309,14 +321,14 @@ def pipeline_runs(args, provenance) -> None:
         hour, minute = map(int, args.deadline.split(":"))
         deadline = dt.datetime.now(dt.timezone.utc).replace(hour=hour, minute=minute, second=0).timestamp()
     for passages in args.pipeline:
-        corpus = scratch / f"corpus_{passages}.jsonl"
-        if not corpus.is_file():
-            write_mixed_corpus(corpus, passages)
+        folder = write_beir_folder(scratch / f"beir_{passages}", passages, args.queries)
         work = scratch / f"run_{passages}"
-        work.mkdir(exist_ok=True)
-        run = run_child(["pipeline", str(corpus), "--encoder", str(encoder), "--shard-rows", str(args.shard_rows),
-                         "--queries", str(args.queries), "--scratch", str(work), "--nprobe", str(args.nprobe),
-                         *(["--lancedb"] if args.lancedb else [])], scratch / f"cache_{passages}", deadline)
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        run = run_child(["pipeline", str(folder), "--encoder", str(encoder), "--shard-rows", str(args.shard_rows),
+                         "--scratch", str(work), "--nprobe", str(args.nprobe)], scratch / f"cache_{passages}",
+                        deadline)
         runs.append({"passages": passages, **run})
         print(json.dumps(runs[-1], indent=2), flush=True)
         if run.get("killed_at_deadline"):
@@ -326,7 +338,9 @@ def pipeline_runs(args, provenance) -> None:
     largest = max(done, key=lambda r: r["passages"]) if done else None
     out = {**headline, "pipeline_runs": runs,
            "pipeline_provenance": provenance.record(),
-           "pipeline_note": args.note + " Synthetic passages (SciFact corpus sentences, words reshuffled past the "
+           "pipeline_note": args.note + " The stages' entry points (data_prep, eval, export) on the Ray engine, the "
+           "corpus read by row from its file (embtune.compute.corpus); train is not run (its manifest names the "
+           "encoder). Synthetic passages (SciFact corpus sentences, words reshuffled past the "
            "first pass) and a StaticEmbedding encoder (MiniLM's tokenizer and word-embedding table, mean-pooled): "
            "what is measured is the plumbing (driver RSS, seconds per stage, BM25 and IVF on shards), not retrieval "
            "quality. Driver peak RSS is the sampled RSS of the driver process alone (Ray's workers are other "
@@ -432,7 +446,6 @@ def main() -> None:
                         help="instead: the pipeline on shards at these corpus sizes (e.g. 30000 300000 3000000) "
                              "into scale.json's pipeline_runs, the first size being the RSS ratio's base")
     parser.add_argument("--nprobe", type=int, default=32, help="IVF lists probed per query in --pipeline mining")
-    parser.add_argument("--lancedb", action="store_true", help="--pipeline export also writes a LanceDB table")
     parser.add_argument("--encoder", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -440,8 +453,7 @@ def main() -> None:
         kind, corpus = args.child[0], Path(args.child[1])
         arrays = Path(args.arrays) if args.arrays else None
         if kind == "pipeline":
-            result = child_pipeline(corpus, args.encoder, args.shard_rows, args.queries, Path(args.scratch),
-                                    args.nprobe, args.lancedb)
+            result = child_pipeline(corpus, args.encoder, args.shard_rows, Path(args.scratch), args.nprobe)
             Path(args.child_out).write_text(json.dumps(result))
             return
         result = (child_local(corpus, arrays, args.queries, args.backend) if kind == "local"

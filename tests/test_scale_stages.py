@@ -119,7 +119,8 @@ def run_stages(root: Path, data: Path, model: Path, engine: str, fmt: str = "bei
 
     cfg = load_config(None, [f"run_dir={root}", f"data.format={fmt}", f"data.path={data}", "data.dev_fraction=0.3",
                              f"train.base_model={model}", "mining.method=hybrid", "mining.fusion=weighted",
-                             "mining.rank_end=12", "mining.num_negatives=3", "mining.on_short=drop", "eval.dims=[]", "eval.hybrid=[weighted]",
+                             "mining.rank_end=12", "mining.num_negatives=3", "mining.on_short=drop", "eval.dims=[]",
+                             "eval.hybrid=[weighted]",
                              "tracking.report_to=none", "export.targets=[faiss]", f"compute.engine={engine}",
                              "compute.workers=2", f"compute.shard_rows={SHARD_ROWS}", "compute.batch_size=16"])
     activate(cfg.compute)

@@ -185,27 +185,34 @@ class ShardedBM25Index:
     ``BM25Index`` resolves it (``detect_language`` reads the texts in order up to its character budget)."""
 
     def __init__(self, texts: FileTexts, settings: BM25Config, compute: ComputeConfig) -> None:
-        from embtune.compute.search import ShardedBM25
+        from embtune.compute.search import Recent, ShardedBM25
 
         self.settings = settings  # as asked: the Retriever keys its members by these
         resolved = replace(settings, language=resolve_language(settings, texts))
         self.sharded = ShardedBM25(texts.shard_items(), texts.content_key, resolved, compute)
         self.tokenizer = self.sharded.tokenizer
         self.num_docs = len(texts)
+        self._recent = Recent()
         logger.info("BM25 over %d documents in %d shards (%s)", self.num_docs, len(self.sharded.starts),
                     self.tokenizer.describe())
 
     def search(self, query_texts: Sequence[str], k: int,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        from embtune.compute.search import Recent
+
         if allowed is not None:
             raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return self.sharded.search(query_texts, min(k, self.num_docs))
+        return self._recent.get(("search", k, Recent.key(list(query_texts))),
+                                lambda: self.sharded.search(query_texts, min(k, self.num_docs)))
 
     def score_stats(self, query_texts: Sequence[str], allowed: np.ndarray | None = None) -> list[ScoreStats]:
         """Each query's BM25 score statistics over the whole corpus, merged from the shards."""
+        from embtune.compute.search import Recent
+
         if allowed is not None:
             raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return [ScoreStats(*map(float, row)) for row in self.sharded.score_stats(query_texts)]
+        return self._recent.get(("stats", Recent.key(list(query_texts))), lambda: [
+            ScoreStats(*map(float, row)) for row in self.sharded.score_stats(query_texts)])
 
     def doc_scores(self, query_text: str, rows: np.ndarray) -> np.ndarray:
         return self.sharded.doc_scores(self.sharded.tokenize([query_text])[0], rows)

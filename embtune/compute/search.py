@@ -134,6 +134,30 @@ def dense_score_stats(shards: ShardSet, query_emb: np.ndarray, compute: ComputeC
     return merge_stats([parts[start] for start in shards.starts], len(query_emb))
 
 
+class Recent:
+    """The last few results of a pass over every shard, by query: eval's deploy choice searches the same queries
+    at each fusion weight (eval/deploy.py ``DEV_WEIGHTS``), and each weight would read the whole corpus again."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.results: dict[Any, Any] = {}
+
+    @staticmethod
+    def key(queries: Any) -> str:
+        import hashlib
+
+        if isinstance(queries, np.ndarray):
+            return hashlib.sha256(np.ascontiguousarray(queries).tobytes() + str(queries.shape).encode()).hexdigest()
+        return hashlib.sha256("\x00".join(queries).encode()).hexdigest() + str(len(queries))
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        if key not in self.results:
+            if len(self.results) >= self.size:
+                self.results.pop(next(iter(self.results)))
+            self.results[key] = compute()
+        return self.results[key]
+
+
 class ShardedDenseIndex:
     """The core ``Retriever``'s dense member over a :class:`ShardSet` (``ShardSet.dense_index``): exact search and
     whole-corpus score statistics computed shard by shard on the engine, with ``embtune.retrieval.spec.DenseIndex``'s
@@ -153,6 +177,7 @@ class ShardedDenseIndex:
         self.full_dim = shards.dim
         self.dim = dim or shards.dim
         self.compute = compute
+        self._recent = Recent()
 
     def _dim(self) -> int:
         return self.dim if self.dim < self.full_dim else 0
@@ -161,14 +186,15 @@ class ShardedDenseIndex:
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         if allowed is not None:
             raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return dense_search(self.shards, query_emb, min(k, self.shards.num_rows), self.compute, dim=self._dim(),
-                            one_at_a_time=True)
+        return self._recent.get(("search", k, Recent.key(query_emb)), lambda: dense_search(
+            self.shards, query_emb, min(k, self.shards.num_rows), self.compute, dim=self._dim(), one_at_a_time=True))
 
     def score_stats(self, query_emb: np.ndarray, allowed: np.ndarray | None = None) -> list[ScoreStats]:
         if allowed is not None:
             raise NotImplementedError("a row filter over a sharded corpus: serve the exported bundle instead")
-        return [ScoreStats(*map(float, row))
-                for row in dense_score_stats(self.shards, query_emb, self.compute, dim=self._dim())]
+        return self._recent.get(("stats", Recent.key(query_emb)), lambda: [
+            ScoreStats(*map(float, row)) for row in dense_score_stats(self.shards, query_emb, self.compute,
+                                                                      dim=self._dim())])
 
 
 def dense_candidates(model_name: str, doc_texts: list[str], query_texts: list[str], depth: int,

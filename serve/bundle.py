@@ -447,8 +447,8 @@ def load_bundle(bundle_dir: str | Path, backend: str | None = None, onnx_file: s
     # A model without a token limit (StaticEmbedding) is served at 512 tokens an input (serve.max_input_tokens
     # sets another bound).
     return Bundle(path=bundle_dir, model=model, manifest=manifest, dim=dim,
-                  max_seq_length=finite_length(model.max_seq_length) or 512, index=index, docs=docs, encode=encode_texts,
-                  spec=spec, doc_texts=doc_texts, bm25=bm25)
+                  max_seq_length=finite_length(model.max_seq_length) or 512, index=index, docs=docs,
+                  encode=encode_texts, spec=spec, doc_texts=doc_texts, bm25=bm25)
 
 
 def retune_bundle(bundle_dir: str | Path, nprobe: int = 0, ef_search: int = 0, k_factor: float = 0) -> dict:

@@ -219,7 +219,8 @@ def choose(cfg, candidates: list[str] | None = None, out_path: str | Path | None
         logger.warning("eval.choose.max_queries=%d: a quick look only", settings.max_queries)
     qrels = {q: data.qrels[q] for q in query_ids}
     doc_ids = list(data.corpus)
-    doc_texts = [document_text(data.corpus[d]) for d in doc_ids]
+    # Titles as eval reads them and the bundle embeds them (mining.include_title): the choice ranks what ships.
+    doc_texts = [document_text(data.corpus[d], cfg.mining.include_title) for d in doc_ids]
     query_texts = [data.queries[q] for q in query_ids]
     logger.info("choosing on %d %s queries over %d documents: %d candidates", len(query_ids), data.source,
                 len(doc_ids), len(chosen))

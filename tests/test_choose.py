@@ -168,3 +168,26 @@ def test_help_documents_the_candidate_forms(capsys):
     text = capsys.readouterr().out
     for form in ("minilm", "run:runs/*", "openai:<model>[@<base_url>]", "hub name", "eval.choose.candidates"):
         assert form in text
+
+
+def test_the_choice_reads_titles_as_eval_does(tmp_path, tiny_beir, tiny_model_dir, monkeypatch):
+    """mining.include_title false: the candidates and BM25 read each document's text alone, as eval and the bundle
+    do (the choice ranks what ships)."""
+    import embtune.eval.choose as choose_module
+    from embtune.dataio import document_text, load_corpus
+
+    seen: list[list[str]] = []
+    real = choose_module.BM25Index
+
+    def spy(doc_texts, settings):
+        seen.append(list(doc_texts))
+        return real(doc_texts, settings)
+
+    monkeypatch.setattr(choose_module, "BM25Index", spy)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={tiny_beir}", "data.dev_fraction=0.5",
+                             "eval.choose.timing_documents=8", "eval.choose.resamples=100", "eval.choose.hybrid=[]",
+                             "mining.include_title=false"])
+    choose(cfg, [str(tiny_model_dir)])
+    corpus = load_corpus(tiny_beir / "corpus.jsonl")
+    assert seen == [[document_text(doc, False) for doc in corpus.values()]]
+    assert seen[0] != [document_text(doc, True) for doc in corpus.values()]  # the fixture's titles matter

@@ -126,3 +126,22 @@ def uvicorn_in_thread(app, **config):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def parquet_twin(tiny_beir: Path, out: Path) -> Path:
+    """tiny_beir with its corpus as two Parquet parts (corpus/), the queries and qrels as they are."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from embtune.dataio import load_corpus
+
+    out.mkdir()
+    shutil.copy2(tiny_beir / "queries.jsonl", out / "queries.jsonl")
+    shutil.copytree(tiny_beir / "qrels", out / "qrels")
+    rows = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(tiny_beir / "corpus.jsonl").items()]
+    (out / "corpus").mkdir()
+    for part, chunk in enumerate((rows[:30], rows[30:])):
+        pq.write_table(pa.Table.from_pylist(chunk), out / "corpus" / f"part-{part}.parquet")
+    return out

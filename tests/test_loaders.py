@@ -1,7 +1,9 @@
 import json
+from pathlib import Path
 
 import pytest
 
+from embtune.config import InputError
 from embtune.dataio import DataError, load_beir, load_pairs_jsonl
 
 
@@ -79,3 +81,37 @@ def test_jsonl_pairs(tmp_path):
     data = load_pairs_jsonl(path, on_error="skip")
     assert len(data.corpus) == 2  # the shared passage is one document
     assert len(data.qrels) == 3 and data.report.skipped["empty query"] == 1
+
+
+def test_data_format_parquet_mines_what_the_beir_folder_mines(tmp_path, tiny_beir, tiny_model_dir):
+    """data.format: parquet (corpus/ as Parquet parts beside queries.jsonl and qrels/) is streamed into a BEIR
+    folder under the run, and data_prep gives the training rows the JSONL folder gives; eval reads that folder."""
+    from datasets import load_from_disk
+
+    from embtune.data_prep.run import run as run_data_prep
+    from embtune.schema import load_config
+    from tests.conftest import parquet_twin
+
+    twin = parquet_twin(tiny_beir, tmp_path / "pq")
+    tables, outputs = [], []
+    for fmt, folder in (("beir", tiny_beir), ("parquet", twin)):
+        cfg = load_config(None, [f"run_dir={tmp_path / fmt}", f"data.format={fmt}", f"data.path={folder}",
+                                 f"train.base_model={tiny_model_dir}", "mining.num_negatives=2",
+                                 "tracking.report_to=none"])
+        outputs.append(run_data_prep(cfg))
+        tables.append(load_from_disk(str(outputs[-1]["train_table"])).to_list())
+    assert len(tables[0]) > 0 and tables[0] == tables[1]
+    converted = Path(outputs[1]["eval_dataset"])
+    assert converted == tmp_path / "parquet" / "data_prep" / "dataset"
+    assert (converted / "corpus.jsonl").read_text().count("\n") == 72
+    assert (converted / "qrels" / "test.tsv").read_bytes() == (tiny_beir / "qrels" / "test.tsv").read_bytes()
+
+    (twin / "corpus" / "part-0.parquet").unlink()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["x"], "text": ["y"]}), twin / "corpus" / "part-0.parquet")
+    cfg = load_config(None, [f"run_dir={tmp_path / 'bad'}", "data.format=parquet", f"data.path={twin}",
+                             f"train.base_model={tiny_model_dir}", "tracking.report_to=none"])
+    with pytest.raises(InputError, match="part-0.parquet: a corpus part needs columns '_id' and 'text'"):
+        run_data_prep(cfg)

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import parquet_twin
+
 pytestmark = pytest.mark.slow
 
 ray = pytest.importorskip("ray")
@@ -87,25 +89,6 @@ def test_corpus_file_reads_rows_as_load_corpus_and_its_bm25_merges_to_the_one_pr
     bad.write_text('{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n')
     with pytest.raises(DataError, match="occurs at rows 0 and 1"):
         open_corpus(bad, compute=ray_compute())
-
-
-def parquet_twin(tiny_beir: Path, out: Path) -> Path:
-    """tiny_beir with its corpus as two Parquet parts (corpus/), the queries and qrels as they are."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from embtune.dataio import load_corpus
-
-    out.mkdir()
-    shutil.copy2(tiny_beir / "queries.jsonl", out / "queries.jsonl")
-    shutil.copytree(tiny_beir / "qrels", out / "qrels")
-    rows = [{"_id": doc_id, **doc} for doc_id, doc in load_corpus(tiny_beir / "corpus.jsonl").items()]
-    (out / "corpus").mkdir()
-    for part, chunk in enumerate((rows[:30], rows[30:])):
-        pq.write_table(pa.Table.from_pylist(chunk), out / "corpus" / f"part-{part}.parquet")
-    return out
 
 
 def run_stages(root: Path, data: Path, model: Path, engine: str, fmt: str = "beir") -> dict[str, Path]:

@@ -248,16 +248,20 @@ def child_pipeline(folder: Path, encoder: str, shard_rows: int, scratch: Path, n
         "compute.workers=2", "compute.threads_per_worker=1", f"compute.shard_rows={shard_rows}",
         "compute.batch_size=512"])
     activate(cfg.compute)
+    peak_by_stage = {"cluster_start": round(peak_rss_mb())}  # the process's peak so far, after each stage
     began = time.perf_counter()
     prepared = run_data_prep(cfg)
     timed("data_prep", began)
+    peak_by_stage["data_prep"] = round(peak_rss_mb())
     Stage("train", cfg.run_dir, config={}).finish({"model": encoder})
     began = time.perf_counter()
     evaluated = run_eval(cfg)
     timed("eval", began)
+    peak_by_stage["eval"] = round(peak_rss_mb())
     began = time.perf_counter()
     exported = run_export(cfg)
     timed("export", began)
+    peak_by_stage["export"] = round(peak_rss_mb())
     stages_seconds = round(time.perf_counter() - first, 1)
     peak_after_stages = round(peak_rss_mb())
 
@@ -289,7 +293,8 @@ def child_pipeline(folder: Path, encoder: str, shard_rows: int, scratch: Path, n
     return {"passages": passages, "shards": len(shards.starts), "shard_rows": shard_rows,
             "test_queries": len(query_texts), "train_queries": report["train_queries"],
             "dev_queries": report["dev_queries"], "driver_peak_rss_mb": round(peak_rss_mb()),
-            "driver_peak_rss_mb_after_stages": peak_after_stages, "seconds": stages_seconds,
+            "driver_peak_rss_mb_after_stages": peak_after_stages, "driver_peak_rss_mb_by_stage": peak_by_stage,
+            "seconds": stages_seconds,
             "stage_seconds": seconds, "entry_points": ["embtune.data_prep.run.run", "embtune.eval.run.run",
                                                        "embtune.serve.export.run"],
             "mining_rows_read": report["corpus"]["rows_mining_read"], "training_rows": report["rows"],

@@ -149,8 +149,9 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
 
     The manifest records the settings (``SERVING_KEYS``) that :func:`load_bundle` then serves with.
     With ``compute.engine: ray`` the documents are encoded into the embedding cache's Parquet shards and the index
-    is filled one shard at a time (``embtune.compute.export.write_faiss_index``): the same exact index, without the
-    whole matrix in this process. The workers load ``<out_dir>/model``, so a remote cluster must see that path.
+    is filled one shard at a time by a task (``embtune.compute.export.write_faiss_index_on_engine``): the same
+    index, without the whole matrix, the index or its training sample in this process. The workers load
+    ``<out_dir>/model``, so a remote cluster must see that path.
 
     Returns:
         ``out_dir`` as a Path.
@@ -224,12 +225,14 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
             flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
             faiss.write_index(flat, str(out_dir / INDEX_FILE))
         else:  # filled one shard at a time: the whole matrix is never in this process
-            from embtune.compute.export import write_faiss_index
+            from embtune.compute.export import write_faiss_index, write_faiss_index_on_engine
 
-            shards = _OneShard(embeddings) if isinstance(embeddings, np.ndarray) else embeddings
-            built = write_faiss_index(shards, out_dir / INDEX_FILE, kind=index, factory=index_factory,
-                                      nprobe=nprobe, train_rows=train_rows, sample=train_sample)
-            del built
+            settings = {"kind": index, "factory": index_factory, "nprobe": nprobe, "train_rows": train_rows,
+                        "sample": train_sample}
+            if isinstance(embeddings, np.ndarray):
+                write_faiss_index(_OneShard(embeddings), out_dir / INDEX_FILE, **settings)
+            else:  # on the Ray engine one task builds it, so the index never sits in this process
+                write_faiss_index_on_engine(embeddings, out_dir / INDEX_FILE, **settings)
         from embtune.retrieval.index import ann_factory
 
         rows = embeddings.shape[0]

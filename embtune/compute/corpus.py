@@ -67,7 +67,8 @@ class MemoryCorpus:
 class CorpusFile:
     """A BEIR ``corpus.jsonl`` read by row (see the module docstring); ``len``, ``in`` and ``row_of`` by id."""
 
-    def __init__(self, path: str | Path, shard_rows: int) -> None:
+    def __init__(self, path: str | Path, shard_rows: int, compute: ComputeConfig | None = None) -> None:
+        from embtune.compute.search import map_shards
         from embtune.compute.shards import plan_jsonl
         from embtune.retrieval.docstore import DocStore, idhash_path, index_jsonl
         from embtune.retrieval.encoder import cache_dir
@@ -80,7 +81,8 @@ class CorpusFile:
             # Written to a temporary folder and renamed: a killed run leaves no half index behind.
             scratch = index_dir.with_name(f"{index_dir.name}.tmp{os.getpid()}")
             shutil.rmtree(scratch, ignore_errors=True)
-            rows = index_jsonl(self.path, scratch)
+            # On Ray a task writes it (its arrays are O(rows), kept out of the driver); locally, here.
+            (rows,) = map_shards(index_jsonl, [(self.path, scratch)], compute or active())
             shutil.rmtree(index_dir, ignore_errors=True)
             scratch.rename(index_dir)
             logger.info("%s: %d rows indexed by offset and id under %s", self.path, rows, index_dir)
@@ -170,10 +172,10 @@ def open_corpus(path: str | Path, on_error: str = "raise", compute: ComputeConfi
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
     try:
-        return CorpusFile(path, compute.shard_rows)
-    except ValueError as err:
-        raise DataError(f"{err} (compute.engine: ray reads the corpus by line and skips none; fix the line, or "
-                        "use compute.engine: local with data.on_error: skip)") from None
+        return CorpusFile(path, compute.shard_rows, compute)
+    except ValueError as err:  # raised in a Ray task: its cause, not the remote traceback
+        raise DataError(f"{getattr(err, 'cause', None) or err} (compute.engine: ray reads the corpus by line and "
+                        "skips none; fix the line, or use compute.engine: local with data.on_error: skip)") from None
 
 
 # --- BM25 over a corpus file ---------------------------------------------------------------------------------------

@@ -89,6 +89,25 @@ def write_faiss_index(shards: ShardSet, path: str | Path, kind: str = "flat", nl
     return index
 
 
+def write_faiss_index_on_engine(shards: ShardSet, path: str | Path, **settings: Any) -> None:
+    """:func:`write_faiss_index` where the engine runs it: on the Ray engine one task builds and writes the index
+    (its training sample and its codes live in that worker, which reads the shards itself), so the driver never
+    holds them; on the local engine, here. ``settings``: :func:`write_faiss_index`'s keyword arguments."""
+    from embtune.compute import active
+    from embtune.compute.search import map_shards
+
+    compute = getattr(shards, "compute", None) or active()
+    if compute.engine != "ray" or not isinstance(shards, ShardSet):  # vectors held here (or computed elsewhere)
+        write_faiss_index(shards, path, **settings)
+        return
+    (rows,) = map_shards(_write_faiss_index_task, [(shards, str(path))], compute, {"settings": settings})
+    logger.info("FAISS index of %d vectors written by a task to %s", rows, path)
+
+
+def _write_faiss_index_task(shards: ShardSet, path: str, settings: dict[str, Any]) -> int:
+    return int(write_faiss_index(shards, path, **settings).ntotal)
+
+
 def write_lancedb_table(shards: ShardSet, uri: str | Path, name: str, mode: str = "overwrite",
                         batch: Callable[[int, list[str], np.ndarray], Any] | None = None, **create_options):
     """A LanceDB table of every shard: created from the first, appended with each next one; returns the table.

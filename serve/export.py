@@ -195,9 +195,9 @@ def run(cfg, force: bool = False) -> dict[str, str]:
         from embtune.serve.vectordb import export_vectordb
 
         # The source model folder, not the bundle's copy: its cache key finds the corpus embeddings eval wrote.
-        export_vectordb(out_dir, model_dir, list(corpus.docs()), vector_targets, cfg.export.vectordb,
+        export_vectordb(out_dir, model_dir, corpus.rows(), vector_targets, cfg.export.vectordb,
                         name=cfg.export.vectordb.name or cfg.export.model_name, include_title=cfg.mining.include_title,
-                        milvus=cfg.export.milvus)
+                        milvus=cfg.export.milvus, doc_texts=corpus.texts(cfg.mining.include_title))
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "model" / "README.md").write_text(model_card(cfg, metrics, dims))
     if cfg.export.onnx:

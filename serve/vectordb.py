@@ -52,7 +52,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Sequence
 
 import chromadb
 import lancedb
@@ -220,25 +220,39 @@ class LanceEmbeddingFunction(TextEmbeddingFunction):
         return list(self._encoder(list(texts)))
 
 
-def metadata_columns(docs: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Every field but ``_id`` and ``text``, one column per field in first-seen order.
-
-    A field keeps its values when they are all strings, all booleans or all numbers (ints and floats become
-    floats); otherwise (lists, mappings, mixed types) each value is stored as its JSON text, because neither Chroma
-    metadata nor an Arrow column holds a mix. Missing values are None; a field that is None everywhere is dropped.
-    """
-    keys: dict[str, None] = {}
+def metadata_kinds(docs: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """How each field but ``_id`` and ``text`` is stored, from one pass over the documents (streamed): ``keep`` when
+    its values are all strings, all booleans or all numbers of one type, ``float`` for ints and floats mixed, ``json``
+    otherwise (lists, mappings, mixed types: neither Chroma metadata nor an Arrow column holds a mix); a field that
+    is None everywhere is left out. Fields in first-seen order."""
+    seen: dict[str, set[type]] = {}
     for doc in docs:
-        keys.update((key, None) for key in doc if key not in RESERVED_FIELDS)
-    columns: dict[str, list[Any]] = {}
-    for key in keys:
-        values = [doc.get(key) for doc in docs]
-        kinds = {type(v) for v in values if v is not None}
-        if not kinds:
-            continue
+        for key, value in doc.items():
+            if key not in RESERVED_FIELDS:
+                kinds = seen.setdefault(key, set())
+                if value is not None:
+                    kinds.add(type(value))
+    out = {}
+    for key, kinds in seen.items():
         if kinds == {int, float}:
-            values = [None if v is None else float(v) for v in values]
+            out[key] = "float"
         elif len(kinds) > 1 or not kinds <= {str, bool, int, float}:
+            out[key] = "json"
+        elif kinds:
+            out[key] = "keep"
+    return out
+
+
+def metadata_columns(docs: list[dict[str, Any]], kinds: dict[str, str] | None = None) -> dict[str, list[Any]]:
+    """Every field but ``_id`` and ``text``, one column per field, stored as :func:`metadata_kinds` says (``kinds``:
+    the whole corpus's, for a part of it; default: these documents'). Missing values are None."""
+    kinds = metadata_kinds(docs) if kinds is None else kinds
+    columns: dict[str, list[Any]] = {}
+    for key, kind in kinds.items():
+        values = [doc.get(key) for doc in docs]
+        if kind == "float":
+            values = [None if v is None else float(v) for v in values]
+        elif kind == "json":
             values = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
         columns[key] = values
     return columns
@@ -309,6 +323,19 @@ def metadata_types(metadata: dict[str, list[Any]]) -> dict[str, pa.DataType]:
     return {key: pa.array([next(v for v in values if v is not None)]).type for key, values in metadata.items()}
 
 
+def metadata_types_of(docs: Iterable[dict[str, Any]], kinds: dict[str, str]) -> dict[str, pa.DataType]:
+    """:func:`metadata_types` of the whole corpus's columns without building them: each field's first value that
+    is not None, stored as ``kinds`` says (one streamed pass, stopping when every field has one)."""
+    first: dict[str, Any] = {}
+    for doc in docs:
+        for key in kinds:
+            if key not in first and doc.get(key) is not None:
+                first[key] = doc[key]
+        if len(first) == len(kinds):
+            break
+    return metadata_types(metadata_columns([first], kinds)) if kinds else {}
+
+
 def lance_functions(embedding_function: TextEmbeddingFunction) -> list[EmbeddingFunctionConfig]:
     return [EmbeddingFunctionConfig(source_column="text", vector_column="vector", function=embedding_function)]
 
@@ -322,29 +349,29 @@ def write_lancedb(path: str | Path, name: str, ids: list[str], texts: list[str],
     db.create_table(name, data=table, mode="overwrite", embedding_functions=lance_functions(embedding_function))
 
 
-def write_lancedb_shards(path: str | Path, name: str, ids: list[str], texts: list[str],
-                         metadata: dict[str, list[Any]], shards: ShardSet, dim: int, precision: str,
+def write_lancedb_shards(path: str | Path, name: str, docs: Sequence[dict[str, Any]], kinds: dict[str, str],
+                         types: dict[str, pa.DataType], shards: ShardSet, dim: int, precision: str,
                          embedding_function: TextEmbeddingFunction, renormalize: bool = True) -> None:
     """:func:`write_lancedb` from a corpus's shards: the table created from the first shard and appended with each
     next one, each shard's vectors passed through :func:`export_vectors` on its own (it is row-wise: truncation,
-    renormalization and float16 rounding need no statistics of the whole corpus). The same rows and schema as
-    :func:`write_lancedb` of the whole matrix, without the matrix."""
+    renormalization and float16 rounding need no statistics of the whole corpus) and its documents read as
+    ``docs[start:stop]`` (a corpus file's rows, read by row). The same rows and schema as :func:`write_lancedb` of
+    the whole matrix, without the matrix or the corpus in this process; ``kinds`` and ``types`` are the whole
+    corpus's (:func:`metadata_kinds`, :func:`metadata_types_of`)."""
     from embtune.compute.export import write_lancedb_table
 
-    types = metadata_types(metadata)
-
     def shard_rows(start: int, _ids: list[str], vectors: np.ndarray) -> pa.Table:
-        stop = start + len(vectors)
-        part = {key: values[start:stop] for key, values in metadata.items()}
-        return lancedb_rows(ids[start:stop], texts[start:stop], part,
-                            export_vectors(vectors, dim, precision, renormalize), precision, types)
+        part = docs[start:start + len(vectors)]
+        return lancedb_rows([d["_id"] for d in part], [d.get("text") or "" for d in part],
+                            metadata_columns(part, kinds), export_vectors(vectors, dim, precision, renormalize),
+                            precision, types)
 
     write_lancedb_table(shards, path, name, batch=shard_rows, embedding_functions=lance_functions(embedding_function))
 
 
-def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[dict[str, Any]], targets: list[str],
+def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: Sequence[dict[str, Any]], targets: list[str],
                     cfg, name: str, batch_size: int = 64, include_title: bool = True,
-                    milvus: MilvusConfig | None = None) -> dict[str, Any]:
+                    milvus: MilvusConfig | None = None, doc_texts: Sequence[str] | None = None) -> dict[str, Any]:
     """Write ``docs`` with the model's embeddings to each of ``targets`` (``chroma``, ``lancedb`` under
     ``<bundle_dir>/vectordb/``, ``milvus`` at ``milvus.uri``); return the manifest's ``vectordb`` entry (which the
     bundle must then record, since the query embedding functions read dim and precision from it).
@@ -352,13 +379,17 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     Args:
         bundle_dir: the bundle folder (its ``model/`` is what the query embedding functions load).
         model_dir: the source model folder; its embedding-cache key finds the corpus that eval already encoded.
-        docs: dicts with ``_id`` and ``text``; ``title`` and any other field are kept as metadata.
+        docs: dicts with ``_id`` and ``text``; ``title`` and any other field are kept as metadata. A list, or any
+            sequence that reads rows and slices on demand (on the Ray engine, the corpus file's rows:
+            ``embtune.compute.corpus.CorpusFile.store``), which LanceDB and Milvus then read shard by shard.
         targets: a subset of ``VECTOR_TARGETS``.
         cfg: an ``ExportConfig.vectordb`` section (dim, precision, Chroma HNSW settings).
         name: the Chroma collection and LanceDB table name (and Milvus's, made to fit its rule, unless
             ``milvus.collection`` names one).
         include_title: embed title + text or the text alone, as eval read the corpus (``mining.include_title``).
         milvus: the ``export.milvus`` section (default: its defaults).
+        doc_texts: the documents' texts as the engine reads them (a corpus file's column on Ray, whose shards the
+            actors encode from the file); default: built from ``docs``.
     """
     unknown = [t for t in targets if t not in VECTOR_TARGETS]
     if unknown:
@@ -369,8 +400,9 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
     bundle_dir = Path(bundle_dir).resolve()
     model, _ = load_encoder(str(model_dir))
     key = cache_key(str(model_dir), model.max_seq_length, role="document")
-    embeddings = encode_corpus(model, [document_text(d, include_title) for d in docs], batch_size, cache_key=key,
-                               desc="vectordb corpus", role="document")  # (n, full dim), or its shards on Ray
+    texts = doc_texts if doc_texts is not None else [document_text(d, include_title) for d in docs]
+    embeddings = encode_corpus(model, texts, batch_size, cache_key=key, desc="vectordb corpus",
+                               role="document")  # (n, full dim), or its shards on Ray
     full = embeddings.shape[1] if isinstance(embeddings, np.ndarray) else embeddings.dim
     # What the served route searches (embtune.retrieval.spec.DenseIndex): a dot-product model's own vectors at its
     # full dim, but a Matryoshka prefix renormalized for every model, so a truncated dot model ranks by cosine there.
@@ -386,9 +418,7 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         dim = int(export_vectors(np.zeros((0, shards.dim), np.float32), cfg.dim, cfg.precision).shape[1])
         if "chroma" in targets:
             vectors = chroma_vectors(shards, cfg.dim, cfg.precision, renormalize)
-    ids = [d["_id"] for d in docs]
-    texts = [d.get("text") or "" for d in docs]
-    metadata = metadata_columns(docs)
+    kinds = metadata_kinds(docs)  # one streamed pass; the columns are built per target (whole, or per shard)
     settings: dict[str, Any] = {"name": name, "dim": dim, "precision": cfg.precision,
                                 "metric": "cosine" if renormalize else "dot", "similarity_fn_name": similarity,
                                 "renormalized": renormalize, "num_docs": len(docs)}
@@ -426,19 +456,22 @@ def export_vectordb(bundle_dir: str | Path, model_dir: str | Path, docs: list[di
         folder.mkdir(parents=True)
         start = time.perf_counter()
         if target == "chroma":
-            write_chroma(folder, name, ids, texts, metadata, vectors, ChromaEmbeddingFunction(str(bundle_dir)),
+            every = list(docs)  # Chroma holds its whole collection in memory anyway (CHROMA_MAX_ROWS on Ray)
+            write_chroma(folder, name, [d["_id"] for d in every], [d.get("text") or "" for d in every],
+                         metadata_columns(every, kinds), vectors, ChromaEmbeddingFunction(str(bundle_dir)),
                          cfg.chroma_ef_construction, cfg.chroma_ef_search, cfg.chroma_max_neighbors,
                          CHROMA_SPACE[renormalize])
             extra = {"metric": CHROMA_SPACE[renormalize],
                      "hnsw": {"ef_construction": cfg.chroma_ef_construction, "ef_search": cfg.chroma_ef_search,
                               "max_neighbors": cfg.chroma_max_neighbors}}
         elif shards is None:
-            write_lancedb(folder, name, ids, texts, metadata, vectors, cfg.precision,
+            write_lancedb(folder, name, [d["_id"] for d in docs], [d.get("text") or "" for d in docs],
+                          metadata_columns(docs, kinds), vectors, cfg.precision,
                           LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)))
             extra = {"metric": LANCEDB_METRIC[renormalize], "index": "none (exact search)"}
         else:
-            write_lancedb_shards(folder, name, ids, texts, metadata, shards, cfg.dim, cfg.precision,
-                                 LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)), renormalize)
+            write_lancedb_shards(folder, name, docs, kinds, metadata_types_of(docs, kinds), shards, cfg.dim,
+                                 cfg.precision, LanceEmbeddingFunction.create(bundle_dir=str(bundle_dir)), renormalize)
             extra = {"metric": LANCEDB_METRIC[renormalize], "index": "none (exact search)",
                      "written_in_shards": len(shards.starts)}
         seconds = time.perf_counter() - start

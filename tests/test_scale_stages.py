@@ -103,9 +103,10 @@ def run_stages(root: Path, data: Path, model: Path, engine: str, fmt: str = "bei
     cfg = load_config(None, [f"run_dir={root}", f"data.format={fmt}", f"data.path={data}", "data.dev_fraction=0.3",
                              f"train.base_model={model}", "mining.method=hybrid", "mining.fusion=weighted",
                              "mining.rank_end=12", "mining.num_negatives=3", "mining.on_short=drop", "eval.dims=[]",
-                             "eval.hybrid=[weighted]",
-                             "tracking.report_to=none", "export.targets=[faiss]", f"compute.engine={engine}",
-                             "compute.workers=2", f"compute.shard_rows={SHARD_ROWS}", "compute.batch_size=16"])
+                             "eval.hybrid=[weighted]", "tracking.report_to=none",
+                             "export.targets=[faiss, lancedb, milvus]", "export.model_name=tiny-stages",
+                             f"compute.engine={engine}", "compute.workers=2", f"compute.shard_rows={SHARD_ROWS}",
+                             "compute.batch_size=16"])
     activate(cfg.compute)
     try:
         prepared = run_data_prep(cfg)
@@ -153,6 +154,19 @@ def test_stages_on_ray_read_the_corpus_by_row_and_give_the_local_table_results_a
     assert (bundles[0] / DOCS_FILE).read_bytes() == (bundles[1] / DOCS_FILE).read_bytes()
     vectors = [faiss.read_index(str(b / INDEX_FILE)).reconstruct_n(0, 72) for b in bundles]
     assert np.abs(vectors[0] - vectors[1]).max() <= 1e-6
+    # LanceDB and Milvus: written shard by shard from the corpus file's rows on Ray, as the local export writes them
+    from embtune.serve.vectordb import milvus_top_ids, open_lancedb, open_milvus
+
+    tables = [open_lancedb(b).to_arrow().sort_by("id") for b in bundles]
+    for column in ("id", "text", "title"):
+        assert tables[0].column(column).to_pylist() == tables[1].column(column).to_pylist()
+    np.testing.assert_allclose(np.asarray(tables[0].column("vector").to_pylist()),
+                               np.asarray(tables[1].column("vector").to_pylist()), atol=1e-6)
+    top = []
+    for bundle in bundles:
+        with open_milvus(bundle, device="cpu") as milvus:
+            top.append(milvus_top_ids(milvus.client, milvus.collection, vectors[0][:10], 5))
+    assert top[0] == top[1]
     if (bundles[0] / BM25_DIR).is_dir():  # the deploy choice fuses BM25: the Ray bundle's is merged from shards
         served = [load_bundle(b, device="cpu").bm25 for b in bundles]
         queries = ["photosynthesis in plants", "neural network training"]

@@ -60,6 +60,10 @@ class MemoryCorpus:
     def docs(self) -> Iterator[dict[str, Any]]:
         return ({"_id": doc_id, **doc} for doc_id, doc in self.corpus.items())
 
+    def rows(self) -> list[dict[str, Any]]:
+        """The documents (``{"_id", "title", "text"}``) as a list, in file order."""
+        return list(self.docs())
+
     def text_by_id(self, include_title: bool = True) -> dict[str, str]:
         return dict(zip(self.ids, self.texts(include_title)))
 
@@ -107,6 +111,10 @@ class CorpusFile:
 
     def docs(self) -> Iterator[dict[str, Any]]:
         return iter(self.store)
+
+    def rows(self):
+        """The documents as a sequence read on demand (``store[i]``, ``store[a:b]``: a row's line, read by offset)."""
+        return self.store
 
     def text_by_id(self, include_title: bool = True) -> "_TextById":
         return _TextById(self, include_title)

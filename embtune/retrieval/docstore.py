@@ -138,7 +138,9 @@ class DocStore(Sequence):
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def __getitem__(self, row: int) -> dict[str, Any]:  # type: ignore[override]
+    def __getitem__(self, row: int | slice) -> dict[str, Any] | list[dict[str, Any]]:  # type: ignore[override]
+        if isinstance(row, slice):  # a range of rows, each read on its own
+            return [self[i] for i in range(*row.indices(len(self)))]
         if not -len(self) <= row < len(self):
             raise IndexError(f"{self.path}: row {row} out of range ({len(self)} rows)")
         row = row % len(self)

@@ -85,8 +85,10 @@ def data_files(cfg) -> dict[str, str]:
     if data.format == "parquet":
         folder = Path(data.path)
         corpus = folder / "corpus.parquet" if (folder / "corpus.parquet").is_file() else folder / "corpus"
-        return {"corpus": str(corpus), "queries": str(folder / "queries.jsonl"),
-                "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv")}
+        files = {"corpus": str(corpus), "queries": str(folder / "queries.jsonl"),
+                 "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv")}
+        # As for beir: a corpus alone is enough for label-free mode.
+        return {k: v for k, v in files.items() if k == "corpus" or Path(v).exists()}
     if data.format == "beir":
         folder = Path(data.path)
         files = {

@@ -63,6 +63,17 @@ def detect(path: Path) -> dict:
         return {"format": "beir", "data": {"format": "beir", "path": str(path)}, "texts": texts,
                 "summary": "a BEIR folder" + (" with queries and qrels (they feed the dev split and eval only)"
                                               if labelled else " (corpus.jsonl only)")}
+    parts = sorted((path / "corpus").glob("*.parquet")) if (path / "corpus").is_dir() else []
+    if path.is_dir() and ((path / "corpus.parquet").is_file() or parts):
+        import pyarrow.parquet as pq
+
+        labelled = (path / "queries.jsonl").is_file() and (path / "qrels").is_dir()
+        first = path / "corpus.parquet" if (path / "corpus.parquet").is_file() else parts[0]
+        batch = next(pq.ParquetFile(first).iter_batches(batch_size=SAMPLE_DOCUMENTS), None)
+        texts = [str(t or "") for t in batch.to_pydict().get("text", [])] if batch is not None else []
+        return {"format": "parquet", "data": {"format": "parquet", "path": str(path)}, "texts": texts,
+                "summary": "a BEIR folder with its corpus in Parquet" + (
+                    " with queries and qrels (they feed the dev split and eval only)" if labelled else "")}
     if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()):
         split = "train"
         if (path / "dataset_dict.json").is_file():
@@ -110,7 +121,7 @@ def write_recipe(path: Path, out: Path, name: str) -> str:
                                                                                        "why": "no text sampled"}
     config_arg = str(out)
     data_lines = "\n".join(f"  {k}: {yaml_value(v)}" for k, v in found["data"].items())
-    chunk = found["format"] != "beir"
+    chunk = found["format"] not in ("beir", "parquet")
     text = f"""\
 # embtune recipe for {path}, written by `embtune init`.
 # Found: {found['summary']}; language: {language['language']} ({language['why']}).

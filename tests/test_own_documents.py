@@ -129,6 +129,17 @@ def test_init_detects_a_table_and_its_columns(tmp_path):
     assert main([str(table), "--out", str(tmp_path / "embtune.yaml")]) == 2  # exists: --force to overwrite
 
 
+def test_init_detects_a_beir_folder_with_a_parquet_corpus(tmp_path, tiny_beir):
+    from embtune.pipeline.init import main
+    from tests.conftest import parquet_twin
+
+    folder = parquet_twin(tiny_beir, tmp_path / "pq")
+    assert main([str(folder), "--out", str(tmp_path / "embtune.yaml")]) == 0
+    cfg = load_config(tmp_path / "embtune.yaml")
+    assert (cfg.data.format, cfg.data.path, cfg.chunking.max_tokens) == ("parquet", str(folder), 0)
+    assert "corpus in Parquet with queries and qrels" in (tmp_path / "embtune.yaml").read_text()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

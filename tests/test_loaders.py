@@ -115,3 +115,21 @@ def test_data_format_parquet_mines_what_the_beir_folder_mines(tmp_path, tiny_bei
                              f"train.base_model={tiny_model_dir}", "tracking.report_to=none"])
     with pytest.raises(InputError, match="part-0.parquet: a corpus part needs columns '_id' and 'text'"):
         run_data_prep(cfg)
+
+
+def test_a_parquet_corpus_alone_takes_the_label_free_route(tmp_path, tiny_beir):
+    """data.queries: auto on a Parquet corpus without queries or qrels is label-free, and its fingerprint reads
+    the corpus alone; with queries and qrels it is labelled."""
+    import shutil
+
+    from embtune.data_prep.run import data_files
+    from embtune.schema import load_config
+    from tests.conftest import parquet_twin
+
+    folder = parquet_twin(tiny_beir, tmp_path / "pq")
+    assert load_config(None, ["data.format=parquet", f"data.path={folder}"]).data.queries == "labelled"
+    (folder / "queries.jsonl").unlink()
+    shutil.rmtree(folder / "qrels")
+    cfg = load_config(None, ["data.format=parquet", f"data.path={folder}"])
+    assert cfg.data.queries == "labelfree"
+    assert data_files(cfg) == {"corpus": str(folder / "corpus")}

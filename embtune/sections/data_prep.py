@@ -63,10 +63,12 @@ class DataConfig:
                 "labelled"
 
     def _corpus_alone(self) -> bool:
-        """A BEIR folder with corpus.jsonl and neither queries.jsonl nor qrels/: nothing labelled to train on."""
-        folder = Path(self.path) if self.format == "beir" and self.path else None
-        return bool(folder and (folder / "corpus.jsonl").is_file() and not (folder / "queries.jsonl").exists()
-                    and not (folder / "qrels").exists())
+        """A BEIR folder with a corpus (corpus.jsonl, or Parquet for format parquet) and neither queries.jsonl nor
+        qrels/: nothing labelled to train on."""
+        folder = Path(self.path) if self.format in ("beir", "parquet") and self.path else None
+        corpus = folder is not None and ((folder / "corpus.jsonl").is_file() if self.format == "beir" else
+                                         (folder / "corpus.parquet").is_file() or (folder / "corpus").is_dir())
+        return bool(corpus and not (folder / "queries.jsonl").exists() and not (folder / "qrels").exists())
 
     def validate(self) -> None:
         what = {"beir": "a BEIR folder", "parquet": "a BEIR folder with corpus.parquet",

@@ -97,11 +97,7 @@ class CorpusFile:
         return len(self.store)
 
     def __contains__(self, doc_id: object) -> bool:
-        try:
-            self.store.row_of(str(doc_id))
-        except KeyError:
-            return False
-        return True
+        return doc_id in self.ids  # by the id index
 
     def row_of(self, doc_id: str) -> int:
         return self.store.row_of(doc_id)

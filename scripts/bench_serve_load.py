@@ -75,9 +75,14 @@ def vocabulary(corpus: Path, n_docs: int = 2000) -> list[str]:
 
 
 def queries(n: int, words: list[str], seed: int, tag: str) -> list[str]:
-    """``n`` distinct 5-word queries (a unique tag each, so no cache can answer one)."""
+    """``n`` distinct 5-word queries (a unique tag each, so no cache can answer one).
+
+    The tag's number has a fixed width, and every level uses the same tag (its words come from its own seed), so
+    each level's texts have the same token lengths: a forward pass costs about its tokens, and a level whose tags
+    were longer (``q1000x12345`` against ``q32x1234``) would be measured on heavier texts.
+    """
     rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(5)) + f" {tag}{i}" for i in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(5)) + f" {tag}{i:06d}" for i in range(n)]
 
 
 async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_s: float,
@@ -240,7 +245,7 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
         asyncio.run(wait_ready(url, server))
         asyncio.run(drive(url, "minilm", queries(args.warmup, words, 0, f"warm{name}"), 8, args.timeout_s))
         for level, requests in zip(args.levels, args.requests):
-            texts = queries(requests, words, level, f"q{level}x")  # the same texts for every server
+            texts = queries(requests, words, level, "q")  # the same texts for every server
             load_before = [round(x, 2) for x in os.getloadavg()]
             cpu_before = thread_cpu(server.pid)
             result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s, args.seconds, args.ramp_s))

@@ -255,7 +255,11 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
             result = {"server": name, **result, "load_average_before": load_before,
                       "server_cpu_s": round(sum(cpu.values()), 2), "server_loop_cpu_s": round(cpu["loop"], 2),
                       "server_loop_cpu_ms_per_answer": round(1000 * cpu["loop"] / max(1, result["ok"]
-                                                                                       + result["refused"]), 3)}
+                                                                                       + result["refused"]), 3),
+                      # All the server's CPU over the level per 200 it answered, refusals' cost included: what the
+                      # goodput would be bounded by if the server had its core to itself at every level.
+                      "server_cpu_ms_per_200": round(1000 * sum(cpu.values()) / max(1, result["whole_level"]["ok"]),
+                                                     3)}
             if name == "embtune":
                 result["backend"] = args.backend
             levels.append(result)
@@ -290,6 +294,21 @@ def checks(levels: list[dict], backend: str) -> dict[str, bool]:
         out["goodput_at_least_infinity_at_every_level"] = all(
             ours[n]["goodput_per_s"] >= theirs[n]["goodput_per_s"] for n in ours if n in theirs)
     return out
+
+
+def overload_ratio(levels: list[dict], backend: str) -> dict[str, float | None]:
+    """Goodput at 1,000 in flight over goodput at 32 for embtune on ``backend`` (the target's ratio), and the same
+    ratio from the server's CPU per 200 answered (``server_cpu_ms_per_200`` at 32 over at 1,000).
+
+    On a shared machine the server's share of its core moves between levels, and the goodput ratio with it; the
+    CPU ratio is what the goodput ratio would be with the same share at both levels.
+    """
+    ours = {lv["in_flight"]: lv for lv in levels if lv["server"] == "embtune" and lv["backend"] == backend}
+    if 32 not in ours or 1000 not in ours:
+        return {"goodput_1000_over_32": None, "by_cpu_per_200": None}
+    low, high = ours[32], ours[1000]
+    return {"goodput_1000_over_32": round(high["goodput_per_s"] / max(low["goodput_per_s"], 1e-9), 3),
+            "by_cpu_per_200": round(low["server_cpu_ms_per_200"] / max(high["server_cpu_ms_per_200"], 1e-9), 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -350,6 +369,7 @@ def main(argv: list[str] | None = None) -> dict:
         return found.stdout.strip() or "not installed"
 
     passed = checks(levels, args.backends[0])
+    ratio = overload_ratio(levels, args.backends[0])
     result = {
         "benchmark": "serve_load",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -373,6 +393,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "levels": levels,
         "passed": passed,
+        "overload_ratio": ratio,
         **provenance.record(packages=("fastapi", "uvicorn", "aiohttp")),  # CPU model and vector flags included
         "infinity_emb_version": version_of("infinity-emb", str(Path(args.infinity_venv) / "bin" / "python"))
         if "infinity" in args.servers else None,
@@ -380,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_result(out, result)  # the previous run kept under other_runs
-    print(f"{args.backends[0]}: {passed} -> wrote {out}")
+    print(f"{args.backends[0]}: {passed}, {ratio} -> wrote {out}")
     return result
 
 

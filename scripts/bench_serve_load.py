@@ -15,7 +15,13 @@ tag, and both servers get the same texts, so no cache answers. A level records, 
 - ``refused``: 503 or 429 answers; ``refusal_p99_ms``: their latency (what a refusal costs the client);
 - ``errors``: anything else (other statuses, dropped connections, timeouts);
 - ``whole_level``: the same figures over every request, the ramp included; ``timeline``: per second of the level,
-  the 200s and refusals sent and their p99.
+  the 200s and refusals sent and their p99;
+- ``tokens_per_text``: the mean tokens of the texts sent (the model's tokenizer), equal at every level;
+- ``server_cpu_s`` (``server_loop_cpu_s`` on the event loop) and ``server_cpu_ms_per_200``: the server's CPU.
+
+The run's ``overload_ratio`` is the target's ratio (goodput at 1,000 over goodput at 32) and the same ratio from the
+server's CPU per 200 answered: the server's share of its core does not enter the second (other jobs on the machine
+still do, through the caches they share).
 
 ``--ramp-s 0`` starts every worker at once: a thousand connections and requests arrive in the same instant, and the
 refusals at the back of that burst wait for the ones ahead of them on the server's one event loop.
@@ -252,7 +258,10 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
             cpu = {key: value - cpu_before.get(key, 0.0) for key, value in thread_cpu(server.pid).items()}
             # CPU seconds the server spent, on its event-loop thread and on all others (the encoder's): with the
             # machine shared, the cost of a request and of a refusal, which the latencies only show with noise.
-            result = {"server": name, **result, "load_average_before": load_before,
+            # The texts' cost: a forward pass costs about its tokens, so levels are compared on equal texts.
+            sent = args.tokenizer(texts[:result["requests"]], add_special_tokens=True)["input_ids"]
+            result = {"server": name, **result, "tokens_per_text": round(float(np.mean([len(ids) for ids in sent])), 2),
+                      "load_average_before": load_before,
                       "server_cpu_s": round(sum(cpu.values()), 2), "server_loop_cpu_s": round(cpu["loop"], 2),
                       "server_loop_cpu_ms_per_answer": round(1000 * cpu["loop"] / max(1, result["ok"]
                                                                                        + result["refused"]), 3),
@@ -301,7 +310,8 @@ def overload_ratio(levels: list[dict], backend: str) -> dict[str, float | None]:
     ratio from the server's CPU per 200 answered (``server_cpu_ms_per_200`` at 32 over at 1,000).
 
     On a shared machine the server's share of its core moves between levels, and the goodput ratio with it; the
-    CPU ratio is what the goodput ratio would be with the same share at both levels.
+    CPU ratio is what the goodput ratio would be with the same share at both levels (other jobs still move it,
+    through the caches they share with the server).
     """
     ours = {lv["in_flight"]: lv for lv in levels if lv["server"] == "embtune" and lv["backend"] == backend}
     if 32 not in ours or 1000 not in ours:
@@ -354,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.bundle = REPO / args.bundle if not Path(args.bundle).is_absolute() else Path(args.bundle)
     for backend in args.backends if "embtune" in args.servers else []:
         ensure_bundle(args.bundle, args.model, backend)
+    from transformers import AutoTokenizer
+
+    args.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(args.model)))
     os.sched_setaffinity(0, {args.client_core})
     words = vocabulary(Path(args.corpus))
     levels = []

@@ -15,7 +15,13 @@ tag, and both servers get the same texts, so no cache answers. A level records, 
 - ``refused``: 503 or 429 answers; ``refusal_p99_ms``: their latency (what a refusal costs the client);
 - ``errors``: anything else (other statuses, dropped connections, timeouts);
 - ``whole_level``: the same figures over every request, the ramp included; ``timeline``: per second of the level,
-  the 200s and refusals sent and their p99.
+  the 200s and refusals sent and their p99;
+- ``tokens_per_text``: the mean tokens of the texts sent (the model's tokenizer), equal at every level;
+- ``server_cpu_s`` (``server_loop_cpu_s`` on the event loop) and ``server_cpu_ms_per_200``: the server's CPU.
+
+The run's ``overload_ratio`` is the target's ratio (goodput at 1,000 over goodput at 32) and the same ratio from the
+server's CPU per 200 answered: the server's share of its core does not enter the second (other jobs on the machine
+still do, through the caches they share).
 
 ``--ramp-s 0`` starts every worker at once: a thousand connections and requests arrive in the same instant, and the
 refusals at the back of that burst wait for the ones ahead of them on the server's one event loop.
@@ -75,9 +81,14 @@ def vocabulary(corpus: Path, n_docs: int = 2000) -> list[str]:
 
 
 def queries(n: int, words: list[str], seed: int, tag: str) -> list[str]:
-    """``n`` distinct 5-word queries (a unique tag each, so no cache can answer one)."""
+    """``n`` distinct 5-word queries (a unique tag each, so no cache can answer one).
+
+    The tag's number has a fixed width, and every level uses the same tag (its words come from its own seed), so
+    each level's texts have the same token lengths: a forward pass costs about its tokens, and a level whose tags
+    were longer (``q1000x12345`` against ``q32x1234``) would be measured on heavier texts.
+    """
     rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(5)) + f" {tag}{i}" for i in range(n)]
+    return [" ".join(rng.choice(words) for _ in range(5)) + f" {tag}{i:06d}" for i in range(n)]
 
 
 async def drive(url: str, model: str, texts: list[str], in_flight: int, timeout_s: float,
@@ -240,17 +251,24 @@ def run_server(name: str, words: list[str], args: argparse.Namespace) -> list[di
         asyncio.run(wait_ready(url, server))
         asyncio.run(drive(url, "minilm", queries(args.warmup, words, 0, f"warm{name}"), 8, args.timeout_s))
         for level, requests in zip(args.levels, args.requests):
-            texts = queries(requests, words, level, f"q{level}x")  # the same texts for every server
+            texts = queries(requests, words, level, "q")  # the same texts for every server
             load_before = [round(x, 2) for x in os.getloadavg()]
             cpu_before = thread_cpu(server.pid)
             result = asyncio.run(drive(url, "minilm", texts, level, args.timeout_s, args.seconds, args.ramp_s))
             cpu = {key: value - cpu_before.get(key, 0.0) for key, value in thread_cpu(server.pid).items()}
             # CPU seconds the server spent, on its event-loop thread and on all others (the encoder's): with the
             # machine shared, the cost of a request and of a refusal, which the latencies only show with noise.
-            result = {"server": name, **result, "load_average_before": load_before,
+            # The texts' cost: a forward pass costs about its tokens, so levels are compared on equal texts.
+            sent = args.tokenizer(texts[:result["requests"]], add_special_tokens=True)["input_ids"]
+            result = {"server": name, **result, "tokens_per_text": round(float(np.mean([len(ids) for ids in sent])), 2),
+                      "load_average_before": load_before,
                       "server_cpu_s": round(sum(cpu.values()), 2), "server_loop_cpu_s": round(cpu["loop"], 2),
                       "server_loop_cpu_ms_per_answer": round(1000 * cpu["loop"] / max(1, result["ok"]
-                                                                                       + result["refused"]), 3)}
+                                                                                       + result["refused"]), 3),
+                      # All the server's CPU over the level per 200 it answered, refusals' cost included: what the
+                      # goodput would be bounded by if the server had its core to itself at every level.
+                      "server_cpu_ms_per_200": round(1000 * sum(cpu.values()) / max(1, result["whole_level"]["ok"]),
+                                                     3)}
             if name == "embtune":
                 result["backend"] = args.backend
             levels.append(result)
@@ -285,6 +303,22 @@ def checks(levels: list[dict], backend: str) -> dict[str, bool]:
         out["goodput_at_least_infinity_at_every_level"] = all(
             ours[n]["goodput_per_s"] >= theirs[n]["goodput_per_s"] for n in ours if n in theirs)
     return out
+
+
+def overload_ratio(levels: list[dict], backend: str) -> dict[str, float | None]:
+    """Goodput at 1,000 in flight over goodput at 32 for embtune on ``backend`` (the target's ratio), and the same
+    ratio from the server's CPU per 200 answered (``server_cpu_ms_per_200`` at 32 over at 1,000).
+
+    On a shared machine the server's share of its core moves between levels, and the goodput ratio with it; the
+    CPU ratio is what the goodput ratio would be with the same share at both levels (other jobs still move it,
+    through the caches they share with the server).
+    """
+    ours = {lv["in_flight"]: lv for lv in levels if lv["server"] == "embtune" and lv["backend"] == backend}
+    if 32 not in ours or 1000 not in ours:
+        return {"goodput_1000_over_32": None, "by_cpu_per_200": None}
+    low, high = ours[32], ours[1000]
+    return {"goodput_1000_over_32": round(high["goodput_per_s"] / max(low["goodput_per_s"], 1e-9), 3),
+            "by_cpu_per_200": round(low["server_cpu_ms_per_200"] / max(high["server_cpu_ms_per_200"], 1e-9), 3)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -330,6 +364,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.bundle = REPO / args.bundle if not Path(args.bundle).is_absolute() else Path(args.bundle)
     for backend in args.backends if "embtune" in args.servers else []:
         ensure_bundle(args.bundle, args.model, backend)
+    from transformers import AutoTokenizer
+
+    args.tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(args.model)))
     os.sched_setaffinity(0, {args.client_core})
     words = vocabulary(Path(args.corpus))
     levels = []
@@ -345,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         return found.stdout.strip() or "not installed"
 
     passed = checks(levels, args.backends[0])
+    ratio = overload_ratio(levels, args.backends[0])
     result = {
         "benchmark": "serve_load",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -368,6 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "levels": levels,
         "passed": passed,
+        "overload_ratio": ratio,
         **provenance.record(packages=("fastapi", "uvicorn", "aiohttp")),  # CPU model and vector flags included
         "infinity_emb_version": version_of("infinity-emb", str(Path(args.infinity_venv) / "bin" / "python"))
         if "infinity" in args.servers else None,
@@ -375,7 +414,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = REPO / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_result(out, result)  # the previous run kept under other_runs
-    print(f"{args.backends[0]}: {passed} -> wrote {out}")
+    print(f"{args.backends[0]}: {passed}, {ratio} -> wrote {out}")
     return result
 
 

@@ -73,7 +73,8 @@ logger = logging.getLogger(__name__)
 TEXT_FIELDS = {"title", "text"}
 # The routes that do work (a forward pass, a search); admission control counts and sheds only these.
 WORK_ROUTES = ("/v1/embeddings", "/search")
-MAX_RETRY_STRETCH = 10.0  # Admission.retry_after_ms: at most 10 x serve.retry_after_s
+MAX_RETRY_STRETCH = 10.0  # Admission.retry_after: at most 10 x serve.retry_after_s
+TARGET_PRESSURE = 0.25  # Admission.retry_after: refusals per admission above which the wait doubles
 REFUSED = "embtune_refused"  # the pydantic error type of a request field refused with one of our own messages
 
 
@@ -349,26 +350,31 @@ class Admission:
         self.shed_slow = 0
         self.clock = clock
         self.pressure = 0.0  # refusals per admission over the last whole second
+        self.stretch = 1.0  # Retry-After in units of retry_after_s (retry_after)
         self._second, self._admitted_at, self._shed_at = clock(), 0, 0
 
     def retry_after(self) -> tuple[int, int]:
-        """A refusal's (Retry-After seconds, retry-after-ms): ``retry_after_s`` stretched by the overload, the
-        milliseconds spread at random.
+        """A refusal's (Retry-After seconds, retry-after-ms): ``retry_after_s`` times the current stretch, the
+        milliseconds spread at random over 0.5-1.5 x so that a burst refused together does not come back together.
 
         A refused client that comes back while the server is still full is refused again, and every refusal takes
-        the event loop from the encoder on the same core. When the last second refused k requests per admission,
-        the server is asking ~k+1 times as many clients as it can take to come back each second, so the wait is
-        (1 + k) x ``retry_after_s`` (at most ``MAX_RETRY_STRETCH`` x), spread over 0.5-1.5 x so that a burst
-        refused together does not come back together.
+        the event loop from the encoder on the same core. A stretch proportional to the refusals per admission
+        settles where about one client is refused per admission (each waiting client returning every ~2 s), so the
+        stretch is a controller instead: each second that refused more than ``TARGET_PRESSURE`` requests per
+        admission doubles it (at most ``MAX_RETRY_STRETCH``), each other second halves it (at least 1). Under a
+        steady overload the waiting clients then come back a few times less often; when the overload ends, the
+        stretch is back to 1 within a few seconds (clients told to wait longer before that still wait). The A/B
+        that chose it: docs/serve.md.
         """
-        stretch = min(1.0 + self.pressure, MAX_RETRY_STRETCH)
-        return (max(1, round(self.retry_after_s * stretch)),
-                int(self.retry_after_s * 1000 * stretch * (0.5 + random.random())))
+        return (max(1, round(self.retry_after_s * self.stretch)),
+                int(self.retry_after_s * 1000 * self.stretch * (0.5 + random.random())))
 
     def _count(self, shed: bool) -> None:
         now = self.clock()
         if now - self._second >= 1.0:
             self.pressure = self._shed_at / max(1, self._admitted_at)
+            self.stretch = (min(self.stretch * 2, MAX_RETRY_STRETCH) if self.pressure > TARGET_PRESSURE
+                            else max(1.0, self.stretch / 2))
             self._second, self._admitted_at, self._shed_at = now, 0, 0
         if shed:
             self._shed_at += 1
@@ -412,7 +418,8 @@ class Admission:
         return {"in_flight": self.in_flight, "max_queue": self.max_queue,
                 "expected_wait_ms": round(self.expected_wait() * 1000, 1), "max_queue_wait_ms": self.max_wait_s * 1000,
                 "admitted": self.admitted, "shed_503": self.shed_full + self.shed_slow, "shed_full": self.shed_full,
-                "shed_slow": self.shed_slow, "refusals_per_admission": round(self.pressure, 2)}
+                "shed_slow": self.shed_slow, "refusals_per_admission": round(self.pressure, 2),
+                "retry_stretch": self.stretch}
 
 
 class EmbeddingService:

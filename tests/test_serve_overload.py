@@ -245,24 +245,45 @@ def test_refused_clients_are_told_to_come_back_at_spread_times():
     assert 1800 < np.mean(waits) < 2200
 
 
-def test_retry_after_stretches_with_the_overload():
-    """A second that refused k requests per admission asks the next refused clients to wait (1 + k) x
-    serve.retry_after_s (spread 0.5-1.5 x, at most 10 x): fewer of them come back only to be refused again."""
-    from embtune.serve.app import MAX_RETRY_STRETCH, Admission
+def test_retry_after_stretches_while_the_overload_lasts():
+    """Each second that refused more than TARGET_PRESSURE requests per admission doubles the Retry-After (at most
+    MAX_RETRY_STRETCH x serve.retry_after_s, spread 0.5-1.5 x); each calmer second halves it, back to 1 x."""
+    from embtune.serve.app import MAX_RETRY_STRETCH, TARGET_PRESSURE, Admission
 
     now = [0.0]
     admission = Admission(max_queue=2, max_wait_s=60.0, retry_after_s=1, expected_wait=lambda: 0.0,
                           clock=lambda: now[0])
     assert all(admission.retry_after()[0] == 1 and 500 <= admission.retry_after()[1] <= 1500
                for _ in range(50))  # nothing measured yet
-    admission.admit(), admission.admit()
-    for _ in range(6):
-        assert admission.refusal() is not None  # full: 6 refused against 2 admitted in this second
-    now[0] = 1.5
-    admission.refusal()  # the first event of the next second closes the last one
+
+    def second(admitted: int, refused: int) -> None:
+        """One second of traffic, closed by the first event of the next."""
+        for _ in range(admitted):
+            admission.admit()
+            admission.in_flight -= 1
+        admission.in_flight = admission.max_queue  # full: what comes next is refused
+        for _ in range(refused):
+            assert admission.refusal() is not None
+        admission.in_flight = 0
+        now[0] += 1.0
+
+    second(2, 6)
+    admission.admit()  # closes it: 3 refusals per admission
     assert admission.pressure == 3.0 and admission.stats()["refusals_per_admission"] == 3.0
-    assert admission.retry_after()[0] == 4
+    assert admission.stretch == 2.0 and admission.retry_after()[0] == 2
     waits = [admission.retry_after()[1] for _ in range(200)]
-    assert 2000 <= min(waits) and max(waits) <= 6000 and np.mean(waits) > 3000
-    admission.pressure = 100.0
+    assert 1000 <= min(waits) and max(waits) <= 3000 and np.mean(waits) > 1500
+    for _ in range(6):  # a lasting overload: 4, 8, then the cap
+        second(4, 8)
+    admission.admit()
+    assert admission.stretch == MAX_RETRY_STRETCH and admission.stats()["retry_stretch"] == MAX_RETRY_STRETCH
     assert max(admission.retry_after()[1] for _ in range(200)) <= 1500 * MAX_RETRY_STRETCH
+    second(40, int(40 * TARGET_PRESSURE))  # at the target, not above: the wait halves
+    admission.admit()
+    assert admission.stretch == MAX_RETRY_STRETCH / 2
+    for _ in range(4):
+        second(40, 0)
+    admission.admit()
+    assert admission.stretch == 1.0 and admission.retry_after()[0] == 1
+
+

@@ -139,11 +139,14 @@ def test_docstore_reads_rows_and_ids_and_refuses_duplicate_ids(tmp_path):
     docs = _docs(50)
     rows, fields = write_store(docs, tmp_path / "docs.jsonl")
     assert rows == 50 and fields == ["topic"]
-    store = DocStore(tmp_path / "docs.jsonl")
-    assert [store[i] for i in (0, 17, 49)] == [docs[0], docs[17], docs[49]]
-    assert all(store.row_of(d["_id"]) == i for i, d in enumerate(docs))
-    with pytest.raises(KeyError):
-        store.row_of("nope")
+    for mapped in (True, False):  # memory-mapped arrays, or each entry read by pread: the same answers
+        store = DocStore(tmp_path / "docs.jsonl", mapped=mapped)
+        assert [store[i] for i in (0, 17, 49, -1)] == [docs[0], docs[17], docs[49], docs[49]]
+        assert store[10:13] == docs[10:13] and len(store) == 50
+        assert all(store.row_of(d["_id"]) == i for i, d in enumerate(docs))
+        assert "d7" in store.ids and "nope" not in store.ids
+        with pytest.raises(KeyError):
+            store.row_of("nope")
     with pytest.raises(ValueError, match="'d3' occurs at rows 3 and 50"):
         write_store(docs + [dict(docs[3])], tmp_path / "dup.jsonl")
     assert json.loads((tmp_path / "docs.jsonl").read_text().splitlines()[17]) == docs[17]

@@ -90,7 +90,8 @@ class CorpusFile:
             shutil.rmtree(index_dir, ignore_errors=True)
             scratch.rename(index_dir)
             logger.info("%s: %d rows indexed by offset and id under %s", self.path, rows, index_dir)
-        self.store = DocStore(self.path, index_dir)
+        # Read by pread, not mapped: the driver looks up thousands of rows, and mapped pages would stay resident.
+        self.store = DocStore(self.path, index_dir, mapped=False)
         self.ids = self.store.ids  # read on demand; unique (index_jsonl refused a repeated id)
 
     def __len__(self) -> int:
@@ -161,6 +162,9 @@ class _TextById:
         return doc_id in self.corpus
 
 
+_OPENED: dict[tuple, "CorpusFile"] = {}
+
+
 def open_corpus(path: str | Path, on_error: str = "raise", compute: ComputeConfig | None = None
                 ) -> MemoryCorpus | CorpusFile:
     """The corpus at ``path`` (a BEIR ``corpus.jsonl``) as the engine reads it (see the module docstring).
@@ -175,8 +179,16 @@ def open_corpus(path: str | Path, on_error: str = "raise", compute: ComputeConfi
         return MemoryCorpus(load_corpus(path, on_error))
     if not Path(path).is_file():
         raise DataError(f"{path}: file not found")
+    # One per file, size, time and shard size in a process: the stages of one pipeline share its plan and index.
+    stat = Path(path).stat()
+    from embtune.retrieval.encoder import cache_dir
+
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, compute.shard_rows, str(cache_dir()))
+    if key in _OPENED:
+        return _OPENED[key]
     try:
-        return CorpusFile(path, compute.shard_rows, compute)
+        _OPENED[key] = CorpusFile(path, compute.shard_rows, compute)
+        return _OPENED[key]
     except ValueError as err:  # raised in a Ray task: its cause, not the remote traceback
         raise DataError(f"{getattr(err, 'cause', None) or err} (compute.engine: ray reads the corpus by line and "
                         "skips none; fix the line, or use compute.engine: local with data.on_error: skip)") from None

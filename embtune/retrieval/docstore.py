@@ -124,14 +124,19 @@ def index_jsonl(path: str | Path, index_dir: str | Path) -> int:
 class DocStore(Sequence):
     """The documents of a store written by :func:`write_store`, read on demand; ``store[row]`` is a dict."""
 
-    def __init__(self, path: str | Path, index_dir: str | Path | None = None) -> None:
+    def __init__(self, path: str | Path, index_dir: str | Path | None = None, mapped: bool = True) -> None:
+        """``mapped``: the two arrays memory-mapped (a server's many lookups); False reads each entry with a
+        ``pread``, so random lookups leave no pages of them resident in this process (a driver that looks up a
+        few thousand rows of a corpus of millions)."""
         self.path = Path(path)
         if not offsets_path(self.path, index_dir).is_file():
             raise FileNotFoundError(f"{self.path}: no {offsets_path(self.path, index_dir)} (write it with "
                                     "embtune.retrieval.docstore.write_store or index_jsonl)")
-        self.offsets = np.load(offsets_path(self.path, index_dir), mmap_mode="r")  # (rows + 1,)
+        load = (lambda file: np.load(file, mmap_mode="r")) if mapped else _Int64File
+        self.mapped = mapped
+        self.offsets = load(offsets_path(self.path, index_dir))  # (rows + 1,)
         table = idhash_path(self.path, index_dir)
-        self._idhash = np.load(table, mmap_mode="r") if table.is_file() else None  # (rows, 2)
+        self._idhash = load(table) if table.is_file() else None  # (rows, 2)
         self._fd = os.open(self.path, os.O_RDONLY)
         self.ids = _IdColumn(self, lambda doc: doc["_id"])
 
@@ -167,15 +172,52 @@ class DocStore(Sequence):
         """The row of ``doc_id``; ``KeyError`` when the store has no such id."""
         if self._idhash is None:
             raise KeyError(f"{doc_id!r}: {self.path} has no id index ({idhash_path(self.path).name})")
-        hashes = self._idhash[:, 0]
         h = id_hash(doc_id)
-        at = int(np.searchsorted(hashes, h))
-        while at < len(hashes) and hashes[at] == h:
+        rows = len(self._idhash)
+        if self.mapped:
+            at = int(np.searchsorted(self._idhash[:, 0], h))
+        else:  # the first entry >= h, by binary search over single reads
+            lo, hi = 0, rows
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (mid + 1, hi) if self._idhash[mid, 0] < h else (lo, mid)
+            at = lo
+        while at < rows and self._idhash[at, 0] == h:
             row = int(self._idhash[at, 1])
             if self[row]["_id"] == doc_id:
                 return row
             at += 1
         raise KeyError(doc_id)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
+
+
+class _Int64File:
+    """An int64 ``.npy`` array (1-D or 2-D, C order) whose entries are read one ``pread`` at a time."""
+
+    def __init__(self, path: str | Path) -> None:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            shape, fortran, dtype = (np.lib.format.read_array_header_1_0(handle) if version == (1, 0)
+                                     else np.lib.format.read_array_header_2_0(handle))
+            self.header = handle.tell()
+        if fortran or dtype != np.dtype("<i8"):
+            raise ValueError(f"{path}: expected a C-order little-endian int64 array, got {dtype} (fortran {fortran})")
+        self.shape = shape
+        self.columns = shape[1] if len(shape) == 2 else 1
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, at: int | tuple[int, int]) -> int:
+        row, column = at if isinstance(at, tuple) else (at, 0)
+        row = row % self.shape[0]
+        raw = os.pread(self._fd, 8, self.header + 8 * (row * self.columns + column))
+        return int.from_bytes(raw, "little", signed=True)
 
     def __del__(self) -> None:
         fd = getattr(self, "_fd", None)

@@ -221,10 +221,7 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     if cfg.data.queries == "labelfree":
         return run_labelfree(cfg, stage, dataset, outputs)
     if cfg.data.dev_fraction > 0:
-        train_qrels, dev_qrels = split_dev(dataset.qrels, cfg.data.dev_fraction, cfg.seed)
-        write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
-        outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
-        logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(dataset.qrels))
+        train_qrels, dev_qrels = carve_dev(cfg, stage, dataset.qrels, outputs)
 
     corpus = dataset.corpus
     queries = dataset.queries
@@ -263,22 +260,39 @@ def run(cfg, force: bool = False) -> dict[str, str]:
     rows, mining_report = mine_negatives(corpus, queries, train_qrels, doc_texts, m, seed=cfg.seed, ranking=ranking,
                                          teacher=teacher,
                                          exclude=exclude, **pairs_only)
+    report = {"load": dataset.report.to_dict(), "train_queries": len(train_qrels),
+              "labelled_train_queries": labelled_queries if cfg.data.queries != "synthetic" else 0,
+              "dev_queries": len(dev_qrels)}
+    if synthesis_report is not None:
+        report["synthesis"] = synthesis_report
+    return finish_table(stage, rows, mining_report, report, outputs, num_negatives)
+
+
+def carve_dev(cfg, stage: Stage, qrels: dict[str, dict[str, int]], outputs: dict) -> tuple[dict, dict]:
+    """(train qrels, dev qrels): ``data.dev_fraction`` of the judged train queries held out (seeded), the dev
+    qrels written to ``qrels/dev.tsv`` and named in ``outputs``."""
+    train_qrels, dev_qrels = split_dev(qrels, cfg.data.dev_fraction, cfg.seed)
+    write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
+    outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
+    logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(qrels))
+    return train_qrels, dev_qrels
+
+
+def finish_table(stage: Stage, rows: list[dict[str, Any]], mining_report, report: dict[str, Any], outputs: dict,
+                 num_negatives: int, note: str = "") -> dict[str, str]:
+    """Write the mining report, the training table (an error naming the report when it has no row) and
+    ``report.json`` (``report`` plus the mining summary and the row count); finish the stage."""
+    from datasets import Dataset as HFDataset
+
     (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
     print(mining_report.table())
     if not rows:
         raise RuntimeError(f"data_prep produced no training rows; see {stage.dir / 'mining_report.json'}")
-    from datasets import Dataset as HFDataset
-
     table_dir = stage.dir / "train_table"
     HFDataset.from_list(rows).save_to_disk(str(table_dir))
-    report = {"load": dataset.report.to_dict(), "mining": mining_report.to_dict(),
-              "train_queries": len(train_qrels),
-              "labelled_train_queries": labelled_queries if cfg.data.queries != "synthetic" else 0,
-              "dev_queries": len(dev_qrels), "rows": len(rows)}
-    if synthesis_report is not None:
-        report["synthesis"] = synthesis_report
+    report = {"load": report.pop("load"), "mining": mining_report.to_dict(), **report, "rows": len(rows)}
     (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
-    logger.info("training table: %d rows, %d negatives each -> %s", len(rows), num_negatives, table_dir)
+    logger.info("training table: %d rows, %d negatives each -> %s%s", len(rows), num_negatives, table_dir, note)
     outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
                     "mining_report": stage.dir / "mining_report.json"})
     return stage.finish(outputs)
@@ -521,7 +535,6 @@ def run_on_shards(cfg, stage: Stage) -> dict[str, str]:
     import random
 
     import numpy as np
-    from datasets import Dataset as HFDataset
 
     from embtune.compute.corpus import open_corpus
     from embtune.dataio import LoadReport, load_qrels, load_queries
@@ -539,10 +552,7 @@ def run_on_shards(cfg, stage: Stage) -> dict[str, str]:
     outputs: dict[str, str | Path] = {"eval_dataset": folder}
     train_qrels, dev_qrels = qrels, {}
     if data.dev_fraction > 0:
-        train_qrels, dev_qrels = split_dev(qrels, data.dev_fraction, cfg.seed)
-        write_qrels(dev_qrels, stage.dir / "qrels" / "dev.tsv")
-        outputs["dev_qrels"] = stage.dir / "qrels" / "dev.tsv"
-        logger.info("dev split: %d queries held out of %d train queries", len(dev_qrels), len(qrels))
+        train_qrels, dev_qrels = carve_dev(cfg, stage, qrels, outputs)
     texts = corpus.texts(m.include_title)
     query_ids = candidate_query_ids(train_qrels)
     num_negatives = m.num_negatives if m.method != "none" else 0
@@ -562,21 +572,11 @@ def run_on_shards(cfg, stage: Stage) -> dict[str, str]:
     pairs_only = {"num_negatives": 0} if num_negatives != m.num_negatives else {}
     rows, mining_report = mine_negatives(dict.fromkeys(sub_ids), queries, train_qrels, sub_texts, m, seed=cfg.seed,
                                          ranking=ranking, **pairs_only)
-    (stage.dir / "mining_report.json").write_text(json.dumps(mining_report.to_dict(per_query=True), indent=1))
-    print(mining_report.table())
-    if not rows:
-        raise RuntimeError(f"data_prep produced no training rows; see {stage.dir / 'mining_report.json'}")
-    table_dir = stage.dir / "train_table"
-    HFDataset.from_list(rows).save_to_disk(str(table_dir))
-    report = {"load": load.to_dict(), "mining": mining_report.to_dict(), "train_queries": len(train_qrels),
-              "labelled_train_queries": len(train_qrels), "dev_queries": len(dev_qrels), "rows": len(rows),
+    report = {"load": load.to_dict(), "train_queries": len(train_qrels), "labelled_train_queries": len(train_qrels),
+              "dev_queries": len(dev_qrels),
               "corpus": {"documents": len(corpus), "read_by_row": True, "rows_mining_read": len(rows_read)}}
-    (stage.dir / "report.json").write_text(json.dumps(report, indent=2))
-    logger.info("training table: %d rows, %d negatives each -> %s (mining read %d of %d documents)", len(rows),
-                num_negatives, table_dir, len(rows_read), len(corpus))
-    outputs.update({"train_table": table_dir, "report": stage.dir / "report.json",
-                    "mining_report": stage.dir / "mining_report.json"})
-    return stage.finish(outputs)
+    return finish_table(stage, rows, mining_report, report, outputs, num_negatives,
+                        f" (mining read {len(rows_read)} of {len(corpus)} documents)")
 
 
 def on_rows(ranking: Ranking, rows) -> Ranking:

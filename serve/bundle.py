@@ -225,14 +225,12 @@ def build_bundle(model_dir: str | Path, docs: Iterable[dict[str, Any]] | None, o
             flat.add(np.ascontiguousarray(embeddings, dtype=np.float32))
             faiss.write_index(flat, str(out_dir / INDEX_FILE))
         else:  # filled one shard at a time: the whole matrix is never in this process
-            from embtune.compute.export import write_faiss_index, write_faiss_index_on_engine
+            from embtune.compute.export import write_faiss_index_on_engine
 
-            settings = {"kind": index, "factory": index_factory, "nprobe": nprobe, "train_rows": train_rows,
-                        "sample": train_sample}
-            if isinstance(embeddings, np.ndarray):
-                write_faiss_index(_OneShard(embeddings), out_dir / INDEX_FILE, **settings)
-            else:  # on the Ray engine one task builds it, so the index never sits in this process
-                write_faiss_index_on_engine(embeddings, out_dir / INDEX_FILE, **settings)
+            # Shards on the Ray engine: one task builds it, so the index never sits in this process.
+            shards = _OneShard(embeddings) if isinstance(embeddings, np.ndarray) else embeddings
+            write_faiss_index_on_engine(shards, out_dir / INDEX_FILE, kind=index, factory=index_factory,
+                                        nprobe=nprobe, train_rows=train_rows, sample=train_sample)
         from embtune.retrieval.index import ann_factory
 
         rows = embeddings.shape[0]

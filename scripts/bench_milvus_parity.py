@@ -30,6 +30,7 @@ from pathlib import Path
 from benchlib import (  # also puts the repo root on sys.path
     ROOT,
     bench_command,
+    differing,
     dot_minilm,
     only_ties,
     rank_run,
@@ -72,8 +73,7 @@ def measure(name: str, model_dir: str, docs: list[dict], query_ids: list[str], q
                                          search_params={"metric_type": "BM25"}, output_fields=["id"])
         bm25 = [[{"id": h["id"], "score": h["distance"]} for h in row] for row in bm25_hits]
 
-    differ = [i for i, (got, want) in enumerate(zip(found, served))
-              if [h["id"] for h in got] != [h["id"] for h in want]]
+    differ = differing(found, served)
     other_sets = [i for i in differ if {h["id"] for h in found[i]} != {h["id"] for h in served[i]}]
     ties = [i for i in differ if only_ties(found[i], served[i])]
     scored = {route: score(qrels, rank_run(query_ids, hits, K), metrics=METRICS).metrics

@@ -30,6 +30,7 @@ import numpy as np
 from benchlib import (  # also puts the repo root on sys.path
     ROOT,
     bench_command,
+    differing,
     dot_minilm,
     only_ties,
     rank_run,
@@ -51,8 +52,7 @@ METRICS = (f"ndcg@{K}", f"recall@{K}")
 
 
 def compare(found: list[list[dict]], served: list[list[dict]], query_ids: list[str], qrels, seconds: float) -> dict:
-    differ = [i for i, (got, want) in enumerate(zip(found, served))
-              if [h["id"] for h in got] != [h["id"] for h in want]]
+    differ = differing(found, served)
     metrics = score(qrels, rank_run(query_ids, found, K), metrics=METRICS).metrics
     return {"same_top10": len(query_ids) - len(differ), "mismatched_queries": len(differ),
             "mismatched_ties_only": sum(only_ties(found[i], served[i]) for i in differ),

@@ -142,6 +142,12 @@ def served_hits(bundle: Path, texts: list[str], k: int) -> list[list[dict]]:
     return served
 
 
+def differing(found: list[list[dict]], served: list[list[dict]]) -> list[int]:
+    """The queries whose top-k ids (in order) differ between two routes' hits."""
+    return [i for i, (got, want) in enumerate(zip(found, served))
+            if [h["id"] for h in got] != [h["id"] for h in want]]
+
+
 def only_ties(got: list[dict], want: list[dict], tolerance: float = 1e-5) -> bool:
     """Two rankings differ only where their scores at the same rank agree to ``tolerance`` (relative)."""
     return all(a["id"] == b["id"] or abs(a["score"] - b["score"]) <= tolerance * max(1.0, abs(b["score"]))

@@ -287,10 +287,15 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
                 probe.get("choice_mrr"), probe.get("dense_alone"), probe.get("bm25_alone"))
     logger.info("label-free decision: %s", decision["reason"])
 
-    queries = cut_queries(corpus, lf.documents, lf.sentences_per_document, lf.titles, lf.min_words, lf.max_words,
-                          cfg.seed, tuple(lf.span_words) or None, exclude=set(probe_set.targets))
+    queries = []
+    if lf.query_source in ("cut", "both"):
+        queries += cut_queries(corpus, lf.documents, lf.sentences_per_document, lf.titles, lf.min_words,
+                               lf.max_words, cfg.seed, tuple(lf.span_words) or None, exclude=set(probe_set.targets))
+    if lf.query_source in ("llm", "both") and decision["train"]:
+        written, report["llm"] = llm_queries(cfg, corpus, set(probe_set.targets), out)
+        queries += written
     report.update({"queries": len(queries), "probe_passages_held_out": len(probe_set.targets),
-                   "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span")},
+                   "kinds": {k: sum(q.kind == k for q in queries) for k in ("title", "sentence", "span", "llm")},
                    "source": lf.source, "depth": lf.depth, "corpus_embeddings": str(out / "corpus_embeddings.npy"),
                    "probe_set": str(out / "probe.json")})
     if decision["train"] and not queries:
@@ -310,20 +315,50 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     position = {d: i for i, d in enumerate(doc_ids)}
     rows = []
     source_ranks = []
+    kept = []  # the queries that give a row (an LLM query whose passage the teacher misses gives none)
+    round_trip = lf.round_trip_k if lf.query_source != "cut" else 0
+    every_doc = np.asarray(row_vectors(doc_emb, list(range(len(doc_ids))))) if lf.positives == "cut" else None
     from embtune.retrieval.fusion import ranked
 
     for i, query in enumerate(tqdm_iter(queries, "teacher labels")):
         top = ranked(fused[str(i)], None)
-        source_ranks.append(top.index(query.source) if query.source in top[:depth] else depth)
-        if lf.source == "drop":
+        rank = top.index(query.source) if query.source in top[:depth] else depth
+        if query.kind == "llm" and round_trip and rank >= round_trip:
+            continue
+        source_ranks.append(rank)
+        kept.append(query)
+        # A cut query is its passage's own words: "drop" takes the passage out. An LLM query is not: its passage
+        # is the answer, a candidate like any other, unless the loss holds it apart as the positive.
+        if (lf.source == "drop") if query.kind != "llm" else (lf.positives == "cut"):
             top = [d for d in top if d != query.source]
         top = top[: lf.depth]
         rows_idx = [position[d] for d in top]
         base = (row_vectors(doc_emb, rows_idx) @ query_emb[i]).tolist()  # the base student's cosines of them
+        labels = FusedTeacher.labels(fused[str(i)], top)
+        if query.kind == "llm" and lf.llm_answer != "teacher" and query.source in top:
+            if lf.llm_answer == "dense_first":
+                labels = FusedTeacher.labels(dict(zip(top, base)), top)
+            labels[top.index(query.source)] = round(max(labels) + 0.1, 6)
         rows.append({"query": query.text, "source_id": query.source, "source_row": position[query.source],
                      "kind": query.kind,
-                     "candidates": rows_idx, "teacher_scores": FusedTeacher.labels(fused[str(i)], top),
+                     "candidates": rows_idx, "teacher_scores": labels,
                      "base_scores": [round(s, 6) for s in base]})
+        if every_doc is not None:  # the base model's corpus statistics of this query (train.query_fused_stats: base)
+            cosines = every_doc @ query_emb[i]
+            rows[-1].update(base_cosine_mean=round(float(cosines.mean()), 6),
+                            base_cosine_std=round(float(cosines.std()), 6))
+    if round_trip:
+        report["llm_round_trip"] = {"k": round_trip, "written": sum(q.kind == "llm" for q in queries),
+                                    "kept": sum(q.kind == "llm" for q in kept)}
+        logger.info("labelfree: %d of %d LLM queries kept (the teacher ranks their passage in its top %d)",
+                    report["llm_round_trip"]["kept"], report["llm_round_trip"]["written"], round_trip)
+    queries = kept
+    report["rows"] = len(rows)
+    if not rows:
+        decision.update(train=False, decision="base", reason="no pseudo-query is left: every LLM query's passage "
+                        f"missed the teacher's top {round_trip} (labelfree.round_trip_k): the base model is kept")
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        return [], report
     if lf.positives == "cut":
         cut_positives(rows, queries, corpus, teacher, model, key, include_title, out, cfg.mining.batch_size, report)
     ranks = np.array(source_ranks)
@@ -333,9 +368,32 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     return rows, report
 
 
+def llm_queries(cfg, corpus: dict[str, dict[str, str]], exclude: set[str], out: Path
+                ) -> tuple[list[PseudoQuery], dict[str, Any]]:
+    """``labelfree.query_source: llm``: queries written by the ``llm`` section's model through the LLM client, for
+    a seeded sample of ``llm.documents`` passages (0 = all) outside ``exclude`` (the probe's), cleaned as synthetic
+    queries are (``data_prep/synthesize.py``). The round trip is the teacher's (``build_labelfree``), so none is
+    run here. Answers are cached in ``labelfree/llm_cache.jsonl`` (or ``llm.cache_file``): a rerun asks for none."""
+    import dataclasses
+
+    from embtune.data_prep.synthesize import synthesize
+    from embtune.data_prep.synthetic import select_passages
+
+    llm = dataclasses.replace(cfg.llm, round_trip="none")
+    chosen = select_passages([d for d in corpus if d not in exclude], llm.documents, cfg.seed)
+    texts = [document_text(corpus[d], True) for d in chosen]  # the writer reads the title too
+    result = synthesize(chosen, texts, llm, Path(llm.cache_file) if llm.cache_file else out / "llm_cache.jsonl")
+    queries = [PseudoQuery(row["query"], row["doc_id"], "llm") for row in result.rows]
+    logger.info("labelfree: the LLM wrote %d queries for %d passages", len(queries), len(chosen))
+    return queries, {"passages": len(chosen), "queries": len(queries), "failed": len(result.failures),
+                     **{k: result.report[k] for k in ("answers", "cleaning")}}
+
+
 def cut_passage(doc: dict[str, str], query: PseudoQuery, include_title: bool) -> str:
     """The passage ``query`` was cut from, without it (the title gone for a title query, else the sentence):
     the inverse-cloze positive, a pair as real as the probe's."""
+    if query.kind == "llm":  # written, not cut: the whole passage is its positive
+        return document_text(doc, include_title)
     if query.kind == "title":
         return document_text({"text": doc.get("text") or ""}, include_title)
     text = (doc.get("text") or "").replace(query.text, " ", 1)

@@ -75,6 +75,29 @@ VARIANTS = {
     # small_fused on every passage (~9k queries and cut passages)
     "fused_all": ["labelfree.documents=0", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
                   "train.loss=query_fused"],
+    # LLM-written queries (labelfree.query_source: llm), one per passage for 2,000 passages, teacher round trip
+    "llm_kl": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1"],
+    "llm_fused": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                  "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5"],
+    "llm_kl_first": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                     "labelfree.llm_answer=first"],
+    "llm_kl_ep3": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                   "train.epochs=3"],
+    "llm_kl_first_ep3": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                         "labelfree.llm_answer=first", "train.epochs=3"],
+    "llm_dense_first": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                        "labelfree.llm_answer=dense_first"],
+    "llm_dense_first_ep3": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                            "labelfree.llm_answer=dense_first", "train.epochs=3"],
+    "llm_fused_base_stats": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
+                             "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                             "train.query_fused_stats=base"],
+    "small_fused_base_stats": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
+                               "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                               "train.query_fused_stats=base"],
+    "fused_all_base_stats": ["labelfree.documents=0", "labelfree.sentences_per_document=1",
+                             "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                             "train.query_fused_stats=base"],
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
     "keep_source": [*PREVIOUS, "labelfree.source=keep"],
@@ -380,13 +403,13 @@ def main() -> int:
             model = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
             scores = query_side_scores(cfg, "dev", {"base": cfg.train.base_model, "finetuned": model})
             entry = {"overrides": overrides, "query_side": scores["results"],
-                     "significance_vs_base": significance(scores["per_query"], "finetuned", "base"),
+                     "significance_vs_base": significance(scores["per_query"], "base", "finetuned"),
                      # what the student adds to the system it ships in: student + BM25 against base + BM25, both
                      # at the teacher's weight, on the same dev queries
                      "fused_vs_base_fused": {
                          "student+bm25": scores["results"]["next_round_teacher"]["ndcg@10"],
                          "base+bm25": scores["results"]["teacher"]["ndcg@10"],
-                         "significance": significance(scores["per_query"], "finetuned+bm25", "teacher")},
+                         "significance": significance(scores["per_query"], "teacher", "finetuned+bm25")},
                      "data": data_summary(run_dir), "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
                      "num_queries": scores["num_queries"]}
             if args.symmetric:

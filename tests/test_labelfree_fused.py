@@ -28,11 +28,17 @@ def test_fused_scores_are_the_deployed_fusion():
     bm25 = rng.gamma(2.0, size=50)  # the query's BM25 scores over the corpus
     rows = [4, 17, 30]
     z = (bm25 - bm25.mean()) / bm25.std()
-    labels = torch.tensor([[*split_rows([2]), *split_rows(rows), *z[rows], 0.5]], dtype=torch.float32)
-    loss = QueryFusedLoss(None, docs, positives, dense_weight=0.7)
-    fused = loss.fused_scores([query], labels)[0].double().numpy()  # (1 + 3,)
-
     cosine = (torch.nn.functional.normalize(query, dim=-1) @ docs.T)[0].double().numpy()  # (50,)
+    # the base model's statistics of this query, here made up (the student's own are cosine.mean(), cosine.std())
+    base_mean, base_std = 0.1, 0.25
+    labels = torch.tensor([[*split_rows([2]), *split_rows(rows), *z[rows], 0.5, base_mean, base_std]],
+                          dtype=torch.float32)
+    loss = QueryFusedLoss(None, docs, positives, dense_weight=0.7, stats="student")
+    fused = loss.fused_scores([query], labels)[0].double().numpy()  # (1 + 3,)
+    with_base = QueryFusedLoss(None, docs, positives, dense_weight=0.7)
+    fixed = with_base.fused_scores([query], labels)[0].double().numpy()
+    assert fixed[1:] == pytest.approx(0.7 * (cosine[rows] - base_mean) / base_std + 0.3 * z[rows], abs=1e-4)
+
     ids = [str(i) for i in range(50)]
     dense = MemberRun({"q": dict(zip(ids, cosine.tolist()))}, {"q": ScoreStats.of(cosine)})
     sparse = MemberRun({"q": dict(zip(ids, bm25.tolist()))}, {"q": ScoreStats.of(bm25)})
@@ -55,7 +61,7 @@ def test_fused_loss_gradient_is_small_where_bm25_already_ranks_the_positive_firs
     norms = []
     for bm25_positive, bm25_wrong in ((6.0, 0.0), (0.0, 6.0)):
         query = torch.tensor([[1.0, 0.2, 0.1, 0.3]], requires_grad=True)
-        labels = torch.tensor([[*split_rows([0]), *split_rows([2, 3]), bm25_wrong, 0.0, bm25_positive]])
+        labels = torch.tensor([[*split_rows([0]), *split_rows([2, 3]), bm25_wrong, 0.0, bm25_positive, 0.0, 1.0]])
         loss.compute_loss_from_embeddings([query], labels).backward()
         norms.append(float(query.grad.norm()))
     assert norms[0] < 0.1 * norms[1]
@@ -111,3 +117,53 @@ def test_cut_positives_need_the_source_dropped(tmp_path):
     with pytest.raises(ConfigError, match="labelfree.positives"):
         load_config(None, [f"run_dir={tmp_path}", f"data.path={corpus_dir}", "labelfree.positives=cut",
                            "labelfree.source=keep"])
+
+
+def own_words_reply(messages: list[dict]) -> str:
+    """One query per passage: for titled passages of an even index its title and first sentence's words (the
+    teacher finds the passage), else words of a topic it is not about (the teacher does not)."""
+    from tests.test_labelfree import TOPICS
+
+    passage = messages[-1]["content"].split("Passage:\n", 1)[1].split("\n\n", 1)[0]
+    topic, number = passage.split()[0], len(passage)
+    if number % 2 == 0:
+        return " ".join(passage.split()[:9])
+    other = next(t for t in TOPICS if t != topic)
+    return f"{other} {' '.join(TOPICS[other].split()[:5])}"
+
+
+def test_llm_queries_come_through_the_client_and_the_teachers_round_trip(tmp_path, tiny_model_dir):
+    """labelfree.query_source: llm asks the LLM about each sampled passage outside the probe, keeps a query only
+    when the teacher ranks its passage in its top round_trip_k, and keeps the passage among its candidates (it
+    is the answer, not a verbatim copy); with positives: cut the whole passage is the positive."""
+    from datasets import load_from_disk
+
+    from embtune.data_prep.run import run as run_data_prep
+    from tests.fake_openai_server import FakeOpenAIServer
+
+    corpus_dir = sentence_corpus(tmp_path / "c")
+    with FakeOpenAIServer(reply=own_words_reply) as server:
+        common = ["labelfree.query_source=llm", "labelfree.round_trip_k=3", f"llm.endpoint={server.base_url}",
+                  "llm.model=fake", "llm.progress=false", "llm.documents=24", "llm.n_queries=1",
+                  "llm.copy_ngram=20"]  # the findable queries copy their passage's first words
+        cfg = recipe(tmp_path, corpus_dir, tiny_model_dir, *common)
+        outputs = run_data_prep(cfg)
+        assert server.requests == 24
+        report = json.loads(Path(outputs["labelfree_report"]).read_text())
+        probe = set(json.loads((tmp_path / "run" / "data_prep" / "labelfree" / "probe.json").read_text())["targets"])
+        table = load_from_disk(outputs["train_table"])
+        trip = report["llm_round_trip"]
+        assert trip["written"] == report["llm"]["queries"] and 0 < trip["kept"] < trip["written"]
+        assert len(table) == trip["kept"] and set(table["kind"]) == {"llm"}
+        assert not set(table["source_id"]) & probe
+        for row in table:
+            assert row["source_row"] in row["candidates"][:3]
+
+        cut = recipe(tmp_path / "cut", corpus_dir, tiny_model_dir, *common, "labelfree.positives=cut")
+        outputs = run_data_prep(cut)
+        table = load_from_disk(outputs["train_table"])
+    folder = Path(outputs["corpus_embeddings"]).parent
+    corpus_emb, positives = np.load(folder / "corpus_embeddings.npy"), np.load(folder / "positive_embeddings.npy")
+    for i, row in enumerate(table):
+        assert row["source_row"] not in row["candidates"]
+        np.testing.assert_allclose(positives[i], corpus_emb[row["source_row"]], atol=1e-5)

@@ -21,7 +21,8 @@ from torch import nn
 DISTILL_LOSSES = ("margin_mse", "distill_kl")
 QUERY_LOSSES = ("query_kl", "query_margin_mse", "query_fused")
 LABELFREE_COLUMNS = ("query", "candidates", "teacher_scores", "base_scores")
-FUSED_COLUMNS = ("positive_row", "bm25_z", "bm25_z_positive")  # labelfree.positives: cut
+FUSED_COLUMNS = ("positive_row", "bm25_z", "bm25_z_positive", "base_cosine_mean",
+                 "base_cosine_std")  # labelfree.positives: cut
 # The collator turns a label into a float32 tensor, which holds every integer below 2**24 exactly and no more:
 # a corpus row id is written as two parts below it (high, low), exact up to 2**48 rows.
 ROW_PART = 1 << 24
@@ -128,16 +129,19 @@ def labelfree_dataset(table, doc_texts: list[str] | None = None, documents: int 
 
 def fused_dataset(table):
     """``query`` and one ``label`` per row for :class:`QueryFusedLoss`: ``[positive row (2), candidate rows (2k),
-    BM25 z-scores of the candidates (k), BM25 z-score of the positive (1)]`` (rows as :func:`split_rows` writes
-    them; the positive row indexes ``labelfree/positive_embeddings.npy``)."""
+    BM25 z-scores of the candidates (k), BM25 z-score of the positive (1), the base model's mean and standard
+    deviation of the query's cosines over the corpus (2)]`` (rows as :func:`split_rows` writes them; the positive
+    row indexes ``labelfree/positive_embeddings.npy``)."""
     missing = [c for c in FUSED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"train.loss=query_fused needs the columns {missing}, which data_prep writes with "
                          "labelfree.positives: cut; set it and rerun data_prep")
 
     def add_label(batch: dict[str, list]) -> dict[str, list]:
-        return {"label": [[*split_rows([p]), *split_rows(rows), *z, z_pos] for p, rows, z, z_pos in
-                          zip(batch["positive_row"], batch["candidates"], batch["bm25_z"], batch["bm25_z_positive"])]}
+        return {"label": [[*split_rows([p]), *split_rows(rows), *z, z_pos, mean, std]
+                          for p, rows, z, z_pos, mean, std in
+                          zip(batch["positive_row"], batch["candidates"], batch["bm25_z"], batch["bm25_z_positive"],
+                              batch["base_cosine_mean"], batch["base_cosine_std"])]}
 
     return table.map(add_label, batched=True, desc="fused labels").select_columns(["query", "label"])
 
@@ -296,18 +300,22 @@ class QueryFusedLoss(nn.Module):
         positive_embeddings: (n_rows, dim) normalized base-model embeddings of each row's cut passage.
         dense_weight: w, the deploy weight (the probe-chosen teacher's).
         temperature: divides the fused logits.
+        stats: "student": mean and std of the student's own cosines (what serve computes); "base": the base
+            model's, constants per query, so the student cannot raise its z-scores (its share of the hybrid) by
+            narrowing its spread over the corpus: it must move the candidates' cosines themselves.
 
-    Inputs: one text column (the query); label (batch, 3 + 3k) from :func:`fused_dataset`.
+    Inputs: one text column (the query); label (batch, 5 + 3k) from :func:`fused_dataset`.
     """
 
     def __init__(self, model, doc_embeddings: torch.Tensor, positive_embeddings: torch.Tensor, dense_weight: float,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, stats: str = "base") -> None:
         super().__init__()
         self.model = model
         self.register_buffer("doc_embeddings", doc_embeddings, persistent=False)  # (n_docs, dim)
         self.register_buffer("positive_embeddings", positive_embeddings, persistent=False)  # (n_rows, dim)
         self.dense_weight = dense_weight
         self.temperature = temperature
+        self.stats = stats
 
     def forward(self, sentence_features, labels: torch.Tensor) -> torch.Tensor:
         from sentence_transformers.base.losses.merged_forward import embed_columns
@@ -317,14 +325,17 @@ class QueryFusedLoss(nn.Module):
     def fused_scores(self, embeddings: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """(batch, 1 + k) fused scores: the positive first, then the candidates."""
         query = torch.nn.functional.normalize(embeddings[0], dim=-1)  # (batch, dim)
-        k = (labels.shape[1] - 3) // 3
+        k = (labels.shape[1] - 5) // 3
         positive = join_rows(labels[:, :2])[:, 0]  # (batch,)
         rows = join_rows(labels[:, 2:2 + 2 * k])  # (batch, k)
-        bm25 = torch.cat([labels[:, -1:], labels[:, 2 + 2 * k:2 + 3 * k]], dim=1)  # (batch, 1 + k)
+        bm25 = torch.cat([labels[:, 2 + 3 * k:3 + 3 * k], labels[:, 2 + 2 * k:2 + 3 * k]], dim=1)  # (batch, 1 + k)
         docs = self.doc_embeddings.to(query.device)
-        everything = query @ docs.T  # (batch, n_docs): the corpus statistics the deployed fusion normalizes by
-        mean = everything.mean(1, keepdim=True)
-        std = everything.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)  # numpy's std, as ScoreStats
+        if self.stats == "base":
+            mean, std = labels[:, -2:-1], labels[:, -1:].clamp_min(1e-6)
+        else:
+            everything = query @ docs.T  # (batch, n_docs): the corpus statistics the deployed fusion normalizes by
+            mean = everything.mean(1, keepdim=True)
+            std = everything.std(1, unbiased=False, keepdim=True).clamp_min(1e-6)  # numpy's std, as ScoreStats
         cosine = torch.cat([(query * self.positive_embeddings.to(query.device)[positive]).sum(-1, keepdim=True),
                             torch.einsum("bd,bkd->bk", query, docs[rows])], dim=1)  # (batch, 1 + k)
         return self.dense_weight * (cosine - mean) / std + (1.0 - self.dense_weight) * bm25
@@ -369,7 +380,7 @@ def build_query_loss(model, tcfg, doc_embeddings, positive_embeddings=None,
     if tcfg.loss == "query_fused":
         return QueryFusedLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
                               torch.as_tensor(positive_embeddings, dtype=torch.float32), dense_weight,
-                              tcfg.query_fused_temperature)
+                              tcfg.query_fused_temperature, tcfg.query_fused_stats)
     return QueryDistillLoss(model, torch.as_tensor(doc_embeddings, dtype=torch.float32),
                             objective="margin_mse" if tcfg.loss == "query_margin_mse" else "kl",
                             student_temperature=tcfg.query_student_temperature,

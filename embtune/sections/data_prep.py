@@ -194,6 +194,18 @@ class LabelFreeConfig:
     # Passages to cut queries from (seeded sample: seed); 0 = every passage. The cap bounds the run on a large
     # corpus (up to ~50k queries, ~25 min of query-side training on 2 CPU cores); a smaller corpus gives all of it.
     documents: int = 10000
+    # Where the pseudo-queries come from: "cut" (titles and sentences cut from passages), "llm" (one query per
+    # passage written by the ``llm`` section's model, for a seeded sample of ``llm.documents`` passages), or "both".
+    query_source: Literal["cut", "llm", "both"] = "cut"
+    # The round trip of an LLM-written query: kept only when the teacher ranks its passage in its top this many
+    # (0 keeps every one). The ``llm`` section's own round_trip keys are for data.queries: synthetic.
+    round_trip_k: int = 10
+    # An LLM query's passage is its answer. "teacher": labelled as the teacher ranks it, like any candidate;
+    # "first": its label is set a tenth of the teacher's range above the teacher's top candidate, so the student
+    # learns the teacher's ranking of the rest and that the answer comes first. "dense_first": the same over the
+    # base model's own cosines instead of the teacher's scores (the teacher still picks the candidates and runs the
+    # round trip), so what the student learns beyond the base model is the answers, not BM25's half of the teacher.
+    llm_answer: Literal["teacher", "first", "dense_first"] = "teacher"
     # Sentences cut per passage (besides its title, when ``titles`` and the passage has one).
     sentences_per_document: int = 4
     titles: bool = True
@@ -246,12 +258,14 @@ class LabelFreeConfig:
     def validate(self) -> None:
         if self.documents < 0 or self.sentences_per_document < 0:
             raise ValueError("labelfree.documents and labelfree.sentences_per_document must be >= 0")
-        if not self.titles and self.sentences_per_document == 0:
+        if self.query_source != "llm" and not self.titles and self.sentences_per_document == 0:
             raise ValueError("labelfree: no query source: set titles: true or sentences_per_document > 0")
         if not 0 < self.min_words <= self.max_words:
             raise ValueError("labelfree.min_words must be > 0 and <= labelfree.max_words")
         if self.span_words and not (len(self.span_words) == 2 and 0 < self.span_words[0] <= self.span_words[1]):
             raise ValueError(f"labelfree.span_words must be [] or [lo, hi] with 0 < lo <= hi, got {self.span_words}")
+        if self.round_trip_k < 0:
+            raise ValueError(f"labelfree.round_trip_k must be >= 0 (0: keep every LLM query), got {self.round_trip_k}")
         if self.depth < 2:
             raise ValueError(f"labelfree.depth must be >= 2, got {self.depth}")
         if self.positives == "cut" and self.source != "drop":

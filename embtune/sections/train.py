@@ -36,6 +36,10 @@ class TrainConfig:
     # candidates, each scored as the deployed hybrid scores it, w * z(student cosine) + (1 - w) * z(BM25), z-scores
     # over the corpus, w the teacher's dense weight; the logits are divided by this temperature.
     query_fused_temperature: float = 1.0
+    # Whose corpus statistics z-score the student's cosines in query_fused: "base" (the base model's, constants
+    # per query: the student cannot raise its share of the hybrid by narrowing its spread over the corpus, which
+    # it learns to do otherwise; docs/labelfree.md) or "student" (its own, as serve computes them).
+    query_fused_stats: Literal["student", "base"] = "base"
     # The student's softmax over the teacher's candidates, or over the whole corpus (every other passage, the
     # query's source excepted, must then score below them too).
     query_distill_over: Literal["candidates", "corpus"] = "candidates"

@@ -42,11 +42,13 @@ from benchlib import bench_command, percent, run_recipe, write_result  # noqa: E
 # share a run folder (and its data_prep), so only their training runs.
 # The query_kl recipe (the default); the variants measured with it keep it if the default changes.
 QUERY_KL = ["labelfree.documents=10000", "labelfree.sentences_per_document=4", "labelfree.positives=none",
-            "train.loss=query_kl"]
+            "train.loss=query_kl", "train.learning_rate=5e-5"]
+# The first query_fused screens, before the default took query_fused (lr 5e-5, the student's own statistics).
+FUSED_THEN = ["train.learning_rate=5e-5", "train.query_fused_stats=student"]
 # The recipe before commit 9328c5f; the variants recorded then are pinned to it so that they reproduce by name.
 PREVIOUS = [*QUERY_KL, "labelfree.documents=2000", "labelfree.sentences_per_document=2", "train.learning_rate=2e-5"]
 VARIANTS = {
-    "default": [],  # configs/scifact_labelfree.yaml as it is
+    "default": [],  # configs/scifact_labelfree.yaml as it is (the dev file's "default" entry: the query_kl one)
     "default_ep2": [*QUERY_KL, "train.epochs=2"],
     "depth64": [*QUERY_KL, "labelfree.depth=64"],
     "s8": [*QUERY_KL, "labelfree.sentences_per_document=8"],
@@ -64,21 +66,24 @@ VARIANTS = {
     # cross-entropy among the candidates, each scored w * z(student) + (1 - w) * z(BM25)); screened at a small
     # scale (2,000 passages, the title and 1 sentence each: ~4k queries, each with its cut passage encoded)
     "small_fused": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
-                    "train.loss=query_fused"],  # = configs/scifact_labelfree_fused.yaml
+                    "train.loss=query_fused", *FUSED_THEN],  # the fused config before the default took it
     "small_fused_t0.5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
-                         "labelfree.positives=cut", "train.loss=query_fused", "train.query_fused_temperature=0.5"],
+                         "labelfree.positives=cut", "train.loss=query_fused", "train.query_fused_temperature=0.5",
+                         *FUSED_THEN],
     "small_fused_lr1e-5": ["labelfree.documents=2000", "labelfree.sentences_per_document=1",
-                           "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=1e-5"],
+                           "labelfree.positives=cut", "train.loss=query_fused", *FUSED_THEN,
+                           "train.learning_rate=1e-5"],
     # the same data, the query_kl loss (the control: what the fused loss changes)
     "small_fused_kl": ["labelfree.documents=2000", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
-                       "train.loss=query_kl"],
+                       "train.loss=query_kl", "train.learning_rate=5e-5"],
     # small_fused on every passage (~9k queries and cut passages)
     "fused_all": ["labelfree.documents=0", "labelfree.sentences_per_document=1", "labelfree.positives=cut",
-                  "train.loss=query_fused"],
+                  "train.loss=query_fused", *FUSED_THEN],
     # LLM-written queries (labelfree.query_source: llm), one per passage for 2,000 passages, teacher round trip
     "llm_kl": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1"],
     "llm_fused": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
-                  "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5"],
+                  "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                  "train.query_fused_stats=student"],
     "llm_kl_first": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
                      "labelfree.llm_answer=first"],
     "llm_kl_ep3": [*QUERY_KL, "labelfree.query_source=llm", "llm.documents=2000", "llm.n_queries=1",
@@ -98,6 +103,12 @@ VARIANTS = {
     "fused_all_base_stats": ["labelfree.documents=0", "labelfree.sentences_per_document=1",
                              "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
                              "train.query_fused_stats=base"],
+    "fused_all_base_stats_lr5e-5": ["labelfree.documents=0", "labelfree.sentences_per_document=1",
+                                    "labelfree.positives=cut", "train.loss=query_fused",
+                                    "train.learning_rate=5e-5", "train.query_fused_stats=base"],
+    "fused_all_s2_base_stats": ["labelfree.documents=0", "labelfree.sentences_per_document=2",
+                                "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                                "train.query_fused_stats=base"],
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
     "keep_source": [*PREVIOUS, "labelfree.source=keep"],
@@ -340,7 +351,7 @@ def shipped_phase(args, provenance: Provenance) -> int:
         "tokenizer_fit": report["labelfree"]["tokenizer_fit"], "data": data_summary(run_dir),
         "wall_seconds": {**wall, "total": total_wall}, "stages_run": list(stages), "overrides": overrides,
         **record,
-        "note": "timed on 2 CPU cores shared with other jobs"}
+        "note": "timed on the machine's CPU cores; load_average says whether other jobs shared them"}
     if headline:
         out = {"benchmark": "scifact_labelfree", "split": "test", **out, **record}
         write_result(path, out)

@@ -125,8 +125,9 @@ def write_recipe(path: Path, out: Path, name: str) -> str:
     text = f"""\
 # embtune recipe for {path}, written by `embtune init`.
 # Found: {found['summary']}; language: {language['language']} ({language['why']}).
-# The label-free recipe: pseudo-queries cut from your documents, labelled by a fused dense + BM25 teacher whose
-# weight a probe chooses without labels, distilled into the query side of the base model (docs/labelfree.md).
+# The label-free recipe: pseudo-queries cut from your documents (a title or a sentence), each paired with its
+# document with the query cut out; the query side of the base model is trained through the dense + BM25 fused score
+# it will ship in, at the weight a probe chooses without labels, so it learns where BM25 is wrong (docs/labelfree.md).
 # A student is trained only when the teacher beats the base model on the probe; otherwise the base model (or BM25)
 # ships, and the report says why. Check every key with `python -m embtune.pipeline --help`.
 #
@@ -143,16 +144,18 @@ chunking:
   overlap: 32
 labelfree:
   documents: 10000         # passages to cut pseudo-queries from (seeded sample); 0 = all
+  sentences_per_document: 1  # besides the title; each query's cut document is encoded once
+  positives: cut           # the document without the query: the positive train.loss query_fused reads
   dense_weight: null       # the teacher's dense share: null = chosen by the probe
 bm25:
   language: auto           # BM25's stemmer and stop words follow the corpus's detected language
 train:
   base_model: minilm       # the offline all-MiniLM-L6-v2; a hub name or a local folder works too
-  loss: query_kl
+  loss: query_fused        # the student's z-scores (base model's statistics) + BM25's, at the probe's weight
   matryoshka_dims: []
   epochs: 1
   batch_size: 32
-  learning_rate: 5.0e-5
+  learning_rate: 2.0e-5
   max_seq_length: 256
 eval:
   dims: [384]

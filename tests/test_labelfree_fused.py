@@ -107,6 +107,11 @@ def test_fused_student_trains_from_cut_positives(tmp_path, tiny_model_dir):
     base, trained = (SentenceTransformer(str(p), device="cpu") for p in (model_dir, model_path))
     queries = table["query"][:5]
     assert not np.allclose(base.encode(queries, prompt_name=None), trained.encode_query(queries), atol=1e-4)
+    # query_fused_stats: base reads the base model's statistics of each query's cosines over the corpus
+    corpus_emb = np.load(outputs["corpus_embeddings"])
+    cosines = corpus_emb @ base.encode(queries, prompt_name=None, normalize_embeddings=True).T  # (n_docs, 5)
+    assert table["base_cosine_mean"][:5] == pytest.approx(cosines.mean(0).tolist(), abs=1e-4)
+    assert table["base_cosine_std"][:5] == pytest.approx(cosines.std(0).tolist(), abs=1e-4)
 
 
 def test_cut_positives_need_the_source_dropped(tmp_path):

@@ -200,7 +200,7 @@ class LabelFreeConfig:
     # The round trip of an LLM-written query: kept only when the teacher ranks its passage in its top this many
     # (0 keeps every one). The ``llm`` section's own round_trip keys are for data.queries: synthetic.
     round_trip_k: int = 10
-    # An LLM query's passage is its answer. "teacher": labelled as the teacher ranks it, like any candidate;
+    # How an LLM query's passage, its answer, is labelled: "teacher", as the teacher ranks it, like any candidate;
     # "first": its label is set a tenth of the teacher's range above the teacher's top candidate, so the student
     # learns the teacher's ranking of the rest and that the answer comes first. "dense_first": the same over the
     # base model's own cosines instead of the teacher's scores (the teacher still picks the candidates and runs the

@@ -317,7 +317,6 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
     source_ranks = []
     kept = []  # the queries that give a row (an LLM query whose passage the teacher misses gives none)
     round_trip = lf.round_trip_k if lf.query_source != "cut" else 0
-    every_doc = np.asarray(row_vectors(doc_emb, list(range(len(doc_ids))))) if lf.positives == "cut" else None
     from embtune.retrieval.fusion import ranked
 
     for i, query in enumerate(tqdm_iter(queries, "teacher labels")):
@@ -343,10 +342,9 @@ def build_labelfree(cfg, corpus: dict[str, dict[str, str]], stage_dir: Path) -> 
                      "kind": query.kind,
                      "candidates": rows_idx, "teacher_scores": labels,
                      "base_scores": [round(s, 6) for s in base]})
-        if every_doc is not None:  # the base model's corpus statistics of this query (train.query_fused_stats: base)
-            cosines = every_doc @ query_emb[i]
-            rows[-1].update(base_cosine_mean=round(float(cosines.mean()), 6),
-                            base_cosine_std=round(float(cosines.std()), 6))
+        if lf.positives == "cut":  # the base model's corpus statistics of this query (query_fused_stats: base),
+            stats = dense.stats[str(i)]  # those the teacher's fusion normalized its cosines with
+            rows[-1].update(base_cosine_mean=round(stats.mean, 6), base_cosine_std=round(stats.std, 6))
     if round_trip:
         report["llm_round_trip"] = {"k": round_trip, "written": sum(q.kind == "llm" for q in queries),
                                     "kept": sum(q.kind == "llm" for q in kept)}

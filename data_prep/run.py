@@ -82,23 +82,19 @@ def input_files(cfg) -> dict[str, str]:
 
 def data_files(cfg) -> dict[str, str]:
     data = cfg.data
-    if data.format == "parquet":
+    if data.format in ("beir", "parquet"):
         folder = Path(data.path)
-        corpus = folder / "corpus.parquet" if (folder / "corpus.parquet").is_file() else folder / "corpus"
-        files = {"corpus": str(corpus), "queries": str(folder / "queries.jsonl"),
-                 "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv")}
-        # As for beir: a corpus alone is enough for label-free mode.
-        return {k: v for k, v in files.items() if k == "corpus" or Path(v).exists()}
-    if data.format == "beir":
-        folder = Path(data.path)
+        corpus = folder / "corpus.jsonl"
+        if data.format == "parquet":  # corpus.parquet, or a corpus/ folder of parts
+            corpus = folder / "corpus.parquet" if (folder / "corpus.parquet").is_file() else folder / "corpus"
         files = {
-            "corpus": str(folder / "corpus.jsonl"),
+            "corpus": str(corpus),
             "queries": str(folder / "queries.jsonl"),
             "train_qrels": str(folder / "qrels" / f"{data.train_split}.tsv"),
         }
-        if data.queries == "labelfree":
+        if data.queries == "labelfree" or data.format == "parquet":
             # A corpus alone is enough: labelled queries, where present, only feed the dev split and eval.
-            files = {k: v for k, v in files.items() if k == "corpus" or Path(v).is_file()}
+            files = {k: v for k, v in files.items() if k == "corpus" or Path(v).exists()}
         return files
     if data.format in ("jsonl", "hf_disk"):
         return {"pairs": data.pairs_file}

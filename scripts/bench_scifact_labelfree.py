@@ -181,8 +181,11 @@ def base_index_and_teacher(cfg, query_texts: list[str]) -> dict:
     dense, sparse, query_emb = teacher.runs(query_texts, 100)
     # data_prep's index searched as eval searches: the core Retriever over the base model's corpus embeddings.
     index = Retriever(RetrieverSpec(dense=DenseSpec(model=cfg.train.base_model)), doc_ids, doc_texts, doc_emb)
+    # the teacher's hybrid (base index + BM25), which a student's query embeddings search as the base model's do
+    hybrid = Retriever(teacher.spec, doc_ids, doc_texts, doc_emb, bm25=teacher.bm25)
     return {"manifest": manifest, "doc_emb": doc_emb, "doc_ids": doc_ids, "dense": dense, "sparse": sparse,
-            "query_emb": query_emb, "weight": manifest["teacher"]["dense_weight"], "index": index}
+            "query_emb": query_emb, "weight": manifest["teacher"]["dense_weight"], "index": index,
+            "hybrid": hybrid}
 
 
 def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
@@ -190,11 +193,11 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     the fused teacher (base dense + BM25 at the teacher's weight) on the same queries."""
     from embtune.eval import Queries, evaluate, score
     from embtune.retrieval.encoder import load_encoder
-    from embtune.retrieval.fusion import MemberRun, ScoreStats, weighted_fuse
+    from embtune.retrieval.fusion import weighted_fuse
 
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     setup = base_index_and_teacher(cfg, query_texts)
-    doc_emb, weight = setup["doc_emb"], setup["weight"]
+    weight = setup["weight"]
     out, per_query, runs, embeddings = {}, {}, {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
@@ -211,10 +214,9 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     row = score(qrels, bm25, "bm25_top100")
     out["bm25_top100"], per_query["bm25"] = percent(row.metrics), row.per_query
     if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
-        # The core fusion normalizes over the whole corpus: each member's per-query statistics come with it.
-        dense = MemberRun(runs["finetuned"], {q: ScoreStats.of(doc_emb @ e)
-                                              for q, e in zip(query_ids, embeddings["finetuned"])})
-        sparse = MemberRun(bm25, {mapping[i]: stats for i, stats in setup["sparse"].stats.items()})
+        # Searched as the teacher's members are (the core Retriever, each member's top 100 with its whole-corpus
+        # statistics), so student + BM25 and base + BM25 differ in the query embeddings only.
+        dense, sparse = setup["hybrid"].member_runs(query_texts, embeddings["finetuned"], 100, query_ids=query_ids)
         row = score(qrels, weighted_fuse(dense, sparse, weight, 100), "finetuned+bm25")
         out["next_round_teacher"], per_query["finetuned+bm25"] = percent(row.metrics), row.per_query
     return {"results": out, "per_query": per_query, "num_queries": len(query_ids), "teacher_dense_weight": weight}

@@ -109,6 +109,12 @@ VARIANTS = {
     "fused_all_s2_base_stats": ["labelfree.documents=0", "labelfree.sentences_per_document=2",
                                 "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
                                 "train.query_fused_stats=base"],
+    # the default's cut queries and LLM-written ones together (labelfree.query_source: both), the LLM's passage the
+    # positive; screened with the 2,960 passages' queries that the in-process stand-in wrote (the entry's note)
+    "both_fused_base_stats": ["labelfree.documents=0", "labelfree.sentences_per_document=1",
+                              "labelfree.positives=cut", "train.loss=query_fused", "train.learning_rate=2e-5",
+                              "train.query_fused_stats=base", "labelfree.query_source=both", "llm.documents=2960",
+                              "llm.n_queries=1"],
     "margin_mse": [*PREVIOUS, "train.loss=query_margin_mse"],
     "over_corpus": [*PREVIOUS, "train.query_distill_over=corpus"],
     "keep_source": [*PREVIOUS, "labelfree.source=keep"],

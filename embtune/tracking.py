@@ -121,10 +121,28 @@ def log_data_lineage(run, manifest_path: Path) -> dict[str, Any]:
     return lineage
 
 
+ARTIFACT_NAME_MAX = 128  # wandb.Artifact refuses longer names
+
+
+def artifact_name(name: str) -> str:
+    """``name`` as wandb accepts it: ``/`` and ``:`` (a path, a version) become ``-``, and a name over 128
+    characters (a run folder named after its overrides) keeps its first 119 and a hash of the whole, so two long
+    names that share a beginning stay two artifacts."""
+    import hashlib
+
+    name = name.replace("/", "-").replace(":", "-")
+    if len(name) <= ARTIFACT_NAME_MAX:
+        return name
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{name[:ARTIFACT_NAME_MAX - len(digest) - 1]}-{digest}"
+
+
 def log_model_artifact(run, model_dir: Path, name: str, metadata: dict[str, Any]) -> str:
-    """Log a model folder as a ``model`` artifact; returns its name (``name:latest``)."""
+    """Log a model folder as a ``model`` artifact; returns its name (``name:latest``, ``name`` made valid by
+    :func:`artifact_name`)."""
     import wandb
 
+    name = artifact_name(name)
     artifact = wandb.Artifact(name, type="model", metadata=metadata)
     artifact.add_dir(str(model_dir))
     run.log_artifact(artifact, aliases=["latest"])

@@ -7,7 +7,7 @@ import pytest
 
 from embtune.config import ConfigError
 from embtune.schema import load_config
-from embtune.tracking import TrackingConfig, configure_reporting, report_targets
+from embtune.tracking import TrackingConfig, artifact_name, configure_reporting, report_targets
 
 
 def test_tracking_is_its_own_section():
@@ -42,3 +42,17 @@ def test_wandb_mode_set_by_the_user_is_kept_quietly(tmp_path, monkeypatch, caplo
         configure_reporting(TrackingConfig(report_to="wandb"), tmp_path / "train")
     assert os.environ["WANDB_MODE"] == "disabled" and not caplog.records
     assert configure_reporting(TrackingConfig(report_to="none"), tmp_path) == "none"
+
+
+def test_a_run_folder_named_after_its_overrides_still_names_a_model_artifact():
+    # the train stage names its artifact after the run folder; a benchmark's folder named after its overrides
+    # ran past wandb's 128 characters and failed the stage after training
+    import wandb
+
+    long = "model-dev_" + "_".join(f"labelfree_key{i}-value{i}" for i in range(8))
+    other = long[:-1] + "X"
+    assert len(long) > 128
+    for name in (long, other, "model-a/b:c", "model-short"):
+        wandb.Artifact(artifact_name(name), type="model")  # raises on a name wandb refuses
+    assert len(artifact_name(long)) == 128 and artifact_name(long) != artifact_name(other)
+    assert artifact_name("model-short") == "model-short" and artifact_name("model-a/b:c") == "model-a-b-c"

@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from benchlib import bench_command  # noqa: E402  (scripts/benchlib.py)
+from benchlib import bench_command, write_result  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.dataio import document_text, load_beir  # noqa: E402
 from embtune.eval import evaluate  # noqa: E402
@@ -114,7 +114,7 @@ def main() -> None:
            "num_documents": len(doc_ids), "num_queries": len(query_ids), "model": args.model,
            "threads": args.threads, "results": rows, "shipped": "qattention_first_fp32",
            **provenance.record()}
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(args.out, out)  # the previous run goes under other_runs
 
 
 if __name__ == "__main__":

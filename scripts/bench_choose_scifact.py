@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
-from benchlib import ROOT, bench_command
+from benchlib import ROOT, bench_command, write_result
 
 from embtune.cli import setup_logging
 from embtune.eval.choose import choose
@@ -53,7 +52,7 @@ def main() -> int:
         "candidates": args.candidates,
         **{k: v for k, v in result.items() if k != "per_query"},
     }
-    Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
+    write_result(args.out, record)  # the previous run goes under other_runs
     print(f"-> {args.out}")
     return 0
 

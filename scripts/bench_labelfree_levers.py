@@ -125,6 +125,37 @@ def teacher_sweep(cfg) -> dict:
     return out
 
 
+def prf_sweep(cfg) -> dict:
+    """A pseudo-relevance-feedback teacher on the dev half (no training): each query's base embedding moved toward
+    the mean of its top ``k`` passages (by the fused teacher or the dense model alone), ``q + beta * mean``
+    (Rocchio), normalized; nDCG@10 of that dense run alone and fused with BM25 at the teacher's weight."""
+    from embtune.eval import score
+    from embtune.retrieval.fusion import ranked, weighted_fuse
+
+    query_ids, texts, qrels = labelled_queries(cfg, "dev")
+    setup = base_index_and_teacher(cfg, texts)
+    doc_emb, weight = setup["doc_emb"], setup["weight"]
+    position = {d: i for i, d in enumerate(setup["doc_ids"])}
+    mapping = {str(i): q for i, q in enumerate(query_ids)}
+    fused = weighted_fuse(setup["dense"], setup["sparse"], weight, 100)
+
+    def ndcg(run: dict) -> float:
+        return round(100 * score(qrels, {mapping[i]: d for i, d in run.items()}, "t").metrics["ndcg@10"], 2)
+
+    out = {"teacher": ndcg(fused), "dense": ndcg(setup["dense"]), "feedback": {}}
+    for source, runs in (("fused", fused), ("dense", setup["dense"])):
+        for k in (1, 3, 5, 10):
+            centroid = np.stack([doc_emb[[position[d] for d in ranked(runs[str(i)], k)]].mean(0)
+                                 for i in range(len(texts))])
+            for beta in (0.3, 0.6, 1.0):
+                moved = setup["query_emb"] + beta * centroid
+                moved = (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+                dense, sparse = setup["hybrid"].member_runs(texts, moved, 100)
+                out["feedback"][f"{source}_k{k}_b{beta}"] = {"dense": ndcg(dense),
+                                                             "fused": ndcg(weighted_fuse(dense, sparse, weight, 100))}
+    return out
+
+
 def relabel(src: Path, dst: Path, dense_model: str, graph: tuple[int, float] | None = None) -> dict:
     """``src``'s data_prep with its training table's candidates and labels recomputed by another teacher: the
     fusion of ``dense_model``'s queries (against the same base index) with BM25 at the same weight, optionally
@@ -201,6 +232,9 @@ def read(cfg, model: str, dev_ids: set[str]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_labelfree" / "levers"))
+    parser.add_argument("--more", action="store_true",
+                        help="only add the PRF teacher sweep (prf_sweep) and WiSE-FT past the student (a=1.25, 1.5) "
+                             "to the result file, under more_checks with this command")
     parser.add_argument("--read", nargs="*", default=[], metavar="NAME=MODEL",
                         help="only read these trained students (e.g. a dev screen's) on the train queries, against "
                              "the default run's index; added to the result file under extra_reads with this command")
@@ -208,6 +242,19 @@ def main() -> int:
     setup_logging()
     provenance = Provenance.start(bench_command(sys.argv))
     root = Path(args.run_root).resolve()
+    if args.more:
+        cfg, _ = recipe(root / "default", ("data_prep", "train"))
+        dev_ids = set(labelled_queries(cfg, "dev")[0])
+        student = student_of(root / "default")
+        path = RESULTS / "scifact_labelfree_levers.json"
+        out = json.loads(path.read_text())
+        more = {"prf_sweep": prf_sweep(cfg), **provenance.record()}
+        for alpha in (1.25, 1.5):
+            more[f"wise_a{alpha}"] = read(cfg, interpolate(student, alpha, root / f"wise_a{alpha}"), dev_ids)
+        out["more_checks"] = more
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps({k: v for k, v in more.items() if k.startswith(("wise", "prf"))}, indent=1))
+        return 0
     if args.read:
         cfg, _ = recipe(root / "default", ("data_prep",))
         dev_ids = set(labelled_queries(cfg, "dev")[0])

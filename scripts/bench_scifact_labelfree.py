@@ -401,6 +401,11 @@ def main() -> int:
     parser.add_argument("--config", default=str(ROOT / "configs" / "scifact_labelfree.yaml"))
     parser.add_argument("--run-root", default=str(ROOT / "runs" / "bench_labelfree"))
     parser.add_argument("--variants", default="default", help="dev: which VARIANTS to try, comma-separated")
+    parser.add_argument("--queries", choices=["dev", "train"], default="dev",
+                        help="dev: the labelled queries that score each variant: data_prep's dev half of the train "
+                             "queries (the entries so far), or all of them (train: label-free training reads none, "
+                             "and twice the queries halve the variance that made dev gains vanish on the other half; "
+                             "scifact_labelfree_levers.json)")
     parser.add_argument("--symmetric", action="store_true", help="dev: also run the eval stage (student on both "
                                                                   "sides; re-encodes the corpus)")
     parser.add_argument("--dev-out", default=str(RESULTS / "scifact_labelfree_dev.json"),
@@ -448,7 +453,7 @@ def main() -> int:
             cfg, _, _, wall = run_recipe(args.config, [f"run_dir={run_dir}", "eval.split=dev", *overrides],
                                          stages=stages, read_results=args.symmetric)
             model = json.loads((run_dir / "train" / "manifest.json").read_text())["outputs"]["model"]
-            scores = query_side_scores(cfg, "dev", {"base": cfg.train.base_model, "finetuned": model})
+            scores = query_side_scores(cfg, args.queries, {"base": cfg.train.base_model, "finetuned": model})
             entry = {"overrides": overrides, "query_side": scores["results"],
                      "significance_vs_base": significance(scores["per_query"], "base", "finetuned"),
                      # what the student adds to the system it ships in: student + BM25 against base + BM25, both
@@ -458,7 +463,7 @@ def main() -> int:
                          "base+bm25": scores["results"]["teacher"]["ndcg@10"],
                          "significance": significance(scores["per_query"], "teacher", "finetuned+bm25")},
                      "data": data_summary(run_dir), "wall_seconds": {**wall, "total": round(time.time() - start, 1)},
-                     "num_queries": scores["num_queries"]}
+                     "num_queries": scores["num_queries"], "queries": args.queries}
             if args.symmetric:
                 results = json.loads((run_dir / "eval" / "results.json").read_text())
                 entry["symmetric"] = {k: percent(v) for k, v in results["results"].items()}

@@ -416,15 +416,21 @@ def cut_positives(rows: list[dict[str, Any]], queries: list[PseudoQuery], corpus
     save_matrix(encode(model, texts, batch_size, cache_key=cache_key, desc="cut passages"),
                 out / "positive_embeddings.npy")  # (n_rows, dim)
     for i, (row, query, text) in enumerate(zip(rows, queries, texts)):
-        scores = teacher.bm25.all_scores(query.text)  # (n_docs,) float64
-        mean, std = float(scores.mean()), float(scores.std()) or 1.0
         row["positive_row"] = i
-        row["bm25_z"] = [round((float(scores[r]) - mean) / std, 5) for r in row["candidates"]]
+        row["bm25_z"], mean, std = bm25_zscores(teacher.bm25, query.text, row["candidates"])
         row["bm25_z_positive"] = round((teacher.bm25.score_outside(query.text, text) - mean) / std, 5)
     z = np.array([r["bm25_z_positive"] for r in rows])
     top = np.array([max(r["bm25_z"]) for r in rows])
     report["cut_positives"] = {"rows": len(rows), "bm25_z_positive_median": round(float(np.median(z)), 3),
                                "bm25_beats_positive_share": round(float((top > z).mean()), 4)}
+
+
+def bm25_zscores(bm25, query: str, rows: list[int]) -> tuple[list[float], float, float]:
+    """BM25's scores of corpus ``rows`` for ``query`` as z-scores over the query's scores on the whole corpus (the
+    ``corpus_zscore`` normalization the deployed fusion applies), with that mean and standard deviation."""
+    scores = bm25.all_scores(query)  # (n_docs,) float64
+    mean, std = float(scores.mean()), float(scores.std()) or 1.0
+    return [round((float(scores[r]) - mean) / std, 5) for r in rows], mean, std
 
 
 def tqdm_iter(items, desc: str):

@@ -49,7 +49,8 @@ from embtune.manifest import Provenance  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIG = ROOT / "configs" / "scifact_labelfree.yaml"
 ALPHAS = (0.25, 0.5, 0.75)
-GRAPH_SWEEP = [(m, g) for m in (1, 2, 3, 5, 10) for g in (0.1, 0.2, 0.4, 0.7, 1.0)]
+GRAPH_NEIGHBOURS = (1, 2, 3, 5, 10)  # teacher_sweep: m
+GRAPH_WEIGHTS = (0.1, 0.2, 0.4, 0.7, 1.0)  # teacher_sweep: g
 
 
 def recipe(run_dir: Path, stages: tuple[str, ...]):
@@ -100,28 +101,33 @@ def smooth(fused: dict, doc_ids: list[str], nbrs: np.ndarray, g: float) -> dict:
     return out
 
 
-def teacher_sweep(cfg) -> dict:
-    """nDCG@10 on the dev half of the teacher (base + BM25 fused) with its scores smoothed over ``m`` neighbours at
-    weight ``g``, for every pair of ``GRAPH_SWEEP``: where ``graph_teacher`` takes its ``m`` and ``g``."""
+def dev_teacher(cfg):
+    """The dev half's base index and teacher runs (``base_index_and_teacher``), the teacher's fused run (query ids
+    ``"0".."n-1"``), and ``ndcg(run)``: nDCG@10 in percent of such a run on the dev half's qrels."""
     from embtune.eval import score
     from embtune.retrieval.fusion import weighted_fuse
 
     query_ids, texts, qrels = labelled_queries(cfg, "dev")
     setup = base_index_and_teacher(cfg, texts)
     mapping = {str(i): q for i, q in enumerate(query_ids)}
-    fused = weighted_fuse(setup["dense"], setup["sparse"], setup["weight"], 100)
 
     def ndcg(run: dict) -> float:
         return round(100 * score(qrels, {mapping[i]: d for i, d in run.items()}, "t").metrics["ndcg@10"], 2)
 
+    return setup, texts, weighted_fuse(setup["dense"], setup["sparse"], setup["weight"], 100), ndcg
+
+
+def teacher_sweep(cfg) -> dict:
+    """nDCG@10 on the dev half of the teacher (base + BM25 fused) with its scores smoothed over ``m`` neighbours at
+    weight ``g``, for every ``m`` of ``GRAPH_NEIGHBOURS`` and ``g`` of ``GRAPH_WEIGHTS``: where ``graph_teacher``
+    takes its ``m`` and ``g``."""
+    setup, _, fused, ndcg = dev_teacher(cfg)
     out = {"teacher": ndcg(fused), "smoothed": {}}
-    for m in sorted({m for m, _ in GRAPH_SWEEP}):
+    for m in GRAPH_NEIGHBOURS:
         nbrs = neighbours(setup["doc_emb"], m)
-        for mm, g in GRAPH_SWEEP:
-            if mm == m:
-                out["smoothed"][f"m{m}_g{g}"] = ndcg(smooth(fused, setup["doc_ids"], nbrs, g))
-    best = max(out["smoothed"], key=out["smoothed"].get)
-    out["best"] = best
+        for g in GRAPH_WEIGHTS:
+            out["smoothed"][f"m{m}_g{g}"] = ndcg(smooth(fused, setup["doc_ids"], nbrs, g))
+    out["best"] = max(out["smoothed"], key=out["smoothed"].get)
     return out
 
 
@@ -129,19 +135,11 @@ def prf_sweep(cfg) -> dict:
     """A pseudo-relevance-feedback teacher on the dev half (no training): each query's base embedding moved toward
     the mean of its top ``k`` passages (by the fused teacher or the dense model alone), ``q + beta * mean``
     (Rocchio), normalized; nDCG@10 of that dense run alone and fused with BM25 at the teacher's weight."""
-    from embtune.eval import score
     from embtune.retrieval.fusion import ranked, weighted_fuse
 
-    query_ids, texts, qrels = labelled_queries(cfg, "dev")
-    setup = base_index_and_teacher(cfg, texts)
+    setup, texts, fused, ndcg = dev_teacher(cfg)
     doc_emb, weight = setup["doc_emb"], setup["weight"]
     position = {d: i for i, d in enumerate(setup["doc_ids"])}
-    mapping = {str(i): q for i, q in enumerate(query_ids)}
-    fused = weighted_fuse(setup["dense"], setup["sparse"], weight, 100)
-
-    def ndcg(run: dict) -> float:
-        return round(100 * score(qrels, {mapping[i]: d for i, d in run.items()}, "t").metrics["ndcg@10"], 2)
-
     out = {"teacher": ndcg(fused), "dense": ndcg(setup["dense"]), "feedback": {}}
     for source, runs in (("fused", fused), ("dense", setup["dense"])):
         for k in (1, 3, 5, 10):
@@ -163,7 +161,7 @@ def relabel(src: Path, dst: Path, dense_model: str, graph: tuple[int, float] | N
     statistics stay; the candidates are the new teacher's top ``labelfree.depth`` less the source passage."""
     from datasets import Dataset, load_from_disk
 
-    from embtune.data_prep.labelfree import FusedTeacher
+    from embtune.data_prep.labelfree import FusedTeacher, bm25_zscores
     from embtune.retrieval.bm25 import resolve_language
     from embtune.retrieval.encoder import encode, load_encoder
     from embtune.retrieval.fusion import ranked, weighted_fuse
@@ -198,11 +196,9 @@ def relabel(src: Path, dst: Path, dense_model: str, graph: tuple[int, float] | N
         top = [d for d in ranked(fused[str(i)], None) if d != row["source_id"]][: cfg.labelfree.depth]
         candidates = [position[d] for d in top]
         changed += candidates != row["candidates"]
-        scores = teacher.bm25.all_scores(row["query"])
-        mean, std = float(scores.mean()), float(scores.std()) or 1.0
         row.update(candidates=candidates, teacher_scores=FusedTeacher.labels(fused[str(i)], top),
                    base_scores=[round(float(s), 6) for s in doc_emb[candidates] @ base_emb[i]],
-                   bm25_z=[round((float(scores[j]) - mean) / std, 5) for j in candidates])
+                   bm25_z=bm25_zscores(teacher.bm25, row["query"], candidates)[0])  # as data_prep writes it
     shutil.rmtree(dst / "data_prep" / "train_table")
     Dataset.from_list(rows, features=table.features).save_to_disk(str(dst / "data_prep" / "train_table"))
     return {"rows": len(rows), "candidate_lists_changed": changed, "teacher_dense": dense_model,
@@ -242,23 +238,13 @@ def main() -> int:
     setup_logging()
     provenance = Provenance.start(bench_command(sys.argv))
     root = Path(args.run_root).resolve()
-    if args.more:
-        cfg, _ = recipe(root / "default", ("data_prep", "train"))
-        dev_ids = set(labelled_queries(cfg, "dev")[0])
-        student = student_of(root / "default")
-        path = RESULTS / "scifact_labelfree_levers.json"
-        out = json.loads(path.read_text())
-        more = {"prf_sweep": prf_sweep(cfg), **provenance.record()}
-        for alpha in (1.25, 1.5):
-            more[f"wise_a{alpha}"] = read(cfg, interpolate(student, alpha, root / f"wise_a{alpha}"), dev_ids)
-        out["more_checks"] = more
-        path.write_text(json.dumps(out, indent=2))
-        print(json.dumps({k: v for k, v in more.items() if k.startswith(("wise", "prf"))}, indent=1))
-        return 0
+    default_dir = root / "default"
+    path = RESULTS / "scifact_labelfree_levers.json"
+    start = time.time()
+    # the default recipe's run: its index for every read, its student for the rest (trained unless only reading)
+    cfg, wall = recipe(default_dir, ("data_prep",) if args.read else ("data_prep", "train"))
+    dev_ids = set(labelled_queries(cfg, "dev")[0])
     if args.read:
-        cfg, _ = recipe(root / "default", ("data_prep",))
-        dev_ids = set(labelled_queries(cfg, "dev")[0])
-        path = RESULTS / "scifact_labelfree_levers.json"
         out = json.loads(path.read_text())
         for item in args.read:
             name, model = item.split("=", 1)
@@ -268,11 +254,16 @@ def main() -> int:
                          for k, v in out["extra_reads"][name]["rows"].items()}, flush=True)
             path.write_text(json.dumps(out, indent=2))
         return 0
-    start = time.time()
-    default_dir = root / "default"
-    cfg, wall = recipe(default_dir, ("data_prep", "train"))
-    dev_ids = set(labelled_queries(cfg, "dev")[0])
     student = student_of(default_dir)
+    if args.more:
+        out = json.loads(path.read_text())
+        more = {"prf_sweep": prf_sweep(cfg), **provenance.record()}
+        for alpha in (1.25, 1.5):
+            more[f"wise_a{alpha}"] = read(cfg, interpolate(student, alpha, root / f"wise_a{alpha}"), dev_ids)
+        out["more_checks"] = more
+        path.write_text(json.dumps(out, indent=2))
+        print(json.dumps({k: v for k, v in more.items() if k.startswith(("wise", "prf"))}, indent=1))
+        return 0
     models = {"base": cfg.train.base_model, "default": student}
     for alpha in ALPHAS:
         models[f"wise_a{alpha}"] = interpolate(student, alpha, root / f"wise_a{alpha}")
@@ -289,7 +280,7 @@ def main() -> int:
            "description": __doc__.split("\n\n")[1], "rows": rows, "teacher_sweep": sweep, "relabels": relabels,
            "default_wall_seconds": wall, "total_wall_seconds": round(time.time() - start, 1),
            **provenance.record()}
-    write_result(RESULTS / "scifact_labelfree_levers.json", out)
+    write_result(path, out)
     for name, row in rows.items():
         print(name, {k: (v["student+bm25"], v["base+bm25"], v["diff"], v["p_value"]) for k, v in row.items()})
     return 0

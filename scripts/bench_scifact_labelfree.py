@@ -204,13 +204,12 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     query_ids, query_texts, qrels = labelled_queries(cfg, split)
     setup = base_index_and_teacher(cfg, query_texts)
     weight = setup["weight"]
-    out, per_query, runs, embeddings = {}, {}, {}, {}
+    out, per_query, embeddings = {}, {}, {}
     for name, path in models.items():
         model, _ = load_encoder(path, cfg.eval.max_seq_length)
         queries = Queries.of(dict(zip(query_ids, query_texts)), model)  # one per batch, role query: as eval
         embeddings[name] = queries.emb  # (n_queries, dim)
         row = evaluate(setup["index"], queries, qrels, name=name, k=1000)
-        runs[name] = row.run
         out[name], per_query[name] = percent(row.metrics), row.per_query
     mapping = {str(i): q for i, q in enumerate(query_ids)}
     fused = {mapping[i]: docs for i, docs in weighted_fuse(setup["dense"], setup["sparse"], weight, 100).items()}
@@ -219,7 +218,7 @@ def query_side_scores(cfg, split: str, models: dict[str, str]) -> dict:
     bm25 = {mapping[i]: docs for i, docs in setup["sparse"].items()}
     row = score(qrels, bm25, "bm25_top100")
     out["bm25_top100"], per_query["bm25"] = percent(row.metrics), row.per_query
-    if "finetuned" in runs:  # the teacher a second round would distil: the student's queries fused with BM25
+    if "finetuned" in embeddings:  # the teacher a second round would distil: the student's queries fused with BM25
         # Searched as the teacher's members are (the core Retriever, each member's top 100 with its whole-corpus
         # statistics), so student + BM25 and base + BM25 differ in the query embeddings only.
         dense, sparse = setup["hybrid"].member_runs(query_texts, embeddings["finetuned"], 100, query_ids=query_ids)

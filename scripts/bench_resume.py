@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from bench_train_throughput import beir_table as scifact_table  # noqa: E402
+from benchlib import write_result  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.manifest import Provenance, Stage  # noqa: E402
 
@@ -131,7 +132,7 @@ def main() -> None:
         "rerun_s": round(rerun_s, 1),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")
+    write_result(args.out, payload)  # the previous run goes under other_runs
     shutil.rmtree(scratch, ignore_errors=True)
     print(json.dumps(payload, indent=2))
 

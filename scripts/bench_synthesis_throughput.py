@@ -20,6 +20,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import write_result  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.llm.client import ChatRequest, generate_all  # noqa: E402
 from embtune.llm.config import LLMConfig  # noqa: E402
@@ -79,7 +82,7 @@ def main() -> None:
     }
     out = ROOT / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)  # the previous run goes under other_runs
     print(json.dumps({k: result[k] for k in ("sequential", "concurrent", "ratio", "passed")}, indent=2))
     if not result["passed"]:
         sys.exit(f"ratio {ratio} is below the bar of {BAR}")

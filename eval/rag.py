@@ -41,7 +41,7 @@ import numpy as np
 from embtune.compute.encoding import encode_corpus
 from embtune.dataio import document_text, load_corpus, load_qrels, load_queries
 from embtune.llm.client import ChatRequest, generate_all
-from embtune.manifest import machine, versions
+from embtune.manifest import Provenance
 from embtune.models import resolve_model
 from embtune.retrieval.encoder import encode
 
@@ -232,6 +232,9 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
 
     rag = cfg.eval.rag
     started = time.time()
+    # the commit and tree state the run starts from, the command, machine, load and versions: as a benchmark file
+    provenance = Provenance.start(command or shlex.join([sys.executable.rsplit("/", 1)[-1], "-m",
+                                                         "embtune.eval.rag", *sys.argv[1:]]))
     split = rag.split or cfg.eval.split
     inputs = eval_inputs(replace(cfg, eval=replace(cfg.eval, split=split)))
     corpus = load_corpus(inputs["corpus"], cfg.data.on_error)
@@ -302,7 +305,6 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
     report = {
         "benchmark": "rag_check",
         "date": time.strftime("%Y-%m-%d"),
-        "command": command or shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "embtune.eval.rag", *sys.argv[1:]]),
         "split": split,
         "sample_size": len(query_ids),
         "seed": cfg.seed,
@@ -325,8 +327,7 @@ def run_rag(cfg, retrievers: dict[str, str], out_path: str | Path | None = None,
         },
         "llm_requests": {"answers": answers.stats.to_dict(), "judgements": judgements.stats.to_dict()},
         "wall_s": round(time.time() - started, 1),
-        "machine": machine(),
-        "versions": versions(),
+        **provenance.record(),
         "per_query": records,
     }
     out = Path(out_path or Path(cfg.run_dir) / "eval" / "rag.json")

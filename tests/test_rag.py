@@ -85,6 +85,9 @@ def test_rag_check_end_to_end_and_cached(tmp_path, tiny_beir, tiny_model_dir, mo
     assert second["tokens"]["prompt_this_run"] == 0 and second["tokens"]["prompt"] == first["tokens"]["prompt"] > 0
 
     assert first["sample_size"] == 10 and first["k"] == 2
+    # a result file: the commit of the code that produced it, as every benchmark records it
+    assert len(first["commit"]) == 40 and isinstance(first["tree_clean"], bool)
+    assert first["command"].startswith("python") and "cpu_model" in json.dumps(first["machine"])
     for name in ("base", "finetuned"):
         rows = first["per_query"][name]
         assert [r["query_id"] for r in rows] == [r["query_id"] for r in first["per_query"]["base"]]  # same sample

@@ -21,6 +21,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchlib import write_result  # noqa: E402  (scripts/benchlib.py)
 
 from embtune.cli import setup_logging  # noqa: E402
 from embtune.config import to_dict  # noqa: E402
@@ -101,7 +104,7 @@ def main() -> int:
         "wall_seconds": {**results["wall_seconds"], "total": round(time.time() - start, 1)},
         **provenance.record(),
     }
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(out, indent=1))
+    write_result(RESULTS / f"{args.name}.json", out)  # the previous run goes under other_runs
     print(json.dumps({"bar": out["bar"], "eval_percent": out["eval_percent"]}, indent=1))
     return 0
 
